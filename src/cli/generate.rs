@@ -1,0 +1,92 @@
+use anyhow::{bail, Result};
+use std::io::Write;
+use std::path::PathBuf;
+
+use routelm::generate::{generate, GenerateConfig, SamplerConfig};
+use routelm::Tokenizer;
+
+/// Generate from a model folder (config.json + model.safetensors, e.g. OUT/checkpoint of
+/// a training run). Text streams to stdout; speed goes to stderr. A prompt longer than the
+/// context window is an error; generation stops when the window is full.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text prompt (tokenized with DIR/tokenizer.json, or bytes).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample among the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens with this much probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Penalty (>1) on tokens already in the text.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this string appears (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print the generated token ids to stdout instead of text.
+    #[arg(long)]
+    ids: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = super::device();
+    let model = routelm::weights::load_model_dir(&a.model, candle_core::DType::F32, &device)?;
+    let tok = Tokenizer::for_model_dir(&a.model)?;
+    let prompt = match (&a.prompt, &a.prompt_ids) {
+        (Some(p), _) => tok.encode(p)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let cfg = GenerateConfig {
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+        },
+        max_tokens: a.max_tokens,
+        stop: a.stop.clone(),
+        seed: a.seed,
+    };
+    let mut out = std::io::stdout();
+    let show_text = !a.ids;
+    if show_text && a.prompt.is_some() {
+        print!("{}", a.prompt.as_deref().unwrap_or_default());
+    }
+    let stats = generate(&model, &tok, &prompt, &cfg, &mut |piece| {
+        if show_text {
+            print!("{piece}");
+            let _ = out.flush();
+        }
+    })?;
+    if a.ids {
+        let ids: Vec<String> = stats.ids.iter().map(|i| i.to_string()).collect();
+        println!("{}", ids.join(","));
+    } else {
+        println!();
+    }
+    eprintln!(
+        "{} prompt + {} new tokens; prefill {:.1} ms; decode {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.new_tokens,
+        stats.prefill_s * 1e3,
+        stats.tokens_per_s()
+    );
+    Ok(())
+}

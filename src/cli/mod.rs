@@ -1,0 +1,130 @@
+//! Subcommands, one file each. Shared here: presets, data loading and progress bars.
+
+mod bench;
+mod demo;
+mod eval;
+mod flops;
+mod generate;
+mod inspect;
+mod train;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+
+use routelm::config::RunFile;
+use routelm::train::corpus;
+use routelm::train::data::Dataset;
+use routelm::Tokenizer;
+
+#[derive(Parser)]
+#[command(
+    name = "routelm",
+    version,
+    about = "Train and run conditional-computation (MoE, MoD) transformer language models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a preset (TOML/JSON) on a text file or the embedded corpus.
+    Train(train::Args),
+    /// Generate text from a saved model, streaming to stdout.
+    Generate(generate::Args),
+    /// Validation loss of a saved model on a text file.
+    Eval(eval::Args),
+    /// Print the FLOP ledger (per layer, per token) and parameter counts of a config.
+    Flops(flops::Args),
+    /// Describe a model folder or config: sizes, parameters, memory.
+    Inspect(inspect::Args),
+    /// The main job on the embedded default: train a small model on the built-in corpus,
+    /// show the validation loss falling and print a sample. No download, no files needed.
+    Demo(demo::Args),
+    /// Measure performance (training throughput against the machine's matmul peak).
+    Bench(bench::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Flops(a) => flops::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
+
+/// Presets shipped in `configs/`, embedded so they work from any folder.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("demo", include_str!("../../configs/demo.toml")),
+    (
+        "shakespeare-cpu",
+        include_str!("../../configs/shakespeare-cpu.toml"),
+    ),
+    (
+        "train-small",
+        include_str!("../../configs/train-small.toml"),
+    ),
+];
+
+/// A preset by file path, or by the name of an embedded preset.
+pub fn load_preset(spec: &str) -> Result<RunFile> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(RunFile::from_file(path)?);
+    }
+    let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+    let text = PRESETS
+        .iter()
+        .find(|p| p.0 == spec)
+        .map(|p| p.1)
+        .with_context(|| {
+            format!(
+                "{spec}: no such file, and not a preset name ({})",
+                names.join(", ")
+            )
+        })?;
+    RunFile::parse(text, false).map_err(|e| anyhow::anyhow!("preset {spec}: {e}"))
+}
+
+/// Size of the embedded corpus used when no `--data` is given.
+pub const CORPUS_BYTES: usize = 1 << 20;
+
+/// Tokens of `data` (or of the embedded corpus).
+pub fn load_tokens(data: Option<&Path>, tok: &Tokenizer, corpus_seed: u64) -> Result<Vec<u32>> {
+    let text = match data {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => corpus::generate(corpus_seed, CORPUS_BYTES),
+    };
+    Ok(tok.encode(&text)?)
+}
+
+pub fn dataset(tokens: Vec<u32>, val_fraction: f64, seq_len: usize) -> Result<Dataset> {
+    Ok(Dataset::split(tokens, val_fraction, seq_len)?)
+}
+
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = if std::env::var_os("ROUTELM_NO_PROGRESS").is_some() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len)
+    };
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{bar:30.cyan/blue}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} eta {{eta}}]"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    pb.set_style(style);
+    pb
+}
+
+pub fn device() -> candle_core::Device {
+    candle_core::Device::Cpu
+}

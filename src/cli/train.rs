@@ -1,0 +1,144 @@
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+use routelm::report::plot::{line_plot, Series};
+use routelm::train::{Event, RunOptions, Trainer};
+use routelm::Tokenizer;
+
+/// Train from scratch (or resume). Writes OUT/metrics.jsonl (one JSON object per logged
+/// step), OUT/checkpoint/ (model.safetensors, config.json, optimizer.safetensors,
+/// state.json; written atomically) and OUT/loss.png at the end.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Preset: a TOML/JSON file with [model] and [train], or an embedded preset name
+    /// (demo, shakespeare-cpu, train-small).
+    #[arg(long, default_value = "demo")]
+    config: String,
+    /// Text file to train on; default: the embedded synthetic corpus.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run folder.
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue the run saved in this folder exactly where it stopped (same --data).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Override the preset's number of steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Override the preset's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this step with a checkpoint, as if interrupted (for testing resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = super::device();
+    let tok = Tokenizer::Bytes;
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(dir, &device)?,
+        None => {
+            let mut preset = super::load_preset(&a.config)?;
+            if let Some(s) = a.steps {
+                preset.train.steps = Some(s);
+            }
+            if let Some(s) = a.seed {
+                preset.train.seed = Some(s);
+            }
+            let model = preset.model.resolve(&a.config)?;
+            let train = preset.train.resolve(model.max_seq_len, &a.config)?;
+            if model.vocab_size < tok.vocab_size() {
+                bail!(
+                    "{}: vocab_size {} is smaller than the byte tokenizer's 256",
+                    a.config,
+                    model.vocab_size
+                );
+            }
+            Trainer::new(&model, &train, &device)?
+        }
+    };
+    let out = a.resume.clone().unwrap_or(a.out.clone());
+    let tokens = super::load_tokens(a.data.as_deref(), &tok, trainer.config.seed)?;
+    let data = super::dataset(tokens, trainer.config.val_fraction, trainer.config.seq_len)?;
+    if a.resume.is_some() {
+        trainer.check_data(&out, &data)?;
+    }
+    let cfg = &trainer.model.config;
+    let ledger = routelm::FlopLedger::new(cfg, trainer.config.seq_len);
+    eprintln!(
+        "model: {} layers, d_model {}, {} heads, {:.2}M parameters; {} train / {} val tokens; {:.1} MFLOP/token (train)",
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        ledger.total_params as f64 / 1e6,
+        data.train.len(),
+        data.val.len(),
+        ledger.train_per_token() / 1e6
+    );
+    let pb = super::bar(trainer.config.steps as u64, "train");
+    pb.set_position(trainer.step as u64);
+    let mut last_val = None;
+    let summary = trainer.run(
+        &data,
+        &RunOptions {
+            out: out.clone(),
+            stop_after: a.stop_after,
+        },
+        &mut |e| match e {
+            Event::Tick { step, loss, .. } => {
+                pb.set_position(step as u64);
+                if step % 10 == 0 {
+                    let val = last_val.map_or(String::new(), |v: f64| format!(" val {v:.4}"));
+                    pb.set_message(format!("loss {loss:.4}{val}"));
+                }
+            }
+            Event::Step(m) => {
+                if let Some(v) = m.val_loss {
+                    last_val = Some(v);
+                    pb.println(format!(
+                        "step {:>6}  train {:.4}  val {:.4}  lr {:.2e}  {:.0} tok/s  {:.1} GFLOP/s",
+                        m.step, m.train_loss, v, m.lr, m.tokens_per_s, m.gflops
+                    ));
+                }
+            }
+            Event::Checkpoint(_) => {}
+        },
+    )?;
+    pb.finish_and_clear();
+    let curve = |f: fn(&routelm::train::checkpoint::Metric) -> Option<f64>| -> Vec<(f64, f64)> {
+        trainer
+            .metrics
+            .iter()
+            .filter_map(|m| f(m).map(|v| (m.step as f64, v)))
+            .collect()
+    };
+    let plot = out.join("loss.png");
+    line_plot(
+        &plot,
+        "training loss",
+        "step",
+        "cross-entropy (nats/token)",
+        &[
+            Series {
+                name: "train".into(),
+                points: curve(|m| Some(m.train_loss)),
+            },
+            Series {
+                name: "validation".into(),
+                points: curve(|m| m.val_loss),
+            },
+        ],
+    )
+    .with_context(|| "writing the loss plot")?;
+    eprintln!(
+        "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",
+        summary.steps,
+        summary.final_val_loss,
+        summary.wall_s,
+        summary.mean_step_ms,
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! Model configuration in two stages (STYLE 3): [`ModelConfigFile`] is what a person writes
+//! in TOML or JSON (optional fields, unknown keys rejected); [`ModelConfigFile::resolve`] fills
+//! the defaults and validates, giving a [`ModelConfig`] with nothing left for the forward pass
+//! to interpret. `ModelConfig` is the single description of a network: the model, the
+//! initialiser, the weight loader and the FLOP ledger all read it and nothing else.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Normalisation layer used before attention, before the FFN and at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// RMSNorm (Zhang & Sennrich, 2019): `x / rms(x) * w`.
+    RmsNorm,
+    /// LayerNorm (Ba et al., 2016): `(x - mean) / std * w (+ b)`.
+    LayerNorm,
+}
+
+/// Feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnKind {
+    /// `down(silu(gate(x)) * up(x))` (Shazeer, 2020).
+    Swiglu,
+    /// `down(gelu_tanh(gate(x)) * up(x))`.
+    Geglu,
+    /// `down(gelu_tanh(up(x)))`.
+    Gelu,
+    /// `down(relu(up(x)))`.
+    Relu,
+}
+
+impl FfnKind {
+    /// Gated variants have a third projection (`gate_proj`).
+    pub fn is_gated(self) -> bool {
+        matches!(self, FfnKind::Swiglu | FfnKind::Geglu)
+    }
+}
+
+/// How token positions enter the network.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Position {
+    /// Rotary embedding (Su et al., 2021) on the first `rotary_dim` dims of each head,
+    /// halves layout (`rotate_half`, as Hugging Face Llama).
+    Rope { theta: f64, rotary_dim: usize },
+    /// A learned absolute position embedding added to the token embedding.
+    Learned,
+    /// No positional information (the causal mask alone).
+    None,
+}
+
+/// A resolved, validated model description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Number of query heads.
+    pub n_heads: usize,
+    /// Number of key/value heads (`n_heads`: MHA, 1: MQA, in between: GQA).
+    pub n_kv_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Hidden width of the feed-forward block.
+    pub d_ff: usize,
+    /// Longest sequence the model accepts (context window).
+    pub max_seq_len: usize,
+    pub norm: NormKind,
+    pub norm_eps: f64,
+    /// LayerNorm with a bias term (ignored for RMSNorm).
+    pub norm_bias: bool,
+    pub ffn: FfnKind,
+    /// Biases on the FFN projections.
+    pub ffn_bias: bool,
+    /// Biases on the q, k, v projections.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub out_bias: bool,
+    pub position: Position,
+    /// LM head shares the token embedding matrix.
+    pub tie_embeddings: bool,
+    /// Standard deviation of the normal initialiser (output projections are scaled by
+    /// `1/sqrt(2 n_layers)` as in GPT-2).
+    pub init_std: f64,
+}
+
+/// The file form of [`ModelConfig`]: every field optional where a default makes sense.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfigFile {
+    /// Number of token ids (default 256: byte-level).
+    pub vocab_size: Option<usize>,
+    pub d_model: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub n_heads: Option<usize>,
+    /// Default: `n_heads`.
+    pub n_kv_heads: Option<usize>,
+    /// Default: `d_model / n_heads`.
+    pub head_dim: Option<usize>,
+    /// Default: 4·d_model for plain FFNs, 8/3·d_model rounded up to a multiple of 32 for gated.
+    pub d_ff: Option<usize>,
+    /// Default 256.
+    pub max_seq_len: Option<usize>,
+    /// Default `rms_norm`.
+    pub norm: Option<NormKind>,
+    /// Default 1e-5.
+    pub norm_eps: Option<f64>,
+    pub norm_bias: Option<bool>,
+    /// Default `swiglu`.
+    pub ffn: Option<FfnKind>,
+    pub ffn_bias: Option<bool>,
+    pub qkv_bias: Option<bool>,
+    pub out_bias: Option<bool>,
+    /// `rope` (default), `learned` or `none`.
+    pub position: Option<String>,
+    /// Rotary base (default 10000).
+    pub rope_theta: Option<f64>,
+    /// Rotary dims per head (default `head_dim`).
+    pub rotary_dim: Option<usize>,
+    /// Default true.
+    pub tie_embeddings: Option<bool>,
+    /// Default 0.02.
+    pub init_std: Option<f64>,
+}
+
+impl ModelConfigFile {
+    /// Fill defaults and validate. `origin` names the file in errors.
+    pub fn resolve(&self, origin: &str) -> Result<ModelConfig> {
+        let mut problems = Vec::new();
+        let need = |v: Option<usize>, name: &str, problems: &mut Vec<String>| {
+            v.unwrap_or_else(|| {
+                problems.push(format!("{name} is required"));
+                0
+            })
+        };
+        let d_model = need(self.d_model, "d_model", &mut problems);
+        let n_layers = need(self.n_layers, "n_layers", &mut problems);
+        let n_heads = need(self.n_heads, "n_heads", &mut problems);
+        if !problems.is_empty() {
+            return Err(Error::Config {
+                origin: origin.into(),
+                problems,
+            });
+        }
+        let ffn = self.ffn.unwrap_or(FfnKind::Swiglu);
+        let head_dim = self
+            .head_dim
+            .unwrap_or(if n_heads > 0 { d_model / n_heads } else { 0 });
+        if self.head_dim.is_none() && n_heads > 0 && d_model % n_heads != 0 {
+            problems.push(format!(
+                "n_heads ({n_heads}) must divide d_model ({d_model}), or set head_dim"
+            ));
+        }
+        let d_ff = self.d_ff.unwrap_or(if ffn.is_gated() {
+            (8 * d_model / 3).div_ceil(32) * 32
+        } else {
+            4 * d_model
+        });
+        let position = match self.position.as_deref().unwrap_or("rope") {
+            "rope" => Position::Rope {
+                theta: self.rope_theta.unwrap_or(10_000.0),
+                rotary_dim: self.rotary_dim.unwrap_or(head_dim),
+            },
+            "learned" => Position::Learned,
+            "none" => Position::None,
+            other => {
+                problems.push(format!(
+                    "position '{other}' is unknown (rope, learned, none)"
+                ));
+                Position::None
+            }
+        };
+        let cfg = ModelConfig {
+            vocab_size: self.vocab_size.unwrap_or(256),
+            d_model,
+            n_layers,
+            n_heads,
+            n_kv_heads: self.n_kv_heads.unwrap_or(n_heads),
+            head_dim,
+            d_ff,
+            max_seq_len: self.max_seq_len.unwrap_or(256),
+            norm: self.norm.unwrap_or(NormKind::RmsNorm),
+            norm_eps: self.norm_eps.unwrap_or(1e-5),
+            norm_bias: self.norm_bias.unwrap_or(false),
+            ffn,
+            ffn_bias: self.ffn_bias.unwrap_or(false),
+            qkv_bias: self.qkv_bias.unwrap_or(false),
+            out_bias: self.out_bias.unwrap_or(false),
+            position,
+            tie_embeddings: self.tie_embeddings.unwrap_or(true),
+            init_std: self.init_std.unwrap_or(0.02),
+        };
+        problems.extend(cfg.problems());
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(Error::Config {
+                origin: origin.into(),
+                problems,
+            })
+        }
+    }
+}
+
+/// Upper bounds that catch absurd files before anything is allocated.
+const MAX_DIM: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+
+impl ModelConfig {
+    /// Every problem with this configuration, empty when it is valid.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("d_ff", self.d_ff),
+            ("max_seq_len", self.max_seq_len),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                p.push(format!("{name} must be positive"));
+            }
+        }
+        for (name, v) in [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("head_dim", self.head_dim),
+        ] {
+            if v > MAX_DIM {
+                p.push(format!("{name} ({v}) is larger than {MAX_DIM}"));
+            }
+        }
+        if self.vocab_size > MAX_VOCAB {
+            p.push(format!(
+                "vocab_size ({}) is larger than {MAX_VOCAB}",
+                self.vocab_size
+            ));
+        }
+        if self.n_layers > 1024 || self.n_heads > 4096 || self.max_seq_len > 1 << 22 {
+            p.push("n_layers, n_heads or max_seq_len is absurdly large".into());
+        }
+        if self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads != 0 {
+            p.push(format!(
+                "n_kv_heads ({}) must divide n_heads ({})",
+                self.n_kv_heads, self.n_heads
+            ));
+        }
+        if let Position::Rope { theta, rotary_dim } = self.position {
+            if rotary_dim % 2 != 0 || rotary_dim > self.head_dim || rotary_dim == 0 {
+                p.push(format!(
+                    "rotary_dim ({rotary_dim}) must be even, positive and at most head_dim ({})",
+                    self.head_dim
+                ));
+            }
+            if !(theta > 0.0 && theta.is_finite()) {
+                p.push(format!("rope_theta ({theta}) must be positive"));
+            }
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            p.push(format!("norm_eps ({}) must be in (0, 1)", self.norm_eps));
+        }
+        if !(self.init_std > 0.0 && self.init_std.is_finite()) {
+            p.push(format!("init_std ({}) must be positive", self.init_std));
+        }
+        p
+    }
+
+    /// Query width `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Key (and value) width `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Read a model config from a TOML or JSON file: either a bare model table or a run
+    /// preset with a `[model]` table.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let preset = RunFile::from_file(path)?;
+        preset.model.resolve(&path.display().to_string())
+    }
+}
+
+/// A run preset: the model and, optionally, the training recipe (our TOML presets).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    pub model: ModelConfigFile,
+    #[serde(default)]
+    pub train: crate::train::TrainConfigFile,
+}
+
+impl RunFile {
+    /// Parse a preset file; `.json` as JSON, anything else as TOML. A file without a
+    /// `[model]` table is read as a bare model table.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        Self::parse(&text, is_json).map_err(|msg| Error::parse(path, msg))
+    }
+
+    /// Parse preset text (TOML or JSON).
+    pub fn parse(text: &str, is_json: bool) -> std::result::Result<Self, String> {
+        if is_json {
+            let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+            if v.get("model").is_some() {
+                serde_json::from_value(v).map_err(|e| e.to_string())
+            } else {
+                let model = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                Ok(RunFile {
+                    model,
+                    train: Default::default(),
+                })
+            }
+        } else {
+            let v: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+            if v.contains_key("model") {
+                toml::from_str(text).map_err(|e| e.to_string())
+            } else {
+                let model = toml::from_str(text).map_err(|e| e.to_string())?;
+                Ok(RunFile {
+                    model,
+                    train: Default::default(),
+                })
+            }
+        }
+    }
+}
+
+impl From<&ModelConfig> for ModelConfigFile {
+    fn from(c: &ModelConfig) -> Self {
+        let (position, rope_theta, rotary_dim) = match c.position {
+            Position::Rope { theta, rotary_dim } => ("rope", Some(theta), Some(rotary_dim)),
+            Position::Learned => ("learned", None, None),
+            Position::None => ("none", None, None),
+        };
+        ModelConfigFile {
+            vocab_size: Some(c.vocab_size),
+            d_model: Some(c.d_model),
+            n_layers: Some(c.n_layers),
+            n_heads: Some(c.n_heads),
+            n_kv_heads: Some(c.n_kv_heads),
+            head_dim: Some(c.head_dim),
+            d_ff: Some(c.d_ff),
+            max_seq_len: Some(c.max_seq_len),
+            norm: Some(c.norm),
+            norm_eps: Some(c.norm_eps),
+            norm_bias: Some(c.norm_bias),
+            ffn: Some(c.ffn),
+            ffn_bias: Some(c.ffn_bias),
+            qkv_bias: Some(c.qkv_bias),
+            out_bias: Some(c.out_bias),
+            position: Some(position.into()),
+            rope_theta,
+            rotary_dim,
+            tie_embeddings: Some(c.tie_embeddings),
+            init_std: Some(c.init_std),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let f = ModelConfigFile {
+            d_model: Some(100),
+            n_layers: Some(2),
+            n_heads: Some(3),
+            n_kv_heads: Some(2),
+            norm_eps: Some(0.0),
+            ..Default::default()
+        };
+        let err = f.resolve("test.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("n_heads (3) must divide d_model (100)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("n_kv_heads (2) must divide n_heads (3)"),
+            "{err}"
+        );
+        assert!(err.contains("norm_eps"), "{err}");
+        assert!(err.starts_with("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = RunFile::parse("[model]\nd_model = 8\nn_layer = 2\n", false).unwrap_err();
+        assert!(err.contains("n_layer"), "{err}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips_through_file_form() {
+        let f = ModelConfigFile {
+            d_model: Some(64),
+            n_layers: Some(2),
+            n_heads: Some(4),
+            n_kv_heads: Some(2),
+            ..Default::default()
+        };
+        let c = f.resolve("x").unwrap();
+        let again = ModelConfigFile::from(&c).resolve("x").unwrap();
+        assert_eq!(c, again);
+        assert_eq!(c.d_ff, 192); // 8/3 * 64 = 170.7 -> next multiple of 32
+    }
+}

@@ -1,0 +1,108 @@
+//! The FLOP ledger: forward FLOPs per token for each component of each layer, and the
+//! parameter counts, as a pure function of the [`ModelConfig`] (and the context length).
+//!
+//! Conventions (Kaplan et al., 2020, "Scaling Laws", Table 1; nanoGPT's `estimate_mfu`):
+//! a multiply-add is 2 FLOPs; a projection `d_in → d_out` costs `2·d_in·d_out` per token;
+//! causal attention at context `n` costs, per token, `2·n·head_dim` for the scores and the
+//! same for the weighted sum, per query head, where `n` is the average number of keys a
+//! query sees under the causal mask, `(seq_len + 1) / 2`; norms, activations, softmax and
+//! the embedding lookup are not counted (they are not matmuls). Training ≈ 3 × forward.
+
+use crate::config::{ModelConfig, Position};
+
+/// One line of the ledger.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlopEntry {
+    /// `layers.N.attn.qkv`, `head`, …
+    pub component: String,
+    /// Forward FLOPs per token.
+    pub flops: f64,
+    /// Parameters involved (0 for attention scores).
+    pub params: usize,
+}
+
+/// The ledger of one configuration at one context length.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FlopLedger {
+    pub seq_len: usize,
+    pub entries: Vec<FlopEntry>,
+    /// Every parameter, embeddings included.
+    pub total_params: usize,
+    /// Parameters that touch each token (all of them for a dense model, embeddings
+    /// counted once even when tied).
+    pub active_params: usize,
+}
+
+impl FlopLedger {
+    pub fn new(cfg: &ModelConfig, seq_len: usize) -> Self {
+        let d = cfg.d_model;
+        let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
+        let mut entries = Vec::new();
+        let mut total = cfg.vocab_size * d;
+        if cfg.position == Position::Learned {
+            total += cfg.max_seq_len * d;
+        }
+        let norm_params = match cfg.norm {
+            crate::config::NormKind::LayerNorm if cfg.norm_bias => 2 * d,
+            _ => d,
+        };
+        let keys = (seq_len as f64 + 1.0) / 2.0;
+        for l in 0..cfg.n_layers {
+            let p = format!("layers.{l}");
+            let qkv_params = d * (q + 2 * kv) + if cfg.qkv_bias { q + 2 * kv } else { 0 };
+            let o_params = q * d + if cfg.out_bias { d } else { 0 };
+            let n_in = if cfg.ffn.is_gated() { 2 } else { 1 };
+            let ffn_params =
+                (n_in + 1) * d * cfg.d_ff + if cfg.ffn_bias { n_in * cfg.d_ff + d } else { 0 };
+            entries.push(FlopEntry {
+                component: format!("{p}.attn.qkv"),
+                flops: 2.0 * (d * (q + 2 * kv)) as f64,
+                params: qkv_params,
+            });
+            entries.push(FlopEntry {
+                component: format!("{p}.attn.scores"),
+                flops: 2.0 * 2.0 * keys * (cfg.n_heads * cfg.head_dim) as f64,
+                params: 0,
+            });
+            entries.push(FlopEntry {
+                component: format!("{p}.attn.out"),
+                flops: 2.0 * (q * d) as f64,
+                params: o_params,
+            });
+            entries.push(FlopEntry {
+                component: format!("{p}.ffn"),
+                flops: 2.0 * ((n_in + 1) * d * cfg.d_ff) as f64,
+                params: ffn_params,
+            });
+            total += qkv_params + o_params + ffn_params + 2 * norm_params;
+        }
+        total += norm_params;
+        let head_params = if cfg.tie_embeddings {
+            0
+        } else {
+            cfg.vocab_size * d
+        };
+        total += head_params;
+        entries.push(FlopEntry {
+            component: "head".into(),
+            flops: 2.0 * (d * cfg.vocab_size) as f64,
+            params: head_params,
+        });
+        Self {
+            seq_len,
+            entries,
+            total_params: total,
+            active_params: total,
+        }
+    }
+
+    /// Forward FLOPs per token, all components.
+    pub fn forward_per_token(&self) -> f64 {
+        self.entries.iter().map(|e| e.flops).sum()
+    }
+
+    /// Training FLOPs per token: forward + backward ≈ 3 × forward.
+    pub fn train_per_token(&self) -> f64 {
+        3.0 * self.forward_per_token()
+    }
+}

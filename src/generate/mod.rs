@@ -1,0 +1,123 @@
+//! Sampling from a model: a pure sampler (logits + history + RNG → token) and a streaming
+//! generator that feeds the model through its KV cache.
+
+pub mod sampler;
+
+pub use sampler::{sample, SamplerConfig};
+
+use candle_core::Tensor;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tokenize::Tokenizer;
+use crate::train::rng::Rng;
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub sampler: SamplerConfig,
+    /// New tokens at most (generation also stops when the context window is full).
+    pub max_tokens: usize,
+    /// Stop when the generated text contains any of these (the stop string is not emitted).
+    pub stop: Vec<String>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// All ids, prompt first.
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+impl GenerateStats {
+    /// Decode speed, tokens after the first per second.
+    pub fn tokens_per_s(&self) -> f64 {
+        if self.decode_s > 0.0 {
+            (self.new_tokens.saturating_sub(1)) as f64 / self.decode_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Generate from `prompt` (token ids), calling `on_text` with each new piece of text.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateStats> {
+    let ctx = model.config.max_seq_len;
+    if prompt.is_empty() {
+        return Err(Error::Generate("the prompt is empty".into()));
+    }
+    if prompt.len() > ctx {
+        return Err(Error::Generate(format!(
+            "the prompt has {} tokens, more than the model's context window of {ctx}",
+            prompt.len()
+        )));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Generate(format!(
+            "prompt token {bad} is out of range for a vocabulary of {vocab}"
+        )));
+    }
+    let mut rng = Rng::new(cfg.seed);
+    let mut cache = model.new_cache();
+    let mut ids = prompt.to_vec();
+    let mut emitted = String::new();
+    let t0 = Instant::now();
+    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut new = 0;
+    while new < cfg.max_tokens {
+        let row: Vec<f32> = logits
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        let next = sample(&row, &ids, &cfg.sampler, &mut rng);
+        ids.push(next);
+        new += 1;
+        let text = tok.decode(&ids[prompt.len()..])?;
+        // hold back a trailing partial UTF-8 sequence until it completes
+        let stable = text.trim_end_matches('\u{FFFD}');
+        if let Some(pos) = cfg
+            .stop
+            .iter()
+            .filter_map(|s| stable.find(s.as_str()))
+            .min()
+        {
+            if pos > emitted.len() {
+                on_text(&stable[emitted.len()..pos]);
+            }
+            emitted = stable[..pos].to_string();
+            break;
+        }
+        if stable.len() > emitted.len() && stable.starts_with(emitted.as_str()) {
+            on_text(&stable[emitted.len()..]);
+            emitted = stable.to_string();
+        }
+        if ids.len() >= ctx || new >= cfg.max_tokens {
+            break;
+        }
+        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    }
+    Ok(GenerateStats {
+        prompt_tokens: prompt.len(),
+        new_tokens: new,
+        prefill_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+        ids,
+        text: emitted,
+    })
+}

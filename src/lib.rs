@@ -1,0 +1,25 @@
+//! routelm: train and run conditional-computation transformer language models
+//! (Mixture-of-Experts, Mixture-of-Depths) on candle, and load published open weights.
+//!
+//! Data flows one way: config → [`ModelConfig`] → [`Model`]; text → [`Tokenizer`] → ids →
+//! [`Model::forward`] → logits; training adds loss → backward → AdamW → checkpoint.
+//! See ARCHITECTURE.md for the module map and its invariants.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod config;
+pub mod error;
+pub mod flops;
+pub mod generate;
+pub mod model;
+pub mod nn;
+pub mod report;
+pub mod tokenize;
+pub mod train;
+pub mod weights;
+
+pub use config::{ModelConfig, ModelConfigFile, RunFile};
+pub use error::{Error, Result};
+pub use flops::FlopLedger;
+pub use model::{Model, ModelOutput};
+pub use tokenize::Tokenizer;
+pub use train::{TrainConfig, TrainConfigFile, Trainer};

@@ -1,0 +1,233 @@
+//! The decoder-only transformer (GPT-2 / Llama shape), one implementation for every
+//! configuration.
+
+use candle_core::{Device, Result as CResult, Tensor};
+use std::collections::BTreeMap;
+
+use super::block::Block;
+use super::cache::Cache;
+use crate::config::{ModelConfig, Position};
+use crate::error::{Error, Result};
+use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
+use crate::weights::names::param_specs;
+
+/// What one forward pass produces.
+#[derive(Debug)]
+pub struct ModelOutput {
+    /// `(b, t, vocab)`, or `(b, 1, vocab)` when only the last position was asked for.
+    pub logits: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    embed: Tensor,
+    positions: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm: Norm,
+    head: Tensor,
+    rope: Option<RopeTables>,
+}
+
+/// Check a name → tensor map against the parameter table; every problem listed.
+pub fn check_params(cfg: &ModelConfig, params: &BTreeMap<String, Tensor>) -> Vec<String> {
+    let specs = param_specs(cfg);
+    let mut problems = Vec::new();
+    for s in &specs {
+        match params.get(&s.name) {
+            None => problems.push(format!("missing tensor {} {:?}", s.name, s.shape)),
+            Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
+                "tensor {} has shape {:?}, the config implies {:?}",
+                s.name,
+                t.dims(),
+                s.shape
+            )),
+            _ => {}
+        }
+    }
+    for name in params.keys() {
+        if !specs.iter().any(|s| &s.name == name) {
+            problems.push(format!(
+                "unexpected tensor {name} (not part of this config)"
+            ));
+        }
+    }
+    problems
+}
+
+impl Model {
+    /// Build the model from its parameters; `origin` names where they came from in errors.
+    pub fn new(
+        config: &ModelConfig,
+        params: &BTreeMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<Self> {
+        let problems = check_params(config, params);
+        if !problems.is_empty() {
+            return Err(Error::WeightMismatch {
+                path: origin.into(),
+                problems,
+            });
+        }
+        // check_params guarantees presence; a failure here is an internal error
+        let get = |name: &str| -> Result<Tensor> {
+            params
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::WeightMismatch {
+                    path: origin.into(),
+                    problems: vec![format!("missing tensor {name}")],
+                })
+        };
+        let opt = |name: &str| params.get(name).cloned();
+        let norm = |prefix: &str| -> Result<Norm> {
+            Ok(Norm {
+                kind: config.norm,
+                weight: get(&format!("{prefix}.weight"))?,
+                bias: opt(&format!("{prefix}.bias")),
+                eps: config.norm_eps,
+            })
+        };
+        let linear = |prefix: &str| -> Result<Linear> {
+            Ok(Linear::new(
+                get(&format!("{prefix}.weight"))?,
+                opt(&format!("{prefix}.bias")),
+            ))
+        };
+        let embed = get("model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let p = format!("model.layers.{l}");
+            let attn = Attention {
+                q: linear(&format!("{p}.self_attn.q_proj"))?,
+                k: linear(&format!("{p}.self_attn.k_proj"))?,
+                v: linear(&format!("{p}.self_attn.v_proj"))?,
+                o: linear(&format!("{p}.self_attn.o_proj"))?,
+                n_heads: config.n_heads,
+                n_kv_heads: config.n_kv_heads,
+                head_dim: config.head_dim,
+            };
+            let ffn = Mlp {
+                kind: config.ffn,
+                gate: if config.ffn.is_gated() {
+                    Some(linear(&format!("{p}.mlp.gate_proj"))?)
+                } else {
+                    None
+                },
+                up: linear(&format!("{p}.mlp.up_proj"))?,
+                down: linear(&format!("{p}.mlp.down_proj"))?,
+            };
+            blocks.push(Block {
+                attn_norm: norm(&format!("{p}.input_layernorm"))?,
+                attn,
+                ffn_norm: norm(&format!("{p}.post_attention_layernorm"))?,
+                ffn,
+            });
+        }
+        let rope = match config.position {
+            Position::Rope { theta, rotary_dim } => Some(RopeTables::new(
+                theta,
+                rotary_dim,
+                config.max_seq_len,
+                embed.dtype(),
+                embed.device(),
+            )?),
+            _ => None,
+        };
+        let head = if config.tie_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
+        Ok(Self {
+            config: config.clone(),
+            positions: opt("model.embed_positions.weight"),
+            embed,
+            blocks,
+            norm: norm("model.norm")?,
+            head,
+            rope,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// Forward `ids: (b, t)` (u32). With a cache, the tokens continue the cached sequence;
+    /// `last_only` computes the head for the last position only (sampling).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        last_only: bool,
+    ) -> Result<ModelOutput> {
+        let (b, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.pos());
+        if start + t > self.config.max_seq_len {
+            return Err(Error::Generate(format!(
+                "sequence of {} tokens exceeds the context window of {}",
+                start + t,
+                self.config.max_seq_len
+            )));
+        }
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.config.vocab_size {
+            return Err(Error::Generate(format!(
+                "token id {max_id} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let logits = self.forward_inner(ids, b, t, start, &mut cache, last_only)?;
+        Ok(ModelOutput { logits })
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        b: usize,
+        t: usize,
+        start: usize,
+        cache: &mut Option<&mut Cache>,
+        last_only: bool,
+    ) -> CResult<Tensor> {
+        let d = self.config.d_model;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, d))?;
+        if let Some(pos) = &self.positions {
+            x = x.broadcast_add(&pos.narrow(0, start, t)?)?;
+        }
+        let rope = match &self.rope {
+            Some(r) => Some(r.range(start, t)?),
+            None => None,
+        };
+        let rope = rope.as_ref().map(|(c, s)| (c, s));
+        for (l, block) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = block.forward(&x, rope, layer_cache)?;
+        }
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.norm.forward(&x)?;
+        let rows = x.dim(1)?;
+        let logits = x.reshape((b * rows, d))?.matmul(&self.head.t()?)?;
+        logits.reshape((b, rows, self.config.vocab_size))
+    }
+
+    /// Mean next-token cross-entropy of `ids: (b, t)` predicting `targets: (b, t)`.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let out = self.forward(ids, None, false)?;
+        let v = self.config.vocab_size;
+        let logits = out.logits.reshape(((), v))?;
+        Ok(crate::nn::ops::cross_entropy(
+            &logits,
+            &targets.flatten_all()?,
+        )?)
+    }
+
+    /// A fresh cache for this model.
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.blocks.len())
+    }
+}

@@ -1,0 +1,27 @@
+//! Feed-forward block: gated (`down(act(gate x) * up x)`) or plain (`down(act(up x))`).
+
+use candle_core::{Result, Tensor};
+
+use super::Linear;
+use crate::config::FfnKind;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub kind: FfnKind,
+    pub gate: Option<Linear>,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = match (self.kind, &self.gate) {
+            (FfnKind::Swiglu, Some(g)) => (g.forward(x)?.silu()? * self.up.forward(x)?)?,
+            (FfnKind::Geglu, Some(g)) => (g.forward(x)?.gelu()? * self.up.forward(x)?)?,
+            (FfnKind::Gelu, _) => self.up.forward(x)?.gelu()?,
+            (FfnKind::Relu, _) => self.up.forward(x)?.relu()?,
+            (kind, None) => candle_core::bail!("{kind:?} feed-forward needs a gate projection"),
+        };
+        self.down.forward(&h)
+    }
+}

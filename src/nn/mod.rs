@@ -1,0 +1,16 @@
+//! Layers the transformer is built from, each small and configured by plain values.
+//! Nothing here knows about files or model families; every layer takes its weights
+//! as tensors and branches only on config options.
+
+pub mod attention;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod ops;
+pub mod rope;
+
+pub use attention::Attention;
+pub use linear::Linear;
+pub use mlp::Mlp;
+pub use norm::Norm;
+pub use rope::RopeTables;

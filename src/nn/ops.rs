@@ -1,0 +1,541 @@
+//! Fused CPU kernels written as candle custom ops, each with its backward.
+//!
+//! candle's stock `rms_norm`, `softmax_last_dim` and `rope` have fast forwards but no
+//! backward, and composing them from elementwise ops costs several allocations per call.
+//! These kernels cover what the transformer needs for training: RMSNorm, causal softmax
+//! (mask and scale fused, no [T × T] mask tensor), rotary embedding, and cross-entropy.
+//! Each public function falls back to composed tensor ops on devices or dtypes the fused
+//! kernel does not cover, so callers never branch. Every kernel is checked against the
+//! composed reference and finite differences in `tests/gradcheck.rs`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Rows smaller than this many elements in total are processed on one thread.
+const PAR_MIN: usize = 1 << 14;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]> {
+    let data = s.as_slice::<u32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Run `f(row_index, out_row)` over rows of width `w`, in parallel when the work is large.
+fn for_rows(out: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o));
+    } else {
+        out.chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o));
+    }
+}
+
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn rstd(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "routelm-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm")?;
+        let w = f32_slice(s2, l2, "rms_norm")?;
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, d, |r, o| {
+            let xr = &x[r * d..(r + 1) * d];
+            let s = rstd(xr, self.eps);
+            for i in 0..d {
+                o[i] = xr[i] * s * w[i];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBwdX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&dy, &RmsNormBwdW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct RmsNormBwdX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "routelm-rms-norm-bwd-x"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm bwd")?;
+        let w = f32_slice(s2, l2, "rms_norm bwd")?;
+        let dy = f32_slice(s3, l3, "rms_norm bwd")?;
+        let d = w.len();
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, d, |r, o| {
+            let xr = &x[r * d..(r + 1) * d];
+            let g = &dy[r * d..(r + 1) * d];
+            let s = rstd(xr, self.eps);
+            // dx = s * (g*w - xhat * mean(g*w*xhat)), xhat = x*s
+            let mut dot = 0f32;
+            for i in 0..d {
+                dot += g[i] * w[i] * xr[i] * s;
+            }
+            let m = dot / d as f32;
+            for i in 0..d {
+                o[i] = s * (g[i] * w[i] - xr[i] * s * m);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+struct RmsNormBwdW {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "routelm-rms-norm-bwd-w"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms_norm bwd")?;
+        let dy = f32_slice(s2, l2, "rms_norm bwd")?;
+        let d = l1.shape().dims().last().copied().unwrap_or(1);
+        let rows = x.len() / d;
+        let chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let partial: Vec<Vec<f32>> = (0..rows)
+            .step_by(chunk)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|start| {
+                let mut acc = vec![0f32; d];
+                for r in start..(start + chunk).min(rows) {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let s = rstd(xr, self.eps);
+                    for i in 0..d {
+                        acc[i] += dy[r * d + i] * xr[i] * s;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut out = vec![0f32; d];
+        for p in partial {
+            for i in 0..d {
+                out[i] += p[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(d)))
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    if fused(x) && fused(w) {
+        x.contiguous()?.apply_op2(w, RmsNorm { eps: eps as f32 })
+    } else {
+        rms_norm_reference(x, w, eps)
+    }
+}
+
+/// RMSNorm from elementwise ops (any device/dtype; the reference for tests).
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    y.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+/// LayerNorm over the last dimension, with optional bias (composed ops; autograd).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?
+        .broadcast_mul(w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+// ---------------------------------------------------------------- causal softmax
+
+/// Softmax over the last dim of attention scores `(.., rows, t_k)` with the scale and the
+/// causal mask fused in. Row `i` of each matrix is query `i % q_len`, at absolute position
+/// `i % q_len + (t_k - q_len)` (queries are the last `q_len` of the `t_k` keys, as with a
+/// KV cache); key `j` is visible when `j <= position`. Grouped-query attention stacks the
+/// `group` query heads of one KV head as `group * q_len` rows, hence the modulo.
+struct CausalSoftmax {
+    scale: f32,
+    q_len: usize,
+}
+
+impl CausalSoftmax {
+    fn visible(&self, row: usize, rows: usize, t_k: usize) -> usize {
+        let i = (row % rows) % self.q_len;
+        i + (t_k - self.q_len) + 1
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "routelm-causal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "causal_softmax")?;
+        let dims = l.shape().dims();
+        let t_k = dims[dims.len() - 1];
+        let rows = dims[dims.len() - 2];
+        if self.q_len == 0 || self.q_len > t_k {
+            candle_core::bail!("causal_softmax: q_len {} with {} keys", self.q_len, t_k)
+        }
+        let mut out = vec![0f32; x.len()];
+        for_rows(&mut out, t_k, |r, o| {
+            let n = self.visible(r, rows, t_k);
+            let xr = &x[r * t_k..r * t_k + n];
+            let mut max = f32::NEG_INFINITY;
+            for &v in xr {
+                max = max.max(v);
+            }
+            let mut sum = 0f32;
+            for j in 0..n {
+                let e = ((xr[j] - max) * self.scale).exp();
+                o[j] = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for v in &mut o[..n] {
+                *v *= inv;
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> CResult<Option<Tensor>> {
+        let dp = dp.contiguous()?;
+        Ok(Some(p.apply_op2_no_bwd(
+            &dp,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+/// `ds = scale * p * (dp - sum(dp * p))`, row-wise; masked entries have p = 0.
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "routelm-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let p = f32_slice(s1, l1, "softmax bwd")?;
+        let dp = f32_slice(s2, l2, "softmax bwd")?;
+        let w = l1.shape().dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; p.len()];
+        for_rows(&mut out, w, |r, o| {
+            let pr = &p[r * w..(r + 1) * w];
+            let gr = &dp[r * w..(r + 1) * w];
+            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for j in 0..w {
+                o[j] = self.scale * pr[j] * (gr[j] - dot);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Scaled, causally masked softmax of attention scores; see [`CausalSoftmax`].
+pub fn causal_softmax(scores: &Tensor, scale: f64, q_len: usize) -> CResult<Tensor> {
+    if fused(scores) {
+        scores.contiguous()?.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+            q_len,
+        })
+    } else {
+        causal_softmax_reference(scores, scale, q_len)
+    }
+}
+
+/// Composed-ops reference for [`causal_softmax`]; materialises the mask.
+pub fn causal_softmax_reference(scores: &Tensor, scale: f64, q_len: usize) -> CResult<Tensor> {
+    let dims = scores.dims();
+    let (rows, t_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let pos = r % q_len + (t_k - q_len);
+            (0..t_k).map(move |j| if j <= pos { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (rows, t_k), scores.device())?.to_dtype(scores.dtype())?;
+    let s = (scores * scale)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax_last_dim(&s).or_else(|_| candle_nn::ops::softmax(&s, D::Minus1))
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// Rotary embedding on `x: (b, t, h, d)` with `cos, sin: (t, r/2)` or `(b, t, r/2)`, rotating
+/// the first `r` dims of each head in the halves layout: `(x1, x2) -> (x1 c - x2 s, x2 c + x1 s)`.
+/// The inverse rotation (`inverse`) is the backward.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "routelm-rope"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rope")?;
+        let cos = f32_slice(s2, l2, "rope")?;
+        let sin = f32_slice(s3, l3, "rope")?;
+        let (b, t, h, d) = l1.shape().dims4()?;
+        let cdims = l2.shape().dims();
+        let half = cdims[cdims.len() - 1];
+        let per_batch = cdims.len() == 3;
+        if cdims[cdims.len() - 2] != t || (per_batch && cdims[0] != b) || 2 * half > d {
+            candle_core::bail!("rope: tables {:?} do not fit input {:?}", cdims, l1.shape())
+        }
+        let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        let mut out = x.to_vec();
+        // one (batch, position) per chunk: h heads of width d
+        for_rows(&mut out, h * d, |bt, o| {
+            let (bi, ti) = (bt / t, bt % t);
+            let row = if per_batch { bi * t + ti } else { ti };
+            let c = &cos[row * half..(row + 1) * half];
+            let s = &sin[row * half..(row + 1) * half];
+            let xr = &x[bt * h * d..(bt + 1) * h * d];
+            for hh in 0..h {
+                let base = hh * d;
+                for i in 0..half {
+                    let (x1, x2) = (xr[base + i], xr[base + i + half]);
+                    let si = sign * s[i];
+                    o[base + i] = x1 * c[i] - x2 * si;
+                    o[base + i + half] = x2 * c[i] + x1 * si;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Apply rotary embedding to `x: (b, t, h, d)`; see [`Rope`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    if fused(x) {
+        x.contiguous()?.apply_op3(cos, sin, Rope { inverse: false })
+    } else {
+        rope_reference(x, cos, sin)
+    }
+}
+
+/// Composed-ops reference for [`rope`].
+pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
+    let (b, t, _h, d) = x.dims4()?;
+    let half = cos.dim(D::Minus1)?;
+    let (cos, sin) = if cos.rank() == 2 {
+        (cos.reshape((1, t, 1, half))?, sin.reshape((1, t, 1, half))?)
+    } else {
+        (cos.reshape((b, t, 1, half))?, sin.reshape((b, t, 1, half))?)
+    };
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let bb = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    if 2 * half == d {
+        Tensor::cat(&[a, bb], D::Minus1)
+    } else {
+        let rest = x.narrow(D::Minus1, 2 * half, d - 2 * half)?;
+        Tensor::cat(&[a, bb, rest], D::Minus1)
+    }
+}
+
+// ---------------------------------------------------------------- cross-entropy
+
+/// Per-row cross-entropy `logsumexp(z) - z[target]` of `logits: (n, v)`, `targets: (n,)` u32.
+struct CrossEntropy;
+
+fn logsumexp(z: &[f32]) -> f32 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + z.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "routelm-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let z = f32_slice(s1, l1, "cross_entropy")?;
+        let y = u32_slice(s2, l2, "cross_entropy")?;
+        let (n, v) = l1.shape().dims2()?;
+        if let Some(bad) = y.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("cross_entropy: target {bad} out of range for vocabulary {v}")
+        }
+        let losses: Vec<f32> = (0..n)
+            .into_par_iter()
+            .map(|r| {
+                let zr = &z[r * v..(r + 1) * v];
+                logsumexp(zr) - zr[y[r] as usize]
+            })
+            .collect();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+    fn bwd(
+        &self,
+        z: &Tensor,
+        y: &Tensor,
+        _l: &Tensor,
+        dl: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dz = z.apply_op3_no_bwd(y, &dl.contiguous()?, &CrossEntropyBwd)?;
+        Ok((Some(dz), None))
+    }
+}
+
+struct CrossEntropyBwd;
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "routelm-cross-entropy-bwd"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let z = f32_slice(s1, l1, "cross_entropy bwd")?;
+        let y = u32_slice(s2, l2, "cross_entropy bwd")?;
+        let g = f32_slice(s3, l3, "cross_entropy bwd")?;
+        let v = l1.shape().dims2()?.1;
+        let mut out = vec![0f32; z.len()];
+        for_rows(&mut out, v, |r, o| {
+            let zr = &z[r * v..(r + 1) * v];
+            let lse = logsumexp(zr);
+            for j in 0..v {
+                o[j] = (zr[j] - lse).exp() * g[r];
+            }
+            o[y[r] as usize] -= g[r];
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits: (n, v)` against `targets: (n,)` (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    if fused(logits) {
+        logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, CrossEntropy)?
+            .mean_all()
+    } else {
+        cross_entropy_reference(logits, targets)
+    }
+}
+
+/// Composed-ops reference for [`cross_entropy`].
+pub fn cross_entropy_reference(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let picked = lsm.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.neg()?.mean_all()
+}

@@ -1,0 +1,3 @@
+//! Plots (PNG, with plotters) and Markdown tables of what runs produced.
+
+pub mod plot;

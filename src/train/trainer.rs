@@ -1,0 +1,394 @@
+//! The training loop: micro-batches → loss → backward → clipped AdamW step, evaluation on
+//! the held-out split, metrics, checkpoints and exact resume. It reports progress through a
+//! callback and never prints.
+
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::checkpoint::{self, Metric, TrainState};
+use super::data::{Dataset, Split};
+use super::optimizer::{learning_rate, AdamW, AdamWConfig};
+use super::rng::Rng;
+use super::TrainConfig;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::flops::FlopLedger;
+use crate::model::{init::init_params, Model};
+use crate::weights::{self, names::param_specs, Params};
+
+/// Seed offset for the fixed evaluation batches (same windows at every evaluation).
+const EVAL_SEED: u64 = 0xE7A1;
+
+pub struct Trainer {
+    pub model: Model,
+    pub config: TrainConfig,
+    opt: AdamW,
+    pub rng: Rng,
+    pub step: usize,
+    pub tokens_seen: u64,
+    pub elapsed_s: f64,
+    pub metrics: Vec<Metric>,
+    /// Training FLOPs per token from the ledger.
+    flops_per_token: f64,
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A logged step (also after each evaluation, with `val_loss` set).
+    Step(&'a Metric),
+    /// Every step, for progress bars: (step, steps, train loss).
+    Tick {
+        step: usize,
+        steps: usize,
+        loss: f64,
+    },
+    Checkpoint(&'a Path),
+}
+
+pub struct RunOptions {
+    /// Run folder: `metrics.jsonl`, `checkpoint/`, plots.
+    pub out: PathBuf,
+    /// Stop (with a checkpoint) after this step, as an interrupted run would.
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub final_val_loss: f64,
+    pub first_val_loss: Option<f64>,
+    pub wall_s: f64,
+    pub mean_step_ms: f64,
+}
+
+fn build(
+    cfg: &ModelConfig,
+    train: &TrainConfig,
+    params: Params,
+    origin: &str,
+) -> Result<(Model, AdamW)> {
+    let mut vars = Vec::new();
+    let mut tensors = BTreeMap::new();
+    for spec in param_specs(cfg) {
+        let t = params
+            .get(&spec.name)
+            .ok_or_else(|| Error::WeightMismatch {
+                path: origin.into(),
+                problems: vec![format!("missing tensor {}", spec.name)],
+            })?;
+        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+        tensors.insert(spec.name.clone(), var.as_tensor().clone());
+        let decay = spec.decay || (train.decay_embeddings && spec.name.contains("embed"));
+        vars.push((spec.name, var, decay));
+    }
+    let model = Model::new(cfg, &tensors, origin)?;
+    let adam = AdamWConfig {
+        beta1: train.beta1,
+        beta2: train.beta2,
+        eps: train.eps,
+        weight_decay: train.weight_decay,
+    };
+    Ok((model, AdamW::new(adam, vars)))
+}
+
+impl Trainer {
+    /// A fresh run: parameters drawn from `train.seed`.
+    pub fn new(cfg: &ModelConfig, train: &TrainConfig, device: &Device) -> Result<Self> {
+        let params = init_params(cfg, train.seed, DType::F32, device)?;
+        Self::from_params(cfg, train, params, "init")
+    }
+
+    /// Start from given parameters (fine-tuning).
+    pub fn from_params(
+        cfg: &ModelConfig,
+        train: &TrainConfig,
+        params: Params,
+        origin: &str,
+    ) -> Result<Self> {
+        let (model, opt) = build(cfg, train, params, origin)?;
+        let flops_per_token = FlopLedger::new(cfg, train.seq_len).train_per_token();
+        Ok(Self {
+            model,
+            config: train.clone(),
+            opt,
+            rng: Rng::new(train.seed.wrapping_add(1)),
+            step: 0,
+            tokens_seen: 0,
+            elapsed_s: 0.0,
+            metrics: Vec::new(),
+            flops_per_token,
+        })
+    }
+
+    /// Continue from a checkpoint folder (or a run folder holding `checkpoint/`).
+    pub fn resume(path: &Path, device: &Device) -> Result<Self> {
+        let dir = checkpoint::find_checkpoint(path)?;
+        let cfg = weights::load_config(&dir)?;
+        let state_path = dir.join("state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let state: TrainState =
+            serde_json::from_str(&text).map_err(|e| Error::parse(&state_path, e))?;
+        let params =
+            weights::load_safetensors(&dir.join("model.safetensors"), Some(DType::F32), device)?;
+        let mut t = Self::from_params(
+            &cfg,
+            &state.train,
+            params,
+            &dir.join("model.safetensors").display().to_string(),
+        )?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let moments = weights::load_safetensors(&opt_path, Some(DType::F32), &Device::Cpu)?;
+        for slot in &mut t.opt.slots {
+            for (prefix, dst) in [("m.", &mut slot.m), ("v.", &mut slot.v)] {
+                let key = format!("{prefix}{}", slot.name);
+                let m = moments.get(&key).ok_or_else(|| Error::Checkpoint {
+                    path: opt_path.clone(),
+                    msg: format!("missing optimizer moment {key}"),
+                })?;
+                let v = m.flatten_all()?.to_vec1::<f32>()?;
+                if v.len() != dst.len() {
+                    return Err(Error::Checkpoint {
+                        path: opt_path.clone(),
+                        msg: format!("{key} has {} values, expected {}", v.len(), dst.len()),
+                    });
+                }
+                *dst = v;
+            }
+        }
+        t.opt.t = state.adam_t;
+        t.rng = Rng {
+            state: state.rng_state,
+        };
+        t.step = state.step;
+        t.tokens_seen = state.tokens_seen;
+        t.elapsed_s = state.elapsed_s;
+        t.metrics = state.metrics;
+        Ok(t)
+    }
+
+    /// The current parameters by canonical name.
+    pub fn params(&self) -> Params {
+        self.opt
+            .slots
+            .iter()
+            .map(|s| (s.name.clone(), s.var.as_tensor().clone()))
+            .collect()
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches. Returns (loss, grad norm, lr).
+    pub fn train_step(&mut self, data: &Dataset) -> Result<(f64, f64, f64)> {
+        let c = &self.config;
+        let device = self.model.device().clone();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
+        let mut loss_sum = 0f64;
+        for _ in 0..c.grad_accum {
+            let (x, y) = data.batch(
+                Split::Train,
+                &mut self.rng,
+                c.batch_size,
+                c.seq_len,
+                &device,
+            )?;
+            let loss = self.model.loss(&x, &y)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let loss = if c.grad_accum > 1 {
+                (loss / c.grad_accum as f64)?
+            } else {
+                loss
+            };
+            let store = loss.backward()?;
+            for (acc, slot) in grads.iter_mut().zip(&self.opt.slots) {
+                let g = store.get(slot.var.as_tensor()).cloned();
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.opt.slots)
+            .map(|(g, s)| g.map_or_else(|| s.var.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let norm = AdamW::grad_norm(&grads)?;
+        let scale = if c.grad_clip > 0.0 && norm > c.grad_clip {
+            c.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = learning_rate(self.step, c.lr, c.min_lr, c.warmup_steps, c.decay_steps);
+        self.opt.step(&grads, lr, scale)?;
+        self.step += 1;
+        self.tokens_seen += (c.grad_accum * c.batch_size * c.seq_len) as u64;
+        Ok((loss_sum / c.grad_accum as f64, norm, lr))
+    }
+
+    /// Mean loss over the fixed validation batches.
+    pub fn evaluate(&self, data: &Dataset) -> Result<f64> {
+        evaluate(&self.model, data, &self.config)
+    }
+
+    /// Write `DIR/checkpoint` atomically.
+    pub fn save_checkpoint(&self, run_dir: &Path, data: &Dataset) -> Result<PathBuf> {
+        let dir = checkpoint::checkpoint_dir(run_dir);
+        let tmp = dir.with_extension("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        weights::save_model_dir(&tmp, &self.model.config, &self.params())?;
+        let mut moments = BTreeMap::new();
+        let cpu = Device::Cpu;
+        for s in &self.opt.slots {
+            let shape = s.var.as_tensor().shape().clone();
+            moments.insert(
+                format!("m.{}", s.name),
+                Tensor::from_slice(&s.m, shape.clone(), &cpu)?,
+            );
+            moments.insert(
+                format!("v.{}", s.name),
+                Tensor::from_slice(&s.v, shape, &cpu)?,
+            );
+        }
+        weights::save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        let state = TrainState {
+            step: self.step,
+            rng_state: self.rng.state,
+            adam_t: self.opt.t,
+            tokens_seen: self.tokens_seen,
+            elapsed_s: self.elapsed_s,
+            train: self.config.clone(),
+            data_fingerprint: checkpoint::fingerprint(&data.train),
+            metrics: self.metrics.clone(),
+        };
+        let json = serde_json::to_string_pretty(&state).map_err(|e| Error::parse(&tmp, e))?;
+        weights::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+        checkpoint::commit(&tmp, &dir)?;
+        Ok(dir)
+    }
+
+    /// Check that a resumed run sees the same training tokens as the original.
+    pub fn check_data(&self, run_dir: &Path, data: &Dataset) -> Result<()> {
+        let dir = checkpoint::find_checkpoint(run_dir)?;
+        let text =
+            std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::io(&dir, e))?;
+        let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::parse(&dir, e))?;
+        let now = checkpoint::fingerprint(&data.train);
+        if state.data_fingerprint != now {
+            return Err(Error::Checkpoint {
+                path: dir,
+                msg: format!(
+                    "the data differs from the run's (tokens:hash {} vs {now})",
+                    state.data_fingerprint
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Run to `config.steps` (or `stop_after`), evaluating, logging and checkpointing.
+    pub fn run(
+        &mut self,
+        data: &Dataset,
+        opts: &RunOptions,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<RunSummary> {
+        std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+        let metrics_path = opts.out.join("metrics.jsonl");
+        // rewrite the log from the metrics the checkpoint knows, dropping lines past it
+        let mut log = String::new();
+        for m in &self.metrics {
+            log.push_str(&serde_json::to_string(m).map_err(|e| Error::parse(&metrics_path, e))?);
+            log.push('\n');
+        }
+        weights::write_atomic(&metrics_path, log.as_bytes())?;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| Error::io(&metrics_path, e))?;
+
+        let c = self.config.clone();
+        let last = opts.stop_after.map_or(c.steps, |s| s.min(c.steps));
+        let started = Instant::now();
+        let base_elapsed = self.elapsed_s;
+        let mut window = (Instant::now(), 0u64);
+        let mut step_time = 0f64;
+        let mut steps_run = 0usize;
+        let mut final_val = f64::NAN;
+        while self.step < last {
+            let t0 = Instant::now();
+            let (loss, norm, lr) = self.train_step(data)?;
+            step_time += t0.elapsed().as_secs_f64();
+            steps_run += 1;
+            window.1 += (c.grad_accum * c.batch_size * c.seq_len) as u64;
+            on_event(Event::Tick {
+                step: self.step,
+                steps: c.steps,
+                loss,
+            });
+            let eval_now = self.step % c.eval_every == 0 || self.step == c.steps;
+            if self.step % c.log_every == 0 || eval_now || self.step == last {
+                let dt = window.0.elapsed().as_secs_f64().max(1e-9);
+                let tps = window.1 as f64 / dt;
+                let val_loss = if eval_now {
+                    Some(self.evaluate(data)?)
+                } else {
+                    None
+                };
+                if let Some(v) = val_loss {
+                    final_val = v;
+                }
+                self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+                let m = Metric {
+                    step: self.step,
+                    train_loss: loss,
+                    lr,
+                    tokens_per_s: tps,
+                    val_loss,
+                    grad_norm: norm,
+                    gflops: tps * self.flops_per_token / 1e9,
+                    elapsed_s: self.elapsed_s,
+                };
+                let line = serde_json::to_string(&m).map_err(|e| Error::parse(&metrics_path, e))?;
+                writeln!(file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+                on_event(Event::Step(&m));
+                self.metrics.push(m);
+                window = (Instant::now(), 0);
+            }
+            let ckpt_now = c.checkpoint_every > 0 && self.step % c.checkpoint_every == 0;
+            if ckpt_now || self.step == last {
+                self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
+                let dir = self.save_checkpoint(&opts.out, data)?;
+                on_event(Event::Checkpoint(&dir));
+            }
+        }
+        let first_val = self.metrics.iter().find_map(|m| m.val_loss);
+        Ok(RunSummary {
+            steps: self.step,
+            final_val_loss: final_val,
+            first_val_loss: first_val,
+            wall_s: started.elapsed().as_secs_f64(),
+            mean_step_ms: 1e3 * step_time / steps_run.max(1) as f64,
+        })
+    }
+}
+
+/// Mean validation loss of `model` over `train.eval_batches` fixed batches.
+pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f64> {
+    let mut rng = Rng::new(train.seed ^ EVAL_SEED);
+    let mut sum = 0f64;
+    for _ in 0..train.eval_batches {
+        let (x, y) = data.batch(
+            Split::Val,
+            &mut rng,
+            train.batch_size,
+            train.seq_len,
+            model.device(),
+        )?;
+        sum += model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / train.eval_batches as f64)
+}

@@ -1,0 +1,118 @@
+//! Weight files: memory-mapped safetensors in, atomically written safetensors out, and the
+//! model folder (`config.json` + `model.safetensors`). Errors name the file and the tensor.
+
+pub mod names;
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+pub type Params = BTreeMap<String, Tensor>;
+
+fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::F32 => DType::F32,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F64 => DType::F64,
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I64 => DType::I64,
+        _ => return None,
+    })
+}
+
+/// Read every tensor of a safetensors file (memory-mapped), converting floating-point
+/// tensors to `dtype` when given.
+pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Params> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and dropped before this function returns; a file
+    // truncated underneath us is the same hazard every mmap reader accepts.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::parse(path, format!("not a valid safetensors file ({e})")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let dt = st_dtype(view.dtype()).ok_or_else(|| {
+            Error::parse(
+                path,
+                format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
+            )
+        })?;
+        let t = Tensor::from_raw_buffer(view.data(), dt, view.shape(), &Device::Cpu)
+            .map_err(|e| Error::parse(path, format!("tensor {name}: {e}")))?;
+        let t = match dtype {
+            Some(want) if dt.is_float() && dt != want => t.to_dtype(want)?,
+            _ => t,
+        };
+        out.insert(name, t.to_device(device)?);
+    }
+    Ok(out)
+}
+
+/// Write tensors to `path` atomically: a temporary file in the same folder, then a rename,
+/// so a crash never leaves a half-written file under the final name.
+pub fn save_safetensors(path: &Path, tensors: &Params) -> Result<()> {
+    let tmp = tmp_path(path);
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| Error::Checkpoint {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Write a text file atomically (temporary file + rename).
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, contents).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Read `DIR/config.json` (routelm's own resolved format).
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e))?;
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        return Err(Error::Config {
+            origin: path.display().to_string(),
+            problems,
+        });
+    }
+    Ok(cfg)
+}
+
+/// Load a model folder: `config.json` + `model.safetensors`, checked against each other.
+pub fn load_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
+    let cfg = load_config(dir)?;
+    let path = dir.join("model.safetensors");
+    let params = load_safetensors(&path, Some(dtype), device)?;
+    Model::new(&cfg, &params, &path.display().to_string())
+}
+
+/// Save a model folder (`config.json` + `model.safetensors`), each file atomically.
+pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, params: &Params) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::parse(dir, e))?;
+    write_atomic(&dir.join("config.json"), json.as_bytes())?;
+    save_safetensors(&dir.join("model.safetensors"), params)
+}

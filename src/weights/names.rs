@@ -1,0 +1,135 @@
+//! The canonical parameter table: every tensor a [`ModelConfig`] implies, with its name
+//! (Hugging Face Llama layout), shape, initialiser and whether weight decay applies.
+//! Initialisation, loading, saving and parameter counts all read this one table.
+
+use crate::config::{ModelConfig, NormKind, Position};
+
+/// How a parameter is initialised for training from scratch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+    /// AdamW weight decay applies (matrices of projections and the head).
+    pub decay: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+fn matrix(name: String, out: usize, inp: usize, std: f64) -> ParamSpec {
+    ParamSpec {
+        name,
+        shape: vec![out, inp],
+        init: Init::Normal(std),
+        decay: true,
+    }
+}
+
+fn vector(name: String, n: usize, init: Init) -> ParamSpec {
+    ParamSpec {
+        name,
+        shape: vec![n],
+        init,
+        decay: false,
+    }
+}
+
+/// Every parameter of the model described by `cfg`, in a stable order.
+pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+    let std = cfg.init_std;
+    // GPT-2's scaled init for projections that write into the residual stream
+    let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
+    let d = cfg.d_model;
+    let mut v = Vec::new();
+    let mut embed = matrix("model.embed_tokens.weight".into(), cfg.vocab_size, d, std);
+    embed.decay = false;
+    v.push(embed);
+    if cfg.position == Position::Learned {
+        let mut pos = matrix(
+            "model.embed_positions.weight".into(),
+            cfg.max_seq_len,
+            d,
+            std,
+        );
+        pos.decay = false;
+        v.push(pos);
+    }
+    let norm = |v: &mut Vec<ParamSpec>, prefix: String| {
+        v.push(vector(format!("{prefix}.weight"), d, Init::Ones));
+        if cfg.norm == NormKind::LayerNorm && cfg.norm_bias {
+            v.push(vector(format!("{prefix}.bias"), d, Init::Zeros));
+        }
+    };
+    for l in 0..cfg.n_layers {
+        let p = format!("model.layers.{l}");
+        norm(&mut v, format!("{p}.input_layernorm"));
+        for (proj, width) in [
+            ("q_proj", cfg.q_dim()),
+            ("k_proj", cfg.kv_dim()),
+            ("v_proj", cfg.kv_dim()),
+        ] {
+            v.push(matrix(
+                format!("{p}.self_attn.{proj}.weight"),
+                width,
+                d,
+                std,
+            ));
+            if cfg.qkv_bias {
+                v.push(vector(
+                    format!("{p}.self_attn.{proj}.bias"),
+                    width,
+                    Init::Zeros,
+                ));
+            }
+        }
+        v.push(matrix(
+            format!("{p}.self_attn.o_proj.weight"),
+            d,
+            cfg.q_dim(),
+            out_std,
+        ));
+        if cfg.out_bias {
+            v.push(vector(format!("{p}.self_attn.o_proj.bias"), d, Init::Zeros));
+        }
+        norm(&mut v, format!("{p}.post_attention_layernorm"));
+        let mut ffn_in = vec!["up_proj"];
+        if cfg.ffn.is_gated() {
+            ffn_in.insert(0, "gate_proj");
+        }
+        for proj in ffn_in {
+            v.push(matrix(format!("{p}.mlp.{proj}.weight"), cfg.d_ff, d, std));
+            if cfg.ffn_bias {
+                v.push(vector(
+                    format!("{p}.mlp.{proj}.bias"),
+                    cfg.d_ff,
+                    Init::Zeros,
+                ));
+            }
+        }
+        v.push(matrix(
+            format!("{p}.mlp.down_proj.weight"),
+            d,
+            cfg.d_ff,
+            out_std,
+        ));
+        if cfg.ffn_bias {
+            v.push(vector(format!("{p}.mlp.down_proj.bias"), d, Init::Zeros));
+        }
+    }
+    norm(&mut v, "model.norm".into());
+    if !cfg.tie_embeddings {
+        v.push(matrix("lm_head.weight".into(), cfg.vocab_size, d, std));
+    }
+    v
+}
