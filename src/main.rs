@@ -4,6 +4,11 @@ mod cli;
 
 use clap::Parser;
 
+// Tensors are allocated and freed at a high rate; glibc returns large blocks to the OS on
+// every free (mmap/munmap, page faults). mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ROUTELM_LOG"))

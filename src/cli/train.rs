@@ -20,7 +20,8 @@ pub struct Args {
     /// Run folder.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
-    /// Continue the run saved in this folder exactly where it stopped (same --data).
+    /// Continue the run saved in this folder exactly where it stopped (on the same data,
+    /// which is remembered; --steps can extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Override the preset's number of steps.
@@ -60,7 +61,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let out = a.resume.clone().unwrap_or(a.out.clone());
-    let tokens = super::load_tokens(a.data.as_deref(), &tok, trainer.config.seed)?;
+    if let (Some(_), Some(s)) = (&a.resume, a.steps) {
+        trainer.config.steps = s; // extend a finished run; the schedule keeps its decay_steps
+    }
+    if a.data.is_some() || a.resume.is_none() {
+        trainer.data_source = a.data.clone();
+    }
+    let tokens = super::load_tokens(trainer.data_source.as_deref(), &tok, trainer.config.seed)?;
     let data = super::dataset(tokens, trainer.config.val_fraction, trainer.config.seq_len)?;
     if a.resume.is_some() {
         trainer.check_data(&out, &data)?;

@@ -153,8 +153,8 @@ impl ModelConfigFile {
         let ffn = self.ffn.unwrap_or(FfnKind::Swiglu);
         let head_dim = self
             .head_dim
-            .unwrap_or(if n_heads > 0 { d_model / n_heads } else { 0 });
-        if self.head_dim.is_none() && n_heads > 0 && d_model % n_heads != 0 {
+            .unwrap_or(d_model.checked_div(n_heads).unwrap_or(0));
+        if self.head_dim.is_none() && n_heads > 0 && !d_model.is_multiple_of(n_heads) {
             problems.push(format!(
                 "n_heads ({n_heads}) must divide d_model ({d_model}), or set head_dim"
             ));
@@ -251,7 +251,7 @@ impl ModelConfig {
         if self.n_layers > 1024 || self.n_heads > 4096 || self.max_seq_len > 1 << 22 {
             p.push("n_layers, n_heads or max_seq_len is absurdly large".into());
         }
-        if self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads > 0 && !self.n_heads.is_multiple_of(self.n_kv_heads) {
             p.push(format!(
                 "n_kv_heads ({}) must divide n_heads ({})",
                 self.n_kv_heads, self.n_heads

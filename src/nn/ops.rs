@@ -41,6 +41,14 @@ fn for_rows(out: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     }
 }
 
+/// Half-precision inputs are normalised in f32; f32 and f64 stay as they are.
+fn compute_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
 fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
@@ -193,7 +201,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
 /// RMSNorm from elementwise ops (any device/dtype; the reference for tests).
 pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     y.to_dtype(dtype)?.broadcast_mul(w)
@@ -202,7 +210,7 @@ pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> CResult<Tensor> {
 /// LayerNorm over the last dimension, with optional bias (composed ops; autograd).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(compute_dtype(dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -333,7 +341,7 @@ pub fn causal_softmax_reference(scores: &Tensor, scale: f64, q_len: usize) -> CR
         .collect();
     let mask = Tensor::from_vec(mask, (rows, t_k), scores.device())?.to_dtype(scores.dtype())?;
     let s = (scores * scale)?.broadcast_add(&mask)?;
-    candle_nn::ops::softmax_last_dim(&s).or_else(|_| candle_nn::ops::softmax(&s, D::Minus1))
+    candle_nn::ops::softmax(&s, D::Minus1)
 }
 
 // ---------------------------------------------------------------- rotary embedding
@@ -534,7 +542,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
 
 /// Composed-ops reference for [`cross_entropy`].
 pub fn cross_entropy_reference(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
+    let logits = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let picked = lsm.gather(&targets.unsqueeze(1)?, 1)?;
     picked.neg()?.mean_all()

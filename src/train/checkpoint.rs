@@ -36,6 +36,9 @@ pub struct TrainState {
     pub train: TrainConfig,
     /// Fingerprint of the token stream (length and hash), checked on resume.
     pub data_fingerprint: String,
+    /// The text file trained on (None: the embedded corpus), reused by `--resume`.
+    #[serde(default)]
+    pub data_source: Option<std::path::PathBuf>,
     pub metrics: Vec<Metric>,
 }
 

@@ -145,7 +145,7 @@ impl TrainConfigFile {
                 c.seq_len
             ));
         }
-        if !(c.lr > 0.0) || c.min_lr < 0.0 || c.min_lr > c.lr {
+        if c.lr.is_nan() || c.lr <= 0.0 || c.min_lr < 0.0 || c.min_lr > c.lr {
             p.push(format!(
                 "train.lr ({}) must be positive and at least min_lr ({})",
                 c.lr, c.min_lr

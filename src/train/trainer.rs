@@ -31,6 +31,8 @@ pub struct Trainer {
     pub tokens_seen: u64,
     pub elapsed_s: f64,
     pub metrics: Vec<Metric>,
+    /// The text file trained on (None: the embedded corpus); saved for `--resume`.
+    pub data_source: Option<PathBuf>,
     /// Training FLOPs per token from the ledger.
     flops_per_token: f64,
 }
@@ -120,6 +122,7 @@ impl Trainer {
             tokens_seen: 0,
             elapsed_s: 0.0,
             metrics: Vec::new(),
+            data_source: None,
             flops_per_token,
         })
     }
@@ -167,6 +170,7 @@ impl Trainer {
         t.tokens_seen = state.tokens_seen;
         t.elapsed_s = state.elapsed_s;
         t.metrics = state.metrics;
+        t.data_source = state.data_source;
         Ok(t)
     }
 
@@ -262,6 +266,7 @@ impl Trainer {
             elapsed_s: self.elapsed_s,
             train: self.config.clone(),
             data_fingerprint: checkpoint::fingerprint(&data.train),
+            data_source: self.data_source.clone(),
             metrics: self.metrics.clone(),
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::parse(&tmp, e))?;
@@ -329,8 +334,8 @@ impl Trainer {
                 steps: c.steps,
                 loss,
             });
-            let eval_now = self.step % c.eval_every == 0 || self.step == c.steps;
-            if self.step % c.log_every == 0 || eval_now || self.step == last {
+            let eval_now = self.step.is_multiple_of(c.eval_every) || self.step == c.steps;
+            if self.step.is_multiple_of(c.log_every) || eval_now || self.step == last {
                 let dt = window.0.elapsed().as_secs_f64().max(1e-9);
                 let tps = window.1 as f64 / dt;
                 let val_loss = if eval_now {
@@ -358,7 +363,7 @@ impl Trainer {
                 self.metrics.push(m);
                 window = (Instant::now(), 0);
             }
-            let ckpt_now = c.checkpoint_every > 0 && self.step % c.checkpoint_every == 0;
+            let ckpt_now = c.checkpoint_every > 0 && self.step.is_multiple_of(c.checkpoint_every);
             if ckpt_now || self.step == last {
                 self.elapsed_s = base_elapsed + started.elapsed().as_secs_f64();
                 let dir = self.save_checkpoint(&opts.out, data)?;

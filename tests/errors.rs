@@ -1,0 +1,181 @@
+//! Bad input gives a clear error naming the file and the problem, a non-zero exit, and
+//! no panic — through the command line, as a user meets it.
+
+mod common;
+
+use candle_core::{DType, Device};
+use routelm::model::init::init_params;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("routelm-err-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Run `routelm ARGS`, expect failure, return stderr.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_routelm"))
+        .args(args)
+        .env("ROUTELM_NO_PROGRESS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+    err
+}
+
+fn saved_model(name: &str) -> PathBuf {
+    let d = dir(name);
+    let cfg = common::tiny(0);
+    let p = init_params(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    routelm::weights::save_model_dir(&d, &cfg, &p).unwrap();
+    d
+}
+
+fn gen(model: &Path) -> String {
+    fails(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "2",
+    ])
+}
+
+#[test]
+fn truncated_weights() {
+    let d = saved_model("trunc");
+    let f = d.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_header() {
+    let d = saved_model("corrupt");
+    let f = d.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    for b in bytes.iter_mut().skip(8).take(40) {
+        *b = b'#';
+    }
+    std::fs::write(&f, &bytes).unwrap();
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_that_does_not_match_the_tensors() {
+    let d = saved_model("mismatch");
+    let mut cfg = common::tiny(0);
+    cfg.d_ff = 32; // tensors were saved with d_ff 24
+    cfg.n_layers = 3;
+    std::fs::write(d.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors: weights do not match the configuration"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "model.layers.0.mlp.up_proj.weight has shape [24, 16], the config implies [32, 16]"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing tensor model.layers.2.input_layernorm.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files() {
+    let d = dir("missing");
+    let err = gen(&d);
+    assert!(
+        err.contains("config.json") && err.contains("No such file"),
+        "{err}"
+    );
+    let d = saved_model("missing-weights");
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors") && err.contains("No such file"),
+        "{err}"
+    );
+    let err = fails(&["train", "--config", "no-such-preset.toml"]);
+    assert!(
+        err.contains("no-such-preset.toml: no such file, and not a preset name"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_and_unknown_config_keys() {
+    let d = dir("badcfg");
+    let f = d.join("bad.toml");
+    std::fs::write(&f, "[model]\nd_model = 100\nn_layers = 2\nn_heads = 3\n").unwrap();
+    let err = fails(&["flops", "--config", f.to_str().unwrap()]);
+    assert!(
+        err.contains("bad.toml") && err.contains("n_heads (3) must divide d_model (100)"),
+        "{err}"
+    );
+    std::fs::write(
+        &f,
+        "[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nn_embd = 3\n",
+    )
+    .unwrap();
+    let err = fails(&["flops", "--config", f.to_str().unwrap()]);
+    assert!(err.contains("bad.toml") && err.contains("n_embd"), "{err}");
+    std::fs::write(
+        &f,
+        "[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 1000000000000\n",
+    )
+    .unwrap();
+    let err = fails(&["inspect", f.to_str().unwrap()]);
+    assert!(
+        err.contains("vocab_size (1000000000000) is larger than"),
+        "{err}"
+    );
+}
+
+#[test]
+fn prompt_longer_than_context_and_bad_token() {
+    let d = saved_model("prompt");
+    let long: Vec<String> = (0..13).map(|i| (i % 40).to_string()).collect();
+    let err = fails(&[
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt-ids",
+        &long.join(","),
+    ]);
+    assert!(
+        err.contains("the prompt has 13 tokens, more than the model's context window of 12"),
+        "{err}"
+    );
+    let err = fails(&[
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt-ids",
+        "1,99",
+    ]);
+    assert!(
+        err.contains("prompt token 99 is out of range for a vocabulary of 40"),
+        "{err}"
+    );
+}

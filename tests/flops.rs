@@ -1,0 +1,38 @@
+//! The FLOP ledger against an independent hand count, and its parameter count against
+//! the parameter table the model is built from.
+
+use routelm::weights::names::param_specs;
+use routelm::{FlopLedger, RunFile};
+
+#[test]
+fn train_small_matches_hand_count() {
+    let preset = RunFile::from_file(std::path::Path::new("configs/train-small.toml")).unwrap();
+    let cfg = preset.model.resolve("train-small").unwrap();
+    let l = FlopLedger::new(&cfg, 256);
+    // d = 256, 6 layers, 8 heads of 32, SwiGLU 704, vocab 256, context 256, untied head.
+    let (d, f, v, layers, n) = (256.0, 704.0, 256.0, 6.0, 256.0);
+    let qkv = 2.0 * 3.0 * d * d; // 393,216
+    let out = 2.0 * d * d; // 131,072
+    let ffn = 2.0 * 3.0 * d * f; // 1,081,344
+    let attn = 2.0 * 2.0 * d * (n + 1.0) / 2.0; // QK^T and PV over (n+1)/2 keys on average: 131,584
+    let head = 2.0 * d * v; // 131,072
+    let hand = layers * (qkv + out + ffn + attn) + head;
+    assert_eq!(hand, 10_554_368.0);
+    assert_eq!(l.forward_per_token(), hand);
+    assert_eq!(l.train_per_token(), 3.0 * hand);
+    // params: embed + head + per layer (4 d^2 + 3 d f + 2 d) + final norm
+    let params = 2 * 256 * 256 + 6 * (4 * 256 * 256 + 3 * 256 * 704 + 2 * 256) + 256;
+    assert_eq!(l.total_params, params);
+}
+
+#[test]
+fn parameter_count_agrees_with_parameter_table() {
+    for text in [
+        "d_model = 48\nn_layers = 3\nn_heads = 6\nn_kv_heads = 2\nqkv_bias = true\n",
+        "d_model = 32\nn_layers = 2\nn_heads = 4\nnorm = \"layer_norm\"\nnorm_bias = true\nffn = \"gelu\"\nffn_bias = true\nout_bias = true\nposition = \"learned\"\ntie_embeddings = false\n",
+    ] {
+        let cfg = RunFile::parse(text, false).unwrap().model.resolve("t").unwrap();
+        let table: usize = param_specs(&cfg).iter().map(|s| s.numel()).sum();
+        assert_eq!(FlopLedger::new(&cfg, 16).total_params, table, "{text}");
+    }
+}

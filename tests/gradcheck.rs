@@ -1,0 +1,257 @@
+//! Gradients against finite differences, and the fused CPU kernels against their composed
+//! references (forward and backward).
+//!
+//! The fused kernels run in f32 only, where finite differences are too noisy to be exact,
+//! so the chain of evidence is: (1) in f64 the composed references match central finite
+//! differences; (2) in f32 each fused kernel's output and gradient match the reference's.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_abs_diff, tiny, VARIANTS};
+use routelm::model::{init::init_params, Model};
+use routelm::nn::ops;
+
+/// Central finite differences of `f` at `x` against autograd, every element.
+fn check_fd(x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, tol: f64) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor());
+    let grads = y.backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .expect("no gradient")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let h = 1e-6;
+    for i in 0..base.len() {
+        let eval = |delta: f64| {
+            let mut v = base.clone();
+            v[i] += delta;
+            let t = Tensor::from_vec(v, x.shape(), x.device()).unwrap();
+            f(&t).to_scalar::<f64>().unwrap()
+        };
+        let fd = (eval(h) - eval(-h)) / (2.0 * h);
+        assert!(
+            (fd - g[i]).abs() <= tol * (1.0 + fd.abs()),
+            "element {i}: finite difference {fd}, autograd {}",
+            g[i]
+        );
+    }
+}
+
+fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
+    let mut rng = routelm::train::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// A scalar that mixes every output element with distinct weights.
+fn project(y: &Tensor, seed: u64) -> Tensor {
+    let w = randn(y.dims(), y.dtype(), seed);
+    (y * w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn references_match_finite_differences_f64() {
+    let x = randn(&[3, 8], DType::F64, 1);
+    let w = randn(&[8], DType::F64, 2);
+    let b = randn(&[8], DType::F64, 3);
+    check_fd(
+        &x,
+        &|x| project(&ops::rms_norm_reference(x, &w, 1e-5).unwrap(), 9),
+        1e-6,
+    );
+    check_fd(
+        &w,
+        &|w| project(&ops::rms_norm_reference(&x, w, 1e-5).unwrap(), 9),
+        1e-6,
+    );
+    check_fd(
+        &x,
+        &|x| project(&ops::layer_norm(x, &w, Some(&b), 1e-5).unwrap(), 9),
+        1e-6,
+    );
+    check_fd(
+        &b,
+        &|b| project(&ops::layer_norm(&x, &w, Some(b), 1e-5).unwrap(), 9),
+        1e-6,
+    );
+    let s = randn(&[2, 6, 4], DType::F64, 4);
+    check_fd(
+        &s,
+        &|s| project(&ops::causal_softmax_reference(s, 0.7, 3).unwrap(), 9),
+        1e-6,
+    );
+    let q = randn(&[2, 3, 2, 6], DType::F64, 5);
+    let cos = randn(&[3, 2], DType::F64, 6);
+    let sin = randn(&[3, 2], DType::F64, 7);
+    check_fd(
+        &q,
+        &|q| project(&ops::rope_reference(q, &cos, &sin).unwrap(), 9),
+        1e-6,
+    );
+    let z = randn(&[5, 7], DType::F64, 8);
+    let t = Tensor::new(&[0u32, 6, 3, 3, 1], &Device::Cpu).unwrap();
+    check_fd(&z, &|z| ops::cross_entropy_reference(z, &t).unwrap(), 1e-6);
+}
+
+/// Forward output and input gradients of a fused kernel and its reference, in f32.
+fn compare(
+    inputs: &[Tensor],
+    fused: &dyn Fn(&[Tensor]) -> Tensor,
+    reference: &dyn Fn(&[Tensor]) -> Tensor,
+    tol: f64,
+) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let (yf, yr) = (fused(&ts), reference(&ts));
+    assert!(
+        max_abs_diff(&yf, &yr) < tol,
+        "forward differs by {}",
+        max_abs_diff(&yf, &yr)
+    );
+    let gf = project(&yf, 11).backward().unwrap();
+    let gr = project(&yr, 11).backward().unwrap();
+    for (i, t) in ts.iter().enumerate() {
+        match (gf.get(t), gr.get(t)) {
+            (Some(a), Some(b)) => assert!(
+                max_abs_diff(a, b) < tol,
+                "input {i}: gradient differs by {}",
+                max_abs_diff(a, b)
+            ),
+            (None, None) => {}
+            (a, b) => panic!(
+                "input {i}: gradient present in fused {} / reference {}",
+                a.is_some(),
+                b.is_some()
+            ),
+        }
+    }
+}
+
+#[test]
+fn fused_kernels_match_references_f32() {
+    let f = DType::F32;
+    compare(
+        &[randn(&[4, 5, 16], f, 1), randn(&[16], f, 2)],
+        &|t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        &|t| ops::rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(),
+        1e-5,
+    );
+    // GQA layout: 2 query heads per KV head stacked as rows, 3 queries after 2 cached keys
+    compare(
+        &[randn(&[2, 3, 6, 5], f, 3)],
+        &|t| ops::causal_softmax(&t[0], 0.5, 3).unwrap(),
+        &|t| ops::causal_softmax_reference(&t[0], 0.5, 3).unwrap(),
+        1e-5,
+    );
+    let cos = randn(&[5, 3], f, 4);
+    let sin = randn(&[5, 3], f, 5);
+    compare(
+        &[randn(&[2, 5, 3, 8], f, 6)],
+        &|t| ops::rope(&t[0], &cos, &sin).unwrap(),
+        &|t| ops::rope_reference(&t[0], &cos, &sin).unwrap(),
+        1e-5,
+    );
+    let cos_b = randn(&[2, 5, 3], f, 7);
+    let sin_b = randn(&[2, 5, 3], f, 8);
+    compare(
+        &[randn(&[2, 5, 3, 6], f, 9)],
+        &|t| ops::rope(&t[0], &cos_b, &sin_b).unwrap(),
+        &|t| ops::rope_reference(&t[0], &cos_b, &sin_b).unwrap(),
+        1e-5,
+    );
+    let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
+    compare(
+        &[randn(&[6, 10], f, 10)],
+        &|t| ops::cross_entropy(&t[0], &tg).unwrap(),
+        &|t| ops::cross_entropy_reference(&t[0], &tg).unwrap(),
+        1e-5,
+    );
+}
+
+fn model_loss(
+    cfg: &routelm::ModelConfig,
+    params: &std::collections::BTreeMap<String, Tensor>,
+) -> Tensor {
+    let model = Model::new(cfg, params, "test").unwrap();
+    let x = common::ids(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], 2);
+    let y = common::ids(&[1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9], 2);
+    model.loss(&x, &y).unwrap()
+}
+
+/// Every parameter of every layer type: autograd through the whole f64 model equals finite
+/// differences (a sample of elements per tensor), and the f32 model with fused kernels
+/// gives the same gradients as the f64 model.
+#[test]
+fn whole_model_gradients() {
+    for variant in 0..VARIANTS {
+        let cfg = tiny(variant);
+        let p64 = init_params(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
+        let vars: std::collections::BTreeMap<String, Var> = p64
+            .iter()
+            .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let tensors = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let g64 = model_loss(&cfg, &tensors).backward().unwrap();
+        let p32: std::collections::BTreeMap<String, Var> = p64
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let t32 = p32
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let g32 = model_loss(&cfg, &t32).backward().unwrap();
+        for (name, var) in &vars {
+            let g = g64
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("variant {variant}: no gradient for {name}"));
+            let g_f32 = g32.get(p32[name].as_tensor()).unwrap();
+            let diff = max_abs_diff(g, g_f32);
+            assert!(
+                diff < 1e-4,
+                "variant {variant} {name}: f32 fused vs f64 gradient differ by {diff}"
+            );
+            let flat = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let n = flat.len();
+            for i in [0, n / 3, n / 2, n - 1] {
+                let perturbed = |delta: f64| {
+                    let mut v = p64[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    v[i] += delta;
+                    let mut p = p64.clone();
+                    p.insert(
+                        name.clone(),
+                        Tensor::from_vec(v, p64[name].shape(), &Device::Cpu).unwrap(),
+                    );
+                    model_loss(&cfg, &p).to_scalar::<f64>().unwrap()
+                };
+                let h = 1e-5;
+                let fd = (perturbed(h) - perturbed(-h)) / (2.0 * h);
+                assert!(
+                    (fd - flat[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "variant {variant} {name}[{i}]: finite difference {fd}, autograd {}",
+                    flat[i]
+                );
+            }
+        }
+    }
+}

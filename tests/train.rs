@@ -1,0 +1,161 @@
+//! Training: the loss falls, and an interrupted-then-resumed run reproduces the
+//! uninterrupted run exactly.
+
+mod common;
+
+use candle_core::Device;
+use routelm::train::data::Dataset;
+use routelm::train::{corpus, RunOptions, TrainConfigFile, Trainer};
+use routelm::Tokenizer;
+
+fn setup(steps: usize) -> (routelm::ModelConfig, routelm::TrainConfig, Dataset) {
+    let mut f = routelm::ModelConfigFile::from(&common::tiny(0));
+    f.vocab_size = Some(256);
+    f.init_std = Some(0.02);
+    let cfg = f.resolve("tiny").unwrap();
+    let train = TrainConfigFile {
+        steps: Some(steps),
+        batch_size: Some(4),
+        seq_len: Some(12),
+        grad_accum: Some(2),
+        lr: Some(3e-3),
+        warmup_steps: Some(3),
+        eval_every: Some(4),
+        eval_batches: Some(2),
+        log_every: Some(1),
+        ..Default::default()
+    }
+    .resolve(cfg.max_seq_len, "test")
+    .unwrap();
+    let text = corpus::generate(3, 30_000);
+    let data = Dataset::split(Tokenizer::Bytes.encode(&text).unwrap(), 0.1, 12).unwrap();
+    (cfg, train, data)
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("routelm-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn resumed_run_reproduces_uninterrupted_run() {
+    let (cfg, train, data) = setup(12);
+    let dev = Device::Cpu;
+    let a_dir = dir("a");
+    let mut a = Trainer::new(&cfg, &train, &dev).unwrap();
+    a.run(
+        &data,
+        &RunOptions {
+            out: a_dir.clone(),
+            stop_after: None,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+
+    let b_dir = dir("b");
+    let mut b = Trainer::new(&cfg, &train, &dev).unwrap();
+    b.run(
+        &data,
+        &RunOptions {
+            out: b_dir.clone(),
+            stop_after: Some(5),
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(b.step, 5);
+    drop(b);
+    let mut b = Trainer::resume(&b_dir, &dev).unwrap();
+    assert_eq!(b.step, 5);
+    b.check_data(&b_dir, &data).unwrap();
+    b.run(
+        &data,
+        &RunOptions {
+            out: b_dir.clone(),
+            stop_after: None,
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+
+    assert_eq!(a.metrics.len(), b.metrics.len());
+    for (x, y) in a.metrics.iter().zip(&b.metrics) {
+        assert_eq!(x.step, y.step);
+        assert!(
+            (x.train_loss - y.train_loss).abs() <= 1e-6,
+            "step {}: {} vs {}",
+            x.step,
+            x.train_loss,
+            y.train_loss
+        );
+        assert!((x.lr - y.lr).abs() <= 1e-12);
+        match (x.val_loss, y.val_loss) {
+            (Some(p), Some(q)) => assert!((p - q).abs() <= 1e-6, "val at {}: {p} vs {q}", x.step),
+            (None, None) => {}
+            _ => panic!("evaluation at different steps"),
+        }
+    }
+    // metrics.jsonl of the resumed run has one line per logged step, no duplicates
+    let lines = std::fs::read_to_string(b_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 12);
+    for key in ["\"step\"", "\"train_loss\"", "\"lr\"", "\"tokens_per_s\""] {
+        assert!(lines.lines().all(|l| l.contains(key)), "{key} missing");
+    }
+    assert!(lines.lines().filter(|l| l.contains("\"val_loss\"")).count() == 3);
+}
+
+#[test]
+fn loss_falls() {
+    let (cfg, mut train, data) = setup(60);
+    train.grad_accum = 1;
+    train.eval_every = 60;
+    let mut t = Trainer::new(&cfg, &train, &Device::Cpu).unwrap();
+    let before = t.evaluate(&data).unwrap();
+    let s = t
+        .run(
+            &data,
+            &RunOptions {
+                out: dir("falls"),
+                stop_after: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(
+        s.final_val_loss < before - 1.0,
+        "validation loss {before} -> {}",
+        s.final_val_loss
+    );
+}
+
+#[test]
+fn resume_with_other_data_is_refused() {
+    let (cfg, train, data) = setup(4);
+    let d = dir("otherdata");
+    let mut t = Trainer::new(&cfg, &train, &Device::Cpu).unwrap();
+    t.run(
+        &data,
+        &RunOptions {
+            out: d.clone(),
+            stop_after: Some(2),
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    let other = Dataset::split(
+        Tokenizer::Bytes
+            .encode(&corpus::generate(4, 30_000))
+            .unwrap(),
+        0.1,
+        12,
+    )
+    .unwrap();
+    let err = Trainer::resume(&d, &Device::Cpu)
+        .unwrap()
+        .check_data(&d, &other)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data differs"), "{err}");
+}
