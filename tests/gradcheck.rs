@@ -10,6 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs_diff, tiny, VARIANTS};
 use routelm::model::{init::init_params, Model};
+use routelm::nn::causal_attention::{attention_reference, causal_attention};
 use routelm::nn::ops;
 
 /// Central finite differences of `f` at `x` against autograd, every element.
@@ -97,6 +98,27 @@ fn references_match_finite_differences_f64() {
         &|q| project(&ops::rope_reference(q, &cos, &sin).unwrap(), 9),
         1e-6,
     );
+    let (k, v) = (
+        randn(&[1, 5, 2, 3], DType::F64, 12),
+        randn(&[1, 5, 2, 3], DType::F64, 13),
+    );
+    let q = randn(&[1, 3, 4, 3], DType::F64, 14); // GQA 4/2, 3 queries after 2 cached keys
+    check_fd(
+        &q,
+        &|q| project(&attention_reference(q, &k, &v, 0.6).unwrap(), 9),
+        1e-6,
+    );
+    let q = randn(&[1, 3, 4, 3], DType::F64, 14);
+    check_fd(
+        &k,
+        &|k| project(&attention_reference(&q, k, &v, 0.6).unwrap(), 9),
+        1e-6,
+    );
+    check_fd(
+        &v,
+        &|v| project(&attention_reference(&q, &k, v, 0.6).unwrap(), 9),
+        1e-6,
+    );
     let z = randn(&[5, 7], DType::F64, 8);
     let t = Tensor::new(&[0u32, 6, 3, 3, 1], &Device::Cpu).unwrap();
     check_fd(&z, &|z| ops::cross_entropy_reference(z, &t).unwrap(), 1e-6);
@@ -171,6 +193,32 @@ fn fused_kernels_match_references_f32() {
         &|t| ops::rope_reference(&t[0], &cos_b, &sin_b).unwrap(),
         1e-5,
     );
+    // attention: MHA, GQA and MQA; more queries than one row block; queries after cached
+    // keys; and a strided K/V view like the KV cache hands out
+    for (t, tk, h, hkv) in [(70, 70, 2, 2), (67, 130, 4, 2), (5, 9, 3, 1)] {
+        let q = randn(&[2, t, h, 8], f, 20);
+        let k = randn(&[2, tk, hkv, 8], f, 21);
+        let v = randn(&[2, tk, hkv, 8], f, 22);
+        compare(
+            &[q, k, v],
+            &|x| causal_attention(&x[0], &x[1], &x[2], 0.35).unwrap(),
+            &|x| attention_reference(&x[0], &x[1], &x[2], 0.35).unwrap(),
+            1e-5,
+        );
+    }
+    let kbuf = randn(&[2, 16, 2, 8], f, 23);
+    let vbuf = randn(&[2, 16, 2, 8], f, 24);
+    let (k, v) = (
+        kbuf.narrow(1, 0, 11).unwrap(),
+        vbuf.narrow(1, 0, 11).unwrap(),
+    );
+    assert!(!k.is_contiguous());
+    let q = randn(&[2, 4, 4, 8], f, 25);
+    let d = max_abs_diff(
+        &causal_attention(&q, &k, &v, 0.35).unwrap(),
+        &attention_reference(&q, &k, &v, 0.35).unwrap(),
+    );
+    assert!(d < 1e-5, "strided K/V view: {d}");
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
     compare(
         &[randn(&[6, 10], f, 10)],

@@ -1,5 +1,5 @@
 //! Key/value cache for incremental decoding. Each layer keeps preallocated
-//! `(b, h_kv, capacity, d)` buffers written in place, so steady-state decoding does not
+//! `(b, capacity, h_kv, d)` buffers (the projections' layout) written in place, so steady-state decoding does not
 //! reallocate; capacity doubles when a sequence outgrows it.
 
 use candle_core::{Result, Tensor};
@@ -21,17 +21,17 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Append `k, v: (b, h_kv, t, d)` and return views of everything held so far.
+    /// Append `k, v: (b, t, h_kv, d)` and return views `(b, len, h_kv, d)` of everything held.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, h, t, d) = k.dims4()?;
+        let (b, t, h, d) = k.dims4()?;
         let need = self.len + t;
-        let cap = self.k.as_ref().map(|k| k.dim(2)).transpose()?.unwrap_or(0);
+        let cap = self.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
         if need > cap {
             let new_cap = need.max(2 * cap).max(16);
             let grow = |old: &Option<Tensor>| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+                let buf = Tensor::zeros((b, new_cap, h, d), k.dtype(), k.device())?;
                 if let Some(old) = old {
-                    buf.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
                 }
                 Ok(buf)
             };
@@ -42,10 +42,10 @@ impl KvCache {
             (Some(kb), Some(vb)) => (kb, vb),
             _ => candle_core::bail!("kv cache: buffers missing"),
         };
-        kb.slice_set(k, 2, self.len)?;
-        vb.slice_set(v, 2, self.len)?;
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len = need;
-        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+        Ok((kb.narrow(1, 0, need)?, vb.narrow(1, 0, need)?))
     }
 }
 

@@ -1,12 +1,12 @@
 //! Causal self-attention with multi-head, grouped-query and multi-query variants.
 //!
-//! Query heads are grouped by the KV head they share: `q: (b, h, t, d)` is viewed as
-//! `(b, h_kv, group * t, d)` so one batched matmul serves every group without copying K/V
-//! (`repeat_kv` is never materialised). The causal mask and the `1/sqrt(d)` scale are fused
-//! into the softmax kernel ([`super::ops::causal_softmax`]), so no [T × T] mask exists.
+//! Projections stay in `(b, t, heads, d)` layout end to end: rotary embedding, the KV cache
+//! and the fused kernel ([`super::causal_attention`]) all work on it, so nothing is
+//! transposed, K/V are never repeated per query head, and no [T × T] mask exists.
 
 use candle_core::{Result, Tensor};
 
+use super::causal_attention::causal_attention;
 use super::{ops, Linear};
 use crate::model::cache::KvCache;
 
@@ -39,23 +39,12 @@ impl Attention {
             Some((cos, sin)) => (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?),
             None => (q, k),
         };
-        // (b, t, h, d) -> (b, h, t, d)
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let group = h / hkv;
-        let q = q.reshape((b, hkv, group * t, d))?;
-        let scores = q.matmul(&k.t()?)?; // (b, hkv, group*t, t_k)
-        let p = ops::causal_softmax(&scores, 1.0 / (d as f64).sqrt(), t)?;
-        let y = p.matmul(&v)?; // (b, hkv, group*t, d)
-        let y = y
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+        let y = causal_attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // (b, t, h, d)
+        let y = y.reshape((b, t, h * d))?;
         self.o.forward(&y)
     }
 }

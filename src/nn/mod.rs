@@ -3,6 +3,7 @@
 //! as tensors and branches only on config options.
 
 pub mod attention;
+pub mod causal_attention;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

@@ -1,0 +1,484 @@
+//! Fused causal attention for the CPU, as a candle custom op with its backward.
+//!
+//! Inputs stay in the projections' layout — `q: (b, t, h, d)`, `k, v: (b, t_k, h_kv, d)`,
+//! any batch/time/head strides with contiguous `d` (so a KV cache view needs no copy) —
+//! and the output is `(b, t, h, d)`: no transposes, no `repeat_kv`, no [T × T] mask.
+//! Queries are the last `t` of the `t_k` positions (a KV cache), query `i` sees keys
+//! `j <= i + t_k - t`. Work is split over (batch, KV head) pairs; each runs its query heads
+//! in row blocks of [`BLOCK`] and multiplies only the key columns the block can see, with
+//! single-threaded `gemm` calls. The backward recomputes the probabilities (no T × T tensor
+//! is kept between the passes) and returns dq, dk, dv from one pass.
+//! Reference: [`attention_reference`] (composed ops), checked in `tests/gradcheck.rs`.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::ops;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Query rows per block.
+const BLOCK: usize = 64;
+
+/// Strided view of a 4-d `(b, t, h, d)` f32 tensor with contiguous `d`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    sb: usize,
+    st: usize,
+    sh: usize,
+}
+
+// SAFETY: views point into storages that outlive the parallel section and are only read.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+impl View {
+    fn new(data: &[f32], l: &Layout, what: &str) -> CResult<(Self, [usize; 4])> {
+        let dims = l.shape().dims4()?;
+        let s = l.stride();
+        if s[3] != 1 {
+            candle_core::bail!("causal_attention: {what} must be contiguous in its last dimension")
+        }
+        // the furthest element must lie inside the storage
+        let last = l.start_offset()
+            + (dims.0 - 1) * s[0]
+            + (dims.1 - 1) * s[1]
+            + (dims.2 - 1) * s[2]
+            + dims.3;
+        if last > data.len() {
+            candle_core::bail!("causal_attention: {what} view exceeds its storage")
+        }
+        // SAFETY: offset checked against the slice length above
+        let ptr = unsafe { data.as_ptr().add(l.start_offset()) };
+        Ok((
+            Self {
+                ptr,
+                sb: s[0],
+                st: s[1],
+                sh: s[2],
+            },
+            [dims.0, dims.1, dims.2, dims.3],
+        ))
+    }
+
+    /// Pointer to element (b, t, h, 0).
+    fn at(&self, b: usize, t: usize, h: usize) -> *const f32 {
+        // SAFETY: callers stay within the dims validated in `new`
+        unsafe { self.ptr.add(b * self.sb + t * self.st + h * self.sh) }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: parallel tasks write disjoint (batch, head) slices.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method, so closures capture the whole (Sync) wrapper, not the raw field.
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the allocation they wrapped
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `dst (m×n) = [dst +] scale · lhs (m×k) · rhs (k×n)`, strides as (row, column).
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
+}
+
+struct Geometry {
+    b: usize,
+    t: usize,
+    tk: usize,
+    h: usize,
+    hkv: usize,
+    d: usize,
+}
+
+fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> CResult<Geometry> {
+    let g = Geometry {
+        b: q[0],
+        t: q[1],
+        tk: k[1],
+        h: q[2],
+        hkv: k[2],
+        d: q[3],
+    };
+    if k != v
+        || k[0] != g.b
+        || k[3] != g.d
+        || g.hkv == 0
+        || g.h % g.hkv != 0
+        || g.t > g.tk
+        || g.t == 0
+    {
+        candle_core::bail!("causal_attention: q {q:?}, k {k:?}, v {v:?} do not fit together")
+    }
+    Ok(g)
+}
+
+/// Scores of one row block against the keys it can see, softmaxed in place into `p`
+/// (row stride `g.tk`). Returns the number of key columns used.
+unsafe fn probs(
+    g: &Geometry,
+    scale: f32,
+    q: &View,
+    k: &View,
+    b: usize,
+    h: usize,
+    kv: usize,
+    i0: usize,
+    bl: usize,
+    p: &mut [f32],
+) -> usize {
+    let off = g.tk - g.t;
+    let nk = (i0 + bl + off).min(g.tk);
+    mm(
+        bl,
+        nk,
+        g.d,
+        p.as_mut_ptr(),
+        g.tk,
+        false,
+        q.at(b, i0, h),
+        q.st,
+        1,
+        k.at(b, 0, kv),
+        1,
+        k.st,
+        1.0,
+    );
+    for r in 0..bl {
+        let row = &mut p[r * g.tk..r * g.tk + nk];
+        let n = i0 + r + off + 1;
+        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in &mut row[..n] {
+            *x = ((*x - max) * scale).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[..n].iter_mut().for_each(|x| *x *= inv);
+        row[n..].iter_mut().for_each(|x| *x = 0.0);
+    }
+    nk
+}
+
+pub(crate) struct CausalAttention {
+    pub scale: f32,
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage) -> CResult<&'a [f32]> {
+    s.as_slice::<f32>()
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "routelm-causal-attention"
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
+        let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
+        let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
+        let g = geometry(qd, kd, vd)?;
+        let mut out = vec![0f32; g.b * g.t * g.h * g.d];
+        let o = OutPtr(out.as_mut_ptr());
+        let group = g.h / g.hkv;
+        (0..g.b * g.hkv).into_par_iter().for_each(|task| {
+            let (b, kv) = (task / g.hkv, task % g.hkv);
+            let mut p = vec![0f32; BLOCK.min(g.t) * g.tk];
+            for h in kv * group..(kv + 1) * group {
+                for i0 in (0..g.t).step_by(BLOCK) {
+                    let bl = BLOCK.min(g.t - i0);
+                    // SAFETY: all pointers stay inside the validated views; this task alone
+                    // writes rows (b, i0..i0+bl, h) of the output.
+                    unsafe {
+                        let nk = probs(&g, self.scale, &q, &k, b, h, kv, i0, bl, &mut p);
+                        let dst = o.at(((b * g.t + i0) * g.h + h) * g.d);
+                        mm(
+                            bl,
+                            g.d,
+                            nk,
+                            dst,
+                            g.h * g.d,
+                            false,
+                            p.as_ptr(),
+                            g.tk,
+                            1,
+                            v.at(b, 0, kv),
+                            v.st,
+                            1,
+                            1.0,
+                        );
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.h, g.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _o: &Tensor,
+        d_out: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_out = d_out.contiguous()?;
+        let all = q.apply_op3_no_bwd(
+            k,
+            v,
+            &CausalAttentionBwd {
+                scale: self.scale,
+                d_out,
+            },
+        )?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// dq, dk, dv concatenated (flat), given the output gradient.
+struct CausalAttentionBwd {
+    scale: f32,
+    d_out: Tensor,
+}
+
+impl CustomOp3 for CausalAttentionBwd {
+    fn name(&self) -> &'static str {
+        "routelm-causal-attention-bwd"
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
+        let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
+        let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
+        let g = geometry(qd, kd, vd)?;
+        let (guard, dl) = self.d_out.storage_and_layout();
+        let Storage::Cpu(ds) = &*guard else {
+            candle_core::bail!("causal_attention bwd: gradient not on the CPU")
+        };
+        let (dov, dod) = View::new(cpu_f32(ds)?, dl, "d_out")?;
+        if dod != qd {
+            candle_core::bail!("causal_attention bwd: gradient shape {dod:?} for output {qd:?}")
+        }
+        let (nq, nk) = (g.b * g.t * g.h * g.d, g.b * g.tk * g.hkv * g.d);
+        let mut out = vec![0f32; nq + 2 * nk];
+        let base = OutPtr(out.as_mut_ptr());
+        let group = g.h / g.hkv;
+        (0..g.b * g.hkv).into_par_iter().for_each(|task| {
+            let (b, kv) = (task / g.hkv, task % g.hkv);
+            let rows = BLOCK.min(g.t);
+            let mut p = vec![0f32; rows * g.tk];
+            let mut dp = vec![0f32; rows * g.tk];
+            let mut dk = vec![0f32; g.tk * g.d];
+            let mut dv = vec![0f32; g.tk * g.d];
+            for h in kv * group..(kv + 1) * group {
+                for i0 in (0..g.t).step_by(BLOCK) {
+                    let bl = BLOCK.min(g.t - i0);
+                    // SAFETY: pointers stay inside the validated views; this task alone writes
+                    // dq rows (b, ·, h ∈ group) and dk/dv rows (b, ·, kv).
+                    unsafe {
+                        let n = probs(&g, self.scale, &q, &k, b, h, kv, i0, bl, &mut p);
+                        let d_o = dov.at(b, i0, h);
+                        // dV += Pᵀ dO
+                        mm(
+                            n,
+                            g.d,
+                            bl,
+                            dv.as_mut_ptr(),
+                            g.d,
+                            true,
+                            p.as_ptr(),
+                            1,
+                            g.tk,
+                            d_o,
+                            dov.st,
+                            1,
+                            1.0,
+                        );
+                        // dP = dO Vᵀ
+                        mm(
+                            bl,
+                            n,
+                            g.d,
+                            dp.as_mut_ptr(),
+                            g.tk,
+                            false,
+                            d_o,
+                            dov.st,
+                            1,
+                            v.at(b, 0, kv),
+                            1,
+                            v.st,
+                            1.0,
+                        );
+                        // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
+                        for r in 0..bl {
+                            let pr = &p[r * g.tk..r * g.tk + n];
+                            let gr = &mut dp[r * g.tk..r * g.tk + n];
+                            let dot: f32 = pr.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
+                            for (x, &pv) in gr.iter_mut().zip(pr) {
+                                *x = self.scale * pv * (*x - dot);
+                            }
+                        }
+                        // dQ = dS K
+                        let dq = base.at(((b * g.t + i0) * g.h + h) * g.d);
+                        mm(
+                            bl,
+                            g.d,
+                            n,
+                            dq,
+                            g.h * g.d,
+                            false,
+                            dp.as_ptr(),
+                            g.tk,
+                            1,
+                            k.at(b, 0, kv),
+                            k.st,
+                            1,
+                            1.0,
+                        );
+                        // dK += dSᵀ Q
+                        mm(
+                            n,
+                            g.d,
+                            bl,
+                            dk.as_mut_ptr(),
+                            g.d,
+                            true,
+                            dp.as_ptr(),
+                            1,
+                            g.tk,
+                            q.at(b, i0, h),
+                            q.st,
+                            1,
+                            1.0,
+                        );
+                    }
+                }
+            }
+            for j in 0..g.tk {
+                let at = ((b * g.tk + j) * g.hkv + kv) * g.d;
+                // SAFETY: rows (b, j, kv) of dk and dv belong to this task alone
+                unsafe {
+                    std::ptr::copy_nonoverlapping(dk.as_ptr().add(j * g.d), base.at(nq + at), g.d);
+                    std::ptr::copy_nonoverlapping(
+                        dv.as_ptr().add(j * g.d),
+                        base.at(nq + nk + at),
+                        g.d,
+                    );
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
+    }
+}
+
+/// Causal attention `softmax(scale · q kᵀ + causal mask) v` with `q: (b, t, h, d)`,
+/// `k, v: (b, t_k, h_kv, d)`, giving `(b, t, h, d)`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tensor> {
+    let fused = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+    if fused {
+        let last = |t: &Tensor| -> CResult<Tensor> {
+            if t.stride()[3] == 1 {
+                Ok(t.clone())
+            } else {
+                t.contiguous()
+            }
+        };
+        last(q)?.apply_op3(
+            &last(k)?,
+            &last(v)?,
+            CausalAttention {
+                scale: scale as f32,
+            },
+        )
+    } else {
+        attention_reference(q, k, v, scale)
+    }
+}
+
+/// Composed-ops reference: transpose to `(b, h, t, d)`, batched matmuls over KV groups,
+/// masked softmax (any device or dtype).
+pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tensor> {
+    let (b, t, h, d) = q.dims4()?;
+    let hkv = k.dim(2)?;
+    let group = h / hkv;
+    let q = q
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, hkv, group * t, d))?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let scores = q.matmul(&k.t()?)?; // (b, hkv, group*t, t_k)
+    let p = ops::causal_softmax_reference(&scores, scale, t)?;
+    p.matmul(&v)?
+        .reshape((b, h, t, d))?
+        .transpose(1, 2)?
+        .contiguous()
+}
