@@ -17,6 +17,12 @@ fn main() {
     // every step, and re-faulting them cost ~13% of a train-small step (bench train).
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // candle's elementwise thread pool spins 25,000 times before parking; on two cores the
+    // spinning worker competes with the matmul threads (bench train: 988 -> 784 ms/step).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: no other thread exists yet
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ROUTELM_LOG"))
         .with_writer(std::io::stderr)

@@ -96,3 +96,83 @@ fn train_generate_eval_round_trip() {
         "{metrics}"
     );
 }
+
+#[test]
+fn train_with_a_tokenizer_json() {
+    let d = std::env::temp_dir().join(format!("routelm-cli-tok-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let words = [
+        "[UNK]", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", ".",
+    ];
+    let vocab: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| format!("\"{w}\": {i}"))
+        .collect();
+    let tok = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"[UNK]"}}}}"#,
+        vocab.join(",")
+    );
+    std::fs::write(d.join("tokenizer.json"), tok).unwrap();
+    std::fs::write(
+        d.join("data.txt"),
+        "the quick brown fox jumps over the lazy dog . ".repeat(300),
+    )
+    .unwrap();
+    std::fs::write(d.join("p.toml"), "[model]\nvocab_size = 10\nd_model = 16\nn_layers = 1\nn_heads = 2\nmax_seq_len = 16\n[train]\nsteps = 30\nbatch_size = 4\nlr = 1e-2\neval_every = 30\neval_batches = 2\n").unwrap();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (ok, _, err) = routelm(&[
+        "train",
+        "--config",
+        &s("p.toml"),
+        "--data",
+        &s("data.txt"),
+        "--tokenizer",
+        &s("tokenizer.json"),
+        "--out",
+        &s("run"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(d.join("run/checkpoint/tokenizer.json").exists());
+    let (ok, out, err) = routelm(&[
+        "generate",
+        "--model",
+        &s("run/checkpoint"),
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--ids",
+    ]);
+    assert!(ok, "{err}");
+    // prompt ids 1,2 then generated ids, all inside the 10-word vocabulary
+    let ids: Vec<u32> = out.trim().split(',').map(|x| x.parse().unwrap()).collect();
+    assert_eq!(&ids[..2], &[1, 2]);
+    assert!(ids.len() == 6 && ids.iter().all(|&i| i < 10), "{ids:?}");
+    // a vocabulary smaller than the tokenizer's is refused
+    std::fs::write(
+        d.join("small.toml"),
+        "[model]\nvocab_size = 5\nd_model = 16\nn_layers = 1\nn_heads = 2\n",
+    )
+    .unwrap();
+    let (ok, _, err) = routelm(&[
+        "train",
+        "--config",
+        &s("small.toml"),
+        "--data",
+        &s("data.txt"),
+        "--tokenizer",
+        &s("tokenizer.json"),
+        "--out",
+        &s("run2"),
+    ]);
+    assert!(
+        !ok && err.contains("smaller than the tokenizer's 10"),
+        "{err}"
+    );
+}

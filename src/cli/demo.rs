@@ -52,10 +52,13 @@ pub fn run(a: Args) -> Result<()> {
             }
             Event::Step(m) => {
                 if let Some(v) = m.val_loss {
-                    pb.println(format!(
-                        "step {:>5}  validation loss {v:.4}  ({:.0} tokens/s)",
-                        m.step, m.tokens_per_s
-                    ));
+                    super::say(
+                        &pb,
+                        format!(
+                            "step {:>5}  validation loss {v:.4}  ({:.0} tokens/s)",
+                            m.step, m.tokens_per_s
+                        ),
+                    );
                 }
             }
             Event::Checkpoint(_) => {}

@@ -125,6 +125,15 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Print a line above the progress bar (or plainly when the bar is hidden).
+pub fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
 pub fn device() -> candle_core::Device {
     candle_core::Device::Cpu
 }

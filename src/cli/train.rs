@@ -33,11 +33,26 @@ pub struct Args {
     /// Stop after this step with a checkpoint, as if interrupted (for testing resume).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// A tokenizer.json to tokenize the data with (default: bytes, 256 ids). It is copied
+    /// into the checkpoint so that generate and eval use it too.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let tok = Tokenizer::Bytes;
+    let tok_path = match (&a.tokenizer, &a.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(dir)) => {
+            let p = routelm::train::checkpoint::find_checkpoint(dir)?.join("tokenizer.json");
+            p.exists().then_some(p)
+        }
+        (None, None) => None,
+    };
+    let tok = match &tok_path {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::Bytes,
+    };
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, &device)?,
         None => {
@@ -52,9 +67,10 @@ pub fn run(a: Args) -> Result<()> {
             let train = preset.train.resolve(model.max_seq_len, &a.config)?;
             if model.vocab_size < tok.vocab_size() {
                 bail!(
-                    "{}: vocab_size {} is smaller than the byte tokenizer's 256",
+                    "{}: vocab_size {} is smaller than the tokenizer's {}",
                     a.config,
-                    model.vocab_size
+                    model.vocab_size,
+                    tok.vocab_size()
                 );
             }
             Trainer::new(&model, &train, &device)?
@@ -87,6 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     let pb = super::bar(trainer.config.steps as u64, "train");
     pb.set_position(trainer.step as u64);
     let mut last_val = None;
+    let mut last_tps = 0f64;
     let summary = trainer.run(
         &data,
         &RunOptions {
@@ -98,22 +115,33 @@ pub fn run(a: Args) -> Result<()> {
                 pb.set_position(step as u64);
                 if step % 10 == 0 {
                     let val = last_val.map_or(String::new(), |v: f64| format!(" val {v:.4}"));
-                    pb.set_message(format!("loss {loss:.4}{val}"));
+                    pb.set_message(format!("loss {loss:.4}{val} {last_tps:.0} tok/s"));
                 }
             }
             Event::Step(m) => {
+                last_tps = m.tokens_per_s;
                 if let Some(v) = m.val_loss {
                     last_val = Some(v);
-                    pb.println(format!(
+                    super::say(
+                        &pb,
+                        format!(
                         "step {:>6}  train {:.4}  val {:.4}  lr {:.2e}  {:.0} tok/s  {:.1} GFLOP/s",
                         m.step, m.train_loss, v, m.lr, m.tokens_per_s, m.gflops
-                    ));
+                    ),
+                    );
                 }
             }
             Event::Checkpoint(_) => {}
         },
     )?;
     pb.finish_and_clear();
+    if let Some(p) = &tok_path {
+        let dst = routelm::train::checkpoint::checkpoint_dir(&out).join("tokenizer.json");
+        if p != &dst {
+            std::fs::copy(p, &dst)
+                .with_context(|| format!("copying {} into the checkpoint", p.display()))?;
+        }
+    }
     let curve = |f: fn(&routelm::train::checkpoint::Metric) -> Option<f64>| -> Vec<(f64, f64)> {
         trainer
             .metrics
