@@ -149,7 +149,7 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> CResult<Geometry> {
         || k[0] != g.b
         || k[3] != g.d
         || g.hkv == 0
-        || g.h % g.hkv != 0
+        || !g.h.is_multiple_of(g.hkv)
         || g.t > g.tk
         || g.t == 0
     {
@@ -160,6 +160,7 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> CResult<Geometry> {
 
 /// Scores of one row block against the keys it can see, softmaxed in place into `p`
 /// (row stride `g.tk`). Returns the number of key columns used.
+#[allow(clippy::too_many_arguments)]
 unsafe fn probs(
     g: &Geometry,
     scale: f32,
@@ -209,7 +210,7 @@ pub(crate) struct CausalAttention {
     pub scale: f32,
 }
 
-fn cpu_f32<'a>(s: &'a CpuStorage) -> CResult<&'a [f32]> {
+fn cpu_f32(s: &CpuStorage) -> CResult<&[f32]> {
     s.as_slice::<f32>()
 }
 
