@@ -46,7 +46,11 @@ impl FlopLedger {
             crate::config::NormKind::LayerNorm if cfg.norm_bias => 2 * d,
             _ => d,
         };
-        let keys = (seq_len as f64 + 1.0) / 2.0;
+        // average keys per query: (n + 1) / 2 under the causal mask, fewer with a window
+        let keys_seen = |window: Option<usize>| -> f64 {
+            let w = window.unwrap_or(usize::MAX);
+            (1..=seq_len).map(|i| i.min(w) as f64).sum::<f64>() / seq_len.max(1) as f64
+        };
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
             let qkv_params = d * (q + 2 * kv) + if cfg.qkv_bias { q + 2 * kv } else { 0 };
@@ -61,7 +65,10 @@ impl FlopLedger {
             });
             entries.push(FlopEntry {
                 component: format!("{p}.attn.scores"),
-                flops: 2.0 * 2.0 * keys * (cfg.n_heads * cfg.head_dim) as f64,
+                flops: 2.0
+                    * 2.0
+                    * keys_seen(cfg.layer(l).window)
+                    * (cfg.n_heads * cfg.head_dim) as f64,
                 params: 0,
             });
             entries.push(FlopEntry {
@@ -74,14 +81,23 @@ impl FlopLedger {
                 flops: 2.0 * ((n_in + 1) * d * cfg.d_ff) as f64,
                 params: ffn_params,
             });
-            total += qkv_params + o_params + ffn_params + 2 * norm_params;
+            let n_norms = match cfg.block {
+                crate::config::BlockKind::ParallelSharedNorm => 1,
+                _ => 2,
+            } + if cfg.sandwich_norms { 2 } else { 0 };
+            let qk_norm_params = match cfg.qk_norm {
+                crate::config::QkNorm::None => 0,
+                crate::config::QkNorm::PerHead => 2 * cfg.head_dim,
+                crate::config::QkNorm::Full => q + kv,
+            };
+            total += qkv_params + o_params + ffn_params + n_norms * norm_params + qk_norm_params;
         }
         total += norm_params;
         let head_params = if cfg.tie_embeddings {
             0
         } else {
             cfg.vocab_size * d
-        };
+        } + if cfg.head_bias { cfg.vocab_size } else { 0 };
         total += head_params;
         entries.push(FlopEntry {
             component: "head".into(),

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs_diff, tiny, VARIANTS};
 use routelm::model::{init::init_params, Model};
-use routelm::nn::causal_attention::{attention_reference, causal_attention};
+use routelm::nn::causal_attention::{attention_reference, causal_attention, AttentionOptions};
 use routelm::nn::ops;
 
 /// Central finite differences of `f` at `x` against autograd, every element.
@@ -105,18 +105,33 @@ fn references_match_finite_differences_f64() {
     let q = randn(&[1, 3, 4, 3], DType::F64, 14); // GQA 4/2, 3 queries after 2 cached keys
     check_fd(
         &q,
-        &|q| project(&attention_reference(q, &k, &v, 0.6).unwrap(), 9),
+        &|q| {
+            project(
+                &attention_reference(q, &k, &v, &AttentionOptions::scaled(0.6)).unwrap(),
+                9,
+            )
+        },
         1e-6,
     );
     let q = randn(&[1, 3, 4, 3], DType::F64, 14);
     check_fd(
         &k,
-        &|k| project(&attention_reference(&q, k, &v, 0.6).unwrap(), 9),
+        &|k| {
+            project(
+                &attention_reference(&q, k, &v, &AttentionOptions::scaled(0.6)).unwrap(),
+                9,
+            )
+        },
         1e-6,
     );
     check_fd(
         &v,
-        &|v| project(&attention_reference(&q, &k, v, 0.6).unwrap(), 9),
+        &|v| {
+            project(
+                &attention_reference(&q, &k, v, &AttentionOptions::scaled(0.6)).unwrap(),
+                9,
+            )
+        },
         1e-6,
     );
     let z = randn(&[5, 7], DType::F64, 8);
@@ -199,12 +214,19 @@ fn fused_kernels_match_references_f32() {
         let q = randn(&[2, t, h, 8], f, 20);
         let k = randn(&[2, tk, hkv, 8], f, 21);
         let v = randn(&[2, tk, hkv, 8], f, 22);
-        compare(
-            &[q, k, v],
-            &|x| causal_attention(&x[0], &x[1], &x[2], 0.35).unwrap(),
-            &|x| attention_reference(&x[0], &x[1], &x[2], 0.35).unwrap(),
-            1e-5,
-        );
+        for window in [None, Some(3), Some(40)] {
+            let o = AttentionOptions {
+                scale: 0.35,
+                window,
+                softcap: None,
+            };
+            compare(
+                &[q.clone(), k.clone(), v.clone()],
+                &|x| causal_attention(&x[0], &x[1], &x[2], &o).unwrap(),
+                &|x| attention_reference(&x[0], &x[1], &x[2], &o).unwrap(),
+                1e-5,
+            );
+        }
     }
     let kbuf = randn(&[2, 16, 2, 8], f, 23);
     let vbuf = randn(&[2, 16, 2, 8], f, 24);
@@ -215,8 +237,8 @@ fn fused_kernels_match_references_f32() {
     assert!(!k.is_contiguous());
     let q = randn(&[2, 4, 4, 8], f, 25);
     let d = max_abs_diff(
-        &causal_attention(&q, &k, &v, 0.35).unwrap(),
-        &attention_reference(&q, &k, &v, 0.35).unwrap(),
+        &causal_attention(&q, &k, &v, &AttentionOptions::scaled(0.35)).unwrap(),
+        &attention_reference(&q, &k, &v, &AttentionOptions::scaled(0.35)).unwrap(),
     );
     assert!(d < 1e-5, "strided K/V view: {d}");
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();

@@ -29,6 +29,8 @@ pub enum FfnKind {
     Geglu,
     /// `down(gelu_tanh(up(x)))`.
     Gelu,
+    /// `down(gelu(up(x)))` with the exact (erf) GELU.
+    GeluExact,
     /// `down(relu(up(x)))`.
     Relu,
 }
@@ -40,13 +42,70 @@ impl FfnKind {
     }
 }
 
+/// Rotary frequency scaling for contexts beyond the trained length.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Positions divided by `factor` (all frequencies divided by `factor`).
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth ramp between
+    /// (wavelengths measured against `original_max_position_embeddings`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// How the attention and feed-forward sub-blocks are wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// `x = x + attn(n1(x)); x = x + ffn(n2(x))`.
+    #[default]
+    Sequential,
+    /// `x = x + attn(n1(x)) + ffn(n2(x))` (GPT-NeoX).
+    Parallel,
+    /// `x = x + attn(n1(x)) + ffn(n1(x))`, one norm (GPT-J, Phi-2).
+    ParallelSharedNorm,
+}
+
+/// RMSNorm of queries and keys before the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    #[default]
+    None,
+    /// Over each head (`head_dim` weights; Qwen3, Gemma 3).
+    PerHead,
+    /// Over all heads together (`n_heads·head_dim` weights; OLMoE).
+    Full,
+}
+
+/// Options that can differ from layer to layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSpec {
+    /// Sliding-window attention: a query sees itself and the `window - 1` keys before it.
+    #[serde(default)]
+    pub window: Option<usize>,
+}
+
 /// How token positions enter the network.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Position {
     /// Rotary embedding (Su et al., 2021) on the first `rotary_dim` dims of each head,
     /// halves layout (`rotate_half`, as Hugging Face Llama).
-    Rope { theta: f64, rotary_dim: usize },
+    Rope {
+        theta: f64,
+        rotary_dim: usize,
+        #[serde(default)]
+        scaling: RopeScaling,
+    },
     /// A learned absolute position embedding added to the token embedding.
     Learned,
     /// No positional information (the causal mask alone).
@@ -90,6 +149,34 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialiser (output projections are scaled by
     /// `1/sqrt(2 n_layers)` as in GPT-2).
     pub init_std: f64,
+    /// Per-layer options; empty means every layer uses the defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerSpec>,
+    #[serde(default)]
+    pub block: BlockKind,
+    #[serde(default)]
+    pub qk_norm: QkNorm,
+    /// Attention score scale (default `1/sqrt(head_dim)`).
+    #[serde(default)]
+    pub attn_scale: Option<f64>,
+    /// Attention logits soft-capped as `cap · tanh(s / cap)` (Gemma 2).
+    #[serde(default)]
+    pub attn_softcap: Option<f64>,
+    /// Final logits soft-capped the same way.
+    #[serde(default)]
+    pub final_softcap: Option<f64>,
+    /// Extra norms on the attention and FFN outputs before the residual add (Gemma 2/3).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// Norms multiply by `offset + weight` (Gemma stores weights around 0: offset 1).
+    #[serde(default)]
+    pub norm_offset: f64,
+    /// Token embeddings multiplied by this (Gemma: `sqrt(d_model)`).
+    #[serde(default)]
+    pub embed_scale: Option<f64>,
+    /// Bias on the LM head (Phi-2).
+    #[serde(default)]
+    pub head_bias: bool,
 }
 
 /// The file form of [`ModelConfig`]: every field optional where a default makes sense.
@@ -129,6 +216,12 @@ pub struct ModelConfigFile {
     pub tie_embeddings: Option<bool>,
     /// Default 0.02.
     pub init_std: Option<f64>,
+    /// Sliding-window attention in every layer (default: none).
+    pub sliding_window: Option<usize>,
+    /// `sequential` (default), `parallel` or `parallel_shared_norm`.
+    pub block: Option<BlockKind>,
+    /// `none` (default), `per_head` or `full`.
+    pub qk_norm: Option<QkNorm>,
 }
 
 impl ModelConfigFile {
@@ -168,6 +261,7 @@ impl ModelConfigFile {
             "rope" => Position::Rope {
                 theta: self.rope_theta.unwrap_or(10_000.0),
                 rotary_dim: self.rotary_dim.unwrap_or(head_dim),
+                scaling: RopeScaling::None,
             },
             "learned" => Position::Learned,
             "none" => Position::None,
@@ -197,6 +291,19 @@ impl ModelConfigFile {
             position,
             tie_embeddings: self.tie_embeddings.unwrap_or(true),
             init_std: self.init_std.unwrap_or(0.02),
+            layers: match self.sliding_window {
+                Some(w) => vec![LayerSpec { window: Some(w) }; n_layers],
+                None => Vec::new(),
+            },
+            block: self.block.unwrap_or_default(),
+            qk_norm: self.qk_norm.unwrap_or_default(),
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sandwich_norms: false,
+            norm_offset: 0.0,
+            embed_scale: None,
+            head_bias: false,
         };
         problems.extend(cfg.problems());
         if problems.is_empty() {
@@ -257,7 +364,29 @@ impl ModelConfig {
                 self.n_kv_heads, self.n_heads
             ));
         }
-        if let Position::Rope { theta, rotary_dim } = self.position {
+        if !self.layers.is_empty() && self.layers.len() != self.n_layers {
+            p.push(format!(
+                "layers has {} entries for {} layers",
+                self.layers.len(),
+                self.n_layers
+            ));
+        }
+        if self.layers.iter().any(|l| l.window == Some(0)) {
+            p.push("a sliding window must be positive".into());
+        }
+        for (name, v) in [
+            ("attn_softcap", self.attn_softcap),
+            ("final_softcap", self.final_softcap),
+            ("attn_scale", self.attn_scale),
+        ] {
+            if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
+                p.push(format!("{name} must be positive"));
+            }
+        }
+        if let Position::Rope {
+            theta, rotary_dim, ..
+        } = self.position
+        {
             if rotary_dim % 2 != 0 || rotary_dim > self.head_dim || rotary_dim == 0 {
                 p.push(format!(
                     "rotary_dim ({rotary_dim}) must be even, positive and at most head_dim ({})",
@@ -275,6 +404,11 @@ impl ModelConfig {
             p.push(format!("init_std ({}) must be positive", self.init_std));
         }
         p
+    }
+
+    /// The options of layer `l`.
+    pub fn layer(&self, l: usize) -> LayerSpec {
+        self.layers.get(l).copied().unwrap_or_default()
     }
 
     /// Query width `n_heads * head_dim`.
@@ -344,7 +478,9 @@ impl RunFile {
 impl From<&ModelConfig> for ModelConfigFile {
     fn from(c: &ModelConfig) -> Self {
         let (position, rope_theta, rotary_dim) = match c.position {
-            Position::Rope { theta, rotary_dim } => ("rope", Some(theta), Some(rotary_dim)),
+            Position::Rope {
+                theta, rotary_dim, ..
+            } => ("rope", Some(theta), Some(rotary_dim)),
             Position::Learned => ("learned", None, None),
             Position::None => ("none", None, None),
         };
@@ -369,6 +505,9 @@ impl From<&ModelConfig> for ModelConfigFile {
             rotary_dim,
             tie_embeddings: Some(c.tie_embeddings),
             init_std: Some(c.init_std),
+            sliding_window: c.layers.first().and_then(|l| l.window),
+            block: Some(c.block),
+            qk_norm: Some(c.qk_norm),
         }
     }
 }

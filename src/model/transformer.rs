@@ -1,12 +1,13 @@
-//! The decoder-only transformer (GPT-2 / Llama shape), one implementation for every
-//! configuration.
+//! The decoder-only transformer (GPT-2 / Llama shape and their descendants), one
+//! implementation for every configuration: the options in [`ModelConfig`] select norms,
+//! positions, block wiring and attention variants; nothing here knows model families.
 
 use candle_core::{Device, Result as CResult, Tensor};
 use std::collections::BTreeMap;
 
 use super::block::Block;
 use super::cache::Cache;
-use crate::config::{ModelConfig, Position};
+use crate::config::{BlockKind, ModelConfig, Position, QkNorm};
 use crate::error::{Error, Result};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
 use crate::weights::names::param_specs;
@@ -16,6 +17,19 @@ use crate::weights::names::param_specs;
 pub struct ModelOutput {
     /// `(b, t, vocab)`, or `(b, 1, vocab)` when only the last position was asked for.
     pub logits: Tensor,
+    /// With [`ForwardOptions::hidden_states`]: the input of the first block, the output of
+    /// every block but the last, and the last block's output after the final norm
+    /// (`n_layers + 1` tensors of `(b, t, d_model)`, transformers' convention).
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// What to compute in a forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Logits for the last position only (sampling).
+    pub last_only: bool,
+    /// Keep the hidden states between blocks.
+    pub hidden_states: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -25,7 +39,7 @@ pub struct Model {
     positions: Option<Tensor>,
     blocks: Vec<Block>,
     norm: Norm,
-    head: Tensor,
+    head: Linear,
     rope: Option<RopeTables>,
 }
 
@@ -69,7 +83,6 @@ impl Model {
                 problems,
             });
         }
-        // check_params guarantees presence; a failure here is an internal error
         let get = |name: &str| -> Result<Tensor> {
             params
                 .get(name)
@@ -81,9 +94,15 @@ impl Model {
         };
         let opt = |name: &str| params.get(name).cloned();
         let norm = |prefix: &str| -> Result<Norm> {
+            let w = get(&format!("{prefix}.weight"))?;
+            let weight = if config.norm_offset != 0.0 {
+                (w + config.norm_offset)?
+            } else {
+                w
+            };
             Ok(Norm {
                 kind: config.norm,
-                weight: get(&format!("{prefix}.weight"))?,
+                weight,
                 bias: opt(&format!("{prefix}.bias")),
                 eps: config.norm_eps,
             })
@@ -98,6 +117,12 @@ impl Model {
         let mut blocks = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
             let p = format!("model.layers.{l}");
+            let qk = |which: &str| -> Result<Option<Norm>> {
+                Ok(match config.qk_norm {
+                    QkNorm::None => None,
+                    _ => Some(norm(&format!("{p}.self_attn.{which}_norm"))?),
+                })
+            };
             let attn = Attention {
                 q: linear(&format!("{p}.self_attn.q_proj"))?,
                 k: linear(&format!("{p}.self_attn.k_proj"))?,
@@ -106,6 +131,14 @@ impl Model {
                 n_heads: config.n_heads,
                 n_kv_heads: config.n_kv_heads,
                 head_dim: config.head_dim,
+                q_norm: qk("q")?,
+                k_norm: qk("k")?,
+                qk_norm: config.qk_norm,
+                scale: config
+                    .attn_scale
+                    .unwrap_or(1.0 / (config.head_dim as f64).sqrt()),
+                window: config.layer(l).window,
+                softcap: config.attn_softcap,
             };
             let ffn = Mlp {
                 kind: config.ffn,
@@ -117,24 +150,42 @@ impl Model {
                 up: linear(&format!("{p}.mlp.up_proj"))?,
                 down: linear(&format!("{p}.mlp.down_proj"))?,
             };
+            let sandwich = |name: &str| -> Result<Option<Norm>> {
+                Ok(if config.sandwich_norms {
+                    Some(norm(&format!("{p}.{name}"))?)
+                } else {
+                    None
+                })
+            };
             blocks.push(Block {
+                kind: config.block,
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
                 attn,
-                ffn_norm: norm(&format!("{p}.post_attention_layernorm"))?,
+                ffn_norm: match config.block {
+                    BlockKind::ParallelSharedNorm => None,
+                    _ => Some(norm(&format!("{p}.post_attention_layernorm"))?),
+                },
                 ffn,
+                attn_out_norm: sandwich("attn_out_norm")?,
+                ffn_out_norm: sandwich("ffn_out_norm")?,
             });
         }
         let rope = match config.position {
-            Position::Rope { theta, rotary_dim } => Some(RopeTables::new(
+            Position::Rope {
                 theta,
                 rotary_dim,
+                scaling,
+            } => Some(RopeTables::new(
+                theta,
+                rotary_dim,
+                scaling,
                 config.max_seq_len,
                 embed.dtype(),
                 embed.device(),
             )?),
             _ => None,
         };
-        let head = if config.tie_embeddings {
+        let head_w = if config.tie_embeddings {
             embed.clone()
         } else {
             get("lm_head.weight")?
@@ -145,7 +196,7 @@ impl Model {
             embed,
             blocks,
             norm: norm("model.norm")?,
-            head,
+            head: Linear::new(head_w, opt("lm_head.bias")),
             rope,
         })
     }
@@ -159,8 +210,25 @@ impl Model {
     pub fn forward(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut Cache>,
+        cache: Option<&mut Cache>,
         last_only: bool,
+    ) -> Result<ModelOutput> {
+        self.forward_with(
+            ids,
+            cache,
+            ForwardOptions {
+                last_only,
+                hidden_states: false,
+            },
+        )
+    }
+
+    /// Forward with explicit [`ForwardOptions`].
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+        opts: ForwardOptions,
     ) -> Result<ModelOutput> {
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.pos());
@@ -178,8 +246,7 @@ impl Model {
                 self.config.vocab_size
             )));
         }
-        let logits = self.forward_inner(ids, b, t, start, &mut cache, last_only)?;
-        Ok(ModelOutput { logits })
+        Ok(self.forward_inner(ids, b, t, start, &mut cache, opts)?)
     }
 
     fn forward_inner(
@@ -189,13 +256,16 @@ impl Model {
         t: usize,
         start: usize,
         cache: &mut Option<&mut Cache>,
-        last_only: bool,
-    ) -> CResult<Tensor> {
+        opts: ForwardOptions,
+    ) -> CResult<ModelOutput> {
         let d = self.config.d_model;
         let mut x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, d))?;
+        if let Some(s) = self.config.embed_scale {
+            x = (x * s)?;
+        }
         if let Some(pos) = &self.positions {
             x = x.broadcast_add(&pos.narrow(0, start, t)?)?;
         }
@@ -204,15 +274,31 @@ impl Model {
             None => None,
         };
         let rope = rope.as_ref().map(|(c, s)| (c, s));
+        let mut hidden = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
+            if opts.hidden_states {
+                hidden.push(x.clone());
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             x = block.forward(&x, rope, layer_cache)?;
         }
-        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = if opts.last_only {
+            x.narrow(1, t - 1, 1)?
+        } else {
+            x
+        };
         let x = self.norm.forward(&x)?;
-        let rows = x.dim(1)?;
-        let logits = x.reshape((b * rows, d))?.matmul(&self.head.t()?)?;
-        logits.reshape((b, rows, self.config.vocab_size))
+        if opts.hidden_states {
+            hidden.push(x.clone());
+        }
+        let mut logits = self.head.forward(&x)?;
+        if let Some(cap) = self.config.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(ModelOutput {
+            logits,
+            hidden_states: hidden,
+        })
     }
 
     /// Mean next-token cross-entropy of `ids: (b, t)` predicting `targets: (b, t)`.

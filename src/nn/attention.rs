@@ -6,8 +6,9 @@
 
 use candle_core::{Result, Tensor};
 
-use super::causal_attention::causal_attention;
-use super::{ops, Linear};
+use super::causal_attention::{causal_attention, AttentionOptions};
+use super::{ops, Linear, Norm};
+use crate::config::QkNorm;
 use crate::model::cache::KvCache;
 
 #[derive(Debug, Clone)]
@@ -19,6 +20,13 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// RMSNorm on queries and keys before rotary (per head or over all heads).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    pub qk_norm: QkNorm,
+    pub scale: f64,
+    pub window: Option<usize>,
+    pub softcap: Option<f64>,
 }
 
 impl Attention {
@@ -32,8 +40,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.q.forward(x)?.reshape((b, t, h, d))?;
-        let k = self.k.forward(x)?.reshape((b, t, hkv, d))?;
+        let (mut q, mut k) = (self.q.forward(x)?, self.k.forward(x)?);
+        if let (QkNorm::Full, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
+        let mut q = q.reshape((b, t, h, d))?;
+        let mut k = k.reshape((b, t, hkv, d))?;
+        if let (QkNorm::PerHead, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
         let v = self.v.forward(x)?.reshape((b, t, hkv, d))?;
         let (q, k) = match rope {
             Some((cos, sin)) => (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?),
@@ -43,7 +58,12 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let y = causal_attention(&q, &k, &v, 1.0 / (d as f64).sqrt())?; // (b, t, h, d)
+        let opts = AttentionOptions {
+            scale: self.scale,
+            window: self.window,
+            softcap: self.softcap,
+        };
+        let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, d)
         let y = y.reshape((b, t, h * d))?;
         self.o.forward(&y)
     }

@@ -14,8 +14,6 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::ops;
-
 type CResult<T> = candle_core::Result<T>;
 
 /// Query rows per block.
@@ -134,9 +132,11 @@ struct Geometry {
     h: usize,
     hkv: usize,
     d: usize,
+    /// Keys visible to a query, itself included (usize::MAX: all earlier ones).
+    window: usize,
 }
 
-fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> CResult<Geometry> {
+fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], window: usize) -> CResult<Geometry> {
     let g = Geometry {
         b: q[0],
         t: q[1],
@@ -144,6 +144,7 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> CResult<Geometry> {
         h: q[2],
         hkv: k[2],
         d: q[3],
+        window,
     };
     if k != v
         || k[0] != g.b
@@ -193,14 +194,16 @@ unsafe fn probs(
     for r in 0..bl {
         let row = &mut p[r * g.tk..r * g.tk + nk];
         let n = i0 + r + off + 1;
-        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lo = n.saturating_sub(g.window);
+        let max = row[lo..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for x in &mut row[..n] {
+        for x in &mut row[lo..n] {
             *x = ((*x - max) * scale).exp();
             sum += *x;
         }
         let inv = 1.0 / sum;
-        row[..n].iter_mut().for_each(|x| *x *= inv);
+        row[lo..n].iter_mut().for_each(|x| *x *= inv);
+        row[..lo].iter_mut().for_each(|x| *x = 0.0);
         row[n..].iter_mut().for_each(|x| *x = 0.0);
     }
     nk
@@ -208,6 +211,7 @@ unsafe fn probs(
 
 pub(crate) struct CausalAttention {
     pub scale: f32,
+    pub window: usize,
 }
 
 fn cpu_f32(s: &CpuStorage) -> CResult<&[f32]> {
@@ -232,7 +236,7 @@ impl CustomOp3 for CausalAttention {
         let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
         let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
         let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let g = geometry(qd, kd, vd)?;
+        let g = geometry(qd, kd, vd, self.window)?;
         let mut out = vec![0f32; g.b * g.t * g.h * g.d];
         let o = OutPtr(out.as_mut_ptr());
         let group = g.h / g.hkv;
@@ -283,6 +287,7 @@ impl CustomOp3 for CausalAttention {
             v,
             &CausalAttentionBwd {
                 scale: self.scale,
+                window: self.window,
                 d_out,
             },
         )?;
@@ -297,6 +302,7 @@ impl CustomOp3 for CausalAttention {
 /// dq, dk, dv concatenated (flat), given the output gradient.
 struct CausalAttentionBwd {
     scale: f32,
+    window: usize,
     d_out: Tensor,
 }
 
@@ -318,7 +324,7 @@ impl CustomOp3 for CausalAttentionBwd {
         let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
         let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
         let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let g = geometry(qd, kd, vd)?;
+        let g = geometry(qd, kd, vd, self.window)?;
         let (guard, dl) = self.d_out.storage_and_layout();
         let Storage::Cpu(ds) = &*guard else {
             candle_core::bail!("causal_attention bwd: gradient not on the CPU")
@@ -440,10 +446,39 @@ impl CustomOp3 for CausalAttentionBwd {
     }
 }
 
+/// Options of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionOptions {
+    /// Multiplies the scores (usually `1/sqrt(head_dim)`).
+    pub scale: f64,
+    /// Sliding window: a query sees itself and the `window - 1` keys before it.
+    pub window: Option<usize>,
+    /// Scores soft-capped as `cap · tanh(s / cap)` after scaling (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+impl AttentionOptions {
+    pub fn scaled(scale: f64) -> Self {
+        Self {
+            scale,
+            window: None,
+            softcap: None,
+        }
+    }
+}
+
 /// Causal attention `softmax(scale · q kᵀ + causal mask) v` with `q: (b, t, h, d)`,
-/// `k, v: (b, t_k, h_kv, d)`, giving `(b, t, h, d)`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tensor> {
-    let fused = q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+/// `k, v: (b, t_k, h_kv, d)`, giving `(b, t, h, d)`. The fused kernel covers f32 on the CPU
+/// without soft-capping; everything else takes the composed reference path.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &AttentionOptions,
+) -> CResult<Tensor> {
+    let fused = q.device().is_cpu()
+        && o.softcap.is_none()
+        && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if fused {
         let last = |t: &Tensor| -> CResult<Tensor> {
             if t.stride()[3] == 1 {
@@ -452,23 +487,26 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResu
                 t.contiguous()
             }
         };
-        last(q)?.apply_op3(
-            &last(k)?,
-            &last(v)?,
-            CausalAttention {
-                scale: scale as f32,
-            },
-        )
+        let op = CausalAttention {
+            scale: o.scale as f32,
+            window: o.window.unwrap_or(usize::MAX),
+        };
+        last(q)?.apply_op3(&last(k)?, &last(v)?, op)
     } else {
-        attention_reference(q, k, v, scale)
+        attention_reference(q, k, v, o)
     }
 }
 
 /// Composed-ops reference: transpose to `(b, h, t, d)`, batched matmuls over KV groups,
-/// masked softmax (any device or dtype).
-pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CResult<Tensor> {
+/// an explicit mask (any device or dtype).
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &AttentionOptions,
+) -> CResult<Tensor> {
     let (b, t, h, d) = q.dims4()?;
-    let hkv = k.dim(2)?;
+    let (tk, hkv) = (k.dim(1)?, k.dim(2)?);
     let group = h / hkv;
     let q = q
         .transpose(1, 2)?
@@ -476,8 +514,25 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> CR
         .reshape((b, hkv, group * t, d))?;
     let k = k.transpose(1, 2)?.contiguous()?;
     let v = v.transpose(1, 2)?.contiguous()?;
-    let scores = q.matmul(&k.t()?)?; // (b, hkv, group*t, t_k)
-    let p = ops::causal_softmax_reference(&scores, scale, t)?;
+    let mut s = (q.matmul(&k.t()?)? * o.scale)?; // (b, hkv, group*t, t_k)
+    if let Some(cap) = o.softcap {
+        s = ((s / cap)?.tanh()? * cap)?;
+    }
+    let window = o.window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..group * t)
+        .flat_map(|r| {
+            let pos = r % t + (tk - t);
+            (0..tk).map(move |j| {
+                if j <= pos && pos - j < window {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (group * t, tk), s.device())?.to_dtype(s.dtype())?;
+    let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, candle_core::D::Minus1)?;
     p.matmul(&v)?
         .reshape((b, h, t, d))?
         .transpose(1, 2)?

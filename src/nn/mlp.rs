@@ -19,6 +19,7 @@ impl Mlp {
             (FfnKind::Swiglu, Some(g)) => (g.forward(x)?.silu()? * self.up.forward(x)?)?,
             (FfnKind::Geglu, Some(g)) => (g.forward(x)?.gelu()? * self.up.forward(x)?)?,
             (FfnKind::Gelu, _) => self.up.forward(x)?.gelu()?,
+            (FfnKind::GeluExact, _) => self.up.forward(x)?.gelu_erf()?,
             (FfnKind::Relu, _) => self.up.forward(x)?.relu()?,
             (kind, None) => candle_core::bail!("{kind:?} feed-forward needs a gate projection"),
         };

@@ -2,7 +2,7 @@
 //! (Hugging Face Llama layout), shape, initialiser and whether weight decay applies.
 //! Initialisation, loading, saving and parameter counts all read this one table.
 
-use crate::config::{ModelConfig, NormKind, Position};
+use crate::config::{BlockKind, ModelConfig, NormKind, Position, QkNorm};
 
 /// How a parameter is initialised for training from scratch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -102,7 +102,40 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         if cfg.out_bias {
             v.push(vector(format!("{p}.self_attn.o_proj.bias"), d, Init::Zeros));
         }
-        norm(&mut v, format!("{p}.post_attention_layernorm"));
+        match cfg.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => {
+                v.push(vector(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    cfg.head_dim,
+                    Init::Ones,
+                ));
+                v.push(vector(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    cfg.head_dim,
+                    Init::Ones,
+                ));
+            }
+            QkNorm::Full => {
+                v.push(vector(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    cfg.q_dim(),
+                    Init::Ones,
+                ));
+                v.push(vector(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    cfg.kv_dim(),
+                    Init::Ones,
+                ));
+            }
+        }
+        if cfg.block != BlockKind::ParallelSharedNorm {
+            norm(&mut v, format!("{p}.post_attention_layernorm"));
+        }
+        if cfg.sandwich_norms {
+            norm(&mut v, format!("{p}.attn_out_norm"));
+            norm(&mut v, format!("{p}.ffn_out_norm"));
+        }
         let mut ffn_in = vec!["up_proj"];
         if cfg.ffn.is_gated() {
             ffn_in.insert(0, "gate_proj");
@@ -130,6 +163,9 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     norm(&mut v, "model.norm".into());
     if !cfg.tie_embeddings {
         v.push(matrix("lm_head.weight".into(), cfg.vocab_size, d, std));
+    }
+    if cfg.head_bias {
+        v.push(vector("lm_head.bias".into(), cfg.vocab_size, Init::Zeros));
     }
     v
 }

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use routelm::config::{FfnKind, ModelConfigFile, NormKind};
+use routelm::config::{
+    BlockKind, FfnKind, LayerSpec, ModelConfigFile, NormKind, Position, QkNorm, RopeScaling,
+};
 use routelm::ModelConfig;
 
 /// A tiny config; `variant` picks the layer options so that together they cover every
@@ -46,12 +48,62 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
+        4..=6 => {}
         _ => panic!("no variant {variant}"),
     }
-    f.resolve("tiny").unwrap()
+    let mut c = f.resolve("tiny").unwrap();
+    match variant {
+        4 => {
+            // Gemma-2-like: per-head q/k norm, sandwich norms, (1 + w) norms, scaled
+            // embeddings, soft-capped attention and logits, alternating sliding window, GQA
+            c.qk_norm = QkNorm::PerHead;
+            c.sandwich_norms = true;
+            c.norm_offset = 1.0;
+            c.embed_scale = Some(4.0);
+            c.attn_softcap = Some(2.0);
+            c.final_softcap = Some(3.0);
+            c.attn_scale = Some(0.3);
+            c.n_kv_heads = 2;
+            c.layers = vec![LayerSpec { window: Some(3) }, LayerSpec { window: None }];
+        }
+        5 => {
+            // GPT-NeoX-like: parallel block, exact GELU, LayerNorm with bias, full q/k norm,
+            // head bias, linear rope scaling on half the head
+            c.block = BlockKind::Parallel;
+            c.ffn = FfnKind::GeluExact;
+            c.norm = NormKind::LayerNorm;
+            c.norm_bias = true;
+            c.qk_norm = QkNorm::Full;
+            c.head_bias = true;
+            c.tie_embeddings = false;
+            c.position = Position::Rope {
+                theta: 100.0,
+                rotary_dim: 2,
+                scaling: RopeScaling::Linear { factor: 2.0 },
+            };
+        }
+        6 => {
+            // Phi-2-like: parallel block with one shared norm; Llama-3 rope scaling; window
+            c.block = BlockKind::ParallelSharedNorm;
+            c.position = Position::Rope {
+                theta: 500.0,
+                rotary_dim: 4,
+                scaling: RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 16.0,
+                },
+            };
+            c.layers = vec![LayerSpec { window: Some(4) }; 2];
+        }
+        _ => {}
+    }
+    assert!(c.problems().is_empty(), "{:?}", c.problems());
+    c
 }
 
-pub const VARIANTS: usize = 4;
+pub const VARIANTS: usize = 7;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
