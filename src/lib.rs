@@ -6,6 +6,7 @@
 //! See ARCHITECTURE.md for the module map and its invariants.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod arch;
 pub mod config;
 pub mod error;
 pub mod flops;
@@ -15,6 +16,7 @@ pub mod nn;
 pub mod report;
 pub mod tokenize;
 pub mod train;
+pub mod verify;
 pub mod weights;
 
 pub use config::{ModelConfig, ModelConfigFile, RunFile};

@@ -179,3 +179,122 @@ fn prompt_longer_than_context_and_bad_token() {
         "{err}"
     );
 }
+
+/// A copy of a fixture folder to break.
+fn fixture_copy(name: &str, tag: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    let d = dir(tag);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "reference.safetensors",
+        "meta.json",
+    ] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+fn edit_config(d: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = d.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn unknown_architecture_lists_the_known_ones() {
+    let d = fixture_copy("llama3", "unknown-arch");
+    edit_config(&d, |v| v["model_type"] = "transformer9000".into());
+    let err = gen(&d);
+    assert!(
+        err.contains("config.json")
+            && err.contains("unknown architecture model_type 'transformer9000'"),
+        "{err}"
+    );
+    assert!(err.contains("llama") && err.contains("gpt_neox"), "{err}");
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_allocating() {
+    let d = fixture_copy("qwen2", "absurd");
+    edit_config(&d, |v| {
+        v["vocab_size"] = serde_json::json!(1_000_000_000_000u64)
+    });
+    let err = gen(&d);
+    assert!(
+        err.contains("config.json") && err.contains("vocab_size (1000000000000) is larger than"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hf_config_that_does_not_match_the_tensors() {
+    let d = fixture_copy("phi3", "hf-mismatch");
+    edit_config(&d, |v| v["intermediate_size"] = 96.into());
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors: weights do not match the configuration"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "model.layers.0.mlp.down_proj.weight has shape [64, 128], the config implies [64, 96]"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("model.layers.1.mlp.down_proj.weight"),
+        "every mismatch is listed: {err}"
+    );
+}
+
+#[test]
+fn sharded_checkpoints_load_and_a_missing_shard_is_named() {
+    let d = fixture_copy("mistral", "shards");
+    let all = routelm::weights::load_safetensors(&d.join("model.safetensors"), None, &Device::Cpu)
+        .unwrap();
+    std::fs::remove_file(d.join("model.safetensors")).unwrap();
+    let (mut a, mut b) = (
+        routelm::weights::Params::new(),
+        routelm::weights::Params::new(),
+    );
+    let mut map = serde_json::Map::new();
+    for (i, (name, t)) in all.into_iter().enumerate() {
+        let file = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        map.insert(name.clone(), file.into());
+        if i % 2 == 0 {
+            a.insert(name, t)
+        } else {
+            b.insert(name, t)
+        };
+    }
+    routelm::weights::save_safetensors(&d.join("model-00001-of-00002.safetensors"), &a).unwrap();
+    routelm::weights::save_safetensors(&d.join("model-00002-of-00002.safetensors"), &b).unwrap();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let r = routelm::verify::verify_dir(&d).unwrap();
+    assert!(r.pass, "sharded mistral does not verify");
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = gen(&d);
+    assert!(
+        err.contains("model.safetensors.index.json")
+            && err.contains("shard model-00002-of-00002.safetensors is listed but missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_fails_when_outputs_differ() {
+    let d = fixture_copy("gpt2", "verify-fail");
+    edit_config(&d, |v| v["layer_norm_epsilon"] = serde_json::json!(0.5));
+    let err = fails(&["verify", d.to_str().unwrap()]);
+    assert!(err.contains("outputs differ from the reference"), "{err}");
+}

@@ -30,7 +30,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let model = routelm::weights::load_model_dir(&a.model, candle_core::DType::F32, &device)?;
+    let model = routelm::arch::load_dir(&a.model, candle_core::DType::F32, &device)?.model;
     let tok = Tokenizer::for_model_dir(&a.model)?;
     let train = TrainConfigFile {
         seq_len: a.seq_len,

@@ -7,6 +7,7 @@ mod flops;
 mod generate;
 mod inspect;
 mod train;
+mod verify;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -46,6 +47,8 @@ enum Command {
     Demo(demo::Args),
     /// Measure performance (training throughput against the machine's matmul peak).
     Bench(bench::Args),
+    /// Compare a checkpoint's outputs with its reference.safetensors (from transformers).
+    Verify(verify::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Verify(a) => verify::run(a),
     }
 }
 

@@ -1,0 +1,282 @@
+//! Published model families. A family is an adapter: it turns a Hugging Face `config.json`
+//! into our [`ModelConfig`] and maps its tensor names (and layouts) onto the canonical
+//! parameter table. This is the only module that knows Hugging Face keys or tensor names.
+//!
+//! Adding a family: one file with `config` and `tensors` functions, one line in
+//! [`FAMILIES`]. A mechanism the family needs belongs in `nn/` or `model/` as an option.
+
+mod gemma;
+mod gpt2;
+mod gpt_neox;
+mod llama;
+mod phi;
+mod phi3;
+mod qwen;
+mod raw;
+
+pub use raw::RawConfig;
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::weights::{self, Params};
+
+/// One family: which `model_type` values it answers to and its two translations.
+pub struct Family {
+    pub name: &'static str,
+    pub model_types: &'static [&'static str],
+    /// `config.json` → resolved config.
+    pub config: fn(&RawConfig) -> ModelConfig,
+    /// The family's tensors → canonical names and layouts.
+    pub tensors: fn(&ModelConfig, &mut TensorMap) -> Result<Params>,
+}
+
+/// Every family routelm loads.
+pub static FAMILIES: &[Family] = &[
+    Family {
+        name: "llama",
+        model_types: &["llama", "mistral"],
+        config: llama::config,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "qwen2",
+        model_types: &["qwen2"],
+        config: qwen::config_qwen2,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "qwen3",
+        model_types: &["qwen3"],
+        config: qwen::config_qwen3,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "gemma",
+        model_types: &["gemma"],
+        config: gemma::config_gemma,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "gemma2",
+        model_types: &["gemma2"],
+        config: gemma::config_gemma2,
+        tensors: gemma::tensors_gemma2,
+    },
+    Family {
+        name: "phi3",
+        model_types: &["phi3"],
+        config: phi3::config,
+        tensors: phi3::tensors,
+    },
+    Family {
+        name: "phi",
+        model_types: &["phi"],
+        config: phi::config,
+        tensors: phi::tensors,
+    },
+    Family {
+        name: "gpt2",
+        model_types: &["gpt2"],
+        config: gpt2::config,
+        tensors: gpt2::tensors,
+    },
+    Family {
+        name: "gpt_neox",
+        model_types: &["gpt_neox"],
+        config: gpt_neox::config,
+        tensors: gpt_neox::tensors,
+    },
+];
+
+/// The family of a parsed `config.json`, or an error listing the known ones.
+pub fn detect(raw: &RawConfig) -> Result<&'static Family> {
+    let mt = raw.model_type().unwrap_or_default();
+    FAMILIES
+        .iter()
+        .find(|f| f.model_types.contains(&mt.as_str()))
+        .ok_or_else(|| {
+            let known: Vec<&str> = FAMILIES
+                .iter()
+                .flat_map(|f| f.model_types.iter().copied())
+                .collect();
+            Error::parse(
+                raw.path(),
+                format!(
+                    "unknown architecture model_type '{mt}' (known: {})",
+                    known.join(", ")
+                ),
+            )
+        })
+}
+
+/// Tensors by their file names, taken out as an adapter maps them; what is left over at
+/// the end is reported as unexpected.
+pub struct TensorMap {
+    pub origin: PathBuf,
+    pub tensors: BTreeMap<String, Tensor>,
+    problems: Vec<String>,
+}
+
+impl TensorMap {
+    pub fn new(origin: PathBuf, tensors: BTreeMap<String, Tensor>) -> Self {
+        Self {
+            origin,
+            tensors,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Remove and return a tensor; a missing one is recorded (all reported together).
+    pub fn take(&mut self, name: &str) -> Option<Tensor> {
+        let t = self.tensors.remove(name);
+        if t.is_none() {
+            self.problems.push(format!("missing tensor {name}"));
+        }
+        t
+    }
+
+    /// Remove a tensor that may be absent.
+    pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.remove(name)
+    }
+
+    /// Move `from` to `to` in `out` (recording a missing one).
+    pub fn rename(&mut self, out: &mut Params, from: &str, to: &str) {
+        if let Some(t) = self.take(from) {
+            out.insert(to.to_string(), t);
+        }
+    }
+
+    /// Move `from` to `to` if present.
+    pub fn rename_opt(&mut self, out: &mut Params, from: &str, to: &str) {
+        if let Some(t) = self.take_opt(from) {
+            out.insert(to.to_string(), t);
+        }
+    }
+
+    /// Errors for missing tensors, and for tensors no adapter rule consumed.
+    pub fn finish(mut self) -> Result<()> {
+        for name in self.tensors.keys() {
+            self.problems.push(format!("unexpected tensor {name}"));
+        }
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::WeightMismatch {
+                path: self.origin,
+                problems: self.problems,
+            })
+        }
+    }
+}
+
+/// A loaded model and the family it came from (`None`: routelm's own format).
+pub struct Loaded {
+    pub family: Option<&'static str>,
+    pub model: Model,
+}
+
+/// Split `t` along `dim` into pieces of the given sizes.
+pub fn split(t: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut at = 0;
+    for &n in sizes {
+        out.push(t.narrow(dim, at, n)?.contiguous()?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Read every safetensors file of a folder: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBuf, Params)> {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        let path = dir.join("model.safetensors");
+        let params = weights::load_safetensors(&path, Some(dtype), device)?;
+        return Ok((path, params));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, e))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::parse(&index, "no weight_map object"))?;
+    let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+    files.sort_unstable();
+    files.dedup();
+    let mut params = BTreeMap::new();
+    for f in files {
+        let path = dir.join(f);
+        if !path.exists() {
+            return Err(Error::parse(
+                &index,
+                format!("shard {f} is listed but missing"),
+            ));
+        }
+        params.extend(weights::load_safetensors(&path, Some(dtype), device)?);
+    }
+    for name in map.keys() {
+        if !params.contains_key(name) {
+            return Err(Error::parse(
+                &index,
+                format!("tensor {name} is listed but in no shard"),
+            ));
+        }
+    }
+    Ok((index, params))
+}
+
+/// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
+    if value.get("model_type").is_none() && value.get("architectures").is_none() {
+        return Ok(Loaded {
+            family: None,
+            model: weights::load_model_dir(dir, dtype, device)?,
+        });
+    }
+    let raw = RawConfig::new(value, cfg_path.clone());
+    let family = detect(&raw)?;
+    let cfg = raw.finish((family.config)(&raw))?;
+    let (origin, params) = read_weights(dir, dtype, device)?;
+    warn_non_finite(&params, &origin)?;
+    let mut map = TensorMap::new(origin.clone(), params);
+    let canonical = (family.tensors)(&cfg, &mut map)?;
+    map.finish()?;
+    let model = Model::new(&cfg, &canonical, &origin.display().to_string())?;
+    Ok(Loaded {
+        family: Some(family.name),
+        model,
+    })
+}
+
+/// NaN or infinite weights are allowed (some checkpoints carry them in unused rows) but
+/// reported on stderr through `tracing`.
+fn warn_non_finite(params: &Params, origin: &Path) -> Result<()> {
+    for (name, t) in params {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let sum = t
+            .to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            tracing::warn!(
+                "{}: tensor {name} contains NaN or infinite values",
+                origin.display()
+            );
+        }
+    }
+    Ok(())
+}

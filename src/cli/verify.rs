@@ -1,0 +1,53 @@
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+/// Does routelm compute what Hugging Face transformers computes for this checkpoint?
+/// Loads DIR (config.json + weights) and DIR/reference.safetensors, runs the reference
+/// inputs and prints the largest logit and hidden-state differences and the greedy tokens.
+/// Exits 0 within the tolerances of DIR/meta.json (default 1e-4), 1 otherwise.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint folder with reference.safetensors.
+    dir: PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let r = routelm::verify::verify_dir(&a.dir)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{} ({})", a.dir.display(), r.family);
+        println!(
+            "  logits        max |diff| {:.3e}  (tolerance {:.0e})",
+            r.logits_max_abs_diff, r.logits_tolerance
+        );
+        if let Some(h) = r.hidden_max_abs_diff {
+            println!(
+                "  hidden states max |diff| {h:.3e}  (tolerance {:.0e})",
+                r.hidden_tolerance
+            );
+        }
+        if !r.greedy_expected.is_empty() {
+            let same = if r.greedy_expected == r.greedy_got {
+                "identical"
+            } else {
+                "DIFFERENT"
+            };
+            println!("  greedy ids    {same}: {:?}", r.greedy_got);
+            if r.greedy_expected != r.greedy_got {
+                println!("  expected      {:?}", r.greedy_expected);
+            }
+        }
+        println!("  {}", if r.pass { "PASS" } else { "FAIL" });
+    }
+    if !r.pass {
+        bail!(
+            "{}: outputs differ from the reference beyond tolerance",
+            a.dir.display()
+        );
+    }
+    Ok(())
+}

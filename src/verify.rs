@@ -1,0 +1,120 @@
+//! Comparison with reference outputs: does routelm compute what Hugging Face transformers
+//! computes for a checkpoint? Reads `DIR/reference.safetensors` (inputs, logits, hidden
+//! states, greedy continuation) and `DIR/meta.json` (tolerances).
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use std::path::Path;
+
+use crate::arch;
+use crate::error::{Error, Result};
+use crate::model::{ForwardOptions, Model};
+use crate::weights;
+
+/// What `verify` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub family: String,
+    pub logits_max_abs_diff: f64,
+    pub logits_tolerance: f64,
+    /// Largest difference over all hidden states, when the reference has them.
+    pub hidden_max_abs_diff: Option<f64>,
+    pub hidden_tolerance: f64,
+    pub greedy_expected: Vec<u32>,
+    pub greedy_got: Vec<u32>,
+    pub pass: bool,
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        return Err(Error::Generate(format!(
+            "shape {:?} vs reference {:?}",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    let d = (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?;
+    Ok(d.to_scalar::<f64>()?)
+}
+
+/// Greedy continuation of `prompt` by `n` tokens through the KV cache.
+pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+    let mut cache = model.new_cache();
+    let mut ids = prompt.to_vec();
+    let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    for _ in 0..n {
+        let logits = model.forward(&input, Some(&mut cache), true)?.logits;
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        ids.push(next);
+        input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+    }
+    Ok(ids)
+}
+
+fn ids_u32(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::U32)?)
+}
+
+/// Load `dir`, run its reference inputs, compare.
+pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
+    let device = Device::Cpu;
+    let loaded = arch::load_dir(dir, DType::F32, &device)?;
+    let model = &loaded.model;
+    let ref_path = dir.join("reference.safetensors");
+    let reference = weights::load_safetensors(&ref_path, None, &device)?;
+    let meta_path = dir.join("meta.json");
+    let meta: serde_json::Value = match std::fs::read_to_string(&meta_path) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&meta_path, e))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let tol = |key: &str| {
+        meta.get("tolerances")
+            .and_then(|t| t.get(key))
+            .and_then(|v| v.as_f64())
+            .or_else(|| meta.get("atol").and_then(|v| v.as_f64()))
+            .unwrap_or(1e-4)
+    };
+    let need = |name: &str| -> Result<&Tensor> {
+        reference
+            .get(name)
+            .ok_or_else(|| Error::parse(&ref_path, format!("no tensor {name}")))
+    };
+    let input = ids_u32(need("input_ids")?)?;
+    let out = model.forward_with(
+        &input,
+        None,
+        ForwardOptions {
+            last_only: false,
+            hidden_states: true,
+        },
+    )?;
+    let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
+    let mut hidden = None;
+    for (k, h) in out.hidden_states.iter().enumerate() {
+        if let Some(r) = reference.get(&format!("hidden_states.{k}")) {
+            let d = max_abs_diff(h, r)?;
+            hidden = Some(hidden.map_or(d, |m: f64| m.max(d)));
+        }
+    }
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    if let Some(g) = reference.get("greedy_ids") {
+        expected = ids_u32(g)?.flatten_all()?.to_vec1::<u32>()?;
+        let prompt = input.i(0)?.to_vec1::<u32>()?;
+        let n = expected.len().saturating_sub(prompt.len());
+        got = greedy(model, &prompt, n)?;
+    }
+    let (lt, ht) = (tol("logits"), tol("hidden_states"));
+    let pass = logits_diff <= lt && hidden.is_none_or(|h| h <= ht) && expected == got;
+    Ok(VerifyReport {
+        family: loaded.family.unwrap_or("routelm").to_string(),
+        logits_max_abs_diff: logits_diff,
+        logits_tolerance: lt,
+        hidden_max_abs_diff: hidden,
+        hidden_tolerance: ht,
+        greedy_expected: expected,
+        greedy_got: got,
+        pass,
+    })
+}
