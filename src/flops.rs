@@ -38,6 +38,8 @@ impl FlopLedger {
         let d = cfg.d_model;
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let mut entries = Vec::new();
+        // parameters of experts a token does not use
+        let mut inactive = 0;
         let mut total = cfg.vocab_size * d;
         if cfg.position == Position::Learned {
             total += cfg.max_seq_len * d;
@@ -56,8 +58,11 @@ impl FlopLedger {
             let qkv_params = d * (q + 2 * kv) + if cfg.qkv_bias { q + 2 * kv } else { 0 };
             let o_params = q * d + if cfg.out_bias { d } else { 0 };
             let n_in = if cfg.ffn.is_gated() { 2 } else { 1 };
-            let ffn_params =
-                (n_in + 1) * d * cfg.d_ff + if cfg.ffn_bias { n_in * cfg.d_ff + d } else { 0 };
+            // one FFN of hidden width w: (params, forward FLOPs per token)
+            let ffn = |w: usize| {
+                let params = (n_in + 1) * d * w + if cfg.ffn_bias { n_in * w + d } else { 0 };
+                (params, 2.0 * ((n_in + 1) * d * w) as f64)
+            };
             entries.push(FlopEntry {
                 component: format!("{p}.attn.qkv"),
                 flops: 2.0 * (d * (q + 2 * kv)) as f64,
@@ -76,11 +81,46 @@ impl FlopLedger {
                 flops: 2.0 * (q * d) as f64,
                 params: o_params,
             });
-            entries.push(FlopEntry {
-                component: format!("{p}.ffn"),
-                flops: 2.0 * ((n_in + 1) * d * cfg.d_ff) as f64,
-                params: ffn_params,
-            });
+            let ffn_params = match (cfg.layer(l).moe, &cfg.moe) {
+                (true, Some(m)) => {
+                    let router = m.n_experts * d + if m.selection_bias { m.n_experts } else { 0 };
+                    let (expert_params, expert_flops) = ffn(m.d_expert);
+                    let (shared_params, shared_flops) = if m.d_shared > 0 {
+                        ffn(m.d_shared)
+                    } else {
+                        (0, 0.0)
+                    };
+                    let gate = if m.shared_gate { d } else { 0 };
+                    entries.push(FlopEntry {
+                        component: format!("{p}.moe.router"),
+                        flops: 2.0 * (d * m.n_experts) as f64,
+                        params: router,
+                    });
+                    entries.push(FlopEntry {
+                        component: format!("{p}.moe.experts"),
+                        flops: m.top_k as f64 * expert_flops,
+                        params: m.n_experts * expert_params,
+                    });
+                    if m.d_shared > 0 {
+                        entries.push(FlopEntry {
+                            component: format!("{p}.moe.shared"),
+                            flops: shared_flops + 2.0 * gate as f64,
+                            params: shared_params + gate,
+                        });
+                    }
+                    inactive += (m.n_experts - m.top_k) * expert_params;
+                    router + m.n_experts * expert_params + shared_params + gate
+                }
+                _ => {
+                    let (params, flops) = ffn(cfg.d_ff);
+                    entries.push(FlopEntry {
+                        component: format!("{p}.ffn"),
+                        flops,
+                        params,
+                    });
+                    params
+                }
+            };
             let n_norms = match cfg.block {
                 crate::config::BlockKind::ParallelSharedNorm => 1,
                 _ => 2,
@@ -108,7 +148,7 @@ impl FlopLedger {
             seq_len,
             entries,
             total_params: total,
-            active_params: total,
+            active_params: total - inactive,
         }
     }
 

@@ -19,6 +19,9 @@ pub struct VerifyReport {
     /// Largest difference over all hidden states, when the reference has them.
     pub hidden_max_abs_diff: Option<f64>,
     pub hidden_tolerance: f64,
+    /// Largest router-logit difference over the MoE layers, when the reference has them.
+    pub router_max_abs_diff: Option<f64>,
+    pub router_tolerance: f64,
     pub greedy_expected: Vec<u32>,
     pub greedy_got: Vec<u32>,
     pub pass: bool,
@@ -98,6 +101,26 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
             hidden = Some(hidden.map_or(d, |m: f64| m.max(d)));
         }
     }
+    let mut router = None;
+    for s in &out.moe {
+        if let Some(r) = reference.get(&format!("router_logits.{}", s.layer)) {
+            let d = max_abs_diff(&s.router_logits.reshape(r.dims())?, r)?;
+            router = Some(router.map_or(d, |m: f64| m.max(d)));
+        }
+    }
+    let n_router_refs = reference
+        .keys()
+        .filter(|k| k.starts_with("router_logits."))
+        .count();
+    if n_router_refs != out.moe.len() {
+        return Err(Error::parse(
+            &ref_path,
+            format!(
+                "{n_router_refs} router_logits tensors for {} MoE layers",
+                out.moe.len()
+            ),
+        ));
+    }
     let (mut expected, mut got) = (Vec::new(), Vec::new());
     if let Some(g) = reference.get("greedy_ids") {
         expected = ids_u32(g)?.flatten_all()?.to_vec1::<u32>()?;
@@ -105,14 +128,19 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         let n = expected.len().saturating_sub(prompt.len());
         got = greedy(model, &prompt, n)?;
     }
-    let (lt, ht) = (tol("logits"), tol("hidden_states"));
-    let pass = logits_diff <= lt && hidden.is_none_or(|h| h <= ht) && expected == got;
+    let (lt, ht, rt) = (tol("logits"), tol("hidden_states"), tol("router_logits"));
+    let pass = logits_diff <= lt
+        && hidden.is_none_or(|h| h <= ht)
+        && router.is_none_or(|r| r <= rt)
+        && expected == got;
     Ok(VerifyReport {
         family: loaded.family.unwrap_or("routelm").to_string(),
         logits_max_abs_diff: logits_diff,
         logits_tolerance: lt,
         hidden_max_abs_diff: hidden,
         hidden_tolerance: ht,
+        router_max_abs_diff: router,
+        router_tolerance: rt,
         greedy_expected: expected,
         greedy_got: got,
         pass,

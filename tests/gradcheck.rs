@@ -257,7 +257,7 @@ fn model_loss(
     let model = Model::new(cfg, params, "test").unwrap();
     let x = common::ids(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], 2);
     let y = common::ids(&[1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9], 2);
-    model.loss(&x, &y).unwrap()
+    model.loss(&x, &y).unwrap().total
 }
 
 /// Every parameter of every layer type: autograd through the whole f64 model equals finite

@@ -39,9 +39,16 @@ pub(crate) fn windows(raw: &RawConfig, n_layers: usize) -> Vec<LayerSpec> {
             .iter()
             .map(|t| LayerSpec {
                 window: (t == "sliding_attention").then_some(w),
+                moe: false,
             })
             .collect(),
-        None => vec![LayerSpec { window: Some(w) }; n_layers],
+        None => vec![
+            LayerSpec {
+                window: Some(w),
+                moe: false
+            };
+            n_layers
+        ],
     }
 }
 
@@ -88,6 +95,7 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         norm_offset: 0.0,
         embed_scale: None,
         head_bias: false,
+        moe: None,
     }
 }
 

@@ -9,6 +9,7 @@ mod gemma;
 mod gpt2;
 mod gpt_neox;
 mod llama;
+mod moe;
 mod phi;
 mod phi3;
 mod qwen;
@@ -84,6 +85,30 @@ pub static FAMILIES: &[Family] = &[
         model_types: &["gpt2"],
         config: gpt2::config,
         tensors: gpt2::tensors,
+    },
+    Family {
+        name: "mixtral",
+        model_types: &["mixtral"],
+        config: moe::config_mixtral,
+        tensors: moe::tensors_mixtral,
+    },
+    Family {
+        name: "qwen2_moe",
+        model_types: &["qwen2_moe"],
+        config: moe::config_qwen2_moe,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "qwen3_moe",
+        model_types: &["qwen3_moe"],
+        config: moe::config_qwen3_moe,
+        tensors: llama::tensors,
+    },
+    Family {
+        name: "olmoe",
+        model_types: &["olmoe"],
+        config: moe::config_olmoe,
+        tensors: llama::tensors,
     },
     Family {
         name: "gpt_neox",

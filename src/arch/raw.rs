@@ -87,6 +87,17 @@ impl RawConfig {
             .unwrap_or(default)
     }
 
+    /// A list of integers (e.g. `mlp_only_layers`).
+    pub fn usize_list(&self, key: &str) -> Option<Vec<usize>> {
+        let list = self.value.get(key)?.as_array()?;
+        Some(
+            list.iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as usize)
+                .collect(),
+        )
+    }
+
     /// A list of strings (e.g. `layer_types`).
     pub fn str_list(&self, key: &str) -> Option<Vec<String>> {
         let list = self.value.get(key)?.as_array()?;

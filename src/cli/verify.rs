@@ -30,6 +30,12 @@ pub fn run(a: Args) -> Result<()> {
                 r.hidden_tolerance
             );
         }
+        if let Some(d) = r.router_max_abs_diff {
+            println!(
+                "  router logits max |diff| {d:.3e}  (tolerance {:.0e})",
+                r.router_tolerance
+            );
+        }
         if !r.greedy_expected.is_empty() {
             let same = if r.greedy_expected == r.greedy_got {
                 "identical"

@@ -92,6 +92,75 @@ pub struct LayerSpec {
     /// Sliding-window attention: a query sees itself and the `window - 1` keys before it.
     #[serde(default)]
     pub window: Option<usize>,
+    /// The feed-forward block is the Mixture-of-Experts layer described by
+    /// [`ModelConfig::moe`] instead of the dense FFN.
+    #[serde(default)]
+    pub moe: bool,
+}
+
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// Softmax over all experts (Switch, Mixtral, Qwen-MoE, OLMoE).
+    #[default]
+    Softmax,
+    /// Independent sigmoids (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// A Mixture-of-Experts feed-forward layer (used by layers whose [`LayerSpec::moe`] is set).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    /// Routed experts.
+    pub n_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Hidden width of one expert (fine-grained experts: smaller than a dense FFN).
+    pub d_expert: usize,
+    #[serde(default)]
+    pub scoring: Scoring,
+    /// Divide the chosen experts' weights by their sum.
+    #[serde(default)]
+    pub norm_topk: bool,
+    /// Multiplies the routed experts' combined output (DeepSeek-V3's routed_scaling_factor).
+    #[serde(default = "one")]
+    pub routed_scale: f64,
+    /// Group-limited routing: experts form `n_groups` groups and only the best `topk_groups`
+    /// groups (by the sum of their two best scores) are eligible.
+    #[serde(default = "one_usize")]
+    pub n_groups: usize,
+    #[serde(default = "one_usize")]
+    pub topk_groups: usize,
+    /// A per-expert bias added to the scores for choosing experts only (auxiliary-loss-free
+    /// balancing; DeepSeek-V3's `e_score_correction_bias`).
+    #[serde(default)]
+    pub selection_bias: bool,
+    /// Always-on shared experts' total hidden width (0: none).
+    #[serde(default)]
+    pub d_shared: usize,
+    /// The shared expert's output is scaled by `sigmoid(w · x)` (Qwen2-MoE).
+    #[serde(default)]
+    pub shared_gate: bool,
+    /// Load-balancing loss coefficient (Switch Transformer, arXiv:2101.03961 eq. 4).
+    #[serde(default)]
+    pub aux_loss_coef: f64,
+    /// Router z-loss coefficient (ST-MoE, arXiv:2202.08906 eq. 5).
+    #[serde(default)]
+    pub z_loss_coef: f64,
+    /// Expert capacity as a multiple of the even share `tokens·top_k/n_experts`;
+    /// assignments past it are dropped (the token keeps its residual). None: dropless.
+    #[serde(default)]
+    pub capacity_factor: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn one_usize() -> usize {
+    1
 }
 
 /// How token positions enter the network.
@@ -177,6 +246,9 @@ pub struct ModelConfig {
     /// Bias on the LM head (Phi-2).
     #[serde(default)]
     pub head_bias: bool,
+    /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
 }
 
 /// The file form of [`ModelConfig`]: every field optional where a default makes sense.
@@ -292,7 +364,13 @@ impl ModelConfigFile {
             tie_embeddings: self.tie_embeddings.unwrap_or(true),
             init_std: self.init_std.unwrap_or(0.02),
             layers: match self.sliding_window {
-                Some(w) => vec![LayerSpec { window: Some(w) }; n_layers],
+                Some(w) => vec![
+                    LayerSpec {
+                        window: Some(w),
+                        moe: false
+                    };
+                    n_layers
+                ],
                 None => Vec::new(),
             },
             block: self.block.unwrap_or_default(),
@@ -304,6 +382,7 @@ impl ModelConfigFile {
             norm_offset: 0.0,
             embed_scale: None,
             head_bias: false,
+            moe: None,
         };
         problems.extend(cfg.problems());
         if problems.is_empty() {
@@ -370,6 +449,29 @@ impl ModelConfig {
                 self.layers.len(),
                 self.n_layers
             ));
+        }
+        if let Some(m) = &self.moe {
+            if m.n_experts == 0 || m.top_k == 0 || m.top_k > m.n_experts || m.d_expert == 0 {
+                p.push(format!(
+                    "moe: need 0 < top_k ({}) <= n_experts ({}) and d_expert ({}) > 0",
+                    m.top_k, m.n_experts, m.d_expert
+                ));
+            }
+            if m.n_experts > 1 << 16 || m.d_expert > MAX_DIM {
+                p.push("moe: n_experts or d_expert is absurdly large".into());
+            }
+            if m.n_groups == 0
+                || m.n_experts % m.n_groups.max(1) != 0
+                || m.topk_groups == 0
+                || m.topk_groups > m.n_groups
+            {
+                p.push(format!(
+                    "moe: n_groups ({}) must divide n_experts ({}) and 0 < topk_groups ({}) <= n_groups",
+                    m.n_groups, m.n_experts, m.topk_groups
+                ));
+            }
+        } else if self.layers.iter().any(|l| l.moe) {
+            p.push("a layer is marked moe but the config has no moe section".into());
         }
         if self.layers.iter().any(|l| l.window == Some(0)) {
             p.push("a sliding window must be positive".into());

@@ -7,6 +7,27 @@ use candle_core::{Result, Tensor};
 use crate::config::BlockKind;
 use crate::model::cache::KvCache;
 use crate::nn::{Attention, Mlp, Norm};
+use crate::routing::{MoeLayer, MoeStats};
+
+/// The feed-forward sub-block: one dense FFN or a Mixture of Experts.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(MoeLayer),
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor, stats: &mut Option<MoeStats>) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(x),
+            Ffn::Moe(m) => {
+                let (y, s) = m.forward(x)?;
+                *stats = Some(s);
+                Ok(y)
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -15,7 +36,7 @@ pub struct Block {
     pub attn: Attention,
     /// Pre-FFN norm (absent when the block shares `attn_norm`).
     pub ffn_norm: Option<Norm>,
-    pub ffn: Mlp,
+    pub ffn: Ffn,
     /// Sandwich norms on the sub-block outputs.
     pub attn_out_norm: Option<Norm>,
     pub ffn_out_norm: Option<Norm>,
@@ -29,23 +50,31 @@ fn maybe(norm: &Option<Norm>, x: Tensor) -> Result<Tensor> {
 }
 
 impl Block {
+    /// The block's output, and its router's statistics when the FFN is a Mixture of Experts.
     pub fn forward(
         &self,
         x: &Tensor,
         rope: Option<(&Tensor, &Tensor)>,
         cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        let mut stats = None;
         let h = self.attn_norm.forward(x)?;
         let a = maybe(&self.attn_out_norm, self.attn.forward(&h, rope, cache)?)?;
-        match (self.kind, &self.ffn_norm) {
+        let y = match (self.kind, &self.ffn_norm) {
             (BlockKind::Sequential, Some(n)) => {
                 let x = (x + a)?;
-                let f = maybe(&self.ffn_out_norm, self.ffn.forward(&n.forward(&x)?)?)?;
-                x + f
+                let f = maybe(
+                    &self.ffn_out_norm,
+                    self.ffn.forward(&n.forward(&x)?, &mut stats)?,
+                )?;
+                (x + f)?
             }
-            (BlockKind::Parallel, Some(n)) => x + a + self.ffn.forward(&n.forward(x)?)?,
-            (BlockKind::ParallelSharedNorm, _) => x + a + self.ffn.forward(&h)?,
+            (BlockKind::Parallel, Some(n)) => {
+                (x + a + self.ffn.forward(&n.forward(x)?, &mut stats)?)?
+            }
+            (BlockKind::ParallelSharedNorm, _) => (x + a + self.ffn.forward(&h, &mut stats)?)?,
             (kind, None) => candle_core::bail!("{kind:?} block needs a pre-FFN norm"),
-        }
+        };
+        Ok((y, stats))
     }
 }

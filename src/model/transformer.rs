@@ -5,11 +5,12 @@
 use candle_core::{Device, Result as CResult, Tensor};
 use std::collections::BTreeMap;
 
-use super::block::Block;
+use super::block::{Block, Ffn};
 use super::cache::Cache;
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm};
 use crate::error::{Error, Result};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
+use crate::routing::{MoeLayer, MoeStats};
 use crate::weights::names::param_specs;
 
 /// What one forward pass produces.
@@ -21,6 +22,32 @@ pub struct ModelOutput {
     /// every block but the last, and the last block's output after the final norm
     /// (`n_layers + 1` tensors of `(b, t, d_model)`, transformers' convention).
     pub hidden_states: Vec<Tensor>,
+    /// What each Mixture-of-Experts layer's router did, in layer order.
+    pub moe: Vec<MoeStats>,
+}
+
+impl ModelOutput {
+    /// The sum of the routers' weighted auxiliary losses, if any layer has one.
+    pub fn aux_loss(&self) -> CResult<Option<Tensor>> {
+        let mut total: Option<Tensor> = None;
+        for l in self.moe.iter().filter_map(|s| s.aux_loss.as_ref()) {
+            total = Some(match total {
+                Some(t) => (t + l)?,
+                None => l.clone(),
+            });
+        }
+        Ok(total)
+    }
+}
+
+/// A training loss and what produced it.
+#[derive(Debug)]
+pub struct Loss {
+    /// Mean next-token cross-entropy (nats).
+    pub ce: Tensor,
+    /// `ce` plus the routers' weighted auxiliary losses.
+    pub total: Tensor,
+    pub moe: Vec<MoeStats>,
 }
 
 /// What to compute in a forward pass.
@@ -140,15 +167,39 @@ impl Model {
                 window: config.layer(l).window,
                 softcap: config.attn_softcap,
             };
-            let ffn = Mlp {
-                kind: config.ffn,
-                gate: if config.ffn.is_gated() {
-                    Some(linear(&format!("{p}.mlp.gate_proj"))?)
-                } else {
-                    None
-                },
-                up: linear(&format!("{p}.mlp.up_proj"))?,
-                down: linear(&format!("{p}.mlp.down_proj"))?,
+            let mlp = |prefix: &str| -> Result<Mlp> {
+                Ok(Mlp {
+                    kind: config.ffn,
+                    gate: if config.ffn.is_gated() {
+                        Some(linear(&format!("{prefix}.gate_proj"))?)
+                    } else {
+                        None
+                    },
+                    up: linear(&format!("{prefix}.up_proj"))?,
+                    down: linear(&format!("{prefix}.down_proj"))?,
+                })
+            };
+            let ffn = match (config.layer(l).moe, &config.moe) {
+                (true, Some(m)) => Ffn::Moe(MoeLayer {
+                    layer: l,
+                    config: *m,
+                    router: get(&format!("{p}.mlp.gate.weight"))?,
+                    selection_bias: opt(&format!("{p}.mlp.gate.e_score_correction_bias")),
+                    experts: (0..m.n_experts)
+                        .map(|e| mlp(&format!("{p}.mlp.experts.{e}")))
+                        .collect::<Result<_>>()?,
+                    shared: if m.d_shared > 0 {
+                        Some(mlp(&format!("{p}.mlp.shared_expert"))?)
+                    } else {
+                        None
+                    },
+                    shared_gate: if m.shared_gate {
+                        Some(linear(&format!("{p}.mlp.shared_expert_gate"))?)
+                    } else {
+                        None
+                    },
+                }),
+                _ => Ffn::Dense(mlp(&format!("{p}.mlp"))?),
             };
             let sandwich = |name: &str| -> Result<Option<Norm>> {
                 Ok(if config.sandwich_norms {
@@ -275,12 +326,15 @@ impl Model {
         };
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         let mut hidden = Vec::new();
+        let mut moe = Vec::new();
         for (l, block) in self.blocks.iter().enumerate() {
             if opts.hidden_states {
                 hidden.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = block.forward(&x, rope, layer_cache)?;
+            let (y, stats) = block.forward(&x, rope, layer_cache)?;
+            x = y;
+            moe.extend(stats);
         }
         let x = if opts.last_only {
             x.narrow(1, t - 1, 1)?
@@ -298,18 +352,27 @@ impl Model {
         Ok(ModelOutput {
             logits,
             hidden_states: hidden,
+            moe,
         })
     }
 
     /// Mean next-token cross-entropy of `ids: (b, t)` predicting `targets: (b, t)`.
-    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    /// The cross-entropy plus the routers' auxiliary losses (`total`, what training
+    /// minimises), with the routers' statistics.
+    pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Loss> {
         let out = self.forward(ids, None, false)?;
         let v = self.config.vocab_size;
         let logits = out.logits.reshape(((), v))?;
-        Ok(crate::nn::ops::cross_entropy(
-            &logits,
-            &targets.flatten_all()?,
-        )?)
+        let ce = crate::nn::ops::cross_entropy(&logits, &targets.flatten_all()?)?;
+        let total = match out.aux_loss()? {
+            Some(aux) => (&ce + aux)?,
+            None => ce.clone(),
+        };
+        Ok(Loss {
+            ce,
+            total,
+            moe: out.moe,
+        })
     }
 
     /// A fresh cache for this model.

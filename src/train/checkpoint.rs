@@ -23,6 +23,82 @@ pub struct Metric {
     pub gflops: f64,
     /// Wall-clock seconds since the run started (across resumes).
     pub elapsed_s: f64,
+    /// Per MoE layer: what its router did in this step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub router: Vec<RouterMetric>,
+}
+
+/// One MoE layer's routing in one step (summed over micro-batches).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterMetric {
+    pub layer: usize,
+    /// Token assignments per expert.
+    pub load: Vec<usize>,
+    /// The busiest expert's load over the mean load.
+    pub max_over_mean: f64,
+    /// Share of assignments dropped by the capacity limit.
+    pub dropped_fraction: f64,
+    /// Mean entropy of the per-token expert distribution (nats).
+    pub entropy: f64,
+    /// Weighted auxiliary (balancing + z) loss.
+    pub aux_loss: f64,
+}
+
+impl RouterMetric {
+    pub fn from_stats(s: &crate::routing::MoeStats) -> crate::Result<Self> {
+        let aux_loss = match &s.aux_loss {
+            Some(t) => t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+            None => 0.0,
+        };
+        let mut m = Self {
+            layer: s.layer,
+            load: s.load.clone(),
+            max_over_mean: 0.0,
+            dropped_fraction: 0.0,
+            entropy: s.entropy,
+            aux_loss,
+        };
+        m.dropped_fraction = s.dropped as f64 / s.assignments.max(1) as f64;
+        m.finish();
+        Ok(m)
+    }
+
+    fn finish(&mut self) {
+        let total: usize = self.load.iter().sum();
+        let mean = total as f64 / self.load.len().max(1) as f64;
+        let max = self.load.iter().copied().max().unwrap_or(0) as f64;
+        self.max_over_mean = if mean > 0.0 { max / mean } else { 0.0 };
+    }
+
+    /// Sum per-micro-batch metrics into one per layer.
+    pub fn merge(parts: Vec<RouterMetric>) -> Vec<RouterMetric> {
+        let mut out: Vec<RouterMetric> = Vec::new();
+        let mut counts: Vec<usize> = Vec::new();
+        for p in parts {
+            match out.iter().position(|m| m.layer == p.layer) {
+                Some(i) => {
+                    let m = &mut out[i];
+                    m.load.iter_mut().zip(&p.load).for_each(|(a, b)| *a += b);
+                    m.dropped_fraction += p.dropped_fraction;
+                    m.entropy += p.entropy;
+                    m.aux_loss += p.aux_loss;
+                    counts[i] += 1;
+                }
+                None => {
+                    out.push(p);
+                    counts.push(1);
+                }
+            }
+        }
+        for (m, n) in out.iter_mut().zip(counts) {
+            let n = n as f64;
+            m.dropped_fraction /= n;
+            m.entropy /= n;
+            m.aux_loss /= n;
+            m.finish();
+        }
+        out
+    }
 }
 
 /// Everything in `state.json`.

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::checkpoint::{self, Metric, TrainState};
+use super::checkpoint::{self, Metric, RouterMetric, TrainState};
 use super::data::{Dataset, Split};
 use super::optimizer::{learning_rate, AdamW, AdamWConfig};
 use super::rng::Rng;
@@ -33,6 +33,8 @@ pub struct Trainer {
     pub metrics: Vec<Metric>,
     /// The text file trained on (None: the embedded corpus); saved for `--resume`.
     pub data_source: Option<PathBuf>,
+    /// What the MoE routers did in the last step.
+    pub last_router: Vec<RouterMetric>,
     /// Training FLOPs per token from the ledger.
     flops_per_token: f64,
 }
@@ -123,6 +125,7 @@ impl Trainer {
             elapsed_s: 0.0,
             metrics: Vec::new(),
             data_source: None,
+            last_router: Vec::new(),
             flops_per_token,
         })
     }
@@ -189,6 +192,7 @@ impl Trainer {
         let device = self.model.device().clone();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
         let mut loss_sum = 0f64;
+        let mut router_stats: Vec<RouterMetric> = Vec::new();
         for _ in 0..c.grad_accum {
             let (x, y) = data.batch(
                 Split::Train,
@@ -197,12 +201,15 @@ impl Trainer {
                 c.seq_len,
                 &device,
             )?;
-            let loss = self.model.loss(&x, &y)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let out = self.model.loss(&x, &y)?;
+            loss_sum += out.ce.to_scalar::<f32>()? as f64;
+            for s in &out.moe {
+                router_stats.push(RouterMetric::from_stats(s)?);
+            }
             let loss = if c.grad_accum > 1 {
-                (loss / c.grad_accum as f64)?
+                (out.total / c.grad_accum as f64)?
             } else {
-                loss
+                out.total
             };
             let store = loss.backward()?;
             for (acc, slot) in grads.iter_mut().zip(&self.opt.slots) {
@@ -227,6 +234,7 @@ impl Trainer {
         let lr = learning_rate(self.step, c.lr, c.min_lr, c.warmup_steps, c.decay_steps);
         self.opt.step(&grads, lr, scale)?;
         self.step += 1;
+        self.last_router = RouterMetric::merge(router_stats);
         self.tokens_seen += (c.grad_accum * c.batch_size * c.seq_len) as u64;
         Ok((loss_sum / c.grad_accum as f64, norm, lr))
     }
@@ -356,6 +364,7 @@ impl Trainer {
                     grad_norm: norm,
                     gflops: tps * self.flops_per_token / 1e9,
                     elapsed_s: self.elapsed_s,
+                    router: self.last_router.clone(),
                 };
                 let line = serde_json::to_string(&m).map_err(|e| Error::parse(&metrics_path, e))?;
                 writeln!(file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
@@ -393,7 +402,7 @@ pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f6
             train.seq_len,
             model.device(),
         )?;
-        sum += model.loss(&x, &y)?.to_scalar::<f32>()? as f64;
+        sum += model.loss(&x, &y)?.ce.to_scalar::<f32>()? as f64;
     }
     Ok(sum / train.eval_batches as f64)
 }

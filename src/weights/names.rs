@@ -71,6 +71,28 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             v.push(vector(format!("{prefix}.bias"), d, Init::Zeros));
         }
     };
+    // one feed-forward network of hidden width `width` under `prefix`
+    let ffn = |v: &mut Vec<ParamSpec>, prefix: String, width: usize| {
+        let mut ffn_in = vec!["up_proj"];
+        if cfg.ffn.is_gated() {
+            ffn_in.insert(0, "gate_proj");
+        }
+        for proj in ffn_in {
+            v.push(matrix(format!("{prefix}.{proj}.weight"), width, d, std));
+            if cfg.ffn_bias {
+                v.push(vector(format!("{prefix}.{proj}.bias"), width, Init::Zeros));
+            }
+        }
+        v.push(matrix(
+            format!("{prefix}.down_proj.weight"),
+            d,
+            width,
+            out_std,
+        ));
+        if cfg.ffn_bias {
+            v.push(vector(format!("{prefix}.down_proj.bias"), d, Init::Zeros));
+        }
+    };
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"));
@@ -136,28 +158,32 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             norm(&mut v, format!("{p}.attn_out_norm"));
             norm(&mut v, format!("{p}.ffn_out_norm"));
         }
-        let mut ffn_in = vec!["up_proj"];
-        if cfg.ffn.is_gated() {
-            ffn_in.insert(0, "gate_proj");
-        }
-        for proj in ffn_in {
-            v.push(matrix(format!("{p}.mlp.{proj}.weight"), cfg.d_ff, d, std));
-            if cfg.ffn_bias {
-                v.push(vector(
-                    format!("{p}.mlp.{proj}.bias"),
-                    cfg.d_ff,
-                    Init::Zeros,
-                ));
+        match (cfg.layer(l).moe, &cfg.moe) {
+            (true, Some(m)) => {
+                v.push(matrix(format!("{p}.mlp.gate.weight"), m.n_experts, d, std));
+                if m.selection_bias {
+                    v.push(vector(
+                        format!("{p}.mlp.gate.e_score_correction_bias"),
+                        m.n_experts,
+                        Init::Zeros,
+                    ));
+                }
+                for e in 0..m.n_experts {
+                    ffn(&mut v, format!("{p}.mlp.experts.{e}"), m.d_expert);
+                }
+                if m.d_shared > 0 {
+                    ffn(&mut v, format!("{p}.mlp.shared_expert"), m.d_shared);
+                }
+                if m.shared_gate {
+                    v.push(matrix(
+                        format!("{p}.mlp.shared_expert_gate.weight"),
+                        1,
+                        d,
+                        std,
+                    ));
+                }
             }
-        }
-        v.push(matrix(
-            format!("{p}.mlp.down_proj.weight"),
-            d,
-            cfg.d_ff,
-            out_std,
-        ));
-        if cfg.ffn_bias {
-            v.push(vector(format!("{p}.mlp.down_proj.bias"), d, Init::Zeros));
+            _ => ffn(&mut v, format!("{p}.mlp"), cfg.d_ff),
         }
     }
     norm(&mut v, "model.norm".into());

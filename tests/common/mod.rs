@@ -64,7 +64,13 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.final_softcap = Some(3.0);
             c.attn_scale = Some(0.3);
             c.n_kv_heads = 2;
-            c.layers = vec![LayerSpec { window: Some(3) }, LayerSpec { window: None }];
+            c.layers = vec![
+                LayerSpec {
+                    window: Some(3),
+                    moe: false,
+                },
+                LayerSpec::default(),
+            ];
         }
         5 => {
             // GPT-NeoX-like: parallel block, exact GELU, LayerNorm with bias, full q/k norm,
@@ -95,7 +101,13 @@ pub fn tiny(variant: usize) -> ModelConfig {
                     original_max_position_embeddings: 16.0,
                 },
             };
-            c.layers = vec![LayerSpec { window: Some(4) }; 2];
+            c.layers = vec![
+                LayerSpec {
+                    window: Some(4),
+                    moe: false
+                };
+                2
+            ];
         }
         _ => {}
     }

@@ -1,0 +1,109 @@
+//! Mixture-of-Experts families on the Llama layout: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+//! Softmax routing over all experts, top-k, renormalised or not; Qwen2-MoE adds a shared
+//! expert behind a sigmoid gate and dense layers between sparse ones.
+
+use super::{llama, qwen, RawConfig, TensorMap};
+use crate::config::{LayerSpec, ModelConfig, MoeConfig, QkNorm, Scoring};
+use crate::error::Result;
+use crate::weights::{names::param_specs, Params};
+
+fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeConfig {
+    MoeConfig {
+        n_experts: raw.usize(&["num_experts", "num_local_experts", "n_routed_experts"]),
+        top_k: raw.usize(&["num_experts_per_tok"]),
+        d_expert: raw.usize(d_expert_keys),
+        scoring: Scoring::Softmax,
+        norm_topk: raw.bool_or("norm_topk_prob", norm_topk_default),
+        routed_scale: 1.0,
+        n_groups: 1,
+        topk_groups: 1,
+        selection_bias: false,
+        d_shared: 0,
+        shared_gate: false,
+        aux_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+        capacity_factor: None,
+    }
+}
+
+/// Mark layers sparse: all but `mlp_only_layers`, every `decoder_sparse_step`-th.
+fn mark_layers(raw: &RawConfig, c: &mut ModelConfig) {
+    let step = raw.opt_usize(&["decoder_sparse_step"]).unwrap_or(1).max(1);
+    let dense: Vec<usize> = raw.usize_list("mlp_only_layers").unwrap_or_default();
+    if c.layers.is_empty() {
+        c.layers = vec![LayerSpec::default(); c.n_layers];
+    }
+    for (l, spec) in c.layers.iter_mut().enumerate() {
+        spec.moe = !dense.contains(&l) && (l + 1) % step == 0;
+    }
+}
+
+pub fn config_mixtral(raw: &RawConfig) -> ModelConfig {
+    let mut c = llama::base(raw);
+    c.moe = Some(moe(raw, &["intermediate_size"], true));
+    c.moe.iter_mut().for_each(|m| m.norm_topk = true);
+    mark_layers(raw, &mut c);
+    c
+}
+
+pub fn config_qwen2_moe(raw: &RawConfig) -> ModelConfig {
+    let mut c = qwen::config_qwen2(raw);
+    let mut m = moe(raw, &["moe_intermediate_size"], false);
+    m.d_shared = raw
+        .opt_usize(&["shared_expert_intermediate_size"])
+        .unwrap_or(0);
+    m.shared_gate = m.d_shared > 0;
+    c.moe = Some(m);
+    mark_layers(raw, &mut c);
+    c
+}
+
+pub fn config_qwen3_moe(raw: &RawConfig) -> ModelConfig {
+    let mut c = qwen::config_qwen3(raw);
+    c.moe = Some(moe(raw, &["moe_intermediate_size"], false));
+    mark_layers(raw, &mut c);
+    c
+}
+
+pub fn config_olmoe(raw: &RawConfig) -> ModelConfig {
+    let mut c = llama::base(raw);
+    c.qk_norm = QkNorm::Full;
+    if raw.opt_f64(&["clip_qkv"]).is_some() {
+        raw.problem("clip_qkv is not supported yet".into());
+    }
+    c.moe = Some(moe(raw, &["intermediate_size"], false));
+    mark_layers(raw, &mut c);
+    c
+}
+
+/// Mixtral's names: `block_sparse_moe.gate`, experts' `w1` (gate), `w3` (up), `w2` (down).
+pub fn tensors_mixtral(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
+    let mut out = Params::new();
+    let n = cfg.moe.map_or(0, |m| m.n_experts);
+    for l in 0..cfg.n_layers {
+        let (from, to) = (
+            format!("model.layers.{l}.block_sparse_moe"),
+            format!("model.layers.{l}.mlp"),
+        );
+        map.rename(
+            &mut out,
+            &format!("{from}.gate.weight"),
+            &format!("{to}.gate.weight"),
+        );
+        for e in 0..n {
+            for (w, proj) in [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")] {
+                map.rename(
+                    &mut out,
+                    &format!("{from}.experts.{e}.{w}.weight"),
+                    &format!("{to}.experts.{e}.{proj}.weight"),
+                );
+            }
+        }
+    }
+    for spec in param_specs(cfg) {
+        if !out.contains_key(&spec.name) {
+            map.rename(&mut out, &spec.name, &spec.name);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,9 @@
+//! Routing: a router turns token rows into a choice (which rows go where, with which
+//! weight), and dispatch gathers the chosen rows, runs the computation on them only and
+//! adds the weighted results back. Mixture-of-Experts uses it to choose experts.
+
+pub mod moe;
+pub mod router;
+
+pub use moe::{MoeLayer, MoeStats};
+pub use router::{choose_experts, RouterChoice};

@@ -1,0 +1,198 @@
+//! The Mixture-of-Experts feed-forward layer: router → top-k choice → per-expert gather,
+//! one FFN call on exactly the rows routed to each expert, gate-weighted indexed add back
+//! (Shazeer et al., 2017; Switch, arXiv:2101.03961; Mixtral, arXiv:2401.04088). No
+//! [tokens × experts × d] tensor exists and no expert runs on a token it was not chosen for.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::router::choose_experts;
+use crate::config::{MoeConfig, Scoring};
+use crate::nn::{Linear, Mlp};
+
+/// What one MoE layer's router did in a forward pass.
+#[derive(Debug, Clone)]
+pub struct MoeStats {
+    pub layer: usize,
+    /// `(tokens, n_experts)` router logits (before softmax or sigmoid).
+    pub router_logits: Tensor,
+    /// Assignments per expert (after capacity dropping).
+    pub load: Vec<usize>,
+    /// Assignments dropped by the capacity limit, of `assignments` in all.
+    pub dropped: usize,
+    pub assignments: usize,
+    /// Mean entropy (nats) of the per-token expert distribution.
+    pub entropy: f64,
+    /// Weighted balancing and z losses, when their coefficients are set.
+    pub aux_loss: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeLayer {
+    pub layer: usize,
+    pub config: MoeConfig,
+    /// `(n_experts, d_model)`.
+    pub router: Tensor,
+    /// Selection-only bias `(n_experts)`.
+    pub selection_bias: Option<Tensor>,
+    pub experts: Vec<Mlp>,
+    pub shared: Option<Mlp>,
+    pub shared_gate: Option<Linear>,
+}
+
+impl MoeLayer {
+    /// `x: (b, t, d)` → `(b, t, d)` and the router's statistics.
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MoeStats)> {
+        let c = &self.config;
+        let (b, t, d) = x.dims3()?;
+        let n = b * t;
+        let e_count = c.n_experts;
+        let xs = x.reshape((n, d))?;
+        let logits = xs.matmul(&self.router.t()?)?; // (n, E)
+        let scores = match c.scoring {
+            Scoring::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
+            Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+        };
+        let host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias: Option<Vec<f32>> = match &self.selection_bias {
+            Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let choice = choose_experts(
+            &host,
+            e_count,
+            c.top_k,
+            bias.as_deref(),
+            c.n_groups,
+            c.topk_groups,
+        );
+
+        // weights from the unbiased scores, gathered from the tensor so the router learns
+        let flat: Vec<u32> = (0..n * c.top_k)
+            .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
+            .collect();
+        let flat = Tensor::from_vec(flat, n * c.top_k, x.device())?;
+        let mut w = scores
+            .flatten_all()?
+            .index_select(&flat, 0)?
+            .reshape((n, c.top_k))?;
+        if c.norm_topk {
+            // the epsilon keeps the weights finite when every chosen score underflows
+            w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
+        }
+        if c.routed_scale != 1.0 {
+            w = (w * c.routed_scale)?;
+        }
+        let w = w.flatten_all()?;
+
+        // group assignments by expert; capacity drops the latest tokens past the limit
+        let capacity = c
+            .capacity_factor
+            .map(|cf| ((cf * (n * c.top_k) as f64) / e_count as f64).ceil() as usize);
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut dropped = 0;
+        for (s, &e) in choice.experts.iter().enumerate() {
+            let e = e as usize;
+            if capacity.is_some_and(|cap| rows[e].len() >= cap) {
+                dropped += 1;
+                continue;
+            }
+            rows[e].push((s / c.top_k) as u32);
+            slots[e].push(s as u32);
+        }
+        let mut all_rows = Vec::with_capacity(n * c.top_k);
+        let mut outs = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            if rows[e].is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows[e].as_slice(), x.device())?;
+            let we = w
+                .index_select(&Tensor::new(slots[e].as_slice(), x.device())?, 0)?
+                .unsqueeze(1)?;
+            outs.push(
+                expert
+                    .forward(&xs.index_select(&idx, 0)?)?
+                    .broadcast_mul(&we)?,
+            );
+            all_rows.extend_from_slice(&rows[e]);
+        }
+        let mut out = xs.zeros_like()?;
+        if !outs.is_empty() {
+            let idx = Tensor::new(all_rows.as_slice(), x.device())?;
+            out = out.index_add(&idx, &Tensor::cat(&outs, 0)?, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            let mut s = shared.forward(&xs)?;
+            if let Some(g) = &self.shared_gate {
+                s = s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(&xs)?)?)?;
+            }
+            out = (out + s)?;
+        }
+        let load: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+        let entropy = mean_entropy(&host, e_count, c.scoring);
+        let aux_loss = self.aux_loss(&logits, &scores, &load, n)?;
+        let stats = MoeStats {
+            layer: self.layer,
+            router_logits: logits,
+            load,
+            dropped,
+            assignments: n * c.top_k,
+            entropy,
+            aux_loss,
+        };
+        Ok((out.reshape((b, t, d))?, stats))
+    }
+
+    /// `coef_aux · E · Σ_e f_e P_e + coef_z · mean(logsumexp(logits)²)`, where `f_e` is the
+    /// fraction of tokens sent to expert e and `P_e` its mean router probability.
+    fn aux_loss(
+        &self,
+        logits: &Tensor,
+        scores: &Tensor,
+        load: &[usize],
+        n: usize,
+    ) -> Result<Option<Tensor>> {
+        let c = &self.config;
+        let mut total: Option<Tensor> = None;
+        if c.aux_loss_coef > 0.0 {
+            let probs = match c.scoring {
+                Scoring::Softmax => scores.clone(),
+                Scoring::Sigmoid => scores.broadcast_div(&(scores.sum_keepdim(1)? + 1e-20)?)?,
+            };
+            let p = probs.mean(0)?; // (E)
+            let f: Vec<f32> = load.iter().map(|&l| l as f32 / n as f32).collect();
+            let f = Tensor::from_vec(f, load.len(), logits.device())?.to_dtype(p.dtype())?;
+            let l = ((p * f)?.sum_all()? * (c.aux_loss_coef * c.n_experts as f64))?;
+            total = Some(l);
+        }
+        if c.z_loss_coef > 0.0 {
+            let max = logits.max_keepdim(1)?;
+            let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+            let z = (lse.sqr()?.mean_all()? * c.z_loss_coef)?;
+            total = Some(match total {
+                Some(t) => (t + z)?,
+                None => z,
+            });
+        }
+        Ok(total)
+    }
+}
+
+fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
+    let n = scores.len() / e.max(1);
+    let mut sum = 0f64;
+    for row in scores.chunks(e) {
+        let total: f64 = match scoring {
+            Scoring::Softmax => 1.0,
+            Scoring::Sigmoid => row.iter().map(|&v| v as f64).sum::<f64>().max(1e-20),
+        };
+        sum -= row
+            .iter()
+            .map(|&v| v as f64 / total)
+            .filter(|&p| p > 0.0)
+            .map(|p| p * p.ln())
+            .sum::<f64>();
+    }
+    sum / n.max(1) as f64
+}
