@@ -29,10 +29,39 @@ fn train_small_matches_hand_count() {
 fn parameter_count_agrees_with_parameter_table() {
     for text in [
         "d_model = 48\nn_layers = 3\nn_heads = 6\nn_kv_heads = 2\nqkv_bias = true\n",
+        "d_model = 32\nn_layers = 3\nn_heads = 4\n[moe]\nn_experts = 6\ntop_k = 2\nfirst_dense = 1\nd_shared = 16\nshared_gate = true\nselection_bias = true\n",
         "d_model = 32\nn_layers = 2\nn_heads = 4\nnorm = \"layer_norm\"\nnorm_bias = true\nffn = \"gelu\"\nffn_bias = true\nout_bias = true\nposition = \"learned\"\ntie_embeddings = false\n",
     ] {
         let cfg = RunFile::parse(text, false).unwrap().model.resolve("t").unwrap();
         let table: usize = param_specs(&cfg).iter().map(|s| s.numel()).sum();
         assert_eq!(FlopLedger::new(&cfg, 16).total_params, table, "{text}");
     }
+}
+
+/// An MoE layer counts the router plus top_k experts per token; inactive experts are
+/// parameters but not active ones.
+#[test]
+fn moe_ledger_counts_active_experts_only() {
+    let dense = RunFile::from_file(std::path::Path::new("configs/train-small.toml"))
+        .unwrap()
+        .model
+        .resolve("d")
+        .unwrap();
+    let moe = RunFile::from_file(std::path::Path::new("configs/moe.toml"))
+        .unwrap()
+        .model
+        .resolve("m")
+        .unwrap();
+    let (ld, lm) = (FlopLedger::new(&dense, 256), FlopLedger::new(&moe, 256));
+    // same expert FLOPs (2 × 352 = 704 wide), plus a 256 × 8 router per layer
+    let router = 6.0 * 2.0 * 256.0 * 8.0;
+    assert_eq!(lm.forward_per_token(), ld.forward_per_token() + router);
+    let expert = 3 * 256 * 352;
+    assert_eq!(
+        lm.total_params - ld.total_params,
+        6 * (8 * expert - 3 * 256 * 704 + 8 * 256)
+    );
+    assert_eq!(lm.total_params - lm.active_params, 6 * 6 * expert);
+    let table: usize = param_specs(&moe).iter().map(|s| s.numel()).sum();
+    assert_eq!(lm.total_params, table);
 }

@@ -75,6 +75,7 @@ pub const PRESETS: &[(&str, &str)] = &[
         "train-small",
         include_str!("../../configs/train-small.toml"),
     ),
+    ("moe", include_str!("../../configs/moe.toml")),
 ];
 
 /// A preset by file path, or by the name of an embedded preset.

@@ -294,6 +294,110 @@ pub struct ModelConfigFile {
     pub block: Option<BlockKind>,
     /// `none` (default), `per_head` or `full`.
     pub qk_norm: Option<QkNorm>,
+    /// A Mixture-of-Experts FFN in some or all layers (`[model.moe]`).
+    pub moe: Option<MoeFile>,
+}
+
+/// The file form of [`MoeConfig`] plus which layers use it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeFile {
+    /// Default 8.
+    pub n_experts: Option<usize>,
+    /// Default 2.
+    pub top_k: Option<usize>,
+    /// Expert width; default `d_ff / top_k` (the dense FFN's active FLOPs per token).
+    pub d_expert: Option<usize>,
+    /// `softmax` (default) or `sigmoid`.
+    pub scoring: Option<Scoring>,
+    /// Default true.
+    pub norm_topk: Option<bool>,
+    /// Default 1.
+    pub routed_scale: Option<f64>,
+    /// Default 1 (no group limit).
+    pub n_groups: Option<usize>,
+    pub topk_groups: Option<usize>,
+    /// Default false.
+    pub selection_bias: Option<bool>,
+    /// Shared expert width; default 0 (none).
+    pub d_shared: Option<usize>,
+    pub shared_gate: Option<bool>,
+    /// Default 0.01.
+    pub aux_loss_coef: Option<f64>,
+    /// Default 0.001.
+    pub z_loss_coef: Option<f64>,
+    /// Default: dropless.
+    pub capacity_factor: Option<f64>,
+    /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
+    /// unless `layers` lists them explicitly.
+    pub every: Option<usize>,
+    pub first_dense: Option<usize>,
+    pub layers: Option<Vec<usize>>,
+}
+
+impl MoeFile {
+    fn resolve(&self, d_ff: usize, n_layers: usize) -> (MoeConfig, Vec<bool>) {
+        let top_k = self.top_k.unwrap_or(2);
+        let n_groups = self.n_groups.unwrap_or(1);
+        let c = MoeConfig {
+            n_experts: self.n_experts.unwrap_or(8),
+            top_k,
+            d_expert: self.d_expert.unwrap_or(d_ff / top_k.max(1)),
+            scoring: self.scoring.unwrap_or_default(),
+            norm_topk: self.norm_topk.unwrap_or(true),
+            routed_scale: self.routed_scale.unwrap_or(1.0),
+            n_groups,
+            topk_groups: self.topk_groups.unwrap_or(n_groups),
+            selection_bias: self.selection_bias.unwrap_or(false),
+            d_shared: self.d_shared.unwrap_or(0),
+            shared_gate: self.shared_gate.unwrap_or(false),
+            aux_loss_coef: self.aux_loss_coef.unwrap_or(0.01),
+            z_loss_coef: self.z_loss_coef.unwrap_or(0.001),
+            capacity_factor: self.capacity_factor,
+        };
+        let (every, first) = (
+            self.every.unwrap_or(1).max(1),
+            self.first_dense.unwrap_or(0),
+        );
+        let marks = (0..n_layers)
+            .map(|l| match &self.layers {
+                Some(list) => list.contains(&l),
+                None => l >= first && (l - first) % every == 0,
+            })
+            .collect();
+        (c, marks)
+    }
+}
+
+impl From<(&MoeConfig, &[LayerSpec])> for MoeFile {
+    fn from((m, layers): (&MoeConfig, &[LayerSpec])) -> Self {
+        MoeFile {
+            n_experts: Some(m.n_experts),
+            top_k: Some(m.top_k),
+            d_expert: Some(m.d_expert),
+            scoring: Some(m.scoring),
+            norm_topk: Some(m.norm_topk),
+            routed_scale: Some(m.routed_scale),
+            n_groups: Some(m.n_groups),
+            topk_groups: Some(m.topk_groups),
+            selection_bias: Some(m.selection_bias),
+            d_shared: Some(m.d_shared),
+            shared_gate: Some(m.shared_gate),
+            aux_loss_coef: Some(m.aux_loss_coef),
+            z_loss_coef: Some(m.z_loss_coef),
+            capacity_factor: m.capacity_factor,
+            every: None,
+            first_dense: None,
+            layers: Some(
+                layers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.moe)
+                    .map(|(i, _)| i)
+                    .collect(),
+            ),
+        }
+    }
 }
 
 impl ModelConfigFile {
@@ -384,6 +488,17 @@ impl ModelConfigFile {
             head_bias: false,
             moe: None,
         };
+        let mut cfg = cfg;
+        if let Some(mf) = &self.moe {
+            let (m, marks) = mf.resolve(cfg.d_ff, n_layers);
+            if cfg.layers.is_empty() {
+                cfg.layers = vec![LayerSpec::default(); n_layers];
+            }
+            for (spec, on) in cfg.layers.iter_mut().zip(marks) {
+                spec.moe = on;
+            }
+            cfg.moe = Some(m);
+        }
         problems.extend(cfg.problems());
         if problems.is_empty() {
             Ok(cfg)
@@ -610,6 +725,10 @@ impl From<&ModelConfig> for ModelConfigFile {
             sliding_window: c.layers.first().and_then(|l| l.window),
             block: Some(c.block),
             qk_norm: Some(c.qk_norm),
+            moe: c
+                .moe
+                .as_ref()
+                .map(|m| MoeFile::from((m, c.layers.as_slice()))),
         }
     }
 }

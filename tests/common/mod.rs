@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use routelm::config::{
-    BlockKind, FfnKind, LayerSpec, ModelConfigFile, NormKind, Position, QkNorm, RopeScaling,
+    BlockKind, FfnKind, LayerSpec, ModelConfigFile, MoeConfig, NormKind, Position, QkNorm,
+    RopeScaling, Scoring,
 };
 use routelm::ModelConfig;
 
@@ -48,7 +49,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
-        4..=6 => {}
+        4..=8 => {}
         _ => panic!("no variant {variant}"),
     }
     let mut c = f.resolve("tiny").unwrap();
@@ -109,13 +110,67 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 2
             ];
         }
+        7 => {
+            // DeepSeek-like MoE: sigmoid scores, groups, selection bias, renormalised and
+            // scaled weights, a gated shared expert; first layer dense
+            c.moe = Some(MoeConfig {
+                n_experts: 6,
+                top_k: 2,
+                d_expert: 8,
+                scoring: Scoring::Sigmoid,
+                norm_topk: true,
+                routed_scale: 1.5,
+                n_groups: 3,
+                topk_groups: 2,
+                selection_bias: true,
+                d_shared: 12,
+                shared_gate: true,
+                aux_loss_coef: 0.01,
+                z_loss_coef: 0.001,
+                capacity_factor: None,
+            });
+            c.layers = vec![
+                LayerSpec::default(),
+                LayerSpec {
+                    window: None,
+                    moe: true,
+                },
+            ];
+        }
+        8 => {
+            // Mixtral-like MoE in every layer with balancing and z losses, GQA
+            c.n_kv_heads = 2;
+            c.moe = Some(MoeConfig {
+                n_experts: 4,
+                top_k: 2,
+                d_expert: 16,
+                scoring: Scoring::Softmax,
+                norm_topk: true,
+                routed_scale: 1.0,
+                n_groups: 1,
+                topk_groups: 1,
+                selection_bias: false,
+                d_shared: 0,
+                shared_gate: false,
+                aux_loss_coef: 0.02,
+                z_loss_coef: 0.001,
+                capacity_factor: None,
+            });
+            c.layers = vec![
+                LayerSpec {
+                    window: None,
+                    moe: true
+                };
+                2
+            ];
+        }
         _ => {}
     }
     assert!(c.problems().is_empty(), "{:?}", c.problems());
     c
 }
 
-pub const VARIANTS: usize = 7;
+pub const VARIANTS: usize = 9;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

@@ -1,0 +1,383 @@
+//! The Mixture-of-Experts layer against a slow reference that loops over tokens and
+//! experts, for every routing variant; equivalences and pitfalls that other engines
+//! shipped as bugs.
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use routelm::config::{FfnKind, MoeConfig, Scoring};
+use routelm::nn::{Linear, Mlp};
+use routelm::routing::MoeLayer;
+use routelm::train::rng::Rng;
+
+const D: usize = 8;
+
+fn randn(shape: &[usize], std: f64, rng: &mut Rng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn mlp(width: usize, rng: &mut Rng) -> Mlp {
+    let lin = |o, i, rng: &mut Rng| Linear::new(randn(&[o, i], 0.4, rng), None);
+    Mlp {
+        kind: FfnKind::Swiglu,
+        gate: Some(lin(width, D, rng)),
+        up: lin(width, D, rng),
+        down: lin(D, width, rng),
+    }
+}
+
+fn base() -> MoeConfig {
+    MoeConfig {
+        n_experts: 6,
+        top_k: 2,
+        d_expert: 5,
+        scoring: Scoring::Softmax,
+        norm_topk: false,
+        routed_scale: 1.0,
+        n_groups: 1,
+        topk_groups: 1,
+        selection_bias: false,
+        d_shared: 0,
+        shared_gate: false,
+        aux_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+        capacity_factor: None,
+    }
+}
+
+fn layer(c: MoeConfig, seed: u64) -> MoeLayer {
+    let mut rng = Rng::new(seed);
+    MoeLayer {
+        layer: 0,
+        config: c,
+        router: randn(&[c.n_experts, D], 1.0, &mut rng),
+        selection_bias: c
+            .selection_bias
+            .then(|| randn(&[c.n_experts], 0.5, &mut rng)),
+        experts: (0..c.n_experts)
+            .map(|_| mlp(c.d_expert, &mut rng))
+            .collect(),
+        shared: (c.d_shared > 0).then(|| mlp(c.d_shared, &mut rng)),
+        shared_gate: c
+            .shared_gate
+            .then(|| Linear::new(randn(&[1, D], 0.5, &mut rng), None)),
+    }
+}
+
+/// The slow reference: every token on its own, scores in f64, experts one by one.
+fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
+    let c = m.config;
+    let rows = x.dims()[0] * x.dims()[1];
+    let xs = x.reshape((rows, D)).unwrap();
+    let w = m
+        .router
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let bias: Vec<f64> = m
+        .selection_bias
+        .as_ref()
+        .map_or(vec![0.0; c.n_experts], |b| {
+            b.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+        });
+    let mut out = Vec::new();
+    for t in 0..rows {
+        let xt = xs.i(t..t + 1).unwrap();
+        let xv = xt
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let logits: Vec<f64> = w
+            .iter()
+            .map(|r| r.iter().zip(&xv).map(|(a, b)| a * b).sum())
+            .collect();
+        let scores: Vec<f64> = match c.scoring {
+            Scoring::Softmax => {
+                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                logits.iter().map(|l| (l - m).exp() / z).collect()
+            }
+            Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+        };
+        let biased: Vec<f64> = scores.iter().zip(&bias).map(|(s, b)| s + b).collect();
+        let gs = c.n_experts / c.n_groups;
+        let mut groups: Vec<(usize, f64)> = (0..c.n_groups)
+            .map(|g| {
+                let mut v = biased[g * gs..(g + 1) * gs].to_vec();
+                v.sort_by(|a, b| b.partial_cmp(a).unwrap());
+                (g, v.iter().take(2).sum())
+            })
+            .collect();
+        groups.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        let kept: Vec<usize> = groups.iter().take(c.topk_groups).map(|g| g.0).collect();
+        let mut cand: Vec<usize> = (0..c.n_experts)
+            .filter(|e| kept.contains(&(e / gs)))
+            .collect();
+        cand.sort_by(|&a, &b| biased[b].partial_cmp(&biased[a]).unwrap());
+        let chosen = &cand[..c.top_k];
+        let mut weights: Vec<f64> = chosen.iter().map(|&e| scores[e]).collect();
+        if c.norm_topk {
+            let s: f64 = weights.iter().sum::<f64>() + 1e-20;
+            weights.iter_mut().for_each(|w| *w /= s);
+        }
+        let mut y = Tensor::zeros((1, D), DType::F32, &Device::Cpu).unwrap();
+        for (&e, &wt) in chosen.iter().zip(&weights) {
+            y = (y + (m.experts[e].forward(&xt).unwrap() * (wt * c.routed_scale)).unwrap())
+                .unwrap();
+        }
+        if let Some(s) = &m.shared {
+            let mut sy = s.forward(&xt).unwrap();
+            if let Some(g) = &m.shared_gate {
+                let gl = g
+                    .forward(&xt)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()[0];
+                sy = (sy * (1.0 / (1.0 + (-gl).exp()))).unwrap();
+            }
+            y = (y + sy).unwrap();
+        }
+        out.push(y);
+    }
+    Tensor::cat(&out, 0).unwrap().reshape(x.dims()).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn every_routing_variant_matches_the_slow_reference() {
+    let variants: Vec<(&str, MoeConfig)> = vec![
+        ("softmax", base()),
+        (
+            "softmax renormalised",
+            MoeConfig {
+                norm_topk: true,
+                ..base()
+            },
+        ),
+        (
+            "sigmoid, scaled, renormalised",
+            MoeConfig {
+                scoring: Scoring::Sigmoid,
+                norm_topk: true,
+                routed_scale: 2.5,
+                ..base()
+            },
+        ),
+        (
+            "sigmoid, groups, selection bias",
+            MoeConfig {
+                scoring: Scoring::Sigmoid,
+                n_groups: 3,
+                topk_groups: 2,
+                selection_bias: true,
+                norm_topk: true,
+                ..base()
+            },
+        ),
+        (
+            "shared expert with gate",
+            MoeConfig {
+                d_shared: 7,
+                shared_gate: true,
+                top_k: 3,
+                ..base()
+            },
+        ),
+        (
+            "shared expert, no gate, fine-grained",
+            MoeConfig {
+                d_shared: 4,
+                d_expert: 2,
+                n_experts: 12,
+                top_k: 4,
+                ..base()
+            },
+        ),
+    ];
+    let mut rng = Rng::new(99);
+    let x = randn(&[2, 7, D], 1.0, &mut rng);
+    for (seed, (name, c)) in variants.into_iter().enumerate() {
+        let m = layer(c, seed as u64);
+        let (y, stats) = m.forward(&x).unwrap();
+        let d = max_diff(&y, &reference(&m, &x));
+        assert!(d <= 1e-5, "{name}: differs from the slow reference by {d}");
+        assert_eq!(stats.load.iter().sum::<usize>(), 14 * c.top_k, "{name}");
+    }
+}
+
+#[test]
+fn all_experts_identical_with_top_k_all_equals_the_dense_ffn() {
+    let c = MoeConfig {
+        top_k: 6,
+        norm_topk: true,
+        ..base()
+    };
+    let mut m = layer(c, 3);
+    let dense = m.experts[0].clone();
+    m.experts = vec![dense.clone(); 6];
+    let mut rng = Rng::new(5);
+    let x = randn(&[1, 9, D], 1.0, &mut rng);
+    let d = max_diff(&m.forward(&x).unwrap().0, &dense.forward(&x).unwrap());
+    assert!(d <= 1e-5, "{d}");
+}
+
+/// Sigmoid routing: the correction bias only chooses; weights come from unbiased scores.
+#[test]
+fn selection_bias_does_not_leak_into_the_weights() {
+    let c = MoeConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        top_k: 1,
+        ..base()
+    };
+    let mut m = layer(c, 4);
+    let mut rng = Rng::new(6);
+    let x = randn(&[1, 1, D], 1.0, &mut rng);
+    // a huge bias on expert 5 forces the choice
+    m.selection_bias = Some(Tensor::new(&[0f32, 0., 0., 0., 0., 100.], &Device::Cpu).unwrap());
+    let (y, stats) = m.forward(&x).unwrap();
+    assert_eq!(stats.load[5], 1);
+    let logit = x
+        .reshape((1, D))
+        .unwrap()
+        .matmul(&m.router.t().unwrap())
+        .unwrap()
+        .i((0, 5))
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let score = 1.0 / (1.0 + (-logit).exp());
+    let expected =
+        (m.experts[5].forward(&x.reshape((1, D)).unwrap()).unwrap() * score as f64).unwrap();
+    assert!(max_diff(&y.reshape((1, D)).unwrap(), &expected) <= 1e-6);
+}
+
+/// The routed scaling factor multiplies once (not again after renormalisation or in the
+/// shared path).
+#[test]
+fn routed_scale_is_applied_once() {
+    let mut rng = Rng::new(8);
+    let x = randn(&[1, 5, D], 1.0, &mut rng);
+    let c = MoeConfig {
+        scoring: Scoring::Sigmoid,
+        norm_topk: true,
+        d_shared: 3,
+        ..base()
+    };
+    let one = layer(c, 9);
+    let mut three = one.clone();
+    three.config.routed_scale = 3.0;
+    let shared = one.shared.as_ref().unwrap().forward(&x).unwrap();
+    let routed_one = (one.forward(&x).unwrap().0 - &shared).unwrap();
+    let routed_three = (three.forward(&x).unwrap().0 - &shared).unwrap();
+    assert!(max_diff(&(routed_one * 3.0).unwrap(), &routed_three) <= 1e-5);
+}
+
+/// Renormalising the chosen weights stays finite when every score underflows to 0.
+#[test]
+fn renormalisation_survives_underflow() {
+    let c = MoeConfig {
+        scoring: Scoring::Sigmoid,
+        norm_topk: true,
+        ..base()
+    };
+    let mut m = layer(c, 10);
+    m.router = (m.router.ones_like().unwrap() * -1e4).unwrap(); // sigmoid(-huge) = 0
+    let mut rng = Rng::new(11);
+    let x = randn(&[1, 3, D], 1.0, &mut rng).abs().unwrap();
+    let (y, _) = m.forward(&x).unwrap();
+    let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|f| f.is_finite()), "{v:?}");
+}
+
+/// With a capacity limit, assignments past it are dropped: a token whose every choice was
+/// dropped gets exactly zero from the layer (its block output equals its input).
+#[test]
+fn dropped_tokens_pass_through() {
+    let c = MoeConfig {
+        top_k: 1,
+        capacity_factor: Some(0.5),
+        ..base()
+    };
+    let mut m = layer(c, 12);
+    // make expert 0 everyone's first choice
+    let mut r = m.router.to_vec2::<f32>().unwrap();
+    r[0] = vec![0.0; D];
+    for row in r.iter_mut().skip(1) {
+        row.iter_mut().for_each(|v| *v = -50.0);
+    }
+    m.router = Tensor::new(r, &Device::Cpu).unwrap();
+    let mut rng = Rng::new(13);
+    let x = randn(&[1, 12, D], 1.0, &mut rng).abs().unwrap(); // positive: expert 0 always wins
+    let (y, stats) = m.forward(&x).unwrap();
+    let cap = (0.5f64 * 12.0 / 6.0).ceil() as usize; // 1
+    assert_eq!(stats.load[0], cap);
+    assert_eq!(stats.dropped, 12 - cap);
+    for t in cap..12 {
+        let row = y
+            .i((0, t))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(row, 0.0, "token {t} was dropped but got an update");
+    }
+}
+
+/// The balancing loss is E·Σ f·P: with uniform probabilities and a perfectly even load it is
+/// exactly the coefficient, and it reaches the router by gradient.
+#[test]
+fn balancing_loss_value_and_gradient() {
+    let c = MoeConfig {
+        aux_loss_coef: 0.01,
+        z_loss_coef: 0.0,
+        top_k: 1,
+        n_experts: 2,
+        ..base()
+    };
+    let mut m = layer(c, 14);
+    let var =
+        candle_core::Var::from_tensor(&Tensor::zeros((2, D), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+    m.router = var.as_tensor().clone();
+    // with a zero router every token ties: ties go to expert 0, so f = (1, 0), P = (0.5, 0.5)
+    let mut rng = Rng::new(15);
+    let x = randn(&[1, 4, D], 1.0, &mut rng);
+    let (_, s) = m.forward(&x).unwrap();
+    let aux = s.aux_loss.unwrap();
+    assert!((aux.to_scalar::<f32>().unwrap() - 0.01 * 2.0 * 0.5).abs() < 1e-7);
+    let g = aux.backward().unwrap();
+    let gr = g
+        .get(var.as_tensor())
+        .expect("router gets a gradient")
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(gr > 0.0);
+}
