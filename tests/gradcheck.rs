@@ -241,6 +241,18 @@ fn fused_kernels_match_references_f32() {
         &attention_reference(&q, &k, &v, &AttentionOptions::scaled(0.35)).unwrap(),
     );
     assert!(d < 1e-5, "strided K/V view: {d}");
+    // the skinny (decode) matmul and its backward against candle's matmul
+    let w = randn(&[70, 33], f, 30);
+    compare(
+        &[randn(&[3, 33], f, 31), w.clone()],
+        &|t| {
+            routelm::nn::matvec::skinny_matmul(&t[0], &t[1])
+                .unwrap()
+                .unwrap()
+        },
+        &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+        1e-5,
+    );
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
     compare(
         &[randn(&[6, 10], f, 10)],

@@ -25,8 +25,11 @@ fn changing_a_later_token_leaves_earlier_logits_unchanged() {
             s[t] = (s[t] + 1) % 40;
             let b = m.forward(&ids(&s, 1), None, false).unwrap().logits;
             let before = max_abs_diff(&a.i((.., ..t, ..)).unwrap(), &b.i((.., ..t, ..)).unwrap());
-            assert_eq!(
-                before, 0.0,
+            // dense models: bit-identical. MoE: a later token's routing changes how many rows
+            // each expert multiplies at once, which changes float rounding (≈1e-7), not values.
+            let tol = if m.config.moe.is_some() { 1e-5 } else { 0.0 };
+            assert!(
+                before <= tol,
                 "variant {v}: changing token {t} moved earlier logits by {before}"
             );
             let at = max_abs_diff(&a.i((.., t, ..)).unwrap(), &b.i((.., t, ..)).unwrap());

@@ -1,10 +1,12 @@
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use std::time::Instant;
 
+use routelm::model::{init::init_params, Model};
 use routelm::train::data::Dataset;
 use routelm::train::rng::Rng;
-use routelm::{FlopLedger, Trainer};
+use routelm::{FlopLedger, ModelConfig, TrainConfig, Trainer};
 
 /// Performance measurements that print numbers and ratios (`--json` for machines).
 #[derive(clap::Args)]
@@ -28,6 +30,53 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// Decode speed against the memory-bandwidth bound: weight bytes read per token divided
+    /// into the copy bandwidth measured in the same run.
+    Decode {
+        /// Model folder; default: the dense-110m preset with random weights.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Preset used when no --model is given.
+        #[arg(long, default_value = "dense-110m")]
+        config: String,
+        /// New tokens to decode (after a 32-token prompt).
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mixture-of-Experts cost: the 8-expert top-2 `moe` preset against the dense
+    /// `train-small` with the same active parameters, measured in one run: training step
+    /// time ratio and decode tokens/s ratio.
+    Moe {
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.what {
+        What::Train {
+            config,
+            steps,
+            json,
+        } => bench_train(&config, steps, json),
+        What::Decode {
+            model,
+            config,
+            tokens,
+            json,
+        } => bench_decode(model, &config, tokens, json),
+        What::Moe {
+            steps,
+            tokens,
+            json,
+        } => bench_moe(steps, tokens, json),
+    }
 }
 
 /// Best-of-n GFLOP/s of an n×n f32 matmul.
@@ -44,34 +93,48 @@ fn matmul_peak(n: usize, device: &Device) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
+/// Copy bandwidth (bytes read + written per second), best of 5, on all threads.
+fn copy_bandwidth() -> f64 {
+    let n = 64 << 20; // 256 MiB of f32
+    let src = vec![1f32; n];
+    let mut dst = vec![0f32; n];
+    let chunk = n / rayon::current_num_threads().max(1);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_chunks_mut(chunk)
+            .zip(src.par_chunks(chunk))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * (n * 4) as f64 / best
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-pub fn run(a: Args) -> Result<()> {
-    match a.what {
-        What::Train {
-            config,
-            steps,
-            json,
-        } => bench_train(&config, steps, json),
-    }
+fn preset(name: &str) -> Result<(ModelConfig, TrainConfig)> {
+    let p = super::load_preset(name)?;
+    let cfg = p.model.resolve(name)?;
+    let mut train = p.train.resolve(cfg.max_seq_len, name)?;
+    train.warmup_steps = 0;
+    Ok((cfg, train))
 }
 
-fn bench_train(preset: &str, steps: usize, json: bool) -> Result<()> {
+/// Median training step time (seconds) of a preset on random tokens.
+fn step_time(name: &str, steps: usize) -> Result<(f64, ModelConfig, TrainConfig)> {
     let device = super::device();
-    let preset_v = super::load_preset(preset)?;
-    let cfg = preset_v.model.resolve(preset)?;
-    let mut train = preset_v.train.resolve(cfg.max_seq_len, preset)?;
-    train.warmup_steps = 0;
+    let (cfg, train) = preset(name)?;
     let mut rng = Rng::new(0);
     let tokens: Vec<u32> = (0..200_000)
         .map(|_| rng.below(cfg.vocab_size) as u32)
         .collect();
     let data = Dataset::split(tokens, 0.1, train.seq_len)?;
     let mut trainer = Trainer::new(&cfg, &train, &device)?;
-    let pb = super::bar((steps + 2) as u64, "bench train");
+    let pb = super::bar((steps + 2) as u64, &format!("train {name}"));
     let mut times = Vec::new();
     for i in 0..steps + 2 {
         let t = Instant::now();
@@ -82,25 +145,57 @@ fn bench_train(preset: &str, steps: usize, json: bool) -> Result<()> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let step_s = median(times);
-    let tokens_per_step = (train.batch_size * train.seq_len * train.grad_accum) as f64;
-    let tokens_per_s = tokens_per_step / step_s;
+    Ok((median(times), cfg, train))
+}
+
+/// Greedy decode speed (tokens/s) after a 32-token prompt.
+fn decode_speed(model: &Model, tokens: usize) -> Result<f64> {
+    let mut rng = Rng::new(1);
+    let prompt: Vec<u32> = (0..32)
+        .map(|_| rng.below(model.config.vocab_size) as u32)
+        .collect();
+    // warm-up, then best of 2
+    routelm::verify::greedy(model, &prompt, 4)?;
+    let mut best = 0f64;
+    for _ in 0..2 {
+        let mut cache = model.new_cache();
+        let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+        let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
+        let t = Instant::now();
+        for _ in 0..tokens {
+            let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+            logits = model.forward(&input, Some(&mut cache), true)?.logits;
+        }
+        best = best.max(tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn random_model(cfg: &ModelConfig) -> Result<Model> {
+    let params = init_params(cfg, 0, DType::F32, &super::device())?;
+    Ok(Model::new(cfg, &params, "random init")?)
+}
+
+fn bench_train(name: &str, steps: usize, json: bool) -> Result<()> {
+    let (step_s, cfg, train) = step_time(name, steps)?;
+    let tokens_per_s = (train.batch_size * train.seq_len * train.grad_accum) as f64 / step_s;
     let ledger = FlopLedger::new(&cfg, train.seq_len);
     let achieved = tokens_per_s * ledger.train_per_token() / 1e9;
-    let peak = matmul_peak(2048, &device)?;
+    let peak = matmul_peak(2048, &super::device())?;
     let ratio = achieved / peak;
     if json {
         println!(
             "{}",
             serde_json::json!({
-                "preset": preset, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
+                "preset": name, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
                 "achieved_gflops": achieved, "peak_gflops": peak, "ratio": ratio,
                 "threads": rayon::current_num_threads(),
             })
         );
     } else {
         println!(
-            "bench train ({preset}, {:.2}M params, batch {} x {} tokens)",
+            "bench train ({name}, {:.2}M params, batch {} x {} tokens)",
             ledger.total_params as f64 / 1e6,
             train.batch_size,
             train.seq_len
@@ -111,6 +206,73 @@ fn bench_train(preset: &str, steps: usize, json: bool) -> Result<()> {
         println!("  f32 matmul peak (n=2048):     {peak:.1} GFLOP/s");
         println!("  achieved / peak:              {ratio:.3}");
         println!("  reference: transformers Llama f32, 2 threads: 410 ms/step, ~5,000 tokens/s (ratio {:.2})", tokens_per_s / 5000.0);
+    }
+    Ok(())
+}
+
+fn bench_decode(
+    model_dir: Option<std::path::PathBuf>,
+    name: &str,
+    tokens: usize,
+    json: bool,
+) -> Result<()> {
+    let model = match &model_dir {
+        Some(d) => routelm::arch::load_dir(d, DType::F32, &super::device())?.model,
+        None => random_model(&preset(name)?.0)?,
+    };
+    let cfg = &model.config;
+    let ledger = FlopLedger::new(cfg, 64);
+    // weights read per token: every active parameter, but only one row of an untied
+    // embedding table
+    let embed_unread = if cfg.tie_embeddings {
+        0
+    } else {
+        (cfg.vocab_size - 1) * cfg.d_model
+    };
+    let bytes = ((ledger.active_params - embed_unread) * 4) as f64;
+    let bandwidth = copy_bandwidth();
+    let bound = bandwidth / bytes;
+    let tps = decode_speed(&model, tokens)?;
+    let ratio = tps / bound;
+    let what = model_dir.map_or(name.to_string(), |d| d.display().to_string());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "model": what, "tokens_per_s": tps, "bound_tokens_per_s": bound, "ratio": ratio, "copy_gb_per_s": bandwidth / 1e9, "weight_mb_per_token": bytes / 1e6 })
+        );
+    } else {
+        println!(
+            "bench decode ({what}, {:.1}M params, f32)",
+            ledger.total_params as f64 / 1e6
+        );
+        println!("  decode:                 {tps:.1} tokens/s ({tokens} new tokens after 32)");
+        println!("  copy bandwidth:         {:.1} GB/s", bandwidth / 1e9);
+        println!("  weights read per token: {:.1} MB", bytes / 1e6);
+        println!("  bandwidth bound:        {bound:.1} tokens/s");
+        println!("  decode / bound:         {ratio:.3}");
+    }
+    Ok(())
+}
+
+fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
+    let (dense_s, dense_cfg, _) = step_time("train-small", steps)?;
+    let (moe_s, moe_cfg, _) = step_time("moe", steps)?;
+    let dense_tps = decode_speed(&random_model(&dense_cfg)?, tokens)?;
+    let moe_tps = decode_speed(&random_model(&moe_cfg)?, tokens)?;
+    let (train_ratio, decode_ratio) = (moe_s / dense_s, moe_tps / dense_tps);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "train_step_ratio": train_ratio, "decode_ratio": decode_ratio, "dense_step_ms": dense_s * 1e3, "moe_step_ms": moe_s * 1e3, "dense_decode_tokens_per_s": dense_tps, "moe_decode_tokens_per_s": moe_tps })
+        );
+    } else {
+        println!("bench moe (8 experts top-2 vs dense with the same active parameters)");
+        println!(
+            "  train step: dense {:.1} ms, MoE {:.1} ms, ratio {train_ratio:.3} (target <= 1.15)",
+            dense_s * 1e3,
+            moe_s * 1e3
+        );
+        println!("  decode:     dense {dense_tps:.1} tok/s, MoE {moe_tps:.1} tok/s, ratio {decode_ratio:.3} (target >= 0.8)");
     }
     Ok(())
 }

@@ -76,6 +76,7 @@ pub const PRESETS: &[(&str, &str)] = &[
         include_str!("../../configs/train-small.toml"),
     ),
     ("moe", include_str!("../../configs/moe.toml")),
+    ("dense-110m", include_str!("../../configs/dense-110m.toml")),
 ];
 
 /// A preset by file path, or by the name of an embedded preset.

@@ -19,8 +19,13 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
         let out = self.weight.dim(0)?;
-        // (rows, in) @ (in, out): the transposed weight is a strided view, no copy
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, d_in))?;
+        // decoding: a few rows are bound by reading the weight once
+        let y = match super::matvec::skinny_matmul(&x2, &self.weight)? {
+            Some(y) => y,
+            // (rows, in) @ (in, out): the transposed weight is a strided view, no copy
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod causal_attention;
 pub mod linear;
+pub mod matvec;
 pub mod mlp;
 pub mod norm;
 pub mod ops;
