@@ -100,28 +100,22 @@ impl MoeLayer {
             rows[e].push((s / c.top_k) as u32);
             slots[e].push(s as u32);
         }
-        let mut all_rows = Vec::with_capacity(n * c.top_k);
-        let mut outs = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows[e].is_empty() {
-                continue;
+        let mut out = if n == 1 && dropped == 0 {
+            // one token (decoding): run its k experts directly, no gather or scatter
+            let mut acc: Option<Tensor> = None;
+            for (j, &e) in choice.experts.iter().enumerate() {
+                let y = self.experts[e as usize]
+                    .forward(&xs)?
+                    .broadcast_mul(&w.narrow(0, j, 1)?)?;
+                acc = Some(match acc {
+                    Some(a) => (a + y)?,
+                    None => y,
+                });
             }
-            let idx = Tensor::new(rows[e].as_slice(), x.device())?;
-            let we = w
-                .index_select(&Tensor::new(slots[e].as_slice(), x.device())?, 0)?
-                .unsqueeze(1)?;
-            outs.push(
-                expert
-                    .forward(&xs.index_select(&idx, 0)?)?
-                    .broadcast_mul(&we)?,
-            );
-            all_rows.extend_from_slice(&rows[e]);
-        }
-        let mut out = xs.zeros_like()?;
-        if !outs.is_empty() {
-            let idx = Tensor::new(all_rows.as_slice(), x.device())?;
-            out = out.index_add(&idx, &Tensor::cat(&outs, 0)?, 0)?;
-        }
+            acc.map_or_else(|| xs.zeros_like(), Ok)?
+        } else {
+            self.dispatch(&xs, &w, &rows, &slots)?
+        };
         if let Some(shared) = &self.shared {
             let mut s = shared.forward(&xs)?;
             if let Some(g) = &self.shared_gate {
@@ -142,6 +136,40 @@ impl MoeLayer {
             aux_loss,
         };
         Ok((out.reshape((b, t, d))?, stats))
+    }
+
+    /// Gather each expert's rows, run the expert on them, weight, and add back in one
+    /// indexed add.
+    fn dispatch(
+        &self,
+        xs: &Tensor,
+        w: &Tensor,
+        rows: &[Vec<u32>],
+        slots: &[Vec<u32>],
+    ) -> Result<Tensor> {
+        let mut all_rows = Vec::new();
+        let mut outs = Vec::new();
+        for (e, expert) in self.experts.iter().enumerate() {
+            if rows[e].is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
+            let we = w
+                .index_select(&Tensor::new(slots[e].as_slice(), xs.device())?, 0)?
+                .unsqueeze(1)?;
+            outs.push(
+                expert
+                    .forward(&xs.index_select(&idx, 0)?)?
+                    .broadcast_mul(&we)?,
+            );
+            all_rows.extend_from_slice(&rows[e]);
+        }
+        let out = xs.zeros_like()?;
+        if outs.is_empty() {
+            return Ok(out);
+        }
+        let idx = Tensor::new(all_rows.as_slice(), xs.device())?;
+        out.index_add(&idx, &Tensor::cat(&outs, 0)?, 0)
     }
 
     /// `coef_aux · E · Σ_e f_e P_e + coef_z · mean(logsumexp(logits)²)`, where `f_e` is the
