@@ -42,6 +42,7 @@ fn base() -> MoeConfig {
         aux_loss_coef: 0.0,
         z_loss_coef: 0.0,
         capacity_factor: None,
+        bias_update_rate: 0.0,
     }
 }
 
@@ -380,4 +381,44 @@ fn balancing_loss_value_and_gradient() {
         .to_scalar::<f32>()
         .unwrap();
     assert!(gr > 0.0);
+}
+
+/// Auxiliary-loss-free balancing moves a skewed load toward uniform.
+#[test]
+fn selection_bias_updates_balance_a_skewed_router() {
+    let c = MoeConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        top_k: 1,
+        n_experts: 4,
+        ..base()
+    };
+    let mut m = layer(c, 20);
+    // expert 0 is everyone's favourite
+    let mut r = m.router.to_vec2::<f32>().unwrap();
+    r[0].iter_mut().for_each(|v| *v = 1.0);
+    m.router = Tensor::new(r, &Device::Cpu).unwrap();
+    let mut rng = Rng::new(21);
+    let x = randn(&[1, 64, D], 1.0, &mut rng).abs().unwrap();
+    let mut bias = vec![0f32; 4];
+    let spread = |load: &[usize]| {
+        *load.iter().max().unwrap() as f64 / (load.iter().sum::<usize>() as f64 / load.len() as f64)
+    };
+    m.selection_bias = Some(Tensor::new(bias.as_slice(), &Device::Cpu).unwrap());
+    let first = spread(&m.forward(&x).unwrap().1.load);
+    let mut spreads = Vec::new();
+    for _ in 0..400 {
+        let load = m.forward(&x).unwrap().1.load;
+        spreads.push(spread(&load));
+        routelm::routing::update_selection_bias(&mut bias, &load, 0.005);
+        m.selection_bias = Some(Tensor::new(bias.as_slice(), &Device::Cpu).unwrap());
+    }
+    // sign updates settle into a small oscillation: judge the average of the last 50 steps
+    let last = spreads[spreads.len() - 50..].iter().sum::<f64>() / 50.0;
+    assert!(first > 2.5, "the toy router is not skewed: {first}");
+    assert!(
+        last < 1.5,
+        "load spread {first} -> {last} (last 50 steps: {:?})",
+        &spreads[spreads.len() - 50..]
+    );
 }

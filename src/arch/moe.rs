@@ -23,6 +23,7 @@ fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeC
         aux_loss_coef: 0.0,
         z_loss_coef: 0.0,
         capacity_factor: None,
+        bias_update_rate: 0.0,
     }
 }
 

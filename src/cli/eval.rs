@@ -1,7 +1,7 @@
 use anyhow::Result;
 use std::path::PathBuf;
 
-use routelm::train::trainer::evaluate;
+use routelm::train::trainer::evaluate_with_router;
 use routelm::{Tokenizer, TrainConfigFile};
 
 /// Validation loss of a saved model: the last `--val-fraction` of the text, in fixed
@@ -43,11 +43,12 @@ pub fn run(a: Args) -> Result<()> {
     .resolve(model.config.max_seq_len, "eval options")?;
     let tokens = super::load_tokens(a.data.as_deref(), &tok, a.seed)?;
     let data = super::dataset(tokens, train.val_fraction, train.seq_len)?;
-    let loss = evaluate(&model, &data, &train)?;
+    let (loss, router) = evaluate_with_router(&model, &data, &train)?;
     println!(
         "val_loss {loss:.4}  ({} windows of {} tokens)",
         train.batch_size * train.eval_batches,
         train.seq_len
     );
+    super::print_router(&router);
     Ok(())
 }

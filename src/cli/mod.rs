@@ -131,6 +131,64 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// A table of what each MoE layer's router did.
+pub fn print_router(router: &[routelm::train::checkpoint::RouterMetric]) {
+    if router.is_empty() {
+        return;
+    }
+    println!(
+        "{:<7} {:>9} {:>9} {:>9} {:>9}  load per expert",
+        "layer", "max/mean", "dropped", "entropy", "aux"
+    );
+    for r in router {
+        let load: Vec<String> = r.load.iter().map(|l| l.to_string()).collect();
+        println!(
+            "{:<7} {:>9.2} {:>8.1}% {:>9.3} {:>9.4}  {}",
+            r.layer,
+            r.max_over_mean,
+            100.0 * r.dropped_fraction,
+            r.entropy,
+            r.aux_loss,
+            load.join(" ")
+        );
+    }
+}
+
+/// Write `OUT/router_load.png`: layers × experts, tokens routed over the logged steps.
+pub fn router_heatmap(
+    out: &Path,
+    metrics: &[routelm::train::checkpoint::Metric],
+) -> Result<Option<std::path::PathBuf>> {
+    let mut layers: Vec<(usize, Vec<f64>)> = Vec::new();
+    for m in metrics {
+        for r in &m.router {
+            match layers.iter_mut().find(|l| l.0 == r.layer) {
+                Some(l) => {
+                    l.1.iter_mut()
+                        .zip(&r.load)
+                        .for_each(|(a, &b)| *a += b as f64)
+                }
+                None => layers.push((r.layer, r.load.iter().map(|&l| l as f64).collect())),
+            }
+        }
+    }
+    if layers.is_empty() {
+        return Ok(None);
+    }
+    let path = out.join("router_load.png");
+    let names: Vec<String> = layers.iter().map(|l| format!("layer {}", l.0)).collect();
+    let values: Vec<Vec<f64>> = layers.into_iter().map(|l| l.1).collect();
+    routelm::report::plot::heatmap(
+        &path,
+        "tokens routed to each expert",
+        "layer",
+        "expert",
+        &names,
+        &values,
+    )?;
+    Ok(Some(path))
+}
+
 /// Print a line above the progress bar (or plainly when the bar is hidden).
 pub fn say(pb: &ProgressBar, line: String) {
     if pb.is_hidden() {

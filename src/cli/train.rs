@@ -167,6 +167,9 @@ pub fn run(a: Args) -> Result<()> {
         ],
     )
     .with_context(|| "writing the loss plot")?;
+    if super::router_heatmap(&out, &trainer.metrics)?.is_some() {
+        super::print_router(&trainer.last_router);
+    }
     eprintln!(
         "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",
         summary.steps,

@@ -149,6 +149,10 @@ pub struct MoeConfig {
     /// Router z-loss coefficient (ST-MoE, arXiv:2202.08906 eq. 5).
     #[serde(default)]
     pub z_loss_coef: f64,
+    /// Auxiliary-loss-free balancing (DeepSeek-V3): after each training step every expert's
+    /// selection bias moves by this much toward equal load (needs `selection_bias`).
+    #[serde(default)]
+    pub bias_update_rate: f64,
     /// Expert capacity as a multiple of the even share `tokens·top_k/n_experts`;
     /// assignments past it are dropped (the token keeps its residual). None: dropless.
     #[serde(default)]
@@ -328,6 +332,8 @@ pub struct MoeFile {
     pub z_loss_coef: Option<f64>,
     /// Default: dropless.
     pub capacity_factor: Option<f64>,
+    /// Default 0 (off); with it, `selection_bias` defaults to true.
+    pub bias_update_rate: Option<f64>,
     /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
     /// unless `layers` lists them explicitly.
     pub every: Option<usize>,
@@ -348,7 +354,10 @@ impl MoeFile {
             routed_scale: self.routed_scale.unwrap_or(1.0),
             n_groups,
             topk_groups: self.topk_groups.unwrap_or(n_groups),
-            selection_bias: self.selection_bias.unwrap_or(false),
+            selection_bias: self
+                .selection_bias
+                .unwrap_or(self.bias_update_rate.is_some_and(|r| r > 0.0)),
+            bias_update_rate: self.bias_update_rate.unwrap_or(0.0),
             d_shared: self.d_shared.unwrap_or(0),
             shared_gate: self.shared_gate.unwrap_or(false),
             aux_loss_coef: self.aux_loss_coef.unwrap_or(0.01),
@@ -386,6 +395,7 @@ impl From<(&MoeConfig, &[LayerSpec])> for MoeFile {
             aux_loss_coef: Some(m.aux_loss_coef),
             z_loss_coef: Some(m.z_loss_coef),
             capacity_factor: m.capacity_factor,
+            bias_update_rate: Some(m.bias_update_rate),
             every: None,
             first_dense: None,
             layers: Some(

@@ -90,3 +90,61 @@ pub fn line_plot(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// A heat map of `values[row][col]` (e.g. layers × experts load) with a colour scale from
+/// white (0) to dark blue (the maximum).
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    row_label: &str,
+    col_label: &str,
+    rows: &[String],
+    values: &[Vec<f64>],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Plot {
+        path: path.into(),
+        msg: e.to_string(),
+    };
+    let n_cols = values.iter().map(|r| r.len()).max().unwrap_or(0);
+    if values.is_empty() || n_cols == 0 {
+        return Err(err(&"nothing to plot"));
+    }
+    let max = values
+        .iter()
+        .flatten()
+        .copied()
+        .fold(0f64, f64::max)
+        .max(1e-12);
+    let height = (120 + 40 * values.len()).min(1200) as u32;
+    let root = BitMapBackend::new(path, (900, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0..n_cols, 0..values.len())
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(col_label)
+        .y_desc(row_label)
+        .x_labels(n_cols.min(32))
+        .y_labels(values.len())
+        .y_label_formatter(&|y| rows.get(*y).cloned().unwrap_or_default())
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart
+        .draw_series(values.iter().enumerate().flat_map(|(r, row)| {
+            row.iter().enumerate().map(move |(c, &v)| {
+                let t = v / max;
+                let shade = |lo: f64, hi: f64| (lo + (hi - lo) * t) as u8;
+                let color = RGBColor(shade(255.0, 8.0), shade(255.0, 48.0), shade(255.0, 107.0));
+                Rectangle::new([(c, r), (c + 1, r + 1)], color.filled())
+            })
+        }))
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

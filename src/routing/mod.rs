@@ -5,5 +5,5 @@
 pub mod moe;
 pub mod router;
 
-pub use moe::{MoeLayer, MoeStats};
+pub use moe::{update_selection_bias, MoeLayer, MoeStats};
 pub use router::{choose_experts, RouterChoice};

@@ -207,6 +207,20 @@ impl MoeLayer {
     }
 }
 
+/// One step of auxiliary-loss-free balancing: each expert's selection bias moves by
+/// `rate` toward the mean load (up when under-loaded, down when over-loaded).
+pub fn update_selection_bias(bias: &mut [f32], load: &[usize], rate: f64) {
+    let mean = load.iter().sum::<usize>() as f64 / load.len().max(1) as f64;
+    for (b, &l) in bias.iter_mut().zip(load) {
+        let l = l as f64;
+        if l < mean {
+            *b += rate as f32;
+        } else if l > mean {
+            *b -= rate as f32;
+        }
+    }
+}
+
 fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
     let n = scores.len() / e.max(1);
     let mut sum = 0f64;

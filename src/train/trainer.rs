@@ -234,9 +234,33 @@ impl Trainer {
         let lr = learning_rate(self.step, c.lr, c.min_lr, c.warmup_steps, c.decay_steps);
         self.opt.step(&grads, lr, scale)?;
         self.step += 1;
-        self.last_router = RouterMetric::merge(router_stats);
         self.tokens_seen += (c.grad_accum * c.batch_size * c.seq_len) as u64;
-        Ok((loss_sum / c.grad_accum as f64, norm, lr))
+        let loss = loss_sum / c.grad_accum as f64;
+        self.last_router = RouterMetric::merge(router_stats);
+        self.balance_selection_bias()?;
+        Ok((loss, norm, lr))
+    }
+
+    /// Auxiliary-loss-free balancing: move each MoE layer's selection bias toward equal
+    /// load, from the loads of the step just taken.
+    fn balance_selection_bias(&mut self) -> Result<()> {
+        let Some(m) = self.model.config.moe else {
+            return Ok(());
+        };
+        if m.bias_update_rate <= 0.0 || !m.selection_bias {
+            return Ok(());
+        }
+        for r in &self.last_router {
+            let name = format!("model.layers.{}.mlp.gate.e_score_correction_bias", r.layer);
+            if let Some(slot) = self.opt.slots.iter().find(|s| s.name == name) {
+                let mut b: Vec<f32> = slot.var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
+                crate::routing::update_selection_bias(&mut b, &r.load, m.bias_update_rate);
+                let t = Tensor::from_vec(b, r.load.len(), slot.var.device())?
+                    .to_dtype(slot.var.dtype())?;
+                slot.var.set(&t)?;
+            }
+        }
+        Ok(())
     }
 
     /// Mean loss over the fixed validation batches.
@@ -388,6 +412,32 @@ impl Trainer {
             mean_step_ms: 1e3 * step_time / steps_run.max(1) as f64,
         })
     }
+}
+
+/// Mean validation loss over the fixed batches, and what the MoE routers did on them.
+pub fn evaluate_with_router(
+    model: &Model,
+    data: &Dataset,
+    train: &TrainConfig,
+) -> Result<(f64, Vec<RouterMetric>)> {
+    let mut rng = Rng::new(train.seed ^ EVAL_SEED);
+    let mut sum = 0f64;
+    let mut stats = Vec::new();
+    for _ in 0..train.eval_batches {
+        let (x, y) = data.batch(
+            Split::Val,
+            &mut rng,
+            train.batch_size,
+            train.seq_len,
+            model.device(),
+        )?;
+        let out = model.loss(&x, &y)?;
+        sum += out.ce.to_scalar::<f32>()? as f64;
+        for s in &out.moe {
+            stats.push(RouterMetric::from_stats(s)?);
+        }
+    }
+    Ok((sum / train.eval_batches as f64, RouterMetric::merge(stats)))
 }
 
 /// Mean validation loss of `model` over `train.eval_batches` fixed batches.

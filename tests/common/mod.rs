@@ -128,6 +128,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
                 capacity_factor: None,
+                bias_update_rate: 0.0,
             });
             c.layers = vec![
                 LayerSpec::default(),
@@ -155,6 +156,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.02,
                 z_loss_coef: 0.001,
                 capacity_factor: None,
+                bias_update_rate: 0.0,
             });
             c.layers = vec![
                 LayerSpec {
