@@ -257,21 +257,63 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
     Ok((index, params))
 }
 
-/// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.
-pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+/// The configuration of a model folder without reading its weights: the family (None for
+/// routelm's own format) and the resolved config.
+pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
     if value.get("model_type").is_none() && value.get("architectures").is_none() {
-        return Ok(Loaded {
-            family: None,
-            model: weights::load_model_dir(dir, dtype, device)?,
-        });
+        return Ok((None, weights::load_config(dir)?));
     }
     let raw = RawConfig::new(value, cfg_path.clone());
     let family = detect(&raw)?;
     let cfg = raw.finish((family.config)(&raw))?;
+    Ok((Some(family), cfg))
+}
+
+/// The resolved config and canonical parameters of a model folder, checked against each
+/// other (every problem reported at once).
+pub fn load_params(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Option<&'static str>, ModelConfig, Params)> {
+    let (family, cfg) = load_config(dir)?;
+    let Some(family) = family else {
+        let path = dir.join("model.safetensors");
+        let params = weights::load_safetensors(&path, Some(dtype), device)?;
+        let problems = crate::model::transformer::check_params(&cfg, &params);
+        if !problems.is_empty() {
+            return Err(Error::WeightMismatch { path, problems });
+        }
+        return Ok((None, cfg, params));
+    };
+    let (origin, params) = read_weights(dir, dtype, device)?;
+    warn_non_finite(&params, &origin)?;
+    let mut map = TensorMap::new(origin.clone(), params);
+    let canonical = (family.tensors)(&cfg, &mut map)?;
+    map.finish()?;
+    let problems = crate::model::transformer::check_params(&cfg, &canonical);
+    if !problems.is_empty() {
+        return Err(Error::WeightMismatch {
+            path: origin,
+            problems,
+        });
+    }
+    Ok((Some(family.name), cfg, canonical))
+}
+
+/// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    let (family, cfg) = load_config(dir)?;
+    let Some(family) = family else {
+        return Ok(Loaded {
+            family: None,
+            model: weights::load_model_dir(dir, dtype, device)?,
+        });
+    };
     let (origin, params) = read_weights(dir, dtype, device)?;
     warn_non_finite(&params, &origin)?;
     let mut map = TensorMap::new(origin.clone(), params);

@@ -20,7 +20,8 @@ fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeC
         selection_bias: false,
         d_shared: 0,
         shared_gate: false,
-        aux_loss_coef: 0.0,
+        // used when fine-tuning
+        aux_loss_coef: raw.f64_or(&["router_aux_loss_coef"], 0.0),
         z_loss_coef: 0.0,
         capacity_factor: None,
         bias_update_rate: 0.0,

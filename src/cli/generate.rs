@@ -22,6 +22,9 @@ pub struct Args {
     /// New tokens at most.
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
+    /// Compute dtype: f32 (default), bf16 or f16 (weights are converted at load).
+    #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
+    dtype: candle_core::DType,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
@@ -46,7 +49,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let model = routelm::arch::load_dir(&a.model, candle_core::DType::F32, &device)?.model;
+    let model = routelm::arch::load_dir(&a.model, a.dtype, &device)?.model;
     let tok = Tokenizer::for_model_dir(&a.model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,

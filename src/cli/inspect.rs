@@ -14,7 +14,7 @@ pub struct Args {
 pub fn load_config(spec: &str) -> Result<ModelConfig> {
     let p = Path::new(spec);
     if p.is_dir() {
-        return Ok(routelm::weights::load_config(p)?);
+        return Ok(routelm::arch::load_config(p)?.1);
     }
     if p.extension().is_some_and(|e| e == "json") && p.exists() {
         let text = std::fs::read_to_string(p)?;
@@ -29,7 +29,12 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
 pub fn run(a: Args) -> Result<()> {
     let cfg = load_config(&a.target.to_string_lossy())?;
     let ledger = FlopLedger::new(&cfg, cfg.max_seq_len);
-    println!("{}", a.target.display());
+    let family = if a.target.is_dir() {
+        routelm::arch::load_config(&a.target)?.0.map(|f| f.name)
+    } else {
+        None
+    };
+    println!("{} ({})", a.target.display(), family.unwrap_or("routelm"));
     println!(
         "  layers {}  d_model {}  heads {} (kv {})  head_dim {}  d_ff {} ({:?})",
         cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.ffn
@@ -42,9 +47,37 @@ pub fn run(a: Args) -> Result<()> {
         "  parameters {} total, {} active per token",
         ledger.total_params, ledger.active_params
     );
+    if let Some(m) = &cfg.moe {
+        let sparse: Vec<String> = (0..cfg.n_layers)
+            .filter(|&l| cfg.layer(l).moe)
+            .map(|l| l.to_string())
+            .collect();
+        println!(
+            "  MoE layers [{}]: {} experts (width {}), top-{}, {:?} scoring{}{}",
+            sparse.join(", "),
+            m.n_experts,
+            m.d_expert,
+            m.top_k,
+            m.scoring,
+            if m.norm_topk { ", renormalised" } else { "" },
+            if m.d_shared > 0 {
+                format!(", shared expert width {}", m.d_shared)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let windows: Vec<String> = (0..cfg.n_layers)
+        .filter_map(|l| cfg.layer(l).window.map(|w| format!("{l}:{w}")))
+        .collect();
+    if !windows.is_empty() {
+        println!("  sliding windows (layer:window) {}", windows.join(" "));
+    }
+    let mib = |bytes: f64| bytes * ledger.total_params as f64 / (1 << 20) as f64;
     println!(
-        "  weights in f32: {:.1} MiB",
-        ledger.total_params as f64 * 4.0 / (1 << 20) as f64
+        "  weights: {:.1} MiB in f32, {:.1} MiB in bf16/f16",
+        mib(4.0),
+        mib(2.0)
     );
     println!(
         "  forward {:.2} MFLOP/token at context {}",

@@ -198,6 +198,16 @@ pub fn say(pb: &ProgressBar, line: String) {
     }
 }
 
+/// `--dtype` values.
+pub fn parse_dtype(s: &str) -> std::result::Result<candle_core::DType, String> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(format!("unknown dtype '{other}' (f32, bf16, f16)")),
+    }
+}
+
 pub fn device() -> candle_core::Device {
     candle_core::Device::Cpu
 }

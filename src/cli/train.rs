@@ -33,6 +33,11 @@ pub struct Args {
     /// Stop after this step with a checkpoint, as if interrupted (for testing resume).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Fine-tune: start from the weights in this folder (a Hugging Face checkpoint of a
+    /// supported family, or a routelm checkpoint); the model section of --config is ignored,
+    /// its [train] recipe is used. DIR/tokenizer.json is used when present.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
     /// A tokenizer.json to tokenize the data with (default: bytes, 256 ids). It is copied
     /// into the checkpoint so that generate and eval use it too.
     #[arg(long)]
@@ -47,7 +52,11 @@ pub fn run(a: Args) -> Result<()> {
             let p = routelm::train::checkpoint::find_checkpoint(dir)?.join("tokenizer.json");
             p.exists().then_some(p)
         }
-        (None, None) => None,
+        (None, None) => a
+            .init
+            .as_ref()
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.exists()),
     };
     let tok = match &tok_path {
         Some(p) => Tokenizer::from_file(p)?,
@@ -63,7 +72,26 @@ pub fn run(a: Args) -> Result<()> {
             if let Some(s) = a.seed {
                 preset.train.seed = Some(s);
             }
-            let model = preset.model.resolve(&a.config)?;
+            let (model, init) = match &a.init {
+                Some(dir) => {
+                    let (family, cfg, params) =
+                        routelm::arch::load_params(dir, candle_core::DType::F32, &device)?;
+                    eprintln!(
+                        "fine-tuning {} ({})",
+                        dir.display(),
+                        family.unwrap_or("routelm")
+                    );
+                    (cfg, Some(params))
+                }
+                None => (preset.model.resolve(&a.config)?, None),
+            };
+            if a.init.is_some() && preset.train.seq_len.is_none_or(|s| s > model.max_seq_len) {
+                preset.train.seq_len = Some(
+                    model
+                        .max_seq_len
+                        .min(preset.train.seq_len.unwrap_or(usize::MAX)),
+                );
+            }
             let train = preset.train.resolve(model.max_seq_len, &a.config)?;
             if model.vocab_size < tok.vocab_size() {
                 bail!(
@@ -73,7 +101,10 @@ pub fn run(a: Args) -> Result<()> {
                     tok.vocab_size()
                 );
             }
-            Trainer::new(&model, &train, &device)?
+            match init {
+                Some(params) => Trainer::from_params(&model, &train, params, "init")?,
+                None => Trainer::new(&model, &train, &device)?,
+            }
         }
     };
     let out = a.resume.clone().unwrap_or(a.out.clone());
