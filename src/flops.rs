@@ -55,8 +55,22 @@ impl FlopLedger {
         };
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
-            let qkv_params = d * (q + 2 * kv) + if cfg.qkv_bias { q + 2 * kv } else { 0 };
-            let o_params = q * d + if cfg.out_bias { d } else { 0 };
+            // projections into attention: (matrix parameters, extra norm parameters)
+            let (qkv_matrix, qkv_norms) = match &cfg.mla {
+                Some(a) => {
+                    let q_path = match a.q_lora_rank {
+                        Some(r) => (d * r + r * q, r),
+                        None => (d * q, 0),
+                    };
+                    let kv_path = d * (a.kv_lora_rank + a.qk_rope_dim)
+                        + a.kv_lora_rank * cfg.n_heads * (a.qk_nope_dim + a.v_head_dim);
+                    (q_path.0 + kv_path, q_path.1 + a.kv_lora_rank)
+                }
+                None => (d * (q + 2 * kv), 0),
+            };
+            let qkv_params = qkv_matrix + qkv_norms + if cfg.qkv_bias { q + 2 * kv } else { 0 };
+            let out_in = cfg.attn_out_dim();
+            let o_params = out_in * d + if cfg.out_bias { d } else { 0 };
             let n_in = if cfg.ffn.is_gated() { 2 } else { 1 };
             // one FFN of hidden width w: (params, forward FLOPs per token)
             let ffn = |w: usize| {
@@ -65,20 +79,18 @@ impl FlopLedger {
             };
             entries.push(FlopEntry {
                 component: format!("{p}.attn.qkv"),
-                flops: 2.0 * (d * (q + 2 * kv)) as f64,
+                flops: 2.0 * qkv_matrix as f64,
                 params: qkv_params,
             });
             entries.push(FlopEntry {
                 component: format!("{p}.attn.scores"),
-                flops: 2.0
-                    * 2.0
-                    * keys_seen(cfg.layer(l).window)
-                    * (cfg.n_heads * cfg.head_dim) as f64,
+                // q·k over head_dim, then the weighted sum of values over their width
+                flops: 2.0 * keys_seen(cfg.layer(l).window) * (q + out_in) as f64,
                 params: 0,
             });
             entries.push(FlopEntry {
                 component: format!("{p}.attn.out"),
-                flops: 2.0 * (q * d) as f64,
+                flops: 2.0 * (out_in * d) as f64,
                 params: o_params,
             });
             let ffn_params = match (cfg.layer(l).moe, &cfg.moe) {

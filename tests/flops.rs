@@ -65,3 +65,28 @@ fn moe_ledger_counts_active_experts_only() {
     let table: usize = param_specs(&moe).iter().map(|s| s.numel()).sum();
     assert_eq!(lm.total_params, table);
 }
+
+/// Latent attention: the ledger's parameter count matches the parameter table.
+#[test]
+fn mla_parameter_count_agrees_with_parameter_table() {
+    let mut cfg = RunFile::parse(
+        "d_model = 32\nn_layers = 2\nn_heads = 4\nhead_dim = 12\nrotary_dim = 4\n",
+        false,
+    )
+    .unwrap()
+    .model
+    .resolve("t")
+    .unwrap();
+    for q_lora_rank in [Some(16), None] {
+        cfg.mla = Some(routelm::config::MlaConfig {
+            q_lora_rank,
+            kv_lora_rank: 8,
+            qk_nope_dim: 8,
+            qk_rope_dim: 4,
+            v_head_dim: 6,
+        });
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        let table: usize = param_specs(&cfg).iter().map(|s| s.numel()).sum();
+        assert_eq!(FlopLedger::new(&cfg, 16).total_params, table);
+    }
+}

@@ -228,6 +228,22 @@ fn fused_kernels_match_references_f32() {
             );
         }
     }
+    // values narrower than queries and keys (latent attention: v_head_dim != qk_head_dim)
+    let o = AttentionOptions {
+        scale: 0.35,
+        window: Some(5),
+        softcap: None,
+    };
+    compare(
+        &[
+            randn(&[2, 9, 4, 8], f, 26),
+            randn(&[2, 9, 2, 8], f, 27),
+            randn(&[2, 9, 2, 5], f, 28),
+        ],
+        &|x| causal_attention(&x[0], &x[1], &x[2], &o).unwrap(),
+        &|x| attention_reference(&x[0], &x[1], &x[2], &o).unwrap(),
+        1e-5,
+    );
     let kbuf = randn(&[2, 16, 2, 8], f, 23);
     let vbuf = randn(&[2, 16, 2, 8], f, 24);
     let (k, v) = (

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
 
 /// Fixtures whose architecture is not supported yet (open work, not skipped silently).
-const NOT_YET: &[&str] = &["bloom", "deepseek_v3", "gemma3", "phimoe", "t5", "t5_v1_1"];
+const NOT_YET: &[&str] = &["bloom", "gemma3", "phimoe", "t5", "t5_v1_1"];
 
 fn check(dir: &Path) {
     let r = routelm::verify::verify_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));

@@ -44,6 +44,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         norm_offset: 0.0,
         embed_scale: None,
         head_bias: false,
+        mla: None,
         moe: None,
     }
 }

@@ -95,6 +95,7 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         norm_offset: 0.0,
         embed_scale: None,
         head_bias: false,
+        mla: None,
         moe: None,
     }
 }

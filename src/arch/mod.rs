@@ -5,6 +5,7 @@
 //! Adding a family: one file with `config` and `tensors` functions, one line in
 //! [`FAMILIES`]. A mechanism the family needs belongs in `nn/` or `model/` as an option.
 
+mod deepseek;
 mod gemma;
 mod gpt2;
 mod gpt_neox;
@@ -85,6 +86,12 @@ pub static FAMILIES: &[Family] = &[
         model_types: &["gpt2"],
         config: gpt2::config,
         tensors: gpt2::tensors,
+    },
+    Family {
+        name: "deepseek_v3",
+        model_types: &["deepseek_v3"],
+        config: deepseek::config,
+        tensors: deepseek::tensors,
     },
     Family {
         name: "mixtral",

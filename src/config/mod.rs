@@ -98,6 +98,22 @@ pub struct LayerSpec {
     pub moe: bool,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3, arXiv:2405.04434 §2.1): queries and
+/// keys/values pass through low-rank bottlenecks; each head's query and key are a
+/// position-free part (`qk_nope_dim`) and a rotary part (`qk_rope_dim`), the key's rotary
+/// part shared by all heads. `head_dim` is `qk_nope_dim + qk_rope_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaConfig {
+    /// Query bottleneck width (None: a full-rank query projection).
+    pub q_lora_rank: Option<usize>,
+    /// Key/value bottleneck width.
+    pub kv_lora_rank: usize,
+    pub qk_nope_dim: usize,
+    pub qk_rope_dim: usize,
+    pub v_head_dim: usize,
+}
+
 /// How router logits become expert scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -250,6 +266,9 @@ pub struct ModelConfig {
     /// Bias on the LM head (Phi-2).
     #[serde(default)]
     pub head_bias: bool,
+    /// Multi-head latent attention instead of q/k/v projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<MlaConfig>,
     /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
@@ -496,6 +515,7 @@ impl ModelConfigFile {
             norm_offset: 0.0,
             embed_scale: None,
             head_bias: false,
+            mla: None,
             moe: None,
         };
         let mut cfg = cfg;
@@ -575,6 +595,28 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
+        if let Some(a) = &self.mla {
+            if a.qk_nope_dim + a.qk_rope_dim != self.head_dim || self.n_kv_heads != self.n_heads {
+                p.push(format!(
+                    "mla: head_dim ({}) must be qk_nope_dim + qk_rope_dim ({} + {}) and n_kv_heads = n_heads",
+                    self.head_dim, a.qk_nope_dim, a.qk_rope_dim
+                ));
+            }
+            if !matches!(self.position, Position::Rope { rotary_dim, .. } if rotary_dim == a.qk_rope_dim)
+            {
+                p.push("mla: the rotary part must be rope with rotary_dim = qk_rope_dim".into());
+            }
+            if self.qkv_bias
+                || self.qk_norm != QkNorm::None
+                || a.kv_lora_rank == 0
+                || a.v_head_dim == 0
+            {
+                p.push(
+                    "mla: no q/k/v biases or q/k norms; kv_lora_rank and v_head_dim positive"
+                        .into(),
+                );
+            }
+        }
         if let Some(m) = &self.moe {
             if m.n_experts == 0 || m.top_k == 0 || m.top_k > m.n_experts || m.d_expert == 0 {
                 p.push(format!(
@@ -641,6 +683,15 @@ impl ModelConfig {
     /// Query width `n_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
+    }
+
+    /// Width of the attention output (the o_proj input): `n_heads * v_head_dim` with latent
+    /// attention, `q_dim()` otherwise.
+    pub fn attn_out_dim(&self) -> usize {
+        match &self.mla {
+            Some(a) => self.n_heads * a.v_head_dim,
+            None => self.q_dim(),
+        }
     }
 
     /// Key (and value) width `n_kv_heads * head_dim`.

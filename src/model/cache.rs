@@ -24,19 +24,20 @@ impl KvCache {
     /// Append `k, v: (b, t, h_kv, d)` and return views `(b, len, h_kv, d)` of everything held.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t, h, d) = k.dims4()?;
+        let dv = v.dim(3)?;
         let need = self.len + t;
         let cap = self.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
         if need > cap {
             let new_cap = need.max(2 * cap).max(16);
-            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+            let grow = |old: &Option<Tensor>, d: usize| -> Result<Tensor> {
                 let buf = Tensor::zeros((b, new_cap, h, d), k.dtype(), k.device())?;
                 if let Some(old) = old {
                     buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
                 }
                 Ok(buf)
             };
-            self.k = Some(grow(&self.k)?);
-            self.v = Some(grow(&self.v)?);
+            self.k = Some(grow(&self.k, d)?);
+            self.v = Some(grow(&self.v, dv)?);
         }
         let (kb, vb) = match (&self.k, &self.v) {
             (Some(kb), Some(vb)) => (kb, vb),

@@ -9,6 +9,7 @@ use super::block::{Block, Ffn};
 use super::cache::Cache;
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm};
 use crate::error::{Error, Result};
+use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
 use crate::routing::{MoeLayer, MoeStats};
 use crate::weights::names::param_specs;
@@ -151,9 +152,34 @@ impl Model {
                 })
             };
             let attn = Attention {
-                q: linear(&format!("{p}.self_attn.q_proj"))?,
-                k: linear(&format!("{p}.self_attn.k_proj"))?,
-                v: linear(&format!("{p}.self_attn.v_proj"))?,
+                proj: match &config.mla {
+                    None => Projections::Standard {
+                        q: linear(&format!("{p}.self_attn.q_proj"))?,
+                        k: linear(&format!("{p}.self_attn.k_proj"))?,
+                        v: linear(&format!("{p}.self_attn.v_proj"))?,
+                    },
+                    Some(a) => {
+                        let s = format!("{p}.self_attn");
+                        let (q_a, q_b) = match a.q_lora_rank {
+                            Some(_) => (
+                                Some((
+                                    linear(&format!("{s}.q_a_proj"))?,
+                                    norm(&format!("{s}.q_a_layernorm"))?,
+                                )),
+                                linear(&format!("{s}.q_b_proj"))?,
+                            ),
+                            None => (None, linear(&format!("{s}.q_proj"))?),
+                        };
+                        Projections::Latent(Box::new(Latent {
+                            q_a,
+                            q_b,
+                            kv_a: linear(&format!("{s}.kv_a_proj_with_mqa"))?,
+                            kv_norm: norm(&format!("{s}.kv_a_layernorm"))?,
+                            kv_b: linear(&format!("{s}.kv_b_proj"))?,
+                            config: *a,
+                        }))
+                    }
+                },
                 o: linear(&format!("{p}.self_attn.o_proj"))?,
                 n_heads: config.n_heads,
                 n_kv_heads: config.n_kv_heads,

@@ -8,14 +8,34 @@ use candle_core::{Result, Tensor};
 
 use super::causal_attention::{causal_attention, AttentionOptions};
 use super::{ops, Linear, Norm};
-use crate::config::QkNorm;
+use crate::config::{MlaConfig, QkNorm};
 use crate::model::cache::KvCache;
+
+/// How queries, keys and values are projected from the input.
+#[derive(Debug, Clone)]
+pub enum Projections {
+    /// `q = x Wq`, `k = x Wk`, `v = x Wv`.
+    Standard { q: Linear, k: Linear, v: Linear },
+    /// Multi-head latent attention (DeepSeek-V2/V3).
+    Latent(Box<Latent>),
+}
+
+/// Latent attention's projections: `q = Wqb · norm(Wqa · x)`, `[c, k_rope] = Wkva · x`,
+/// `[k_nope, v] = Wkvb · norm(c)`; each head's key is `[k_rope (shared), k_nope]` and its
+/// query `[q_rope, q_nope]` (rotary part first, where the rotary kernel expects it).
+#[derive(Debug, Clone)]
+pub struct Latent {
+    pub q_a: Option<(Linear, Norm)>,
+    pub q_b: Linear,
+    pub kv_a: Linear,
+    pub kv_norm: Norm,
+    pub kv_b: Linear,
+    pub config: MlaConfig,
+}
 
 #[derive(Debug, Clone)]
 pub struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    pub proj: Projections,
     pub o: Linear,
     pub n_heads: usize,
     pub n_kv_heads: usize,
@@ -30,6 +50,30 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Standard projections: q, k, v in `(b, t, heads, head_dim)`, q/k norms applied,
+    /// before rotary.
+    fn standard(
+        &self,
+        x: &Tensor,
+        q: &Linear,
+        k: &Linear,
+        v: &Linear,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let (mut q, mut k) = (q.forward(x)?, k.forward(x)?);
+        if let (QkNorm::Full, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
+        let mut q = q.reshape((b, t, h, d))?;
+        let mut k = k.reshape((b, t, hkv, d))?;
+        if let (QkNorm::PerHead, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
+            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
+        let v = v.forward(x)?.reshape((b, t, hkv, d))?;
+        Ok((q, k, v))
+    }
+
     /// `x: (b, t, d_model)`; `rope`: the (cos, sin) tables of these `t` positions, if any;
     /// `cache`: the layer's KV cache, appended to and attended over when present.
     pub fn forward(
@@ -39,20 +83,40 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (mut q, mut k) = (self.q.forward(x)?, self.k.forward(x)?);
-        if let (QkNorm::Full, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
-            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
-        }
-        let mut q = q.reshape((b, t, h, d))?;
-        let mut k = k.reshape((b, t, hkv, d))?;
-        if let (QkNorm::PerHead, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
-            (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
-        }
-        let v = self.v.forward(x)?.reshape((b, t, hkv, d))?;
-        let (q, k) = match rope {
-            Some((cos, sin)) => (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?),
-            None => (q, k),
+        let h = self.n_heads;
+        let rotate = |x: Tensor| -> Result<Tensor> {
+            match rope {
+                Some((cos, sin)) => ops::rope(&x, cos, sin),
+                None => Ok(x),
+            }
+        };
+        let (q, k, v) = match &self.proj {
+            Projections::Standard { q, k, v } => {
+                let (q, k, v) = self.standard(x, q, k, v)?;
+                (rotate(q)?, rotate(k)?, v)
+            }
+            Projections::Latent(l) => {
+                let a = l.config;
+                let (nope, rot, lora) = (a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank);
+                let q = match &l.q_a {
+                    Some((qa, norm)) => l.q_b.forward(&norm.forward(&qa.forward(x)?)?)?,
+                    None => l.q_b.forward(x)?,
+                }
+                .reshape((b, t, h, nope + rot))?;
+                let q = Tensor::cat(&[q.narrow(3, nope, rot)?, q.narrow(3, 0, nope)?], 3)?;
+                let kv = l.kv_a.forward(x)?; // (b, t, lora + rot)
+                let k_rot = rotate(kv.narrow(2, lora, rot)?.reshape((b, t, 1, rot))?)?;
+                let kvb = l
+                    .kv_b
+                    .forward(&l.kv_norm.forward(&kv.narrow(2, 0, lora)?)?)?;
+                let kvb = kvb.reshape((b, t, h, nope + a.v_head_dim))?;
+                let k = Tensor::cat(
+                    &[k_rot.broadcast_as((b, t, h, rot))?, kvb.narrow(3, 0, nope)?],
+                    3,
+                )?;
+                let v = kvb.narrow(3, nope, a.v_head_dim)?.contiguous()?;
+                (rotate(q)?, k, v)
+            }
         };
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
@@ -63,8 +127,9 @@ impl Attention {
             window: self.window,
             softcap: self.softcap,
         };
-        let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, d)
-        let y = y.reshape((b, t, h * d))?;
+        let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, dv)
+        let dv = y.dim(3)?;
+        let y = y.reshape((b, t, h * dv))?;
         self.o.forward(&y)
     }
 }

@@ -131,7 +131,9 @@ struct Geometry {
     tk: usize,
     h: usize,
     hkv: usize,
+    /// Query/key width, and the value width (they differ in latent attention).
     d: usize,
+    dv: usize,
     /// Keys visible to a query, itself included (usize::MAX: all earlier ones).
     window: usize,
 }
@@ -144,9 +146,10 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], window: usize) -> CResu
         h: q[2],
         hkv: k[2],
         d: q[3],
+        dv: v[3],
         window,
     };
-    if k != v
+    if k[..3] != v[..3]
         || k[0] != g.b
         || k[3] != g.d
         || g.hkv == 0
@@ -237,7 +240,7 @@ impl CustomOp3 for CausalAttention {
         let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
         let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
         let g = geometry(qd, kd, vd, self.window)?;
-        let mut out = vec![0f32; g.b * g.t * g.h * g.d];
+        let mut out = vec![0f32; g.b * g.t * g.h * g.dv];
         let o = OutPtr(out.as_mut_ptr());
         let group = g.h / g.hkv;
         (0..g.b * g.hkv).into_par_iter().for_each(|task| {
@@ -250,13 +253,13 @@ impl CustomOp3 for CausalAttention {
                     // writes rows (b, i0..i0+bl, h) of the output.
                     unsafe {
                         let nk = probs(&g, self.scale, &q, &k, b, h, kv, i0, bl, &mut p);
-                        let dst = o.at(((b * g.t + i0) * g.h + h) * g.d);
+                        let dst = o.at(((b * g.t + i0) * g.h + h) * g.dv);
                         mm(
                             bl,
-                            g.d,
+                            g.dv,
                             nk,
                             dst,
-                            g.h * g.d,
+                            g.h * g.dv,
                             false,
                             p.as_ptr(),
                             g.tk,
@@ -270,7 +273,7 @@ impl CustomOp3 for CausalAttention {
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.h, g.d))))
+        Ok((CpuStorage::F32(out), Shape::from((g.b, g.t, g.h, g.dv))))
     }
 
     fn bwd(
@@ -291,10 +294,10 @@ impl CustomOp3 for CausalAttention {
                 d_out,
             },
         )?;
-        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let (nq, nk, nv) = (q.elem_count(), k.elem_count(), v.elem_count());
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
-        let dv = all.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        let dv = all.narrow(0, nq + nk, nv)?.reshape(v.shape())?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -330,11 +333,12 @@ impl CustomOp3 for CausalAttentionBwd {
             candle_core::bail!("causal_attention bwd: gradient not on the CPU")
         };
         let (dov, dod) = View::new(cpu_f32(ds)?, dl, "d_out")?;
-        if dod != qd {
+        if dod != [qd[0], qd[1], qd[2], g.dv] {
             candle_core::bail!("causal_attention bwd: gradient shape {dod:?} for output {qd:?}")
         }
         let (nq, nk) = (g.b * g.t * g.h * g.d, g.b * g.tk * g.hkv * g.d);
-        let mut out = vec![0f32; nq + 2 * nk];
+        let nv = g.b * g.tk * g.hkv * g.dv;
+        let mut out = vec![0f32; nq + nk + nv];
         let base = OutPtr(out.as_mut_ptr());
         let group = g.h / g.hkv;
         (0..g.b * g.hkv).into_par_iter().for_each(|task| {
@@ -343,7 +347,7 @@ impl CustomOp3 for CausalAttentionBwd {
             let mut p = vec![0f32; rows * g.tk];
             let mut dp = vec![0f32; rows * g.tk];
             let mut dk = vec![0f32; g.tk * g.d];
-            let mut dv = vec![0f32; g.tk * g.d];
+            let mut dv = vec![0f32; g.tk * g.dv];
             for h in kv * group..(kv + 1) * group {
                 for i0 in (0..g.t).step_by(BLOCK) {
                     let bl = BLOCK.min(g.t - i0);
@@ -355,10 +359,10 @@ impl CustomOp3 for CausalAttentionBwd {
                         // dV += Pᵀ dO
                         mm(
                             n,
-                            g.d,
+                            g.dv,
                             bl,
                             dv.as_mut_ptr(),
-                            g.d,
+                            g.dv,
                             true,
                             p.as_ptr(),
                             1,
@@ -372,7 +376,7 @@ impl CustomOp3 for CausalAttentionBwd {
                         mm(
                             bl,
                             n,
-                            g.d,
+                            g.dv,
                             dp.as_mut_ptr(),
                             g.tk,
                             false,
@@ -431,18 +435,19 @@ impl CustomOp3 for CausalAttentionBwd {
             }
             for j in 0..g.tk {
                 let at = ((b * g.tk + j) * g.hkv + kv) * g.d;
+                let at_v = ((b * g.tk + j) * g.hkv + kv) * g.dv;
                 // SAFETY: rows (b, j, kv) of dk and dv belong to this task alone
                 unsafe {
                     std::ptr::copy_nonoverlapping(dk.as_ptr().add(j * g.d), base.at(nq + at), g.d);
                     std::ptr::copy_nonoverlapping(
-                        dv.as_ptr().add(j * g.d),
-                        base.at(nq + nk + at),
-                        g.d,
+                        dv.as_ptr().add(j * g.dv),
+                        base.at(nq + nk + at_v),
+                        g.dv,
                     );
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from(nq + 2 * nk)))
+        Ok((CpuStorage::F32(out), Shape::from(nq + nk + nv)))
     }
 }
 
@@ -533,8 +538,9 @@ pub fn attention_reference(
         .collect();
     let mask = Tensor::from_vec(mask, (group * t, tk), s.device())?.to_dtype(s.dtype())?;
     let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+    let dv = v.dim(3)?;
     p.matmul(&v)?
-        .reshape((b, h, t, d))?
+        .reshape((b, h, t, dv))?
         .transpose(1, 2)?
         .contiguous()
 }

@@ -96,29 +96,58 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"));
-        for (proj, width) in [
-            ("q_proj", cfg.q_dim()),
-            ("k_proj", cfg.kv_dim()),
-            ("v_proj", cfg.kv_dim()),
-        ] {
-            v.push(matrix(
-                format!("{p}.self_attn.{proj}.weight"),
-                width,
-                d,
-                std,
-            ));
-            if cfg.qkv_bias {
-                v.push(vector(
-                    format!("{p}.self_attn.{proj}.bias"),
-                    width,
-                    Init::Zeros,
+        match &cfg.mla {
+            Some(a) => {
+                let a_ = format!("{p}.self_attn");
+                match a.q_lora_rank {
+                    Some(r) => {
+                        v.push(matrix(format!("{a_}.q_a_proj.weight"), r, d, std));
+                        v.push(vector(format!("{a_}.q_a_layernorm.weight"), r, Init::Ones));
+                        v.push(matrix(format!("{a_}.q_b_proj.weight"), cfg.q_dim(), r, std));
+                    }
+                    None => v.push(matrix(format!("{a_}.q_proj.weight"), cfg.q_dim(), d, std)),
+                }
+                let kv = a.kv_lora_rank;
+                v.push(matrix(
+                    format!("{a_}.kv_a_proj_with_mqa.weight"),
+                    kv + a.qk_rope_dim,
+                    d,
+                    std,
                 ));
+                v.push(vector(
+                    format!("{a_}.kv_a_layernorm.weight"),
+                    kv,
+                    Init::Ones,
+                ));
+                let width = cfg.n_heads * (a.qk_nope_dim + a.v_head_dim);
+                v.push(matrix(format!("{a_}.kv_b_proj.weight"), width, kv, std));
+            }
+            None => {
+                for (proj, width) in [
+                    ("q_proj", cfg.q_dim()),
+                    ("k_proj", cfg.kv_dim()),
+                    ("v_proj", cfg.kv_dim()),
+                ] {
+                    v.push(matrix(
+                        format!("{p}.self_attn.{proj}.weight"),
+                        width,
+                        d,
+                        std,
+                    ));
+                    if cfg.qkv_bias {
+                        v.push(vector(
+                            format!("{p}.self_attn.{proj}.bias"),
+                            width,
+                            Init::Zeros,
+                        ));
+                    }
+                }
             }
         }
         v.push(matrix(
             format!("{p}.self_attn.o_proj.weight"),
             d,
-            cfg.q_dim(),
+            cfg.attn_out_dim(),
             out_std,
         ));
         if cfg.out_bias {

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use routelm::config::{
-    BlockKind, FfnKind, LayerSpec, ModelConfigFile, MoeConfig, NormKind, Position, QkNorm,
-    RopeScaling, Scoring,
+    BlockKind, FfnKind, LayerSpec, MlaConfig, ModelConfigFile, MoeConfig, NormKind, Position,
+    QkNorm, RopeScaling, Scoring,
 };
 use routelm::ModelConfig;
 
@@ -49,7 +49,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
-        4..=8 => {}
+        4..=10 => {}
         _ => panic!("no variant {variant}"),
     }
     let mut c = f.resolve("tiny").unwrap();
@@ -166,13 +166,30 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 2
             ];
         }
+        9 | 10 => {
+            // latent attention: low-rank q (variant 9) or full-rank q (10), rotary part of 4,
+            // values narrower than queries and keys
+            c.head_dim = 6;
+            c.position = Position::Rope {
+                theta: 1000.0,
+                rotary_dim: 4,
+                scaling: RopeScaling::None,
+            };
+            c.mla = Some(MlaConfig {
+                q_lora_rank: if variant == 9 { Some(12) } else { None },
+                kv_lora_rank: 8,
+                qk_nope_dim: 2,
+                qk_rope_dim: 4,
+                v_head_dim: 3,
+            });
+        }
         _ => {}
     }
     assert!(c.problems().is_empty(), "{:?}", c.problems());
     c
 }
 
-pub const VARIANTS: usize = 9;
+pub const VARIANTS: usize = 11;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

@@ -1,0 +1,118 @@
+//! DeepSeek-V3: multi-head latent attention, dense first layers then MoE layers with
+//! sigmoid scores, a selection-only correction bias, group-limited top-k, renormalised
+//! and scaled weights, and shared experts.
+//!
+//! Its rotary part is stored interleaved (pairs `(x0, x1), (x2, x3), …` rotate together,
+//! `rope_interleave`); our rotary kernel rotates halves. Reordering the rotary rows of the
+//! query and key projections at load (`x0, x2, …, x1, x3, …`) makes the two equal, since
+//! attention only sees `q · k`.
+
+use candle_core::Tensor;
+
+use super::{llama, RawConfig, TensorMap};
+use crate::config::{LayerSpec, MlaConfig, ModelConfig, MoeConfig, Position, Scoring};
+use crate::error::Result;
+use crate::weights::{names::param_specs, Params};
+
+pub fn config(raw: &RawConfig) -> ModelConfig {
+    let mut c = llama::base(raw);
+    let mla = MlaConfig {
+        q_lora_rank: raw.opt_usize(&["q_lora_rank"]),
+        kv_lora_rank: raw.usize(&["kv_lora_rank"]),
+        qk_nope_dim: raw.usize(&["qk_nope_head_dim"]),
+        qk_rope_dim: raw.usize(&["qk_rope_head_dim"]),
+        v_head_dim: raw.usize(&["v_head_dim"]),
+    };
+    c.head_dim = mla.qk_nope_dim + mla.qk_rope_dim;
+    c.n_kv_heads = c.n_heads;
+    if let Position::Rope { rotary_dim, .. } = &mut c.position {
+        *rotary_dim = mla.qk_rope_dim;
+    }
+    c.mla = Some(mla);
+    let n_shared = raw.opt_usize(&["n_shared_experts"]).unwrap_or(0);
+    let d_expert = raw.usize(&["moe_intermediate_size"]);
+    c.moe = Some(MoeConfig {
+        n_experts: raw.usize(&["n_routed_experts"]),
+        top_k: raw.usize(&["num_experts_per_tok"]),
+        d_expert,
+        scoring: match raw.str(&["scoring_func"]).unwrap_or("sigmoid") {
+            "softmax" => Scoring::Softmax,
+            _ => Scoring::Sigmoid,
+        },
+        norm_topk: raw.bool_or("norm_topk_prob", true),
+        routed_scale: raw.f64_or(&["routed_scaling_factor"], 1.0),
+        n_groups: raw.opt_usize(&["n_group"]).unwrap_or(1),
+        topk_groups: raw.opt_usize(&["topk_group"]).unwrap_or(1),
+        selection_bias: true,
+        d_shared: d_expert * n_shared,
+        shared_gate: false,
+        aux_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+        capacity_factor: None,
+        bias_update_rate: 0.0,
+    });
+    let first_dense = raw.opt_usize(&["first_k_dense_replace"]).unwrap_or(0);
+    let every = raw.opt_usize(&["moe_layer_freq"]).unwrap_or(1).max(1);
+    c.layers = (0..c.n_layers)
+        .map(|l| LayerSpec {
+            window: None,
+            moe: l >= first_dense && (l - first_dense) % every == 0,
+        })
+        .collect();
+    c
+}
+
+/// Reorder `rot` rows starting at each `start` from interleaved pairs to halves.
+fn deinterleave(t: &Tensor, starts: impl Iterator<Item = usize>, rot: usize) -> Result<Tensor> {
+    let mut order: Vec<u32> = (0..t.dim(0)? as u32).collect();
+    for s in starts {
+        for i in 0..rot / 2 {
+            order[s + i] = (s + 2 * i) as u32;
+            order[s + rot / 2 + i] = (s + 2 * i + 1) as u32;
+        }
+    }
+    let idx = Tensor::from_vec(order, t.dim(0)?, t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
+    let mut out = Params::new();
+    let Some(a) = cfg.mla else { return Ok(out) };
+    let (h, rot) = (cfg.n_heads, a.qk_rope_dim);
+    for l in 0..cfg.n_layers {
+        let p = format!("model.layers.{l}");
+        for proj in ["gate_proj", "up_proj", "down_proj"] {
+            map.rename_opt(
+                &mut out,
+                &format!("{p}.mlp.shared_experts.{proj}.weight"),
+                &format!("{p}.mlp.shared_expert.{proj}.weight"),
+            );
+        }
+        let q_name = if a.q_lora_rank.is_some() {
+            "q_b_proj"
+        } else {
+            "q_proj"
+        };
+        let q_key = format!("{p}.self_attn.{q_name}.weight");
+        if let Some(q) = map.take(&q_key) {
+            let per_head = a.qk_nope_dim + rot;
+            out.insert(
+                q_key,
+                deinterleave(&q, (0..h).map(|i| i * per_head + a.qk_nope_dim), rot)?,
+            );
+        }
+        let kv_key = format!("{p}.self_attn.kv_a_proj_with_mqa.weight");
+        if let Some(kv) = map.take(&kv_key) {
+            out.insert(
+                kv_key,
+                deinterleave(&kv, std::iter::once(a.kv_lora_rank), rot)?,
+            );
+        }
+    }
+    for spec in param_specs(cfg) {
+        if !out.contains_key(&spec.name) {
+            map.rename(&mut out, &spec.name, &spec.name);
+        }
+    }
+    Ok(out)
+}
