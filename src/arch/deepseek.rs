@@ -56,7 +56,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     c.layers = (0..c.n_layers)
         .map(|l| LayerSpec {
             window: None,
-            moe: l >= first_dense && (l - first_dense) % every == 0,
+            moe: l >= first_dense && (l - first_dense).is_multiple_of(every),
         })
         .collect();
     c

@@ -36,7 +36,7 @@ fn mark_layers(raw: &RawConfig, c: &mut ModelConfig) {
         c.layers = vec![LayerSpec::default(); c.n_layers];
     }
     for (l, spec) in c.layers.iter_mut().enumerate() {
-        spec.moe = !dense.contains(&l) && (l + 1) % step == 0;
+        spec.moe = !dense.contains(&l) && (l + 1).is_multiple_of(step);
     }
 }
 

@@ -390,7 +390,7 @@ impl MoeFile {
         let marks = (0..n_layers)
             .map(|l| match &self.layers {
                 Some(list) => list.contains(&l),
-                None => l >= first && (l - first) % every == 0,
+                None => l >= first && (l - first).is_multiple_of(every),
             })
             .collect();
         (c, marks)
