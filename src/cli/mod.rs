@@ -34,18 +34,20 @@ pub struct Cli {
 enum Command {
     /// Train a model from a preset (TOML/JSON) on a text file or the embedded corpus.
     Train(train::Args),
-    /// Generate text from a saved model, streaming to stdout.
+    /// Generate text from a routelm checkpoint or a Hugging Face folder, streaming to stdout.
     Generate(generate::Args),
     /// Validation loss of a saved model on a text file.
     Eval(eval::Args),
     /// Print the FLOP ledger (per layer, per token) and parameter counts of a config.
     Flops(flops::Args),
-    /// Describe a model folder or config: sizes, parameters, memory.
+    /// Describe a model folder (routelm or Hugging Face) or preset: family, sizes,
+    /// parameters (total and active), MoE layers, memory.
     Inspect(inspect::Args),
     /// The main job on the embedded default: train a small model on the built-in corpus,
     /// show the validation loss falling and print a sample. No download, no files needed.
     Demo(demo::Args),
-    /// Measure performance (training throughput against the machine's matmul peak).
+    /// Measure performance: training throughput against the matmul peak, decoding against
+    /// the memory-bandwidth bound, the cost of Mixture-of-Experts.
     Bench(bench::Args),
     /// Compare a checkpoint's outputs with its reference.safetensors (from transformers).
     Verify(verify::Args),
