@@ -15,8 +15,10 @@ use crate::config::{ModelConfig, Position};
 pub struct FlopEntry {
     /// `layers.N.attn.qkv`, `head`, …
     pub component: String,
-    /// Forward FLOPs per token.
+    /// Forward FLOPs per token (averaged over a sequence for routed blocks).
     pub flops: f64,
+    /// The same without Mixture-of-Depths routing (every token through every block).
+    pub dense_flops: f64,
     /// Parameters involved (0 for attention scores).
     pub params: usize,
 }
@@ -48,13 +50,24 @@ impl FlopLedger {
             crate::config::NormKind::LayerNorm if cfg.norm_bias => 2 * d,
             _ => d,
         };
-        // average keys per query: (n + 1) / 2 under the causal mask, fewer with a window
-        let keys_seen = |window: Option<usize>| -> f64 {
+        // average keys per query among n tokens: (n + 1) / 2 under the causal mask, fewer
+        // with a window
+        let keys_seen_n = |window: Option<usize>, n: usize| -> f64 {
             let w = window.unwrap_or(usize::MAX);
-            (1..=seq_len).map(|i| i.min(w) as f64).sum::<f64>() / seq_len.max(1) as f64
+            (1..=n).map(|i| i.min(w) as f64).sum::<f64>() / n.max(1) as f64
         };
+        let keys_seen = |window: Option<usize>| keys_seen_n(window, seq_len);
         for l in 0..cfg.n_layers {
             let p = format!("layers.{l}");
+            let first = entries.len();
+            // a routed (Mixture-of-Depths) block runs on k = ceil(capacity · n) tokens
+            let capacity = match (&cfg.depth, cfg.layer(l).routed) {
+                (Some(dc), true) => Some(dc.capacity),
+                _ => None,
+            };
+            let attended = capacity.map_or(seq_len, |c| {
+                ((c * seq_len as f64).ceil() as usize).clamp(1, seq_len.max(1))
+            });
             // projections into attention: (matrix parameters, extra norm parameters)
             let (qkv_matrix, qkv_norms) = match &cfg.mla {
                 Some(a) => {
@@ -78,17 +91,20 @@ impl FlopLedger {
                 (params, 2.0 * ((n_in + 1) * d * w) as f64)
             };
             entries.push(FlopEntry {
+                dense_flops: 0.0,
                 component: format!("{p}.attn.qkv"),
                 flops: 2.0 * qkv_matrix as f64,
                 params: qkv_params,
             });
             entries.push(FlopEntry {
+                dense_flops: 0.0,
                 component: format!("{p}.attn.scores"),
                 // q·k over head_dim, then the weighted sum of values over their width
                 flops: 2.0 * keys_seen(cfg.layer(l).window) * (q + out_in) as f64,
                 params: 0,
             });
             entries.push(FlopEntry {
+                dense_flops: 0.0,
                 component: format!("{p}.attn.out"),
                 flops: 2.0 * (out_in * d) as f64,
                 params: o_params,
@@ -104,17 +120,20 @@ impl FlopLedger {
                     };
                     let gate = if m.shared_gate { d } else { 0 };
                     entries.push(FlopEntry {
+                        dense_flops: 0.0,
                         component: format!("{p}.moe.router"),
                         flops: 2.0 * (d * m.n_experts) as f64,
                         params: router,
                     });
                     entries.push(FlopEntry {
+                        dense_flops: 0.0,
                         component: format!("{p}.moe.experts"),
                         flops: m.top_k as f64 * expert_flops,
                         params: m.n_experts * expert_params,
                     });
                     if m.d_shared > 0 {
                         entries.push(FlopEntry {
+                            dense_flops: 0.0,
                             component: format!("{p}.moe.shared"),
                             flops: shared_flops + 2.0 * gate as f64,
                             params: shared_params + gate,
@@ -126,6 +145,7 @@ impl FlopLedger {
                 _ => {
                     let (params, flops) = ffn(cfg.d_ff);
                     entries.push(FlopEntry {
+                        dense_flops: 0.0,
                         component: format!("{p}.ffn"),
                         flops,
                         params,
@@ -133,6 +153,28 @@ impl FlopLedger {
                     params
                 }
             };
+            for e in &mut entries[first..] {
+                e.dense_flops = e.flops;
+            }
+            if capacity.is_some() {
+                // per token of the sequence: the k processed tokens' cost spread over n, and
+                // attention among the k tokens only
+                let share = attended as f64 / seq_len.max(1) as f64;
+                for e in &mut entries[first..] {
+                    e.flops *= share;
+                    if e.component.ends_with("attn.scores") {
+                        e.flops *= keys_seen_n(cfg.layer(l).window, attended)
+                            / keys_seen(cfg.layer(l).window);
+                    }
+                }
+                entries.push(FlopEntry {
+                    dense_flops: 0.0,
+                    component: format!("{p}.depth.router"),
+                    flops: 2.0 * d as f64,
+                    params: d,
+                });
+                total += d;
+            }
             let n_norms = match cfg.block {
                 crate::config::BlockKind::ParallelSharedNorm => 1,
                 _ => 2,
@@ -152,6 +194,7 @@ impl FlopLedger {
         } + if cfg.head_bias { cfg.vocab_size } else { 0 };
         total += head_params;
         entries.push(FlopEntry {
+            dense_flops: 2.0 * (d * cfg.vocab_size) as f64,
             component: "head".into(),
             flops: 2.0 * (d * cfg.vocab_size) as f64,
             params: head_params,
@@ -167,6 +210,20 @@ impl FlopLedger {
     /// Forward FLOPs per token, all components.
     pub fn forward_per_token(&self) -> f64 {
         self.entries.iter().map(|e| e.flops).sum()
+    }
+
+    /// Forward FLOPs per token if every token went through every block (no depth routing).
+    pub fn dense_forward_per_token(&self) -> f64 {
+        self.entries
+            .iter()
+            .map(|e| {
+                if e.component.ends_with("depth.router") {
+                    0.0
+                } else {
+                    e.dense_flops
+                }
+            })
+            .sum()
     }
 
     /// Training FLOPs per token: forward + backward ≈ 3 × forward.

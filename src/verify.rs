@@ -91,6 +91,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         ForwardOptions {
             last_only: false,
             hidden_states: true,
+            depth: None,
         },
     )?;
     let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;

@@ -5,7 +5,18 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::{ids, max_abs_diff, tiny, VARIANTS};
-use routelm::model::{init::init_params, Model};
+use routelm::model::{init::init_params, ForwardOptions, Model};
+use routelm::routing::DepthDecision;
+
+/// A full forward with causal decisions in routed (Mixture-of-Depths) blocks: each token by
+/// its own router logit, as sampling decides. (Top-k routing looks at the whole sequence.)
+fn causal(m: &Model, ids: &Tensor) -> Tensor {
+    let opts = ForwardOptions {
+        depth: Some(DepthDecision::Threshold),
+        ..Default::default()
+    };
+    m.forward_with(ids, None, opts).unwrap().logits
+}
 
 fn model(variant: usize, seed: u64) -> Model {
     let cfg = tiny(variant);
@@ -19,11 +30,11 @@ const SEQ: [u32; 10] = [5, 17, 3, 39, 22, 8, 0, 31, 12, 7];
 fn changing_a_later_token_leaves_earlier_logits_unchanged() {
     for v in 0..VARIANTS {
         let m = model(v, 1);
-        let a = m.forward(&ids(&SEQ, 1), None, false).unwrap().logits;
+        let a = causal(&m, &ids(&SEQ, 1));
         for t in [3usize, 9] {
             let mut s = SEQ;
             s[t] = (s[t] + 1) % 40;
-            let b = m.forward(&ids(&s, 1), None, false).unwrap().logits;
+            let b = causal(&m, &ids(&s, 1));
             let before = max_abs_diff(&a.i((.., ..t, ..)).unwrap(), &b.i((.., ..t, ..)).unwrap());
             // dense models: bit-identical. MoE: a later token's routing changes how many rows
             // each expert multiplies at once, which changes float rounding (≈1e-7), not values.
@@ -46,29 +57,36 @@ fn kv_cache_decoding_equals_full_forward() {
     for v in 0..VARIANTS {
         let m = model(v, 2);
         let batch: Vec<u32> = SEQ.iter().chain(SEQ.iter().rev()).copied().collect();
-        let full = m.forward(&ids(&batch, 2), None, false).unwrap().logits;
-        // prefill 4 tokens, then one token at a time (the cache grows past its first capacity
-        // only for longer sequences; capacity growth is covered by the long test below)
-        let mut cache = m.new_cache();
-        let x = ids(&batch, 2);
-        let first = m
-            .forward(&x.i((.., ..4)).unwrap(), Some(&mut cache), false)
-            .unwrap()
-            .logits;
-        let mut parts = vec![first];
-        for t in 4..SEQ.len() {
-            parts.push(
-                m.forward(&x.i((.., t..t + 1)).unwrap(), Some(&mut cache), false)
-                    .unwrap()
-                    .logits,
+        // routed blocks decode one sequence at a time: test the rows separately
+        let rows: Vec<Tensor> = if m.config.depth.is_some() {
+            vec![ids(&SEQ, 1), ids(&batch[SEQ.len()..], 1)]
+        } else {
+            vec![ids(&batch, 2)]
+        };
+        for x in rows {
+            let full = causal(&m, &x);
+            // prefill 4 tokens, then one token at a time (the cache grows past its first capacity
+            // only for longer sequences; capacity growth is covered by the long test below)
+            let mut cache = m.new_cache();
+            let first = m
+                .forward(&x.i((.., ..4)).unwrap(), Some(&mut cache), false)
+                .unwrap()
+                .logits;
+            let mut parts = vec![first];
+            for t in 4..SEQ.len() {
+                parts.push(
+                    m.forward(&x.i((.., t..t + 1)).unwrap(), Some(&mut cache), false)
+                        .unwrap()
+                        .logits,
+                );
+            }
+            let inc = Tensor::cat(&parts, 1).unwrap();
+            let d = max_abs_diff(&full, &inc);
+            assert!(
+                d <= 1e-5,
+                "variant {v}: cached decoding differs from the full forward by {d}"
             );
         }
-        let inc = Tensor::cat(&parts, 1).unwrap();
-        let d = max_abs_diff(&full, &inc);
-        assert!(
-            d <= 1e-5,
-            "variant {v}: cached decoding differs from the full forward by {d}"
-        );
     }
 }
 

@@ -57,6 +57,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         .map(|l| LayerSpec {
             window: None,
             moe: l >= first_dense && (l - first_dense).is_multiple_of(every),
+            routed: false,
         })
         .collect();
     c

@@ -45,6 +45,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         embed_scale: None,
         head_bias: false,
         mla: None,
+        depth: None,
         moe: None,
     }
 }

@@ -40,12 +40,14 @@ pub(crate) fn windows(raw: &RawConfig, n_layers: usize) -> Vec<LayerSpec> {
             .map(|t| LayerSpec {
                 window: (t == "sliding_attention").then_some(w),
                 moe: false,
+                routed: false,
             })
             .collect(),
         None => vec![
             LayerSpec {
                 window: Some(w),
-                moe: false
+                moe: false,
+                routed: false
             };
             n_layers
         ],
@@ -96,6 +98,7 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         embed_scale: None,
         head_bias: false,
         mla: None,
+        depth: None,
         moe: None,
     }
 }

@@ -43,6 +43,15 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     println!("{:<24} {:>14.0}", "forward total", fwd);
+    let dense = ledger.dense_forward_per_token();
+    if (dense - fwd).abs() > 0.5 {
+        println!(
+            "{:<24} {:>14.0}  (ratio {:.3})",
+            "dense-equivalent",
+            dense,
+            fwd / dense
+        );
+    }
     println!(
         "{:<24} {:>14.0}",
         "training (3x forward)",

@@ -79,6 +79,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
     ("moe", include_str!("../../configs/moe.toml")),
     ("dense-110m", include_str!("../../configs/dense-110m.toml")),
+    ("mod", include_str!("../../configs/mod.toml")),
 ];
 
 /// A preset by file path, or by the name of an embedded preset.

@@ -96,6 +96,23 @@ pub struct LayerSpec {
     /// [`ModelConfig::moe`] instead of the dense FFN.
     #[serde(default)]
     pub moe: bool,
+    /// A Mixture-of-Depths block: only the tokens its router picks (see
+    /// [`ModelConfig::depth`]) go through it; the others skip it on the residual path.
+    #[serde(default)]
+    pub routed: bool,
+}
+
+/// Mixture-of-Depths (Raposo et al., 2024, arXiv:2404.02258) for the layers whose
+/// [`LayerSpec::routed`] is set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthConfig {
+    /// Share of a sequence's tokens that go through a routed block (k = ceil(capacity · T)).
+    pub capacity: f64,
+    /// Weight of the auxiliary binary cross-entropy that teaches the router's own score to
+    /// predict top-k membership (its sign decides at sampling time).
+    #[serde(default = "one")]
+    pub aux_loss_coef: f64,
 }
 
 /// Multi-head latent attention (DeepSeek-V2/V3, arXiv:2405.04434 §2.1): queries and
@@ -269,6 +286,9 @@ pub struct ModelConfig {
     /// Multi-head latent attention instead of q/k/v projections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<MlaConfig>,
+    /// Mixture-of-Depths settings for layers whose [`LayerSpec::routed`] is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthConfig>,
     /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
@@ -319,6 +339,22 @@ pub struct ModelConfigFile {
     pub qk_norm: Option<QkNorm>,
     /// A Mixture-of-Experts FFN in some or all layers (`[model.moe]`).
     pub moe: Option<MoeFile>,
+    /// Mixture-of-Depths routing of some blocks (`[model.depth]`).
+    pub depth: Option<DepthFile>,
+}
+
+/// The file form of [`DepthConfig`] plus which blocks are routed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthFile {
+    /// Default 0.125.
+    pub capacity: Option<f64>,
+    /// Default 1.0.
+    pub aux_loss_coef: Option<f64>,
+    /// Route every `every`-th block, the last of each group (default 2: blocks 1, 3, 5, …),
+    /// unless `layers` lists them.
+    pub every: Option<usize>,
+    pub layers: Option<Vec<usize>>,
 }
 
 /// The file form of [`MoeConfig`] plus which layers use it.
@@ -500,7 +536,8 @@ impl ModelConfigFile {
                 Some(w) => vec![
                     LayerSpec {
                         window: Some(w),
-                        moe: false
+                        moe: false,
+                        routed: false
                     };
                     n_layers
                 ],
@@ -516,9 +553,26 @@ impl ModelConfigFile {
             embed_scale: None,
             head_bias: false,
             mla: None,
+            depth: None,
             moe: None,
         };
         let mut cfg = cfg;
+        if let Some(df) = &self.depth {
+            if cfg.layers.is_empty() {
+                cfg.layers = vec![LayerSpec::default(); n_layers];
+            }
+            let every = df.every.unwrap_or(2).max(1);
+            for (l, spec) in cfg.layers.iter_mut().enumerate() {
+                spec.routed = match &df.layers {
+                    Some(list) => list.contains(&l),
+                    None => l % every == every - 1,
+                };
+            }
+            cfg.depth = Some(DepthConfig {
+                capacity: df.capacity.unwrap_or(0.125),
+                aux_loss_coef: df.aux_loss_coef.unwrap_or(1.0),
+            });
+        }
         if let Some(mf) = &self.moe {
             let (m, marks) = mf.resolve(cfg.d_ff, n_layers);
             if cfg.layers.is_empty() {
@@ -594,6 +648,29 @@ impl ModelConfig {
                 self.layers.len(),
                 self.n_layers
             ));
+        }
+        match &self.depth {
+            Some(dc) => {
+                if !(dc.capacity > 0.0 && dc.capacity <= 1.0) {
+                    p.push(format!(
+                        "depth.capacity ({}) must be in (0, 1]",
+                        dc.capacity
+                    ));
+                }
+                if !self.layers.iter().any(|l| l.routed) {
+                    p.push("depth is set but no layer is routed".into());
+                }
+                if self.layers.iter().any(|l| l.routed && l.window.is_some()) {
+                    p.push(
+                        "a routed (Mixture-of-Depths) layer cannot also use a sliding window"
+                            .into(),
+                    );
+                }
+            }
+            None if self.layers.iter().any(|l| l.routed) => {
+                p.push("a layer is routed but the config has no depth section".into())
+            }
+            None => {}
         }
         if let Some(a) = &self.mla {
             if a.qk_nope_dim + a.qk_rope_dim != self.head_dim || self.n_kv_heads != self.n_heads {
@@ -790,6 +867,19 @@ impl From<&ModelConfig> for ModelConfigFile {
                 .moe
                 .as_ref()
                 .map(|m| MoeFile::from((m, c.layers.as_slice()))),
+            depth: c.depth.map(|dc| DepthFile {
+                capacity: Some(dc.capacity),
+                aux_loss_coef: Some(dc.aux_loss_coef),
+                every: None,
+                layers: Some(
+                    c.layers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.routed)
+                        .map(|(i, _)| i)
+                        .collect(),
+                ),
+            }),
         }
     }
 }

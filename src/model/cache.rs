@@ -50,21 +50,30 @@ impl KvCache {
     }
 }
 
-/// The cache of a whole model: one [`KvCache`] per layer plus the next position.
+/// The cache of a whole model: one [`KvCache`] per layer plus the next position. The
+/// position is kept on its own: a routed (Mixture-of-Depths) layer holds only the tokens it
+/// processed, so no layer's length is the sequence length.
 #[derive(Debug, Clone)]
 pub struct Cache {
     pub layers: Vec<KvCache>,
+    pos: usize,
 }
 
 impl Cache {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: vec![KvCache::default(); n_layers],
+            pos: 0,
         }
     }
 
     /// Position of the next token to be fed.
     pub fn pos(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.len())
+        self.pos
+    }
+
+    /// Record that `n` more tokens went through the model.
+    pub fn advance(&mut self, n: usize) {
+        self.pos += n;
     }
 }

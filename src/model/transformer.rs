@@ -11,7 +11,7 @@ use crate::config::{BlockKind, ModelConfig, Position, QkNorm};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
-use crate::routing::{MoeLayer, MoeStats};
+use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
 use crate::weights::names::param_specs;
 
 /// What one forward pass produces.
@@ -25,13 +25,21 @@ pub struct ModelOutput {
     pub hidden_states: Vec<Tensor>,
     /// What each Mixture-of-Experts layer's router did, in layer order.
     pub moe: Vec<MoeStats>,
+    /// What each Mixture-of-Depths router did, in layer order.
+    pub depth: Vec<DepthStats>,
 }
 
 impl ModelOutput {
     /// The sum of the routers' weighted auxiliary losses, if any layer has one.
     pub fn aux_loss(&self) -> CResult<Option<Tensor>> {
         let mut total: Option<Tensor> = None;
-        for l in self.moe.iter().filter_map(|s| s.aux_loss.as_ref()) {
+        let depth = self.depth.iter().filter_map(|s| s.aux_loss.as_ref());
+        for l in self
+            .moe
+            .iter()
+            .filter_map(|s| s.aux_loss.as_ref())
+            .chain(depth)
+        {
             total = Some(match total {
                 Some(t) => (t + l)?,
                 None => l.clone(),
@@ -49,6 +57,8 @@ pub struct Loss {
     /// `ce` plus the routers' weighted auxiliary losses.
     pub total: Tensor,
     pub moe: Vec<MoeStats>,
+    /// What each Mixture-of-Depths router did, in layer order.
+    pub depth: Vec<DepthStats>,
 }
 
 /// What to compute in a forward pass.
@@ -58,6 +68,9 @@ pub struct ForwardOptions {
     pub last_only: bool,
     /// Keep the hidden states between blocks.
     pub hidden_states: bool,
+    /// How routed (Mixture-of-Depths) blocks choose tokens; default: top-k without a cache,
+    /// causal thresholds with one.
+    pub depth: Option<DepthDecision>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +82,8 @@ pub struct Model {
     norm: Norm,
     head: Linear,
     rope: Option<RopeTables>,
+    /// Mixture-of-Depths routers of routed blocks.
+    routers: Vec<Option<DepthRouter>>,
 }
 
 /// Check a name → tensor map against the parameter table; every problem listed.
@@ -143,6 +158,7 @@ impl Model {
         };
         let embed = get("model.embed_tokens.weight")?;
         let mut blocks = Vec::with_capacity(config.n_layers);
+        let mut routers = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
             let p = format!("model.layers.{l}");
             let qk = |which: &str| -> Result<Option<Norm>> {
@@ -234,6 +250,14 @@ impl Model {
                     None
                 })
             };
+            routers.push(match (&config.depth, config.layer(l).routed) {
+                (Some(dc), true) => Some(DepthRouter {
+                    layer: l,
+                    weight: get(&format!("{p}.depth_router.weight"))?,
+                    config: *dc,
+                }),
+                _ => None,
+            });
             blocks.push(Block {
                 kind: config.block,
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
@@ -275,6 +299,7 @@ impl Model {
             norm: norm("model.norm")?,
             head: Linear::new(head_w, opt("lm_head.bias")),
             rope,
+            routers,
         })
     }
 
@@ -296,6 +321,7 @@ impl Model {
             ForwardOptions {
                 last_only,
                 hidden_states: false,
+                depth: None,
             },
         )
     }
@@ -323,7 +349,11 @@ impl Model {
                 self.config.vocab_size
             )));
         }
-        Ok(self.forward_inner(ids, b, t, start, &mut cache, opts)?)
+        let out = self.forward_inner(ids, b, t, start, &mut cache, opts)?;
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        Ok(out)
     }
 
     fn forward_inner(
@@ -353,12 +383,28 @@ impl Model {
         let rope = rope.as_ref().map(|(c, s)| (c, s));
         let mut hidden = Vec::new();
         let mut moe = Vec::new();
+        let mut depth = Vec::new();
+        // routed blocks: top-k when training on whole sequences, causal thresholds when
+        // decoding through a cache, unless the caller says otherwise
+        let decision = opts.depth.unwrap_or(if cache.is_some() {
+            DepthDecision::Threshold
+        } else {
+            DepthDecision::TopK
+        });
         for (l, block) in self.blocks.iter().enumerate() {
             if opts.hidden_states {
                 hidden.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let (y, stats) = block.forward(&x, rope, layer_cache)?;
+            let (y, stats) = match &self.routers[l] {
+                Some(r) => {
+                    let (y, stats, d) =
+                        r.forward(block, &x, self.rope.as_ref(), start, layer_cache, decision)?;
+                    depth.push(d);
+                    (y, stats)
+                }
+                None => block.forward(&x, rope, layer_cache)?,
+            };
             x = y;
             moe.extend(stats);
         }
@@ -379,6 +425,7 @@ impl Model {
             logits,
             hidden_states: hidden,
             moe,
+            depth,
         })
     }
 
@@ -398,10 +445,51 @@ impl Model {
             ce,
             total,
             moe: out.moe,
+            depth: out.depth,
         })
     }
 
     /// A fresh cache for this model.
+    /// Run layer `l` alone on hidden states `x: (b, t, d)` (inspection and tests): a routed
+    /// layer routes by top-k at positions `0..t`; a plain one runs at `positions` (one per
+    /// token, shared by the batch; default `0..t`).
+    pub fn run_layer(&self, l: usize, x: &Tensor, positions: Option<&[u32]>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let block = self
+            .blocks
+            .get(l)
+            .ok_or_else(|| Error::Generate(format!("no layer {l}")))?;
+        if let Some(r) = &self.routers[l] {
+            return Ok(r
+                .forward(block, x, self.rope.as_ref(), 0, None, DepthDecision::TopK)?
+                .0);
+        }
+        let pos: Vec<u32> = positions.map_or_else(|| (0..t as u32).collect(), |p| p.to_vec());
+        let tables = match &self.rope {
+            Some(r) => {
+                let idx = Tensor::new(pos.as_slice(), x.device())?;
+                let half = r.cos.dim(1)?;
+                let cos = r
+                    .cos
+                    .index_select(&idx, 0)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, t, half))?
+                    .contiguous()?;
+                let sin = r
+                    .sin
+                    .index_select(&idx, 0)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, t, half))?
+                    .contiguous()?;
+                Some((cos, sin))
+            }
+            None => None,
+        };
+        Ok(block
+            .forward(x, tables.as_ref().map(|(c, s)| (c, s)), None)?
+            .0)
+    }
+
     pub fn new_cache(&self) -> Cache {
         Cache::new(self.blocks.len())
     }

@@ -2,8 +2,10 @@
 //! weight), and dispatch gathers the chosen rows, runs the computation on them only and
 //! adds the weighted results back. Mixture-of-Experts uses it to choose experts.
 
+pub mod depth;
 pub mod moe;
 pub mod router;
 
+pub use depth::{DepthDecision, DepthRouter, DepthStats};
 pub use moe::{update_selection_bias, MoeLayer, MoeStats};
 pub use router::{choose_experts, RouterChoice};

@@ -187,6 +187,9 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             norm(&mut v, format!("{p}.attn_out_norm"));
             norm(&mut v, format!("{p}.ffn_out_norm"));
         }
+        if cfg.layer(l).routed && cfg.depth.is_some() {
+            v.push(matrix(format!("{p}.depth_router.weight"), 1, d, std));
+        }
         match (cfg.layer(l).moe, &cfg.moe) {
             (true, Some(m)) => {
                 v.push(matrix(format!("{p}.mlp.gate.weight"), m.n_experts, d, std));

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use routelm::config::{
-    BlockKind, FfnKind, LayerSpec, MlaConfig, ModelConfigFile, MoeConfig, NormKind, Position,
-    QkNorm, RopeScaling, Scoring,
+    BlockKind, DepthConfig, FfnKind, LayerSpec, MlaConfig, ModelConfigFile, MoeConfig, NormKind,
+    Position, QkNorm, RopeScaling, Scoring,
 };
 use routelm::ModelConfig;
 
@@ -49,7 +49,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
-        4..=10 => {}
+        4..=12 => {}
         _ => panic!("no variant {variant}"),
     }
     let mut c = f.resolve("tiny").unwrap();
@@ -69,6 +69,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 LayerSpec {
                     window: Some(3),
                     moe: false,
+                    routed: false,
                 },
                 LayerSpec::default(),
             ];
@@ -105,7 +106,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.layers = vec![
                 LayerSpec {
                     window: Some(4),
-                    moe: false
+                    moe: false,
+                    routed: false
                 };
                 2
             ];
@@ -135,6 +137,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 LayerSpec {
                     window: None,
                     moe: true,
+                    routed: false,
                 },
             ];
         }
@@ -161,7 +164,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.layers = vec![
                 LayerSpec {
                     window: None,
-                    moe: true
+                    moe: true,
+                    routed: false
                 };
                 2
             ];
@@ -183,13 +187,60 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 v_head_dim: 3,
             });
         }
+        11 => {
+            // Mixture-of-Depths: the second block routed at capacity 0.5
+            c.depth = Some(DepthConfig {
+                capacity: 0.5,
+                aux_loss_coef: 0.1,
+            });
+            c.layers = vec![
+                LayerSpec::default(),
+                LayerSpec {
+                    routed: true,
+                    ..LayerSpec::default()
+                },
+            ];
+        }
+        12 => {
+            // staged MoDE: a routed block whose FFN is a Mixture of Experts, GQA
+            c.n_kv_heads = 2;
+            c.depth = Some(DepthConfig {
+                capacity: 0.4,
+                aux_loss_coef: 0.1,
+            });
+            c.moe = Some(MoeConfig {
+                n_experts: 4,
+                top_k: 2,
+                d_expert: 8,
+                scoring: Scoring::Softmax,
+                norm_topk: true,
+                routed_scale: 1.0,
+                n_groups: 1,
+                topk_groups: 1,
+                selection_bias: false,
+                d_shared: 0,
+                shared_gate: false,
+                aux_loss_coef: 0.01,
+                z_loss_coef: 0.0,
+                capacity_factor: None,
+                bias_update_rate: 0.0,
+            });
+            c.layers = vec![
+                LayerSpec {
+                    routed: true,
+                    moe: true,
+                    window: None
+                };
+                2
+            ];
+        }
         _ => {}
     }
     assert!(c.problems().is_empty(), "{:?}", c.problems());
     c
 }
 
-pub const VARIANTS: usize = 11;
+pub const VARIANTS: usize = 13;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

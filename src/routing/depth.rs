@@ -1,0 +1,189 @@
+//! Mixture-of-Depths (Raposo et al., 2024, arXiv:2404.02258): a per-block router scores
+//! every token; the block runs on the chosen tokens only (gathered, with their original
+//! positions for the rotary embedding and the causal order) and its update is added back
+//! scaled by the router weight, `x + σ(r)·f(x)`; the other tokens pass unchanged.
+//!
+//! Training chooses the top-k of each sequence (k = ⌈capacity·T⌉), which looks at the
+//! future; an auxiliary binary cross-entropy teaches the router's own logit to predict that
+//! choice, and sampling decides causally by its sign (the paper's first method).
+//! When every token is chosen (capacity 1) there is nothing to route and the block runs
+//! unscaled, exactly as a plain block.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::config::DepthConfig;
+use crate::model::block::Block;
+use crate::model::cache::KvCache;
+use crate::nn::RopeTables;
+use crate::routing::MoeStats;
+
+/// How a routed block decides which tokens it processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DepthDecision {
+    /// The top-k of each sequence by router logit (training; not causal).
+    #[default]
+    TopK,
+    /// Each token by itself: processed when its router logit is positive (causal).
+    Threshold,
+}
+
+/// What one routed block did in a forward pass.
+#[derive(Debug, Clone)]
+pub struct DepthStats {
+    pub layer: usize,
+    /// `(b, t)` router logits.
+    pub router_logits: Tensor,
+    /// Tokens processed, of `tokens`.
+    pub selected: usize,
+    pub tokens: usize,
+    /// Top-k membership of each token (1 processed), row-major `(b, t)`.
+    pub chosen: Vec<u8>,
+    /// Weighted auxiliary BCE, in top-k mode.
+    pub aux_loss: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DepthRouter {
+    pub layer: usize,
+    /// `(1, d_model)`.
+    pub weight: Tensor,
+    pub config: DepthConfig,
+}
+
+/// Positions `(b, k)` → per-token rotary tables `(b, k, half)`.
+fn gather_rope(rope: &RopeTables, pos: &Tensor, b: usize, k: usize) -> Result<(Tensor, Tensor)> {
+    let half = rope.cos.dim(1)?;
+    let flat = pos.flatten_all()?;
+    Ok((
+        rope.cos.index_select(&flat, 0)?.reshape((b, k, half))?,
+        rope.sin.index_select(&flat, 0)?.reshape((b, k, half))?,
+    ))
+}
+
+impl DepthRouter {
+    /// Run `block` on the chosen tokens of `x: (b, t, d)` (positions `start..start + t`).
+    pub fn forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        rope: Option<&RopeTables>,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        decision: DepthDecision,
+    ) -> Result<(Tensor, Option<MoeStats>, DepthStats)> {
+        let (b, t, d) = x.dims3()?;
+        if cache.is_some() && b > 1 {
+            // each sequence keeps a different number of tokens in a routed block's cache
+            candle_core::bail!("Mixture-of-Depths decoding through a KV cache takes one sequence at a time (got {b})")
+        }
+        let xs = x.reshape((b * t, d))?;
+        let logits = xs.matmul(&self.weight.t()?)?.reshape((b, t))?;
+        let host: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
+        let mut chosen = vec![0u8; b * t];
+        let rows: Vec<Vec<u32>> = host
+            .iter()
+            .map(|row| match decision {
+                DepthDecision::TopK => {
+                    let mut order: Vec<usize> = (0..t).collect();
+                    order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+                    let mut sel: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+                    sel.sort_unstable();
+                    sel
+                }
+                DepthDecision::Threshold => {
+                    (0..t).filter(|&i| row[i] > 0.0).map(|i| i as u32).collect()
+                }
+            })
+            .collect();
+        for (bi, sel) in rows.iter().enumerate() {
+            for &i in sel {
+                chosen[bi * t + i as usize] = 1;
+            }
+        }
+        let selected: usize = rows.iter().map(|r| r.len()).sum();
+        let aux_loss = match decision {
+            DepthDecision::TopK if self.config.aux_loss_coef > 0.0 && k < t => {
+                Some(self.bce(&logits, &chosen)?)
+            }
+            _ => None,
+        };
+        let stats = DepthStats {
+            layer: self.layer,
+            router_logits: logits.clone(),
+            selected,
+            tokens: b * t,
+            chosen,
+            aux_loss,
+        };
+        // every token chosen: nothing to route, the plain block
+        if decision == DepthDecision::TopK && k == t {
+            let range = match rope {
+                Some(r) => Some(r.range(start, t)?),
+                None => None,
+            };
+            let (y, moe) = block.forward(x, range.as_ref().map(|(c, s)| (c, s)), cache)?;
+            return Ok((y, moe, stats));
+        }
+        // one gathered sequence per row; rows may choose different numbers of tokens
+        // (threshold mode), so equal-length rows run together and others one by one
+        let equal = rows.iter().all(|r| r.len() == rows[0].len());
+        let groups: Vec<Vec<usize>> = if equal {
+            vec![(0..b).collect()]
+        } else {
+            (0..b).map(|i| vec![i]).collect()
+        };
+        let mut out = xs.clone();
+        let mut moe_out = None;
+        for group in groups {
+            let kk = rows[group[0]].len();
+            if kk == 0 {
+                continue;
+            }
+            let flat: Vec<u32> = group
+                .iter()
+                .flat_map(|&bi| rows[bi].iter().map(move |&i| (bi * t) as u32 + i))
+                .collect();
+            let pos: Vec<u32> = group
+                .iter()
+                .flat_map(|&bi| rows[bi].iter().map(|&i| (start as u32) + i))
+                .collect();
+            let n = group.len();
+            let flat = Tensor::from_vec(flat, n * kk, x.device())?;
+            let x_sel = xs.index_select(&flat, 0)?.reshape((n, kk, d))?;
+            let tables = match rope {
+                Some(r) => Some(gather_rope(
+                    r,
+                    &Tensor::from_vec(pos, (n, kk), x.device())?,
+                    n,
+                    kk,
+                )?),
+                None => None,
+            };
+            let (y, moe) = block.forward(
+                &x_sel,
+                tables.as_ref().map(|(c, s)| (c, s)),
+                cache.as_deref_mut(),
+            )?;
+            moe_out = moe_out.or(moe);
+            let delta = (y - &x_sel)?.reshape((n * kk, d))?;
+            let r = candle_nn::ops::sigmoid(&logits.flatten_all()?.index_select(&flat, 0)?)?
+                .unsqueeze(1)?;
+            out = out.index_add(&flat, &delta.broadcast_mul(&r)?, 0)?;
+        }
+        Ok((out.reshape((b, t, d))?, moe_out, stats))
+    }
+
+    /// `coef · mean BCE(σ(logit), chosen)`: the router's logit learns to predict top-k
+    /// membership, so its sign can decide causally at sampling time.
+    fn bce(&self, logits: &Tensor, chosen: &[u8]) -> Result<Tensor> {
+        let target: Vec<f32> = chosen.iter().map(|&c| c as f32).collect();
+        let target =
+            Tensor::from_vec(target, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
+        // log(1 + e^z) - y·z, computed stably as relu(z) + log(1 + e^-|z|) - y·z
+        let z = logits;
+        let softplus = (z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+        let bce = (softplus - (z * target)?)?.mean_all()?;
+        bce * self.config.aux_loss_coef
+    }
+}
