@@ -1,7 +1,7 @@
 use anyhow::Result;
 use std::path::PathBuf;
 
-use routelm::train::trainer::evaluate_with_router;
+use routelm::train::trainer::evaluate_full;
 use routelm::{Tokenizer, TrainConfigFile};
 
 /// Validation loss of a saved model: the last `--val-fraction` of the text, in fixed
@@ -43,12 +43,32 @@ pub fn run(a: Args) -> Result<()> {
     .resolve(model.config.max_seq_len, "eval options")?;
     let tokens = super::load_tokens(a.data.as_deref(), &tok, a.seed)?;
     let data = super::dataset(tokens, train.val_fraction, train.seq_len)?;
-    let (loss, router) = evaluate_with_router(&model, &data, &train)?;
+    let e = evaluate_full(&model, &data, &train)?;
     println!(
-        "val_loss {loss:.4}  ({} windows of {} tokens)",
+        "val_loss {:.4}  ({} windows of {} tokens)",
+        e.loss,
         train.batch_size * train.eval_batches,
         train.seq_len
     );
-    super::print_router(&router);
+    if let Some(c) = e.causal_loss {
+        println!("val_loss with causal routing decisions (as sampling decides) {c:.4}");
+    }
+    super::print_router(&e.router);
+    if !e.depth.is_empty() {
+        println!(
+            "{:<7} {:>9} {:>9} {:>8} {:>10}   routed blocks: causal decision vs top-k",
+            "layer", "accuracy", "baseline", "recall", "processed"
+        );
+        for d in &e.depth {
+            println!(
+                "{:<7} {:>8.2}% {:>8.2}% {:>7.2}% {:>9.2}%",
+                d.layer,
+                100.0 * d.accuracy,
+                100.0 * d.baseline,
+                100.0 * d.recall,
+                100.0 * d.processed
+            );
+        }
+    }
     Ok(())
 }

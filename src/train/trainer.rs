@@ -414,15 +414,40 @@ impl Trainer {
     }
 }
 
-/// Mean validation loss over the fixed batches, and what the MoE routers did on them.
-pub fn evaluate_with_router(
-    model: &Model,
-    data: &Dataset,
-    train: &TrainConfig,
-) -> Result<(f64, Vec<RouterMetric>)> {
+/// A routed (Mixture-of-Depths) block's causal decisions against its top-k choices.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DepthMetric {
+    pub layer: usize,
+    /// Share of tokens whose causal decision (router logit > 0) equals top-k membership.
+    pub accuracy: f64,
+    /// The trivial predictor "always skip": 1 − the share top-k processes.
+    pub baseline: f64,
+    /// Share of the top-k tokens the causal decision also processes.
+    pub recall: f64,
+    /// Share of tokens the causal decision processes (no longer fixed at the capacity).
+    pub processed: f64,
+}
+
+/// What `routelm eval` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Evaluation {
+    /// Validation loss with top-k routing in routed blocks (as trained).
+    pub loss: f64,
+    /// Validation loss with the causal decisions sampling uses (models with routed blocks).
+    pub causal_loss: Option<f64>,
+    pub router: Vec<RouterMetric>,
+    pub depth: Vec<DepthMetric>,
+}
+
+/// Validation loss over the fixed batches, what the MoE routers did, and for routed blocks
+/// how well the causal decisions predict top-k.
+pub fn evaluate_full(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<Evaluation> {
     let mut rng = Rng::new(train.seed ^ EVAL_SEED);
-    let mut sum = 0f64;
+    let (mut sum, mut causal_sum) = (0f64, 0f64);
     let mut stats = Vec::new();
+    // per routed layer: (agree, chosen, chosen and predicted, predicted, tokens)
+    let mut counts: Vec<(usize, [usize; 5])> = Vec::new();
+    let routed = model.config.depth.is_some();
     for _ in 0..train.eval_batches {
         let (x, y) = data.batch(
             Split::Val,
@@ -436,8 +461,61 @@ pub fn evaluate_with_router(
         for s in &out.moe {
             stats.push(RouterMetric::from_stats(s)?);
         }
+        for d in &out.depth {
+            let logits: Vec<f32> = d
+                .router_logits
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            let i = match counts.iter().position(|c| c.0 == d.layer) {
+                Some(i) => i,
+                None => {
+                    counts.push((d.layer, [0; 5]));
+                    counts.len() - 1
+                }
+            };
+            for (&z, &c) in logits.iter().zip(&d.chosen) {
+                let (pred, chosen) = (z > 0.0, c == 1);
+                let k = &mut counts[i].1;
+                k[0] += (pred == chosen) as usize;
+                k[1] += chosen as usize;
+                k[2] += (pred && chosen) as usize;
+                k[3] += pred as usize;
+                k[4] += 1;
+            }
+        }
+        if routed {
+            let opts = crate::model::ForwardOptions {
+                depth: Some(crate::routing::DepthDecision::Threshold),
+                ..Default::default()
+            };
+            let logits = model.forward_with(&x, None, opts)?.logits;
+            let v = model.config.vocab_size;
+            causal_sum +=
+                crate::nn::ops::cross_entropy(&logits.reshape(((), v))?, &y.flatten_all()?)?
+                    .to_scalar::<f32>()? as f64;
+        }
     }
-    Ok((sum / train.eval_batches as f64, RouterMetric::merge(stats)))
+    let n = train.eval_batches as f64;
+    let depth = counts
+        .into_iter()
+        .map(|(layer, k)| {
+            let t = k[4].max(1) as f64;
+            DepthMetric {
+                layer,
+                accuracy: k[0] as f64 / t,
+                baseline: 1.0 - k[1] as f64 / t,
+                recall: k[2] as f64 / k[1].max(1) as f64,
+                processed: k[3] as f64 / t,
+            }
+        })
+        .collect();
+    Ok(Evaluation {
+        loss: sum / n,
+        causal_loss: routed.then_some(causal_sum / n),
+        router: RouterMetric::merge(stats),
+        depth,
+    })
 }
 
 /// Mean validation loss of `model` over `train.eval_batches` fixed batches.
