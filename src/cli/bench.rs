@@ -45,6 +45,23 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// Mixture-of-Depths gain: the `mod` preset (train-small, every other block routed at
+    /// 12.5%) against dense train-small, measured in one run: forward FLOPs ratio from the
+    /// ledger, training step speedup, and sampling speedup (new tokens through the KV cache
+    /// with causal decisions, after both models trained briefly on the embedded corpus so the
+    /// routers have learnt their capacity), with the share of new tokens each routed block
+    /// processed.
+    Mod {
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        /// Training steps before sampling.
+        #[arg(long, default_value_t = 40)]
+        warm_steps: usize,
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Mixture-of-Experts cost: the 8-expert top-2 `moe` preset against the dense
     /// `train-small` with the same active parameters, measured in one run: training step
     /// time ratio and decode tokens/s ratio.
@@ -76,6 +93,12 @@ pub fn run(a: Args) -> Result<()> {
             tokens,
             json,
         } => bench_moe(steps, tokens, json),
+        What::Mod {
+            steps,
+            warm_steps,
+            tokens,
+            json,
+        } => bench_mod(steps, warm_steps, tokens, json),
     }
 }
 
@@ -273,6 +296,91 @@ fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
             moe_s * 1e3
         );
         println!("  decode:     dense {dense_tps:.1} tok/s, MoE {moe_tps:.1} tok/s, ratio {decode_ratio:.3} (target >= 0.8)");
+    }
+    Ok(())
+}
+
+/// Train a preset for `steps` on the embedded corpus and return its model.
+fn briefly_trained(name: &str, steps: usize) -> Result<Model> {
+    let (cfg, mut train) = preset(name)?;
+    train.steps = steps;
+    train.warmup_steps = steps / 10;
+    let tok = routelm::Tokenizer::Bytes;
+    let data = Dataset::split(super::load_tokens(None, &tok, 7)?, 0.1, train.seq_len)?;
+    let mut trainer = Trainer::new(&cfg, &train, &super::device())?;
+    let pb = super::bar(steps as u64, &format!("warm {name}"));
+    for _ in 0..steps {
+        trainer.train_step(&data)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(trainer.model)
+}
+
+/// Share of decoded tokens each routed block processed (causal decisions, KV cache).
+fn processed_shares(model: &Model, tokens: usize) -> Result<Vec<(usize, f64)>> {
+    let tok = routelm::Tokenizer::Bytes;
+    let prompt = tok.encode("Once upon a time there was a person named")?;
+    let mut cache = model.new_cache();
+    let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+    let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    let before: Vec<usize> = cache.layers.iter().map(|l| l.len()).collect();
+    for _ in 0..tokens {
+        let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    }
+    Ok((0..model.config.n_layers)
+        .filter(|&l| model.config.layer(l).routed)
+        .map(|l| {
+            (
+                l,
+                (cache.layers[l].len() - before[l]) as f64 / tokens as f64,
+            )
+        })
+        .collect())
+}
+
+fn bench_mod(steps: usize, warm_steps: usize, tokens: usize, json: bool) -> Result<()> {
+    let (dense_cfg, _) = preset("train-small")?;
+    let (mod_cfg, train) = preset("mod")?;
+    let ledger = |c: &ModelConfig| FlopLedger::new(c, train.seq_len).forward_per_token();
+    let flops_ratio = ledger(&mod_cfg) / ledger(&dense_cfg);
+    let (dense_s, _, _) = step_time("train-small", steps)?;
+    let (mod_s, _, _) = step_time("mod", steps)?;
+    let dense = briefly_trained("train-small", warm_steps)?;
+    let routed = briefly_trained("mod", warm_steps)?;
+    let dense_tps = decode_speed(&dense, tokens)?;
+    let mod_tps = decode_speed(&routed, tokens)?;
+    let shares = processed_shares(&routed, tokens)?;
+    let (train_speedup, sample_speedup) = (dense_s / mod_s, mod_tps / dense_tps);
+    if json {
+        let per_block: serde_json::Map<String, serde_json::Value> = shares
+            .iter()
+            .map(|(l, s)| (l.to_string(), (*s).into()))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "flops_ratio": flops_ratio, "train_speedup": train_speedup, "sample_speedup": sample_speedup,
+                "dense_step_ms": dense_s * 1e3, "mod_step_ms": mod_s * 1e3,
+                "dense_sample_tokens_per_s": dense_tps, "mod_sample_tokens_per_s": mod_tps,
+                "processed_share": per_block,
+            })
+        );
+    } else {
+        println!("bench mod (every other block routed at 12.5% vs dense train-small)");
+        println!("  forward FLOPs ratio (ledger): {flops_ratio:.3}");
+        println!("  train step: dense {:.1} ms, MoD {:.1} ms, speedup {train_speedup:.2}x (target >= 1.5)", dense_s * 1e3, mod_s * 1e3);
+        println!("  sampling:   dense {dense_tps:.1} tok/s, MoD {mod_tps:.1} tok/s, speedup {sample_speedup:.2}x (target >= 1.4)");
+        let s: Vec<String> = shares
+            .iter()
+            .map(|(l, s)| format!("block {l}: {:.1}%", 100.0 * s))
+            .collect();
+        println!(
+            "  new tokens processed by routed blocks (after {warm_steps} training steps): {}",
+            s.join(", ")
+        );
     }
     Ok(())
 }
