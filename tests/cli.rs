@@ -280,3 +280,52 @@ fn fine_tune_a_published_checkpoint() {
     ]);
     assert!(ok && out.starts_with("hello"), "{out}{err}");
 }
+
+/// `compare` trains each variant to the same FLOP budget and writes the report and plots.
+#[test]
+fn compare_writes_a_report_at_equal_flops() {
+    let d = std::env::temp_dir().join(format!("routelm-cli-cmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let base = "[model]\nd_model = 32\nn_layers = 2\nn_heads = 4\nmax_seq_len = 32\n";
+    let train = "[train]\nbatch_size = 4\neval_batches = 2\n";
+    std::fs::write(d.join("dense.toml"), format!("{base}{train}")).unwrap();
+    std::fs::write(
+        d.join("mod.toml"),
+        format!("{base}[model.depth]\ncapacity = 0.25\n{train}"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("data.txt"),
+        "the quick brown fox jumps over the lazy dog. ".repeat(200),
+    )
+    .unwrap();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let variants = format!("{},{}", s("dense.toml"), s("mod.toml"));
+    let (ok, out, err) = routelm(&[
+        "compare",
+        "--variants",
+        &variants,
+        "--data",
+        &s("data.txt"),
+        "--base-steps",
+        "8",
+        "--evals",
+        "2",
+        "--out",
+        &s("cmp"),
+    ]);
+    assert!(ok, "{err}");
+    for f in ["report.md", "loss_vs_flops.png", "loss_vs_time.png"] {
+        assert!(d.join("cmp").join(f).exists(), "{f} missing");
+    }
+    // equal budget: the MoD variant costs fewer FLOPs per token, so it takes more steps
+    let steps: Vec<usize> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+        .map(|l| l.split('|').nth(4).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 2, "{out}");
+    assert_eq!(steps[0], 8);
+    assert!(steps[1] > steps[0], "{out}");
+}

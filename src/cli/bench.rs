@@ -171,10 +171,14 @@ fn step_time(name: &str, steps: usize) -> Result<(f64, ModelConfig, TrainConfig)
     Ok((median(times), cfg, train))
 }
 
-/// Greedy decode speed (tokens/s) after a 32-token prompt.
-fn decode_speed(model: &Model, tokens: usize) -> Result<f64> {
+/// Greedy decode speed (tokens/s) after a prompt of up to 32 tokens; both shortened to fit
+/// the context window.
+pub(crate) fn decode_speed(model: &Model, tokens: usize) -> Result<f64> {
+    let ctx = model.config.max_seq_len;
+    let n_prompt = 32.min(ctx / 4).max(1);
+    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
     let mut rng = Rng::new(1);
-    let prompt: Vec<u32> = (0..32)
+    let prompt: Vec<u32> = (0..n_prompt)
         .map(|_| rng.below(model.config.vocab_size) as u32)
         .collect();
     // warm-up, then best of 2

@@ -15,6 +15,10 @@ pub struct Args {
     /// Run folder.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
+    /// Then compare dense, MoE and MoD versions for this many dense-equivalent steps each
+    /// (0: skip).
+    #[arg(long, default_value_t = 150)]
+    compare_steps: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -90,6 +94,53 @@ pub fn run(a: Args) -> Result<()> {
         stats.new_tokens,
         stats.tokens_per_s(),
         a.out.join("checkpoint").display()
+    );
+    if a.compare_steps > 0 {
+        compare_variants(&preset, &data, a.compare_steps, &a.out.join("compare"))?;
+    }
+    Ok(())
+}
+
+/// The demo model as dense, Mixture-of-Experts (8 experts, top-2, same active FLOPs) and
+/// Mixture-of-Depths (every other block at 12.5%), trained at equal FLOPs.
+fn compare_variants(
+    preset: &routelm::RunFile,
+    data: &routelm::train::data::Dataset,
+    steps: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    let mut dense = preset.clone();
+    dense.train.steps = Some(steps);
+    let mut moe = dense.clone();
+    moe.model.moe = Some(routelm::config::MoeFile {
+        n_experts: Some(8),
+        top_k: Some(2),
+        ..Default::default()
+    });
+    let mut mod_ = dense.clone();
+    mod_.model.depth = Some(routelm::config::DepthFile {
+        capacity: Some(0.125),
+        ..Default::default()
+    });
+    let variants = vec![
+        ("dense".to_string(), dense.clone()),
+        ("moe-8x2".to_string(), moe),
+        ("mod-12.5%".to_string(), mod_),
+    ];
+    let cfg = dense.model.resolve("demo")?;
+    let train = dense.train.resolve(cfg.max_seq_len, "demo")?;
+    let budget = routelm::FlopLedger::new(&cfg, train.seq_len).train_per_token()
+        * (train.batch_size * train.seq_len * steps) as f64;
+    println!(
+        "
+comparing dense, MoE and MoD at equal training FLOPs ({steps} dense steps each):"
+    );
+    let rows = super::compare::compare(&variants, data, budget, 4, out)?;
+    let md = super::compare::write_report(&rows, budget, out)?;
+    println!(
+        "{md}
+(plots in {})",
+        out.display()
     );
     Ok(())
 }

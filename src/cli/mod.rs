@@ -1,6 +1,7 @@
 //! Subcommands, one file each. Shared here: presets, data loading and progress bars.
 
 mod bench;
+mod compare;
 mod demo;
 mod eval;
 mod flops;
@@ -51,6 +52,9 @@ enum Command {
     Bench(bench::Args),
     /// Compare a checkpoint's outputs with its reference.safetensors (from transformers).
     Verify(verify::Args),
+    /// Train variants (dense, MoE, MoD, …) at equal training FLOPs and write a report:
+    /// table and loss-vs-FLOPs / loss-vs-time plots.
+    Compare(compare::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -63,6 +67,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

@@ -59,10 +59,18 @@ pub fn line_plot(
         .y_label_area_size(60)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
         .map_err(|e| err(&e))?;
+    let compact = |v: &f64| {
+        if v.abs() >= 1e5 {
+            format!("{v:.1e}")
+        } else {
+            format!("{v}")
+        }
+    };
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
+        .x_label_formatter(&compact)
         .draw()
         .map_err(|e| err(&e))?;
     for (i, s) in series.iter().enumerate() {
