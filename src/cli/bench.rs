@@ -329,6 +329,7 @@ fn processed_shares(model: &Model, tokens: usize) -> Result<Vec<(usize, f64)>> {
     let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
     let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
     let before: Vec<usize> = cache.layers.iter().map(|l| l.len()).collect();
+    let tokens = tokens.min(model.config.max_seq_len - prompt.len()).max(1);
     for _ in 0..tokens {
         let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
