@@ -13,6 +13,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() {
+    // Exit quietly when the reader of our output goes away (`routelm route ... | head`),
+    // as command-line tools do, instead of panicking on a broken pipe.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Never hand freed pages back to the OS: training reallocates the same activation sizes
     // every step, and re-faulting them cost ~13% of a train-small step (bench train).
     // SAFETY: sets a process-wide allocator option before any other thread exists.

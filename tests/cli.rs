@@ -329,3 +329,44 @@ fn compare_writes_a_report_at_equal_flops() {
     assert_eq!(steps[0], 8);
     assert!(steps[1] > steps[0], "{out}");
 }
+
+/// `route` renders which tokens each routed block processes and writes the heat map.
+#[test]
+fn route_shows_mixture_of_depths_decisions() {
+    let d = std::env::temp_dir().join(format!("routelm-cli-route-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("mod.toml"), "[model]\nd_model = 32\nn_layers = 2\nn_heads = 4\nmax_seq_len = 64\n[model.depth]\ncapacity = 0.25\n[train]\nsteps = 6\nbatch_size = 4\neval_every = 6\neval_batches = 1\n").unwrap();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (ok, _, err) = routelm(&["train", "--config", &s("mod.toml"), "--out", &s("run")]);
+    assert!(ok, "{err}");
+    for decision in ["causal", "topk"] {
+        let (ok, out, err) = routelm(&[
+            "route",
+            "--model",
+            &s("run/checkpoint"),
+            "--text",
+            "Once upon a time, 12 plus 30 is 42.",
+            "--decision",
+            decision,
+            "--png",
+            &s("r.png"),
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("block   1") && out.contains("tokens processed"),
+            "{out}"
+        );
+        assert!(d.join("r.png").exists());
+        if decision == "topk" {
+            // 35 tokens at 25%: exactly ceil(8.75) = 9 processed
+            assert!(out.contains("block 1: 9 of 35 tokens processed"), "{out}");
+        }
+    }
+    // a model without routed blocks is refused clearly
+    let (ok, _, err) = routelm(&["route", "--model", "tests/fixtures/hf/llama3"]);
+    assert!(
+        !ok && err.contains("no routed (Mixture-of-Depths) blocks"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ mod eval;
 mod flops;
 mod generate;
 mod inspect;
+mod route;
 mod train;
 mod verify;
 
@@ -55,6 +56,8 @@ enum Command {
     /// Train variants (dense, MoE, MoD, …) at equal training FLOPs and write a report:
     /// table and loss-vs-FLOPs / loss-vs-time plots.
     Compare(compare::Args),
+    /// Show which tokens each Mixture-of-Depths block processes for a text (terminal and PNG).
+    Route(route::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Route(a) => route::run(a),
     }
 }
 
