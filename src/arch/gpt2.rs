@@ -3,7 +3,7 @@
 //! attention projections are fused in `c_attn`.
 
 use super::{split, RawConfig, TensorMap};
-use crate::config::{BlockKind, ModelConfig, NormKind, Position, QkNorm};
+use crate::config::{ModelConfig, NormKind, Position};
 use crate::error::Result;
 use crate::weights::Params;
 
@@ -31,22 +31,12 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         tie_embeddings: raw.bool_or("tie_word_embeddings", true),
         init_std: raw.f64_or(&["initializer_range"], 0.02),
         layers: Vec::new(),
-        block: BlockKind::Sequential,
-        qk_norm: QkNorm::None,
         attn_scale: if raw.bool_or("scale_attn_weights", true) {
             None
         } else {
             Some(1.0)
         },
-        attn_softcap: None,
-        final_softcap: None,
-        sandwich_norms: false,
-        norm_offset: 0.0,
-        embed_scale: None,
-        head_bias: false,
-        mla: None,
-        depth: None,
-        moe: None,
+        ..ModelConfig::default()
     }
 }
 

@@ -2,7 +2,7 @@
 //! adjust: `config.json` keys of the Llama layout, and tensor names that already are ours.
 
 use super::{RawConfig, TensorMap};
-use crate::config::{BlockKind, FfnKind, LayerSpec, ModelConfig, NormKind, Position, QkNorm};
+use crate::config::{FfnKind, LayerSpec, ModelConfig, NormKind, Position};
 use crate::error::Result;
 use crate::weights::{names::param_specs, Params};
 
@@ -88,18 +88,7 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         tie_embeddings: raw.bool_or("tie_word_embeddings", false),
         init_std: raw.f64_or(&["initializer_range"], 0.02),
         layers: windows(raw, n_layers),
-        block: BlockKind::Sequential,
-        qk_norm: QkNorm::None,
-        attn_scale: None,
-        attn_softcap: None,
-        final_softcap: None,
-        sandwich_norms: false,
-        norm_offset: 0.0,
-        embed_scale: None,
-        head_bias: false,
-        mla: None,
-        depth: None,
-        moe: None,
+        ..ModelConfig::default()
     }
 }
 

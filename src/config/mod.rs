@@ -545,16 +545,7 @@ impl ModelConfigFile {
             },
             block: self.block.unwrap_or_default(),
             qk_norm: self.qk_norm.unwrap_or_default(),
-            attn_scale: None,
-            attn_softcap: None,
-            final_softcap: None,
-            sandwich_norms: false,
-            norm_offset: 0.0,
-            embed_scale: None,
-            head_bias: false,
-            mla: None,
-            depth: None,
-            moe: None,
+            ..ModelConfig::default()
         };
         let mut cfg = cfg;
         if let Some(df) = &self.depth {
@@ -591,6 +582,47 @@ impl ModelConfigFile {
                 origin: origin.into(),
                 problems,
             })
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    /// A base for struct-update syntax: the option fields at their neutral values (no
+    /// routing, no caps, pre-norm RMSNorm, SwiGLU, RoPE); the sizes are zero, so a config
+    /// that forgets one fails [`ModelConfig::problems`].
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            d_model: 0,
+            n_layers: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            head_dim: 0,
+            d_ff: 0,
+            max_seq_len: 0,
+            norm: NormKind::RmsNorm,
+            norm_eps: 1e-5,
+            norm_bias: false,
+            ffn: FfnKind::Swiglu,
+            ffn_bias: false,
+            qkv_bias: false,
+            out_bias: false,
+            position: Position::None,
+            tie_embeddings: false,
+            init_std: 0.02,
+            layers: Vec::new(),
+            block: BlockKind::Sequential,
+            qk_norm: QkNorm::None,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sandwich_norms: false,
+            norm_offset: 0.0,
+            embed_scale: None,
+            head_bias: false,
+            mla: None,
+            depth: None,
+            moe: None,
         }
     }
 }
