@@ -442,20 +442,13 @@ pub struct Evaluation {
 /// Validation loss over the fixed batches, what the MoE routers did, and for routed blocks
 /// how well the causal decisions predict top-k.
 pub fn evaluate_full(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<Evaluation> {
-    let mut rng = Rng::new(train.seed ^ EVAL_SEED);
     let (mut sum, mut causal_sum) = (0f64, 0f64);
     let mut stats = Vec::new();
     // per routed layer: (agree, chosen, chosen and predicted, predicted, tokens)
     let mut counts: Vec<(usize, [usize; 5])> = Vec::new();
     let routed = model.config.depth.is_some();
-    for _ in 0..train.eval_batches {
-        let (x, y) = data.batch(
-            Split::Val,
-            &mut rng,
-            train.batch_size,
-            train.seq_len,
-            model.device(),
-        )?;
+    for batch in eval_batches(model, data, train) {
+        let (x, y) = batch?;
         let out = model.loss(&x, &y)?;
         sum += out.ce.to_scalar::<f32>()? as f64;
         for s in &out.moe {
@@ -518,18 +511,29 @@ pub fn evaluate_full(model: &Model, data: &Dataset, train: &TrainConfig) -> Resu
     })
 }
 
-/// Mean validation loss of `model` over `train.eval_batches` fixed batches.
-pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f64> {
+/// The fixed validation batches: the same windows at every evaluation.
+fn eval_batches<'a>(
+    model: &'a Model,
+    data: &'a Dataset,
+    train: &'a TrainConfig,
+) -> impl Iterator<Item = Result<(Tensor, Tensor)>> + 'a {
     let mut rng = Rng::new(train.seed ^ EVAL_SEED);
-    let mut sum = 0f64;
-    for _ in 0..train.eval_batches {
-        let (x, y) = data.batch(
+    (0..train.eval_batches).map(move |_| {
+        data.batch(
             Split::Val,
             &mut rng,
             train.batch_size,
             train.seq_len,
             model.device(),
-        )?;
+        )
+    })
+}
+
+/// Mean validation loss of `model` over `train.eval_batches` fixed batches.
+pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f64> {
+    let mut sum = 0f64;
+    for batch in eval_batches(model, data, train) {
+        let (x, y) = batch?;
         sum += model.loss(&x, &y)?.ce.to_scalar::<f32>()? as f64;
     }
     Ok(sum / train.eval_batches as f64)
