@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use super::{llama, RawConfig, TensorMap};
 use crate::config::{LayerSpec, MlaConfig, ModelConfig, MoeConfig, Position, Scoring};
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 pub fn config(raw: &RawConfig) -> ModelConfig {
     let mut c = llama::base(raw);
@@ -110,10 +110,6 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
             );
         }
     }
-    for spec in param_specs(cfg) {
-        if !out.contains_key(&spec.name) {
-            map.rename(&mut out, &spec.name, &spec.name);
-        }
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

@@ -5,7 +5,7 @@
 use super::{llama, RawConfig, TensorMap};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 pub fn config_gemma(raw: &RawConfig) -> ModelConfig {
     let mut c = llama::base(raw);
@@ -49,10 +49,6 @@ pub fn tensors_gemma2(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> 
         );
     }
     map.take_opt("lm_head.weight");
-    for spec in param_specs(cfg) {
-        if !out.contains_key(&spec.name) {
-            map.rename(&mut out, &spec.name, &spec.name);
-        }
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

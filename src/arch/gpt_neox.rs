@@ -5,17 +5,12 @@
 use candle_core::Tensor;
 
 use super::{llama, RawConfig, TensorMap};
-use crate::config::{BlockKind, ModelConfig, NormKind};
+use crate::config::{BlockKind, ModelConfig};
 use crate::error::Result;
 use crate::weights::Params;
 
 pub fn config(raw: &RawConfig) -> ModelConfig {
-    let mut c = llama::base(raw);
-    c.norm = NormKind::LayerNorm;
-    c.norm_bias = true;
-    c.norm_eps = raw.f64_or(&["layer_norm_eps"], 1e-5);
-    c.ffn = llama::ffn_kind(raw, false);
-    c.ffn_bias = true;
+    let mut c = llama::layer_norm_base(raw);
     c.qkv_bias = raw.bool_or("attention_bias", true);
     c.out_bias = c.qkv_bias;
     c.block = if raw.bool_or("use_parallel_residual", true) {

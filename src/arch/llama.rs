@@ -4,7 +4,7 @@
 use super::{RawConfig, TensorMap};
 use crate::config::{FfnKind, LayerSpec, ModelConfig, NormKind, Position};
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 /// The FFN kind for a Hugging Face activation name.
 pub(crate) fn ffn_kind(raw: &RawConfig, gated: bool) -> FfnKind {
@@ -92,6 +92,18 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
     }
 }
 
+/// The Llama-layout base with LayerNorms (with bias, `layer_norm_eps`) and a plain biased
+/// FFN, as GPT-NeoX and Phi use.
+pub(crate) fn layer_norm_base(raw: &RawConfig) -> ModelConfig {
+    let mut c = base(raw);
+    c.norm = NormKind::LayerNorm;
+    c.norm_bias = true;
+    c.norm_eps = raw.f64_or(&["layer_norm_eps"], 1e-5);
+    c.ffn = ffn_kind(raw, false);
+    c.ffn_bias = true;
+    c
+}
+
 pub fn config(raw: &RawConfig) -> ModelConfig {
     base(raw)
 }
@@ -102,8 +114,6 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     if cfg.tie_embeddings {
         map.take_opt("lm_head.weight");
     }
-    for spec in param_specs(cfg) {
-        map.rename(&mut out, &spec.name, &spec.name);
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

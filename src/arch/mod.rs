@@ -191,6 +191,16 @@ impl TensorMap {
         }
     }
 
+    /// Every canonical tensor of `cfg` not yet in `out`, taken under its own name (the
+    /// family stores it as we do); missing ones are recorded.
+    pub fn take_canonical(&mut self, cfg: &ModelConfig, out: &mut Params) {
+        for spec in crate::weights::names::param_specs(cfg) {
+            if !out.contains_key(&spec.name) {
+                self.rename(out, &spec.name, &spec.name);
+            }
+        }
+    }
+
     /// Errors for missing tensors, and for tensors no adapter rule consumed.
     pub fn finish(mut self) -> Result<()> {
         for name in self.tensors.keys() {

@@ -5,7 +5,7 @@
 use super::{llama, qwen, RawConfig, TensorMap};
 use crate::config::{LayerSpec, ModelConfig, MoeConfig, QkNorm, Scoring};
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeConfig {
     MoeConfig {
@@ -102,10 +102,6 @@ pub fn tensors_mixtral(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params>
             }
         }
     }
-    for spec in param_specs(cfg) {
-        if !out.contains_key(&spec.name) {
-            map.rename(&mut out, &spec.name, &spec.name);
-        }
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

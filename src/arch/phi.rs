@@ -2,17 +2,12 @@
 //! everywhere (a biased head too), GELU (tanh) MLP named `fc1`/`fc2`.
 
 use super::{llama, RawConfig, TensorMap};
-use crate::config::{BlockKind, ModelConfig, NormKind};
+use crate::config::{BlockKind, ModelConfig};
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 pub fn config(raw: &RawConfig) -> ModelConfig {
-    let mut c = llama::base(raw);
-    c.norm = NormKind::LayerNorm;
-    c.norm_bias = true;
-    c.norm_eps = raw.f64_or(&["layer_norm_eps"], 1e-5);
-    c.ffn = llama::ffn_kind(raw, false);
-    c.ffn_bias = true;
+    let mut c = llama::layer_norm_base(raw);
     c.qkv_bias = true;
     c.out_bias = true;
     c.head_bias = true;
@@ -48,10 +43,6 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
             &format!("model.norm.{kind}"),
         );
     }
-    for spec in param_specs(cfg) {
-        if !out.contains_key(&spec.name) {
-            map.rename(&mut out, &spec.name, &spec.name);
-        }
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

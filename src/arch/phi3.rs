@@ -4,7 +4,7 @@
 use super::{llama, split, RawConfig, TensorMap};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::weights::{names::param_specs, Params};
+use crate::weights::Params;
 
 pub fn config(raw: &RawConfig) -> ModelConfig {
     llama::base(raw)
@@ -27,10 +27,6 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
             }
         }
     }
-    for spec in param_specs(cfg) {
-        if !out.contains_key(&spec.name) {
-            map.rename(&mut out, &spec.name, &spec.name);
-        }
-    }
+    map.take_canonical(cfg, &mut out);
     Ok(out)
 }

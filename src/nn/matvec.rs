@@ -44,12 +44,8 @@ impl CustomOp2 for Skinny {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (Some((a1, b1)), Some((a2, b2))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("skinny_matmul: inputs must be contiguous")
-        };
-        let x = &s1.as_slice::<f32>()?[a1..b1];
-        let w = &s2.as_slice::<f32>()?[a2..b2];
+        let x = super::ops::f32_slice(s1, l1, "skinny_matmul")?;
+        let w = super::ops::f32_slice(s2, l2, "skinny_matmul")?;
         let (rows, d_in) = l1.shape().dims2()?;
         let (d_out, d_in2) = l2.shape().dims2()?;
         if d_in != d_in2 {
