@@ -214,11 +214,19 @@ fn fused_kernels_match_references_f32() {
         let q = randn(&[2, t, h, 8], f, 20);
         let k = randn(&[2, tk, hkv, 8], f, 21);
         let v = randn(&[2, tk, hkv, 8], f, 22);
-        for window in [None, Some(3), Some(40)] {
+        // ALiBi with 3 heads also covers the slopes of a head count that is no power of two
+        for (window, alibi) in [
+            (None, false),
+            (Some(3), false),
+            (Some(40), false),
+            (None, true),
+            (Some(40), true),
+        ] {
             let o = AttentionOptions {
                 scale: 0.35,
                 window,
                 softcap: None,
+                alibi,
             };
             compare(
                 &[q.clone(), k.clone(), v.clone()],
@@ -233,6 +241,7 @@ fn fused_kernels_match_references_f32() {
         scale: 0.35,
         window: Some(5),
         softcap: None,
+        alibi: false,
     };
     compare(
         &[

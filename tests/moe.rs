@@ -103,6 +103,7 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
                 logits.iter().map(|l| (l - m).exp() / z).collect()
             }
             Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+            Scoring::SparseMixer { .. } => logits.clone(),
         };
         let biased: Vec<f64> = scores.iter().zip(&bias).map(|(s, b)| s + b).collect();
         let gs = c.n_experts / c.n_groups;
@@ -120,7 +121,22 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
             .collect();
         cand.sort_by(|&a, &b| biased[b].partial_cmp(&biased[a]).unwrap());
         let chosen = &cand[..c.top_k];
-        let mut weights: Vec<f64> = chosen.iter().map(|&e| scores[e]).collect();
+        let mut weights: Vec<f64> = match c.scoring {
+            // softmax over the experts not chosen before whose logit is within the
+            // relative threshold of this choice's
+            Scoring::SparseMixer { eps } => (0..c.top_k)
+                .map(|j| {
+                    let m = logits[chosen[j]];
+                    let kept = (0..c.n_experts).filter(|i| {
+                        !chosen[..j].contains(i)
+                            && (m - logits[*i]) / logits[*i].abs().max(m) <= 2.0 * eps
+                    });
+                    let z: f64 = kept.map(|i| (logits[i] - m).exp()).sum();
+                    1.0 / z
+                })
+                .collect(),
+            _ => chosen.iter().map(|&e| scores[e]).collect(),
+        };
         if c.norm_topk {
             let s: f64 = weights.iter().sum::<f64>() + 1e-20;
             weights.iter_mut().for_each(|w| *w /= s);
@@ -192,6 +208,21 @@ fn every_routing_variant_matches_the_slow_reference() {
                 topk_groups: 2,
                 selection_bias: true,
                 norm_topk: true,
+                ..base()
+            },
+        ),
+        (
+            "sparse mixer, top-2",
+            MoeConfig {
+                scoring: Scoring::SparseMixer { eps: 0.2 },
+                ..base()
+            },
+        ),
+        (
+            "sparse mixer, top-3, wide threshold",
+            MoeConfig {
+                scoring: Scoring::SparseMixer { eps: 2.0 },
+                top_k: 3,
                 ..base()
             },
         ),

@@ -1,9 +1,10 @@
-//! Gemma and Gemma 2: Llama layout with `(1 + w)` RMSNorms, embeddings scaled by
-//! `sqrt(d_model)`, GeGLU, tied head; Gemma 2 adds sandwich norms, soft-capping,
-//! `query_pre_attn_scalar` and alternating sliding windows.
+//! Gemma, Gemma 2 and Gemma 3 (text): Llama layout with `(1 + w)` RMSNorms, embeddings
+//! scaled by `sqrt(d_model)`, GeGLU, tied head; Gemma 2 adds sandwich norms, soft-capping,
+//! `query_pre_attn_scalar` and alternating sliding windows; Gemma 3 adds per-head q/k norms
+//! and a separate rotary base for its sliding-window (local) layers.
 
 use super::{llama, RawConfig, TensorMap};
-use crate::config::ModelConfig;
+use crate::config::{LayerSpec, ModelConfig, Position, QkNorm};
 use crate::error::Result;
 use crate::weights::Params;
 
@@ -23,6 +24,37 @@ pub fn config_gemma2(raw: &RawConfig) -> ModelConfig {
     c.attn_scale = raw
         .opt_f64(&["query_pre_attn_scalar"])
         .map(|s| 1.0 / s.sqrt());
+    c
+}
+
+/// Gemma 3: the global layers' rotary settings from `rope_parameters.full_attention` (4.x:
+/// top-level `rope_theta`, `rope_scaling`), the local layers' base from
+/// `rope_parameters.sliding_attention` (4.x: `rope_local_base_freq`); local layers from
+/// `layer_types` (4.x: every layer but each `sliding_window_pattern`-th).
+pub fn config_gemma3(raw: &RawConfig) -> ModelConfig {
+    let mut c = config_gemma2(raw);
+    c.qk_norm = QkNorm::PerHead;
+    let (theta, partial, scaling) = raw.rope(Some("full_attention"));
+    c.position = Position::Rope {
+        theta,
+        rotary_dim: (c.head_dim as f64 * partial) as usize,
+        scaling,
+    };
+    c.local_rope_theta = Some(if raw.has(&["rope_parameters", "sliding_attention"]) {
+        raw.rope(Some("sliding_attention")).0
+    } else {
+        raw.f64_or(&["rope_local_base_freq"], 10_000.0)
+    });
+    let window = raw.opt_usize(&["sliding_window"]).filter(|&w| w > 0);
+    let pattern = raw.opt_usize(&["sliding_window_pattern", "_sliding_window_pattern"]);
+    if let (true, Some(w), Some(p)) = (c.layers.is_empty(), window, pattern) {
+        c.layers = (0..c.n_layers)
+            .map(|l| LayerSpec {
+                window: (!(l + 1).is_multiple_of(p.max(1))).then_some(w),
+                ..LayerSpec::default()
+            })
+            .collect();
+    }
     c
 }
 

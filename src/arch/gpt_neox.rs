@@ -22,7 +22,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
 }
 
 /// Rows of the fused tensor viewed as `[h, 3, d, ..]` → (q, k, v), each `[h·d, ..]`.
-fn unfuse(t: &Tensor, h: usize, d: usize) -> Result<[Tensor; 3]> {
+pub(crate) fn unfuse(t: &Tensor, h: usize, d: usize) -> Result<[Tensor; 3]> {
     let rest: Vec<usize> = t.dims()[1..].to_vec();
     let mut shape = vec![h, 3, d];
     shape.extend(&rest);

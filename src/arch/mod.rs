@@ -5,6 +5,7 @@
 //! Adding a family: one file with `config` and `tensors` functions, one line in
 //! [`FAMILIES`]. A mechanism the family needs belongs in `nn/` or `model/` as an option.
 
+mod bloom;
 mod deepseek;
 mod gemma;
 mod gpt2;
@@ -70,6 +71,12 @@ pub static FAMILIES: &[Family] = &[
         tensors: gemma::tensors_gemma2,
     },
     Family {
+        name: "gemma3",
+        model_types: &["gemma3_text"],
+        config: gemma::config_gemma3,
+        tensors: gemma::tensors_gemma2,
+    },
+    Family {
         name: "phi3",
         model_types: &["phi3"],
         config: phi3::config,
@@ -100,6 +107,12 @@ pub static FAMILIES: &[Family] = &[
         tensors: moe::tensors_mixtral,
     },
     Family {
+        name: "phimoe",
+        model_types: &["phimoe"],
+        config: moe::config_phimoe,
+        tensors: moe::tensors_mixtral,
+    },
+    Family {
         name: "qwen2_moe",
         model_types: &["qwen2_moe"],
         config: moe::config_qwen2_moe,
@@ -116,6 +129,12 @@ pub static FAMILIES: &[Family] = &[
         model_types: &["olmoe"],
         config: moe::config_olmoe,
         tensors: llama::tensors,
+    },
+    Family {
+        name: "bloom",
+        model_types: &["bloom"],
+        config: bloom::config,
+        tensors: bloom::tensors,
     },
     Family {
         name: "gpt_neox",
@@ -170,6 +189,11 @@ impl TensorMap {
             self.problems.push(format!("missing tensor {name}"));
         }
         t
+    }
+
+    /// Whether a tensor of this name is still unclaimed.
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 
     /// Remove a tensor that may be absent.

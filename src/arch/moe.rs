@@ -1,9 +1,10 @@
-//! Mixture-of-Experts families on the Llama layout: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
-//! Softmax routing over all experts, top-k, renormalised or not; Qwen2-MoE adds a shared
-//! expert behind a sigmoid gate and dense layers between sparse ones.
+//! Mixture-of-Experts families on the Llama layout: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+//! PhiMoE. Softmax routing over all experts, top-k, renormalised or not; Qwen2-MoE adds a
+//! shared expert behind a sigmoid gate and dense layers between sparse ones; PhiMoE routes
+//! by SparseMixer and uses biased LayerNorms, attention biases and a head bias.
 
 use super::{llama, qwen, RawConfig, TensorMap};
-use crate::config::{LayerSpec, ModelConfig, MoeConfig, QkNorm, Scoring};
+use crate::config::{LayerSpec, ModelConfig, MoeConfig, NormKind, QkNorm, Scoring};
 use crate::error::Result;
 use crate::weights::Params;
 
@@ -45,6 +46,20 @@ pub fn config_mixtral(raw: &RawConfig) -> ModelConfig {
     c.moe = Some(moe(raw, &["intermediate_size"], true));
     c.moe.iter_mut().for_each(|m| m.norm_topk = true);
     mark_layers(raw, &mut c);
+    c
+}
+
+pub fn config_phimoe(raw: &RawConfig) -> ModelConfig {
+    let mut c = config_mixtral(raw);
+    c.norm = NormKind::LayerNorm;
+    c.norm_bias = true;
+    c.head_bias = raw.bool_or("lm_head_bias", false);
+    if let Some(m) = &mut c.moe {
+        m.scoring = Scoring::SparseMixer {
+            eps: raw.f64_or(&["router_jitter_noise"], 0.01),
+        };
+        m.norm_topk = false;
+    }
     c
 }
 

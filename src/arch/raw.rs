@@ -40,6 +40,18 @@ impl RawConfig {
             .find(|v| !v.is_null())
     }
 
+    /// Whether the nested key `path` is present and not null.
+    pub fn has(&self, path: &[&str]) -> bool {
+        let mut v = &self.value;
+        for k in path {
+            match v.get(*k) {
+                Some(x) if !x.is_null() => v = x,
+                _ => return false,
+            }
+        }
+        true
+    }
+
     /// Record a problem, reported with all others by [`RawConfig::finish`].
     pub fn problem(&self, msg: String) {
         self.problems.borrow_mut().push(msg);

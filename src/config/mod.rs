@@ -132,7 +132,7 @@ pub struct MlaConfig {
 }
 
 /// How router logits become expert scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scoring {
     /// Softmax over all experts (Switch, Mixtral, Qwen-MoE, OLMoE).
@@ -140,6 +140,11 @@ pub enum Scoring {
     Softmax,
     /// Independent sigmoids (DeepSeek-V3).
     Sigmoid,
+    /// SparseMixer (PhiMoE, arXiv:2409.12136), deterministic form: the `j`-th choice is the
+    /// best logit `m` not chosen yet, and its weight is its softmax among the experts not
+    /// chosen yet whose logit `s` is close to it, `(m − s) / max(|s|, m) ≤ 2·eps`. No
+    /// renormalisation; the gradient is the masked softmax's.
+    SparseMixer { eps: f64 },
 }
 
 /// A Mixture-of-Experts feed-forward layer (used by layers whose [`LayerSpec::moe`] is set).
@@ -216,6 +221,9 @@ pub enum Position {
     Learned,
     /// No positional information (the causal mask alone).
     None,
+    /// Attention with linear biases (Press et al., 2022): each head adds
+    /// `slope_h · (j − i)` to the score of query `i` and key `j`; BLOOM's slopes.
+    Alibi,
 }
 
 /// A resolved, validated model description.
@@ -292,6 +300,13 @@ pub struct ModelConfig {
     /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// Rotary base of the sliding-window layers, which then use no rope scaling (Gemma 3's
+    /// local layers); `None`: every layer uses [`ModelConfig::position`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_rope_theta: Option<f64>,
+    /// A norm on the token embeddings before the first block (BLOOM).
+    #[serde(default)]
+    pub embed_norm: bool,
 }
 
 /// The file form of [`ModelConfig`]: every field optional where a default makes sense.
@@ -506,9 +521,10 @@ impl ModelConfigFile {
             },
             "learned" => Position::Learned,
             "none" => Position::None,
+            "alibi" => Position::Alibi,
             other => {
                 problems.push(format!(
-                    "position '{other}' is unknown (rope, learned, none)"
+                    "position '{other}' is unknown (rope, learned, alibi, none)"
                 ));
                 Position::None
             }
@@ -623,6 +639,8 @@ impl Default for ModelConfig {
             mla: None,
             depth: None,
             moe: None,
+            local_rope_theta: None,
+            embed_norm: false,
         }
     }
 }
@@ -775,6 +793,15 @@ impl ModelConfig {
                 p.push(format!("rope_theta ({theta}) must be positive"));
             }
         }
+        if self
+            .local_rope_theta
+            .is_some_and(|t| !(t > 0.0 && t.is_finite()))
+        {
+            p.push("local_rope_theta must be positive".into());
+        }
+        if self.position == Position::Alibi && self.depth.is_some() {
+            p.push("ALiBi positions in routed (Mixture-of-Depths) blocks are not supported".into());
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             p.push(format!("norm_eps ({}) must be in (0, 1)", self.norm_eps));
         }
@@ -870,6 +897,7 @@ impl From<&ModelConfig> for ModelConfigFile {
             } => ("rope", Some(theta), Some(rotary_dim)),
             Position::Learned => ("learned", None, None),
             Position::None => ("none", None, None),
+            Position::Alibi => ("alibi", None, None),
         };
         ModelConfigFile {
             vocab_size: Some(c.vocab_size),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::block::{Block, Ffn};
 use super::cache::Cache;
-use crate::config::{BlockKind, ModelConfig, Position, QkNorm};
+use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
@@ -82,6 +82,10 @@ pub struct Model {
     norm: Norm,
     head: Linear,
     rope: Option<RopeTables>,
+    /// Rotary tables of the sliding-window layers when their base differs.
+    local_rope: Option<RopeTables>,
+    /// Norm on the token embeddings.
+    embed_norm: Option<Norm>,
     /// Mixture-of-Depths routers of routed blocks.
     routers: Vec<Option<DepthRouter>>,
 }
@@ -208,6 +212,7 @@ impl Model {
                     .unwrap_or(1.0 / (config.head_dim as f64).sqrt()),
                 window: config.layer(l).window,
                 softcap: config.attn_softcap,
+                alibi: config.position == Position::Alibi,
             };
             let mlp = |prefix: &str| -> Result<Mlp> {
                 Ok(Mlp {
@@ -271,20 +276,29 @@ impl Model {
                 ffn_out_norm: sandwich("ffn_out_norm")?,
             });
         }
-        let rope = match config.position {
+        let (rope, local_rope) = match config.position {
             Position::Rope {
                 theta,
                 rotary_dim,
                 scaling,
-            } => Some(RopeTables::new(
-                theta,
-                rotary_dim,
-                scaling,
-                config.max_seq_len,
-                embed.dtype(),
-                embed.device(),
-            )?),
-            _ => None,
+            } => {
+                let tables = |theta, scaling| {
+                    RopeTables::new(
+                        theta,
+                        rotary_dim,
+                        scaling,
+                        config.max_seq_len,
+                        embed.dtype(),
+                        embed.device(),
+                    )
+                };
+                let local = match config.local_rope_theta {
+                    Some(t) => Some(tables(t, RopeScaling::None)?),
+                    None => None,
+                };
+                (Some(tables(theta, scaling)?), local)
+            }
+            _ => (None, None),
         };
         let head_w = if config.tie_embeddings {
             embed.clone()
@@ -299,8 +313,22 @@ impl Model {
             norm: norm("model.norm")?,
             head: Linear::new(head_w, opt("lm_head.bias")),
             rope,
+            local_rope,
+            embed_norm: if config.embed_norm {
+                Some(norm("model.embed_norm")?)
+            } else {
+                None
+            },
             routers,
         })
+    }
+
+    /// The rotary tables layer `l` uses.
+    fn rope_of(&self, l: usize) -> Option<&RopeTables> {
+        match (&self.local_rope, self.config.layer(l).window) {
+            (Some(local), Some(_)) => Some(local),
+            _ => self.rope.as_ref(),
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -376,11 +404,14 @@ impl Model {
         if let Some(pos) = &self.positions {
             x = x.broadcast_add(&pos.narrow(0, start, t)?)?;
         }
-        let rope = match &self.rope {
-            Some(r) => Some(r.range(start, t)?),
-            None => None,
-        };
-        let rope = rope.as_ref().map(|(c, s)| (c, s));
+        if let Some(n) = &self.embed_norm {
+            x = n.forward(&x)?;
+        }
+        let tables = |r: Option<&RopeTables>| r.map(|r| r.range(start, t)).transpose();
+        let (rope, local_rope) = (
+            tables(self.rope.as_ref())?,
+            tables(self.local_rope.as_ref())?,
+        );
         let mut hidden = Vec::new();
         let mut moe = Vec::new();
         let mut depth = Vec::new();
@@ -399,11 +430,17 @@ impl Model {
             let (y, stats) = match &self.routers[l] {
                 Some(r) => {
                     let (y, stats, d) =
-                        r.forward(block, &x, self.rope.as_ref(), start, layer_cache, decision)?;
+                        r.forward(block, &x, self.rope_of(l), start, layer_cache, decision)?;
                     depth.push(d);
                     (y, stats)
                 }
-                None => block.forward(&x, rope, layer_cache)?,
+                None => {
+                    let rope = match (&local_rope, self.config.layer(l).window) {
+                        (Some(local), Some(_)) => Some(local),
+                        _ => rope.as_ref(),
+                    };
+                    block.forward(&x, rope.map(|(c, s)| (c, s)), layer_cache)?
+                }
             };
             x = y;
             moe.extend(stats);
@@ -461,11 +498,11 @@ impl Model {
             .ok_or_else(|| Error::Generate(format!("no layer {l}")))?;
         if let Some(r) = &self.routers[l] {
             return Ok(r
-                .forward(block, x, self.rope.as_ref(), 0, None, DepthDecision::TopK)?
+                .forward(block, x, self.rope_of(l), 0, None, DepthDecision::TopK)?
                 .0);
         }
         let pos: Vec<u32> = positions.map_or_else(|| (0..t as u32).collect(), |p| p.to_vec());
-        let tables = match &self.rope {
+        let tables = match self.rope_of(l) {
             Some(r) => {
                 let idx = Tensor::new(pos.as_slice(), x.device())?;
                 let half = r.cos.dim(1)?;

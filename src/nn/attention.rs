@@ -47,6 +47,8 @@ pub struct Attention {
     pub scale: f64,
     pub window: Option<usize>,
     pub softcap: Option<f64>,
+    /// ALiBi position biases instead of rotary embeddings.
+    pub alibi: bool,
 }
 
 impl Attention {
@@ -126,6 +128,7 @@ impl Attention {
             scale: self.scale,
             window: self.window,
             softcap: self.softcap,
+            alibi: self.alibi,
         };
         let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, dv)
         let dv = y.dim(3)?;

@@ -136,6 +136,8 @@ struct Geometry {
     dv: usize,
     /// Keys visible to a query, itself included (usize::MAX: all earlier ones).
     window: usize,
+    /// ALiBi biases on the scores.
+    alibi: bool,
 }
 
 fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], window: usize) -> CResult<Geometry> {
@@ -148,6 +150,7 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], window: usize) -> CResu
         d: q[3],
         dv: v[3],
         window,
+        alibi: false,
     };
     if k[..3] != v[..3]
         || k[0] != g.b
@@ -179,6 +182,7 @@ unsafe fn probs(
 ) -> usize {
     let off = g.tk - g.t;
     let nk = (i0 + bl + off).min(g.tk);
+    let slope = g.alibi.then(|| alibi_slopes(g.h)[h]);
     mm(
         bl,
         nk,
@@ -198,10 +202,20 @@ unsafe fn probs(
         let row = &mut p[r * g.tk..r * g.tk + nk];
         let n = i0 + r + off + 1;
         let lo = n.saturating_sub(g.window);
+        // with ALiBi, scale and bias first; otherwise the scale goes into the exponent
+        let s = match slope {
+            Some(m) => {
+                for (j, x) in row[lo..n].iter_mut().enumerate() {
+                    *x = *x * scale + m * ((lo + j) as f32 - (n - 1) as f32);
+                }
+                1.0
+            }
+            None => scale,
+        };
         let max = row[lo..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for x in &mut row[lo..n] {
-            *x = ((*x - max) * scale).exp();
+            *x = ((*x - max) * s).exp();
             sum += *x;
         }
         let inv = 1.0 / sum;
@@ -215,6 +229,22 @@ unsafe fn probs(
 pub(crate) struct CausalAttention {
     pub scale: f32,
     pub window: usize,
+    pub alibi: bool,
+}
+
+/// BLOOM's ALiBi slopes for `n_heads` heads: `2^(-8i/n)` for `i = 1..=n` when `n` is a
+/// power of two; otherwise those of the largest power of two below `n`, then every other
+/// slope of the next power of two.
+pub fn alibi_slopes(n_heads: usize) -> Vec<f32> {
+    if n_heads == 0 {
+        return Vec::new();
+    }
+    let p = 1usize << n_heads.ilog2();
+    let base = |n: usize| 2f64.powf(-8.0 / n as f64);
+    let mut s: Vec<f32> = (1..=p).map(|i| base(p).powi(i as i32) as f32).collect();
+    let extra = (n_heads - p).min(p);
+    s.extend((0..extra).map(|i| base(2 * p).powi(2 * i as i32 + 1) as f32));
+    s
 }
 
 fn cpu_f32(s: &CpuStorage) -> CResult<&[f32]> {
@@ -239,7 +269,8 @@ impl CustomOp3 for CausalAttention {
         let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
         let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
         let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let g = geometry(qd, kd, vd, self.window)?;
+        let mut g = geometry(qd, kd, vd, self.window)?;
+        g.alibi = self.alibi;
         let mut out = vec![0f32; g.b * g.t * g.h * g.dv];
         let o = OutPtr(out.as_mut_ptr());
         let group = g.h / g.hkv;
@@ -291,6 +322,7 @@ impl CustomOp3 for CausalAttention {
             &CausalAttentionBwd {
                 scale: self.scale,
                 window: self.window,
+                alibi: self.alibi,
                 d_out,
             },
         )?;
@@ -306,6 +338,7 @@ impl CustomOp3 for CausalAttention {
 struct CausalAttentionBwd {
     scale: f32,
     window: usize,
+    alibi: bool,
     d_out: Tensor,
 }
 
@@ -327,7 +360,8 @@ impl CustomOp3 for CausalAttentionBwd {
         let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
         let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
         let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let g = geometry(qd, kd, vd, self.window)?;
+        let mut g = geometry(qd, kd, vd, self.window)?;
+        g.alibi = self.alibi;
         let (guard, dl) = self.d_out.storage_and_layout();
         let Storage::Cpu(ds) = &*guard else {
             candle_core::bail!("causal_attention bwd: gradient not on the CPU")
@@ -460,6 +494,9 @@ pub struct AttentionOptions {
     pub window: Option<usize>,
     /// Scores soft-capped as `cap · tanh(s / cap)` after scaling (Gemma 2).
     pub softcap: Option<f64>,
+    /// ALiBi: head `h` adds `slope_h · (j − i)` to the score of query `i`, key `j`
+    /// ([`alibi_slopes`]).
+    pub alibi: bool,
 }
 
 impl AttentionOptions {
@@ -468,6 +505,7 @@ impl AttentionOptions {
             scale,
             window: None,
             softcap: None,
+            alibi: false,
         }
     }
 }
@@ -495,6 +533,7 @@ pub fn causal_attention(
         let op = CausalAttention {
             scale: o.scale as f32,
             window: o.window.unwrap_or(usize::MAX),
+            alibi: o.alibi,
         };
         last(q)?.apply_op3(&last(k)?, &last(v)?, op)
     } else {
@@ -524,19 +563,27 @@ pub fn attention_reference(
         s = ((s / cap)?.tanh()? * cap)?;
     }
     let window = o.window.unwrap_or(usize::MAX);
-    let mask: Vec<f32> = (0..group * t)
-        .flat_map(|r| {
+    let slopes = alibi_slopes(h);
+    // rows of query-head group `kv`: head `kv * group + r / t`, position `r % t + (tk - t)`
+    let mask: Vec<f32> = (0..hkv * group * t)
+        .flat_map(|row| {
+            let (kv, r) = (row / (group * t), row % (group * t));
             let pos = r % t + (tk - t);
+            let m = if o.alibi {
+                slopes[kv * group + r / t]
+            } else {
+                0.0
+            };
             (0..tk).map(move |j| {
                 if j <= pos && pos - j < window {
-                    0.0
+                    m * (j as f32 - pos as f32)
                 } else {
                     f32::NEG_INFINITY
                 }
             })
         })
         .collect();
-    let mask = Tensor::from_vec(mask, (group * t, tk), s.device())?.to_dtype(s.dtype())?;
+    let mask = Tensor::from_vec(mask, (hkv, group * t, tk), s.device())?.to_dtype(s.dtype())?;
     let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, candle_core::D::Minus1)?;
     let dv = v.dim(3)?;
     p.matmul(&v)?

@@ -51,6 +51,8 @@ impl MoeLayer {
         let scores = match c.scoring {
             Scoring::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
             Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+            // choices by logit; weights below
+            Scoring::SparseMixer { .. } => logits.clone(),
         };
         let host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let bias: Option<Vec<f32>> = match &self.selection_bias {
@@ -71,10 +73,13 @@ impl MoeLayer {
             .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
             .collect();
         let flat = Tensor::from_vec(flat, n * c.top_k, x.device())?;
-        let mut w = scores
-            .flatten_all()?
-            .index_select(&flat, 0)?
-            .reshape((n, c.top_k))?;
+        let mut w = match c.scoring {
+            Scoring::SparseMixer { eps } => sparse_mixer_weights(&logits, &host, &choice, eps)?,
+            _ => scores
+                .flatten_all()?
+                .index_select(&flat, 0)?
+                .reshape((n, c.top_k))?,
+        };
         if c.norm_topk {
             // the epsilon keeps the weights finite when every chosen score underflows
             w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
@@ -124,7 +129,14 @@ impl MoeLayer {
             out = (out + s)?;
         }
         let load: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-        let entropy = mean_entropy(&host, e_count, c.scoring);
+        let entropy = match c.scoring {
+            Scoring::SparseMixer { .. } => {
+                let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+                let p: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                mean_entropy(&p, e_count, Scoring::Softmax)
+            }
+            s => mean_entropy(&host, e_count, s),
+        };
         let aux_loss = self.aux_loss(&logits, &scores, &load, n)?;
         let stats = MoeStats {
             layer: self.layer,
@@ -186,6 +198,7 @@ impl MoeLayer {
         if c.aux_loss_coef > 0.0 {
             let probs = match c.scoring {
                 Scoring::Softmax => scores.clone(),
+                Scoring::SparseMixer { .. } => candle_nn::ops::softmax(logits, D::Minus1)?,
                 Scoring::Sigmoid => scores.broadcast_div(&(scores.sum_keepdim(1)? + 1e-20)?)?,
             };
             let p = probs.mean(0)?; // (E)
@@ -221,12 +234,48 @@ pub fn update_selection_bias(bias: &mut [f32], load: &[usize], rate: f64) {
     }
 }
 
+/// SparseMixer's weights `(n, k)`: for choice `j` of token `t`, the softmax of the token's
+/// logits over the experts [`Scoring::SparseMixer`] keeps, taken at the chosen expert.
+/// The masks are host-side constants; the softmax runs on the logits tensor.
+fn sparse_mixer_weights(
+    logits: &Tensor,
+    host: &[f32],
+    choice: &super::router::RouterChoice,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, e) = logits.dims2()?;
+    let k = choice.k;
+    let mut mask = vec![0f32; n * k * e];
+    let mut at = Vec::with_capacity(n * k);
+    for t in 0..n {
+        let s = &host[t * e..(t + 1) * e];
+        let chosen = &choice.experts[t * k..(t + 1) * k];
+        for j in 0..k {
+            let best = chosen[j] as usize;
+            let m = s[best];
+            let row = &mut mask[(t * k + j) * e..(t * k + j + 1) * e];
+            for (i, slot) in row.iter_mut().enumerate() {
+                let taken = chosen[..j].contains(&(i as u32));
+                let far = (m - s[i]) / s[i].abs().max(m) > (2.0 * eps) as f32;
+                if taken || far {
+                    *slot = f32::NEG_INFINITY;
+                }
+            }
+            at.push(((t * k + j) * e + best) as u32);
+        }
+    }
+    let mask = Tensor::from_vec(mask, (n, k, e), logits.device())?.to_dtype(logits.dtype())?;
+    let p = candle_nn::ops::softmax(&logits.unsqueeze(1)?.broadcast_add(&mask)?, D::Minus1)?;
+    let at = Tensor::from_vec(at, n * k, logits.device())?;
+    p.flatten_all()?.index_select(&at, 0)?.reshape((n, k))
+}
+
 fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
     let n = scores.len() / e.max(1);
     let mut sum = 0f64;
     for row in scores.chunks(e) {
         let total: f64 = match scoring {
-            Scoring::Softmax => 1.0,
+            Scoring::Softmax | Scoring::SparseMixer { .. } => 1.0,
             Scoring::Sigmoid => row.iter().map(|&v| v as f64).sum::<f64>().max(1e-20),
         };
         sum -= row

@@ -71,6 +71,9 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             v.push(vector(format!("{prefix}.bias"), d, Init::Zeros));
         }
     };
+    if cfg.embed_norm {
+        norm(&mut v, "model.embed_norm".into());
+    }
     // one feed-forward network of hidden width `width` under `prefix`
     let ffn = |v: &mut Vec<ParamSpec>, prefix: String, width: usize| {
         let mut ffn_in = vec!["up_proj"];

@@ -49,7 +49,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
-        4..=12 => {}
+        4..=14 => {}
         _ => panic!("no variant {variant}"),
     }
     let mut c = f.resolve("tiny").unwrap();
@@ -234,13 +234,61 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 2
             ];
         }
+        13 => {
+            // BLOOM-like: ALiBi with 3 heads (slopes of a head count that is no power of
+            // two), a LayerNorm on the embeddings, biased LayerNorms, GELU, biases
+            c.position = Position::Alibi;
+            c.embed_norm = true;
+            c.norm = NormKind::LayerNorm;
+            c.norm_bias = true;
+            c.ffn = FfnKind::Gelu;
+            c.qkv_bias = true;
+            c.out_bias = true;
+            c.ffn_bias = true;
+            c.n_heads = 3;
+            c.n_kv_heads = 3;
+            c.head_dim = 4;
+        }
+        14 => {
+            // Gemma-3-like local layer (its own rotary base) before a PhiMoE-like layer
+            // (SparseMixer routing)
+            c.qk_norm = QkNorm::PerHead;
+            c.local_rope_theta = Some(7.0);
+            c.moe = Some(MoeConfig {
+                n_experts: 4,
+                top_k: 2,
+                d_expert: 8,
+                scoring: Scoring::SparseMixer { eps: 0.3 },
+                norm_topk: false,
+                routed_scale: 1.0,
+                n_groups: 1,
+                topk_groups: 1,
+                selection_bias: false,
+                d_shared: 0,
+                shared_gate: false,
+                aux_loss_coef: 0.01,
+                z_loss_coef: 0.0,
+                capacity_factor: None,
+                bias_update_rate: 0.0,
+            });
+            c.layers = vec![
+                LayerSpec {
+                    window: Some(3),
+                    ..LayerSpec::default()
+                },
+                LayerSpec {
+                    moe: true,
+                    ..LayerSpec::default()
+                },
+            ];
+        }
         _ => {}
     }
     assert!(c.problems().is_empty(), "{:?}", c.problems());
     c
 }
 
-pub const VARIANTS: usize = 13;
+pub const VARIANTS: usize = 15;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
