@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::arch;
 use crate::error::{Error, Result};
+use crate::model::seq2seq::Seq2Seq;
 use crate::model::{ForwardOptions, Model};
 use crate::weights;
 
@@ -60,25 +61,47 @@ fn ids_u32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::U32)?)
 }
 
+/// Tolerance for `key` from `meta.json`'s `tolerances`, else its `atol`, else 1e-4.
+fn tolerance(meta: &serde_json::Value, key: &str) -> f64 {
+    meta.get("tolerances")
+        .and_then(|t| t.get(key))
+        .and_then(|v| v.as_f64())
+        .or_else(|| meta.get("atol").and_then(|v| v.as_f64()))
+        .unwrap_or(1e-4)
+}
+
+/// Largest difference between `got[k]` and `reference[prefix.k]` over the k present.
+fn hidden_diff(
+    got: &[Tensor],
+    reference: &std::collections::BTreeMap<String, Tensor>,
+    prefix: &str,
+) -> Result<Option<f64>> {
+    let mut hidden: Option<f64> = None;
+    for (k, h) in got.iter().enumerate() {
+        if let Some(r) = reference.get(&format!("{prefix}.{k}")) {
+            let d = max_abs_diff(h, r)?;
+            hidden = Some(hidden.map_or(d, |m| m.max(d)));
+        }
+    }
+    Ok(hidden)
+}
+
 /// Load `dir`, run its reference inputs, compare.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
     let device = Device::Cpu;
-    let loaded = arch::load_dir(dir, DType::F32, &device)?;
-    let model = &loaded.model;
     let ref_path = dir.join("reference.safetensors");
-    let reference = weights::load_safetensors(&ref_path, None, &device)?;
     let meta_path = dir.join("meta.json");
     let meta: serde_json::Value = match std::fs::read_to_string(&meta_path) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&meta_path, e))?,
         Err(_) => serde_json::Value::Null,
     };
-    let tol = |key: &str| {
-        meta.get("tolerances")
-            .and_then(|t| t.get(key))
-            .and_then(|v| v.as_f64())
-            .or_else(|| meta.get("atol").and_then(|v| v.as_f64()))
-            .unwrap_or(1e-4)
+    let loaded = match arch::load_any(dir, DType::F32, &device)? {
+        arch::AnyModel::Decoder(l) => l,
+        arch::AnyModel::Seq2Seq(m) => return verify_seq2seq(&m, &ref_path, &meta),
     };
+    let model = &loaded.model;
+    let reference = weights::load_safetensors(&ref_path, None, &device)?;
+    let tol = |key: &str| tolerance(&meta, key);
     let need = |name: &str| -> Result<&Tensor> {
         reference
             .get(name)
@@ -95,13 +118,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         },
     )?;
     let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
-    let mut hidden = None;
-    for (k, h) in out.hidden_states.iter().enumerate() {
-        if let Some(r) = reference.get(&format!("hidden_states.{k}")) {
-            let d = max_abs_diff(h, r)?;
-            hidden = Some(hidden.map_or(d, |m: f64| m.max(d)));
-        }
-    }
+    let hidden = hidden_diff(&out.hidden_states, &reference, "hidden_states")?;
     let mut router = None;
     for s in &out.moe {
         if let Some(r) = reference.get(&format!("router_logits.{}", s.layer)) {
@@ -142,6 +159,53 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         hidden_tolerance: ht,
         router_max_abs_diff: router,
         router_tolerance: rt,
+        greedy_expected: expected,
+        greedy_got: got,
+        pass,
+    })
+}
+
+/// The encoder-decoder comparison: logits of `(encoder_input_ids, decoder_input_ids)`, both
+/// stacks' hidden states, and the greedy decoder continuation of the first encoder input.
+fn verify_seq2seq(
+    model: &Seq2Seq,
+    ref_path: &Path,
+    meta: &serde_json::Value,
+) -> Result<VerifyReport> {
+    let reference = weights::load_safetensors(ref_path, None, model.device())?;
+    let need = |name: &str| -> Result<&Tensor> {
+        reference
+            .get(name)
+            .ok_or_else(|| Error::parse(ref_path, format!("no tensor {name}")))
+    };
+    let enc_ids = ids_u32(need("encoder_input_ids")?)?;
+    let dec_ids = ids_u32(need("decoder_input_ids")?)?;
+    let (encoded, enc_hidden) = model.encode(&enc_ids)?;
+    let mut cache = model.new_cache(&encoded)?;
+    let out = model.decode(&dec_ids, &mut cache, true)?;
+    let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
+    let enc = hidden_diff(&enc_hidden, &reference, "encoder_hidden_states")?;
+    let dec = hidden_diff(&out.hidden_states, &reference, "decoder_hidden_states")?;
+    let hidden = match (enc, dec) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    if let Some(g) = reference.get("greedy_ids") {
+        expected = ids_u32(g)?.flatten_all()?.to_vec1::<u32>()?;
+        let prompt = enc_ids.i(0)?.to_vec1::<u32>()?;
+        got = model.greedy(&prompt, expected.len().saturating_sub(1))?;
+    }
+    let (lt, ht) = (tolerance(meta, "logits"), tolerance(meta, "hidden_states"));
+    let pass = logits_diff <= lt && hidden.is_none_or(|h| h <= ht) && expected == got;
+    Ok(VerifyReport {
+        family: "t5".into(),
+        logits_max_abs_diff: logits_diff,
+        logits_tolerance: lt,
+        hidden_max_abs_diff: hidden,
+        hidden_tolerance: ht,
+        router_max_abs_diff: None,
+        router_tolerance: tolerance(meta, "router_logits"),
         greedy_expected: expected,
         greedy_got: got,
         pass,

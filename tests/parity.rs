@@ -1,13 +1,75 @@
 //! Parity with Hugging Face transformers on every fixture in `tests/fixtures/hf`: logits,
 //! hidden states and greedy tokens within the fixture's tolerances, and KV-cache decoding
-//! equal to the full forward. A fixture of a family routelm does not load yet must be
-//! listed in `NOT_YET`, so none is skipped silently.
+//! equal to the full forward. Every fixture folder is checked; none may be skipped.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use std::path::Path;
 
-/// Fixtures whose architecture is not supported yet (open work, not skipped silently).
-const NOT_YET: &[&str] = &["t5", "t5_v1_1"];
+/// Every family the fixtures hold (a missing folder fails the test too).
+const FIXTURES: &[&str] = &[
+    "bloom",
+    "deepseek_v3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gpt2",
+    "gpt_neox",
+    "llama3",
+    "mistral",
+    "mixtral",
+    "olmoe",
+    "phi2",
+    "phi3",
+    "phimoe",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "t5",
+    "t5_v1_1",
+];
+
+fn max(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The encoder-decoder's decoder through its cache (first 2 tokens, then one at a time)
+/// equals one decoder pass over all tokens, in float64.
+fn check_seq2seq_cache(dir: &Path, model: &routelm::model::seq2seq::Seq2Seq) {
+    let refs =
+        routelm::weights::load_safetensors(&dir.join("reference.safetensors"), None, &Device::Cpu)
+            .unwrap();
+    let enc = refs["encoder_input_ids"].to_dtype(DType::U32).unwrap();
+    let dec = refs["decoder_input_ids"].to_dtype(DType::U32).unwrap();
+    let (encoded, _) = model.encode(&enc).unwrap();
+    let mut cache = model.new_cache(&encoded).unwrap();
+    let full = model.decode(&dec, &mut cache, false).unwrap().logits;
+    let mut cache = model.new_cache(&encoded).unwrap();
+    let t = dec.dim(1).unwrap();
+    let mut parts = vec![
+        model
+            .decode(&dec.i((.., ..2)).unwrap(), &mut cache, false)
+            .unwrap()
+            .logits,
+    ];
+    for i in 2..t {
+        let step = dec.i((.., i..i + 1)).unwrap();
+        parts.push(model.decode(&step, &mut cache, false).unwrap().logits);
+    }
+    let d = max(&(&full - Tensor::cat(&parts, 1).unwrap()).unwrap());
+    assert!(
+        d <= 1e-9,
+        "{}: cached decoding differs by {d}",
+        dir.display()
+    );
+}
 
 fn check(dir: &Path) {
     let r = routelm::verify::verify_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -24,9 +86,10 @@ fn check(dir: &Path) {
     );
     // the KV-cache path equals the full forward: prefill 3 tokens, then one at a time; in
     // float64, so that a real difference is not hidden in float32 rounding
-    let model = routelm::arch::load_dir(dir, DType::F64, &Device::Cpu)
-        .unwrap()
-        .model;
+    let model = match routelm::arch::load_any(dir, DType::F64, &Device::Cpu).unwrap() {
+        routelm::arch::AnyModel::Decoder(l) => l.model,
+        routelm::arch::AnyModel::Seq2Seq(m) => return check_seq2seq_cache(dir, &m),
+    };
     let refs =
         routelm::weights::load_safetensors(&dir.join("reference.safetensors"), None, &Device::Cpu)
             .unwrap();
@@ -49,16 +112,6 @@ fn check(dir: &Path) {
         );
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
     let tol = 1e-9;
     let d = max(&(&full - inc).unwrap());
     assert!(
@@ -71,39 +124,17 @@ fn check(dir: &Path) {
 #[test]
 fn every_fixture_matches_transformers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
-    let mut checked = Vec::new();
-    let mut pending = Vec::new();
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let dir = entry.unwrap().path();
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        if NOT_YET.contains(&name.as_str()) {
-            pending.push(name);
-            continue;
-        }
-        check(&dir);
-        checked.push(name);
-    }
-    pending.sort();
-    let mut expected: Vec<String> = NOT_YET.iter().map(|s| s.to_string()).collect();
-    expected.sort();
+    let mut found: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| root.join(n).join("config.json").exists())
+        .collect();
+    found.sort();
     assert_eq!(
-        pending, expected,
-        "a NOT_YET fixture is missing from tests/fixtures/hf"
+        found, FIXTURES,
+        "the fixture folders changed: update FIXTURES"
     );
-    assert!(checked.len() >= 10, "checked only {checked:?}");
-}
-
-#[test]
-fn unsupported_fixtures_fail_with_a_clear_error() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
-    for name in NOT_YET {
-        let err = match routelm::arch::load_dir(&root.join(name), DType::F32, &Device::Cpu) {
-            Ok(_) => panic!("{name} loads: remove it from NOT_YET"),
-            Err(e) => e.to_string(),
-        };
-        assert!(
-            err.contains("unknown architecture") && err.contains("config.json"),
-            "{name}: {err}"
-        );
+    for name in FIXTURES {
+        check(&root.join(name));
     }
 }

@@ -16,6 +16,7 @@ mod phi;
 mod phi3;
 mod qwen;
 mod raw;
+mod t5;
 
 pub use raw::RawConfig;
 
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::model::seq2seq::Seq2Seq;
 use crate::model::Model;
 use crate::weights::{self, Params};
 
@@ -154,6 +156,7 @@ pub fn detect(raw: &RawConfig) -> Result<&'static Family> {
             let known: Vec<&str> = FAMILIES
                 .iter()
                 .flat_map(|f| f.model_types.iter().copied())
+                .chain(t5::MODEL_TYPES.iter().copied())
                 .collect();
             Error::parse(
                 raw.path(),
@@ -309,6 +312,13 @@ pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)>
         return Ok((None, weights::load_config(dir)?));
     }
     let raw = RawConfig::new(value, cfg_path.clone());
+    if is_seq2seq(&raw) {
+        return Err(Error::parse(
+            &cfg_path,
+            "this is an encoder-decoder model (T5); `routelm verify` and `routelm generate` \
+             run it, the other commands take decoder-only models",
+        ));
+    }
     let family = detect(&raw)?;
     let cfg = raw.finish((family.config)(&raw))?;
     Ok((Some(family), cfg))
@@ -344,6 +354,41 @@ pub fn load_params(
         });
     }
     Ok((Some(family.name), cfg, canonical))
+}
+
+fn is_seq2seq(raw: &RawConfig) -> bool {
+    raw.model_type()
+        .is_some_and(|m| t5::MODEL_TYPES.contains(&m.as_str()))
+}
+
+/// A model folder of either shape.
+pub enum AnyModel {
+    Decoder(Box<Loaded>),
+    Seq2Seq(Box<Seq2Seq>),
+}
+
+/// Load a decoder-only model ([`load_dir`]) or an encoder-decoder one (T5).
+pub fn load_any(dir: &Path, dtype: DType, device: &Device) -> Result<AnyModel> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
+    let raw = RawConfig::new(value, cfg_path.clone());
+    if !is_seq2seq(&raw) {
+        return Ok(AnyModel::Decoder(Box::new(load_dir(dir, dtype, device)?)));
+    }
+    let cfg = t5::config(&raw);
+    raw.check(|| cfg.problems())?;
+    let (origin, params) = read_weights(dir, dtype, device)?;
+    warn_non_finite(&params, &origin)?;
+    let mut map = TensorMap::new(origin.clone(), params);
+    let canonical = t5::tensors(&cfg, &mut map)?;
+    map.finish()?;
+    Ok(AnyModel::Seq2Seq(Box::new(Seq2Seq::new(
+        &cfg,
+        &canonical,
+        &origin.display().to_string(),
+    )?)))
 }
 
 /// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.

@@ -188,12 +188,18 @@ impl RawConfig {
 
     /// Every problem seen while reading, plus the resolved config's own checks.
     pub fn finish(&self, cfg: ModelConfig) -> Result<ModelConfig> {
+        self.check(|| cfg.problems())?;
+        Ok(cfg)
+    }
+
+    /// The problems seen while reading, else those `own` finds in the result.
+    pub fn check(&self, own: impl FnOnce() -> Vec<String>) -> Result<()> {
         let mut p = self.problems.borrow().clone();
         if p.is_empty() {
-            p.extend(cfg.problems());
+            p.extend(own());
         }
         if p.is_empty() {
-            Ok(cfg)
+            Ok(())
         } else {
             Err(Error::Config {
                 origin: self.path.display().to_string(),

@@ -2,12 +2,15 @@ use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
 
-use routelm::generate::{generate, GenerateConfig, SamplerConfig};
+use routelm::arch::AnyModel;
+use routelm::generate::{generate, generate_seq2seq, GenerateConfig, SamplerConfig};
 use routelm::Tokenizer;
 
 /// Generate from a model folder (config.json + model.safetensors, e.g. OUT/checkpoint of
-/// a training run). Text streams to stdout; speed goes to stderr. A prompt longer than the
-/// context window is an error; generation stops when the window is full.
+/// a training run, or a Hugging Face checkpoint). Text streams to stdout; speed goes to
+/// stderr. A prompt longer than the context window is an error; generation stops when the
+/// window is full. With an encoder-decoder (T5) the prompt is the encoder input and the
+/// output is the decoder's, from its start token up to EOS.
 #[derive(clap::Args)]
 pub struct Args {
     /// Model folder.
@@ -49,7 +52,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let model = routelm::arch::load_dir(&a.model, a.dtype, &device)?.model;
+    let model = routelm::arch::load_any(&a.model, a.dtype, &device)?;
     let tok = Tokenizer::for_model_dir(&a.model)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
@@ -72,12 +75,22 @@ pub fn run(a: Args) -> Result<()> {
     if show_text && a.prompt.is_some() {
         print!("{}", a.prompt.as_deref().unwrap_or_default());
     }
-    let stats = generate(&model, &tok, &prompt, &cfg, &mut |piece| {
+    let mut stream = |piece: &str| {
         if show_text {
             print!("{piece}");
             let _ = out.flush();
         }
-    })?;
+    };
+    let stats = match &model {
+        AnyModel::Decoder(l) => generate(&l.model, &tok, &prompt, &cfg, &mut stream)?,
+        // an encoder-decoder answers the prompt rather than continuing it
+        AnyModel::Seq2Seq(m) => {
+            if show_text && a.prompt.is_some() {
+                println!();
+            }
+            generate_seq2seq(m, &tok, &prompt, &cfg, &mut stream)?
+        }
+    };
     if a.ids {
         let ids: Vec<String> = stats.ids.iter().map(|i| i.to_string()).collect();
         println!("{}", ids.join(","));

@@ -336,7 +336,7 @@ pub struct ModelConfigFile {
     pub ffn_bias: Option<bool>,
     pub qkv_bias: Option<bool>,
     pub out_bias: Option<bool>,
-    /// `rope` (default), `learned` or `none`.
+    /// `rope` (default), `learned`, `alibi` or `none`.
     pub position: Option<String>,
     /// Rotary base (default 10000).
     pub rope_theta: Option<f64>,

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::model::seq2seq::Seq2Seq;
 use crate::model::Model;
 use crate::tokenize::Tokenizer;
 use crate::train::rng::Rng;
@@ -71,23 +72,113 @@ pub fn generate(
     }
     let mut rng = Rng::new(cfg.seed);
     let mut cache = model.new_cache();
-    let mut ids = prompt.to_vec();
-    let mut emitted = String::new();
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    let logits = model.forward(&input, Some(&mut cache), true)?.logits;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
+    let limit = cfg.max_tokens.min(ctx - prompt.len());
+    let mut step = |next: u32| -> Result<Tensor> {
+        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        Ok(model.forward(&input, Some(&mut cache), true)?.logits)
+    };
+    let (ids, text) = sample_loop(
+        logits,
+        prompt.to_vec(),
+        limit,
+        None,
+        tok,
+        cfg,
+        &mut rng,
+        &mut step,
+        on_text,
+    )?;
+    Ok(GenerateStats {
+        prompt_tokens: prompt.len(),
+        new_tokens: ids.len() - prompt.len(),
+        prefill_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+        ids,
+        text,
+    })
+}
+
+/// Generate with an encoder-decoder: `prompt` is the encoder input; the decoder starts
+/// from its start token and stops after EOS. `ids` in the result are the decoder's, the
+/// start token first.
+pub fn generate_seq2seq(
+    model: &Seq2Seq,
+    tok: &Tokenizer,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateStats> {
+    if prompt.is_empty() {
+        return Err(Error::Generate("the prompt is empty".into()));
+    }
+    let mut rng = Rng::new(cfg.seed);
+    let t0 = Instant::now();
+    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let (encoded, _) = model.encode(&input)?;
+    let mut cache = model.new_cache(&encoded)?;
+    let start = model.config.decoder_start;
+    let first = Tensor::new(&[start], model.device())?.unsqueeze(0)?;
+    let logits = model.decode(&first, &mut cache, false)?.logits;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let limit = cfg.max_tokens.min(model.config.max_seq_len - 1);
+    let mut step = |next: u32| -> Result<Tensor> {
+        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+        Ok(model.decode(&input, &mut cache, false)?.logits)
+    };
+    let (ids, text) = sample_loop(
+        logits,
+        vec![start],
+        limit,
+        model.config.eos,
+        tok,
+        cfg,
+        &mut rng,
+        &mut step,
+        on_text,
+    )?;
+    Ok(GenerateStats {
+        prompt_tokens: prompt.len(),
+        new_tokens: ids.len() - 1,
+        prefill_s,
+        decode_s: t1.elapsed().as_secs_f64(),
+        ids,
+        text,
+    })
+}
+
+/// The loop both model shapes share: sample from `logits`, append to `ids`, stream the
+/// new text (stop strings cut it), feed the token through `step` for the next logits;
+/// at most `limit` new tokens, and none after `eos`. Returns all ids and the text emitted.
+#[allow(clippy::too_many_arguments)]
+fn sample_loop(
+    mut logits: Tensor,
+    mut ids: Vec<u32>,
+    limit: usize,
+    eos: Option<u32>,
+    tok: &Tokenizer,
+    cfg: &GenerateConfig,
+    rng: &mut Rng,
+    step: &mut dyn FnMut(u32) -> Result<Tensor>,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<(Vec<u32>, String)> {
+    let first_new = ids.len();
+    let mut emitted = String::new();
     let mut new = 0;
-    while new < cfg.max_tokens {
+    while new < limit {
         let row: Vec<f32> = logits
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
-        let next = sample(&row, &ids, &cfg.sampler, &mut rng);
+        let next = sample(&row, &ids, &cfg.sampler, rng);
         ids.push(next);
         new += 1;
-        let text = tok.decode(&ids[prompt.len()..])?;
+        let text = tok.decode(&ids[first_new..])?;
         // hold back a trailing partial UTF-8 sequence until it completes
         let stable = text.trim_end_matches('\u{FFFD}');
         if let Some(pos) = cfg
@@ -106,18 +197,10 @@ pub fn generate(
             on_text(&stable[emitted.len()..]);
             emitted = stable.to_string();
         }
-        if ids.len() >= ctx || new >= cfg.max_tokens {
+        if new >= limit || Some(next) == eos {
             break;
         }
-        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        logits = model.forward(&input, Some(&mut cache), true)?.logits;
+        logits = step(next)?;
     }
-    Ok(GenerateStats {
-        prompt_tokens: prompt.len(),
-        new_tokens: new,
-        prefill_s,
-        decode_s: t1.elapsed().as_secs_f64(),
-        ids,
-        text: emitted,
-    })
+    Ok((ids, emitted))
 }

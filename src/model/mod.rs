@@ -5,6 +5,7 @@
 pub mod block;
 pub mod cache;
 pub mod init;
+pub mod seq2seq;
 pub mod transformer;
 
 pub use cache::{Cache, KvCache};
