@@ -174,6 +174,18 @@ impl FlopLedger {
                     params: d,
                 });
                 total += d;
+                let h = cfg.depth.map_or(0, |dc| dc.predictor);
+                if h > 0 {
+                    // the predictor runs on every token (it decides at sampling time)
+                    let params = h * d + h;
+                    entries.push(FlopEntry {
+                        dense_flops: 0.0,
+                        component: format!("{p}.depth.predictor"),
+                        flops: 2.0 * params as f64,
+                        params,
+                    });
+                    total += params;
+                }
             }
             let n_norms = match cfg.block {
                 crate::config::BlockKind::ParallelSharedNorm => 1,
@@ -217,7 +229,7 @@ impl FlopLedger {
         self.entries
             .iter()
             .map(|e| {
-                if e.component.ends_with("depth.router") {
+                if e.component.contains(".depth.") {
                     0.0
                 } else {
                     e.dense_flops

@@ -3,17 +3,28 @@
 
 mod common;
 
+use candle_core::Var;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use routelm::config::{DepthConfig, LayerSpec};
+use routelm::config::{DepthConfig, DepthSelection, LayerSpec};
 use routelm::model::{init::init_params, ForwardOptions, Model};
 use routelm::routing::DepthDecision;
 use routelm::weights::Params;
 
 fn routed(capacity: f64) -> (routelm::ModelConfig, Params) {
+    routed_with(capacity, 0, DepthSelection::Learned)
+}
+
+fn routed_with(
+    capacity: f64,
+    predictor: usize,
+    selection: DepthSelection,
+) -> (routelm::ModelConfig, Params) {
     let mut c = common::tiny(0);
     c.depth = Some(DepthConfig {
         capacity,
         aux_loss_coef: 0.1,
+        predictor,
+        selection,
     });
     c.layers = vec![
         LayerSpec {
@@ -156,7 +167,13 @@ fn top_k_is_per_sequence() {
 /// through it equals the full forward with the same causal decisions.
 #[test]
 fn routed_kv_cache_holds_processed_tokens_only() {
-    let (c, p) = routed(0.5);
+    for predictor in [0, 6] {
+        routed_kv_cache_case(predictor);
+    }
+}
+
+fn routed_kv_cache_case(predictor: usize) {
+    let (c, p) = routed_with(0.5, predictor, DepthSelection::Learned);
     let m = Model::new(&c, &p, "t").unwrap();
     let x = common::ids(&SEQ, 1);
     let opts = ForwardOptions {
@@ -183,6 +200,77 @@ fn routed_kv_cache_holds_processed_tokens_only() {
         );
     }
     assert_eq!(cache.pos(), SEQ.len());
+}
+
+/// The predictor reads the block input with the gradient stopped: its loss trains the
+/// predictor and nothing else; and its targets are each sequence's own top-k, so a batch's
+/// loss is the mean of its sequences' losses.
+#[test]
+fn predictor_trains_alone_on_per_sequence_targets() {
+    let (c, p) = routed_with(0.3, 6, DepthSelection::Learned);
+    let vars: std::collections::BTreeMap<String, Var> = p
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let tensors: Params = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let m = Model::new(&c, &tensors, "t").unwrap();
+    let rows = [SEQ, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]];
+    let aux = |ids: &[u32], b: usize| {
+        let out = m
+            .forward_with(&common::ids(ids, b), None, ForwardOptions::default())
+            .unwrap();
+        out.aux_loss().unwrap().unwrap()
+    };
+    let both = aux(&rows.concat(), 2);
+    let grads = both.backward().unwrap();
+    for (name, v) in &vars {
+        let g = grads.get(v.as_tensor());
+        let norm = g.map_or(0.0, |g| {
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        });
+        if name.contains("depth_predictor") {
+            assert!(norm > 0.0, "{name} gets no gradient");
+        } else {
+            assert_eq!(
+                norm, 0.0,
+                "{name} gets a gradient from the predictor's loss"
+            );
+        }
+    }
+    let one = |r: &[u32; 10]| aux(r, 1).to_scalar::<f32>().unwrap();
+    let mean = (one(&rows[0]) + one(&rows[1])) / 2.0;
+    let b = both.to_scalar::<f32>().unwrap();
+    assert!(
+        (b - mean).abs() < 1e-6,
+        "batch {b} vs per-sequence mean {mean}"
+    );
+}
+
+/// Random selection (an ablation) still processes k tokens per sequence, draws anew each
+/// pass, and trains no decider.
+#[test]
+fn random_selection_keeps_capacity() {
+    let (c, p) = routed_with(0.3, 0, DepthSelection::Random);
+    let m = Model::new(&c, &p, "t").unwrap();
+    let x = common::ids(&[SEQ, SEQ].concat(), 2);
+    let chosen = |m: &Model| {
+        let out = m.forward_with(&x, None, ForwardOptions::default()).unwrap();
+        assert!(out.depth.iter().all(|d| d.aux_loss.is_none()));
+        out.depth[0].chosen.clone()
+    };
+    let (a, b) = (chosen(&m), chosen(&m));
+    for row in a.chunks(10).chain(b.chunks(10)) {
+        assert_eq!(row.iter().map(|&c| c as usize).sum::<usize>(), 3);
+    }
+    assert_ne!(a, b, "two passes drew the same tokens");
 }
 
 #[test]

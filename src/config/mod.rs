@@ -109,10 +109,29 @@ pub struct LayerSpec {
 pub struct DepthConfig {
     /// Share of a sequence's tokens that go through a routed block (k = ceil(capacity · T)).
     pub capacity: f64,
-    /// Weight of the auxiliary binary cross-entropy that teaches the router's own score to
-    /// predict top-k membership (its sign decides at sampling time).
+    /// Weight of the auxiliary binary cross-entropy that teaches the causal decider (the
+    /// predictor when there is one, else the router's own score) to predict top-k
+    /// membership; its sign decides at sampling time.
     #[serde(default = "one")]
     pub aux_loss_coef: f64,
+    /// Hidden width of a small MLP predictor of top-k membership, trained on the block
+    /// input with the gradient stopped (the paper's second method); 0: none, the router's
+    /// own score decides.
+    #[serde(default)]
+    pub predictor: usize,
+    /// How training picks the tokens: the router's top-k (learned) or k at random (an
+    /// ablation; sampling then processes each token with probability `capacity`).
+    #[serde(default)]
+    pub selection: DepthSelection,
+}
+
+/// How a routed block's tokens are selected in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthSelection {
+    #[default]
+    Learned,
+    Random,
 }
 
 /// Multi-head latent attention (DeepSeek-V2/V3, arXiv:2405.04434 §2.1): queries and
@@ -366,6 +385,11 @@ pub struct DepthFile {
     pub capacity: Option<f64>,
     /// Default 1.0.
     pub aux_loss_coef: Option<f64>,
+    /// Hidden width of the MLP predictor of top-k membership (default 0: none, the
+    /// router's own score decides at sampling time).
+    pub predictor: Option<usize>,
+    /// `learned` (default) or `random` (ablation).
+    pub selection: Option<DepthSelection>,
     /// Route every `every`-th block, the last of each group (default 2: blocks 1, 3, 5, …),
     /// unless `layers` lists them.
     pub every: Option<usize>,
@@ -578,6 +602,8 @@ impl ModelConfigFile {
             cfg.depth = Some(DepthConfig {
                 capacity: df.capacity.unwrap_or(0.125),
                 aux_loss_coef: df.aux_loss_coef.unwrap_or(1.0),
+                predictor: df.predictor.unwrap_or(0),
+                selection: df.selection.unwrap_or_default(),
             });
         }
         if let Some(mf) = &self.moe {
@@ -930,6 +956,8 @@ impl From<&ModelConfig> for ModelConfigFile {
             depth: c.depth.map(|dc| DepthFile {
                 capacity: Some(dc.capacity),
                 aux_loss_coef: Some(dc.aux_loss_coef),
+                predictor: Some(dc.predictor),
+                selection: Some(dc.selection),
                 every: None,
                 layers: Some(
                     c.layers

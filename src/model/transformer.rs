@@ -259,6 +259,13 @@ impl Model {
                 (Some(dc), true) => Some(DepthRouter {
                     layer: l,
                     weight: get(&format!("{p}.depth_router.weight"))?,
+                    predictor: match dc.predictor {
+                        0 => None,
+                        _ => Some((
+                            get(&format!("{p}.depth_predictor.fc1.weight"))?,
+                            get(&format!("{p}.depth_predictor.fc2.weight"))?,
+                        )),
+                    },
                     config: *dc,
                 }),
                 _ => None,

@@ -4,14 +4,17 @@
 //! scaled by the router weight, `x + σ(r)·f(x)`; the other tokens pass unchanged.
 //!
 //! Training chooses the top-k of each sequence (k = ⌈capacity·T⌉), which looks at the
-//! future; an auxiliary binary cross-entropy teaches the router's own logit to predict that
-//! choice, and sampling decides causally by its sign (the paper's first method).
+//! future; an auxiliary binary cross-entropy teaches a causal decider to predict that
+//! choice, and sampling decides by its sign. The decider is the router's own logit (the
+//! paper's first method) or, when configured, a small MLP predictor that reads the block
+//! input with the gradient stopped, so it cannot change what the trunk learns (the second).
 //! When every token is chosen (capacity 1) there is nothing to route and the block runs
 //! unscaled, exactly as a plain block.
 
 use candle_core::{DType, Result, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::DepthConfig;
+use crate::config::{DepthConfig, DepthSelection};
 use crate::model::block::Block;
 use crate::model::cache::KvCache;
 use crate::nn::RopeTables;
@@ -33,6 +36,9 @@ pub struct DepthStats {
     pub layer: usize,
     /// `(b, t)` router logits.
     pub router_logits: Tensor,
+    /// `(b, t)` logits of the causal decider (the predictor's, else the router's): a
+    /// token is processed at sampling time when its logit is positive.
+    pub decision_logits: Tensor,
     /// Tokens processed, of `tokens`.
     pub selected: usize,
     pub tokens: usize,
@@ -47,7 +53,21 @@ pub struct DepthRouter {
     pub layer: usize,
     /// `(1, d_model)`.
     pub weight: Tensor,
+    /// The MLP predictor's `(h, d_model)` and `(1, h)` weights.
+    pub predictor: Option<(Tensor, Tensor)>,
     pub config: DepthConfig,
+}
+
+/// Draws for random selection (an ablation): a process-wide counter hashed, so no state
+/// lives in the router; not reproduced by a resumed run.
+static DRAWS: AtomicU64 = AtomicU64::new(0x5eed);
+
+/// A uniform number in [0, 1) from a 64-bit hash of `x` (SplitMix64's finaliser).
+fn unit(x: u64) -> f64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
 }
 
 /// Positions `(b, k)` → per-token rotary tables `(b, k, half)`.
@@ -78,8 +98,43 @@ impl DepthRouter {
         }
         let xs = x.reshape((b * t, d))?;
         let logits = xs.matmul(&self.weight.t()?)?.reshape((b, t))?;
-        let host: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        let decider = match &self.predictor {
+            Some((fc1, fc2)) => xs
+                .detach()
+                .matmul(&fc1.t()?)?
+                .silu()?
+                .matmul(&fc2.t()?)?
+                .reshape((b, t))?,
+            None => logits.clone(),
+        };
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
+        let random = self.config.selection == DepthSelection::Random;
+        // selection scores: the router's logits (top-k), the decider's (threshold 0), or
+        // uniform draws (random: top-k of them, or below the capacity)
+        let host: Vec<Vec<f32>> = if random {
+            let draw = DRAWS.fetch_add(1, Ordering::Relaxed) << 32;
+            let c = self.config.capacity as f32;
+            (0..b)
+                .map(|bi| {
+                    (0..t)
+                        .map(|i| {
+                            let u = unit(draw ^ ((self.layer * b * t + bi * t + i) as u64)) as f32;
+                            match decision {
+                                DepthDecision::TopK => u,
+                                DepthDecision::Threshold => c - u,
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        } else {
+            match decision {
+                DepthDecision::TopK => &logits,
+                DepthDecision::Threshold => &decider,
+            }
+            .to_dtype(DType::F32)?
+            .to_vec2()?
+        };
         let mut chosen = vec![0u8; b * t];
         let rows: Vec<Vec<u32>> = host
             .iter()
@@ -103,14 +158,15 @@ impl DepthRouter {
         }
         let selected: usize = rows.iter().map(|r| r.len()).sum();
         let aux_loss = match decision {
-            DepthDecision::TopK if self.config.aux_loss_coef > 0.0 && k < t => {
-                Some(self.bce(&logits, &chosen)?)
+            DepthDecision::TopK if self.config.aux_loss_coef > 0.0 && k < t && !random => {
+                Some(self.bce(&decider, &chosen)?)
             }
             _ => None,
         };
         let stats = DepthStats {
             layer: self.layer,
             router_logits: logits.clone(),
+            decision_logits: decider,
             selected,
             tokens: b * t,
             chosen,
@@ -174,8 +230,8 @@ impl DepthRouter {
         Ok((out.reshape((b, t, d))?, moe_out, stats))
     }
 
-    /// `coef · mean BCE(σ(logit), chosen)`: the router's logit learns to predict top-k
-    /// membership, so its sign can decide causally at sampling time.
+    /// `coef · mean BCE(σ(logit), chosen)`: the decider's logit learns to predict top-k
+    /// membership (targets per sequence), so its sign can decide causally at sampling time.
     fn bce(&self, logits: &Tensor, chosen: &[u8]) -> Result<Tensor> {
         let target: Vec<f32> = chosen.iter().map(|&c| c as f32).collect();
         let target =

@@ -418,7 +418,8 @@ impl Trainer {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DepthMetric {
     pub layer: usize,
-    /// Share of tokens whose causal decision (router logit > 0) equals top-k membership.
+    /// Share of tokens whose causal decision (the predictor's or router's logit > 0)
+    /// equals top-k membership.
     pub accuracy: f64,
     /// The trivial predictor "always skip": 1 − the share top-k processes.
     pub baseline: f64,
@@ -456,7 +457,7 @@ pub fn evaluate_full(model: &Model, data: &Dataset, train: &TrainConfig) -> Resu
         }
         for d in &out.depth {
             let logits: Vec<f32> = d
-                .router_logits
+                .decision_logits
                 .flatten_all()?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;

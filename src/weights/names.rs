@@ -192,6 +192,11 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         }
         if cfg.layer(l).routed && cfg.depth.is_some() {
             v.push(matrix(format!("{p}.depth_router.weight"), 1, d, std));
+            let h = cfg.depth.map_or(0, |dc| dc.predictor);
+            if h > 0 {
+                v.push(matrix(format!("{p}.depth_predictor.fc1.weight"), h, d, std));
+                v.push(matrix(format!("{p}.depth_predictor.fc2.weight"), 1, h, std));
+            }
         }
         match (cfg.layer(l).moe, &cfg.moe) {
             (true, Some(m)) => {

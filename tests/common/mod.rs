@@ -192,6 +192,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.depth = Some(DepthConfig {
                 capacity: 0.5,
                 aux_loss_coef: 0.1,
+                predictor: 0,
+                selection: Default::default(),
             });
             c.layers = vec![
                 LayerSpec::default(),
@@ -207,6 +209,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.depth = Some(DepthConfig {
                 capacity: 0.4,
                 aux_loss_coef: 0.1,
+                predictor: 5,
+                selection: Default::default(),
             });
             c.moe = Some(MoeConfig {
                 n_experts: 4,
