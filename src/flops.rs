@@ -111,7 +111,7 @@ impl FlopLedger {
             });
             let ffn_params = match (cfg.layer(l).moe, &cfg.moe) {
                 (true, Some(m)) => {
-                    let router = m.n_experts * d + if m.selection_bias { m.n_experts } else { 0 };
+                    let router = m.slots() * d + if m.selection_bias { m.slots() } else { 0 };
                     let (expert_params, expert_flops) = ffn(m.d_expert);
                     let (shared_params, shared_flops) = if m.d_shared > 0 {
                         ffn(m.d_shared)
@@ -122,13 +122,14 @@ impl FlopLedger {
                     entries.push(FlopEntry {
                         dense_flops: 0.0,
                         component: format!("{p}.moe.router"),
-                        flops: 2.0 * (d * m.n_experts) as f64,
+                        flops: 2.0 * (d * m.slots()) as f64,
                         params: router,
                     });
+                    // with no-op experts an upper bound: a slot routed to one costs nothing
                     entries.push(FlopEntry {
                         dense_flops: 0.0,
                         component: format!("{p}.moe.experts"),
-                        flops: m.top_k as f64 * expert_flops,
+                        flops: m.top_k.min(m.n_experts) as f64 * expert_flops,
                         params: m.n_experts * expert_params,
                     });
                     if m.d_shared > 0 {
@@ -139,7 +140,7 @@ impl FlopLedger {
                             params: shared_params + gate,
                         });
                     }
-                    inactive += (m.n_experts - m.top_k) * expert_params;
+                    inactive += m.n_experts.saturating_sub(m.top_k) * expert_params;
                     router + m.n_experts * expert_params + shared_params + gate
                 }
                 _ => {

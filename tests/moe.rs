@@ -42,6 +42,7 @@ fn base() -> MoeConfig {
         aux_loss_coef: 0.0,
         z_loss_coef: 0.0,
         capacity_factor: None,
+        noop_experts: 0,
         bias_update_rate: 0.0,
     }
 }
@@ -51,10 +52,8 @@ fn layer(c: MoeConfig, seed: u64) -> MoeLayer {
     MoeLayer {
         layer: 0,
         config: c,
-        router: randn(&[c.n_experts, D], 1.0, &mut rng),
-        selection_bias: c
-            .selection_bias
-            .then(|| randn(&[c.n_experts], 0.5, &mut rng)),
+        router: randn(&[c.slots(), D], 1.0, &mut rng),
+        selection_bias: c.selection_bias.then(|| randn(&[c.slots()], 0.5, &mut rng)),
         experts: (0..c.n_experts)
             .map(|_| mlp(c.d_expert, &mut rng))
             .collect(),
@@ -76,12 +75,9 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
         .unwrap()
         .to_vec2::<f64>()
         .unwrap();
-    let bias: Vec<f64> = m
-        .selection_bias
-        .as_ref()
-        .map_or(vec![0.0; c.n_experts], |b| {
-            b.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
-        });
+    let bias: Vec<f64> = m.selection_bias.as_ref().map_or(vec![0.0; c.slots()], |b| {
+        b.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+    });
     let mut out = Vec::new();
     for t in 0..rows {
         let xt = xs.i(t..t + 1).unwrap();
@@ -106,7 +102,7 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
             Scoring::SparseMixer { .. } => logits.clone(),
         };
         let biased: Vec<f64> = scores.iter().zip(&bias).map(|(s, b)| s + b).collect();
-        let gs = c.n_experts / c.n_groups;
+        let gs = c.slots() / c.n_groups;
         let mut groups: Vec<(usize, f64)> = (0..c.n_groups)
             .map(|g| {
                 let mut v = biased[g * gs..(g + 1) * gs].to_vec();
@@ -116,7 +112,7 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
             .collect();
         groups.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
         let kept: Vec<usize> = groups.iter().take(c.topk_groups).map(|g| g.0).collect();
-        let mut cand: Vec<usize> = (0..c.n_experts)
+        let mut cand: Vec<usize> = (0..c.slots())
             .filter(|e| kept.contains(&(e / gs)))
             .collect();
         cand.sort_by(|&a, &b| biased[b].partial_cmp(&biased[a]).unwrap());
@@ -142,7 +138,12 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
             weights.iter_mut().for_each(|w| *w /= s);
         }
         let mut y = Tensor::zeros((1, D), DType::F32, &Device::Cpu).unwrap();
-        for (&e, &wt) in chosen.iter().zip(&weights) {
+        // a no-op expert (integrated MoDE) adds nothing
+        for (&e, &wt) in chosen
+            .iter()
+            .zip(&weights)
+            .filter(|(&e, _)| e < c.n_experts)
+        {
             y = (y + (m.experts[e].forward(&xt).unwrap() * (wt * c.routed_scale)).unwrap())
                 .unwrap();
         }
@@ -208,6 +209,24 @@ fn every_routing_variant_matches_the_slow_reference() {
                 topk_groups: 2,
                 selection_bias: true,
                 norm_topk: true,
+                ..base()
+            },
+        ),
+        (
+            "integrated MoDE: 2 no-op experts, renormalised",
+            MoeConfig {
+                noop_experts: 2,
+                norm_topk: true,
+                ..base()
+            },
+        ),
+        (
+            "integrated MoDE: no-op experts with a selection bias",
+            MoeConfig {
+                noop_experts: 3,
+                scoring: Scoring::Sigmoid,
+                selection_bias: true,
+                top_k: 3,
                 ..base()
             },
         ),

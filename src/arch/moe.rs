@@ -25,6 +25,7 @@ fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeC
         aux_loss_coef: raw.f64_or(&["router_aux_loss_coef"], 0.0),
         z_loss_coef: 0.0,
         capacity_factor: None,
+        noop_experts: 0,
         bias_update_rate: 0.0,
     }
 }

@@ -214,6 +214,18 @@ pub struct MoeConfig {
     /// assignments past it are dropped (the token keeps its residual). None: dropless.
     #[serde(default)]
     pub capacity_factor: Option<f64>,
+    /// No-op experts routed like the others (integrated MoDE, Raposo et al. §3.5): a token
+    /// sent to one gets nothing from that slot and keeps its residual, so compute per token
+    /// varies. They take router rows `n_experts..n_experts + noop_experts`.
+    #[serde(default)]
+    pub noop_experts: usize,
+}
+
+impl MoeConfig {
+    /// Router outputs: the experts and the no-op experts.
+    pub fn slots(&self) -> usize {
+        self.n_experts + self.noop_experts
+    }
 }
 
 fn one() -> f64 {
@@ -428,6 +440,8 @@ pub struct MoeFile {
     pub capacity_factor: Option<f64>,
     /// Default 0 (off); with it, `selection_bias` defaults to true.
     pub bias_update_rate: Option<f64>,
+    /// No-op experts among the experts (integrated MoDE); default 0.
+    pub noop_experts: Option<usize>,
     /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
     /// unless `layers` lists them explicitly.
     pub every: Option<usize>,
@@ -457,6 +471,7 @@ impl MoeFile {
             aux_loss_coef: self.aux_loss_coef.unwrap_or(0.01),
             z_loss_coef: self.z_loss_coef.unwrap_or(0.001),
             capacity_factor: self.capacity_factor,
+            noop_experts: self.noop_experts.unwrap_or(0),
         };
         let (every, first) = (
             self.every.unwrap_or(1).max(1),
@@ -490,6 +505,7 @@ impl From<(&MoeConfig, &[LayerSpec])> for MoeFile {
             z_loss_coef: Some(m.z_loss_coef),
             capacity_factor: m.capacity_factor,
             bias_update_rate: Some(m.bias_update_rate),
+            noop_experts: Some(m.noop_experts),
             every: None,
             first_dense: None,
             layers: Some(
@@ -771,7 +787,7 @@ impl ModelConfig {
             }
         }
         if let Some(m) = &self.moe {
-            if m.n_experts == 0 || m.top_k == 0 || m.top_k > m.n_experts || m.d_expert == 0 {
+            if m.n_experts == 0 || m.top_k == 0 || m.top_k > m.slots() || m.d_expert == 0 {
                 p.push(format!(
                     "moe: need 0 < top_k ({}) <= n_experts ({}) and d_expert ({}) > 0",
                     m.top_k, m.n_experts, m.d_expert
@@ -779,6 +795,9 @@ impl ModelConfig {
             }
             if m.n_experts > 1 << 16 || m.d_expert > MAX_DIM {
                 p.push("moe: n_experts or d_expert is absurdly large".into());
+            }
+            if m.noop_experts > 0 && m.n_groups > 1 {
+                p.push("moe: no-op experts do not combine with group-limited routing".into());
             }
             if m.n_groups == 0
                 || m.n_experts % m.n_groups.max(1) != 0

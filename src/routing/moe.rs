@@ -15,7 +15,7 @@ pub struct MoeStats {
     pub layer: usize,
     /// `(tokens, n_experts)` router logits (before softmax or sigmoid).
     pub router_logits: Tensor,
-    /// Assignments per expert (after capacity dropping).
+    /// Assignments per expert (after capacity dropping), the no-op experts last.
     pub load: Vec<usize>,
     /// Assignments dropped by the capacity limit, of `assignments` in all.
     pub dropped: usize,
@@ -30,9 +30,9 @@ pub struct MoeStats {
 pub struct MoeLayer {
     pub layer: usize,
     pub config: MoeConfig,
-    /// `(n_experts, d_model)`.
+    /// `(n_experts + noop_experts, d_model)`.
     pub router: Tensor,
-    /// Selection-only bias `(n_experts)`.
+    /// Selection-only bias `(n_experts + noop_experts)`.
     pub selection_bias: Option<Tensor>,
     pub experts: Vec<Mlp>,
     pub shared: Option<Mlp>,
@@ -45,7 +45,8 @@ impl MoeLayer {
         let c = &self.config;
         let (b, t, d) = x.dims3()?;
         let n = b * t;
-        let e_count = c.n_experts;
+        // router outputs: the experts, then the no-op experts (integrated MoDE)
+        let e_count = c.slots();
         let xs = x.reshape((n, d))?;
         let logits = xs.matmul(&self.router.t()?)?; // (n, E)
         let scores = match c.scoring {
@@ -98,7 +99,7 @@ impl MoeLayer {
         let mut dropped = 0;
         for (s, &e) in choice.experts.iter().enumerate() {
             let e = e as usize;
-            if capacity.is_some_and(|cap| rows[e].len() >= cap) {
+            if e < c.n_experts && capacity.is_some_and(|cap| rows[e].len() >= cap) {
                 dropped += 1;
                 continue;
             }
@@ -109,6 +110,9 @@ impl MoeLayer {
             // one token (decoding): run its k experts directly, no gather or scatter
             let mut acc: Option<Tensor> = None;
             for (j, &e) in choice.experts.iter().enumerate() {
+                if e as usize >= c.n_experts {
+                    continue; // a no-op expert: nothing to add
+                }
                 let y = self.experts[e as usize]
                     .forward(&xs)?
                     .broadcast_mul(&w.narrow(0, j, 1)?)?;
@@ -204,7 +208,7 @@ impl MoeLayer {
             let p = probs.mean(0)?; // (E)
             let f: Vec<f32> = load.iter().map(|&l| l as f32 / n as f32).collect();
             let f = Tensor::from_vec(f, load.len(), logits.device())?.to_dtype(p.dtype())?;
-            let l = ((p * f)?.sum_all()? * (c.aux_loss_coef * c.n_experts as f64))?;
+            let l = ((p * f)?.sum_all()? * (c.aux_loss_coef * load.len() as f64))?;
             total = Some(l);
         }
         if c.z_loss_coef > 0.0 {

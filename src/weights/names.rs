@@ -200,11 +200,11 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         }
         match (cfg.layer(l).moe, &cfg.moe) {
             (true, Some(m)) => {
-                v.push(matrix(format!("{p}.mlp.gate.weight"), m.n_experts, d, std));
+                v.push(matrix(format!("{p}.mlp.gate.weight"), m.slots(), d, std));
                 if m.selection_bias {
                     v.push(vector(
                         format!("{p}.mlp.gate.e_score_correction_bias"),
-                        m.n_experts,
+                        m.slots(),
                         Init::Zeros,
                     ));
                 }

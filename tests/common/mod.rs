@@ -49,7 +49,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             f.norm = Some(NormKind::LayerNorm);
             f.position = Some("none".into());
         }
-        4..=14 => {}
+        4..=15 => {}
         _ => panic!("no variant {variant}"),
     }
     let mut c = f.resolve("tiny").unwrap();
@@ -130,6 +130,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
                 capacity_factor: None,
+                noop_experts: 0,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -159,6 +160,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.02,
                 z_loss_coef: 0.001,
                 capacity_factor: None,
+                noop_experts: 0,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -227,6 +229,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.0,
                 capacity_factor: None,
+                noop_experts: 0,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -273,6 +276,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.0,
                 capacity_factor: None,
+                noop_experts: 0,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -286,13 +290,41 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 },
             ];
         }
+        15 => {
+            // integrated MoDE: no-op experts among softmax-routed experts, renormalised
+            c.moe = Some(MoeConfig {
+                n_experts: 3,
+                top_k: 2,
+                d_expert: 8,
+                scoring: Scoring::Softmax,
+                norm_topk: true,
+                routed_scale: 1.0,
+                n_groups: 1,
+                topk_groups: 1,
+                selection_bias: false,
+                d_shared: 0,
+                shared_gate: false,
+                aux_loss_coef: 0.01,
+                z_loss_coef: 0.001,
+                capacity_factor: None,
+                noop_experts: 2,
+                bias_update_rate: 0.0,
+            });
+            c.layers = vec![
+                LayerSpec {
+                    moe: true,
+                    ..LayerSpec::default()
+                };
+                2
+            ];
+        }
         _ => {}
     }
     assert!(c.problems().is_empty(), "{:?}", c.problems());
     c
 }
 
-pub const VARIANTS: usize = 15;
+pub const VARIANTS: usize = 16;
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
