@@ -44,6 +44,13 @@ pub struct Row {
     pub sample_tps: f64,
     /// (training FLOPs so far, seconds, validation loss) at each evaluation.
     pub curve: Vec<(f64, f64, f64)>,
+    /// Routed blocks: validation loss with the causal decisions sampling uses.
+    pub causal_val: Option<f64>,
+    /// Routed blocks, averaged: the causal decider's accuracy at predicting top-k, the
+    /// always-skip baseline's, and the recall of top-k tokens.
+    pub decider: Option<(f64, f64, f64)>,
+    /// MoE: the busiest expert's load over the mean, worst layer.
+    pub max_load: Option<f64>,
 }
 
 /// Train each `(name, preset)` for `budget` training FLOPs on `data`; runs go to `out/NAME`.
@@ -95,6 +102,19 @@ pub fn compare(
             })
             .collect();
         let sample_tps = super::bench::decode_speed(&trainer.model, 64)?;
+        let eval = routelm::train::trainer::evaluate_full(&trainer.model, data, &train)?;
+        let n = eval.depth.len() as f64;
+        let decider = (n > 0.0).then(|| {
+            let mean = |f: fn(&routelm::train::trainer::DepthMetric) -> f64| {
+                eval.depth.iter().map(f).sum::<f64>() / n
+            };
+            (
+                mean(|d| d.accuracy),
+                mean(|d| d.baseline),
+                mean(|d| d.recall),
+            )
+        });
+        let max_load = eval.router.iter().map(|r| r.max_over_mean).reduce(f64::max);
         rows.push(Row {
             name: name.clone(),
             total_params: ledger.total_params,
@@ -105,6 +125,9 @@ pub fn compare(
             wall_s,
             sample_tps,
             curve,
+            causal_val: eval.causal_loss,
+            decider,
+            max_load,
         });
     }
     Ok(rows)
@@ -114,21 +137,31 @@ pub fn compare(
 pub fn table(rows: &[Row], budget: f64) -> String {
     let mut s =
         format!("Training budget: {budget:.3e} FLOPs per variant (from the FLOP ledger).\n\n");
-    s.push_str("| variant | params (total / active) | FLOPs per forward token | steps | final val loss | train time (s) | sampling tok/s |\n");
-    s.push_str("|---|---|---|---|---|---|---|\n");
+    s.push_str("| variant | params (total / active) | FLOPs per forward token | steps | final val loss | val loss, causal decisions | decider accuracy (always-skip) / recall | busiest expert / mean | train time (s) | sampling tok/s |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    let dash = || "–".to_string();
     for r in rows {
         s.push_str(&format!(
-            "| {} | {:.2}M / {:.2}M | {:.2}M | {} | {:.4} | {:.1} | {:.0} |\n",
+            "| {} | {:.2}M / {:.2}M | {:.2}M | {} | {:.4} | {} | {} | {} | {:.1} | {:.0} |\n",
             r.name,
             r.total_params as f64 / 1e6,
             r.active_params as f64 / 1e6,
             r.forward_flops / 1e6,
             r.steps,
             r.final_val,
+            r.causal_val.map_or_else(dash, |v| format!("{v:.4}")),
+            r.decider.map_or_else(dash, |(a, b, rc)| format!(
+                "{:.1}% ({:.1}%) / {:.1}%",
+                100.0 * a,
+                100.0 * b,
+                100.0 * rc
+            )),
+            r.max_load.map_or_else(dash, |m| format!("{m:.2}")),
             r.wall_s,
             r.sample_tps
         ));
     }
+    s.push_str("\nFinal val loss routes Mixture-of-Depths blocks by top-k over each sequence, as in training; the causal column decides each token by itself (the predictor, or the router's sign), as sampling does.\n");
     s
 }
 
