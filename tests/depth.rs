@@ -202,12 +202,18 @@ fn routed_kv_cache_case(predictor: usize) {
     assert_eq!(cache.pos(), SEQ.len());
 }
 
-/// The predictor reads the block input with the gradient stopped: its loss trains the
-/// predictor and nothing else; and its targets are each sequence's own top-k, so a batch's
-/// loss is the mean of its sequences' losses.
+/// The causal decider (the predictor, or the router's own score) reads the block input
+/// with the gradient stopped: its loss trains the decider and nothing else; and its
+/// targets are each sequence's own top-k, so a batch's loss is the mean of its sequences'.
 #[test]
-fn predictor_trains_alone_on_per_sequence_targets() {
-    let (c, p) = routed_with(0.3, 6, DepthSelection::Learned);
+fn decider_trains_alone_on_per_sequence_targets() {
+    for (predictor, decider) in [(6, "depth_predictor"), (0, "depth_router")] {
+        decider_case(predictor, decider);
+    }
+}
+
+fn decider_case(predictor: usize, decider: &str) {
+    let (c, p) = routed_with(0.3, predictor, DepthSelection::Learned);
     let vars: std::collections::BTreeMap<String, Var> = p
         .iter()
         .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
@@ -236,13 +242,10 @@ fn predictor_trains_alone_on_per_sequence_targets() {
                 .to_scalar::<f32>()
                 .unwrap()
         });
-        if name.contains("depth_predictor") {
+        if name.contains(decider) {
             assert!(norm > 0.0, "{name} gets no gradient");
         } else {
-            assert_eq!(
-                norm, 0.0,
-                "{name} gets a gradient from the predictor's loss"
-            );
+            assert_eq!(norm, 0.0, "{name} gets a gradient from the decider's loss");
         }
     }
     let one = |r: &[u32; 10]| aux(r, 1).to_scalar::<f32>().unwrap();

@@ -343,12 +343,19 @@ fn whole_model_gradients() {
                 diff < 1e-4,
                 "variant {variant} {name}: f32 fused vs f64 gradient differ by {diff}"
             );
-            // the MoD predictor reads its input with the gradient stopped: its loss depends
-            // on every earlier parameter, but by design only trains the predictor, so the
-            // other parameters are checked against the loss without it
+            // the MoD decider (the predictor, else the router) reads its input with the
+            // gradient stopped: its loss depends on every earlier parameter but by design
+            // trains the decider alone, so the other parameters are checked against the loss
+            // without it (the variants route one block, or decide by a predictor, so a
+            // decider's own loss is the only one it moves)
             let mut fd_cfg = cfg.clone();
             if let Some(dc) = &mut fd_cfg.depth {
-                if dc.predictor > 0 && !name.contains("depth_predictor") {
+                let decider = if dc.predictor > 0 {
+                    "depth_predictor"
+                } else {
+                    "depth_router"
+                };
+                if !name.contains(decider) {
                     dc.aux_loss_coef = 0.0;
                 }
             }

@@ -2,6 +2,8 @@
 //! experts, for every routing variant; equivalences and pitfalls that other engines
 //! shipped as bugs.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use routelm::config::{FfnKind, MoeConfig, Scoring};
 use routelm::nn::{Linear, Mlp};
@@ -43,6 +45,7 @@ fn base() -> MoeConfig {
         z_loss_coef: 0.0,
         capacity_factor: None,
         noop_experts: 0,
+        expert_choice: false,
         bias_update_rate: 0.0,
     }
 }
@@ -216,6 +219,7 @@ fn every_routing_variant_matches_the_slow_reference() {
             "integrated MoDE: 2 no-op experts, renormalised",
             MoeConfig {
                 noop_experts: 2,
+                expert_choice: false,
                 norm_topk: true,
                 ..base()
             },
@@ -224,6 +228,7 @@ fn every_routing_variant_matches_the_slow_reference() {
             "integrated MoDE: no-op experts with a selection bias",
             MoeConfig {
                 noop_experts: 3,
+                expert_choice: false,
                 scoring: Scoring::Sigmoid,
                 selection_bias: true,
                 top_k: 3,
@@ -471,4 +476,167 @@ fn selection_bias_updates_balance_a_skewed_router() {
         "load spread {first} -> {last} (last 50 steps: {:?})",
         &spreads[spreads.len() - 50..]
     );
+}
+
+/// Expert choice, slowly: per sequence, each expert takes the tokens that score it highest
+/// (scores in f64), and each token sums the outputs of the experts that took it.
+fn reference_expert_choice(m: &MoeLayer, x: &Tensor) -> Tensor {
+    let c = m.config;
+    let (b, t) = (x.dims()[0], x.dims()[1]);
+    let xs = x.reshape((b * t, D)).unwrap();
+    let w = m
+        .router
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let xv = xs.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let scores: Vec<Vec<f64>> = xv
+        .iter()
+        .map(|x| {
+            let l: Vec<f64> = w
+                .iter()
+                .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+                .collect();
+            match c.scoring {
+                Scoring::Sigmoid => l.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+                _ => {
+                    let z: f64 = l.iter().map(|v| v.exp()).sum();
+                    l.iter().map(|v| v.exp() / z).collect()
+                }
+            }
+        })
+        .collect();
+    let per = ((c.capacity_factor.unwrap_or(1.0) * (t * c.top_k) as f64) / c.n_experts as f64)
+        .ceil() as usize;
+    let mut rows: Vec<Tensor> = (0..b * t)
+        .map(|_| Tensor::zeros((1, D), DType::F32, &Device::Cpu).unwrap())
+        .collect();
+    for bi in 0..b {
+        for (e, expert) in m.experts.iter().enumerate() {
+            let mut tokens: Vec<usize> = (bi * t..(bi + 1) * t).collect();
+            tokens.sort_by(|&i, &j| scores[j][e].partial_cmp(&scores[i][e]).unwrap());
+            for &i in &tokens[..per.min(t)] {
+                let y = expert.forward(&xs.i(i..i + 1).unwrap()).unwrap();
+                rows[i] = (&rows[i] + (y * scores[i][e]).unwrap()).unwrap();
+            }
+        }
+    }
+    for (i, r) in rows.iter_mut().enumerate() {
+        if let Some(s) = &m.shared {
+            *r = (&*r + s.forward(&xs.i(i..i + 1).unwrap()).unwrap()).unwrap();
+        }
+    }
+    Tensor::cat(&rows, 0).unwrap().reshape(x.dims()).unwrap()
+}
+
+#[test]
+fn expert_choice_matches_the_slow_reference() {
+    for (name, c) in [
+        (
+            "softmax",
+            MoeConfig {
+                expert_choice: true,
+                ..base()
+            },
+        ),
+        (
+            "sigmoid, capacity factor 2, shared expert",
+            MoeConfig {
+                expert_choice: true,
+                scoring: Scoring::Sigmoid,
+                capacity_factor: Some(2.0),
+                d_shared: 3,
+                ..base()
+            },
+        ),
+    ] {
+        let m = layer(c, 11);
+        let mut rng = Rng::new(12);
+        let x = randn(&[2, 7, D], 1.0, &mut rng);
+        let (y, stats) = m.forward(&x).unwrap();
+        let d = max_diff(&y, &reference_expert_choice(&m, &x));
+        assert!(d < 1e-5, "{name}: differs from the slow reference by {d}");
+        // every expert takes the same number of tokens: perfectly balanced by construction
+        assert!(
+            stats.load.iter().all(|&l| l == stats.load[0]),
+            "{:?}",
+            stats.load
+        );
+    }
+}
+
+/// Expert choice is not causal: a model using it refuses to decode through a cache.
+#[test]
+fn expert_choice_refuses_to_sample() {
+    let mut cfg = common::tiny(7);
+    if let Some(m) = &mut cfg.moe {
+        m.expert_choice = true;
+        m.selection_bias = false;
+        m.n_groups = 1;
+        m.topk_groups = 1;
+        m.scoring = Scoring::Softmax;
+    }
+    assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+    let p = routelm::model::init::init_params(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let model = routelm::Model::new(&cfg, &p, "t").unwrap();
+    let ids = common::ids(&[1, 2, 3], 1);
+    assert!(model.forward(&ids, None, false).is_ok());
+    let mut cache = model.new_cache();
+    let err = model
+        .forward(&ids, Some(&mut cache), true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expert choice"), "{err}");
+}
+
+/// Gradients reach the router through expert choice's weights: autograd equals central
+/// finite differences (float64).
+#[test]
+fn expert_choice_router_gradient_matches_finite_differences() {
+    let c = MoeConfig {
+        expert_choice: true,
+        ..base()
+    };
+    let mut m = layer(c, 13);
+    let f64_ = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let lin = |l: &Linear| Linear::new(f64_(&l.weight), None);
+    for e in &mut m.experts {
+        e.gate = e.gate.as_ref().map(lin);
+        e.up = lin(&e.up);
+        e.down = lin(&e.down);
+    }
+    let mut rng = Rng::new(14);
+    let x = f64_(&randn(&[2, 6, D], 1.0, &mut rng));
+    let r = f64_(&randn(&[2, 6, D], 1.0, &mut rng));
+    let router = f64_(&m.router);
+    let loss = |m: &MoeLayer| (m.forward(&x).unwrap().0 * &r).unwrap().sum_all().unwrap();
+    let var = candle_core::Var::from_tensor(&router).unwrap();
+    m.router = var.as_tensor().clone();
+    let grads = loss(&m).backward().unwrap();
+    let g = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let flat = router.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for i in [0, 7, 20, flat.len() - 1] {
+        let at = |delta: f64| {
+            let mut v = flat.clone();
+            v[i] += delta;
+            let mut m = m.clone();
+            m.router = Tensor::from_vec(v, router.shape(), &Device::Cpu).unwrap();
+            loss(&m).to_scalar::<f64>().unwrap()
+        };
+        let h = 1e-6;
+        let fd = (at(h) - at(-h)) / (2.0 * h);
+        assert!(
+            (fd - g[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "router[{i}]: finite difference {fd}, autograd {}",
+            g[i]
+        );
+        assert!(g[i] != 0.0, "router[{i}] gets no gradient");
+    }
 }

@@ -50,6 +50,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         z_loss_coef: 0.0,
         capacity_factor: None,
         noop_experts: 0,
+        expert_choice: false,
         bias_update_rate: 0.0,
     });
     let first_dense = raw.opt_usize(&["first_k_dense_replace"]).unwrap_or(0);

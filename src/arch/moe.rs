@@ -26,6 +26,7 @@ fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeC
         z_loss_coef: 0.0,
         capacity_factor: None,
         noop_experts: 0,
+        expert_choice: false,
         bias_update_rate: 0.0,
     }
 }

@@ -219,6 +219,12 @@ pub struct MoeConfig {
     /// varies. They take router rows `n_experts..n_experts + noop_experts`.
     #[serde(default)]
     pub noop_experts: usize,
+    /// Expert choice (Zhou et al., 2022): each expert takes its top
+    /// `capacity_factor · t · top_k / n_experts` tokens of each sequence instead of each
+    /// token its top-k experts. It looks at the whole sequence, so models that use it
+    /// train and evaluate but do not sample.
+    #[serde(default)]
+    pub expert_choice: bool,
 }
 
 impl MoeConfig {
@@ -442,6 +448,8 @@ pub struct MoeFile {
     pub bias_update_rate: Option<f64>,
     /// No-op experts among the experts (integrated MoDE); default 0.
     pub noop_experts: Option<usize>,
+    /// Expert-choice routing (default false: token choice); not causal, so no sampling.
+    pub expert_choice: Option<bool>,
     /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
     /// unless `layers` lists them explicitly.
     pub every: Option<usize>,
@@ -472,6 +480,7 @@ impl MoeFile {
             z_loss_coef: self.z_loss_coef.unwrap_or(0.001),
             capacity_factor: self.capacity_factor,
             noop_experts: self.noop_experts.unwrap_or(0),
+            expert_choice: self.expert_choice.unwrap_or(false),
         };
         let (every, first) = (
             self.every.unwrap_or(1).max(1),
@@ -506,6 +515,7 @@ impl From<(&MoeConfig, &[LayerSpec])> for MoeFile {
             capacity_factor: m.capacity_factor,
             bias_update_rate: Some(m.bias_update_rate),
             noop_experts: Some(m.noop_experts),
+            expert_choice: Some(m.expert_choice),
             every: None,
             first_dense: None,
             layers: Some(
@@ -795,6 +805,14 @@ impl ModelConfig {
             }
             if m.n_experts > 1 << 16 || m.d_expert > MAX_DIM {
                 p.push("moe: n_experts or d_expert is absurdly large".into());
+            }
+            if m.expert_choice
+                && (m.noop_experts > 0
+                    || m.n_groups > 1
+                    || m.selection_bias
+                    || matches!(m.scoring, Scoring::SparseMixer { .. }))
+            {
+                p.push("moe: expert choice takes softmax or sigmoid scores, without no-op experts, groups or a selection bias".into());
             }
             if m.noop_experts > 0 && m.n_groups > 1 {
                 p.push("moe: no-op experts do not combine with group-limited routing".into());

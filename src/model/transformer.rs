@@ -369,6 +369,14 @@ impl Model {
         opts: ForwardOptions,
     ) -> Result<ModelOutput> {
         let (b, t) = ids.dims2()?;
+        if cache.is_some() && self.config.moe.is_some_and(|m| m.expert_choice) {
+            return Err(Error::Generate(
+                "this model routes by expert choice, which picks tokens by looking at the whole \
+                 sequence: it cannot decode token by token (train it with token-choice routing \
+                 to sample)"
+                    .into(),
+            ));
+        }
         let start = cache.as_ref().map_or(0, |c| c.pos());
         if start + t > self.config.max_seq_len {
             return Err(Error::Generate(format!(

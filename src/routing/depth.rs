@@ -98,14 +98,20 @@ impl DepthRouter {
         }
         let xs = x.reshape((b * t, d))?;
         let logits = xs.matmul(&self.weight.t()?)?.reshape((b, t))?;
+        // the decider reads the block input with the gradient stopped, so its auxiliary
+        // loss trains the decider alone and never pushes the residual stream
+        let xd = xs.detach();
         let decider = match &self.predictor {
-            Some((fc1, fc2)) => xs
-                .detach()
-                .matmul(&fc1.t()?)?
-                .silu()?
-                .matmul(&fc2.t()?)?
-                .reshape((b, t))?,
-            None => logits.clone(),
+            // on the RMS-normalised input: the residual stream's scale grows with depth
+            Some((fc1, fc2)) => {
+                crate::nn::ops::rms_norm(&xd, &Tensor::ones(d, xd.dtype(), xd.device())?, 1e-6)?
+                    .matmul(&fc1.t()?)?
+                    .silu()?
+                    .matmul(&fc2.t()?)?
+                    .reshape((b, t))?
+            }
+            // the router's own score (same values as `logits`, gradient to its weight only)
+            None => xd.matmul(&self.weight.t()?)?.reshape((b, t))?,
         };
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
         let random = self.config.selection == DepthSelection::Random;

@@ -26,6 +26,18 @@ pub struct MoeStats {
     pub aux_loss: Option<Tensor>,
 }
 
+/// Where the tokens go: per expert the rows it runs on and, for each, the index of its
+/// weight in `w`.
+struct Routed {
+    w: Tensor,
+    rows: Vec<Vec<u32>>,
+    slots: Vec<Vec<u32>>,
+    dropped: usize,
+    assignments: usize,
+    /// Token choice's per-token experts.
+    choice: Option<super::router::RouterChoice>,
+}
+
 #[derive(Debug, Clone)]
 pub struct MoeLayer {
     pub layer: usize,
@@ -56,57 +68,20 @@ impl MoeLayer {
             Scoring::SparseMixer { .. } => logits.clone(),
         };
         let host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let bias: Option<Vec<f32>> = match &self.selection_bias {
-            Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1()?),
-            None => None,
+        let routed = if c.expert_choice {
+            self.expert_choice(&scores, &host, b, t)?
+        } else {
+            self.token_choice(&logits, &scores, &host, n, x.device())?
         };
-        let choice = choose_experts(
-            &host,
-            e_count,
-            c.top_k,
-            bias.as_deref(),
-            c.n_groups,
-            c.topk_groups,
-        );
-
-        // weights from the unbiased scores, gathered from the tensor so the router learns
-        let flat: Vec<u32> = (0..n * c.top_k)
-            .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
-            .collect();
-        let flat = Tensor::from_vec(flat, n * c.top_k, x.device())?;
-        let mut w = match c.scoring {
-            Scoring::SparseMixer { eps } => sparse_mixer_weights(&logits, &host, &choice, eps)?,
-            _ => scores
-                .flatten_all()?
-                .index_select(&flat, 0)?
-                .reshape((n, c.top_k))?,
-        };
-        if c.norm_topk {
-            // the epsilon keeps the weights finite when every chosen score underflows
-            w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
-        }
-        if c.routed_scale != 1.0 {
-            w = (w * c.routed_scale)?;
-        }
-        let w = w.flatten_all()?;
-
-        // group assignments by expert; capacity drops the latest tokens past the limit
-        let capacity = c
-            .capacity_factor
-            .map(|cf| ((cf * (n * c.top_k) as f64) / e_count as f64).ceil() as usize);
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
-        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
-        let mut dropped = 0;
-        for (s, &e) in choice.experts.iter().enumerate() {
-            let e = e as usize;
-            if e < c.n_experts && capacity.is_some_and(|cap| rows[e].len() >= cap) {
-                dropped += 1;
-                continue;
-            }
-            rows[e].push((s / c.top_k) as u32);
-            slots[e].push(s as u32);
-        }
-        let mut out = if n == 1 && dropped == 0 {
+        let Routed {
+            w,
+            rows,
+            slots,
+            dropped,
+            assignments,
+            choice,
+        } = routed;
+        let mut out = if let (1, 0, Some(choice)) = (n, dropped, &choice) {
             // one token (decoding): run its k experts directly, no gather or scatter
             let mut acc: Option<Tensor> = None;
             for (j, &e) in choice.experts.iter().enumerate() {
@@ -147,11 +122,127 @@ impl MoeLayer {
             router_logits: logits,
             load,
             dropped,
-            assignments: n * c.top_k,
+            assignments,
             entropy,
             aux_loss,
         };
         Ok((out.reshape((b, t, d))?, stats))
+    }
+
+    /// Token choice: each token's top-k experts (selection bias and groups applied), the
+    /// weights from the unbiased scores, and per-expert rows past the capacity dropped.
+    fn token_choice(
+        &self,
+        logits: &Tensor,
+        scores: &Tensor,
+        host: &[f32],
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<Routed> {
+        let c = &self.config;
+        let e_count = c.slots();
+        let bias: Option<Vec<f32>> = match &self.selection_bias {
+            Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        let choice = choose_experts(
+            host,
+            e_count,
+            c.top_k,
+            bias.as_deref(),
+            c.n_groups,
+            c.topk_groups,
+        );
+
+        // weights from the unbiased scores, gathered from the tensor so the router learns
+        let flat: Vec<u32> = (0..n * c.top_k)
+            .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
+            .collect();
+        let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
+        let mut w = match c.scoring {
+            Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
+            _ => scores
+                .flatten_all()?
+                .index_select(&flat, 0)?
+                .reshape((n, c.top_k))?,
+        };
+        if c.norm_topk {
+            // the epsilon keeps the weights finite when every chosen score underflows
+            w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
+        }
+        if c.routed_scale != 1.0 {
+            w = (w * c.routed_scale)?;
+        }
+        let w = w.flatten_all()?;
+
+        // group assignments by expert; capacity drops the latest tokens past the limit
+        let capacity = c
+            .capacity_factor
+            .map(|cf| ((cf * (n * c.top_k) as f64) / e_count as f64).ceil() as usize);
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut dropped = 0;
+        for (s, &e) in choice.experts.iter().enumerate() {
+            let e = e as usize;
+            if e < c.n_experts && capacity.is_some_and(|cap| rows[e].len() >= cap) {
+                dropped += 1;
+                continue;
+            }
+            rows[e].push((s / c.top_k) as u32);
+            slots[e].push(s as u32);
+        }
+        Ok(Routed {
+            w,
+            rows,
+            slots,
+            dropped,
+            assignments: n * c.top_k,
+            choice: Some(choice),
+        })
+    }
+
+    /// Expert choice (Zhou et al., 2022, arXiv:2202.09368), per sequence: each expert takes
+    /// the `⌈capacity_factor · t · top_k / n_experts⌉` tokens that score it highest, weighted
+    /// by their scores; a token may get several experts or none. The choice looks at the
+    /// whole sequence, so it is not causal.
+    fn expert_choice(&self, scores: &Tensor, host: &[f32], b: usize, t: usize) -> Result<Routed> {
+        let c = &self.config;
+        let e_count = c.n_experts;
+        let per = ((c.capacity_factor.unwrap_or(1.0) * (t * c.top_k) as f64) / e_count as f64)
+            .ceil()
+            .clamp(1.0, t as f64) as usize;
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
+        let mut pairs: Vec<u32> = Vec::with_capacity(b * e_count * per);
+        let mut order: Vec<usize> = Vec::with_capacity(t);
+        for bi in 0..b {
+            for e in 0..e_count {
+                let s = |i: usize| host[(bi * t + i) * e_count + e];
+                order.clear();
+                order.extend(0..t);
+                order.sort_by(|&i, &j| s(j).total_cmp(&s(i)).then(i.cmp(&j)));
+                for &i in &order[..per] {
+                    let token = bi * t + i;
+                    rows[e].push(token as u32);
+                    slots[e].push(pairs.len() as u32);
+                    pairs.push((token * e_count + e) as u32);
+                }
+            }
+        }
+        let assignments = pairs.len();
+        let pairs = Tensor::from_vec(pairs, assignments, scores.device())?;
+        let mut w = scores.flatten_all()?.index_select(&pairs, 0)?;
+        if c.routed_scale != 1.0 {
+            w = (w * c.routed_scale)?;
+        }
+        Ok(Routed {
+            w,
+            rows,
+            slots,
+            dropped: 0,
+            assignments,
+            choice: None,
+        })
     }
 
     /// Gather each expert's rows, run the expert on them, weight, and add back in one

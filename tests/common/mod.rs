@@ -131,6 +131,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 z_loss_coef: 0.001,
                 capacity_factor: None,
                 noop_experts: 0,
+                expert_choice: false,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -161,6 +162,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 z_loss_coef: 0.001,
                 capacity_factor: None,
                 noop_experts: 0,
+                expert_choice: false,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -230,6 +232,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 z_loss_coef: 0.0,
                 capacity_factor: None,
                 noop_experts: 0,
+                expert_choice: false,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -277,6 +280,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 z_loss_coef: 0.0,
                 capacity_factor: None,
                 noop_experts: 0,
+                expert_choice: false,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
@@ -308,6 +312,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 z_loss_coef: 0.001,
                 capacity_factor: None,
                 noop_experts: 2,
+                expert_choice: false,
                 bias_update_rate: 0.0,
             });
             c.layers = vec![
