@@ -159,3 +159,47 @@ fn resume_with_other_data_is_refused() {
         .to_string();
     assert!(err.contains("data differs"), "{err}");
 }
+
+/// Mixture-of-Depths routers stay bounded over a long run at a high learning rate: the
+/// decider's BCE rewards ever larger logits on separable tokens, and weight decay must hold
+/// them (no NaN, no runaway scores), while the model still learns.
+#[test]
+fn router_scores_stay_bounded_on_a_long_run() {
+    let (mut cfg, mut train, data) = setup(400);
+    cfg.depth = Some(routelm::config::DepthConfig {
+        capacity: 0.25,
+        aux_loss_coef: 1.0,
+        predictor: 0,
+        selection: Default::default(),
+    });
+    cfg.layers = vec![
+        routelm::config::LayerSpec {
+            routed: true,
+            ..Default::default()
+        };
+        cfg.n_layers
+    ];
+    train.grad_accum = 1;
+    train.lr = 1e-2;
+    train.eval_every = 400;
+    let mut t = Trainer::new(&cfg, &train, &Device::Cpu).unwrap();
+    let before = t.evaluate(&data).unwrap();
+    let s = t
+        .run(
+            &data,
+            &RunOptions {
+                out: dir("bounded"),
+                stop_after: None,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(s.final_val_loss < before - 0.5, "{before} -> {}", s.final_val_loss);
+    let ids = common::ids(&[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33], 1);
+    let out = t.model.forward(&ids, None, false).unwrap();
+    for d in &out.depth {
+        let v: Vec<f32> = d.router_logits.flatten_all().unwrap().to_vec1().unwrap();
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max.is_finite() && max < 100.0, "layer {} router logits reach {max}", d.layer);
+    }
+}
