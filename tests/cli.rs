@@ -292,6 +292,50 @@ fn fine_tune_a_published_checkpoint() {
         "0",
     ]);
     assert!(ok && out.starts_with("hello"), "{out}{err}");
+    // the fine-tuned weights also come back in Mixtral's own layout, computing the same
+    let hf = d.join("run/hf");
+    let names = routelm::weights::load_safetensors(
+        &hf.join("model.safetensors"),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(names.contains_key("model.layers.0.block_sparse_moe.experts.0.w1.weight"));
+    let load = |p: &std::path::Path| {
+        routelm::arch::load_dir(p, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap()
+            .model
+    };
+    let (a, b) = (load(&hf), load(&d.join("run/checkpoint")));
+    let ids =
+        candle_core::Tensor::new(&[[5u32, 9, 200, 17, 3]], &candle_core::Device::Cpu).unwrap();
+    let la = a.forward(&ids, None, false).unwrap().logits;
+    let lb = b.forward(&ids, None, false).unwrap().logits;
+    let diff = (&la - lb)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "the exported layout computes differently");
+    let orig = load(&init);
+    let lo = orig.forward(&ids, None, false).unwrap().logits;
+    assert!(
+        (lo - la)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0,
+        "the export holds the original weights, not the fine-tuned ones"
+    );
 }
 
 /// `compare` trains each variant to the same FLOP budget and writes the report and plots.

@@ -194,12 +194,23 @@ fn router_scores_stay_bounded_on_a_long_run() {
             &mut |_| {},
         )
         .unwrap();
-    assert!(s.final_val_loss < before - 0.5, "{before} -> {}", s.final_val_loss);
-    let ids = common::ids(&[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33], 1);
+    assert!(
+        s.final_val_loss < before - 0.5,
+        "{before} -> {}",
+        s.final_val_loss
+    );
+    let ids = common::ids(
+        &[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33],
+        1,
+    );
     let out = t.model.forward(&ids, None, false).unwrap();
     for d in &out.depth {
         let v: Vec<f32> = d.router_logits.flatten_all().unwrap().to_vec1().unwrap();
         let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(max.is_finite() && max < 100.0, "layer {} router logits reach {max}", d.layer);
+        assert!(
+            max.is_finite() && max < 100.0,
+            "layer {} router logits reach {max}",
+            d.layer
+        );
     }
 }

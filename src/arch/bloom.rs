@@ -3,7 +3,7 @@
 //! head. The fused `query_key_value` is interleaved per head (`[h, 3, d]` rows) like
 //! GPT-NeoX's. Checkpoints name tensors with or without the `transformer.` prefix.
 
-use super::{gpt_neox::unfuse, RawConfig, TensorMap};
+use super::{RawConfig, TensorMap};
 use crate::config::{FfnKind, ModelConfig, NormKind, Position};
 use crate::error::Result;
 use crate::weights::Params;
@@ -51,12 +51,13 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     for l in 0..cfg.n_layers {
         let (g, p) = (format!("{pre}h.{l}"), format!("model.layers.{l}"));
         for kind in ["weight", "bias"] {
-            if let Some(t) = map.take(&format!("{g}.self_attention.query_key_value.{kind}")) {
-                let parts = unfuse(&t, cfg.n_heads, cfg.head_dim)?;
-                for (name, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(parts) {
-                    out.insert(format!("{p}.self_attn.{name}.{kind}"), part);
-                }
-            }
+            map.unfuse_heads(
+                &mut out,
+                &format!("{g}.self_attention.query_key_value.{kind}"),
+                ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}.{kind}")),
+                cfg.n_heads,
+                cfg.head_dim,
+            )?;
             for (from, to) in [
                 ("self_attention.dense", "self_attn.o_proj"),
                 ("mlp.dense_h_to_4h", "mlp.up_proj"),

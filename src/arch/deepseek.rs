@@ -7,8 +7,6 @@
 //! query and key projections at load (`x0, x2, …, x1, x3, …`) makes the two equal, since
 //! attention only sees `q · k`.
 
-use candle_core::Tensor;
-
 use super::{llama, RawConfig, TensorMap};
 use crate::config::{LayerSpec, MlaConfig, ModelConfig, MoeConfig, Position, Scoring};
 use crate::error::Result;
@@ -65,17 +63,17 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     c
 }
 
-/// Reorder `rot` rows starting at each `start` from interleaved pairs to halves.
-fn deinterleave(t: &Tensor, starts: impl Iterator<Item = usize>, rot: usize) -> Result<Tensor> {
-    let mut order: Vec<u32> = (0..t.dim(0)? as u32).collect();
+/// The row order (of `rows` rows) that turns the `rot` rows starting at each `start` from
+/// interleaved pairs into halves.
+fn deinterleave(rows: usize, starts: impl Iterator<Item = usize>, rot: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..rows as u32).collect();
     for s in starts {
         for i in 0..rot / 2 {
             order[s + i] = (s + 2 * i) as u32;
             order[s + rot / 2 + i] = (s + 2 * i + 1) as u32;
         }
     }
-    let idx = Tensor::from_vec(order, t.dim(0)?, t.device())?;
-    Ok(t.index_select(&idx, 0)?)
+    order
 }
 
 pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
@@ -96,21 +94,17 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
         } else {
             "q_proj"
         };
+        let per_head = a.qk_nope_dim + rot;
         let q_key = format!("{p}.self_attn.{q_name}.weight");
-        if let Some(q) = map.take(&q_key) {
-            let per_head = a.qk_nope_dim + rot;
-            out.insert(
-                q_key,
-                deinterleave(&q, (0..h).map(|i| i * per_head + a.qk_nope_dim), rot)?,
-            );
-        }
+        let order = deinterleave(
+            h * per_head,
+            (0..h).map(|i| i * per_head + a.qk_nope_dim),
+            rot,
+        );
+        map.permute_rows(&mut out, &q_key, &q_key, order)?;
         let kv_key = format!("{p}.self_attn.kv_a_proj_with_mqa.weight");
-        if let Some(kv) = map.take(&kv_key) {
-            out.insert(
-                kv_key,
-                deinterleave(&kv, std::iter::once(a.kv_lora_rank), rot)?,
-            );
-        }
+        let order = deinterleave(a.kv_lora_rank + rot, std::iter::once(a.kv_lora_rank), rot);
+        map.permute_rows(&mut out, &kv_key, &kv_key, order)?;
     }
     map.take_canonical(cfg, &mut out);
     Ok(out)

@@ -2,7 +2,7 @@
 //! tied head; weights are `Conv1D` (stored `[in, out]`, transposed at load) and the
 //! attention projections are fused in `c_attn`.
 
-use super::{split, RawConfig, TensorMap};
+use super::{RawConfig, TensorMap};
 use crate::config::{ModelConfig, NormKind, Position};
 use crate::error::Result;
 use crate::weights::Params;
@@ -44,20 +44,17 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     let mut out = Params::new();
     let d = cfg.d_model;
     // Conv1D stores [in, out]: transpose to our [out, in]
-    let mut conv = |map: &mut TensorMap, from: &str, to: &[(&str, usize)]| -> Result<()> {
-        let sizes: Vec<usize> = to.iter().map(|t| t.1).collect();
-        if let Some(w) = map.take(&format!("{from}.weight")) {
-            for ((name, _), t) in to.iter().zip(split(&w.t()?, 0, &sizes)?) {
-                out.insert(format!("{name}.weight"), t);
+    let conv =
+        |map: &mut TensorMap, out: &mut Params, from: &str, to: &[(&str, usize)]| -> Result<()> {
+            for (kind, transposed) in [("weight", true), ("bias", false)] {
+                let parts: Vec<(String, usize)> = to
+                    .iter()
+                    .map(|(name, n)| (format!("{name}.{kind}"), *n))
+                    .collect();
+                map.split_rows(out, &format!("{from}.{kind}"), &parts, transposed)?;
             }
-        }
-        if let Some(b) = map.take(&format!("{from}.bias")) {
-            for ((name, _), t) in to.iter().zip(split(&b, 0, &sizes)?) {
-                out.insert(format!("{name}.bias"), t);
-            }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     for l in 0..cfg.n_layers {
         let (h, p) = (format!("transformer.h.{l}"), format!("model.layers.{l}"));
         let (q, k, v) = (
@@ -67,21 +64,25 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
         );
         conv(
             map,
+            &mut out,
             &format!("{h}.attn.c_attn"),
             &[(&q, d), (&k, d), (&v, d)],
         )?;
         conv(
             map,
+            &mut out,
             &format!("{h}.attn.c_proj"),
             &[(&format!("{p}.self_attn.o_proj"), d)],
         )?;
         conv(
             map,
+            &mut out,
             &format!("{h}.mlp.c_fc"),
             &[(&format!("{p}.mlp.up_proj"), cfg.d_ff)],
         )?;
         conv(
             map,
+            &mut out,
             &format!("{h}.mlp.c_proj"),
             &[(&format!("{p}.mlp.down_proj"), d)],
         )?;

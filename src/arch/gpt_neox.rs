@@ -2,8 +2,6 @@
 //! head, exact GELU, LayerNorms and projections with biases, untied `embed_out`. The fused
 //! `query_key_value` is interleaved per head (`[h, 3, d]` rows) and split at load.
 
-use candle_core::Tensor;
-
 use super::{llama, RawConfig, TensorMap};
 use crate::config::{BlockKind, ModelConfig};
 use crate::error::Result;
@@ -21,34 +19,18 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     c
 }
 
-/// Rows of the fused tensor viewed as `[h, 3, d, ..]` → (q, k, v), each `[h·d, ..]`.
-pub(crate) fn unfuse(t: &Tensor, h: usize, d: usize) -> Result<[Tensor; 3]> {
-    let rest: Vec<usize> = t.dims()[1..].to_vec();
-    let mut shape = vec![h, 3, d];
-    shape.extend(&rest);
-    let t = t.reshape(shape)?;
-    let mut flat = vec![h * d];
-    flat.extend(&rest);
-    let part = |i: usize| -> Result<Tensor> {
-        Ok(t.narrow(1, i, 1)?.contiguous()?.reshape(flat.as_slice())?)
-    };
-    Ok([part(0)?, part(1)?, part(2)?])
-}
-
 pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     let mut out = Params::new();
     for l in 0..cfg.n_layers {
         let (g, p) = (format!("gpt_neox.layers.{l}"), format!("model.layers.{l}"));
         for kind in ["weight", "bias"] {
-            if let Some(t) = map.take(&format!("{g}.attention.query_key_value.{kind}")) {
-                for (name, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(unfuse(
-                    &t,
-                    cfg.n_heads,
-                    cfg.head_dim,
-                )?) {
-                    out.insert(format!("{p}.self_attn.{name}.{kind}"), part);
-                }
-            }
+            map.unfuse_heads(
+                &mut out,
+                &format!("{g}.attention.query_key_value.{kind}"),
+                ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}.{kind}")),
+                cfg.n_heads,
+                cfg.head_dim,
+            )?;
             for (from, to) in [
                 ("attention.dense", "self_attn.o_proj"),
                 ("mlp.dense_h_to_4h", "mlp.up_proj"),

@@ -168,12 +168,36 @@ pub fn detect(raw: &RawConfig) -> Result<&'static Family> {
         })
 }
 
+/// How canonical tensors came from one file tensor, so that they can be written back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// The file tensor under another (or the same) name.
+    Renamed,
+    /// Consecutive row blocks of the file tensor, transposed first when `transposed`
+    /// (GPT-2's Conv1D stores `[in, out]`).
+    Split { transposed: bool },
+    /// Rows interleaved per head as `[h, 3, d]` → q, k, v (GPT-NeoX, BLOOM).
+    Interleaved { heads: usize, head_dim: usize },
+    /// Rows reordered: canonical row `i` is file row `order[i]`.
+    Rows(Vec<u32>),
+}
+
+/// One file tensor and the canonical tensors made from it.
+#[derive(Debug, Clone)]
+pub struct Provenance {
+    pub file: String,
+    pub parts: Vec<String>,
+    pub origin: Origin,
+}
+
 /// Tensors by their file names, taken out as an adapter maps them; what is left over at
-/// the end is reported as unexpected.
+/// the end is reported as unexpected. Every mapping is recorded, so a family's layout can
+/// be written back ([`export_dir`]).
 pub struct TensorMap {
     pub origin: PathBuf,
     pub tensors: BTreeMap<String, Tensor>,
     problems: Vec<String>,
+    pub provenance: Vec<Provenance>,
 }
 
 impl TensorMap {
@@ -182,7 +206,79 @@ impl TensorMap {
             origin,
             tensors,
             problems: Vec::new(),
+            provenance: Vec::new(),
         }
+    }
+
+    fn record(&mut self, file: &str, parts: Vec<String>, origin: Origin) {
+        self.provenance.push(Provenance {
+            file: file.to_string(),
+            parts,
+            origin,
+        });
+    }
+
+    /// Cut `from` into consecutive row blocks named and sized by `to` (after a transpose
+    /// when `transposed`).
+    pub fn split_rows(
+        &mut self,
+        out: &mut Params,
+        from: &str,
+        to: &[(String, usize)],
+        transposed: bool,
+    ) -> Result<()> {
+        let Some(t) = self.take(from) else {
+            return Ok(());
+        };
+        let t = if transposed { t.t()? } else { t };
+        let sizes: Vec<usize> = to.iter().map(|p| p.1).collect();
+        for ((name, _), part) in to.iter().zip(split(&t, 0, &sizes)?) {
+            out.insert(name.clone(), part);
+        }
+        let parts = to.iter().map(|p| p.0.clone()).collect();
+        self.record(from, parts, Origin::Split { transposed });
+        Ok(())
+    }
+
+    /// Split rows interleaved per head as `[heads, 3, head_dim, ..]` into q, k, v.
+    pub fn unfuse_heads(
+        &mut self,
+        out: &mut Params,
+        from: &str,
+        to: [String; 3],
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let Some(t) = self.take(from) else {
+            return Ok(());
+        };
+        let rest: Vec<usize> = t.dims()[1..].to_vec();
+        let shape: Vec<usize> = [heads, 3, head_dim].iter().chain(&rest).copied().collect();
+        let t = t.reshape(shape)?;
+        let flat: Vec<usize> = [heads * head_dim].iter().chain(&rest).copied().collect();
+        for (i, name) in to.iter().enumerate() {
+            let part = t.narrow(1, i, 1)?.contiguous()?.reshape(flat.as_slice())?;
+            out.insert(name.clone(), part);
+        }
+        self.record(from, to.to_vec(), Origin::Interleaved { heads, head_dim });
+        Ok(())
+    }
+
+    /// Reorder the rows of `from` (canonical row `i` = file row `order[i]`) into `to`.
+    pub fn permute_rows(
+        &mut self,
+        out: &mut Params,
+        from: &str,
+        to: &str,
+        order: Vec<u32>,
+    ) -> Result<()> {
+        let Some(t) = self.take(from) else {
+            return Ok(());
+        };
+        let idx = Tensor::from_vec(order.clone(), order.len(), t.device())?;
+        out.insert(to.to_string(), t.index_select(&idx, 0)?);
+        self.record(from, vec![to.to_string()], Origin::Rows(order));
+        Ok(())
     }
 
     /// Remove and return a tensor; a missing one is recorded (all reported together).
@@ -208,6 +304,7 @@ impl TensorMap {
     pub fn rename(&mut self, out: &mut Params, from: &str, to: &str) {
         if let Some(t) = self.take(from) {
             out.insert(to.to_string(), t);
+            self.record(from, vec![to.to_string()], Origin::Renamed);
         }
     }
 
@@ -215,6 +312,7 @@ impl TensorMap {
     pub fn rename_opt(&mut self, out: &mut Params, from: &str, to: &str) {
         if let Some(t) = self.take_opt(from) {
             out.insert(to.to_string(), t);
+            self.record(from, vec![to.to_string()], Origin::Renamed);
         }
     }
 
@@ -354,6 +452,105 @@ pub fn load_params(
         });
     }
     Ok((Some(family.name), cfg, canonical))
+}
+
+/// Files of a Hugging Face folder that travel with exported weights.
+const COMPANION_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+];
+
+/// Write `params` (canonical names, e.g. after fine-tuning) into `dst` in the layout of
+/// the Hugging Face folder `src` they were loaded from, so that routelm and transformers
+/// load the result like `src`: the family's tensor names and fused or reordered layouts
+/// (replayed backwards from what the loader recorded), one float32 `model.safetensors`,
+/// and `config.json`, `generation_config.json` and the tokenizer files copied. Tensors the
+/// loader dropped (a tied head's stored copy, rotary or mask buffers) are not written.
+/// The folder is assembled as `dst.tmp` and renamed into place.
+pub fn export_dir(src: &Path, dst: &Path, params: &Params) -> Result<()> {
+    let (family, cfg) = load_config(src)?;
+    let Some(family) = family else {
+        return Err(Error::parse(
+            src.join("config.json"),
+            "a routelm checkpoint has no published layout to export to",
+        ));
+    };
+    let (origin, file_params) = read_weights(src, DType::F32, &Device::Cpu)?;
+    let mut map = TensorMap::new(origin.clone(), file_params);
+    (family.tensors)(&cfg, &mut map)?;
+    let mut out = Params::new();
+    for p in &map.provenance {
+        let parts = p
+            .parts
+            .iter()
+            .map(|n| {
+                params
+                    .get(n)
+                    .map(|t| t.to_dtype(DType::F32))
+                    .transpose()?
+                    .ok_or_else(|| Error::WeightMismatch {
+                        path: origin.clone(),
+                        problems: vec![format!("no parameter {n} to write {} from", p.file)],
+                    })
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
+        let t = match &p.origin {
+            Origin::Renamed => parts[0].clone(),
+            Origin::Split { transposed } => {
+                let t = Tensor::cat(&parts, 0)?;
+                if *transposed {
+                    t.t()?
+                } else {
+                    t
+                }
+            }
+            Origin::Interleaved { heads, head_dim } => {
+                let rest: Vec<usize> = parts[0].dims()[1..].to_vec();
+                let shape: Vec<usize> = [*heads, 1, *head_dim]
+                    .iter()
+                    .chain(&rest)
+                    .copied()
+                    .collect();
+                let parts = parts
+                    .iter()
+                    .map(|t| t.reshape(shape.as_slice()))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let rows: Vec<usize> = [3 * heads * head_dim]
+                    .iter()
+                    .chain(&rest)
+                    .copied()
+                    .collect();
+                Tensor::cat(&parts, 1)?.reshape(rows.as_slice())?
+            }
+            Origin::Rows(order) => {
+                let mut inverse = vec![0u32; order.len()];
+                for (i, &o) in order.iter().enumerate() {
+                    inverse[o as usize] = i as u32;
+                }
+                let idx = Tensor::from_vec(inverse, order.len(), parts[0].device())?;
+                parts[0].index_select(&idx, 0)?
+            }
+        };
+        out.insert(p.file.clone(), t.contiguous()?);
+    }
+    let tmp = dst.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    weights::save_safetensors(&tmp.join("model.safetensors"), &out)?;
+    for f in COMPANION_FILES {
+        let from = src.join(f);
+        if from.exists() {
+            std::fs::copy(&from, tmp.join(f)).map_err(|e| Error::io(&from, e))?;
+        }
+    }
+    if dst.exists() {
+        std::fs::remove_dir_all(dst).map_err(|e| Error::io(dst, e))?;
+    }
+    std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))
 }
 
 fn is_seq2seq(raw: &RawConfig) -> bool {

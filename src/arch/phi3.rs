@@ -1,7 +1,7 @@
 //! Phi-3: Llama layout with fused `qkv_proj` ([q; k; v] rows) and `gate_up_proj`
 //! ([gate; up] rows), split at load.
 
-use super::{llama, split, RawConfig, TensorMap};
+use super::{llama, RawConfig, TensorMap};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::weights::Params;
@@ -14,18 +14,24 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     let mut out = Params::new();
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
-        if let Some(qkv) = map.take(&format!("{p}.self_attn.qkv_proj.weight")) {
-            let parts = split(&qkv, 0, &[cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()])?;
-            for (name, t) in ["q_proj", "k_proj", "v_proj"].iter().zip(parts) {
-                out.insert(format!("{p}.self_attn.{name}.weight"), t);
-            }
-        }
-        if let Some(gu) = map.take(&format!("{p}.mlp.gate_up_proj.weight")) {
-            let parts = split(&gu, 0, &[cfg.d_ff, cfg.d_ff])?;
-            for (name, t) in ["gate_proj", "up_proj"].iter().zip(parts) {
-                out.insert(format!("{p}.mlp.{name}.weight"), t);
-            }
-        }
+        let attn = |proj: &str, n| (format!("{p}.self_attn.{proj}.weight"), n);
+        map.split_rows(
+            &mut out,
+            &format!("{p}.self_attn.qkv_proj.weight"),
+            &[
+                attn("q_proj", cfg.q_dim()),
+                attn("k_proj", cfg.kv_dim()),
+                attn("v_proj", cfg.kv_dim()),
+            ],
+            false,
+        )?;
+        let mlp = |proj: &str| (format!("{p}.mlp.{proj}.weight"), cfg.d_ff);
+        map.split_rows(
+            &mut out,
+            &format!("{p}.mlp.gate_up_proj.weight"),
+            &[mlp("gate_proj"), mlp("up_proj")],
+            false,
+        )?;
     }
     map.take_canonical(cfg, &mut out);
     Ok(out)

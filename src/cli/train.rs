@@ -35,7 +35,8 @@ pub struct Args {
     stop_after: Option<usize>,
     /// Fine-tune: start from the weights in this folder (a Hugging Face checkpoint of a
     /// supported family, or a routelm checkpoint); the model section of --config is ignored,
-    /// its [train] recipe is used. DIR/tokenizer.json is used when present.
+    /// its [train] recipe is used. DIR/tokenizer.json is used when present. From a Hugging
+    /// Face folder, the result is also written in its layout to OUT/hf.
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
     /// A tokenizer.json to tokenize the data with (default: bytes, 256 ids). It is copied
@@ -113,6 +114,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     if a.data.is_some() || a.resume.is_none() {
         trainer.data_source = a.data.clone();
+    }
+    if let Some(dir) = &a.init {
+        // a published checkpoint (not a routelm one) gets its layout written back
+        if routelm::arch::load_config(dir)?.0.is_some() {
+            trainer.init_source = Some(std::fs::canonicalize(dir).unwrap_or(dir.clone()));
+        }
     }
     let tokens = super::load_tokens(trainer.data_source.as_deref(), &tok, trainer.config.seed)?;
     let data = super::dataset(tokens, trainer.config.val_fraction, trainer.config.seq_len)?;
@@ -200,6 +207,20 @@ pub fn run(a: Args) -> Result<()> {
     .with_context(|| "writing the loss plot")?;
     if super::router_heatmap(&out, &trainer.metrics)?.is_some() {
         super::print_router(&trainer.last_router);
+    }
+    if let (Some(src), None) = (&trainer.init_source, a.stop_after) {
+        let dst = out.join("hf");
+        routelm::arch::export_dir(src, &dst, &trainer.params()).with_context(|| {
+            format!(
+                "writing the fine-tuned weights in {}'s layout",
+                src.display()
+            )
+        })?;
+        eprintln!(
+            "fine-tuned weights in {}'s layout (loads in routelm and transformers): {}",
+            src.display(),
+            dst.display()
+        );
     }
     eprintln!(
         "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",

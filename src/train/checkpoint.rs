@@ -115,6 +115,9 @@ pub struct TrainState {
     /// The text file trained on (None: the embedded corpus), reused by `--resume`.
     #[serde(default)]
     pub data_source: Option<std::path::PathBuf>,
+    /// The published checkpoint a fine-tune started from; its layout is written back.
+    #[serde(default)]
+    pub init_source: Option<std::path::PathBuf>,
     pub metrics: Vec<Metric>,
 }
 

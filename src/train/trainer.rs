@@ -33,6 +33,8 @@ pub struct Trainer {
     pub metrics: Vec<Metric>,
     /// The text file trained on (None: the embedded corpus); saved for `--resume`.
     pub data_source: Option<PathBuf>,
+    /// The published checkpoint a fine-tune started from (saved for `--resume`).
+    pub init_source: Option<PathBuf>,
     /// What the MoE routers did in the last step.
     pub last_router: Vec<RouterMetric>,
     /// Training FLOPs per token from the ledger.
@@ -125,6 +127,7 @@ impl Trainer {
             elapsed_s: 0.0,
             metrics: Vec::new(),
             data_source: None,
+            init_source: None,
             last_router: Vec::new(),
             flops_per_token,
         })
@@ -174,6 +177,7 @@ impl Trainer {
         t.elapsed_s = state.elapsed_s;
         t.metrics = state.metrics;
         t.data_source = state.data_source;
+        t.init_source = state.init_source;
         Ok(t)
     }
 
@@ -299,6 +303,7 @@ impl Trainer {
             train: self.config.clone(),
             data_fingerprint: checkpoint::fingerprint(&data.train),
             data_source: self.data_source.clone(),
+            init_source: self.init_source.clone(),
             metrics: self.metrics.clone(),
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::parse(&tmp, e))?;
