@@ -66,6 +66,34 @@ pub fn run(a: Args) -> Result<()> {
                 String::new()
             }
         );
+        if m.noop_experts > 0 {
+            println!(
+                "    plus {} no-op experts (integrated MoDE)",
+                m.noop_experts
+            );
+        }
+        if m.expert_choice {
+            println!(
+                "    expert-choice routing (not causal: trains and evaluates, does not sample)"
+            );
+        }
+    }
+    if let Some(dc) = &cfg.depth {
+        let routed: Vec<String> = (0..cfg.n_layers)
+            .filter(|&l| cfg.layer(l).routed)
+            .map(|l| l.to_string())
+            .collect();
+        println!(
+            "  Mixture-of-Depths blocks [{}]: capacity {:.1}%, {:?} selection, sampling decided by {}",
+            routed.join(", "),
+            100.0 * dc.capacity,
+            dc.selection,
+            if dc.predictor > 0 {
+                format!("an MLP predictor (width {})", dc.predictor)
+            } else {
+                "the router's own score".to_string()
+            }
+        );
     }
     let windows: Vec<String> = (0..cfg.n_layers)
         .filter_map(|l| cfg.layer(l).window.map(|w| format!("{l}:{w}")))
