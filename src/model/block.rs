@@ -17,11 +17,11 @@ pub enum Ffn {
 }
 
 impl Ffn {
-    fn forward(&self, x: &Tensor, stats: &mut Option<MoeStats>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, stats: &mut Option<MoeStats>, aux: bool) -> Result<Tensor> {
         match self {
             Ffn::Dense(m) => m.forward(x),
             Ffn::Moe(m) => {
-                let (y, s) = m.forward(x)?;
+                let (y, s) = m.forward_with(x, aux)?;
                 *stats = Some(s);
                 Ok(y)
             }
@@ -58,6 +58,8 @@ impl Block {
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
         let mut stats = None;
+        // decoding through a cache trains nothing: no auxiliary router losses
+        let aux = cache.is_none();
         let h = self.attn_norm.forward(x)?;
         let a = maybe(&self.attn_out_norm, self.attn.forward(&h, rope, cache)?)?;
         let y = match (self.kind, &self.ffn_norm) {
@@ -65,14 +67,16 @@ impl Block {
                 let x = (x + a)?;
                 let f = maybe(
                     &self.ffn_out_norm,
-                    self.ffn.forward(&n.forward(&x)?, &mut stats)?,
+                    self.ffn.forward(&n.forward(&x)?, &mut stats, aux)?,
                 )?;
                 (x + f)?
             }
             (BlockKind::Parallel, Some(n)) => {
-                (x + a + self.ffn.forward(&n.forward(x)?, &mut stats)?)?
+                (x + a + self.ffn.forward(&n.forward(x)?, &mut stats, aux)?)?
             }
-            (BlockKind::ParallelSharedNorm, _) => (x + a + self.ffn.forward(&h, &mut stats)?)?,
+            (BlockKind::ParallelSharedNorm, _) => {
+                (x + a + self.ffn.forward(&h, &mut stats, aux)?)?
+            }
             (kind, None) => candle_core::bail!("{kind:?} block needs a pre-FFN norm"),
         };
         Ok((y, stats))

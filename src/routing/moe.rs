@@ -54,6 +54,12 @@ pub struct MoeLayer {
 impl MoeLayer {
     /// `x: (b, t, d)` → `(b, t, d)` and the router's statistics.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MoeStats)> {
+        self.forward_with(x, true)
+    }
+
+    /// [`MoeLayer::forward`], with the auxiliary losses only when `aux` (decoding skips
+    /// them: nothing trains there).
+    pub fn forward_with(&self, x: &Tensor, aux: bool) -> Result<(Tensor, MoeStats)> {
         let c = &self.config;
         let (b, t, d) = x.dims3()?;
         let n = b * t;
@@ -116,7 +122,11 @@ impl MoeLayer {
             }
             s => mean_entropy(&host, e_count, s),
         };
-        let aux_loss = self.aux_loss(&logits, &scores, &load, n)?;
+        let aux_loss = if aux {
+            self.aux_loss(&logits, &scores, &load, n)?
+        } else {
+            None
+        };
         let stats = MoeStats {
             layer: self.layer,
             router_logits: logits,
