@@ -52,10 +52,14 @@ enum What {
     /// routers have learnt their capacity), with the share of new tokens each routed block
     /// processed.
     Mod {
-        #[arg(long, default_value_t = 6)]
+        /// Timed training steps per model (the median is reported; this machine's step
+        /// times vary, more steps steady the ratio).
+        #[arg(long, default_value_t = 12)]
         steps: usize,
-        /// Training steps before sampling.
-        #[arg(long, default_value_t = 40)]
+        /// Training steps before sampling: the routers' causal deciders need about 150 to
+        /// process close to their capacity (after 40, the deeper ones still skip every
+        /// token, which would flatter the sampling speedup).
+        #[arg(long, default_value_t = 150)]
         warm_steps: usize,
         #[arg(long, default_value_t = 256)]
         tokens: usize,
