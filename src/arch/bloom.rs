@@ -1,9 +1,10 @@
 //! BLOOM: ALiBi position biases instead of any position embedding, a LayerNorm on the token
 //! embeddings, biased LayerNorms and projections, tanh-GELU FFN of width `4·d_model`, tied
-//! head. The fused `query_key_value` is interleaved per head (`[h, 3, d]` rows) like
-//! GPT-NeoX's. Checkpoints name tensors with or without the `transformer.` prefix.
+//! head. Its layers are named as GPT-NeoX's (the fused `query_key_value` interleaved per
+//! head) but for the attention module. Checkpoints name tensors with or without the
+//! `transformer.` prefix.
 
-use super::{RawConfig, TensorMap};
+use super::{gpt_neox, RawConfig, TensorMap};
 use crate::config::{FfnKind, ModelConfig, NormKind, Position};
 use crate::error::Result;
 use crate::weights::Params;
@@ -50,28 +51,7 @@ pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     };
     for l in 0..cfg.n_layers {
         let (g, p) = (format!("{pre}h.{l}"), format!("model.layers.{l}"));
-        for kind in ["weight", "bias"] {
-            map.unfuse_heads(
-                &mut out,
-                &format!("{g}.self_attention.query_key_value.{kind}"),
-                ["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}.{kind}")),
-                cfg.n_heads,
-                cfg.head_dim,
-            )?;
-            for (from, to) in [
-                ("self_attention.dense", "self_attn.o_proj"),
-                ("mlp.dense_h_to_4h", "mlp.up_proj"),
-                ("mlp.dense_4h_to_h", "mlp.down_proj"),
-                ("input_layernorm", "input_layernorm"),
-                ("post_attention_layernorm", "post_attention_layernorm"),
-            ] {
-                map.rename(
-                    &mut out,
-                    &format!("{g}.{from}.{kind}"),
-                    &format!("{p}.{to}.{kind}"),
-                );
-            }
-        }
+        gpt_neox::layer_tensors(cfg, map, &mut out, (&g, &p), "self_attention")?;
     }
     for kind in ["weight", "bias"] {
         map.rename(
