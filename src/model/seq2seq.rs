@@ -265,24 +265,10 @@ impl Seq2Seq {
         origin: &str,
     ) -> Result<Self> {
         let specs = seq2seq_param_specs(config);
-        let mut problems = Vec::new();
-        for (name, shape) in &specs {
-            match params.get(name) {
-                None => problems.push(format!("missing tensor {name} {shape:?}")),
-                Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
-                    "tensor {name} has shape {:?}, the config implies {shape:?}",
-                    t.dims()
-                )),
-                _ => {}
-            }
-        }
-        for name in params.keys() {
-            if !specs.iter().any(|(n, _)| n == name) {
-                problems.push(format!(
-                    "unexpected tensor {name} (not part of this config)"
-                ));
-            }
-        }
+        let problems = super::transformer::tensor_problems(
+            specs.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            params,
+        );
         if !problems.is_empty() {
             return Err(Error::WeightMismatch {
                 path: origin.into(),

@@ -93,21 +93,31 @@ pub struct Model {
 /// Check a name → tensor map against the parameter table; every problem listed.
 pub fn check_params(cfg: &ModelConfig, params: &BTreeMap<String, Tensor>) -> Vec<String> {
     let specs = param_specs(cfg);
+    tensor_problems(
+        specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())),
+        params,
+    )
+}
+
+/// Missing, misshapen and unexpected tensors of `params` against the expected
+/// `(name, shape)` list, every one listed.
+pub fn tensor_problems<'a>(
+    expected: impl Iterator<Item = (&'a str, &'a [usize])> + Clone,
+    params: &BTreeMap<String, Tensor>,
+) -> Vec<String> {
     let mut problems = Vec::new();
-    for s in &specs {
-        match params.get(&s.name) {
-            None => problems.push(format!("missing tensor {} {:?}", s.name, s.shape)),
-            Some(t) if t.dims() != s.shape.as_slice() => problems.push(format!(
-                "tensor {} has shape {:?}, the config implies {:?}",
-                s.name,
-                t.dims(),
-                s.shape
+    for (name, shape) in expected.clone() {
+        match params.get(name) {
+            None => problems.push(format!("missing tensor {name} {shape:?}")),
+            Some(t) if t.dims() != shape => problems.push(format!(
+                "tensor {name} has shape {:?}, the config implies {shape:?}",
+                t.dims()
             )),
             _ => {}
         }
     }
     for name in params.keys() {
-        if !specs.iter().any(|s| &s.name == name) {
+        if !expected.clone().any(|(n, _)| n == name) {
             problems.push(format!(
                 "unexpected tensor {name} (not part of this config)"
             ));
