@@ -340,11 +340,18 @@ impl Model {
         })
     }
 
+    /// Whether layer `l` uses the local rotary tables (a sliding-window layer of a model
+    /// that has them).
+    fn is_local(&self, l: usize) -> bool {
+        self.local_rope.is_some() && self.config.layer(l).window.is_some()
+    }
+
     /// The rotary tables layer `l` uses.
     fn rope_of(&self, l: usize) -> Option<&RopeTables> {
-        match (&self.local_rope, self.config.layer(l).window) {
-            (Some(local), Some(_)) => Some(local),
-            _ => self.rope.as_ref(),
+        if self.is_local(l) {
+            self.local_rope.as_ref()
+        } else {
+            self.rope.as_ref()
         }
     }
 
@@ -460,9 +467,10 @@ impl Model {
                     (y, stats)
                 }
                 None => {
-                    let rope = match (&local_rope, self.config.layer(l).window) {
-                        (Some(local), Some(_)) => Some(local),
-                        _ => rope.as_ref(),
+                    let rope = if self.is_local(l) {
+                        local_rope.as_ref()
+                    } else {
+                        rope.as_ref()
                     };
                     block.forward(&x, rope.map(|(c, s)| (c, s)), layer_cache)?
                 }

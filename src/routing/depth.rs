@@ -98,6 +98,10 @@ impl DepthRouter {
         }
         let xs = x.reshape((b * t, d))?;
         let logits = xs.matmul(&self.weight.t()?)?.reshape((b, t))?;
+        let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
+        let random = self.config.selection == DepthSelection::Random;
+        let trains_decider =
+            decision == DepthDecision::TopK && self.config.aux_loss_coef > 0.0 && k < t && !random;
         // the decider reads the block input with the gradient stopped, so its auxiliary
         // loss trains the decider alone and never pushes the residual stream
         let xd = xs.detach();
@@ -110,11 +114,11 @@ impl DepthRouter {
                     .matmul(&fc2.t()?)?
                     .reshape((b, t))?
             }
-            // the router's own score (same values as `logits`, gradient to its weight only)
-            None => xd.matmul(&self.weight.t()?)?.reshape((b, t))?,
+            // the router's own score: the same values as `logits`, recomputed with the
+            // gradient to its weight only when its loss trains it
+            None if trains_decider => xd.matmul(&self.weight.t()?)?.reshape((b, t))?,
+            None => logits.clone(),
         };
-        let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
-        let random = self.config.selection == DepthSelection::Random;
         // selection scores: the router's logits (top-k), the decider's (threshold 0), or
         // uniform draws (random: top-k of them, or below the capacity)
         let host: Vec<Vec<f32>> = if random {
@@ -163,11 +167,10 @@ impl DepthRouter {
             }
         }
         let selected: usize = rows.iter().map(|r| r.len()).sum();
-        let aux_loss = match decision {
-            DepthDecision::TopK if self.config.aux_loss_coef > 0.0 && k < t && !random => {
-                Some(self.bce(&decider, &chosen)?)
-            }
-            _ => None,
+        let aux_loss = if trains_decider {
+            Some(self.bce(&decider, &chosen)?)
+        } else {
+            None
         };
         let stats = DepthStats {
             layer: self.layer,
