@@ -141,9 +141,10 @@ fn skipped_rows_are_exact_and_chosen_rows_match_the_block_on_gathered_rows() {
             );
         }
         // renumbering the gathered tokens 0..k (a shipped bug) gives different outputs
-        // (unless the chosen tokens are the first k, where renumbering changes nothing)
+        // (unless the chosen tokens are consecutive: rotary attention sees only position
+        // differences, which renumbering then keeps)
         let renumbered: Vec<u32> = (0..k as u32).collect();
-        if pos != renumbered {
+        if pos.windows(2).any(|w| w[1] != w[0] + 1) {
             let wrong = block_only.run_layer(0, &xs, Some(&renumbered)).unwrap();
             assert!(max_diff(&wrong, &y) > 1e-4, "positions made no difference");
         }
