@@ -76,31 +76,18 @@ pub fn generate(
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let logits = model.forward(&input, Some(&mut cache), true)?.logits;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
     let limit = cfg.max_tokens.min(ctx - prompt.len());
     let mut step = |next: u32| -> Result<Tensor> {
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
         Ok(model.forward(&input, Some(&mut cache), true)?.logits)
     };
-    let (ids, text) = sample_loop(
-        logits,
-        prompt.to_vec(),
-        limit,
-        None,
-        tok,
-        cfg,
-        &mut rng,
-        &mut step,
-        on_text,
-    )?;
-    Ok(GenerateStats {
+    let prefill = Prefilled {
         prompt_tokens: prompt.len(),
-        new_tokens: ids.len() - prompt.len(),
         prefill_s,
-        decode_s: t1.elapsed().as_secs_f64(),
-        ids,
-        text,
-    })
+        logits,
+        ids: prompt.to_vec(),
+    };
+    sample_loop(prefill, limit, None, tok, cfg, &mut rng, &mut step, on_text)
 }
 
 /// Generate with an encoder-decoder: `prompt` is the encoder input; the decoder starts
@@ -125,40 +112,37 @@ pub fn generate_seq2seq(
     let first = Tensor::new(&[start], model.device())?.unsqueeze(0)?;
     let logits = model.decode(&first, &mut cache, false)?.logits;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
     let limit = cfg.max_tokens.min(model.config.max_seq_len - 1);
     let mut step = |next: u32| -> Result<Tensor> {
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
         Ok(model.decode(&input, &mut cache, false)?.logits)
     };
-    let (ids, text) = sample_loop(
-        logits,
-        vec![start],
-        limit,
-        model.config.eos,
-        tok,
-        cfg,
-        &mut rng,
-        &mut step,
-        on_text,
-    )?;
-    Ok(GenerateStats {
+    let prefill = Prefilled {
         prompt_tokens: prompt.len(),
-        new_tokens: ids.len() - 1,
         prefill_s,
-        decode_s: t1.elapsed().as_secs_f64(),
-        ids,
-        text,
-    })
+        logits,
+        ids: vec![start],
+    };
+    let eos = model.config.eos;
+    sample_loop(prefill, limit, eos, tok, cfg, &mut rng, &mut step, on_text)
 }
 
-/// The loop both model shapes share: sample from `logits`, append to `ids`, stream the
-/// new text (stop strings cut it), feed the token through `step` for the next logits;
-/// at most `limit` new tokens, and none after `eos`. Returns all ids and the text emitted.
+/// Where sampling starts: the logits of the first new token, the ids so far (what the
+/// repetition penalty sees; new text is decoded from what follows them), and the prefill's
+/// size and time.
+struct Prefilled {
+    prompt_tokens: usize,
+    prefill_s: f64,
+    logits: Tensor,
+    ids: Vec<u32>,
+}
+
+/// The loop both model shapes share: sample from the logits, append to the ids, stream
+/// the new text (stop strings cut it), feed the token through `step` for the next logits;
+/// at most `limit` new tokens, and none after `eos`.
 #[allow(clippy::too_many_arguments)]
 fn sample_loop(
-    mut logits: Tensor,
-    mut ids: Vec<u32>,
+    prefill: Prefilled,
     limit: usize,
     eos: Option<u32>,
     tok: &Tokenizer,
@@ -166,7 +150,9 @@ fn sample_loop(
     rng: &mut Rng,
     step: &mut dyn FnMut(u32) -> Result<Tensor>,
     on_text: &mut dyn FnMut(&str),
-) -> Result<(Vec<u32>, String)> {
+) -> Result<GenerateStats> {
+    let t0 = Instant::now();
+    let (mut logits, mut ids) = (prefill.logits, prefill.ids);
     let first_new = ids.len();
     let mut emitted = String::new();
     let mut new = 0;
@@ -202,5 +188,12 @@ fn sample_loop(
         }
         logits = step(next)?;
     }
-    Ok((ids, emitted))
+    Ok(GenerateStats {
+        prompt_tokens: prefill.prompt_tokens,
+        new_tokens: ids.len() - first_new,
+        prefill_s: prefill.prefill_s,
+        decode_s: t0.elapsed().as_secs_f64(),
+        ids,
+        text: emitted,
+    })
 }
