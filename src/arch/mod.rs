@@ -402,10 +402,7 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
 /// The configuration of a model folder without reading its weights: the family (None for
 /// routelm's own format) and the resolved config.
 pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
+    let (cfg_path, value) = read_config_json(dir)?;
     if value.get("model_type").is_none() && value.get("architectures").is_none() {
         return Ok((None, weights::load_config(dir)?));
     }
@@ -566,11 +563,8 @@ pub enum AnyModel {
 
 /// Load a decoder-only model ([`load_dir`]) or an encoder-decoder one (T5).
 pub fn load_any(dir: &Path, dtype: DType, device: &Device) -> Result<AnyModel> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
-    let raw = RawConfig::new(value, cfg_path.clone());
+    let (cfg_path, value) = read_config_json(dir)?;
+    let raw = RawConfig::new(value, cfg_path);
     if !is_seq2seq(&raw) {
         return Ok(AnyModel::Decoder(Box::new(load_dir(dir, dtype, device)?)));
     }
@@ -590,23 +584,21 @@ pub fn load_any(dir: &Path, dtype: DType, device: &Device) -> Result<AnyModel> {
 
 /// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    let (family, cfg) = load_config(dir)?;
-    let Some(family) = family else {
-        return Ok(Loaded {
-            family: None,
-            model: weights::load_model_dir(dir, dtype, device)?,
-        });
-    };
-    let (origin, params) = read_weights(dir, dtype, device)?;
-    warn_non_finite(&params, &origin)?;
-    let mut map = TensorMap::new(origin.clone(), params);
-    let canonical = (family.tensors)(&cfg, &mut map)?;
-    map.finish()?;
-    let model = Model::new(&cfg, &canonical, &origin.display().to_string())?;
+    let (family, cfg, params) = load_params(dir, dtype, device)?;
+    // the parameters are checked against the config already
+    let origin = dir.join("model.safetensors").display().to_string();
     Ok(Loaded {
-        family: Some(family.name),
-        model,
+        family,
+        model: Model::new(&cfg, &params, &origin)?,
     })
+}
+
+/// `DIR/config.json`, parsed, and its path.
+fn read_config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e))?;
+    Ok((path, value))
 }
 
 /// NaN or infinite weights are allowed (some checkpoints carry them in unused rows) but
