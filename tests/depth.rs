@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::max_abs_diff as max_diff;
+
 use candle_core::Var;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use routelm::config::{DepthConfig, DepthSelection, LayerSpec};
@@ -35,19 +37,6 @@ fn routed_with(
     ];
     let p = init_params(&c, 5, DType::F32, &Device::Cpu).unwrap();
     (c, p)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 const SEQ: [u32; 10] = [5, 17, 3, 39, 22, 8, 0, 31, 12, 7];

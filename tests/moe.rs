@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::max_abs_diff as max_diff;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use routelm::config::{FfnKind, MoeConfig, Scoring};
 use routelm::nn::{Linear, Mlp};
@@ -30,23 +32,8 @@ fn mlp(width: usize, rng: &mut Rng) -> Mlp {
 
 fn base() -> MoeConfig {
     MoeConfig {
-        n_experts: 6,
-        top_k: 2,
-        d_expert: 5,
-        scoring: Scoring::Softmax,
         norm_topk: false,
-        routed_scale: 1.0,
-        n_groups: 1,
-        topk_groups: 1,
-        selection_bias: false,
-        d_shared: 0,
-        shared_gate: false,
-        aux_loss_coef: 0.0,
-        z_loss_coef: 0.0,
-        capacity_factor: None,
-        noop_experts: 0,
-        expert_choice: false,
-        bias_update_rate: 0.0,
+        ..common::moe(6, 2, 5)
     }
 }
 
@@ -169,19 +156,6 @@ fn reference(m: &MoeLayer, x: &Tensor) -> Tensor {
         out.push(y);
     }
     Tensor::cat(&out, 0).unwrap().reshape(x.dims()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -116,11 +116,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             // DeepSeek-like MoE: sigmoid scores, groups, selection bias, renormalised and
             // scaled weights, a gated shared expert; first layer dense
             c.moe = Some(MoeConfig {
-                n_experts: 6,
-                top_k: 2,
-                d_expert: 8,
                 scoring: Scoring::Sigmoid,
-                norm_topk: true,
                 routed_scale: 1.5,
                 n_groups: 3,
                 topk_groups: 2,
@@ -129,10 +125,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 shared_gate: true,
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
-                capacity_factor: None,
-                noop_experts: 0,
-                expert_choice: false,
-                bias_update_rate: 0.0,
+                ..moe(6, 2, 8)
             });
             c.layers = vec![
                 LayerSpec::default(),
@@ -147,23 +140,9 @@ pub fn tiny(variant: usize) -> ModelConfig {
             // Mixtral-like MoE in every layer with balancing and z losses, GQA
             c.n_kv_heads = 2;
             c.moe = Some(MoeConfig {
-                n_experts: 4,
-                top_k: 2,
-                d_expert: 16,
-                scoring: Scoring::Softmax,
-                norm_topk: true,
-                routed_scale: 1.0,
-                n_groups: 1,
-                topk_groups: 1,
-                selection_bias: false,
-                d_shared: 0,
-                shared_gate: false,
                 aux_loss_coef: 0.02,
                 z_loss_coef: 0.001,
-                capacity_factor: None,
-                noop_experts: 0,
-                expert_choice: false,
-                bias_update_rate: 0.0,
+                ..moe(4, 2, 16)
             });
             c.layers = vec![
                 LayerSpec {
@@ -217,23 +196,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 selection: Default::default(),
             });
             c.moe = Some(MoeConfig {
-                n_experts: 4,
-                top_k: 2,
-                d_expert: 8,
-                scoring: Scoring::Softmax,
-                norm_topk: true,
-                routed_scale: 1.0,
-                n_groups: 1,
-                topk_groups: 1,
-                selection_bias: false,
-                d_shared: 0,
-                shared_gate: false,
                 aux_loss_coef: 0.01,
-                z_loss_coef: 0.0,
-                capacity_factor: None,
-                noop_experts: 0,
-                expert_choice: false,
-                bias_update_rate: 0.0,
+                ..moe(4, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -265,23 +229,10 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.qk_norm = QkNorm::PerHead;
             c.local_rope_theta = Some(7.0);
             c.moe = Some(MoeConfig {
-                n_experts: 4,
-                top_k: 2,
-                d_expert: 8,
                 scoring: Scoring::SparseMixer { eps: 0.3 },
                 norm_topk: false,
-                routed_scale: 1.0,
-                n_groups: 1,
-                topk_groups: 1,
-                selection_bias: false,
-                d_shared: 0,
-                shared_gate: false,
                 aux_loss_coef: 0.01,
-                z_loss_coef: 0.0,
-                capacity_factor: None,
-                noop_experts: 0,
-                expert_choice: false,
-                bias_update_rate: 0.0,
+                ..moe(4, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -297,23 +248,10 @@ pub fn tiny(variant: usize) -> ModelConfig {
         15 => {
             // integrated MoDE: no-op experts among softmax-routed experts, renormalised
             c.moe = Some(MoeConfig {
-                n_experts: 3,
-                top_k: 2,
-                d_expert: 8,
-                scoring: Scoring::Softmax,
-                norm_topk: true,
-                routed_scale: 1.0,
-                n_groups: 1,
-                topk_groups: 1,
-                selection_bias: false,
-                d_shared: 0,
-                shared_gate: false,
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
-                capacity_factor: None,
                 noop_experts: 2,
-                expert_choice: false,
-                bias_update_rate: 0.0,
+                ..moe(3, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -330,6 +268,31 @@ pub fn tiny(variant: usize) -> ModelConfig {
 }
 
 pub const VARIANTS: usize = 16;
+
+/// A token-choice Mixture-of-Experts layer of `n_experts` experts of width `d_expert`,
+/// top-`top_k` softmax routing renormalised, every other option off (no auxiliary losses):
+/// the base the variants and tests override.
+pub fn moe(n_experts: usize, top_k: usize, d_expert: usize) -> MoeConfig {
+    MoeConfig {
+        n_experts,
+        top_k,
+        d_expert,
+        scoring: Scoring::Softmax,
+        norm_topk: true,
+        routed_scale: 1.0,
+        n_groups: 1,
+        topk_groups: 1,
+        selection_bias: false,
+        d_shared: 0,
+        shared_gate: false,
+        aux_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+        capacity_factor: None,
+        noop_experts: 0,
+        expert_choice: false,
+        bias_update_rate: 0.0,
+    }
+}
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
