@@ -63,7 +63,7 @@ impl Attention {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (mut q, mut k) = (q.forward(x)?, k.forward(x)?);
+        let [mut q, mut k, v] = Linear::forward_many([q, k, v], x)?;
         if let (QkNorm::Full, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
             (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
         }
@@ -72,7 +72,7 @@ impl Attention {
         if let (QkNorm::PerHead, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
             (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
         }
-        let v = v.forward(x)?.reshape((b, t, hkv, d))?;
+        let v = v.reshape((b, t, hkv, d))?;
         Ok((q, k, v))
     }
 

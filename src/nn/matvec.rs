@@ -33,6 +33,48 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `x (rows, d_in)` times the transpose of each weight `(out_j, d_in)`, in one parallel
+/// region over blocks of 64 weight rows of all the weights (one wake-up of the thread pool
+/// instead of one per weight: a decoded token makes a few dozen of these products, several
+/// of them small enough that the wake-up costs as much as the reading). Returns one
+/// row-major `(rows, out_j)` vector per weight.
+fn products(x: &[f32], rows: usize, d_in: usize, ws: &[&[f32]]) -> Vec<Vec<f32>> {
+    const BLOCK: usize = 64;
+    let jobs: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(j, w)| (0..(w.len() / d_in).div_ceil(BLOCK)).map(move |b| (j, b)))
+        .collect();
+    let parts: Vec<Vec<f32>> = jobs
+        .par_iter()
+        .map(|&(j, bi)| {
+            let w = ws[j];
+            let (o0, o1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(w.len() / d_in));
+            let n = o1 - o0;
+            let mut out = vec![0f32; rows * n];
+            for o in o0..o1 {
+                let wr = &w[o * d_in..(o + 1) * d_in];
+                for r in 0..rows {
+                    out[r * n + (o - o0)] = dot(wr, &x[r * d_in..(r + 1) * d_in]);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| vec![0f32; rows * (w.len() / d_in)])
+        .collect();
+    for (&(j, bi), part) in jobs.iter().zip(&parts) {
+        let d_out = ws[j].len() / d_in;
+        let (o0, n) = (bi * BLOCK, part.len() / rows.max(1));
+        for r in 0..rows {
+            ys[j][r * d_out + o0..r * d_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+        }
+    }
+    ys
+}
+
 impl CustomOp2 for Skinny {
     fn name(&self) -> &'static str {
         "routelm-skinny-matmul"
@@ -51,30 +93,7 @@ impl CustomOp2 for Skinny {
         if d_in != d_in2 {
             candle_core::bail!("skinny_matmul: x {:?} vs w {:?}", l1.shape(), l2.shape())
         }
-        // outputs in blocks of 64 rows of W, each block computed for every x row
-        let block = 64;
-        let parts: Vec<Vec<f32>> = (0..d_out.div_ceil(block))
-            .into_par_iter()
-            .map(|bi| {
-                let (o0, o1) = (bi * block, ((bi + 1) * block).min(d_out));
-                let mut out = vec![0f32; rows * (o1 - o0)];
-                for o in o0..o1 {
-                    let wr = &w[o * d_in..(o + 1) * d_in];
-                    for r in 0..rows {
-                        out[r * (o1 - o0) + (o - o0)] = dot(wr, &x[r * d_in..(r + 1) * d_in]);
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut y = vec![0f32; rows * d_out];
-        for (bi, part) in parts.iter().enumerate() {
-            let o0 = bi * block;
-            let n = part.len() / rows.max(1);
-            for r in 0..rows {
-                y[r * d_out + o0..r * d_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
-            }
-        }
+        let y = products(x, rows, d_in, &[w]).pop().unwrap_or_default();
         Ok((CpuStorage::F32(y), Shape::from((rows, d_out))))
     }
     fn bwd(
@@ -100,4 +119,49 @@ pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> CResult<Option<Tensor>> {
         return Ok(None);
     }
     Ok(Some(x.contiguous()?.apply_op2(w, Skinny)?))
+}
+
+/// [`skinny_matmul`] with several weights sharing the input (q, k and v; gate and up), in
+/// one parallel region. Only for inference: `None` when any operand records gradients, or
+/// when the fast path does not apply.
+pub fn skinny_many(x: &Tensor, ws: &[&Tensor]) -> CResult<Option<Vec<Tensor>>> {
+    let ok = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 2
+        && x.dim(0)? <= MAX_ROWS
+        && !x.track_op()
+        && ws.iter().all(|w| {
+            w.dtype() == DType::F32
+                && w.is_contiguous()
+                && !w.track_op()
+                && w.rank() == 2
+                && w.dim(1).ok() == x.dim(1).ok()
+        });
+    if !ok {
+        return Ok(None);
+    }
+    let (rows, d_in) = x.dims2()?;
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let xv = super::ops::f32_slice(cpu(&xs)?, xl, "skinny_many")?;
+    let wv = guards
+        .iter()
+        .map(|(s, l)| super::ops::f32_slice(cpu(s)?, l, "skinny_many"))
+        .collect::<CResult<Vec<_>>>()?;
+    let ys = products(xv, rows, d_in, &wv);
+    let device = x.device().clone();
+    drop(guards);
+    ys.into_iter()
+        .zip(ws)
+        .map(|(y, w)| Tensor::from_vec(y, (rows, w.dim(0)?), &device))
+        .collect::<CResult<Vec<_>>>()
+        .map(Some)
+}
+
+fn cpu(s: &candle_core::Storage) -> CResult<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("skinny_many: expected CPU storage"),
+    }
 }

@@ -16,8 +16,14 @@ pub struct Mlp {
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match (self.kind, &self.gate) {
-            (FfnKind::Swiglu, Some(g)) => (g.forward(x)?.silu()? * self.up.forward(x)?)?,
-            (FfnKind::Geglu, Some(g)) => (g.forward(x)?.gelu()? * self.up.forward(x)?)?,
+            (FfnKind::Swiglu, Some(g)) => {
+                let [g, u] = Linear::forward_many([g, &self.up], x)?;
+                (g.silu()? * u)?
+            }
+            (FfnKind::Geglu, Some(g)) => {
+                let [g, u] = Linear::forward_many([g, &self.up], x)?;
+                (g.gelu()? * u)?
+            }
             (FfnKind::Gelu, _) => self.up.forward(x)?.gelu()?,
             (FfnKind::GeluExact, _) => self.up.forward(x)?.gelu_erf()?,
             (FfnKind::Relu, _) => self.up.forward(x)?.relu()?,
