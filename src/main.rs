@@ -35,7 +35,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = cli::Cli::parse();
-    if let Err(e) = cli::run(args) {
+    // Run on a worker of the thread pool: a parallel loop started from outside the pool
+    // hands its whole job to a worker and sleeps until it is done (two thread wake-ups per
+    // loop); from inside, small loops run inline and large ones split with the other
+    // worker. Decoding runs a few dozen parallel products per token, so this matters.
+    if let Err(e) = rayon::scope(|_| cli::run(args)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -278,22 +278,30 @@ fn fused_kernels_match_references_f32() {
         &|t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
         1e-5,
     );
-    // several weights in one region (q, k, v when decoding): blocks of 64 rows cross the
-    // weights' boundaries; each output equals its own matmul
-    let x = randn(&[3, 33], f, 32);
-    let ws = [w.clone(), randn(&[130, 33], f, 33), randn(&[5, 33], f, 34)];
-    let ys = routelm::nn::matvec::skinny_many(&x, &[&ws[0], &ws[1], &ws[2]])
-        .unwrap()
-        .expect("f32 rows <= 8 take the fast path");
-    for (y, w) in ys.iter().zip(&ws) {
+    // several products in one region (q, k, v of one input; a decoded token's experts):
+    // blocks of 64 rows cross the weights' boundaries, inputs differ in width; each output
+    // equals its own matmul
+    let xs = [
+        randn(&[3, 33], f, 32),
+        randn(&[3, 33], f, 33),
+        randn(&[3, 7], f, 34),
+    ];
+    let ws = [w.clone(), randn(&[130, 33], f, 35), randn(&[5, 7], f, 36)];
+    let ys =
+        routelm::nn::matvec::skinny_pairs(&[&xs[0], &xs[1], &xs[2]], &[&ws[0], &ws[1], &ws[2]])
+            .unwrap()
+            .expect("f32 rows <= 8 take the fast path");
+    for ((y, x), w) in ys.iter().zip(&xs).zip(&ws) {
         let d = max_abs_diff(y, &x.matmul(&w.t().unwrap()).unwrap());
-        assert!(d < 1e-5, "skinny_many vs matmul: {d}");
+        assert!(d < 1e-5, "skinny_pairs vs matmul: {d}");
     }
     // it has no backward: operands that record gradients take the ordinary path
     let var = candle_core::Var::from_tensor(&w).unwrap();
-    assert!(routelm::nn::matvec::skinny_many(&x, &[var.as_tensor()])
-        .unwrap()
-        .is_none());
+    assert!(
+        routelm::nn::matvec::skinny_pairs(&[&xs[0]], &[var.as_tensor()])
+            .unwrap()
+            .is_none()
+    );
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
     compare(
         &[randn(&[6, 10], f, 10)],

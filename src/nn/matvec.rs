@@ -33,43 +33,41 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `x (rows, d_in)` times the transpose of each weight `(out_j, d_in)`, in one parallel
-/// region over blocks of 64 weight rows of all the weights (one wake-up of the thread pool
-/// instead of one per weight: a decoded token makes a few dozen of these products, several
-/// of them small enough that the wake-up costs as much as the reading). Returns one
-/// row-major `(rows, out_j)` vector per weight.
-fn products(x: &[f32], rows: usize, d_in: usize, ws: &[&[f32]]) -> Vec<Vec<f32>> {
+/// For each pair `(x_j (rows, in_j), w_j (out_j, in_j))` the product `x_j w_jᵀ`, in one
+/// parallel region over blocks of 64 weight rows of all the weights (one wake-up of the
+/// thread pool instead of one per weight: a decoded token makes a few dozen of these
+/// products, several of them small enough that the wake-up costs as much as the reading).
+/// Returns one row-major `(rows, out_j)` vector per pair.
+fn products(rows: usize, pairs: &[(&[f32], &[f32])]) -> Vec<Vec<f32>> {
     const BLOCK: usize = 64;
-    let jobs: Vec<(usize, usize)> = ws
-        .iter()
-        .enumerate()
-        .flat_map(|(j, w)| (0..(w.len() / d_in).div_ceil(BLOCK)).map(move |b| (j, b)))
+    let d_in = |j: usize| pairs[j].0.len() / rows.max(1);
+    let d_out = |j: usize| pairs[j].1.len() / d_in(j).max(1);
+    let jobs: Vec<(usize, usize)> = (0..pairs.len())
+        .flat_map(|j| (0..d_out(j).div_ceil(BLOCK)).map(move |b| (j, b)))
         .collect();
     let parts: Vec<Vec<f32>> = jobs
         .par_iter()
         .map(|&(j, bi)| {
-            let w = ws[j];
-            let (o0, o1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(w.len() / d_in));
+            let ((x, w), k) = (pairs[j], d_in(j));
+            let (o0, o1) = (bi * BLOCK, ((bi + 1) * BLOCK).min(d_out(j)));
             let n = o1 - o0;
             let mut out = vec![0f32; rows * n];
             for o in o0..o1 {
-                let wr = &w[o * d_in..(o + 1) * d_in];
+                let wr = &w[o * k..(o + 1) * k];
                 for r in 0..rows {
-                    out[r * n + (o - o0)] = dot(wr, &x[r * d_in..(r + 1) * d_in]);
+                    out[r * n + (o - o0)] = dot(wr, &x[r * k..(r + 1) * k]);
                 }
             }
             out
         })
         .collect();
-    let mut ys: Vec<Vec<f32>> = ws
-        .iter()
-        .map(|w| vec![0f32; rows * (w.len() / d_in)])
+    let mut ys: Vec<Vec<f32>> = (0..pairs.len())
+        .map(|j| vec![0f32; rows * d_out(j)])
         .collect();
     for (&(j, bi), part) in jobs.iter().zip(&parts) {
-        let d_out = ws[j].len() / d_in;
-        let (o0, n) = (bi * BLOCK, part.len() / rows.max(1));
+        let (o0, n, m) = (bi * BLOCK, part.len() / rows.max(1), d_out(j));
         for r in 0..rows {
-            ys[j][r * d_out + o0..r * d_out + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
+            ys[j][r * m + o0..r * m + o0 + n].copy_from_slice(&part[r * n..(r + 1) * n]);
         }
     }
     ys
@@ -93,7 +91,7 @@ impl CustomOp2 for Skinny {
         if d_in != d_in2 {
             candle_core::bail!("skinny_matmul: x {:?} vs w {:?}", l1.shape(), l2.shape())
         }
-        let y = products(x, rows, d_in, &[w]).pop().unwrap_or_default();
+        let y = products(rows, &[(x, w)]).pop().unwrap_or_default();
         Ok((CpuStorage::F32(y), Shape::from((rows, d_out))))
     }
     fn bwd(
@@ -121,37 +119,46 @@ pub fn skinny_matmul(x: &Tensor, w: &Tensor) -> CResult<Option<Tensor>> {
     Ok(Some(x.contiguous()?.apply_op2(w, Skinny)?))
 }
 
-/// [`skinny_matmul`] with several weights sharing the input (q, k and v; gate and up), in
-/// one parallel region. Only for inference: `None` when any operand records gradients, or
-/// when the fast path does not apply.
-pub fn skinny_many(x: &Tensor, ws: &[&Tensor]) -> CResult<Option<Vec<Tensor>>> {
-    let ok = x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && x.rank() == 2
-        && x.dim(0)? <= MAX_ROWS
-        && !x.track_op()
-        && ws.iter().all(|w| {
-            w.dtype() == DType::F32
+/// [`skinny_matmul`] of several pairs `(x_j, w_j)` with the same number of rows (q, k and
+/// v of one input; the experts of a decoded token), in one parallel region. Only for
+/// inference: `None` when any operand records gradients, or when the fast path does not
+/// apply.
+pub fn skinny_pairs(xs: &[&Tensor], ws: &[&Tensor]) -> CResult<Option<Vec<Tensor>>> {
+    let Some(x0) = xs.first() else {
+        return Ok(Some(Vec::new()));
+    };
+    let rows = match x0.dims() {
+        [r, _] => *r,
+        _ => return Ok(None),
+    };
+    let ok = xs.len() == ws.len()
+        && x0.device().is_cpu()
+        && rows <= MAX_ROWS
+        && xs.iter().zip(ws).all(|(x, w)| {
+            let f32_plain = |t: &Tensor| t.dtype() == DType::F32 && t.rank() == 2 && !t.track_op();
+            f32_plain(x)
+                && f32_plain(w)
                 && w.is_contiguous()
-                && !w.track_op()
-                && w.rank() == 2
-                && w.dim(1).ok() == x.dim(1).ok()
+                && x.dims()[0] == rows
+                && x.dims()[1] == w.dims()[1]
         });
     if !ok {
         return Ok(None);
     }
-    let (rows, d_in) = x.dims2()?;
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let guards: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
-    let xv = super::ops::f32_slice(cpu(&xs)?, xl, "skinny_many")?;
-    let wv = guards
+    let xs = xs
         .iter()
-        .map(|(s, l)| super::ops::f32_slice(cpu(s)?, l, "skinny_many"))
+        .map(|x| x.contiguous())
         .collect::<CResult<Vec<_>>>()?;
-    let ys = products(xv, rows, d_in, &wv);
-    let device = x.device().clone();
-    drop(guards);
+    let xg: Vec<_> = xs.iter().map(|x| x.storage_and_layout()).collect();
+    let wg: Vec<_> = ws.iter().map(|w| w.storage_and_layout()).collect();
+    let pairs = xg
+        .iter()
+        .zip(&wg)
+        .map(|(x, w)| Ok((slice(&x.0, x.1)?, slice(&w.0, w.1)?)))
+        .collect::<CResult<Vec<_>>>()?;
+    let ys = products(rows, &pairs);
+    drop(pairs);
+    let device = x0.device().clone();
     ys.into_iter()
         .zip(ws)
         .map(|(y, w)| Tensor::from_vec(y, (rows, w.dim(0)?), &device))
@@ -159,9 +166,18 @@ pub fn skinny_many(x: &Tensor, ws: &[&Tensor]) -> CResult<Option<Vec<Tensor>>> {
         .map(Some)
 }
 
-fn cpu(s: &candle_core::Storage) -> CResult<&CpuStorage> {
+/// `x (rows, in) · wᵀ`: [`skinny_matmul`] when it applies, else candle's matmul on the
+/// transposed view (no copy).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    match skinny_matmul(x, w)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+fn slice<'a>(s: &'a candle_core::Storage, l: &Layout) -> CResult<&'a [f32]> {
     match s {
-        candle_core::Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("skinny_many: expected CPU storage"),
+        candle_core::Storage::Cpu(c) => super::ops::f32_slice(c, l, "skinny_pairs"),
+        _ => candle_core::bail!("skinny_pairs: expected CPU storage"),
     }
 }

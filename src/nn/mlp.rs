@@ -15,20 +15,39 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = match (self.kind, &self.gate) {
-            (FfnKind::Swiglu, Some(g)) => {
-                let [g, u] = Linear::forward_many([g, &self.up], x)?;
-                (g.silu()? * u)?
+        Ok(Self::forward_many(&[self], x)?.remove(0))
+    }
+
+    /// Several feed-forward blocks on the same input (a decoded token's experts): when
+    /// decoding, the input projections of all of them run in one parallel region and the
+    /// output projections in another.
+    pub fn forward_many(mlps: &[&Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut ins: Vec<&Linear> = Vec::new();
+        for m in mlps {
+            match (m.kind.is_gated(), &m.gate) {
+                (true, Some(g)) => ins.extend([g, &m.up]),
+                (true, None) => {
+                    candle_core::bail!("{:?} feed-forward needs a gate projection", m.kind)
+                }
+                (false, _) => ins.push(&m.up),
             }
-            (FfnKind::Geglu, Some(g)) => {
-                let [g, u] = Linear::forward_many([g, &self.up], x)?;
-                (g.gelu()? * u)?
-            }
-            (FfnKind::Gelu, _) => self.up.forward(x)?.gelu()?,
-            (FfnKind::GeluExact, _) => self.up.forward(x)?.gelu_erf()?,
-            (FfnKind::Relu, _) => self.up.forward(x)?.relu()?,
-            (kind, None) => candle_core::bail!("{kind:?} feed-forward needs a gate projection"),
-        };
-        self.down.forward(&h)
+        }
+        let mut ys = Linear::forward_pairs(&ins, &vec![x; ins.len()])?.into_iter();
+        let mut hs = Vec::with_capacity(mlps.len());
+        for m in mlps {
+            let mut next = || {
+                ys.next()
+                    .ok_or_else(|| candle_core::Error::Msg("mlp".into()))
+            };
+            hs.push(match m.kind {
+                FfnKind::Swiglu => (next()?.silu()? * next()?)?,
+                FfnKind::Geglu => (next()?.gelu()? * next()?)?,
+                FfnKind::Gelu => next()?.gelu()?,
+                FfnKind::GeluExact => next()?.gelu_erf()?,
+                FfnKind::Relu => next()?.relu()?,
+            });
+        }
+        let downs: Vec<&Linear> = mlps.iter().map(|m| &m.down).collect();
+        Linear::forward_pairs(&downs, &hs.iter().collect::<Vec<_>>())
     }
 }

@@ -66,7 +66,7 @@ impl MoeLayer {
         // router outputs: the experts, then the no-op experts (integrated MoDE)
         let e_count = c.slots();
         let xs = x.reshape((n, d))?;
-        let logits = xs.matmul(&self.router.t()?)?; // (n, E)
+        let logits = crate::nn::matvec::matmul_t(&xs, &self.router)?; // (n, E)
         let scores = match c.scoring {
             Scoring::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
             Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
@@ -87,32 +87,46 @@ impl MoeLayer {
             assignments,
             choice,
         } = routed;
-        let mut out = if let (1, 0, Some(choice)) = (n, dropped, &choice) {
-            // one token (decoding): run its k experts directly, no gather or scatter
-            let mut acc: Option<Tensor> = None;
+        let out = if let (1, 0, Some(choice)) = (n, dropped, &choice) {
+            // one token (decoding): its k experts and the shared expert run directly, their
+            // products in two parallel regions; no gather or scatter
+            let mut mlps = Vec::new();
+            let mut weights = Vec::new();
             for (j, &e) in choice.experts.iter().enumerate() {
-                if e as usize >= c.n_experts {
-                    continue; // a no-op expert: nothing to add
+                if (e as usize) < c.n_experts {
+                    mlps.push(&self.experts[e as usize]); // (no-op experts add nothing)
+                    weights.push(w.narrow(0, j, 1)?);
                 }
-                let y = self.experts[e as usize]
-                    .forward(&xs)?
-                    .broadcast_mul(&w.narrow(0, j, 1)?)?;
-                acc = Some(match acc {
-                    Some(a) => (a + y)?,
+            }
+            mlps.extend(&self.shared);
+            let mut ys = Mlp::forward_many(&mlps, &xs)?;
+            let shared = if self.shared.is_some() {
+                ys.pop()
+            } else {
+                None
+            };
+            // weighted sum by elementwise ops: as a (1 × k)·(k × d) matmul it took 74 µs a
+            // layer (GEMM set-up), as much as the experts' products (bench decode, moe)
+            let mut out: Option<Tensor> = None;
+            for (y, wj) in ys.iter().zip(&weights) {
+                let y = y.broadcast_mul(wj)?;
+                out = Some(match out {
+                    Some(o) => (o + y)?,
                     None => y,
                 });
             }
-            acc.map_or_else(|| xs.zeros_like(), Ok)?
-        } else {
-            self.dispatch(&xs, &w, &rows, &slots)?
-        };
-        if let Some(shared) = &self.shared {
-            let mut s = shared.forward(&xs)?;
-            if let Some(g) = &self.shared_gate {
-                s = s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(&xs)?)?)?;
+            let mut out = out.map_or_else(|| xs.zeros_like(), Ok)?;
+            if let Some(s) = shared {
+                out = (out + self.gate_shared(&xs, s)?)?;
             }
-            out = (out + s)?;
-        }
+            out
+        } else {
+            let mut out = self.dispatch(&xs, &w, &rows, &slots)?;
+            if let Some(shared) = &self.shared {
+                out = (out + self.gate_shared(&xs, shared.forward(&xs)?)?)?;
+            }
+            out
+        };
         let load: Vec<usize> = rows.iter().map(|r| r.len()).collect();
         let entropy = match c.scoring {
             Scoring::SparseMixer { .. } => {
@@ -137,6 +151,14 @@ impl MoeLayer {
             aux_loss,
         };
         Ok((out.reshape((b, t, d))?, stats))
+    }
+
+    /// The shared expert's output `s`, times its sigmoid gate when it has one.
+    fn gate_shared(&self, xs: &Tensor, s: Tensor) -> Result<Tensor> {
+        match &self.shared_gate {
+            Some(g) => s.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(xs)?)?),
+            None => Ok(s),
+        }
     }
 
     /// Token choice: each token's top-k experts (selection bias and groups applied), the
