@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::config::{DepthConfig, DepthSelection};
 use crate::model::block::Block;
 use crate::model::cache::KvCache;
+use crate::nn::matvec::matmul_t;
 use crate::nn::RopeTables;
 use crate::routing::MoeStats;
 
@@ -97,7 +98,7 @@ impl DepthRouter {
             candle_core::bail!("Mixture-of-Depths decoding through a KV cache takes one sequence at a time (got {b})")
         }
         let xs = x.reshape((b * t, d))?;
-        let logits = xs.matmul(&self.weight.t()?)?.reshape((b, t))?;
+        let logits = matmul_t(&xs, &self.weight)?.reshape((b, t))?;
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
         let random = self.config.selection == DepthSelection::Random;
         let trains_decider =
@@ -108,15 +109,16 @@ impl DepthRouter {
         let decider = match &self.predictor {
             // on the RMS-normalised input: the residual stream's scale grows with depth
             Some((fc1, fc2)) => {
-                crate::nn::ops::rms_norm(&xd, &Tensor::ones(d, xd.dtype(), xd.device())?, 1e-6)?
-                    .matmul(&fc1.t()?)?
-                    .silu()?
-                    .matmul(&fc2.t()?)?
-                    .reshape((b, t))?
+                let xn = crate::nn::ops::rms_norm(
+                    &xd,
+                    &Tensor::ones(d, xd.dtype(), xd.device())?,
+                    1e-6,
+                )?;
+                matmul_t(&matmul_t(&xn, fc1)?.silu()?, fc2)?.reshape((b, t))?
             }
             // the router's own score: the same values as `logits`, recomputed with the
             // gradient to its weight only when its loss trains it
-            None if trains_decider => xd.matmul(&self.weight.t()?)?.reshape((b, t))?,
+            None if trains_decider => matmul_t(&xd, &self.weight)?.reshape((b, t))?,
             None => logits.clone(),
         };
         // selection scores: the router's logits (top-k), the decider's (threshold 0), or
