@@ -30,6 +30,15 @@ fn main() {
         // SAFETY: no other thread exists yet
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
     }
+    // candle sizes each matmul's parallelism from RAYON_NUM_THREADS, and when it is unset
+    // counts the physical cores by parsing /proc/cpuinfo, on every matmul (a training step
+    // makes hundreds). Setting it to the pool's own default thread count makes that a
+    // variable lookup.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: no other thread exists yet
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ROUTELM_LOG"))
         .with_writer(std::io::stderr)
