@@ -24,11 +24,13 @@ fn main() {
     // every step, and re-faulting them cost ~13% of a train-small step (bench train).
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    // candle's elementwise thread pool spins 25,000 times before parking; on two cores the
-    // spinning worker competes with the matmul threads (bench train: 988 -> 784 ms/step).
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+    // candle runs large elementwise ops on a pool of its own, a third set of threads on top
+    // of ours. Training computes a batch's shards on our threads concurrently, and there
+    // that pool only waits and competes (shakespeare recipe 66 -> 50 ms/step, train-small
+    // 753 -> 616 ms/step); elementwise ops run on the calling thread instead.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: no other thread exists yet
-        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     // candle sizes each matmul's parallelism from RAYON_NUM_THREADS, and when it is unset
     // counts the physical cores by parsing /proc/cpuinfo, on every matmul (a training step

@@ -214,3 +214,31 @@ fn router_scores_stay_bounded_on_a_long_run() {
         );
     }
 }
+
+/// A batch split into shards computed on concurrent threads (one per thread of the pool)
+/// takes the same steps as the whole batch on one thread: same losses and weights up to
+/// float summation order.
+#[test]
+fn sharded_batches_take_the_same_steps() {
+    let (cfg, train, data) = setup(4);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new(&cfg, &train, &Device::Cpu).unwrap();
+            let losses: Vec<f64> = (0..4).map(|_| t.train_step(&data).unwrap().0).collect();
+            let x = common::ids(&[3, 1, 4, 1, 5], 1);
+            (losses, t.model.forward(&x, None, false).unwrap().logits)
+        })
+    };
+    let (one, l1) = run(1);
+    let (two, l2) = run(2);
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() < 1e-5, "losses {one:?} vs {two:?}");
+    }
+    let d = common::max_abs_diff(&l1, &l2);
+    assert!(d < 1e-4, "logits after 4 steps differ by {d}");
+    assert!(one[3] < one[0], "it trains: {one:?}");
+}

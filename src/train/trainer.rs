@@ -3,6 +3,7 @@
 //! callback and never prints.
 
 use candle_core::{DType, Device, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -197,6 +198,10 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.opt.slots.len()];
         let mut loss_sum = 0f64;
         let mut router_stats: Vec<RouterMetric> = Vec::new();
+        // each batch is split into shards whose gradients are computed concurrently, one per
+        // thread: on two cores most ops of a small model are too short to split well
+        let shards = shard_count(c.batch_size);
+        let scale = (c.grad_accum * shards) as f64;
         for _ in 0..c.grad_accum {
             let (x, y) = data.batch(
                 Split::Train,
@@ -205,23 +210,45 @@ impl Trainer {
                 c.seq_len,
                 &device,
             )?;
-            let out = self.model.loss(&x, &y)?;
-            loss_sum += out.ce.to_scalar::<f32>()? as f64;
-            for s in &out.moe {
-                router_stats.push(RouterMetric::from_stats(s)?);
-            }
-            let loss = if c.grad_accum > 1 {
-                (out.total / c.grad_accum as f64)?
-            } else {
-                out.total
-            };
-            let store = loss.backward()?;
-            for (acc, slot) in grads.iter_mut().zip(&self.opt.slots) {
-                let g = store.get(slot.var.as_tensor()).cloned();
-                *acc = match (acc.take(), g) {
-                    (Some(a), Some(g)) => Some((a + g)?),
-                    (a, g) => a.or(g),
-                };
+            let per = c.batch_size / shards;
+            let parts: Vec<(Tensor, Tensor)> = (0..shards)
+                .map(|i| Ok((x.narrow(0, i * per, per)?, y.narrow(0, i * per, per)?)))
+                .collect::<Result<_>>()?;
+            let (model, slots) = (&self.model, &self.opt.slots);
+            let results: Vec<Result<ShardGrads>> = parts
+                .par_iter()
+                .map(|(x, y)| {
+                    let out = model.loss(x, y)?;
+                    let ce = out.ce.to_scalar::<f32>()? as f64;
+                    let stats = out
+                        .moe
+                        .iter()
+                        .map(RouterMetric::from_stats)
+                        .collect::<Result<Vec<_>>>()?;
+                    let loss = if scale > 1.0 {
+                        (out.total / scale)?
+                    } else {
+                        out.total
+                    };
+                    let store = loss.backward()?;
+                    let g = slots
+                        .iter()
+                        .map(|s| store.get(s.var.as_tensor()).cloned())
+                        .collect();
+                    Ok((ce, stats, g))
+                })
+                .collect();
+            // summed in shard order: the same result whichever thread finished first
+            for r in results {
+                let (ce, stats, g) = r?;
+                loss_sum += ce / shards as f64;
+                router_stats.extend(stats);
+                for (acc, g) in grads.iter_mut().zip(g) {
+                    *acc = match (acc.take(), g) {
+                        (Some(a), Some(g)) => Some((a + g)?),
+                        (a, g) => a.or(g),
+                    };
+                }
             }
         }
         let grads: Vec<Tensor> = grads
@@ -543,4 +570,17 @@ pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f6
         sum += model.loss(&x, &y)?.ce.to_scalar::<f32>()? as f64;
     }
     Ok(sum / train.eval_batches as f64)
+}
+
+/// One shard's mean cross-entropy, router statistics and gradients (per optimizer slot).
+type ShardGrads = (f64, Vec<RouterMetric>, Vec<Option<Tensor>>);
+
+/// Shards per batch: one per thread of the pool when the batch divides evenly, else 1.
+fn shard_count(batch_size: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    if batch_size >= threads && batch_size.is_multiple_of(threads) {
+        threads
+    } else {
+        1
+    }
 }
