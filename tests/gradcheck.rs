@@ -302,6 +302,13 @@ fn fused_kernels_match_references_f32() {
             .unwrap()
             .is_none()
     );
+    // SwiGLU in one pass, large enough to run in parallel chunks
+    compare(
+        &[randn(&[3, 50, 130], f, 40), randn(&[3, 50, 130], f, 41)],
+        &|t| ops::swiglu(&t[0], &t[1]).unwrap(),
+        &|t| ops::swiglu_reference(&t[0], &t[1]).unwrap(),
+        1e-5,
+    );
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
     compare(
         &[randn(&[6, 10], f, 10)],

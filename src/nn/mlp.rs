@@ -40,7 +40,7 @@ impl Mlp {
                     .ok_or_else(|| candle_core::Error::Msg("mlp".into()))
             };
             hs.push(match m.kind {
-                FfnKind::Swiglu => (next()?.silu()? * next()?)?,
+                FfnKind::Swiglu => super::ops::swiglu(&next()?, &next()?)?,
                 FfnKind::Geglu => (next()?.gelu()? * next()?)?,
                 FfnKind::Gelu => next()?.gelu()?,
                 FfnKind::GeluExact => next()?.gelu_erf()?,

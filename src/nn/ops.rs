@@ -53,6 +53,117 @@ fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(g) · u` in one pass; its backward computes both input gradients in another
+/// (composed, it is two nodes of the autograd graph, four elementwise passes and two
+/// gradient accumulations more).
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Apply `f(offset, out_chunk)` over `out` in chunks, in parallel when the work is large.
+fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    const CHUNK: usize = 1 << 12;
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, o)| f(i * CHUNK, o));
+    } else {
+        f(0, out);
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "routelm-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "swiglu")?;
+        let u = f32_slice(s2, l2, "swiglu")?;
+        let mut out = vec![0f32; g.len()];
+        for_chunks(&mut out, |at, o| {
+            for ((o, &g), &u) in o.iter_mut().zip(&g[at..]).zip(&u[at..]) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let shape = g.shape().clone();
+        // both gradients from one pass, stacked: (2, n)
+        let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwiGluBwd)?;
+        let part = |i| both.narrow(0, i, 1)?.reshape(&shape);
+        Ok((Some(part(0)?), Some(part(1)?)))
+    }
+}
+
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "routelm-swiglu-bwd"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, "swiglu bwd")?;
+        let u = f32_slice(s2, l2, "swiglu bwd")?;
+        let dy = f32_slice(s3, l3, "swiglu bwd")?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
+        for_chunks(dg, |at, o| {
+            for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..]) {
+                let sg = sigmoid(g);
+                *o = dy * u * sg * (1.0 + g * (1.0 - sg));
+            }
+        });
+        for_chunks(du, |at, o| {
+            for ((o, &g), &dy) in o.iter_mut().zip(&g[at..]).zip(&dy[at..]) {
+                *o = dy * g * sigmoid(g);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((2, n))))
+    }
+}
+
+/// `silu(g) · u` (the SwiGLU feed-forward's hidden state).
+pub fn swiglu(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
+    if fused(g) && fused(u) && g.shape() == u.shape() {
+        g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+    } else {
+        swiglu_reference(g, u)
+    }
+}
+
+/// [`swiglu`] from candle's own ops.
+pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
+    g.silu()? * u
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 struct RmsNorm {
