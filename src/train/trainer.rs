@@ -564,12 +564,13 @@ fn eval_batches<'a>(
 
 /// Mean validation loss of `model` over `train.eval_batches` fixed batches.
 pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f64> {
-    let mut sum = 0f64;
-    for batch in eval_batches(model, data, train) {
-        let (x, y) = batch?;
-        sum += model.loss(&x, &y)?.ce.to_scalar::<f32>()? as f64;
-    }
-    Ok(sum / train.eval_batches as f64)
+    // the batches on concurrent threads, summed in order
+    let batches = eval_batches(model, data, train).collect::<Result<Vec<_>>>()?;
+    let losses = batches
+        .par_iter()
+        .map(|(x, y)| Ok(model.loss(x, y)?.ce.to_scalar::<f32>()? as f64))
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(losses.iter().sum::<f64>() / train.eval_batches as f64)
 }
 
 /// One shard's mean cross-entropy, router statistics and gradients (per optimizer slot).
