@@ -212,13 +212,11 @@ unsafe fn probs(
             }
             None => scale,
         };
-        let max = row[lo..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
+        let max = super::ops::max_of(&row[lo..n]);
         for x in &mut row[lo..n] {
-            *x = ((*x - max) * s).exp();
-            sum += *x;
+            *x = super::ops::exp((*x - max) * s);
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / super::ops::sum_of(&row[lo..n]);
         row[lo..n].iter_mut().for_each(|x| *x *= inv);
         row[..lo].iter_mut().for_each(|x| *x = 0.0);
         row[n..].iter_mut().for_each(|x| *x = 0.0);
