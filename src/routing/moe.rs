@@ -105,17 +105,7 @@ impl MoeLayer {
             } else {
                 None
             };
-            // weighted sum by elementwise ops: as a (1 × k)·(k × d) matmul it took 74 µs a
-            // layer (GEMM set-up), as much as the experts' products (bench decode, moe)
-            let mut out: Option<Tensor> = None;
-            for (y, wj) in ys.iter().zip(&weights) {
-                let y = y.broadcast_mul(wj)?;
-                out = Some(match out {
-                    Some(o) => (o + y)?,
-                    None => y,
-                });
-            }
-            let mut out = out.map_or_else(|| xs.zeros_like(), Ok)?;
+            let mut out = combine(&ys, &weights)?.map_or_else(|| xs.zeros_like(), Ok)?;
             if let Some(s) = shared {
                 out = (out + self.gate_shared(&xs, s)?)?;
             }
@@ -190,22 +180,42 @@ impl MoeLayer {
         let flat: Vec<u32> = (0..n * c.top_k)
             .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
             .collect();
-        let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
-        let mut w = match c.scoring {
-            Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
-            _ => scores
-                .flatten_all()?
-                .index_select(&flat, 0)?
-                .reshape((n, c.top_k))?,
+        // the epsilon keeps renormalised weights finite when every chosen score underflows
+        const NORM_EPS: f64 = 1e-20;
+        let on_host = n <= crate::nn::matvec::MAX_ROWS
+            && scores.dtype() == DType::F32
+            && !scores.track_op()
+            && !matches!(c.scoring, Scoring::SparseMixer { .. });
+        let w = if on_host {
+            // decoding: the same arithmetic on the host values, without a dozen tiny ops
+            let mut w: Vec<f32> = flat.iter().map(|&i| host[i as usize]).collect();
+            for row in w.chunks_mut(c.top_k) {
+                let sum = row.iter().sum::<f32>() + NORM_EPS as f32;
+                for v in row {
+                    if c.norm_topk {
+                        *v /= sum;
+                    }
+                    *v *= c.routed_scale as f32;
+                }
+            }
+            Tensor::from_vec(w, n * c.top_k, device)?
+        } else {
+            let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
+            let mut w = match c.scoring {
+                Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
+                _ => scores
+                    .flatten_all()?
+                    .index_select(&flat, 0)?
+                    .reshape((n, c.top_k))?,
+            };
+            if c.norm_topk {
+                w = w.broadcast_div(&(w.sum_keepdim(1)? + NORM_EPS)?)?;
+            }
+            if c.routed_scale != 1.0 {
+                w = (w * c.routed_scale)?;
+            }
+            w.flatten_all()?
         };
-        if c.norm_topk {
-            // the epsilon keeps the weights finite when every chosen score underflows
-            w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
-        }
-        if c.routed_scale != 1.0 {
-            w = (w * c.routed_scale)?;
-        }
-        let w = w.flatten_all()?;
 
         // group assignments by expert; capacity drops the latest tokens past the limit
         let capacity = c
@@ -413,4 +423,36 @@ fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
             .sum::<f64>();
     }
     sum / n.max(1) as f64
+}
+
+/// `Σ_j w_j · y_j` for one token's expert outputs `y_j: (1, d)` and weights `w_j: (1)`;
+/// `None` without experts. When nothing records gradients the sum is taken on the host:
+/// as tensor ops it is 2k small ops, and as a `(1 × k)·(k × d)` matmul it took 74 µs a
+/// layer of GEMM set-up, as much as the experts' products (bench decode, moe preset).
+fn combine(ys: &[Tensor], ws: &[Tensor]) -> Result<Option<Tensor>> {
+    let Some(y0) = ys.first() else {
+        return Ok(None);
+    };
+    let host = y0.dtype() == DType::F32
+        && !ys.iter().chain(ws).any(|t| t.track_op())
+        && ys.iter().all(|y| y.dims() == y0.dims());
+    if host {
+        let mut out = vec![0f32; y0.elem_count()];
+        for (y, w) in ys.iter().zip(ws) {
+            let w = w.flatten_all()?.to_vec1::<f32>()?[0];
+            for (o, v) in out.iter_mut().zip(y.flatten_all()?.to_vec1::<f32>()?) {
+                *o += w * v;
+            }
+        }
+        return Ok(Some(Tensor::from_vec(out, y0.shape(), y0.device())?));
+    }
+    let mut out: Option<Tensor> = None;
+    for (y, w) in ys.iter().zip(ws) {
+        let y = y.broadcast_mul(w)?;
+        out = Some(match out {
+            Some(o) => (o + y)?,
+            None => y,
+        });
+    }
+    Ok(out)
 }
