@@ -70,8 +70,11 @@ enum What {
     /// `train-small` with the same active parameters, measured in one run: training step
     /// time ratio and decode tokens/s ratio.
     Moe {
-        #[arg(long, default_value_t = 6)]
+        /// Timed training steps per model, the two models' steps interleaved (the median
+        /// is reported)
+        #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Tokens per decode pass; each model's best of 4 passes, the models in turn
         #[arg(long, default_value_t = 128)]
         tokens: usize,
         #[arg(long)]
@@ -153,26 +156,57 @@ fn preset(name: &str) -> Result<(ModelConfig, TrainConfig)> {
 
 /// Median training step time (seconds) of a preset on random tokens.
 fn step_time(name: &str, steps: usize) -> Result<(f64, ModelConfig, TrainConfig)> {
+    let mut all = step_times(&[name], steps)?;
+    Ok(all.remove(0))
+}
+
+/// [`step_time`] of several presets, their steps interleaved (one of each in turn) so
+/// that the machine's drift in speed reaches them alike.
+fn step_times(names: &[&str], steps: usize) -> Result<Vec<(f64, ModelConfig, TrainConfig)>> {
     let device = super::device();
-    let (cfg, train) = preset(name)?;
-    let mut rng = Rng::new(0);
-    let tokens: Vec<u32> = (0..200_000)
-        .map(|_| rng.below(cfg.vocab_size) as u32)
-        .collect();
-    let data = Dataset::split(tokens, 0.1, train.seq_len)?;
-    let mut trainer = Trainer::new(&cfg, &train, &device)?;
-    let pb = super::bar((steps + 2) as u64, &format!("train {name}"));
-    let mut times = Vec::new();
+    let mut runs = Vec::new();
+    for name in names {
+        let (cfg, train) = preset(name)?;
+        let mut rng = Rng::new(0);
+        let tokens: Vec<u32> = (0..200_000)
+            .map(|_| rng.below(cfg.vocab_size) as u32)
+            .collect();
+        let data = Dataset::split(tokens, 0.1, train.seq_len)?;
+        let trainer = Trainer::new(&cfg, &train, &device)?;
+        runs.push((trainer, data, cfg, train, Vec::new()));
+    }
+    let pb = super::bar(
+        ((steps + 2) * names.len()) as u64,
+        &format!("train {}", names.join(", ")),
+    );
     for i in 0..steps + 2 {
-        let t = Instant::now();
-        trainer.train_step(&data)?;
-        if i >= 2 {
-            times.push(t.elapsed().as_secs_f64());
+        for (trainer, data, _, _, times) in runs.iter_mut() {
+            let t = Instant::now();
+            trainer.train_step(data)?;
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            pb.inc(1);
         }
-        pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok((median(times), cfg, train))
+    Ok(runs
+        .into_iter()
+        .map(|(_, _, cfg, train, times)| (median(times), cfg, train))
+        .collect())
+}
+
+/// Best decode speed (tokens/s) of each model over `rounds` rounds of one pass each,
+/// the models in turn within a round.
+fn paired_decode_speeds(models: &[&Model], tokens: usize, rounds: usize) -> Result<Vec<f64>> {
+    let mut best = vec![0f64; models.len()];
+    for _ in 0..rounds {
+        for (b, m) in best.iter_mut().zip(models) {
+            let s = decode_passes(m, tokens, 1, || Ok(()))?;
+            *b = s.into_iter().fold(*b, f64::max);
+        }
+    }
+    Ok(best)
 }
 
 /// Greedy decode speed (tokens/s) after a prompt of up to 32 tokens, best of 2 passes.
@@ -311,10 +345,12 @@ fn bench_decode(
 }
 
 fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
-    let (dense_s, dense_cfg, _) = step_time("train-small", steps)?;
-    let (moe_s, moe_cfg, _) = step_time("moe", steps)?;
-    let dense_tps = decode_speed(&random_model(&dense_cfg)?, tokens)?;
-    let moe_tps = decode_speed(&random_model(&moe_cfg)?, tokens)?;
+    let times = step_times(&["train-small", "moe"], steps)?;
+    let ((dense_s, dense_cfg, _), (moe_s, moe_cfg, _)) = (&times[0], &times[1]);
+    let (dense_s, moe_s) = (*dense_s, *moe_s);
+    let (dense, moe) = (random_model(dense_cfg)?, random_model(moe_cfg)?);
+    let tps = paired_decode_speeds(&[&dense, &moe], tokens, 4)?;
+    let (dense_tps, moe_tps) = (tps[0], tps[1]);
     let (train_ratio, decode_ratio) = (moe_s / dense_s, moe_tps / dense_tps);
     if json {
         println!(
@@ -380,12 +416,12 @@ fn bench_mod(steps: usize, warm_steps: usize, tokens: usize, json: bool) -> Resu
     let (mod_cfg, train) = preset("mod")?;
     let ledger = |c: &ModelConfig| FlopLedger::new(c, train.seq_len).forward_per_token();
     let flops_ratio = ledger(&mod_cfg) / ledger(&dense_cfg);
-    let (dense_s, _, _) = step_time("train-small", steps)?;
-    let (mod_s, _, _) = step_time("mod", steps)?;
+    let times = step_times(&["train-small", "mod"], steps)?;
+    let (dense_s, mod_s) = (times[0].0, times[1].0);
     let dense = briefly_trained("train-small", warm_steps)?;
     let routed = briefly_trained("mod", warm_steps)?;
-    let dense_tps = decode_speed(&dense, tokens)?;
-    let mod_tps = decode_speed(&routed, tokens)?;
+    let tps = paired_decode_speeds(&[&dense, &routed], tokens, 4)?;
+    let (dense_tps, mod_tps) = (tps[0], tps[1]);
     let shares = processed_shares(&routed, tokens)?;
     let (train_speedup, sample_speedup) = (dense_s / mod_s, mod_tps / dense_tps);
     if json {
