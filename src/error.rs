@@ -8,11 +8,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // the I/O error is part of the message, not a `source`: printed with its cause chain
+    // (`{:#}`) it would appear twice
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A configuration that cannot describe a valid model; lists every problem at once.
     #[error("{origin}: invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -47,7 +48,7 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
     pub(crate) fn parse(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {

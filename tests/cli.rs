@@ -80,6 +80,17 @@ fn train_generate_eval_round_trip() {
         "2",
     ]);
     assert!(ok && out.contains("val_loss"), "{out}{err}");
+    // the run folder itself names the same model (its checkpoint)
+    let (ok, out_run, err) = routelm(&[
+        "eval",
+        "--model",
+        run.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--batches",
+        "2",
+    ]);
+    assert!(ok && out_run == out, "{out_run}{err}");
     let (ok, out, _) = routelm(&["flops", "--config", ckpt.to_str().unwrap(), "--json"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -294,7 +294,9 @@ fn bench_decode(
     json: bool,
 ) -> Result<()> {
     let model = match &model_dir {
-        Some(d) => routelm::arch::load_dir(d, DType::F32, &super::device())?.model,
+        Some(d) => {
+            routelm::arch::load_dir(&super::model_dir(d), DType::F32, &super::device())?.model
+        }
         None => random_model(&preset(name)?.0)?,
     };
     let cfg = &model.config;

@@ -30,8 +30,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let model = routelm::arch::load_dir(&a.model, candle_core::DType::F32, &device)?.model;
-    let tok = Tokenizer::for_model_dir(&a.model)?;
+    let model_dir = super::model_dir(&a.model);
+    let model = routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model;
+    let tok = Tokenizer::for_model_dir(&model_dir)?;
     let train = TrainConfigFile {
         seq_len: a.seq_len,
         batch_size: Some(a.batch_size),

@@ -52,8 +52,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let model = routelm::arch::load_any(&a.model, a.dtype, &device)?;
-    let tok = Tokenizer::for_model_dir(&a.model)?;
+    let model_dir = super::model_dir(&a.model);
+    let model = routelm::arch::load_any(&model_dir, a.dtype, &device)?;
+    let tok = Tokenizer::for_model_dir(&model_dir)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
         (None, Some(ids)) => ids.clone(),

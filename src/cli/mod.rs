@@ -220,6 +220,17 @@ pub fn parse_dtype(s: &str) -> std::result::Result<candle_core::DType, String> {
     }
 }
 
+/// A model folder as given, or the `checkpoint` folder inside a training run's folder
+/// (`routelm eval --model runs/x` as well as `--model runs/x/checkpoint`).
+pub(crate) fn model_dir(dir: &std::path::Path) -> std::path::PathBuf {
+    let inner = dir.join("checkpoint");
+    if !dir.join("config.json").exists() && inner.join("config.json").exists() {
+        inner
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 pub fn device() -> candle_core::Device {
     candle_core::Device::Cpu
 }

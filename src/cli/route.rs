@@ -27,14 +27,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = routelm::arch::load_dir(&a.model, candle_core::DType::F32, &super::device())?.model;
+    let model_dir = super::model_dir(&a.model);
+    let model =
+        routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &super::device())?.model;
     if model.config.depth.is_none() {
         bail!(
             "{}: the model has no routed (Mixture-of-Depths) blocks",
             a.model.display()
         );
     }
-    let tok = Tokenizer::for_model_dir(&a.model)?;
+    let tok = Tokenizer::for_model_dir(&model_dir)?;
     let text = match a.text {
         Some(t) => t,
         None => {
