@@ -302,6 +302,14 @@ fn fused_kernels_match_references_f32() {
             .unwrap()
             .is_none()
     );
+    // grouped (MoE expert) products: 4 experts of 5 outputs, one without rows
+    let offsets = [0usize, 3, 3, 10, 17];
+    compare(
+        &[randn(&[17, 6], f, 42), randn(&[20, 6], f, 43)],
+        &|t| routelm::nn::grouped::grouped_matmul(&t[0], &t[1], &offsets).unwrap(),
+        &|t| routelm::nn::grouped::grouped_matmul_reference(&t[0], &t[1], &offsets).unwrap(),
+        1e-5,
+    );
     // SwiGLU in one pass, large enough to run in parallel chunks
     compare(
         &[randn(&[3, 50, 130], f, 40), randn(&[3, 50, 130], f, 41)],

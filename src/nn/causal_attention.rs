@@ -84,7 +84,7 @@ impl OutPtr {
 
 /// `dst (m×n) = [dst +] scale · lhs (m×k) · rhs (k×n)`, strides as (row, column).
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm(
+pub(crate) unsafe fn mm(
     m: usize,
     n: usize,
     k: usize,

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod causal_attention;
+pub mod grouped;
 pub mod linear;
 pub mod matvec;
 pub mod mlp;

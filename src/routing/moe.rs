@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::router::choose_experts;
 use crate::config::{MoeConfig, Scoring};
+use crate::nn::grouped::grouped_matmul;
 use crate::nn::{Linear, Mlp};
 
 /// What one MoE layer's router did in a forward pass.
@@ -296,6 +297,9 @@ impl MoeLayer {
         rows: &[Vec<u32>],
         slots: &[Vec<u32>],
     ) -> Result<Tensor> {
+        if let Some(out) = self.dispatch_grouped(xs, w, rows, slots)? {
+            return Ok(out);
+        }
         let mut all_rows = Vec::new();
         let mut outs = Vec::new();
         for (e, expert) in self.experts.iter().enumerate() {
@@ -319,6 +323,57 @@ impl MoeLayer {
         }
         let idx = Tensor::new(all_rows.as_slice(), xs.device())?;
         out.index_add(&idx, &Tensor::cat(&outs, 0)?, 0)
+    }
+
+    /// [`MoeLayer::dispatch`] for SwiGLU experts without biases: one gather of every
+    /// routed row sorted by expert, each projection of all the experts as one grouped
+    /// product over their stacked weights, one weighted indexed add back. `None` when the
+    /// experts are of another kind.
+    fn dispatch_grouped(
+        &self,
+        xs: &Tensor,
+        w: &Tensor,
+        rows: &[Vec<u32>],
+        slots: &[Vec<u32>],
+    ) -> Result<Option<Tensor>> {
+        let plain = |l: &crate::nn::Linear| l.bias.is_none();
+        let fits = self.experts.iter().all(|m| {
+            m.kind == crate::config::FfnKind::Swiglu
+                && m.gate.as_ref().is_some_and(plain)
+                && plain(&m.up)
+                && plain(&m.down)
+        });
+        if !fits || self.experts.is_empty() {
+            return Ok(None);
+        }
+        let n_experts = self.experts.len();
+        let mut offsets = vec![0usize];
+        for r in &rows[..n_experts] {
+            offsets.push(offsets[offsets.len() - 1] + r.len());
+        }
+        let out = xs.zeros_like()?;
+        if offsets[n_experts] == 0 {
+            return Ok(Some(out));
+        }
+        let order: Vec<u32> = rows[..n_experts].concat();
+        let order_slots: Vec<u32> = slots[..n_experts].concat();
+        let idx = Tensor::new(order.as_slice(), xs.device())?;
+        let weights = w
+            .index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?
+            .unsqueeze(1)?;
+        let stack = |f: &dyn Fn(&Mlp) -> Option<&Tensor>| {
+            Tensor::cat(&self.experts.iter().filter_map(f).collect::<Vec<_>>(), 0)
+        };
+        let gate = stack(&|m| m.gate.as_ref().map(|l| &l.weight))?;
+        let up = stack(&|m| Some(&m.up.weight))?;
+        let down = stack(&|m| Some(&m.down.weight))?;
+        let xg = xs.index_select(&idx, 0)?;
+        let h = crate::nn::ops::swiglu(
+            &grouped_matmul(&xg, &gate, &offsets)?,
+            &grouped_matmul(&xg, &up, &offsets)?,
+        )?;
+        let y = grouped_matmul(&h, &down, &offsets)?.broadcast_mul(&weights)?;
+        Ok(Some(out.index_add(&idx, &y, 0)?))
     }
 
     /// `coef_aux · E · Σ_e f_e P_e + coef_z · mean(logsumexp(logits)²)`, where `f_e` is the

@@ -1,0 +1,241 @@
+//! Grouped matrix products for Mixture-of-Experts dispatch: the rows of `x`, sorted by
+//! expert, times each expert's own weight, `y[rows of e] = x[rows of e] · W_eᵀ`, with the
+//! experts' weights stacked in one `(E·out, in)` tensor. One graph node (and one backward)
+//! for all the experts of a layer instead of a gather, three matmuls, a weighting and a
+//! full-size gradient per expert.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::causal_attention::mm;
+use super::ops::f32_slice;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// Row offsets of the groups: group `e` is rows `offsets[e]..offsets[e + 1]`.
+struct Grouped {
+    offsets: Vec<usize>,
+}
+
+/// Split `out` (row width `w`) into one mutable slice per group.
+fn split_groups<'a>(mut out: &'a mut [f32], offsets: &[usize], w: usize) -> Vec<&'a mut [f32]> {
+    let mut parts = Vec::with_capacity(offsets.len().saturating_sub(1));
+    for pair in offsets.windows(2) {
+        let (head, tail) = out.split_at_mut((pair[1] - pair[0]) * w);
+        parts.push(head);
+        out = tail;
+    }
+    parts
+}
+
+impl Grouped {
+    fn check(&self, x: &Layout, w: &Layout) -> CResult<(usize, usize, usize)> {
+        let (n, d_in) = x.shape().dims2()?;
+        let (rows_w, d_in2) = w.shape().dims2()?;
+        let groups = self.offsets.len().saturating_sub(1);
+        if d_in != d_in2 || groups == 0 || rows_w % groups != 0 || self.offsets[groups] != n {
+            candle_core::bail!(
+                "grouped matmul: x {:?}, w {:?}, {} groups ending at row {:?}",
+                x.shape(),
+                w.shape(),
+                groups,
+                self.offsets.last()
+            )
+        }
+        Ok((n, d_in, rows_w / groups))
+    }
+}
+
+impl CustomOp2 for Grouped {
+    fn name(&self) -> &'static str {
+        "routelm-grouped-matmul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, d_in, d_out) = self.check(l1, l2)?;
+        let x = f32_slice(s1, l1, "grouped matmul")?;
+        let w = f32_slice(s2, l2, "grouped matmul")?;
+        let mut y = vec![0f32; n * d_out];
+        let parts = split_groups(&mut y, &self.offsets, d_out);
+        parts.into_par_iter().enumerate().for_each(|(e, ye)| {
+            let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
+            let we = &w[e * d_out * d_in..(e + 1) * d_out * d_in];
+            // SAFETY: ye is rows × d_out; x rows r0.. are rows × d_in; we is d_out × d_in,
+            // read transposed (k = input index, stride 1; n = output row, stride d_in)
+            unsafe {
+                mm(
+                    rows,
+                    d_out,
+                    d_in,
+                    ye.as_mut_ptr(),
+                    d_out,
+                    false,
+                    x[r0 * d_in..].as_ptr(),
+                    d_in,
+                    1,
+                    we.as_ptr(),
+                    1,
+                    d_in,
+                    1.0,
+                )
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let offsets = self.offsets.clone();
+        let dx = dy.apply_op2_no_bwd(w, &GroupedBwdX { offsets })?;
+        let offsets = self.offsets.clone();
+        let dw = dy.apply_op2_no_bwd(x, &GroupedBwdW { offsets })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx[rows of e] = dy[rows of e] · W_e`.
+struct GroupedBwdX {
+    offsets: Vec<usize>,
+}
+
+impl CustomOp2 for GroupedBwdX {
+    fn name(&self) -> &'static str {
+        "routelm-grouped-matmul-bwd-x"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let dy = f32_slice(s1, l1, "grouped matmul bwd")?;
+        let w = f32_slice(s2, l2, "grouped matmul bwd")?;
+        let (n, d_out) = l1.shape().dims2()?;
+        let (rows_w, d_in) = l2.shape().dims2()?;
+        let groups = self.offsets.len() - 1;
+        debug_assert_eq!(rows_w, groups * d_out);
+        let mut dx = vec![0f32; n * d_in];
+        let parts = split_groups(&mut dx, &self.offsets, d_in);
+        parts.into_par_iter().enumerate().for_each(|(e, dxe)| {
+            let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
+            let we = &w[e * d_out * d_in..(e + 1) * d_out * d_in];
+            // SAFETY: dxe is rows × d_in, dy rows r0.. are rows × d_out, we d_out × d_in
+            unsafe {
+                mm(
+                    rows,
+                    d_in,
+                    d_out,
+                    dxe.as_mut_ptr(),
+                    d_in,
+                    false,
+                    dy[r0 * d_out..].as_ptr(),
+                    d_out,
+                    1,
+                    we.as_ptr(),
+                    d_in,
+                    1,
+                    1.0,
+                )
+            }
+        });
+        Ok((CpuStorage::F32(dx), Shape::from((n, d_in))))
+    }
+}
+
+/// `dW_e = dy[rows of e]ᵀ · x[rows of e]`, stacked like the weights.
+struct GroupedBwdW {
+    offsets: Vec<usize>,
+}
+
+impl CustomOp2 for GroupedBwdW {
+    fn name(&self) -> &'static str {
+        "routelm-grouped-matmul-bwd-w"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let dy = f32_slice(s1, l1, "grouped matmul bwd")?;
+        let x = f32_slice(s2, l2, "grouped matmul bwd")?;
+        let (_, d_out) = l1.shape().dims2()?;
+        let (_, d_in) = l2.shape().dims2()?;
+        let groups = self.offsets.len() - 1;
+        let mut dw = vec![0f32; groups * d_out * d_in];
+        dw.par_chunks_mut(d_out * d_in)
+            .enumerate()
+            .for_each(|(e, dwe)| {
+                let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
+                if rows == 0 {
+                    return; // an expert without tokens gets a zero gradient
+                }
+                // SAFETY: dwe is d_out × d_in; dyᵀ of the group is d_out × rows (row
+                // stride 1, column stride d_out); x of the group is rows × d_in
+                unsafe {
+                    mm(
+                        d_out,
+                        d_in,
+                        rows,
+                        dwe.as_mut_ptr(),
+                        d_in,
+                        false,
+                        dy[r0 * d_out..].as_ptr(),
+                        1,
+                        d_out,
+                        x[r0 * d_in..].as_ptr(),
+                        d_in,
+                        1,
+                        1.0,
+                    )
+                }
+            });
+        Ok((CpuStorage::F32(dw), Shape::from((groups * d_out, d_in))))
+    }
+}
+
+/// `y[offsets[e]..offsets[e+1]] = x[offsets[e]..offsets[e+1]] · W_eᵀ` for `x: (N, in)` and
+/// the experts' weights stacked as `w: (E·out, in)`; `offsets` has `E + 1` entries from 0
+/// to N. f32 on the CPU runs one fused op; other dtypes and devices run the products one
+/// by one.
+pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CResult<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Grouped {
+                offsets: offsets.to_vec(),
+            },
+        );
+    }
+    grouped_matmul_reference(x, w, offsets)
+}
+
+/// [`grouped_matmul`] from candle's own ops: narrow, matmul, concatenate.
+pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CResult<Tensor> {
+    let groups = offsets.len().saturating_sub(1);
+    let d_out = w.dim(0)? / groups.max(1);
+    let mut parts = Vec::new();
+    for e in 0..groups {
+        let rows = offsets[e + 1] - offsets[e];
+        if rows > 0 {
+            let we = w.narrow(0, e * d_out, d_out)?;
+            parts.push(x.narrow(0, offsets[e], rows)?.matmul(&we.t()?)?);
+        }
+    }
+    if parts.is_empty() {
+        return Tensor::zeros((0, d_out), x.dtype(), x.device());
+    }
+    Tensor::cat(&parts, 0)
+}
