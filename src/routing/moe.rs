@@ -68,17 +68,30 @@ impl MoeLayer {
         let e_count = c.slots();
         let xs = x.reshape((n, d))?;
         let logits = crate::nn::matvec::matmul_t(&xs, &self.router)?; // (n, E)
+        // decoding (a few rows, nothing to train): scores, choice and gate weights on the
+        // host, from one copy of the logits
+        let on_host = n <= crate::nn::matvec::MAX_ROWS
+            && !aux
+            && !c.expert_choice
+            && logits.dtype() == DType::F32
+            && !logits.track_op()
+            && !matches!(c.scoring, Scoring::SparseMixer { .. });
         let scores = match c.scoring {
+            _ if on_host => logits.clone(), // (unused below)
             Scoring::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
             Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
             // choices by logit; weights below
             Scoring::SparseMixer { .. } => logits.clone(),
         };
-        let host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let host: Vec<f32> = if on_host {
+            host_scores(logits.flatten_all()?.to_vec1()?, e_count, c.scoring)
+        } else {
+            scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?
+        };
         let routed = if c.expert_choice {
             self.expert_choice(&scores, &host, b, t)?
         } else {
-            self.token_choice(&logits, &scores, &host, n, x.device())?
+            self.token_choice(&logits, &scores, &host, on_host, n, x.device())?
         };
         let Routed {
             w,
@@ -159,6 +172,7 @@ impl MoeLayer {
         logits: &Tensor,
         scores: &Tensor,
         host: &[f32],
+        on_host: bool,
         n: usize,
         device: &candle_core::Device,
     ) -> Result<Routed> {
@@ -183,10 +197,6 @@ impl MoeLayer {
             .collect();
         // the epsilon keeps renormalised weights finite when every chosen score underflows
         const NORM_EPS: f64 = 1e-20;
-        let on_host = n <= crate::nn::matvec::MAX_ROWS
-            && scores.dtype() == DType::F32
-            && !scores.track_op()
-            && !matches!(c.scoring, Scoring::SparseMixer { .. });
         let w = if on_host {
             // decoding: the same arithmetic on the host values, without a dozen tiny ops
             let mut w: Vec<f32> = flat.iter().map(|&i| host[i as usize]).collect();
@@ -460,6 +470,27 @@ fn sparse_mixer_weights(
     let p = candle_nn::ops::softmax(&logits.unsqueeze(1)?.broadcast_add(&mask)?, D::Minus1)?;
     let at = Tensor::from_vec(at, n * k, logits.device())?;
     p.flatten_all()?.index_select(&at, 0)?.reshape((n, k))
+}
+
+/// Softmax (per row of `e`) or sigmoid of router logits, on the host, as candle's ops
+/// compute them; SparseMixer chooses by the logits themselves.
+fn host_scores(mut logits: Vec<f32>, e: usize, scoring: Scoring) -> Vec<f32> {
+    match scoring {
+        Scoring::Softmax => {
+            for row in logits.chunks_mut(e.max(1)) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                row.iter_mut().for_each(|v| *v /= sum);
+            }
+        }
+        Scoring::Sigmoid => logits.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        Scoring::SparseMixer { .. } => {}
+    }
+    logits
 }
 
 fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
