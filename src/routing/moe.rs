@@ -64,10 +64,10 @@ impl MoeLayer {
         let c = &self.config;
         let (b, t, d) = x.dims3()?;
         let n = b * t;
-        // router outputs: the experts, then the no-op experts (integrated MoDE)
+        // router outputs (n, E): the experts, then the no-op experts (integrated MoDE)
         let e_count = c.slots();
         let xs = x.reshape((n, d))?;
-        let logits = crate::nn::matvec::matmul_t(&xs, &self.router)?; // (n, E)
+        let logits = crate::nn::matvec::matmul_t(&xs, &self.router)?;
         // decoding (a few rows, nothing to train): scores, choice and gate weights on the
         // host, from one copy of the logits
         let on_host = n <= crate::nn::matvec::MAX_ROWS
@@ -487,7 +487,9 @@ fn host_scores(mut logits: Vec<f32>, e: usize, scoring: Scoring) -> Vec<f32> {
                 row.iter_mut().for_each(|v| *v /= sum);
             }
         }
-        Scoring::Sigmoid => logits.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        Scoring::Sigmoid => logits
+            .iter_mut()
+            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
         Scoring::SparseMixer { .. } => {}
     }
     logits
