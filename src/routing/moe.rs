@@ -102,28 +102,7 @@ impl MoeLayer {
             choice,
         } = routed;
         let out = if let (1, 0, Some(choice)) = (n, dropped, &choice) {
-            // one token (decoding): its k experts and the shared expert run directly, their
-            // products in two parallel regions; no gather or scatter
-            let mut mlps = Vec::new();
-            let mut weights = Vec::new();
-            for (j, &e) in choice.experts.iter().enumerate() {
-                if (e as usize) < c.n_experts {
-                    mlps.push(&self.experts[e as usize]); // (no-op experts add nothing)
-                    weights.push(w.narrow(0, j, 1)?);
-                }
-            }
-            mlps.extend(&self.shared);
-            let mut ys = Mlp::forward_many(&mlps, &xs)?;
-            let shared = if self.shared.is_some() {
-                ys.pop()
-            } else {
-                None
-            };
-            let mut out = combine(&ys, &weights)?.map_or_else(|| xs.zeros_like(), Ok)?;
-            if let Some(s) = shared {
-                out = (out + self.gate_shared(&xs, s)?)?;
-            }
-            out
+            self.one_token(&xs, &w, &choice.experts)?
         } else {
             let mut out = self.dispatch(&xs, &w, &rows, &slots)?;
             if let Some(shared) = &self.shared {
@@ -155,6 +134,32 @@ impl MoeLayer {
             aux_loss,
         };
         Ok((out.reshape((b, t, d))?, stats))
+    }
+
+    /// One token (decoding): its chosen experts (weights `w`, in `experts` order) and the
+    /// shared expert run directly, their products in two parallel regions; no gather or
+    /// scatter. No-op experts add nothing.
+    fn one_token(&self, xs: &Tensor, w: &Tensor, experts: &[u32]) -> Result<Tensor> {
+        let mut mlps = Vec::new();
+        let mut weights = Vec::new();
+        for (j, &e) in experts.iter().enumerate() {
+            if let Some(expert) = self.experts.get(e as usize) {
+                mlps.push(expert);
+                weights.push(w.narrow(0, j, 1)?);
+            }
+        }
+        mlps.extend(&self.shared);
+        let mut ys = Mlp::forward_many(&mlps, xs)?;
+        let shared = if self.shared.is_some() {
+            ys.pop()
+        } else {
+            None
+        };
+        let mut out = combine(&ys, &weights)?.map_or_else(|| xs.zeros_like(), Ok)?;
+        if let Some(s) = shared {
+            out = (out + self.gate_shared(xs, s)?)?;
+        }
+        Ok(out)
     }
 
     /// The shared expert's output `s`, times its sigmoid gate when it has one.
