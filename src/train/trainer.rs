@@ -576,12 +576,37 @@ pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f6
 /// One shard's mean cross-entropy, router statistics and gradients (per optimizer slot).
 type ShardGrads = (f64, Vec<RouterMetric>, Vec<Option<Tensor>>);
 
-/// Shards per batch: one per thread of the pool when the batch divides evenly, else 1.
+/// Shards per batch: the most, up to one per thread of the pool, that divide the batch
+/// evenly (threads left over still help inside the shards' ops).
 fn shard_count(batch_size: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    if batch_size >= threads && batch_size.is_multiple_of(threads) {
-        threads
-    } else {
-        1
+    shards_for(batch_size, rayon::current_num_threads())
+}
+
+fn shards_for(batch_size: usize, threads: usize) -> usize {
+    (1..=threads.min(batch_size))
+        .rev()
+        .find(|&s| batch_size.is_multiple_of(s))
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shards_divide_the_batch() {
+        let cases = [
+            (12, 2, 2),
+            (12, 16, 12),
+            (12, 8, 6),
+            (7, 2, 1),
+            (1, 2, 1),
+            (8, 1, 1),
+        ];
+        for (batch, threads, want) in cases {
+            assert_eq!(
+                super::shards_for(batch, threads),
+                want,
+                "{batch} on {threads}"
+            );
+        }
     }
 }
