@@ -15,18 +15,19 @@ impl Linear {
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let d_in = dims[dims.len() - 1];
-        let rows = x.elem_count() / d_in.max(1);
-        let out = self.weight.dim(0)?;
         // decoding: a few rows are bound by reading the weight once (skinny path)
-        let y = super::matvec::matmul_t(&x.reshape((rows, d_in))?, &self.weight)?;
+        let y = super::matvec::matmul_t(&flat_rows(x)?, &self.weight)?;
+        self.finish(y, x)
+    }
+
+    /// The bias added to the products `y: (rows, out)` of `x: (.., in)`, shaped `(.., out)`.
+    fn finish(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = out;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
         y.reshape(shape)
     }
 
@@ -41,26 +42,23 @@ impl Linear {
     /// `[l.forward(x) for (l, x) in zip(layers, xs)]`, inputs with the same leading
     /// dimensions; when decoding, the products run in one parallel region.
     pub fn forward_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
-        let flat = |x: &Tensor| {
-            let d_in = x.dim(D::Minus1)?;
-            x.reshape((x.elem_count() / d_in.max(1), d_in))
-        };
-        let x2 = xs.iter().map(|x| flat(x)).collect::<Result<Vec<_>>>()?;
+        let x2 = xs
+            .iter()
+            .map(|x| flat_rows(x))
+            .collect::<Result<Vec<_>>>()?;
         let ws: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
         let Some(ys) = super::matvec::skinny_pairs(&x2.iter().collect::<Vec<_>>(), &ws)? else {
             return layers.iter().zip(xs).map(|(l, x)| l.forward(x)).collect();
         };
         ys.into_iter()
             .zip(layers.iter().zip(xs))
-            .map(|(y, (l, x))| {
-                let y = match &l.bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                let mut shape = x.dims().to_vec();
-                *shape.last_mut().unwrap_or(&mut 0) = l.weight.dim(0)?;
-                y.reshape(shape)
-            })
+            .map(|(y, (l, x))| l.finish(y, x))
             .collect()
     }
+}
+
+/// `x: (.., in)` as `(rows, in)`.
+fn flat_rows(x: &Tensor) -> Result<Tensor> {
+    let d_in = x.dim(D::Minus1)?;
+    x.reshape((x.elem_count() / d_in.max(1), d_in))
 }
