@@ -28,6 +28,48 @@ fn split_groups<'a>(mut out: &'a mut [f32], offsets: &[usize], w: usize) -> Vec<
     parts
 }
 
+/// `y[rows of e] = a[rows of e] · B_e` for every group `e` (`a: (N, d_a)`, `y: (N, d_y)`),
+/// groups in parallel. `B_e` is the `e`-th block of `w`, stored `(d_a, d_y)`, or stored
+/// `(d_y, d_a)` and read transposed.
+fn rows_times_blocks(
+    a: &[f32],
+    w: &[f32],
+    offsets: &[usize],
+    d_a: usize,
+    d_y: usize,
+    transposed: bool,
+) -> Vec<f32> {
+    let n = offsets.last().copied().unwrap_or(0);
+    let mut y = vec![0f32; n * d_y];
+    // strides of B_e as (row = index into d_a, column = index into d_y)
+    let (rs, cs) = if transposed { (1, d_a) } else { (d_y, 1) };
+    let parts = split_groups(&mut y, offsets, d_y);
+    parts.into_par_iter().enumerate().for_each(|(e, ye)| {
+        let (r0, rows) = (offsets[e], offsets[e + 1] - offsets[e]);
+        let we = &w[e * d_a * d_y..(e + 1) * d_a * d_y];
+        // SAFETY: ye is rows × d_y; a's rows r0.. are rows × d_a; we holds d_a · d_y values
+        // read with the strides above
+        unsafe {
+            mm(
+                rows,
+                d_y,
+                d_a,
+                ye.as_mut_ptr(),
+                d_y,
+                false,
+                a[r0 * d_a..].as_ptr(),
+                d_a,
+                1,
+                we.as_ptr(),
+                rs,
+                cs,
+                1.0,
+            )
+        }
+    });
+    y
+}
+
 impl Grouped {
     fn check(&self, x: &Layout, w: &Layout) -> CResult<(usize, usize, usize)> {
         let (n, d_in) = x.shape().dims2()?;
@@ -60,31 +102,7 @@ impl CustomOp2 for Grouped {
         let (n, d_in, d_out) = self.check(l1, l2)?;
         let x = f32_slice(s1, l1, "grouped matmul")?;
         let w = f32_slice(s2, l2, "grouped matmul")?;
-        let mut y = vec![0f32; n * d_out];
-        let parts = split_groups(&mut y, &self.offsets, d_out);
-        parts.into_par_iter().enumerate().for_each(|(e, ye)| {
-            let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
-            let we = &w[e * d_out * d_in..(e + 1) * d_out * d_in];
-            // SAFETY: ye is rows × d_out; x rows r0.. are rows × d_in; we is d_out × d_in,
-            // read transposed (k = input index, stride 1; n = output row, stride d_in)
-            unsafe {
-                mm(
-                    rows,
-                    d_out,
-                    d_in,
-                    ye.as_mut_ptr(),
-                    d_out,
-                    false,
-                    x[r0 * d_in..].as_ptr(),
-                    d_in,
-                    1,
-                    we.as_ptr(),
-                    1,
-                    d_in,
-                    1.0,
-                )
-            }
-        });
+        let y = rows_times_blocks(x, w, &self.offsets, d_in, d_out, true);
         Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
     }
     fn bwd(
@@ -125,30 +143,7 @@ impl CustomOp2 for GroupedBwdX {
         let (rows_w, d_in) = l2.shape().dims2()?;
         let groups = self.offsets.len() - 1;
         debug_assert_eq!(rows_w, groups * d_out);
-        let mut dx = vec![0f32; n * d_in];
-        let parts = split_groups(&mut dx, &self.offsets, d_in);
-        parts.into_par_iter().enumerate().for_each(|(e, dxe)| {
-            let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
-            let we = &w[e * d_out * d_in..(e + 1) * d_out * d_in];
-            // SAFETY: dxe is rows × d_in, dy rows r0.. are rows × d_out, we d_out × d_in
-            unsafe {
-                mm(
-                    rows,
-                    d_in,
-                    d_out,
-                    dxe.as_mut_ptr(),
-                    d_in,
-                    false,
-                    dy[r0 * d_out..].as_ptr(),
-                    d_out,
-                    1,
-                    we.as_ptr(),
-                    d_in,
-                    1,
-                    1.0,
-                )
-            }
-        });
+        let dx = rows_times_blocks(dy, w, &self.offsets, d_out, d_in, false);
         Ok((CpuStorage::F32(dx), Shape::from((n, d_in))))
     }
 }
