@@ -212,12 +212,7 @@ unsafe fn probs(
             }
             None => scale,
         };
-        let max = super::ops::max_of(&row[lo..n]);
-        for x in &mut row[lo..n] {
-            *x = super::ops::exp((*x - max) * s);
-        }
-        let inv = 1.0 / super::ops::sum_of(&row[lo..n]);
-        row[lo..n].iter_mut().for_each(|x| *x *= inv);
+        super::ops::softmax_in_place(&mut row[lo..n], s);
         row[..lo].iter_mut().for_each(|x| *x = 0.0);
         row[n..].iter_mut().for_each(|x| *x = 0.0);
     }

@@ -112,6 +112,16 @@ pub fn max_of(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// `v ← softmax(scale · v)` in place (max subtracted first).
+pub(crate) fn softmax_in_place(v: &mut [f32], scale: f32) {
+    let max = max_of(v);
+    for x in v.iter_mut() {
+        *x = exp((*x - max) * scale);
+    }
+    let inv = 1.0 / sum_of(v);
+    v.iter_mut().for_each(|x| *x *= inv);
+}
+
 // ---------------------------------------------------------------- SwiGLU
 
 /// `silu(g) · u` in one pass; its backward computes both input gradients in another
@@ -119,7 +129,7 @@ pub fn max_of(v: &[f32]) -> f32 {
 /// gradient accumulations more).
 struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
+pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
@@ -428,21 +438,8 @@ impl CustomOp1 for CausalSoftmax {
         let mut out = vec![0f32; x.len()];
         for_rows(&mut out, t_k, |r, o| {
             let n = self.visible(r, rows, t_k);
-            let xr = &x[r * t_k..r * t_k + n];
-            let mut max = f32::NEG_INFINITY;
-            for &v in xr {
-                max = max.max(v);
-            }
-            let mut sum = 0f32;
-            for j in 0..n {
-                let e = exp((xr[j] - max) * self.scale);
-                o[j] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            for v in &mut o[..n] {
-                *v *= inv;
-            }
+            o[..n].copy_from_slice(&x[r * t_k..r * t_k + n]);
+            softmax_in_place(&mut o[..n], self.scale);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -623,7 +620,7 @@ pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor>
 struct CrossEntropy;
 
 fn logsumexp(z: &[f32]) -> f32 {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(z);
     max + z.iter().map(|v| exp(v - max)).sum::<f32>().ln()
 }
 

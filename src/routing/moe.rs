@@ -8,6 +8,7 @@ use candle_core::{DType, Result, Tensor, D};
 use super::router::choose_experts;
 use crate::config::{MoeConfig, Scoring};
 use crate::nn::grouped::grouped_matmul;
+use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};
 
 /// What one MoE layer's router did in a forward pass.
@@ -141,11 +142,11 @@ impl MoeLayer {
     /// scatter. No-op experts add nothing.
     fn one_token(&self, xs: &Tensor, w: &Tensor, experts: &[u32]) -> Result<Tensor> {
         let mut mlps = Vec::new();
-        let mut weights = Vec::new();
+        let mut slots = Vec::new();
         for (j, &e) in experts.iter().enumerate() {
             if let Some(expert) = self.experts.get(e as usize) {
                 mlps.push(expert);
-                weights.push(w.narrow(0, j, 1)?);
+                slots.push(j);
             }
         }
         mlps.extend(&self.shared);
@@ -155,7 +156,7 @@ impl MoeLayer {
         } else {
             None
         };
-        let mut out = combine(&ys, &weights)?.map_or_else(|| xs.zeros_like(), Ok)?;
+        let mut out = combine(&ys, w, &slots)?.map_or_else(|| xs.zeros_like(), Ok)?;
         if let Some(s) = shared {
             out = (out + self.gate_shared(xs, s)?)?;
         }
@@ -477,24 +478,14 @@ fn sparse_mixer_weights(
     p.flatten_all()?.index_select(&at, 0)?.reshape((n, k))
 }
 
-/// Softmax (per row of `e`) or sigmoid of router logits, on the host, as candle's ops
-/// compute them; SparseMixer chooses by the logits themselves.
+/// Softmax (per row of `e`) or sigmoid of router logits, on the host (the values candle's
+/// ops give, to float rounding); SparseMixer chooses by the logits themselves.
 fn host_scores(mut logits: Vec<f32>, e: usize, scoring: Scoring) -> Vec<f32> {
     match scoring {
-        Scoring::Softmax => {
-            for row in logits.chunks_mut(e.max(1)) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                row.iter_mut().for_each(|v| *v /= sum);
-            }
-        }
-        Scoring::Sigmoid => logits
-            .iter_mut()
-            .for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+        Scoring::Softmax => logits
+            .chunks_mut(e.max(1))
+            .for_each(|row| softmax_in_place(row, 1.0)),
+        Scoring::Sigmoid => logits.iter_mut().for_each(|v| *v = sigmoid(*v)),
         Scoring::SparseMixer { .. } => {}
     }
     logits
@@ -518,30 +509,35 @@ fn mean_entropy(scores: &[f32], e: usize, scoring: Scoring) -> f64 {
     sum / n.max(1) as f64
 }
 
-/// `Σ_j w_j · y_j` for one token's expert outputs `y_j: (1, d)` and weights `w_j: (1)`;
-/// `None` without experts. When nothing records gradients the sum is taken on the host:
-/// as tensor ops it is 2k small ops, and as a `(1 × k)·(k × d)` matmul it took 74 µs a
-/// layer of GEMM set-up, as much as the experts' products (bench decode, moe preset).
-fn combine(ys: &[Tensor], ws: &[Tensor]) -> Result<Option<Tensor>> {
+/// `Σ_i w[slots[i]] · ys[i]` for one token's expert outputs `ys[i]: (1, d)` and its gate
+/// weights `w: (k)`; `None` without experts. When nothing records gradients the sum is
+/// taken on the host: as tensor ops it is 2k small ops, and as a `(1 × k)·(k × d)` matmul it
+/// took 74 µs a layer of GEMM set-up, as much as the experts' products (bench decode, moe
+/// preset).
+fn combine(ys: &[Tensor], w: &Tensor, slots: &[usize]) -> Result<Option<Tensor>> {
     let Some(y0) = ys.first() else {
         return Ok(None);
     };
     let host = y0.dtype() == DType::F32
-        && !ys.iter().chain(ws).any(|t| t.track_op())
+        && w.dtype() == DType::F32
+        && !ys.iter().chain([w]).any(|t| t.track_op())
         && ys.iter().all(|y| y.dims() == y0.dims());
     if host {
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; y0.elem_count()];
-        for (y, w) in ys.iter().zip(ws) {
-            let w = w.flatten_all()?.to_vec1::<f32>()?[0];
+        for (y, &j) in ys.iter().zip(slots) {
+            let wj = *wv
+                .get(j)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no gate weight {j}")))?;
             for (o, v) in out.iter_mut().zip(y.flatten_all()?.to_vec1::<f32>()?) {
-                *o += w * v;
+                *o += wj * v;
             }
         }
         return Ok(Some(Tensor::from_vec(out, y0.shape(), y0.device())?));
     }
     let mut out: Option<Tensor> = None;
-    for (y, w) in ys.iter().zip(ws) {
-        let y = y.broadcast_mul(w)?;
+    for (y, &j) in ys.iter().zip(slots) {
+        let y = y.broadcast_mul(&w.narrow(0, j, 1)?)?;
         out = Some(match out {
             Some(o) => (o + y)?,
             None => y,
