@@ -33,7 +33,7 @@ fn mlp(width: usize, rng: &mut Rng) -> Mlp {
 fn base() -> MoeConfig {
     MoeConfig {
         norm_topk: false,
-        ..common::moe(6, 2, 5)
+        ..MoeConfig::new(6, 2, 5)
     }
 }
 

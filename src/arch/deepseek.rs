@@ -30,9 +30,6 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     let n_shared = raw.opt_usize(&["n_shared_experts"]).unwrap_or(0);
     let d_expert = raw.usize(&["moe_intermediate_size"]);
     c.moe = Some(MoeConfig {
-        n_experts: raw.usize(&["n_routed_experts"]),
-        top_k: raw.usize(&["num_experts_per_tok"]),
-        d_expert,
         scoring: match raw.str(&["scoring_func"]).unwrap_or("sigmoid") {
             "softmax" => Scoring::Softmax,
             _ => Scoring::Sigmoid,
@@ -43,13 +40,11 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         topk_groups: raw.opt_usize(&["topk_group"]).unwrap_or(1),
         selection_bias: true,
         d_shared: d_expert * n_shared,
-        shared_gate: false,
-        aux_loss_coef: 0.0,
-        z_loss_coef: 0.0,
-        capacity_factor: None,
-        noop_experts: 0,
-        expert_choice: false,
-        bias_update_rate: 0.0,
+        ..MoeConfig::new(
+            raw.usize(&["n_routed_experts"]),
+            raw.usize(&["num_experts_per_tok"]),
+            d_expert,
+        )
     });
     let first_dense = raw.opt_usize(&["first_k_dense_replace"]).unwrap_or(0);
     let every = raw.opt_usize(&["moe_layer_freq"]).unwrap_or(1).max(1);

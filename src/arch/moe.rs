@@ -10,24 +10,14 @@ use crate::weights::Params;
 
 fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeConfig {
     MoeConfig {
-        n_experts: raw.usize(&["num_experts", "num_local_experts", "n_routed_experts"]),
-        top_k: raw.usize(&["num_experts_per_tok"]),
-        d_expert: raw.usize(d_expert_keys),
-        scoring: Scoring::Softmax,
         norm_topk: raw.bool_or("norm_topk_prob", norm_topk_default),
-        routed_scale: 1.0,
-        n_groups: 1,
-        topk_groups: 1,
-        selection_bias: false,
-        d_shared: 0,
-        shared_gate: false,
         // used when fine-tuning
         aux_loss_coef: raw.f64_or(&["router_aux_loss_coef"], 0.0),
-        z_loss_coef: 0.0,
-        capacity_factor: None,
-        noop_experts: 0,
-        expert_choice: false,
-        bias_update_rate: 0.0,
+        ..MoeConfig::new(
+            raw.usize(&["num_experts", "num_local_experts", "n_routed_experts"]),
+            raw.usize(&["num_experts_per_tok"]),
+            raw.usize(d_expert_keys),
+        )
     }
 }
 

@@ -228,6 +228,31 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
+    /// `top_k` of `n_experts` experts of width `d_expert`, softmax scores renormalised over
+    /// the chosen ones, and nothing else: no groups, selection bias, shared or no-op
+    /// experts, capacity limit or auxiliary losses. Variants change fields from here.
+    pub fn new(n_experts: usize, top_k: usize, d_expert: usize) -> Self {
+        MoeConfig {
+            n_experts,
+            top_k,
+            d_expert,
+            scoring: Scoring::Softmax,
+            norm_topk: true,
+            routed_scale: 1.0,
+            n_groups: 1,
+            topk_groups: 1,
+            selection_bias: false,
+            d_shared: 0,
+            shared_gate: false,
+            aux_loss_coef: 0.0,
+            z_loss_coef: 0.0,
+            capacity_factor: None,
+            noop_experts: 0,
+            expert_choice: false,
+            bias_update_rate: 0.0,
+        }
+    }
+
     /// Router outputs: the experts and the no-op experts.
     pub fn slots(&self) -> usize {
         self.n_experts + self.noop_experts

@@ -125,7 +125,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 shared_gate: true,
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
-                ..moe(6, 2, 8)
+                ..MoeConfig::new(6, 2, 8)
             });
             c.layers = vec![
                 LayerSpec::default(),
@@ -142,7 +142,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.moe = Some(MoeConfig {
                 aux_loss_coef: 0.02,
                 z_loss_coef: 0.001,
-                ..moe(4, 2, 16)
+                ..MoeConfig::new(4, 2, 16)
             });
             c.layers = vec![
                 LayerSpec {
@@ -197,7 +197,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             });
             c.moe = Some(MoeConfig {
                 aux_loss_coef: 0.01,
-                ..moe(4, 2, 8)
+                ..MoeConfig::new(4, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -232,7 +232,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 scoring: Scoring::SparseMixer { eps: 0.3 },
                 norm_topk: false,
                 aux_loss_coef: 0.01,
-                ..moe(4, 2, 8)
+                ..MoeConfig::new(4, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -251,7 +251,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
                 noop_experts: 2,
-                ..moe(3, 2, 8)
+                ..MoeConfig::new(3, 2, 8)
             });
             c.layers = vec![
                 LayerSpec {
@@ -268,31 +268,6 @@ pub fn tiny(variant: usize) -> ModelConfig {
 }
 
 pub const VARIANTS: usize = 16;
-
-/// A token-choice Mixture-of-Experts layer of `n_experts` experts of width `d_expert`,
-/// top-`top_k` softmax routing renormalised, every other option off (no auxiliary losses):
-/// the base the variants and tests override.
-pub fn moe(n_experts: usize, top_k: usize, d_expert: usize) -> MoeConfig {
-    MoeConfig {
-        n_experts,
-        top_k,
-        d_expert,
-        scoring: Scoring::Softmax,
-        norm_topk: true,
-        routed_scale: 1.0,
-        n_groups: 1,
-        topk_groups: 1,
-        selection_bias: false,
-        d_shared: 0,
-        shared_gate: false,
-        aux_loss_coef: 0.0,
-        z_loss_coef: 0.0,
-        capacity_factor: None,
-        noop_experts: 0,
-        expert_choice: false,
-        bias_update_rate: 0.0,
-    }
-}
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
