@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::causal_attention::mm;
-use super::ops::f32_slice;
+use super::ops::{f32_slice, output_buffer};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -40,7 +40,11 @@ fn rows_times_blocks(
     transposed: bool,
 ) -> Vec<f32> {
     let n = offsets.last().copied().unwrap_or(0);
-    let mut y = vec![0f32; n * d_y];
+    if d_a == 0 {
+        return vec![0f32; n * d_y];
+    }
+    // every row belongs to one group, whose product writes it
+    let mut y = output_buffer(n * d_y);
     // strides of B_e as (row = index into d_a, column = index into d_y)
     let (rs, cs) = if transposed { (1, d_a) } else { (d_y, 1) };
     let parts = split_groups(&mut y, offsets, d_y);
@@ -169,13 +173,14 @@ impl CustomOp2 for GroupedBwdW {
         let (_, d_out) = l1.shape().dims2()?;
         let (_, d_in) = l2.shape().dims2()?;
         let groups = self.offsets.len() - 1;
-        let mut dw = vec![0f32; groups * d_out * d_in];
+        let mut dw = output_buffer(groups * d_out * d_in);
         dw.par_chunks_mut(d_out * d_in)
             .enumerate()
             .for_each(|(e, dwe)| {
                 let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
                 if rows == 0 {
-                    return; // an expert without tokens gets a zero gradient
+                    dwe.fill(0.0); // an expert without tokens gets a zero gradient
+                    return;
                 }
                 // SAFETY: dwe is d_out × d_in; dyᵀ of the group is d_out × rows (row
                 // stride 1, column stride d_out); x of the group is rows × d_in

@@ -24,6 +24,18 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResul
     }
 }
 
+/// An output buffer of `n` floats for a kernel that writes every element before anything
+/// reads it: `vec![0.0; n]` would first zero-fill it, a pass as large as the output (a few
+/// percent of a training step over all the kernels).
+#[allow(clippy::uninit_vec)]
+pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `n` values
+    // before the buffer is read or handed out
+    unsafe { v.set_len(n) };
+    v
+}
+
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]> {
     let data = s.as_slice::<u32>()?;
     match l.contiguous_offsets() {
@@ -158,7 +170,7 @@ impl CustomOp2 for SwiGlu {
     ) -> CResult<(CpuStorage, Shape)> {
         let g = f32_slice(s1, l1, "swiglu")?;
         let u = f32_slice(s2, l2, "swiglu")?;
-        let mut out = vec![0f32; g.len()];
+        let mut out = output_buffer(g.len());
         for_chunks(&mut out, |at, o| {
             for ((o, &g), &u) in o.iter_mut().zip(&g[at..]).zip(&u[at..]) {
                 *o = g * sigmoid(g) * u;
@@ -201,7 +213,7 @@ impl CustomOp3 for SwiGluBwd {
         let u = f32_slice(s2, l2, "swiglu bwd")?;
         let dy = f32_slice(s3, l3, "swiglu bwd")?;
         let n = g.len();
-        let mut out = vec![0f32; 2 * n];
+        let mut out = output_buffer(2 * n);
         let (dg, du) = out.split_at_mut(n);
         // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
         for_chunks(dg, |at, o| {
@@ -258,7 +270,7 @@ impl CustomOp2 for RmsNorm {
         let x = f32_slice(s1, l1, "rms_norm")?;
         let w = f32_slice(s2, l2, "rms_norm")?;
         let d = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         for_rows(&mut out, d, |r, o| {
             let xr = &x[r * d..(r + 1) * d];
             let s = rstd(xr, self.eps);
@@ -304,7 +316,7 @@ impl CustomOp3 for RmsNormBwdX {
         let w = f32_slice(s2, l2, "rms_norm bwd")?;
         let dy = f32_slice(s3, l3, "rms_norm bwd")?;
         let d = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = output_buffer(x.len());
         for_rows(&mut out, d, |r, o| {
             let xr = &x[r * d..(r + 1) * d];
             let g = &dy[r * d..(r + 1) * d];
@@ -471,7 +483,7 @@ impl CustomOp2 for SoftmaxBwd {
         let p = f32_slice(s1, l1, "softmax bwd")?;
         let dp = f32_slice(s2, l2, "softmax bwd")?;
         let w = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut out = vec![0f32; p.len()];
+        let mut out = output_buffer(p.len());
         for_rows(&mut out, w, |r, o| {
             let pr = &p[r * w..(r + 1) * w];
             let gr = &dp[r * w..(r + 1) * w];
@@ -682,7 +694,7 @@ impl CustomOp3 for CrossEntropyBwd {
         let y = u32_slice(s2, l2, "cross_entropy bwd")?;
         let g = f32_slice(s3, l3, "cross_entropy bwd")?;
         let v = l1.shape().dims2()?.1;
-        let mut out = vec![0f32; z.len()];
+        let mut out = output_buffer(z.len());
         for_rows(&mut out, v, |r, o| {
             let zr = &z[r * v..(r + 1) * v];
             let lse = logsumexp(zr);
