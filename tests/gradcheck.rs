@@ -310,6 +310,14 @@ fn fused_kernels_match_references_f32() {
         &|t| routelm::nn::grouped::grouped_matmul_reference(&t[0], &t[1], &offsets).unwrap(),
         1e-5,
     );
+    // the gate-weighted combine: rows receive several entries, one row (2) none
+    let rows = [4u32, 0, 4, 1, 3, 0, 4];
+    compare(
+        &[randn(&[7, 6], f, 44), randn(&[7], f, 45)],
+        &|t| routelm::nn::grouped::weighted_scatter(&t[0], &t[1], &rows, 5).unwrap(),
+        &|t| routelm::nn::grouped::weighted_scatter_reference(&t[0], &t[1], &rows, 5).unwrap(),
+        1e-5,
+    );
     // SwiGLU in one pass, large enough to run in parallel chunks
     compare(
         &[randn(&[3, 50, 130], f, 40), randn(&[3, 50, 130], f, 41)],

@@ -4,7 +4,7 @@
 //! for all the experts of a layer instead of a gather, three matmuls, a weighting and a
 //! full-size gradient per expert.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::causal_attention::mm;
@@ -238,4 +238,148 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CR
         return Tensor::zeros((0, d_out), x.dtype(), x.device());
     }
     Tensor::cat(&parts, 0)
+}
+
+/// `out[rows[i]] += w[i] · y[i]` into `n` zero rows: the gate-weighted combine of routed
+/// expert outputs, one graph node instead of a broadcast multiply and an indexed add.
+struct WeightedScatter {
+    rows: Vec<u32>,
+    n: usize,
+}
+
+impl WeightedScatter {
+    fn check(&self, y: &Layout, w: &Layout) -> CResult<usize> {
+        let (m, d) = y.shape().dims2()?;
+        if w.shape().elem_count() != m
+            || self.rows.len() != m
+            || self.rows.iter().any(|&r| r as usize >= self.n)
+        {
+            candle_core::bail!(
+                "weighted scatter: y {:?}, w {:?}, {} rows into {}",
+                y.shape(),
+                w.shape(),
+                self.rows.len(),
+                self.n
+            )
+        }
+        Ok(d)
+    }
+}
+
+impl CustomOp2 for WeightedScatter {
+    fn name(&self) -> &'static str {
+        "routelm-weighted-scatter"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let d = self.check(l1, l2)?;
+        let y = f32_slice(s1, l1, "weighted scatter")?;
+        let w = f32_slice(s2, l2, "weighted scatter")?;
+        let mut out = vec![0f32; self.n * d];
+        // sequential: several entries add into the same row
+        for (i, &r) in self.rows.iter().enumerate() {
+            let o = &mut out[r as usize * d..(r as usize + 1) * d];
+            for (o, &v) in o.iter_mut().zip(&y[i * d..(i + 1) * d]) {
+                *o += w[i] * v;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((self.n, d))))
+    }
+    fn bwd(
+        &self,
+        y: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (m, d) = y.dims2()?;
+        let both = y.apply_op3_no_bwd(
+            &w.contiguous()?,
+            &dout.contiguous()?,
+            &WeightedScatterBwd {
+                rows: self.rows.clone(),
+            },
+        )?;
+        let dy = both.narrow(0, 0, m * d)?.reshape((m, d))?;
+        let dw = both.narrow(0, m * d, m)?.reshape(w.shape())?;
+        Ok((Some(dy), Some(dw)))
+    }
+}
+
+/// `dy[i] = w[i] · dout[rows[i]]` and `dw[i] = dout[rows[i]] · y[i]`, in one buffer.
+struct WeightedScatterBwd {
+    rows: Vec<u32>,
+}
+
+impl CustomOp3 for WeightedScatterBwd {
+    fn name(&self) -> &'static str {
+        "routelm-weighted-scatter-bwd"
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "weighted scatter bwd")?;
+        let w = f32_slice(s2, l2, "weighted scatter bwd")?;
+        let dout = f32_slice(s3, l3, "weighted scatter bwd")?;
+        let (m, d) = l1.shape().dims2()?;
+        let mut out = output_buffer(m * d + m);
+        let (dy, dw) = out.split_at_mut(m * d);
+        dy.par_chunks_mut(d.max(1))
+            .zip(dw.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (dyi, dwi))| {
+                let r = self.rows[i] as usize;
+                let g = &dout[r * d..(r + 1) * d];
+                let yi = &y[i * d..(i + 1) * d];
+                let mut dot = 0f32;
+                for ((o, &gv), &yv) in dyi.iter_mut().zip(g).zip(yi) {
+                    *o = w[i] * gv;
+                    dot += gv * yv;
+                }
+                *dwi = dot;
+            });
+        Ok((CpuStorage::F32(out), Shape::from(m * d + m)))
+    }
+}
+
+/// `out[rows[i]] += w[i] · y[i]` for `y: (M, d)`, `w: (M)`, into `n` rows that start at
+/// zero (`rows[i] < n`). f32 on the CPU runs one fused op; otherwise a broadcast multiply
+/// and an indexed add.
+pub fn weighted_scatter(y: &Tensor, w: &Tensor, rows: &[u32], n: usize) -> CResult<Tensor> {
+    if y.device().is_cpu() && y.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return y.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            WeightedScatter {
+                rows: rows.to_vec(),
+                n,
+            },
+        );
+    }
+    weighted_scatter_reference(y, w, rows, n)
+}
+
+/// [`weighted_scatter`] from candle's own ops.
+pub fn weighted_scatter_reference(
+    y: &Tensor,
+    w: &Tensor,
+    rows: &[u32],
+    n: usize,
+) -> CResult<Tensor> {
+    let d = y.dim(1)?;
+    let out = Tensor::zeros((n, d), y.dtype(), y.device())?;
+    let idx = Tensor::new(rows, y.device())?;
+    let wy = y.broadcast_mul(&w.reshape((rows.len(), 1))?)?;
+    out.index_add(&idx, &wy, 0)
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::router::choose_experts;
 use crate::config::{MoeConfig, Scoring};
-use crate::nn::grouped::grouped_matmul;
+use crate::nn::grouped::{grouped_matmul, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};
 
@@ -304,8 +304,8 @@ impl MoeLayer {
         })
     }
 
-    /// Gather each expert's rows, run the expert on them, weight, and add back in one
-    /// indexed add.
+    /// Gather each expert's rows, run the expert on them, and add the outputs back weighted
+    /// by their gates in one scatter.
     fn dispatch(
         &self,
         xs: &Tensor,
@@ -317,33 +317,27 @@ impl MoeLayer {
             return Ok(out);
         }
         let mut all_rows = Vec::new();
+        let mut all_slots = Vec::new();
         let mut outs = Vec::new();
         for (e, expert) in self.experts.iter().enumerate() {
             if rows[e].is_empty() {
                 continue;
             }
             let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
-            let we = w
-                .index_select(&Tensor::new(slots[e].as_slice(), xs.device())?, 0)?
-                .unsqueeze(1)?;
-            outs.push(
-                expert
-                    .forward(&xs.index_select(&idx, 0)?)?
-                    .broadcast_mul(&we)?,
-            );
+            outs.push(expert.forward(&xs.index_select(&idx, 0)?)?);
             all_rows.extend_from_slice(&rows[e]);
+            all_slots.extend_from_slice(&slots[e]);
         }
-        let out = xs.zeros_like()?;
         if outs.is_empty() {
-            return Ok(out);
+            return xs.zeros_like();
         }
-        let idx = Tensor::new(all_rows.as_slice(), xs.device())?;
-        out.index_add(&idx, &Tensor::cat(&outs, 0)?, 0)
+        let weights = w.index_select(&Tensor::new(all_slots.as_slice(), xs.device())?, 0)?;
+        weighted_scatter(&Tensor::cat(&outs, 0)?, &weights, &all_rows, xs.dim(0)?)
     }
 
     /// [`MoeLayer::dispatch`] for SwiGLU experts without biases: one gather of every
     /// routed row sorted by expert, each projection of all the experts as one grouped
-    /// product over their stacked weights, one weighted indexed add back. `None` when the
+    /// product over their stacked weights, one weighted scatter back. `None` when the
     /// experts are of another kind.
     fn dispatch_grouped(
         &self,
@@ -367,16 +361,13 @@ impl MoeLayer {
         for r in &rows[..n_experts] {
             offsets.push(offsets[offsets.len() - 1] + r.len());
         }
-        let out = xs.zeros_like()?;
         if offsets[n_experts] == 0 {
-            return Ok(Some(out));
+            return Ok(Some(xs.zeros_like()?));
         }
         let order: Vec<u32> = rows[..n_experts].concat();
         let order_slots: Vec<u32> = slots[..n_experts].concat();
         let idx = Tensor::new(order.as_slice(), xs.device())?;
-        let weights = w
-            .index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?
-            .unsqueeze(1)?;
+        let weights = w.index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?;
         let stack = |f: &dyn Fn(&Mlp) -> Option<&Tensor>| {
             Tensor::cat(&self.experts.iter().filter_map(f).collect::<Vec<_>>(), 0)
         };
@@ -388,8 +379,8 @@ impl MoeLayer {
             &grouped_matmul(&xg, &gate, &offsets)?,
             &grouped_matmul(&xg, &up, &offsets)?,
         )?;
-        let y = grouped_matmul(&h, &down, &offsets)?.broadcast_mul(&weights)?;
-        Ok(Some(out.index_add(&idx, &y, 0)?))
+        let y = grouped_matmul(&h, &down, &offsets)?;
+        Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
     }
 
     /// `coef_aux · E · Σ_e f_e P_e + coef_z · mean(logsumexp(logits)²)`, where `f_e` is the
