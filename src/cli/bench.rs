@@ -52,8 +52,8 @@ enum What {
     /// routers have learnt their capacity), with the share of new tokens each routed block
     /// processed.
     Mod {
-        /// Timed training steps per model (the median is reported; this machine's step
-        /// times vary, more steps steady the ratio).
+        /// Timed training steps per model, interleaved; the speedup is the median of the
+        /// ratios of adjacent steps (this machine's speed drifts; more steps steady it).
         #[arg(long, default_value_t = 12)]
         steps: usize,
         /// Training steps before sampling: the routers' causal deciders need about 150 to
@@ -70,11 +70,12 @@ enum What {
     /// `train-small` with the same active parameters, measured in one run: training step
     /// time ratio and decode tokens/s ratio.
     Moe {
-        /// Timed training steps per model, the two models' steps interleaved (the median
-        /// is reported)
+        /// Timed training steps per model, the two models' steps interleaved; the ratio is
+        /// the median of the ratios of adjacent steps, the step times their medians
         #[arg(long, default_value_t = 8)]
         steps: usize,
-        /// Tokens per decode pass; each model's best of 4 passes, the models in turn
+        /// Tokens per decode pass; 5 rounds of one pass per model in turn, the ratio the
+        /// median of the rounds' ratios, the speeds each model's best
         #[arg(long, default_value_t = 128)]
         tokens: usize,
         #[arg(long)]
@@ -146,6 +147,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of `b[i] / a[i]` over measurements taken in pairs, one right after the
+/// other: the machine's drift in speed between pairs cancels out of each ratio.
+fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a.iter().zip(b).map(|(x, y)| y / x).collect())
+}
+
 fn preset(name: &str) -> Result<(ModelConfig, TrainConfig)> {
     let p = super::load_preset(name)?;
     let cfg = p.model.resolve(name)?;
@@ -156,13 +163,13 @@ fn preset(name: &str) -> Result<(ModelConfig, TrainConfig)> {
 
 /// Median training step time (seconds) of a preset on random tokens.
 fn step_time(name: &str, steps: usize) -> Result<(f64, ModelConfig, TrainConfig)> {
-    let mut all = step_times(&[name], steps)?;
-    Ok(all.remove(0))
+    let (times, cfg, train) = step_times(&[name], steps)?.remove(0);
+    Ok((median(times), cfg, train))
 }
 
 /// [`step_time`] of several presets, their steps interleaved (one of each in turn) so
 /// that the machine's drift in speed reaches them alike.
-fn step_times(names: &[&str], steps: usize) -> Result<Vec<(f64, ModelConfig, TrainConfig)>> {
+fn step_times(names: &[&str], steps: usize) -> Result<Vec<(Vec<f64>, ModelConfig, TrainConfig)>> {
     let device = super::device();
     let mut runs = Vec::new();
     for name in names {
@@ -192,21 +199,24 @@ fn step_times(names: &[&str], steps: usize) -> Result<Vec<(f64, ModelConfig, Tra
     pb.finish_and_clear();
     Ok(runs
         .into_iter()
-        .map(|(_, _, cfg, train, times)| (median(times), cfg, train))
+        .map(|(_, _, cfg, train, times)| (times, cfg, train))
         .collect())
 }
 
-/// Best decode speed (tokens/s) of each model over `rounds` rounds of one pass each,
-/// the models in turn within a round.
-fn paired_decode_speeds(models: &[&Model], tokens: usize, rounds: usize) -> Result<Vec<f64>> {
-    let mut best = vec![0f64; models.len()];
+/// Decode speed (tokens/s) of each model in each of `rounds` rounds of one pass each, the
+/// models in turn within a round: `speeds[model][round]`.
+fn paired_decode_speeds(models: &[&Model], tokens: usize, rounds: usize) -> Result<Vec<Vec<f64>>> {
+    let mut speeds = vec![Vec::new(); models.len()];
     for _ in 0..rounds {
-        for (b, m) in best.iter_mut().zip(models) {
-            let s = decode_passes(m, tokens, 1, || Ok(()))?;
-            *b = s.into_iter().fold(*b, f64::max);
+        for (s, m) in speeds.iter_mut().zip(models) {
+            s.extend(decode_passes(m, tokens, 1, || Ok(()))?);
         }
     }
-    Ok(best)
+    Ok(speeds)
+}
+
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0f64, f64::max)
 }
 
 /// Greedy decode speed (tokens/s) after a prompt of up to 32 tokens, best of 2 passes.
@@ -348,12 +358,13 @@ fn bench_decode(
 
 fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
     let times = step_times(&["train-small", "moe"], steps)?;
-    let ((dense_s, dense_cfg, _), (moe_s, moe_cfg, _)) = (&times[0], &times[1]);
-    let (dense_s, moe_s) = (*dense_s, *moe_s);
+    let ((dense_t, dense_cfg, _), (moe_t, moe_cfg, _)) = (&times[0], &times[1]);
+    let (dense_s, moe_s) = (median(dense_t.clone()), median(moe_t.clone()));
     let (dense, moe) = (random_model(dense_cfg)?, random_model(moe_cfg)?);
-    let tps = paired_decode_speeds(&[&dense, &moe], tokens, 4)?;
-    let (dense_tps, moe_tps) = (tps[0], tps[1]);
-    let (train_ratio, decode_ratio) = (moe_s / dense_s, moe_tps / dense_tps);
+    let tps = paired_decode_speeds(&[&dense, &moe], tokens, 5)?;
+    let (dense_tps, moe_tps) = (best(&tps[0]), best(&tps[1]));
+    let train_ratio = paired_ratio(dense_t, moe_t);
+    let decode_ratio = paired_ratio(&tps[0], &tps[1]);
     if json {
         println!(
             "{}",
@@ -362,11 +373,11 @@ fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
     } else {
         println!("bench moe (8 experts top-2 vs dense with the same active parameters)");
         println!(
-            "  train step: dense {:.1} ms, MoE {:.1} ms, ratio {train_ratio:.3} (target <= 1.15)",
+            "  train step: dense {:.1} ms, MoE {:.1} ms (medians), ratio {train_ratio:.3} (median of adjacent pairs; target <= 1.15)",
             dense_s * 1e3,
             moe_s * 1e3
         );
-        println!("  decode:     dense {dense_tps:.1} tok/s, MoE {moe_tps:.1} tok/s, ratio {decode_ratio:.3} (target >= 0.8)");
+        println!("  decode:     dense {dense_tps:.1} tok/s, MoE {moe_tps:.1} tok/s, ratio {decode_ratio:.3} (median of 5 paired rounds; target >= 0.8)");
     }
     Ok(())
 }
@@ -419,13 +430,14 @@ fn bench_mod(steps: usize, warm_steps: usize, tokens: usize, json: bool) -> Resu
     let ledger = |c: &ModelConfig| FlopLedger::new(c, train.seq_len).forward_per_token();
     let flops_ratio = ledger(&mod_cfg) / ledger(&dense_cfg);
     let times = step_times(&["train-small", "mod"], steps)?;
-    let (dense_s, mod_s) = (times[0].0, times[1].0);
+    let (dense_s, mod_s) = (median(times[0].0.clone()), median(times[1].0.clone()));
     let dense = briefly_trained("train-small", warm_steps)?;
     let routed = briefly_trained("mod", warm_steps)?;
-    let tps = paired_decode_speeds(&[&dense, &routed], tokens, 4)?;
-    let (dense_tps, mod_tps) = (tps[0], tps[1]);
+    let tps = paired_decode_speeds(&[&dense, &routed], tokens, 5)?;
+    let (dense_tps, mod_tps) = (best(&tps[0]), best(&tps[1]));
     let shares = processed_shares(&routed, tokens)?;
-    let (train_speedup, sample_speedup) = (dense_s / mod_s, mod_tps / dense_tps);
+    let train_speedup = paired_ratio(&times[1].0, &times[0].0);
+    let sample_speedup = paired_ratio(&tps[0], &tps[1]);
     if json {
         let per_block: serde_json::Map<String, serde_json::Value> = shares
             .iter()
