@@ -6,6 +6,7 @@ use std::time::Instant;
 use routelm::model::{init::init_params, Model};
 use routelm::train::data::Dataset;
 use routelm::train::rng::Rng;
+use routelm::train::Precision;
 use routelm::{FlopLedger, ModelConfig, TrainConfig, Trainer};
 
 /// Performance measurements that print numbers and ratios (`--json` for machines).
@@ -27,6 +28,10 @@ enum What {
         /// Timed steps (after 2 warm-up steps); the median is reported.
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Matrix-product precision: f32, or bf16 (mixed, on CPUs with AVX512-BF16); the
+        /// peak is f32's either way.
+        #[arg(long, default_value = "f32")]
+        precision: routelm::train::Precision,
         #[arg(long)]
         json: bool,
     },
@@ -88,8 +93,9 @@ pub fn run(a: Args) -> Result<()> {
         What::Train {
             config,
             steps,
+            precision,
             json,
-        } => bench_train(&config, steps, json),
+        } => bench_train(&config, steps, precision, json),
         What::Decode {
             model,
             config,
@@ -162,18 +168,27 @@ fn preset(name: &str) -> Result<(ModelConfig, TrainConfig)> {
 }
 
 /// Median training step time (seconds) of a preset on random tokens.
-fn step_time(name: &str, steps: usize) -> Result<(f64, ModelConfig, TrainConfig)> {
-    let (times, cfg, train) = step_times(&[name], steps)?.remove(0);
+fn step_time(
+    name: &str,
+    steps: usize,
+    precision: Precision,
+) -> Result<(f64, ModelConfig, TrainConfig)> {
+    let (times, cfg, train) = step_times(&[name], steps, precision)?.remove(0);
     Ok((median(times), cfg, train))
 }
 
 /// [`step_time`] of several presets, their steps interleaved (one of each in turn) so
 /// that the machine's drift in speed reaches them alike.
-fn step_times(names: &[&str], steps: usize) -> Result<Vec<(Vec<f64>, ModelConfig, TrainConfig)>> {
+fn step_times(
+    names: &[&str],
+    steps: usize,
+    precision: Precision,
+) -> Result<Vec<(Vec<f64>, ModelConfig, TrainConfig)>> {
     let device = super::device();
     let mut runs = Vec::new();
     for name in names {
-        let (cfg, train) = preset(name)?;
+        let (cfg, mut train) = preset(name)?;
+        train.precision = precision;
         let mut rng = Rng::new(0);
         let tokens: Vec<u32> = (0..200_000)
             .map(|_| rng.below(cfg.vocab_size) as u32)
@@ -264,8 +279,8 @@ fn random_model(cfg: &ModelConfig) -> Result<Model> {
     Ok(Model::new(cfg, &params, "random init")?)
 }
 
-fn bench_train(name: &str, steps: usize, json: bool) -> Result<()> {
-    let (step_s, cfg, train) = step_time(name, steps)?;
+fn bench_train(name: &str, steps: usize, precision: Precision, json: bool) -> Result<()> {
+    let (step_s, cfg, train) = step_time(name, steps, precision)?;
     let tokens_per_s = (train.batch_size * train.seq_len * train.grad_accum) as f64 / step_s;
     let ledger = FlopLedger::new(&cfg, train.seq_len);
     let achieved = tokens_per_s * ledger.train_per_token() / 1e9;
@@ -278,14 +293,16 @@ fn bench_train(name: &str, steps: usize, json: bool) -> Result<()> {
                 "preset": name, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
                 "achieved_gflops": achieved, "peak_gflops": peak, "ratio": ratio,
                 "threads": rayon::current_num_threads(),
+                "precision": format!("{precision:?}").to_lowercase(),
             })
         );
     } else {
         println!(
-            "bench train ({name}, {:.2}M params, batch {} x {} tokens)",
+            "bench train ({name}, {:.2}M params, batch {} x {} tokens, {} products)",
             ledger.total_params as f64 / 1e6,
             train.batch_size,
-            train.seq_len
+            train.seq_len,
+            format!("{precision:?}").to_lowercase()
         );
         println!("  step time (median of {steps}): {:.1} ms", step_s * 1e3);
         println!("  tokens/s:                     {tokens_per_s:.0}");
@@ -357,7 +374,7 @@ fn bench_decode(
 }
 
 fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
-    let times = step_times(&["train-small", "moe"], steps)?;
+    let times = step_times(&["train-small", "moe"], steps, Precision::F32)?;
     let ((dense_t, dense_cfg, _), (moe_t, moe_cfg, _)) = (&times[0], &times[1]);
     let (dense_s, moe_s) = (median(dense_t.clone()), median(moe_t.clone()));
     let (dense, moe) = (random_model(dense_cfg)?, random_model(moe_cfg)?);
@@ -429,7 +446,7 @@ fn bench_mod(steps: usize, warm_steps: usize, tokens: usize, json: bool) -> Resu
     let (mod_cfg, train) = preset("mod")?;
     let ledger = |c: &ModelConfig| FlopLedger::new(c, train.seq_len).forward_per_token();
     let flops_ratio = ledger(&mod_cfg) / ledger(&dense_cfg);
-    let times = step_times(&["train-small", "mod"], steps)?;
+    let times = step_times(&["train-small", "mod"], steps, Precision::F32)?;
     let (dense_s, mod_s) = (median(times[0].0.clone()), median(times[1].0.clone()));
     let dense = briefly_trained("train-small", warm_steps)?;
     let routed = briefly_trained("mod", warm_steps)?;

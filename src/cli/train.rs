@@ -30,6 +30,11 @@ pub struct Args {
     /// Override the preset's seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Matrix-product precision: f32, or bf16 (mixed: the projections' products forward and
+    /// backward with bf16 operands and f32 sums, on CPUs with AVX512-BF16; parameters,
+    /// gradients and optimizer state stay f32). Overrides the preset's `precision`.
+    #[arg(long)]
+    precision: Option<routelm::train::Precision>,
     /// Stop after this step with a checkpoint, as if interrupted (for testing resume).
     #[arg(long)]
     stop_after: Option<usize>,
@@ -72,6 +77,9 @@ pub fn run(a: Args) -> Result<()> {
             }
             if let Some(s) = a.seed {
                 preset.train.seed = Some(s);
+            }
+            if let Some(p) = a.precision {
+                preset.train.precision = Some(p);
             }
             let (model, init) = match &a.init {
                 Some(dir) => {

@@ -17,6 +17,13 @@ pub enum Ffn {
 }
 
 impl Ffn {
+    fn linears_mut(&mut self) -> Vec<&mut crate::nn::Linear> {
+        match self {
+            Ffn::Dense(m) => m.linears_mut(),
+            Ffn::Moe(m) => m.linears_mut(),
+        }
+    }
+
     fn forward(&self, x: &Tensor, stats: &mut Option<MoeStats>, aux: bool) -> Result<Tensor> {
         match self {
             Ffn::Dense(m) => m.forward(x),
@@ -50,6 +57,13 @@ fn maybe(norm: &Option<Norm>, x: Tensor) -> Result<Tensor> {
 }
 
 impl Block {
+    /// Its projections: attention, then feed-forward.
+    pub fn linears_mut(&mut self) -> Vec<&mut crate::nn::Linear> {
+        let mut v = self.attn.linears_mut();
+        v.extend(self.ffn.linears_mut());
+        v
+    }
+
     /// The block's output, and its router's statistics when the FFN is a Mixture of Experts.
     pub fn forward(
         &self,

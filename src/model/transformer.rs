@@ -127,6 +127,18 @@ pub fn tensor_problems<'a>(
 }
 
 impl Model {
+    /// Mixed precision for every projection and the head: products of more than a few rows
+    /// (forward and backward) with bf16 operands and f32 sums, on CPUs with AVX512-BF16
+    /// (elsewhere they stay f32). Parameters, activations and the optimizer stay f32.
+    pub fn set_bf16_matmul(&mut self, on: bool) {
+        for b in &mut self.blocks {
+            for l in b.linears_mut() {
+                l.bf16 = on;
+            }
+        }
+        self.head.bf16 = on;
+    }
+
     /// Build the model from its parameters; `origin` names where they came from in errors.
     pub fn new(
         config: &ModelConfig,

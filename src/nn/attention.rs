@@ -52,6 +52,20 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Its projections.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = match &mut self.proj {
+            Projections::Standard { q, k, v } => vec![q, k, v],
+            Projections::Latent(l) => {
+                let mut v: Vec<&mut Linear> = l.q_a.iter_mut().map(|(q, _)| q).collect();
+                v.extend([&mut l.q_b, &mut l.kv_a, &mut l.kv_b]);
+                v
+            }
+        };
+        v.push(&mut self.o);
+        v
+    }
+
     /// Standard projections: q, k, v in `(b, t, heads, head_dim)`, q/k norms applied,
     /// before rotary.
     fn standard(

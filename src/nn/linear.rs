@@ -6,17 +6,32 @@ use candle_core::{Result, Tensor, D};
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Mixed precision: products of more than a few rows (and their gradients) with bf16
+    /// operands and f32 sums, where the CPU has AVX512-BF16 ([`super::bf16`]).
+    pub bf16: bool,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            bf16: false,
+        }
     }
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x2 = flat_rows(x)?;
         // decoding: a few rows are bound by reading the weight once (skinny path)
-        let y = super::matvec::matmul_t(&flat_rows(x)?, &self.weight)?;
+        let y = match self.bf16 && x2.dim(0)? > super::matvec::MAX_ROWS {
+            true => super::bf16::matmul_t(&x2, &self.weight)?,
+            false => None,
+        };
+        let y = match y {
+            Some(y) => y,
+            None => super::matvec::matmul_t(&x2, &self.weight)?,
+        };
         self.finish(y, x)
     }
 

@@ -14,6 +14,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Its projections.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = self.gate.iter_mut().collect();
+        v.extend([&mut self.up, &mut self.down]);
+        v
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(Self::forward_many(&[self], x)?.remove(0))
     }

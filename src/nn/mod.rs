@@ -3,6 +3,7 @@
 //! as tensors and branches only on config options.
 
 pub mod attention;
+pub mod bf16;
 pub mod causal_attention;
 pub mod grouped;
 pub mod linear;

@@ -54,6 +54,16 @@ pub struct MoeLayer {
 }
 
 impl MoeLayer {
+    /// The experts' projections (the router stays a plain f32 product).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = Vec::new();
+        for m in self.experts.iter_mut().chain(self.shared.iter_mut()) {
+            v.extend(m.linears_mut());
+        }
+        v.extend(self.shared_gate.iter_mut());
+        v
+    }
+
     /// `x: (b, t, d)` → `(b, t, d)` and the router's statistics.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, MoeStats)> {
         self.forward_with(x, true)

@@ -13,6 +13,30 @@ use serde::{Deserialize, Serialize};
 
 pub use trainer::{Event, RunOptions, RunSummary, Trainer};
 
+/// Precision of the matrix products in training (parameters, activations, gradients and
+/// optimizer state are f32 either way).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Mixed: the projections' products, forward and backward, with bf16 operands and f32
+    /// sums (as PyTorch's bf16 autocast), on CPUs with AVX512-BF16; f32 elsewhere.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision {s:?} (expected f32 or bf16)")),
+        }
+    }
+}
+
 /// A resolved training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +75,9 @@ pub struct TrainConfig {
     /// Fraction of the tokens held out for validation.
     pub val_fraction: f64,
     pub seed: u64,
+    /// Matrix-product precision (absent from checkpoints written before it existed: f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// The file form of [`TrainConfig`] (`[train]` in a preset); every field has a default.
@@ -96,6 +123,8 @@ pub struct TrainConfigFile {
     pub val_fraction: Option<f64>,
     /// Default 1337.
     pub seed: Option<u64>,
+    /// `"f32"` (default) or `"bf16"` (mixed precision).
+    pub precision: Option<Precision>,
 }
 
 impl TrainConfigFile {
@@ -124,6 +153,7 @@ impl TrainConfigFile {
             checkpoint_every: self.checkpoint_every.unwrap_or(0),
             val_fraction: self.val_fraction.unwrap_or(0.1),
             seed: self.seed.unwrap_or(1337),
+            precision: self.precision.unwrap_or_default(),
         };
         let mut p = Vec::new();
         for (name, v) in [

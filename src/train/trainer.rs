@@ -116,7 +116,14 @@ impl Trainer {
         params: Params,
         origin: &str,
     ) -> Result<Self> {
-        let (model, opt) = build(cfg, train, params, origin)?;
+        let (mut model, opt) = build(cfg, train, params, origin)?;
+        if train.precision == super::Precision::Bf16 {
+            if crate::nn::bf16::available() {
+                model.set_bf16_matmul(true);
+            } else {
+                tracing::warn!("precision bf16: this CPU lacks AVX512-BF16, training in f32");
+            }
+        }
         let flops_per_token = FlopLedger::new(cfg, train.seq_len).train_per_token();
         Ok(Self {
             model,
