@@ -136,8 +136,58 @@ fn bf16_gemm_accumulates_into_a_strided_output() {
 }
 
 #[test]
+fn bf16_grouped_products_match_the_rounded_operands_product() {
+    // 4 experts of 5 outputs (one without rows), inputs of width 7 (odd: a half pair)
+    let offsets = [0usize, 9, 9, 20, 37];
+    let x = Var::from_tensor(&randn(&[37, 7], 30)).unwrap();
+    let w = Var::from_tensor(&randn(&[20, 7], 31)).unwrap();
+    let g = round(&randn(&[37, 5], 32));
+    let grouped = routelm::nn::grouped::grouped_matmul;
+    let y = grouped(x.as_tensor(), w.as_tensor(), &offsets, true).unwrap();
+    let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    // the reference: candle's narrow/matmul/cat in f64 on the rounded operands
+    let f64var = |t: &Tensor| Var::from_tensor(&round(t).to_dtype(DType::F64).unwrap()).unwrap();
+    let (xr, wr) = (f64var(x.as_tensor()), f64var(w.as_tensor()));
+    let y_ref =
+        routelm::nn::grouped::grouped_matmul_reference(xr.as_tensor(), wr.as_tensor(), &offsets)
+            .unwrap();
+    let g64 = g.to_dtype(DType::F64).unwrap();
+    let ref_grads = (&y_ref * &g64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let pairs = [
+        ("y", y.clone(), y_ref.clone()),
+        (
+            "dx",
+            grads.get(x.as_tensor()).unwrap().clone(),
+            ref_grads.get(xr.as_tensor()).unwrap().clone(),
+        ),
+        (
+            "dw",
+            grads.get(w.as_tensor()).unwrap().clone(),
+            ref_grads.get(wr.as_tensor()).unwrap().clone(),
+        ),
+    ];
+    let tol = if bf16::available() { 1e-5 } else { 2e-2 }; // without the kernel: f32 products
+    for (name, got, want) in pairs {
+        let d = rel_diff(&got, &want.to_dtype(DType::F32).unwrap());
+        assert!(d < tol, "grouped {name}: relative difference {d}");
+    }
+}
+
+#[test]
 fn bf16_training_tracks_f32() {
-    let cfg = common::tiny(0);
+    for variant in [0, 7] {
+        training_tracks_f32(variant);
+    }
+}
+
+/// Dense (variant 0) or MoE (variant 7) tiny model: 12 steps in f32 and in bf16.
+fn training_tracks_f32(variant: usize) {
+    let cfg = common::tiny(variant);
     // a periodic sequence: learnable in a few steps
     let tokens: Vec<u32> = (0..4000).map(|i| (i * 7 % 11) as u32).collect();
     let mut losses = Vec::new();
@@ -158,7 +208,10 @@ fn bf16_training_tracks_f32() {
         losses.push(l);
     }
     let (f, b) = (&losses[0], &losses[1]);
-    assert!(b[11] < b[0] - 0.1, "bf16 training does not learn: {b:?}");
+    assert!(
+        b[11] < b[0] - 0.1,
+        "variant {variant}: bf16 training does not learn: {b:?}"
+    );
     for (s, (x, y)) in f.iter().zip(b).enumerate() {
         assert!(
             (x - y).abs() < 0.03 * x,

@@ -306,7 +306,7 @@ fn fused_kernels_match_references_f32() {
     let offsets = [0usize, 3, 3, 10, 17];
     compare(
         &[randn(&[17, 6], f, 42), randn(&[20, 6], f, 43)],
-        &|t| routelm::nn::grouped::grouped_matmul(&t[0], &t[1], &offsets).unwrap(),
+        &|t| routelm::nn::grouped::grouped_matmul(&t[0], &t[1], &offsets, false).unwrap(),
         &|t| routelm::nn::grouped::grouped_matmul_reference(&t[0], &t[1], &offsets).unwrap(),
         1e-5,
     );

@@ -84,6 +84,10 @@ enum What {
         /// median of the rounds' ratios, the speeds each model's best
         #[arg(long, default_value_t = 128)]
         tokens: usize,
+        /// Training precision of both models: f32, or bf16 (mixed, on CPUs with
+        /// AVX512-BF16: the dense projections and the experts' grouped products)
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
         #[arg(long)]
         json: bool,
     },
@@ -112,8 +116,9 @@ pub fn run(a: Args) -> Result<()> {
         What::Moe {
             steps,
             tokens,
+            precision,
             json,
-        } => bench_moe(steps, tokens, json),
+        } => bench_moe(steps, tokens, precision, json),
         What::Mod {
             steps,
             warm_steps,
@@ -380,8 +385,8 @@ fn bench_decode(
     Ok(())
 }
 
-fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
-    let times = step_times(&["train-small", "moe"], steps, Precision::F32)?;
+fn bench_moe(steps: usize, tokens: usize, precision: Precision, json: bool) -> Result<()> {
+    let times = step_times(&["train-small", "moe"], steps, precision)?;
     let ((dense_t, dense_cfg, _), (moe_t, moe_cfg, _)) = (&times[0], &times[1]);
     let (dense_s, moe_s) = (median(dense_t.clone()), median(moe_t.clone()));
     let (dense, moe) = (random_model(dense_cfg)?, random_model(moe_cfg)?);
@@ -395,7 +400,10 @@ fn bench_moe(steps: usize, tokens: usize, json: bool) -> Result<()> {
             serde_json::json!({ "train_step_ratio": train_ratio, "decode_ratio": decode_ratio, "dense_step_ms": dense_s * 1e3, "moe_step_ms": moe_s * 1e3, "dense_decode_tokens_per_s": dense_tps, "moe_decode_tokens_per_s": moe_tps })
         );
     } else {
-        println!("bench moe (8 experts top-2 vs dense with the same active parameters)");
+        println!(
+            "bench moe (8 experts top-2 vs dense with the same active parameters; training in {})",
+            format!("{precision:?}").to_lowercase()
+        );
         println!(
             "  train step: dense {:.1} ms, MoE {:.1} ms (medians), ratio {train_ratio:.3} (median of adjacent pairs; target <= 1.15)",
             dense_s * 1e3,

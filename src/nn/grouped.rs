@@ -7,14 +7,32 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16::Strided;
 use super::causal_attention::mm;
 use super::ops::{f32_slice, output_buffer};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Row offsets of the groups: group `e` is rows `offsets[e]..offsets[e + 1]`.
+/// Row offsets of the groups: group `e` is rows `offsets[e]..offsets[e + 1]`; `bf16`:
+/// products with bf16 operands and f32 sums (mixed precision).
 struct Grouped {
     offsets: Vec<usize>,
+    bf16: bool,
+}
+
+/// `dst (m × n, row stride n) = A · B`, in f32 or with bf16 operands.
+///
+/// # Safety
+/// As [`mm`] / [`super::bf16::gemm`]: the operands cover their shapes and strides, `dst`
+/// holds m × n values; `bf16` only where [`super::bf16::available`].
+unsafe fn product(bf16: bool, m: usize, n: usize, k: usize, dst: *mut f32, a: Strided, b: Strided) {
+    if bf16 {
+        super::bf16::gemm(m, n, k, dst, n, false, a, b)
+    } else {
+        mm(
+            m, n, k, dst, n, false, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, 1.0,
+        )
+    }
 }
 
 /// Split `out` (row width `w`) into one mutable slice per group.
@@ -38,6 +56,7 @@ fn rows_times_blocks(
     d_a: usize,
     d_y: usize,
     transposed: bool,
+    bf16: bool,
 ) -> Vec<f32> {
     let n = offsets.last().copied().unwrap_or(0);
     if d_a == 0 {
@@ -54,21 +73,17 @@ fn rows_times_blocks(
         // SAFETY: ye is rows × d_y; a's rows r0.. are rows × d_a; we holds d_a · d_y values
         // read with the strides above
         unsafe {
-            mm(
-                rows,
-                d_y,
-                d_a,
-                ye.as_mut_ptr(),
-                d_y,
-                false,
-                a[r0 * d_a..].as_ptr(),
-                d_a,
-                1,
-                we.as_ptr(),
+            let a = Strided {
+                ptr: a[r0 * d_a..].as_ptr(),
+                rs: d_a,
+                cs: 1,
+            };
+            let b = Strided {
+                ptr: we.as_ptr(),
                 rs,
                 cs,
-                1.0,
-            )
+            };
+            product(bf16, rows, d_y, d_a, ye.as_mut_ptr(), a, b)
         }
     });
     y
@@ -106,7 +121,7 @@ impl CustomOp2 for Grouped {
         let (n, d_in, d_out) = self.check(l1, l2)?;
         let x = f32_slice(s1, l1, "grouped matmul")?;
         let w = f32_slice(s2, l2, "grouped matmul")?;
-        let y = rows_times_blocks(x, w, &self.offsets, d_in, d_out, true);
+        let y = rows_times_blocks(x, w, &self.offsets, d_in, d_out, true, self.bf16);
         Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
     }
     fn bwd(
@@ -117,10 +132,10 @@ impl CustomOp2 for Grouped {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        let (offsets, bf16) = (self.offsets.clone(), self.bf16);
+        let dx = dy.apply_op2_no_bwd(w, &GroupedBwdX { offsets, bf16 })?;
         let offsets = self.offsets.clone();
-        let dx = dy.apply_op2_no_bwd(w, &GroupedBwdX { offsets })?;
-        let offsets = self.offsets.clone();
-        let dw = dy.apply_op2_no_bwd(x, &GroupedBwdW { offsets })?;
+        let dw = dy.apply_op2_no_bwd(x, &GroupedBwdW { offsets, bf16 })?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -128,6 +143,7 @@ impl CustomOp2 for Grouped {
 /// `dx[rows of e] = dy[rows of e] · W_e`.
 struct GroupedBwdX {
     offsets: Vec<usize>,
+    bf16: bool,
 }
 
 impl CustomOp2 for GroupedBwdX {
@@ -147,7 +163,7 @@ impl CustomOp2 for GroupedBwdX {
         let (rows_w, d_in) = l2.shape().dims2()?;
         let groups = self.offsets.len() - 1;
         debug_assert_eq!(rows_w, groups * d_out);
-        let dx = rows_times_blocks(dy, w, &self.offsets, d_out, d_in, false);
+        let dx = rows_times_blocks(dy, w, &self.offsets, d_out, d_in, false, self.bf16);
         Ok((CpuStorage::F32(dx), Shape::from((n, d_in))))
     }
 }
@@ -155,6 +171,7 @@ impl CustomOp2 for GroupedBwdX {
 /// `dW_e = dy[rows of e]ᵀ · x[rows of e]`, stacked like the weights.
 struct GroupedBwdW {
     offsets: Vec<usize>,
+    bf16: bool,
 }
 
 impl CustomOp2 for GroupedBwdW {
@@ -185,21 +202,17 @@ impl CustomOp2 for GroupedBwdW {
                 // SAFETY: dwe is d_out × d_in; dyᵀ of the group is d_out × rows (row
                 // stride 1, column stride d_out); x of the group is rows × d_in
                 unsafe {
-                    mm(
-                        d_out,
-                        d_in,
-                        rows,
-                        dwe.as_mut_ptr(),
-                        d_in,
-                        false,
-                        dy[r0 * d_out..].as_ptr(),
-                        1,
-                        d_out,
-                        x[r0 * d_in..].as_ptr(),
-                        d_in,
-                        1,
-                        1.0,
-                    )
+                    let a = Strided {
+                        ptr: dy[r0 * d_out..].as_ptr(),
+                        rs: 1,
+                        cs: d_out,
+                    };
+                    let b = Strided {
+                        ptr: x[r0 * d_in..].as_ptr(),
+                        rs: d_in,
+                        cs: 1,
+                    };
+                    product(self.bf16, d_out, d_in, rows, dwe.as_mut_ptr(), a, b)
                 }
             });
         Ok((CpuStorage::F32(dw), Shape::from((groups * d_out, d_in))))
@@ -208,14 +221,15 @@ impl CustomOp2 for GroupedBwdW {
 
 /// `y[offsets[e]..offsets[e+1]] = x[offsets[e]..offsets[e+1]] · W_eᵀ` for `x: (N, in)` and
 /// the experts' weights stacked as `w: (E·out, in)`; `offsets` has `E + 1` entries from 0
-/// to N. f32 on the CPU runs one fused op; other dtypes and devices run the products one
-/// by one.
-pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CResult<Tensor> {
+/// to N. f32 on the CPU runs one fused op (with bf16 operands and f32 sums when `bf16` and
+/// the CPU has AVX512-BF16); other dtypes and devices run the products one by one.
+pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize], bf16: bool) -> CResult<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return x.contiguous()?.apply_op2(
             &w.contiguous()?,
             Grouped {
                 offsets: offsets.to_vec(),
+                bf16: bf16 && super::bf16::available(),
             },
         );
     }

@@ -384,12 +384,14 @@ impl MoeLayer {
         let gate = stack(&|m| m.gate.as_ref().map(|l| &l.weight))?;
         let up = stack(&|m| Some(&m.up.weight))?;
         let down = stack(&|m| Some(&m.down.weight))?;
+        // mixed precision when the experts' projections are set to it
+        let bf16 = self.experts.iter().all(|m| m.up.bf16);
         let xg = xs.index_select(&idx, 0)?;
         let h = crate::nn::ops::swiglu(
-            &grouped_matmul(&xg, &gate, &offsets)?,
-            &grouped_matmul(&xg, &up, &offsets)?,
+            &grouped_matmul(&xg, &gate, &offsets, bf16)?,
+            &grouped_matmul(&xg, &up, &offsets, bf16)?,
         )?;
-        let y = grouped_matmul(&h, &down, &offsets)?;
+        let y = grouped_matmul(&h, &down, &offsets, bf16)?;
         Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
     }
 
