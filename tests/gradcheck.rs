@@ -310,6 +310,27 @@ fn fused_kernels_match_references_f32() {
         &|t| routelm::nn::grouped::grouped_matmul_reference(&t[0], &t[1], &offsets).unwrap(),
         1e-5,
     );
+    // the linear layer's fused product on a 3-d input (18 rows: past the decode path),
+    // with a bias, against candle's matmul
+    compare(
+        &[
+            randn(&[2, 9, 6], f, 46),
+            randn(&[5, 6], f, 47),
+            randn(&[5], f, 48),
+        ],
+        &|t| {
+            routelm::nn::Linear::new(t[1].clone(), Some(t[2].clone()))
+                .forward(&t[0])
+                .unwrap()
+        },
+        &|t| {
+            t[0].broadcast_matmul(&t[1].t().unwrap())
+                .unwrap()
+                .broadcast_add(&t[2])
+                .unwrap()
+        },
+        1e-5,
+    );
     // the gate-weighted combine: rows receive several entries, one row (2) none
     let rows = [4u32, 0, 4, 1, 3, 0, 4];
     compare(

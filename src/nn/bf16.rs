@@ -329,86 +329,51 @@ pub unsafe fn gemm(
     }
 }
 
-/// The three products of a linear layer `y = x · Wᵀ` (`x: (rows, in)`, `W: (out, in)`)
-/// with bf16 operands and f32 sums.
-#[derive(Clone, Copy)]
-enum Part {
-    /// `y = x · Wᵀ` from `(x, W)`; its backward runs the other two.
-    Y,
-    /// `dx = dy · W` from `(dy, W)`.
-    Dx,
-    /// `dW = dyᵀ · x` from `(dy, x)`.
-    Dw,
-}
-
-struct LinearBf16(Part);
-
-impl candle_core::CustomOp2 for LinearBf16 {
-    fn name(&self) -> &'static str {
-        match self.0 {
-            Part::Y => "routelm-linear-bf16",
-            Part::Dx => "routelm-linear-bf16-dx",
-            Part::Dw => "routelm-linear-bf16-dw",
-        }
+/// `dst (m × n, row stride n) = A · B`: with bf16 operands (this module's kernel; only
+/// where [`available`]) or in f32 (the f32 GEMM, blocks of rows in parallel).
+///
+/// # Safety
+/// The operands cover their shapes and strides; `dst` holds m × n values and overlaps
+/// neither operand.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    bf16: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    a: Strided,
+    b: Strided,
+) {
+    if bf16 {
+        return gemm(m, n, k, dst, n, false, a, b);
     }
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let p1 = super::ops::f32_slice(s1, l1, self.name())?.as_ptr();
-        let p2 = super::ops::f32_slice(s2, l2, self.name())?.as_ptr();
-        let ((r1, c1), (r2, c2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
-        // (m, n, k, A, B) of C = A · B
-        let (m, n, k, a, b, fits) = match self.0 {
-            Part::Y => (r1, r2, c1, at(p1, c1, 1), at(p2, 1, c2), c1 == c2),
-            Part::Dx => (r1, c2, c1, at(p1, c1, 1), at(p2, c2, 1), c1 == r2),
-            Part::Dw => (c1, c2, r1, at(p1, 1, c1), at(p2, c2, 1), r1 == r2),
-        };
-        if !fits {
-            candle_core::bail!("{}: {:?} with {:?}", self.name(), l1.shape(), l2.shape())
-        }
-        let mut out = super::ops::output_buffer(m * n);
-        // SAFETY: `matmul_t` checked `available()`; both operands are contiguous and the
-        // strides stay inside them; `out` holds m × n values, every one written
-        unsafe { gemm(m, n, k, out.as_mut_ptr(), n, false, a, b) };
-        Ok((candle_core::CpuStorage::F32(out), (m, n).into()))
+    if k == 0 {
+        std::slice::from_raw_parts_mut(dst, m * n).fill(0.0);
+        return;
     }
-    fn bwd(
-        &self,
-        x: &candle_core::Tensor,
-        w: &candle_core::Tensor,
-        _y: &candle_core::Tensor,
-        dy: &candle_core::Tensor,
-    ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(w, &LinearBf16(Part::Dx))?;
-        let dw = dy.apply_op2_no_bwd(x, &LinearBf16(Part::Dw))?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// `x (rows, in) · wᵀ` with bf16 operands and f32 sums (forward and backward), when this
-/// CPU has AVX512-BF16 and both are f32 on the CPU; `None` otherwise.
-pub fn matmul_t(
-    x: &candle_core::Tensor,
-    w: &candle_core::Tensor,
-) -> candle_core::Result<Option<candle_core::Tensor>> {
-    use candle_core::DType;
-    let ok = available()
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.rank() == 2
-        && w.rank() == 2;
-    if !ok {
-        return Ok(None);
-    }
-    Ok(Some(
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, LinearBf16(Part::Y))?,
-    ))
+    let dst = OutPtr(dst);
+    // one block per thread and a half, of at least 32 rows
+    let threads = rayon::current_num_threads().max(1);
+    let per = m.div_ceil(threads * 3 / 2 + 1).max(32);
+    (0..m.div_ceil(per)).into_par_iter().for_each(|blk| {
+        let (r0, rows) = (blk * per, per.min(m - blk * per));
+        let lhs = a.base().add(r0 * a.rs);
+        // SAFETY: rows r0.. of A and of dst, inside the caller's bounds
+        super::causal_attention::mm(
+            rows,
+            n,
+            k,
+            dst.at(r0 * n),
+            n,
+            false,
+            lhs,
+            a.rs,
+            a.cs,
+            b.base(),
+            b.rs,
+            b.cs,
+            1.0,
+        )
+    });
 }

@@ -7,8 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::bf16::Strided;
-use super::causal_attention::mm;
+use super::bf16::{product, Strided};
 use super::ops::{f32_slice, output_buffer};
 
 type CResult<T> = candle_core::Result<T>;
@@ -18,21 +17,6 @@ type CResult<T> = candle_core::Result<T>;
 struct Grouped {
     offsets: Vec<usize>,
     bf16: bool,
-}
-
-/// `dst (m × n, row stride n) = A · B`, in f32 or with bf16 operands.
-///
-/// # Safety
-/// As [`mm`] / [`super::bf16::gemm`]: the operands cover their shapes and strides, `dst`
-/// holds m × n values; `bf16` only where [`super::bf16::available`].
-unsafe fn product(bf16: bool, m: usize, n: usize, k: usize, dst: *mut f32, a: Strided, b: Strided) {
-    if bf16 {
-        super::bf16::gemm(m, n, k, dst, n, false, a, b)
-    } else {
-        mm(
-            m, n, k, dst, n, false, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, 1.0,
-        )
-    }
 }
 
 /// Split `out` (row width `w`) into one mutable slice per group.

@@ -1,6 +1,8 @@
 //! Affine map `y = x W^T (+ b)` with `W: (out, in)`, the PyTorch/Hugging Face layout.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+use super::bf16::{product, Strided};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -22,16 +24,25 @@ impl Linear {
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x2 = flat_rows(x)?;
+        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        let fused = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && rows > super::matvec::MAX_ROWS;
+        if fused {
+            // one graph node, whatever x's leading dimensions
+            let op = LinearOp {
+                part: Part::Y,
+                bf16: self.bf16 && super::bf16::available(),
+            };
+            let y = x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         // decoding: a few rows are bound by reading the weight once (skinny path)
-        let y = match self.bf16 && x2.dim(0)? > super::matvec::MAX_ROWS {
-            true => super::bf16::matmul_t(&x2, &self.weight)?,
-            false => None,
-        };
-        let y = match y {
-            Some(y) => y,
-            None => super::matvec::matmul_t(&x2, &self.weight)?,
-        };
+        let y = super::matvec::matmul_t(&flat_rows(x)?, &self.weight)?;
         self.finish(y, x)
     }
 
@@ -76,4 +87,106 @@ impl Linear {
 fn flat_rows(x: &Tensor) -> Result<Tensor> {
     let d_in = x.dim(D::Minus1)?;
     x.reshape((x.elem_count() / d_in.max(1), d_in))
+}
+
+/// The three products of a linear layer `y = x · Wᵀ` (`x: (.., in)`, `W: (out, in)`).
+#[derive(Clone, Copy)]
+enum Part {
+    /// `y = x · Wᵀ` from `(x, W)`; its backward runs the other two.
+    Y,
+    /// `dx = dy · W` from `(dy, W)`.
+    Dx,
+    /// `dW = dyᵀ · x` from `(dy, x)`, summed over all leading positions.
+    Dw,
+}
+
+/// A linear layer's product as one graph node on f32 CPU tensors of any leading shape:
+/// no reshapes around it, no transposed weight view, outputs written without a zero fill,
+/// and a backward that computes `dx` and `dW` directly (each of those would otherwise be
+/// one more node whose gradient candle zero-fills and adds). `bf16`: operands rounded to
+/// bf16, sums in f32 ([`super::bf16`]).
+struct LinearOp {
+    part: Part,
+    bf16: bool,
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        match self.part {
+            Part::Y => "routelm-linear",
+            Part::Dx => "routelm-linear-dx",
+            Part::Dw => "routelm-linear-dw",
+        }
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p1 = super::ops::f32_slice(s1, l1, self.name())?.as_ptr();
+        let p2 = super::ops::f32_slice(s2, l2, self.name())?.as_ptr();
+        // both operands as matrices: all leading dimensions are rows
+        let as_matrix = |l: &Layout| {
+            let d = l.shape().dims().last().copied().unwrap_or(1);
+            (l.shape().elem_count() / d.max(1), d)
+        };
+        let ((r1, c1), (r2, c2)) = (as_matrix(l1), as_matrix(l2));
+        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
+        // C (m × n) = A · B, and C's shape
+        let with_last = |n: usize| {
+            let mut d = l1.shape().dims().to_vec();
+            *d.last_mut().unwrap_or(&mut 0) = n;
+            Shape::from(d)
+        };
+        let (m, n, k, a, b, fits, shape) = match self.part {
+            Part::Y => (
+                r1,
+                r2,
+                c1,
+                at(p1, c1, 1),
+                at(p2, 1, c2),
+                c1 == c2,
+                with_last(r2),
+            ),
+            Part::Dx => (
+                r1,
+                c2,
+                c1,
+                at(p1, c1, 1),
+                at(p2, c2, 1),
+                c1 == r2,
+                with_last(c2),
+            ),
+            Part::Dw => {
+                let shape = Shape::from((c1, c2));
+                (c1, c2, r1, at(p1, 1, c1), at(p2, c2, 1), r1 == r2, shape)
+            }
+        };
+        if !fits || l2.shape().rank() < 1 {
+            candle_core::bail!("{}: {:?} with {:?}", self.name(), l1.shape(), l2.shape())
+        }
+        let mut out = super::ops::output_buffer(m * n);
+        // SAFETY: both operands are contiguous and the strides stay inside them; `out`
+        // holds m × n values, every one written; bf16 only where the CPU has it
+        unsafe { product(self.bf16, m, n, k, out.as_mut_ptr(), a, b) };
+        Ok((CpuStorage::F32(out), shape))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let op = |part| LinearOp {
+            part,
+            bf16: self.bf16,
+        };
+        let dx = dy.apply_op2_no_bwd(w, &op(Part::Dx))?;
+        let dw = dy.apply_op2_no_bwd(x, &op(Part::Dw))?;
+        Ok((Some(dx), Some(dw)))
+    }
 }
