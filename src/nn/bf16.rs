@@ -9,6 +9,7 @@
 //! the `NR` columns' `(B[2p, j], B[2p+1, j])`. The micro-kernel broadcasts one A word and
 //! multiplies it with two 16-lane B vectors, into `MR × NR` f32 accumulators.
 
+use ::gemm as gemm_crate;
 use rayon::prelude::*;
 
 /// Rows of a micro tile.
@@ -330,7 +331,9 @@ pub unsafe fn gemm(
 }
 
 /// `dst (m × n, row stride n) = A · B`: with bf16 operands (this module's kernel; only
-/// where [`available`]) or in f32 (the f32 GEMM, blocks of rows in parallel).
+/// where [`available`]; row panels in parallel) or in f32 (the f32 GEMM, on the whole
+/// thread pool when `parallel`, as candle's matmul runs it; on the calling thread
+/// otherwise, for callers that already run products side by side).
 ///
 /// # Safety
 /// The operands cover their shapes and strides; `dst` holds m × n values and overlaps
@@ -338,6 +341,7 @@ pub unsafe fn gemm(
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn product(
     bf16: bool,
+    parallel: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -352,28 +356,31 @@ pub(crate) unsafe fn product(
         std::slice::from_raw_parts_mut(dst, m * n).fill(0.0);
         return;
     }
-    let dst = OutPtr(dst);
-    // one block per thread and a half, of at least 32 rows
-    let threads = rayon::current_num_threads().max(1);
-    let per = m.div_ceil(threads * 3 / 2 + 1).max(32);
-    (0..m.div_ceil(per)).into_par_iter().for_each(|blk| {
-        let (r0, rows) = (blk * per, per.min(m - blk * per));
-        let lhs = a.base().add(r0 * a.rs);
-        // SAFETY: rows r0.. of A and of dst, inside the caller's bounds
-        super::causal_attention::mm(
-            rows,
-            n,
-            k,
-            dst.at(r0 * n),
-            n,
-            false,
-            lhs,
-            a.rs,
-            a.cs,
-            b.base(),
-            b.rs,
-            b.cs,
-            1.0,
-        )
-    });
+    let threads = rayon::current_num_threads();
+    let par = match parallel && threads > 1 {
+        true => gemm_crate::Parallelism::Rayon(threads),
+        false => gemm_crate::Parallelism::None,
+    };
+    // the f32 GEMM takes strides as (column, row) and `dst = alpha·dst + beta·A·B`
+    gemm_crate::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        false,
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }

@@ -67,7 +67,7 @@ fn rows_times_blocks(
                 rs,
                 cs,
             };
-            product(bf16, rows, d_y, d_a, ye.as_mut_ptr(), a, b)
+            product(bf16, false, rows, d_y, d_a, ye.as_mut_ptr(), a, b)
         }
     });
     y
@@ -196,7 +196,7 @@ impl CustomOp2 for GroupedBwdW {
                         rs: d_in,
                         cs: 1,
                     };
-                    product(self.bf16, d_out, d_in, rows, dwe.as_mut_ptr(), a, b)
+                    product(self.bf16, false, d_out, d_in, rows, dwe.as_mut_ptr(), a, b)
                 }
             });
         Ok((CpuStorage::F32(dw), Shape::from((groups * d_out, d_in))))

@@ -170,7 +170,7 @@ impl CustomOp2 for LinearOp {
         let mut out = super::ops::output_buffer(m * n);
         // SAFETY: both operands are contiguous and the strides stay inside them; `out`
         // holds m × n values, every one written; bf16 only where the CPU has it
-        unsafe { product(self.bf16, m, n, k, out.as_mut_ptr(), a, b) };
+        unsafe { product(self.bf16, true, m, n, k, out.as_mut_ptr(), a, b) };
         Ok((CpuStorage::F32(out), shape))
     }
     fn bwd(
