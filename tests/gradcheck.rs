@@ -339,6 +339,20 @@ fn fused_kernels_match_references_f32() {
         &|t| routelm::nn::grouped::weighted_scatter_reference(&t[0], &t[1], &rows, 5).unwrap(),
         1e-5,
     );
+    // SwiGLU over the two halves of one fused gate-and-up output, large enough for
+    // parallel rows
+    compare(
+        &[randn(&[3, 40, 2 * 70], f, 49)],
+        &|t| ops::swiglu_halves(&t[0]).unwrap(),
+        &|t| {
+            let (g, u) = (
+                t[0].narrow(2, 0, 70).unwrap(),
+                t[0].narrow(2, 70, 70).unwrap(),
+            );
+            ops::swiglu_reference(&g, &u).unwrap()
+        },
+        1e-5,
+    );
     // SwiGLU in one pass, large enough to run in parallel chunks
     compare(
         &[randn(&[3, 50, 130], f, 40), randn(&[3, 50, 130], f, 41)],

@@ -215,16 +215,14 @@ impl CustomOp3 for SwiGluBwd {
         let n = g.len();
         let mut out = output_buffer(2 * n);
         let (dg, du) = out.split_at_mut(n);
-        // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
         for_chunks(dg, |at, o| {
             for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..]) {
-                let sg = sigmoid(g);
-                *o = dy * u * sg * (1.0 + g * (1.0 - sg));
+                *o = swiglu_grads(g, u, dy).0;
             }
         });
         for_chunks(du, |at, o| {
-            for ((o, &g), &dy) in o.iter_mut().zip(&g[at..]).zip(&dy[at..]) {
-                *o = dy * g * sigmoid(g);
+            for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..]) {
+                *o = swiglu_grads(g, u, dy).1;
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
@@ -243,6 +241,86 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
 /// [`swiglu`] from candle's own ops.
 pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
     g.silu()? * u
+}
+
+/// `silu(g) · u` where each row of the input holds `[g | u]` (the gate and up products of
+/// one fused projection): `(.., 2h)` → `(.., h)`, one node whose gradient is `(.., 2h)`.
+struct SwiGluHalves;
+
+/// `(d/dg, d/du)` of `silu(g) · u` for an incoming gradient `dy`.
+fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
+    let sg = sigmoid(g);
+    // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
+    (dy * u * sg * (1.0 + g * (1.0 - sg)), dy * g * sg)
+}
+
+impl CustomOp1 for SwiGluHalves {
+    fn name(&self) -> &'static str {
+        "routelm-swiglu-halves"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "swiglu halves")?;
+        let w = l.shape().dims().last().copied().unwrap_or(0);
+        if w % 2 != 0 {
+            candle_core::bail!("swiglu halves: odd last dimension in {:?}", l.shape())
+        }
+        let h = w / 2;
+        let mut out = output_buffer(x.len() / 2);
+        for_rows(&mut out, h.max(1), |r, o| {
+            let (g, u) = x[r * w..(r + 1) * w].split_at(h);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g * sigmoid(g) * u;
+            }
+        });
+        let mut dims = l.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = h;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluHalvesBwd)?,
+        ))
+    }
+}
+
+struct SwiGluHalvesBwd;
+
+impl CustomOp2 for SwiGluHalvesBwd {
+    fn name(&self) -> &'static str {
+        "routelm-swiglu-halves-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "swiglu halves bwd")?;
+        let dy = f32_slice(s2, l2, "swiglu halves bwd")?;
+        let w = l1.shape().dims().last().copied().unwrap_or(0);
+        let h = w / 2;
+        let mut out = output_buffer(x.len());
+        for_rows(&mut out, w.max(1), |r, o| {
+            let (g, u) = x[r * w..(r + 1) * w].split_at(h);
+            let (dg, du) = o.split_at_mut(h);
+            for j in 0..h {
+                (dg[j], du[j]) = swiglu_grads(g[j], u[j], dy[r * h + j]);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `silu(g) · u` for `x = [g | u]` along the last dimension: `(.., 2h)` → `(.., h)`.
+pub fn swiglu_halves(x: &Tensor) -> CResult<Tensor> {
+    let h = x.dim(D::Minus1)? / 2;
+    if fused(x) {
+        return x.contiguous()?.apply_op1(SwiGluHalves);
+    }
+    swiglu_reference(&x.narrow(D::Minus1, 0, h)?, &x.narrow(D::Minus1, h, h)?)
 }
 
 // ---------------------------------------------------------------- RMSNorm

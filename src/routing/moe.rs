@@ -378,19 +378,27 @@ impl MoeLayer {
         let order_slots: Vec<u32> = slots[..n_experts].concat();
         let idx = Tensor::new(order.as_slice(), xs.device())?;
         let weights = w.index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?;
-        let stack = |f: &dyn Fn(&Mlp) -> Option<&Tensor>| {
-            Tensor::cat(&self.experts.iter().filter_map(f).collect::<Vec<_>>(), 0)
-        };
-        let gate = stack(&|m| m.gate.as_ref().map(|l| &l.weight))?;
-        let up = stack(&|m| Some(&m.up.weight))?;
-        let down = stack(&|m| Some(&m.down.weight))?;
+        // each expert's gate and up weights as one block [gate_e; up_e]: one product of the
+        // gathered rows gives [g | u] per row (x is packed once, and its gradient is one
+        // product instead of two and a sum)
+        let mut gate_up = Vec::with_capacity(2 * n_experts);
+        for m in &self.experts {
+            gate_up.extend(m.gate.iter().map(|l| l.weight.clone()));
+            gate_up.push(m.up.weight.clone());
+        }
+        let gate_up = Tensor::cat(&gate_up, 0)?;
+        let down = Tensor::cat(
+            &self
+                .experts
+                .iter()
+                .map(|m| m.down.weight.clone())
+                .collect::<Vec<_>>(),
+            0,
+        )?;
         // mixed precision when the experts' projections are set to it
         let bf16 = self.experts.iter().all(|m| m.up.bf16);
         let xg = xs.index_select(&idx, 0)?;
-        let h = crate::nn::ops::swiglu(
-            &grouped_matmul(&xg, &gate, &offsets, bf16)?,
-            &grouped_matmul(&xg, &up, &offsets, bf16)?,
-        )?;
+        let h = crate::nn::ops::swiglu_halves(&grouped_matmul(&xg, &gate_up, &offsets, bf16)?)?;
         let y = grouped_matmul(&h, &down, &offsets, bf16)?;
         Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
     }
