@@ -130,13 +130,28 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients (in `grads` order of the slots).
+    /// Global L2 norm of the gradients: each tensor's sum of squares read in place (in
+    /// parallel over tensors, accumulated in f64), added in slot order.
     pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
-        let mut sq = 0f64;
-        for g in grads {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        Ok(sq.sqrt())
+        let sums = grads
+            .par_iter()
+            .map(|g| -> Result<f64> {
+                let (storage, layout) = g.storage_and_layout();
+                if let (candle_core::Storage::Cpu(c), true) =
+                    (&*storage, g.dtype() == candle_core::DType::F32)
+                {
+                    if let Ok(v) = crate::nn::ops::f32_slice(c, layout, "grad norm") {
+                        return Ok(v.iter().map(|&x| (x as f64) * (x as f64)).sum());
+                    }
+                }
+                drop(storage);
+                Ok(g.to_dtype(candle_core::DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        Ok(sums.iter().sum::<f64>().sqrt())
     }
 
     /// Apply one update with gradients `grads[i]` for `slots[i]`, scaled by `grad_scale`

@@ -245,17 +245,21 @@ impl Trainer {
                     Ok((ce, stats, g))
                 })
                 .collect();
-            // summed in shard order: the same result whichever thread finished first
+            // summed in shard order (the same result whichever thread finished first), the
+            // parameters in parallel
             for r in results {
                 let (ce, stats, g) = r?;
                 loss_sum += ce / shards as f64;
                 router_stats.extend(stats);
-                for (acc, g) in grads.iter_mut().zip(g) {
-                    *acc = match (acc.take(), g) {
-                        (Some(a), Some(g)) => Some((a + g)?),
-                        (a, g) => a.or(g),
-                    };
-                }
+                grads.par_iter_mut().zip(g).try_for_each(
+                    |(acc, g)| -> candle_core::Result<()> {
+                        *acc = match (acc.take(), g) {
+                            (Some(a), Some(g)) => Some((a + g)?),
+                            (a, g) => a.or(g),
+                        };
+                        Ok(())
+                    },
+                )?;
             }
         }
         let grads: Vec<Tensor> = grads
