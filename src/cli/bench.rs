@@ -78,7 +78,7 @@ enum What {
     Moe {
         /// Timed training steps per model, the two models' steps interleaved; the ratio is
         /// the median of the ratios of adjacent steps, the step times their medians
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 12)]
         steps: usize,
         /// Tokens per decode pass; 5 rounds of one pass per model in turn, the ratio the
         /// median of the rounds' ratios, the speeds each model's best
