@@ -87,22 +87,22 @@ impl MoeLayer {
             && logits.dtype() == DType::F32
             && !logits.track_op()
             && !matches!(c.scoring, Scoring::SparseMixer { .. });
+        // the score tensor, when the gate weights are taken from it (not on the host)
         let scores = match c.scoring {
-            _ if on_host => logits.clone(), // (unused below)
-            Scoring::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
-            Scoring::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
+            _ if on_host => None,
+            Scoring::Softmax => Some(candle_nn::ops::softmax(&logits, D::Minus1)?),
+            Scoring::Sigmoid => Some(candle_nn::ops::sigmoid(&logits)?),
             // choices by logit; weights below
-            Scoring::SparseMixer { .. } => logits.clone(),
+            Scoring::SparseMixer { .. } => Some(logits.clone()),
         };
-        let host: Vec<f32> = if on_host {
-            host_scores(logits.flatten_all()?.to_vec1()?, e_count, c.scoring)
-        } else {
-            scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?
+        let host: Vec<f32> = match &scores {
+            None => host_scores(logits.flatten_all()?.to_vec1()?, e_count, c.scoring),
+            Some(s) => s.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
         };
-        let routed = if c.expert_choice {
-            self.expert_choice(&scores, &host, b, t)?
-        } else {
-            self.token_choice(&logits, &scores, &host, on_host, n, x.device())?
+        let routed = match (&scores, c.expert_choice) {
+            (Some(s), true) => self.expert_choice(s, &host, b, t)?,
+            (None, true) => candle_core::bail!("expert choice needs the score tensor"),
+            (s, false) => self.token_choice(&logits, s.as_ref(), &host, n, x.device())?,
         };
         let Routed {
             w,
@@ -130,10 +130,9 @@ impl MoeLayer {
             }
             s => mean_entropy(&host, e_count, s),
         };
-        let aux_loss = if aux {
-            self.aux_loss(&logits, &scores, &load, n)?
-        } else {
-            None
+        let aux_loss = match (aux, &scores) {
+            (true, Some(s)) => self.aux_loss(&logits, s, &load, n)?,
+            _ => None,
         };
         let stats = MoeStats {
             layer: self.layer,
@@ -183,12 +182,13 @@ impl MoeLayer {
 
     /// Token choice: each token's top-k experts (selection bias and groups applied), the
     /// weights from the unbiased scores, and per-expert rows past the capacity dropped.
+    /// `scores`: the score tensor the gate weights are gathered from (so the router
+    /// learns); `None` when decoding, where they are computed from the host copy `host`.
     fn token_choice(
         &self,
         logits: &Tensor,
-        scores: &Tensor,
+        scores: Option<&Tensor>,
         host: &[f32],
-        on_host: bool,
         n: usize,
         device: &candle_core::Device,
     ) -> Result<Routed> {
@@ -213,20 +213,7 @@ impl MoeLayer {
             .collect();
         // the epsilon keeps renormalised weights finite when every chosen score underflows
         const NORM_EPS: f64 = 1e-20;
-        let w = if on_host {
-            // decoding: the same arithmetic on the host values, without a dozen tiny ops
-            let mut w: Vec<f32> = flat.iter().map(|&i| host[i as usize]).collect();
-            for row in w.chunks_mut(c.top_k) {
-                let sum = row.iter().sum::<f32>() + NORM_EPS as f32;
-                for v in row {
-                    if c.norm_topk {
-                        *v /= sum;
-                    }
-                    *v *= c.routed_scale as f32;
-                }
-            }
-            Tensor::from_vec(w, n * c.top_k, device)?
-        } else {
+        let w = if let Some(scores) = scores {
             let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
             let mut w = match c.scoring {
                 Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
@@ -242,6 +229,19 @@ impl MoeLayer {
                 w = (w * c.routed_scale)?;
             }
             w.flatten_all()?
+        } else {
+            // decoding: the same arithmetic on the host values, without a dozen tiny ops
+            let mut w: Vec<f32> = flat.iter().map(|&i| host[i as usize]).collect();
+            for row in w.chunks_mut(c.top_k) {
+                let sum = row.iter().sum::<f32>() + NORM_EPS as f32;
+                for v in row {
+                    if c.norm_topk {
+                        *v /= sum;
+                    }
+                    *v *= c.routed_scale as f32;
+                }
+            }
+            Tensor::from_vec(w, n * c.top_k, device)?
         };
 
         // group assignments by expert; capacity drops the latest tokens past the limit
