@@ -24,18 +24,7 @@ impl Linear {
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-        let fused = x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-            && rows > super::matvec::MAX_ROWS;
-        if fused {
-            // one graph node, whatever x's leading dimensions
-            let op = LinearOp {
-                part: Part::Y,
-                bf16: self.bf16 && super::bf16::available(),
-            };
-            let y = x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?;
+        if let Some(y) = fused_matmul_t(x, &self.weight, self.bf16)? {
             return match &self.bias {
                 Some(b) => y.broadcast_add(b),
                 None => Ok(y),
@@ -81,6 +70,26 @@ impl Linear {
             .map(|(y, (l, x))| l.finish(y, x))
             .collect()
     }
+}
+
+/// `x (.., in) · wᵀ` as one fused node (f32 products, or bf16 operands with f32 sums when
+/// `bf16` and the CPU has AVX512-BF16), for f32 CPU tensors with more rows than the decode
+/// path takes; `None` otherwise.
+pub(crate) fn fused_matmul_t(x: &Tensor, w: &Tensor, bf16: bool) -> Result<Option<Tensor>> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    let fused = x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && w.rank() == 2
+        && rows > super::matvec::MAX_ROWS;
+    if !fused {
+        return Ok(None);
+    }
+    let op = LinearOp {
+        part: Part::Y,
+        bf16: bf16 && super::bf16::available(),
+    };
+    Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, op)?))
 }
 
 /// `x: (.., in)` as `(rows, in)`.

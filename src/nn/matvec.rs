@@ -166,10 +166,13 @@ pub fn skinny_pairs(xs: &[&Tensor], ws: &[&Tensor]) -> CResult<Option<Vec<Tensor
         .map(Some)
 }
 
-/// `x (rows, in) · wᵀ`: [`skinny_matmul`] when it applies, else candle's matmul on the
-/// transposed view (no copy).
+/// `x (rows, in) · wᵀ`: [`skinny_matmul`] for a few rows, the fused linear product for more
+/// (f32 on the CPU), else candle's matmul on the transposed view (no copy).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    match skinny_matmul(x, w)? {
+    if let Some(y) = skinny_matmul(x, w)? {
+        return Ok(y);
+    }
+    match super::linear::fused_matmul_t(x, w, false)? {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
     }
