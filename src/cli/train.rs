@@ -146,6 +146,10 @@ pub fn run(a: Args) -> Result<()> {
         data.val.len(),
         ledger.train_per_token() / 1e6
     );
+    if trainer.config.precision == routelm::train::Precision::Bf16 && routelm::nn::bf16::available()
+    {
+        eprintln!("mixed precision: linear products with bf16 operands and f32 sums");
+    }
     let pb = super::bar(trainer.config.steps as u64, "train");
     pb.set_position(trainer.step as u64);
     let mut last_val = None;
