@@ -9,7 +9,6 @@
 //! the `NR` columns' `(B[2p, j], B[2p+1, j])`. The micro-kernel broadcasts one A word and
 //! multiplies it with two 16-lane B vectors, into `MR × NR` f32 accumulators.
 
-use ::gemm as gemm_crate;
 use rayon::prelude::*;
 
 /// Rows of a micro tile.
@@ -358,29 +357,10 @@ pub(crate) unsafe fn product(
     }
     let threads = rayon::current_num_threads();
     let par = match parallel && threads > 1 {
-        true => gemm_crate::Parallelism::Rayon(threads),
-        false => gemm_crate::Parallelism::None,
+        true => ::gemm::Parallelism::Rayon(threads),
+        false => ::gemm::Parallelism::None,
     };
-    // the f32 GEMM takes strides as (column, row) and `dst = alpha·dst + beta·A·B`
-    gemm_crate::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        false,
-        a.ptr,
-        a.cs as isize,
-        a.rs as isize,
-        b.ptr,
-        b.cs as isize,
-        b.rs as isize,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        par,
-    );
+    super::causal_attention::mm_on(
+        par, m, n, k, dst, n, false, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, 1.0,
+    )
 }

@@ -82,9 +82,46 @@ impl OutPtr {
     }
 }
 
-/// `dst (m×n) = [dst +] scale · lhs (m×k) · rhs (k×n)`, strides as (row, column).
+/// `dst (m×n) = [dst +] scale · lhs (m×k) · rhs (k×n)`, strides as (row, column), on the
+/// calling thread.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+) {
+    mm_on(
+        Parallelism::None,
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_rs,
+        lhs_cs,
+        rhs,
+        rhs_rs,
+        rhs_cs,
+        scale,
+    )
+}
+
+/// [`mm`] with the GEMM's own parallelism.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn mm_on(
+    par: Parallelism,
     m: usize,
     n: usize,
     k: usize,
@@ -121,7 +158,7 @@ pub(crate) unsafe fn mm(
         false,
         false,
         false,
-        Parallelism::None,
+        par,
     );
 }
 

@@ -8,92 +8,78 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::bf16::{product, Strided};
+use super::linear::Part;
 use super::ops::{f32_slice, output_buffer};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Row offsets of the groups: group `e` is rows `offsets[e]..offsets[e + 1]`; `bf16`:
-/// products with bf16 operands and f32 sums (mixed precision).
+/// One of the three grouped products of `y[rows of e] = x[rows of e] · W_eᵀ` (see
+/// [`Part`]) for the groups `e` of rows `offsets[e]..offsets[e + 1]`; `bf16`: products with
+/// bf16 operands and f32 sums (mixed precision).
 struct Grouped {
+    part: Part,
     offsets: Vec<usize>,
     bf16: bool,
 }
 
-/// Split `out` (row width `w`) into one mutable slice per group.
-fn split_groups<'a>(mut out: &'a mut [f32], offsets: &[usize], w: usize) -> Vec<&'a mut [f32]> {
-    let mut parts = Vec::with_capacity(offsets.len().saturating_sub(1));
-    for pair in offsets.windows(2) {
-        let (head, tail) = out.split_at_mut((pair[1] - pair[0]) * w);
+/// Split `out` into one mutable slice per group, `len(e)` values each.
+fn split_groups(
+    mut out: &mut [f32],
+    groups: usize,
+    len: impl Fn(usize) -> usize,
+) -> Vec<&mut [f32]> {
+    let mut parts = Vec::with_capacity(groups);
+    for e in 0..groups {
+        let (head, tail) = out.split_at_mut(len(e));
         parts.push(head);
         out = tail;
     }
     parts
 }
 
-/// `y[rows of e] = a[rows of e] · B_e` for every group `e` (`a: (N, d_a)`, `y: (N, d_y)`),
-/// groups in parallel. `B_e` is the `e`-th block of `w`, stored `(d_a, d_y)`, or stored
-/// `(d_y, d_a)` and read transposed.
-fn rows_times_blocks(
-    a: &[f32],
-    w: &[f32],
-    offsets: &[usize],
-    d_a: usize,
-    d_y: usize,
-    transposed: bool,
-    bf16: bool,
-) -> Vec<f32> {
-    let n = offsets.last().copied().unwrap_or(0);
-    if d_a == 0 {
-        return vec![0f32; n * d_y];
-    }
-    // every row belongs to one group, whose product writes it
-    let mut y = output_buffer(n * d_y);
-    // strides of B_e as (row = index into d_a, column = index into d_y)
-    let (rs, cs) = if transposed { (1, d_a) } else { (d_y, 1) };
-    let parts = split_groups(&mut y, offsets, d_y);
-    parts.into_par_iter().enumerate().for_each(|(e, ye)| {
-        let (r0, rows) = (offsets[e], offsets[e + 1] - offsets[e]);
-        let we = &w[e * d_a * d_y..(e + 1) * d_a * d_y];
-        // SAFETY: ye is rows × d_y; a's rows r0.. are rows × d_a; we holds d_a · d_y values
-        // read with the strides above
-        unsafe {
-            let a = Strided {
-                ptr: a[r0 * d_a..].as_ptr(),
-                rs: d_a,
-                cs: 1,
-            };
-            let b = Strided {
-                ptr: we.as_ptr(),
-                rs,
-                cs,
-            };
-            product(bf16, false, rows, d_y, d_a, ye.as_mut_ptr(), a, b)
-        }
-    });
-    y
-}
-
 impl Grouped {
-    fn check(&self, x: &Layout, w: &Layout) -> CResult<(usize, usize, usize)> {
-        let (n, d_in) = x.shape().dims2()?;
-        let (rows_w, d_in2) = w.shape().dims2()?;
-        let groups = self.offsets.len().saturating_sub(1);
-        if d_in != d_in2 || groups == 0 || rows_w % groups != 0 || self.offsets[groups] != n {
+    fn groups(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    fn rows(&self, e: usize) -> (usize, usize) {
+        (self.offsets[e], self.offsets[e + 1] - self.offsets[e])
+    }
+
+    /// `(x or dy, w or x)` checked against the offsets: the row count `n`, and the widths
+    /// `(d_in, d_out)` of one group's `W_e: (d_out, d_in)`.
+    fn check(&self, l1: &Layout, l2: &Layout) -> CResult<(usize, usize, usize)> {
+        let ((n, c1), (r2, c2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let groups = self.groups();
+        let (d_in, d_out, fits) = match self.part {
+            // (x (n, in), w (E·out, in))
+            Part::Y => (c1, r2 / groups.max(1), c1 == c2 && r2 % groups.max(1) == 0),
+            // (dy (n, out), w (E·out, in))
+            Part::Dx => (c2, c1, r2 == groups * c1),
+            // (dy (n, out), x (n, in))
+            Part::Dw => (c2, c1, r2 == n),
+        };
+        if !fits || groups == 0 || self.offsets[groups] != n {
             candle_core::bail!(
-                "grouped matmul: x {:?}, w {:?}, {} groups ending at row {:?}",
-                x.shape(),
-                w.shape(),
+                "{}: {:?} with {:?}, {} groups ending at row {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape(),
                 groups,
                 self.offsets.last()
             )
         }
-        Ok((n, d_in, rows_w / groups))
+        Ok((n, d_in, d_out))
     }
 }
 
 impl CustomOp2 for Grouped {
     fn name(&self) -> &'static str {
-        "routelm-grouped-matmul"
+        match self.part {
+            Part::Y => "routelm-grouped-matmul",
+            Part::Dx => "routelm-grouped-matmul-bwd-x",
+            Part::Dw => "routelm-grouped-matmul-bwd-w",
+        }
     }
     fn cpu_fwd(
         &self,
@@ -103,10 +89,63 @@ impl CustomOp2 for Grouped {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let (n, d_in, d_out) = self.check(l1, l2)?;
-        let x = f32_slice(s1, l1, "grouped matmul")?;
-        let w = f32_slice(s2, l2, "grouped matmul")?;
-        let y = rows_times_blocks(x, w, &self.offsets, d_in, d_out, true, self.bf16);
-        Ok((CpuStorage::F32(y), Shape::from((n, d_out))))
+        let (v1, v2) = (
+            f32_slice(s1, l1, self.name())?,
+            f32_slice(s2, l2, self.name())?,
+        );
+        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
+        // per group e: C_e (m × n_c) = A_e · B_e, and C's shape
+        let (n_c, out_len, shape) = match self.part {
+            Part::Y => (d_out, n * d_out, Shape::from((n, d_out))),
+            Part::Dx => (d_in, n * d_in, Shape::from((n, d_in))),
+            Part::Dw => (
+                d_in,
+                self.groups() * d_out * d_in,
+                (self.groups() * d_out, d_in).into(),
+            ),
+        };
+        let mut out = output_buffer(out_len);
+        let len = |e: usize| match self.part {
+            Part::Dw => d_out * d_in,
+            _ => self.rows(e).1 * n_c,
+        };
+        let w_block = d_out * d_in;
+        let parts = split_groups(&mut out, self.groups(), len);
+        parts.into_par_iter().enumerate().for_each(|(e, ce)| {
+            let (r0, rows) = self.rows(e);
+            let (p1, p2) = (v1.as_ptr(), v2.as_ptr());
+            // SAFETY: each group's operands are the rows r0.. of the (contiguous) inputs and
+            // block e of the weights, read with strides inside them; `ce` is the group's
+            // m × n_c output, every value written (an expert without rows gets a zero
+            // weight gradient: a product over k = 0)
+            unsafe {
+                let (m, k, a, b) = match self.part {
+                    // x_e · W_eᵀ: W_e (d_out, d_in) read transposed
+                    Part::Y => (
+                        rows,
+                        d_in,
+                        at(p1.add(r0 * d_in), d_in, 1),
+                        at(p2.add(e * w_block), 1, d_in),
+                    ),
+                    // dy_e · W_e
+                    Part::Dx => (
+                        rows,
+                        d_out,
+                        at(p1.add(r0 * d_out), d_out, 1),
+                        at(p2.add(e * w_block), d_in, 1),
+                    ),
+                    // dy_eᵀ · x_e
+                    Part::Dw => (
+                        d_out,
+                        rows,
+                        at(p1.add(r0 * d_out), 1, d_out),
+                        at(p2.add(r0 * d_in), d_in, 1),
+                    ),
+                };
+                product(self.bf16, false, m, n_c, k, ce.as_mut_ptr(), a, b)
+            }
+        });
+        Ok((CpuStorage::F32(out), shape))
     }
     fn bwd(
         &self,
@@ -116,90 +155,14 @@ impl CustomOp2 for Grouped {
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let (offsets, bf16) = (self.offsets.clone(), self.bf16);
-        let dx = dy.apply_op2_no_bwd(w, &GroupedBwdX { offsets, bf16 })?;
-        let offsets = self.offsets.clone();
-        let dw = dy.apply_op2_no_bwd(x, &GroupedBwdW { offsets, bf16 })?;
+        let op = |part| Grouped {
+            part,
+            offsets: self.offsets.clone(),
+            bf16: self.bf16,
+        };
+        let dx = dy.apply_op2_no_bwd(w, &op(Part::Dx))?;
+        let dw = dy.apply_op2_no_bwd(x, &op(Part::Dw))?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// `dx[rows of e] = dy[rows of e] · W_e`.
-struct GroupedBwdX {
-    offsets: Vec<usize>,
-    bf16: bool,
-}
-
-impl CustomOp2 for GroupedBwdX {
-    fn name(&self) -> &'static str {
-        "routelm-grouped-matmul-bwd-x"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let dy = f32_slice(s1, l1, "grouped matmul bwd")?;
-        let w = f32_slice(s2, l2, "grouped matmul bwd")?;
-        let (n, d_out) = l1.shape().dims2()?;
-        let (rows_w, d_in) = l2.shape().dims2()?;
-        let groups = self.offsets.len() - 1;
-        debug_assert_eq!(rows_w, groups * d_out);
-        let dx = rows_times_blocks(dy, w, &self.offsets, d_out, d_in, false, self.bf16);
-        Ok((CpuStorage::F32(dx), Shape::from((n, d_in))))
-    }
-}
-
-/// `dW_e = dy[rows of e]ᵀ · x[rows of e]`, stacked like the weights.
-struct GroupedBwdW {
-    offsets: Vec<usize>,
-    bf16: bool,
-}
-
-impl CustomOp2 for GroupedBwdW {
-    fn name(&self) -> &'static str {
-        "routelm-grouped-matmul-bwd-w"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let dy = f32_slice(s1, l1, "grouped matmul bwd")?;
-        let x = f32_slice(s2, l2, "grouped matmul bwd")?;
-        let (_, d_out) = l1.shape().dims2()?;
-        let (_, d_in) = l2.shape().dims2()?;
-        let groups = self.offsets.len() - 1;
-        let mut dw = output_buffer(groups * d_out * d_in);
-        dw.par_chunks_mut(d_out * d_in)
-            .enumerate()
-            .for_each(|(e, dwe)| {
-                let (r0, rows) = (self.offsets[e], self.offsets[e + 1] - self.offsets[e]);
-                if rows == 0 {
-                    dwe.fill(0.0); // an expert without tokens gets a zero gradient
-                    return;
-                }
-                // SAFETY: dwe is d_out × d_in; dyᵀ of the group is d_out × rows (row
-                // stride 1, column stride d_out); x of the group is rows × d_in
-                unsafe {
-                    let a = Strided {
-                        ptr: dy[r0 * d_out..].as_ptr(),
-                        rs: 1,
-                        cs: d_out,
-                    };
-                    let b = Strided {
-                        ptr: x[r0 * d_in..].as_ptr(),
-                        rs: d_in,
-                        cs: 1,
-                    };
-                    product(self.bf16, false, d_out, d_in, rows, dwe.as_mut_ptr(), a, b)
-                }
-            });
-        Ok((CpuStorage::F32(dw), Shape::from((groups * d_out, d_in))))
     }
 }
 
@@ -212,6 +175,7 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize], bf16: bool) -> 
         return x.contiguous()?.apply_op2(
             &w.contiguous()?,
             Grouped {
+                part: Part::Y,
                 offsets: offsets.to_vec(),
                 bf16: bf16 && super::bf16::available(),
             },

@@ -98,9 +98,10 @@ fn flat_rows(x: &Tensor) -> Result<Tensor> {
     x.reshape((x.elem_count() / d_in.max(1), d_in))
 }
 
-/// The three products of a linear layer `y = x · Wᵀ` (`x: (.., in)`, `W: (out, in)`).
+/// The three products of a linear layer `y = x · Wᵀ` (`x: (.., in)`, `W: (out, in)`); the
+/// grouped (MoE) products use the same three per group.
 #[derive(Clone, Copy)]
-enum Part {
+pub(crate) enum Part {
     /// `y = x · Wᵀ` from `(x, W)`; its backward runs the other two.
     Y,
     /// `dx = dy · W` from `(dy, W)`.
