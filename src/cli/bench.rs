@@ -248,8 +248,7 @@ fn best(v: &[f64]) -> f64 {
 
 /// Greedy decode speed (tokens/s) after a prompt of up to 32 tokens, best of 2 passes.
 pub(crate) fn decode_speed(model: &Model, tokens: usize) -> Result<f64> {
-    let passes = decode_passes(model, tokens, 2, || Ok(()))?;
-    Ok(passes.into_iter().fold(0f64, f64::max))
+    Ok(best(&decode_passes(model, tokens, 2, || Ok(()))?))
 }
 
 /// Greedy decode speed (tokens/s) of each of `passes` passes after a warm-up, running
@@ -305,7 +304,7 @@ fn bench_train(name: &str, steps: usize, precision: Precision, json: bool) -> Re
                 "preset": name, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
                 "achieved_gflops": achieved, "peak_gflops": peak, "ratio": ratio,
                 "threads": rayon::current_num_threads(),
-                "precision": format!("{precision:?}").to_lowercase(),
+                "precision": precision.name(),
             })
         );
     } else {
@@ -314,7 +313,7 @@ fn bench_train(name: &str, steps: usize, precision: Precision, json: bool) -> Re
             ledger.total_params as f64 / 1e6,
             train.batch_size,
             train.seq_len,
-            format!("{precision:?}").to_lowercase()
+            precision
         );
         println!("  step time (median of {steps}): {:.1} ms", step_s * 1e3);
         println!("  tokens/s:                     {tokens_per_s:.0}");
@@ -401,8 +400,7 @@ fn bench_moe(steps: usize, tokens: usize, precision: Precision, json: bool) -> R
         );
     } else {
         println!(
-            "bench moe (8 experts top-2 vs dense with the same active parameters; training in {})",
-            format!("{precision:?}").to_lowercase()
+            "bench moe (8 experts top-2 vs dense with the same active parameters; training in {precision})"
         );
         println!(
             "  train step: dense {:.1} ms, MoE {:.1} ms (medians), ratio {train_ratio:.3} (median of adjacent pairs; target <= 1.15)",

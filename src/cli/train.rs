@@ -146,8 +146,7 @@ pub fn run(a: Args) -> Result<()> {
         data.val.len(),
         ledger.train_per_token() / 1e6
     );
-    if trainer.config.precision == routelm::train::Precision::Bf16 && routelm::nn::bf16::available()
-    {
+    if trainer.model.bf16_matmul() {
         eprintln!("mixed precision: linear products with bf16 operands and f32 sums");
     }
     let pb = super::bar(trainer.config.steps as u64, "train");

@@ -139,6 +139,12 @@ impl Model {
         self.head.bf16 = on;
     }
 
+    /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a
+    /// CPU with AVX512-BF16).
+    pub fn bf16_matmul(&self) -> bool {
+        self.head.bf16 && crate::nn::bf16::available()
+    }
+
     /// Build the model from its parameters; `origin` names where they came from in errors.
     pub fn new(
         config: &ModelConfig,

@@ -41,9 +41,7 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
-        y.reshape(shape)
+        y.reshape(super::ops::with_last_dim(x.dims(), self.weight.dim(0)?))
     }
 
     /// Several maps of the same input, `[l.forward(x) for l in layers]`; when decoding, the
@@ -145,11 +143,7 @@ impl CustomOp2 for LinearOp {
         let ((r1, c1), (r2, c2)) = (as_matrix(l1), as_matrix(l2));
         let at = |ptr, rs, cs| Strided { ptr, rs, cs };
         // C (m × n) = A · B, and C's shape
-        let with_last = |n: usize| {
-            let mut d = l1.shape().dims().to_vec();
-            *d.last_mut().unwrap_or(&mut 0) = n;
-            Shape::from(d)
-        };
+        let with_last = |n| super::ops::with_last_dim(l1.shape().dims(), n);
         let (m, n, k, a, b, fits, shape) = match self.part {
             Part::Y => (
                 r1,

@@ -36,6 +36,15 @@ pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
     v
 }
 
+/// `dims` with the last dimension replaced by `n`.
+pub(crate) fn with_last_dim(dims: &[usize], n: usize) -> Shape {
+    let mut d = dims.to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = n;
+    }
+    Shape::from(d)
+}
+
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]> {
     let data = s.as_slice::<u32>()?;
     match l.contiguous_offsets() {
@@ -272,11 +281,7 @@ impl CustomOp1 for SwiGluHalves {
                 *o = g * sigmoid(g) * u;
             }
         });
-        let mut dims = l.shape().dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = h;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        Ok((CpuStorage::F32(out), with_last_dim(l.shape().dims(), h)))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(

@@ -546,13 +546,12 @@ fn combine(ys: &[Tensor], w: &Tensor, slots: &[usize]) -> Result<Option<Tensor>>
         }
         return Ok(Some(Tensor::from_vec(out, y0.shape(), y0.device())?));
     }
-    let mut out: Option<Tensor> = None;
-    for (y, &j) in ys.iter().zip(slots) {
-        let y = y.broadcast_mul(&w.narrow(0, j, 1)?)?;
-        out = Some(match out {
-            Some(o) => (o + y)?,
-            None => y,
-        });
-    }
-    Ok(out)
+    let at: Vec<u32> = slots.iter().map(|&j| j as u32).collect();
+    let wk = w.index_select(&Tensor::new(at.as_slice(), w.device())?, 0)?;
+    let flat = ys
+        .iter()
+        .map(|y| y.flatten_all())
+        .collect::<Result<Vec<_>>>()?;
+    let out = weighted_scatter(&Tensor::stack(&flat, 0)?, &wk, &vec![0; ys.len()], 1)?;
+    Ok(Some(out.reshape(y0.shape())?))
 }
