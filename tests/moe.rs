@@ -51,6 +51,7 @@ fn layer(c: MoeConfig, seed: u64) -> MoeLayer {
         shared_gate: c
             .shared_gate
             .then(|| Linear::new(randn(&[1, D], 0.5, &mut rng), None)),
+        stacked: None,
     }
 }
 
@@ -625,4 +626,74 @@ fn expert_choice_router_gradient_matches_finite_differences() {
         );
         assert!(g[i] != 0.0, "router[{i}] gets no gradient");
     }
+}
+
+/// Experts held stacked, as training holds them (one variable per kind of projection, each
+/// expert's weights views of it), give the separate experts' output, and the stacked
+/// variables get the separate experts' gradients in stacking order.
+#[test]
+fn stacked_experts_match_separate_experts() {
+    let c = base();
+    let de = c.d_expert;
+    let m = layer(c, 21);
+    let var = |t: &Tensor| candle_core::Var::from_tensor(t).unwrap();
+    let mut separate = m.clone();
+    let mut vars = Vec::new();
+    for e in &mut separate.experts {
+        for l in e.linears_mut() {
+            let v = var(&l.weight);
+            l.weight = v.as_tensor().clone();
+            vars.push(v);
+        }
+    }
+    // linears_mut order per expert: gate, up, down
+    let pick =
+        |k: usize| -> Vec<Tensor> { vars.chunks(3).map(|v| v[k].as_tensor().detach()).collect() };
+    let (gates, ups, downs) = (pick(0), pick(1), pick(2));
+    let gate_up: Vec<Tensor> = gates
+        .iter()
+        .zip(&ups)
+        .flat_map(|(g, u)| [g.clone(), u.clone()])
+        .collect();
+    let gu = var(&Tensor::cat(&gate_up, 0).unwrap());
+    let dn = var(&Tensor::cat(&downs, 0).unwrap());
+    let mut stacked = m.clone();
+    for (e, ex) in stacked.experts.iter_mut().enumerate() {
+        ex.gate.as_mut().unwrap().weight = gu.as_tensor().narrow(0, 2 * e * de, de).unwrap();
+        ex.up.weight = gu.as_tensor().narrow(0, (2 * e + 1) * de, de).unwrap();
+        ex.down.weight = dn.as_tensor().narrow(0, e * D, D).unwrap();
+    }
+    stacked.stacked = Some(routelm::routing::StackedExperts {
+        gate_up: gu.as_tensor().clone(),
+        down: dn.as_tensor().clone(),
+    });
+    let mut rng = Rng::new(22);
+    let x = randn(&[2, 5, D], 1.0, &mut rng);
+    let r = randn(&[2, 5, D], 1.0, &mut rng);
+    let (ya, _) = separate.forward(&x).unwrap();
+    let (yb, _) = stacked.forward(&x).unwrap();
+    assert!(max_diff(&ya, &yb) <= 1e-6, "{}", max_diff(&ya, &yb));
+    let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |v: &candle_core::Var| ga.get(v.as_tensor()).unwrap().clone();
+    let want_gu: Vec<Tensor> = vars
+        .chunks(3)
+        .flat_map(|v| [grad(&v[0]), grad(&v[1])])
+        .collect();
+    let want_dn: Vec<Tensor> = vars.chunks(3).map(|v| grad(&v[2])).collect();
+    for (want, got) in [(want_gu, &gu), (want_dn, &dn)] {
+        let want = Tensor::cat(&want, 0).unwrap();
+        let got = gb.get(got.as_tensor()).unwrap();
+        assert!(max_abs(&want) > 1e-3, "no gradient reached the experts");
+        assert!(max_diff(&want, got) <= 1e-5, "{}", max_diff(&want, got));
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

@@ -9,9 +9,18 @@ use routelm::train::{corpus, RunOptions, TrainConfigFile, Trainer};
 use routelm::Tokenizer;
 
 fn setup(steps: usize) -> (routelm::ModelConfig, routelm::TrainConfig, Dataset) {
+    setup_with(steps, None)
+}
+
+/// [`setup`] of a model whose feed-forward blocks are Mixture-of-Experts layers.
+fn setup_with(
+    steps: usize,
+    moe: Option<routelm::config::MoeFile>,
+) -> (routelm::ModelConfig, routelm::TrainConfig, Dataset) {
     let mut f = routelm::ModelConfigFile::from(&common::tiny(0));
     f.vocab_size = Some(256);
     f.init_std = Some(0.02);
+    f.moe = moe;
     let cfg = f.resolve("tiny").unwrap();
     let train = TrainConfigFile {
         steps: Some(steps),
@@ -40,9 +49,47 @@ fn dir(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn resumed_run_reproduces_uninterrupted_run() {
-    let (cfg, train, data) = setup(12);
+    resume_reproduces(setup(12), "dense");
+}
+
+/// The same for an MoE model, whose experts train as stacked variables: the checkpoint
+/// still names each expert's weights and optimizer moments on their own.
+#[test]
+fn resumed_moe_run_reproduces_uninterrupted_run() {
+    let moe = routelm::config::MoeFile {
+        n_experts: Some(4),
+        top_k: Some(2),
+        ..Default::default()
+    };
+    let (cfg, train, data) = setup_with(12, Some(moe));
+    assert!(cfg.moe.is_some());
+    let dir = resume_reproduces((cfg, train, data), "moe");
+    let ckpt = dir.join("checkpoint");
+    let names = |file: &str| {
+        let t = candle_core::safetensors::load(ckpt.join(file), &Device::Cpu).unwrap();
+        t.into_keys().collect::<std::collections::BTreeSet<_>>()
+    };
+    let (model, opt) = (names("model.safetensors"), names("optimizer.safetensors"));
+    for e in 0..4 {
+        for proj in ["gate_proj", "up_proj", "down_proj"] {
+            let n = format!("model.layers.1.mlp.experts.{e}.{proj}.weight");
+            assert!(model.contains(&n), "{n} missing from the checkpoint");
+            for m in ["m", "v"] {
+                assert!(opt.contains(&format!("{m}.{n}")), "{m}.{n} missing");
+            }
+        }
+    }
+    assert!(!model.iter().any(|n| n.contains("gate_up")), "{model:?}");
+}
+
+/// Train 12 steps straight, and 5 steps then a resume to 12: the same losses. Returns the
+/// resumed run's folder.
+fn resume_reproduces(
+    (cfg, train, data): (routelm::ModelConfig, routelm::TrainConfig, Dataset),
+    name: &str,
+) -> std::path::PathBuf {
     let dev = Device::Cpu;
-    let a_dir = dir("a");
+    let a_dir = dir(&format!("{name}-a"));
     let mut a = Trainer::new(&cfg, &train, &dev).unwrap();
     a.run(
         &data,
@@ -54,7 +101,7 @@ fn resumed_run_reproduces_uninterrupted_run() {
     )
     .unwrap();
 
-    let b_dir = dir("b");
+    let b_dir = dir(&format!("{name}-b"));
     let mut b = Trainer::new(&cfg, &train, &dev).unwrap();
     b.run(
         &data,
@@ -104,6 +151,7 @@ fn resumed_run_reproduces_uninterrupted_run() {
         assert!(lines.lines().all(|l| l.contains(key)), "{key} missing");
     }
     assert!(lines.lines().filter(|l| l.contains("\"val_loss\"")).count() == 3);
+    b_dir
 }
 
 #[test]

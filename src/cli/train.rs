@@ -221,7 +221,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let (Some(src), None) = (&trainer.init_source, a.stop_after) {
         let dst = out.join("hf");
-        routelm::arch::export_dir(src, &dst, &trainer.params()).with_context(|| {
+        routelm::arch::export_dir(src, &dst, &trainer.params()?).with_context(|| {
             format!(
                 "writing the fine-tuned weights in {}'s layout",
                 src.display()

@@ -13,7 +13,7 @@ use crate::routing::{MoeLayer, MoeStats};
 #[derive(Debug, Clone)]
 pub enum Ffn {
     Dense(Mlp),
-    Moe(MoeLayer),
+    Moe(Box<MoeLayer>),
 }
 
 impl Ffn {

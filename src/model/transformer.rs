@@ -11,7 +11,7 @@ use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
-use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
+use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats, StackedExperts};
 use crate::weights::names::param_specs;
 
 /// What one forward pass produces.
@@ -139,6 +139,18 @@ impl Model {
         self.head.bf16 = on;
     }
 
+    /// Give MoE layer `layer` its experts' weights stacked (the trainer's variables, of
+    /// which the experts' projections are views); `false` when that layer is not MoE.
+    pub fn set_stacked_experts(&mut self, layer: usize, stacked: StackedExperts) -> bool {
+        match self.blocks.get_mut(layer).map(|b| &mut b.ffn) {
+            Some(Ffn::Moe(m)) => {
+                m.stacked = Some(stacked);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a
     /// CPU with AVX512-BF16).
     pub fn bf16_matmul(&self) -> bool {
@@ -255,7 +267,7 @@ impl Model {
                 })
             };
             let ffn = match (config.layer(l).moe, &config.moe) {
-                (true, Some(m)) => Ffn::Moe(MoeLayer {
+                (true, Some(m)) => Ffn::Moe(Box::new(MoeLayer {
                     layer: l,
                     config: *m,
                     router: get(&format!("{p}.mlp.gate.weight"))?,
@@ -273,7 +285,8 @@ impl Model {
                     } else {
                         None
                     },
-                }),
+                    stacked: None,
+                })),
                 _ => Ffn::Dense(mlp(&format!("{p}.mlp"))?),
             };
             let sandwich = |name: &str| -> Result<Option<Norm>> {

@@ -33,7 +33,9 @@ pub fn learning_rate(step: usize, lr: f64, min_lr: f64, warmup: usize, decay_ste
     min_lr + coeff * (lr - min_lr)
 }
 
-/// One parameter's optimiser state.
+/// One variable's optimiser state. A variable holds one named parameter, or several
+/// stacked along the first dimension (an MoE layer's expert projections, which train as
+/// one tensor): `parts` names them in order with their shapes.
 #[derive(Debug, Clone)]
 pub struct Slot {
     pub name: String,
@@ -41,6 +43,56 @@ pub struct Slot {
     pub decay: bool,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
+    pub parts: Vec<(String, Vec<usize>)>,
+}
+
+impl Slot {
+    /// A variable holding the one parameter `name`.
+    pub fn new(name: String, var: Var, decay: bool) -> Self {
+        let parts = vec![(name.clone(), var.dims().to_vec())];
+        Self::stacked(name, var, decay, parts)
+    }
+
+    /// A variable holding `parts` stacked in order along the first dimension.
+    pub fn stacked(name: String, var: Var, decay: bool, parts: Vec<(String, Vec<usize>)>) -> Self {
+        let n = var.elem_count();
+        Slot {
+            name,
+            var,
+            decay,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            parts,
+        }
+    }
+
+    /// Each named parameter: its name, its range in the flattened variable (and moments),
+    /// and its shape.
+    pub fn pieces(&self) -> Vec<(&str, std::ops::Range<usize>, &[usize])> {
+        let mut start = 0;
+        self.parts
+            .iter()
+            .map(|(name, shape)| {
+                let len = shape.iter().product::<usize>();
+                start += len;
+                (name.as_str(), start - len..start, shape.as_slice())
+            })
+            .collect()
+    }
+
+    /// Each named parameter as a view of the variable.
+    pub fn tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let flat = self.var.as_tensor().flatten_all()?;
+        self.pieces()
+            .into_iter()
+            .map(|(name, range, shape)| {
+                Ok((
+                    name.to_string(),
+                    flat.narrow(0, range.start, range.len())?.reshape(shape)?,
+                ))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -108,21 +160,7 @@ impl InplaceOp2 for Update<'_> {
 }
 
 impl AdamW {
-    /// `params`: (name, variable, whether weight decay applies).
-    pub fn new(config: AdamWConfig, params: Vec<(String, Var, bool)>) -> Self {
-        let slots = params
-            .into_iter()
-            .map(|(name, var, decay)| {
-                let n = var.elem_count();
-                Slot {
-                    name,
-                    var,
-                    decay,
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                }
-            })
-            .collect();
+    pub fn new(config: AdamWConfig, slots: Vec<Slot>) -> Self {
         Self {
             config,
             slots,
@@ -218,7 +256,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = AdamW::new(cfg, vec![("w".into(), var.clone(), true)]);
+        let mut opt = AdamW::new(cfg, vec![Slot::new("w".into(), var.clone(), true)]);
         let grads = [[0.1f32, -0.2, 0.3], [0.05, 0.1, -0.4]];
         let (mut p, mut m, mut v) = (p0.map(f64::from), [0f64; 3], [0f64; 3]);
         for (t, g) in grads.iter().enumerate() {

@@ -4,20 +4,21 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use rayon::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::checkpoint::{self, Metric, RouterMetric, TrainState};
 use super::data::{Dataset, Split};
-use super::optimizer::{learning_rate, AdamW, AdamWConfig};
+use super::optimizer::{learning_rate, AdamW, AdamWConfig, Slot};
 use super::rng::Rng;
 use super::TrainConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::flops::FlopLedger;
 use crate::model::{init::init_params, Model};
+use crate::routing::{ExpertStack, StackedExperts};
 use crate::weights::{self, names::param_specs, Params};
 
 /// Seed offset for the fixed evaluation batches (same windows at every evaluation).
@@ -78,28 +79,74 @@ fn build(
     params: Params,
     origin: &str,
 ) -> Result<(Model, AdamW)> {
-    let mut vars = Vec::new();
+    let get = |name: &str| -> Result<Tensor> {
+        let t = params.get(name).ok_or_else(|| Error::WeightMismatch {
+            path: origin.into(),
+            problems: vec![format!("missing tensor {name}")],
+        })?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    // MoE experts train stacked, one variable per kind of projection and layer (their
+    // grouped products read it directly); the model's per-expert weights are its views
+    let stacks = ExpertStack::of(cfg);
+    let mut stack_of: HashMap<&str, (usize, bool)> = HashMap::new();
+    for (i, s) in stacks.iter().enumerate() {
+        for n in &s.gate_up.1 {
+            stack_of.insert(n, (i, true));
+        }
+        for n in &s.down.1 {
+            stack_of.insert(n, (i, false));
+        }
+    }
+    let mut stacked: Vec<[Option<Tensor>; 2]> = vec![[None, None]; stacks.len()];
+    let mut slots = Vec::new();
     let mut tensors = BTreeMap::new();
     for spec in param_specs(cfg) {
-        let t = params
-            .get(&spec.name)
-            .ok_or_else(|| Error::WeightMismatch {
-                path: origin.into(),
-                problems: vec![format!("missing tensor {}", spec.name)],
-            })?;
-        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
-        tensors.insert(spec.name.clone(), var.as_tensor().clone());
         let decay = spec.decay || (train.decay_embeddings && spec.name.contains("embed"));
-        vars.push((spec.name, var, decay));
+        let Some(&(i, is_gate_up)) = stack_of.get(spec.name.as_str()) else {
+            let var = Var::from_tensor(&get(&spec.name)?)?;
+            tensors.insert(spec.name.clone(), var.as_tensor().clone());
+            slots.push(Slot::new(spec.name, var, decay));
+            continue;
+        };
+        let (name, parts) = if is_gate_up {
+            &stacks[i].gate_up
+        } else {
+            &stacks[i].down
+        };
+        let done = &mut stacked[i][usize::from(!is_gate_up)];
+        if done.is_some() {
+            continue;
+        }
+        let pieces = parts.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+        let var = Var::from_tensor(&Tensor::cat(&pieces, 0)?)?;
+        let slot = Slot::stacked(
+            name.clone(),
+            var.clone(),
+            decay,
+            parts
+                .iter()
+                .zip(&pieces)
+                .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+                .collect(),
+        );
+        tensors.extend(slot.tensors()?);
+        *done = Some(var.as_tensor().clone());
+        slots.push(slot);
     }
-    let model = Model::new(cfg, &tensors, origin)?;
+    let mut model = Model::new(cfg, &tensors, origin)?;
+    for (s, [gate_up, down]) in stacks.iter().zip(stacked) {
+        if let (Some(gate_up), Some(down)) = (gate_up, down) {
+            model.set_stacked_experts(s.layer, StackedExperts { gate_up, down });
+        }
+    }
     let adam = AdamWConfig {
         beta1: train.beta1,
         beta2: train.beta2,
         eps: train.eps,
         weight_decay: train.weight_decay,
     };
-    Ok((model, AdamW::new(adam, vars)))
+    Ok((model, AdamW::new(adam, slots)))
 }
 
 impl Trainer {
@@ -160,20 +207,27 @@ impl Trainer {
         let opt_path = dir.join("optimizer.safetensors");
         let moments = weights::load_safetensors(&opt_path, Some(DType::F32), &Device::Cpu)?;
         for slot in &mut t.opt.slots {
-            for (prefix, dst) in [("m.", &mut slot.m), ("v.", &mut slot.v)] {
-                let key = format!("{prefix}{}", slot.name);
-                let m = moments.get(&key).ok_or_else(|| Error::Checkpoint {
-                    path: opt_path.clone(),
-                    msg: format!("missing optimizer moment {key}"),
-                })?;
-                let v = m.flatten_all()?.to_vec1::<f32>()?;
-                if v.len() != dst.len() {
-                    return Err(Error::Checkpoint {
+            let pieces: Vec<(String, std::ops::Range<usize>)> = slot
+                .pieces()
+                .into_iter()
+                .map(|(n, r, _)| (n.to_string(), r))
+                .collect();
+            for (name, range) in pieces {
+                for (prefix, dst) in [("m.", &mut slot.m), ("v.", &mut slot.v)] {
+                    let key = format!("{prefix}{name}");
+                    let m = moments.get(&key).ok_or_else(|| Error::Checkpoint {
                         path: opt_path.clone(),
-                        msg: format!("{key} has {} values, expected {}", v.len(), dst.len()),
-                    });
+                        msg: format!("missing optimizer moment {key}"),
+                    })?;
+                    let v = m.flatten_all()?.to_vec1::<f32>()?;
+                    if v.len() != range.len() {
+                        return Err(Error::Checkpoint {
+                            path: opt_path.clone(),
+                            msg: format!("{key} has {} values, expected {}", v.len(), range.len()),
+                        });
+                    }
+                    dst[range.clone()].copy_from_slice(&v);
                 }
-                *dst = v;
             }
         }
         t.opt.t = state.adam_t;
@@ -190,12 +244,12 @@ impl Trainer {
     }
 
     /// The current parameters by canonical name.
-    pub fn params(&self) -> Params {
-        self.opt
-            .slots
-            .iter()
-            .map(|s| (s.name.clone(), s.var.as_tensor().clone()))
-            .collect()
+    pub fn params(&self) -> Result<Params> {
+        let mut params = Params::new();
+        for s in &self.opt.slots {
+            params.extend(s.tensors()?);
+        }
+        Ok(params)
     }
 
     /// One optimiser step over `grad_accum` micro-batches. Returns (loss, grad norm, lr).
@@ -317,19 +371,20 @@ impl Trainer {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-        weights::save_model_dir(&tmp, &self.model.config, &self.params())?;
+        weights::save_model_dir(&tmp, &self.model.config, &self.params()?)?;
         let mut moments = BTreeMap::new();
         let cpu = Device::Cpu;
         for s in &self.opt.slots {
-            let shape = s.var.as_tensor().shape().clone();
-            moments.insert(
-                format!("m.{}", s.name),
-                Tensor::from_slice(&s.m, shape.clone(), &cpu)?,
-            );
-            moments.insert(
-                format!("v.{}", s.name),
-                Tensor::from_slice(&s.v, shape, &cpu)?,
-            );
+            for (name, range, shape) in s.pieces() {
+                moments.insert(
+                    format!("m.{name}"),
+                    Tensor::from_slice(&s.m[range.clone()], shape, &cpu)?,
+                );
+                moments.insert(
+                    format!("v.{name}"),
+                    Tensor::from_slice(&s.v[range], shape, &cpu)?,
+                );
+            }
         }
         weights::save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
         let state = TrainState {
