@@ -310,6 +310,18 @@ fn fused_kernels_match_references_f32() {
         &|t| routelm::nn::grouped::grouped_matmul_reference(&t[0], &t[1], &offsets).unwrap(),
         1e-5,
     );
+    // an MoE layer's SwiGLU experts as one op (gate/up product, SwiGLU, down product):
+    // 4 experts with hidden width 3 on 17 rows, one expert without rows
+    compare(
+        &[
+            randn(&[17, 6], f, 50),
+            randn(&[4 * 2 * 3, 6], f, 51),
+            randn(&[4 * 6, 3], f, 52),
+        ],
+        &|t| routelm::nn::grouped::grouped_swiglu(&t[0], &t[1], &t[2], &offsets, false).unwrap(),
+        &|t| routelm::nn::grouped::grouped_swiglu_reference(&t[0], &t[1], &t[2], &offsets).unwrap(),
+        1e-5,
+    );
     // the linear layer's fused product on a 3-d input (18 rows: past the decode path),
     // with a bias, against candle's matmul
     compare(

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::bf16::{product, Strided};
 use super::linear::Part;
-use super::ops::{f32_slice, output_buffer};
+use super::ops::{f32_slice, output_buffer, sigmoid, swiglu_grads};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -200,6 +200,266 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CR
         return Tensor::zeros((0, d_out), x.dtype(), x.device());
     }
     Tensor::cat(&parts, 0)
+}
+
+/// An MoE layer's SwiGLU experts on rows sorted by expert, as one graph node:
+/// `y_e = (silu(x_e G_eᵀ) ⊙ x_e U_eᵀ) D_eᵀ` for the rows of group `e`, with `[G_e; U_e]`
+/// stacked in `gate_up (E·2h, d)` and `D_e` in `down (E·d, h)`. The gate/up products and
+/// the hidden activations stay inside the op (kept for the backward, which runs each
+/// expert's five products and the SwiGLU derivative on its own rows in one go, while they
+/// are in cache): no graph nodes, full-size gradients or extra passes for them.
+struct GroupedSwiglu {
+    offsets: Vec<usize>,
+    bf16: bool,
+    /// The forward pass's `[g | u]` rows `(N, 2h)` and hidden rows `(N, h)`.
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl GroupedSwiglu {
+    fn groups(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    fn rows(&self, e: usize) -> (usize, usize) {
+        (self.offsets[e], self.offsets[e + 1] - self.offsets[e])
+    }
+
+    /// The CPU storage of one operand.
+    fn cpu(s: &candle_core::Storage) -> CResult<&CpuStorage> {
+        match s {
+            candle_core::Storage::Cpu(c) => Ok(c),
+            _ => candle_core::bail!("grouped swiglu: CPU storage expected"),
+        }
+    }
+
+    /// `(N, d, h)` from the shapes of x, gate_up and down.
+    fn check(&self, lx: &Layout, lgu: &Layout, ld: &Layout) -> CResult<(usize, usize, usize)> {
+        let ((n, d), (r_gu, c_gu), (r_d, h)) = (
+            lx.shape().dims2()?,
+            lgu.shape().dims2()?,
+            ld.shape().dims2()?,
+        );
+        let groups = self.groups();
+        if groups == 0
+            || self.offsets[groups] != n
+            || c_gu != d
+            || r_gu != groups * 2 * h
+            || r_d != groups * d
+        {
+            candle_core::bail!(
+                "grouped swiglu: x {:?}, gate_up {:?}, down {:?}, {} groups ending at row {:?}",
+                lx.shape(),
+                lgu.shape(),
+                ld.shape(),
+                groups,
+                self.offsets.last()
+            )
+        }
+        Ok((n, d, h))
+    }
+}
+
+impl CustomOp3 for GroupedSwiglu {
+    fn name(&self) -> &'static str {
+        "routelm-grouped-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (n, d, h) = self.check(l1, l2, l3)?;
+        let x = f32_slice(s1, l1, self.name())?;
+        let gu_w = f32_slice(s2, l2, self.name())?;
+        let down_w = f32_slice(s3, l3, self.name())?;
+        let groups = self.groups();
+        let mut y = output_buffer(n * d);
+        let mut gu = output_buffer(n * 2 * h);
+        let mut hid = output_buffer(n * h);
+        let width = |w: usize| move |e: usize| (self.offsets[e + 1] - self.offsets[e]) * w;
+        let parts: Vec<_> = split_groups(&mut y, groups, width(d))
+            .into_iter()
+            .zip(split_groups(&mut gu, groups, width(2 * h)))
+            .zip(split_groups(&mut hid, groups, width(h)))
+            .collect();
+        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(e, ((ye, gue), he))| {
+                let (r0, rows) = self.rows(e);
+                // SAFETY: group e's rows of x and its weight blocks, read with strides inside
+                // them; each output slice is the group's rows, every value written
+                unsafe {
+                    let xe = at(x.as_ptr().add(r0 * d), d, 1);
+                    let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), 1, d);
+                    product(self.bf16, false, rows, 2 * h, d, gue.as_mut_ptr(), xe, gu_e);
+                }
+                for (o, r) in he.chunks_mut(h.max(1)).zip(gue.chunks(2 * h.max(1))) {
+                    let (g, u) = r.split_at(h);
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                }
+                // SAFETY: as above, the hidden rows just written and block e of down
+                unsafe {
+                    let hx = at(he.as_ptr(), h, 1);
+                    let d_e = at(down_w.as_ptr().add(e * d * h), 1, h);
+                    product(self.bf16, false, rows, d, h, ye.as_mut_ptr(), hx, d_e);
+                }
+            });
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some((gu, hid));
+        Ok((CpuStorage::F32(y), Shape::from((n, d))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gate_up: &Tensor,
+        down: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((gu, hid)) = saved.as_ref() else {
+            candle_core::bail!("grouped swiglu: backward before forward")
+        };
+        let dev = x.device().clone();
+        let dy = dy.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (gs, gl) = gate_up.storage_and_layout();
+        let (ds, dl) = down.storage_and_layout();
+        let (ys, yl) = dy.storage_and_layout();
+        let (n, d, h) = self.check(xl, gl, dl)?;
+        let name = self.name();
+        let (x, gu_w, down_w, dy) = (
+            f32_slice(Self::cpu(&xs)?, xl, name)?,
+            f32_slice(Self::cpu(&gs)?, gl, name)?,
+            f32_slice(Self::cpu(&ds)?, dl, name)?,
+            f32_slice(Self::cpu(&ys)?, yl, name)?,
+        );
+        let groups = self.groups();
+        let mut dx = output_buffer(n * d);
+        let mut dgu_w = output_buffer(groups * 2 * h * d);
+        let mut ddown_w = output_buffer(groups * d * h);
+        let rows_of = |e: usize| self.offsets[e + 1] - self.offsets[e];
+        let parts: Vec<_> = split_groups(&mut dx, groups, |e| rows_of(e) * d)
+            .into_iter()
+            .zip(split_groups(&mut dgu_w, groups, |_| 2 * h * d))
+            .zip(split_groups(&mut ddown_w, groups, |_| d * h))
+            .collect();
+        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(e, ((dxe, dgue), dde))| {
+                let (r0, rows) = self.rows(e);
+                let (gue, he) = (&gu[r0 * 2 * h..], &hid[r0 * h..]);
+                let mut dh = output_buffer(rows * h);
+                let mut dg = output_buffer(rows * 2 * h);
+                // SAFETY: group e's rows of dy, x, the saved [g | u] and hidden rows, and its
+                // weight blocks, read with strides inside them; the outputs are the group's
+                // own slices and the two temporaries, every value written
+                unsafe {
+                    let dye = at(dy.as_ptr().add(r0 * d), d, 1);
+                    // dh = dy_e · D_e
+                    let d_e = at(down_w.as_ptr().add(e * d * h), h, 1);
+                    product(self.bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
+                    // dD_e = dy_eᵀ · h_e
+                    let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
+                    let hx = at(he.as_ptr(), h, 1);
+                    product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+                }
+                for ((o, r), dr) in dg
+                    .chunks_mut(2 * h.max(1))
+                    .zip(gue.chunks(2 * h.max(1)))
+                    .zip(dh.chunks(h.max(1)))
+                {
+                    let (g, u) = r.split_at(h);
+                    let (og, ou) = o.split_at_mut(h);
+                    for j in 0..h {
+                        (og[j], ou[j]) = swiglu_grads(g[j], u[j], dr[j]);
+                    }
+                }
+                // SAFETY: as above
+                unsafe {
+                    // dx_e = [dg | du] · [G_e; U_e]
+                    let dgx = at(dg.as_ptr(), 2 * h, 1);
+                    let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), d, 1);
+                    product(
+                        self.bf16,
+                        false,
+                        rows,
+                        d,
+                        2 * h,
+                        dxe.as_mut_ptr(),
+                        dgx,
+                        gu_e,
+                    );
+                    // d[G_e; U_e] = [dg | du]ᵀ · x_e
+                    let dgx_t = at(dg.as_ptr(), 1, 2 * h);
+                    let xe = at(x.as_ptr().add(r0 * d), d, 1);
+                    product(
+                        self.bf16,
+                        false,
+                        2 * h,
+                        d,
+                        rows,
+                        dgue.as_mut_ptr(),
+                        dgx_t,
+                        xe,
+                    );
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dx, (n, d), &dev)?),
+            Some(Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?),
+            Some(Tensor::from_vec(ddown_w, (groups * d, h), &dev)?),
+        ))
+    }
+}
+
+/// The SwiGLU experts of an MoE layer on rows sorted by expert (`offsets`, as for
+/// [`grouped_matmul`]): `gate_up (E·2h, d)` holds `[G_e; U_e]` per expert, `down (E·d, h)`
+/// holds `D_e`; row `i` of group `e` gives `(silu(x_i G_eᵀ) ⊙ x_i U_eᵀ) D_eᵀ`. f32 on the
+/// CPU runs one fused op; elsewhere the grouped products and the SwiGLU one after another.
+pub fn grouped_swiglu(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offsets: &[usize],
+    bf16: bool,
+) -> CResult<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if f32_cpu(x) && f32_cpu(gate_up) && f32_cpu(down) {
+        return x.contiguous()?.apply_op3(
+            &gate_up.contiguous()?,
+            &down.contiguous()?,
+            GroupedSwiglu {
+                offsets: offsets.to_vec(),
+                bf16: bf16 && super::bf16::available(),
+                saved: std::sync::Mutex::new(None),
+            },
+        );
+    }
+    grouped_swiglu_reference(x, gate_up, down, offsets)
+}
+
+/// [`grouped_swiglu`] from the separate grouped products and SwiGLU.
+pub fn grouped_swiglu_reference(
+    x: &Tensor,
+    gate_up: &Tensor,
+    down: &Tensor,
+    offsets: &[usize],
+) -> CResult<Tensor> {
+    let gu = grouped_matmul_reference(x, gate_up, offsets)?;
+    let h = gu.dim(1)? / 2;
+    let hid = super::ops::swiglu_reference(&gu.narrow(1, 0, h)?, &gu.narrow(1, h, h)?)?;
+    grouped_matmul_reference(&hid, down, offsets)
 }
 
 /// `out[rows[i]] += w[i] · y[i]` into `n` zero rows: the gate-weighted combine of routed

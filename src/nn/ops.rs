@@ -257,7 +257,7 @@ pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
 struct SwiGluHalves;
 
 /// `(d/dg, d/du)` of `silu(g) · u` for an incoming gradient `dy`.
-fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
+pub(crate) fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
     let sg = sigmoid(g);
     // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
     (dy * u * sg * (1.0 + g * (1.0 - sg)), dy * g * sg)

@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::router::choose_experts;
 use crate::config::{MoeConfig, Scoring};
-use crate::nn::grouped::{grouped_matmul, weighted_scatter};
+use crate::nn::grouped::{grouped_swiglu, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};
 
@@ -400,7 +400,7 @@ impl MoeLayer {
     }
 
     /// [`MoeLayer::dispatch`] for SwiGLU experts without biases: one gather of every
-    /// routed row sorted by expert, each projection of all the experts as one grouped
+    /// routed row sorted by expert, all the experts' SwiGLU FFNs as one grouped
     /// product over their stacked weights, one weighted scatter back. `None` when the
     /// experts are of another kind.
     fn dispatch_grouped(
@@ -451,8 +451,7 @@ impl MoeLayer {
         // mixed precision when the experts' projections are set to it
         let bf16 = self.experts.iter().all(|m| m.up.bf16);
         let xg = xs.index_select(&idx, 0)?;
-        let h = crate::nn::ops::swiglu_halves(&grouped_matmul(&xg, &gate_up, &offsets, bf16)?)?;
-        let y = grouped_matmul(&h, &down, &offsets, bf16)?;
+        let y = grouped_swiglu(&xg, &gate_up, &down, &offsets, bf16)?;
         Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
     }
 
