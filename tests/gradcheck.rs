@@ -322,6 +322,26 @@ fn fused_kernels_match_references_f32() {
         &|t| routelm::nn::grouped::grouped_swiglu_reference(&t[0], &t[1], &t[2], &offsets).unwrap(),
         1e-5,
     );
+    // the same op on one group (a dense SwiGLU block: its rows split over the threads and
+    // the partial weight gradients summed) and on two
+    for offsets in [vec![0usize, 17], vec![0, 9, 17]] {
+        let groups = offsets.len() - 1;
+        compare(
+            &[
+                randn(&[17, 6], f, 53),
+                randn(&[groups * 2 * 3, 6], f, 54),
+                randn(&[groups * 6, 3], f, 55),
+            ],
+            &|t| {
+                routelm::nn::grouped::grouped_swiglu(&t[0], &t[1], &t[2], &offsets, false).unwrap()
+            },
+            &|t| {
+                routelm::nn::grouped::grouped_swiglu_reference(&t[0], &t[1], &t[2], &offsets)
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
     // the linear layer's fused product on a 3-d input (18 rows: past the decode path),
     // with a bias, against candle's matmul
     compare(

@@ -27,6 +27,7 @@ fn mlp(width: usize, rng: &mut Rng) -> Mlp {
         gate: Some(lin(width, D, rng)),
         up: lin(width, D, rng),
         down: lin(D, width, rng),
+        gate_up: None,
     }
 }
 
@@ -51,7 +52,7 @@ fn layer(c: MoeConfig, seed: u64) -> MoeLayer {
         shared_gate: c
             .shared_gate
             .then(|| Linear::new(randn(&[1, D], 0.5, &mut rng), None)),
-        stacked: None,
+        stacked: Default::default(),
     }
 }
 
@@ -663,10 +664,10 @@ fn stacked_experts_match_separate_experts() {
         ex.up.weight = gu.as_tensor().narrow(0, (2 * e + 1) * de, de).unwrap();
         ex.down.weight = dn.as_tensor().narrow(0, e * D, D).unwrap();
     }
-    stacked.stacked = Some(routelm::routing::StackedExperts {
-        gate_up: gu.as_tensor().clone(),
-        down: dn.as_tensor().clone(),
-    });
+    stacked.stacked = routelm::routing::StackedExperts {
+        gate_up: Some(gu.as_tensor().clone()),
+        down: Some(dn.as_tensor().clone()),
+    };
     let mut rng = Rng::new(22);
     let x = randn(&[2, 5, D], 1.0, &mut rng);
     let r = randn(&[2, 5, D], 1.0, &mut rng);

@@ -6,6 +6,7 @@ pub mod block;
 pub mod cache;
 pub mod init;
 pub mod seq2seq;
+pub mod stack;
 pub mod transformer;
 
 pub use cache::{Cache, KvCache};

@@ -299,6 +299,7 @@ impl Seq2Seq {
                 .then(|| lin(&format!("{p}.gate_proj"))),
             up: lin(&format!("{p}.up_proj")),
             down: lin(&format!("{p}.down_proj")),
+            gate_up: None,
         };
         let encoder = (0..config.encoder_layers)
             .map(|l| {

@@ -7,11 +7,12 @@ use std::collections::BTreeMap;
 
 use super::block::{Block, Ffn};
 use super::cache::Cache;
+use super::stack::{ParamStack, StackKind};
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
-use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats, StackedExperts};
+use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
 use crate::weights::names::param_specs;
 
 /// What one forward pass produces.
@@ -139,16 +140,20 @@ impl Model {
         self.head.bf16 = on;
     }
 
-    /// Give MoE layer `layer` its experts' weights stacked (the trainer's variables, of
-    /// which the experts' projections are views); `false` when that layer is not MoE.
-    pub fn set_stacked_experts(&mut self, layer: usize, stacked: StackedExperts) -> bool {
-        match self.blocks.get_mut(layer).map(|b| &mut b.ffn) {
-            Some(Ffn::Moe(m)) => {
-                m.stacked = Some(stacked);
-                true
-            }
-            _ => false,
+    /// Give the feed-forward block of a stack's layer the stacked variable (the trainer's,
+    /// of which that block's projections are views); `false` when the layer's block is not
+    /// of the stack's kind.
+    pub fn attach_stack(&mut self, stack: &ParamStack, t: Tensor) -> bool {
+        let Some(b) = self.blocks.get_mut(stack.layer) else {
+            return false;
+        };
+        match (&mut b.ffn, stack.kind) {
+            (Ffn::Dense(m), StackKind::GateUp) => m.gate_up = Some(t),
+            (Ffn::Moe(m), StackKind::ExpertsGateUp) => m.stacked.gate_up = Some(t),
+            (Ffn::Moe(m), StackKind::ExpertsDown) => m.stacked.down = Some(t),
+            _ => return false,
         }
+        true
     }
 
     /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a
@@ -264,6 +269,7 @@ impl Model {
                     },
                     up: linear(&format!("{prefix}.up_proj"))?,
                     down: linear(&format!("{prefix}.down_proj"))?,
+                    gate_up: None,
                 })
             };
             let ffn = match (config.layer(l).moe, &config.moe) {
@@ -285,7 +291,7 @@ impl Model {
                     } else {
                         None
                     },
-                    stacked: None,
+                    stacked: Default::default(),
                 })),
                 _ => Ffn::Dense(mlp(&format!("{p}.mlp"))?),
             };

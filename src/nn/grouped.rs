@@ -224,6 +224,29 @@ impl GroupedSwiglu {
         (self.offsets[e], self.offsets[e + 1] - self.offsets[e])
     }
 
+    /// The units of parallel work `(group, first row, rows)`, in row order: one per group,
+    /// or with fewer groups than threads (a dense feed-forward block is one group) each
+    /// group's rows split so that every thread gets a share. Every group has at least one.
+    fn tasks(&self) -> Vec<(usize, usize, usize)> {
+        let groups = self.groups();
+        let threads = rayon::current_num_threads();
+        let chunks = if groups >= threads {
+            1
+        } else {
+            threads.div_ceil(groups.max(1))
+        };
+        let mut tasks = Vec::new();
+        for e in 0..groups {
+            let (r0, rows) = self.rows(e);
+            let pieces = chunks.min(rows).max(1);
+            for i in 0..pieces {
+                let (a, b) = (rows * i / pieces, rows * (i + 1) / pieces);
+                tasks.push((e, r0 + a, b - a));
+            }
+        }
+        tasks
+    }
+
     /// The CPU storage of one operand.
     fn cpu(s: &candle_core::Storage) -> CResult<&CpuStorage> {
         match s {
@@ -276,24 +299,25 @@ impl CustomOp3 for GroupedSwiglu {
         let x = f32_slice(s1, l1, self.name())?;
         let gu_w = f32_slice(s2, l2, self.name())?;
         let down_w = f32_slice(s3, l3, self.name())?;
-        let groups = self.groups();
+        let tasks = self.tasks();
         let mut y = output_buffer(n * d);
         let mut gu = output_buffer(n * 2 * h);
         let mut hid = output_buffer(n * h);
-        let width = |w: usize| move |e: usize| (self.offsets[e + 1] - self.offsets[e]) * w;
-        let parts: Vec<_> = split_groups(&mut y, groups, width(d))
+        let tasks = &tasks;
+        let width = |w: usize| move |t: usize| tasks[t].2 * w;
+        let parts: Vec<_> = split_groups(&mut y, tasks.len(), width(d))
             .into_iter()
-            .zip(split_groups(&mut gu, groups, width(2 * h)))
-            .zip(split_groups(&mut hid, groups, width(h)))
+            .zip(split_groups(&mut gu, tasks.len(), width(2 * h)))
+            .zip(split_groups(&mut hid, tasks.len(), width(h)))
             .collect();
         let at = |ptr, rs, cs| Strided { ptr, rs, cs };
         parts
             .into_par_iter()
-            .enumerate()
-            .for_each(|(e, ((ye, gue), he))| {
-                let (r0, rows) = self.rows(e);
-                // SAFETY: group e's rows of x and its weight blocks, read with strides inside
-                // them; each output slice is the group's rows, every value written
+            .zip(tasks)
+            .for_each(|(((ye, gue), he), &(e, r0, rows))| {
+                // SAFETY: the task's rows of x and its group's weight blocks, read with
+                // strides inside them; each output slice is the task's rows, every value
+                // written
                 unsafe {
                     let xe = at(x.as_ptr().add(r0 * d), d, 1);
                     let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), 1, d);
@@ -343,83 +367,124 @@ impl CustomOp3 for GroupedSwiglu {
             f32_slice(Self::cpu(&ys)?, yl, name)?,
         );
         let groups = self.groups();
+        let tasks = self.tasks();
         let mut dx = output_buffer(n * d);
         let mut dgu_w = output_buffer(groups * 2 * h * d);
         let mut ddown_w = output_buffer(groups * d * h);
-        let rows_of = |e: usize| self.offsets[e + 1] - self.offsets[e];
-        let parts: Vec<_> = split_groups(&mut dx, groups, |e| rows_of(e) * d)
-            .into_iter()
-            .zip(split_groups(&mut dgu_w, groups, |_| 2 * h * d))
-            .zip(split_groups(&mut ddown_w, groups, |_| d * h))
-            .collect();
         let at = |ptr, rs, cs| Strided { ptr, rs, cs };
-        parts
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(e, ((dxe, dgue), dde))| {
-                let (r0, rows) = self.rows(e);
-                let (gue, he) = (&gu[r0 * 2 * h..], &hid[r0 * h..]);
-                let mut dh = output_buffer(rows * h);
-                let mut dg = output_buffer(rows * 2 * h);
-                // SAFETY: group e's rows of dy, x, the saved [g | u] and hidden rows, and its
-                // weight blocks, read with strides inside them; the outputs are the group's
-                // own slices and the two temporaries, every value written
-                unsafe {
-                    let dye = at(dy.as_ptr().add(r0 * d), d, 1);
-                    // dh = dy_e · D_e
-                    let d_e = at(down_w.as_ptr().add(e * d * h), h, 1);
-                    product(self.bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
-                    // dD_e = dy_eᵀ · h_e
-                    let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
-                    let hx = at(he.as_ptr(), h, 1);
-                    product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+        // one task's rows: its part of dx, and its rows' share of its group's weight
+        // gradients written to `dgue` and `dde`
+        let run = |(e, r0, rows): (usize, usize, usize),
+                   dxe: &mut [f32],
+                   dgue: &mut [f32],
+                   dde: &mut [f32]| {
+            let (gue, he) = (&gu[r0 * 2 * h..], &hid[r0 * h..]);
+            let mut dh = output_buffer(rows * h);
+            let mut dg = output_buffer(rows * 2 * h);
+            // SAFETY: the task's rows of dy, x, the saved [g | u] and hidden rows, and its
+            // group's weight blocks, read with strides inside them; the outputs are the
+            // task's own slices and the two temporaries, every value written
+            unsafe {
+                let dye = at(dy.as_ptr().add(r0 * d), d, 1);
+                // dh = dy_e · D_e
+                let d_e = at(down_w.as_ptr().add(e * d * h), h, 1);
+                product(self.bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
+                // dD_e = dy_eᵀ · h_e
+                let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
+                let hx = at(he.as_ptr(), h, 1);
+                product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+            }
+            for ((o, r), dr) in dg
+                .chunks_mut(2 * h.max(1))
+                .zip(gue.chunks(2 * h.max(1)))
+                .zip(dh.chunks(h.max(1)))
+            {
+                let (g, u) = r.split_at(h);
+                let (og, ou) = o.split_at_mut(h);
+                for j in 0..h {
+                    (og[j], ou[j]) = swiglu_grads(g[j], u[j], dr[j]);
                 }
-                for ((o, r), dr) in dg
-                    .chunks_mut(2 * h.max(1))
-                    .zip(gue.chunks(2 * h.max(1)))
-                    .zip(dh.chunks(h.max(1)))
-                {
-                    let (g, u) = r.split_at(h);
-                    let (og, ou) = o.split_at_mut(h);
-                    for j in 0..h {
-                        (og[j], ou[j]) = swiglu_grads(g[j], u[j], dr[j]);
-                    }
+            }
+            // SAFETY: as above
+            unsafe {
+                // dx_e = [dg | du] · [G_e; U_e]
+                let dgx = at(dg.as_ptr(), 2 * h, 1);
+                let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), d, 1);
+                product(
+                    self.bf16,
+                    false,
+                    rows,
+                    d,
+                    2 * h,
+                    dxe.as_mut_ptr(),
+                    dgx,
+                    gu_e,
+                );
+                // d[G_e; U_e] = [dg | du]ᵀ · x_e
+                let dgx_t = at(dg.as_ptr(), 1, 2 * h);
+                let xe = at(x.as_ptr().add(r0 * d), d, 1);
+                product(
+                    self.bf16,
+                    false,
+                    2 * h,
+                    d,
+                    rows,
+                    dgue.as_mut_ptr(),
+                    dgx_t,
+                    xe,
+                );
+            }
+        };
+        let dx_parts = split_groups(&mut dx, tasks.len(), |t| tasks[t].2 * d);
+        if tasks.len() == groups {
+            // one task per group: the weight gradients straight into their blocks
+            dx_parts
+                .into_iter()
+                .zip(split_groups(&mut dgu_w, groups, |_| 2 * h * d))
+                .zip(split_groups(&mut ddown_w, groups, |_| d * h))
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .zip(&tasks)
+                .for_each(|(((dxe, dgue), dde), &task)| run(task, dxe, dgue, dde));
+        } else {
+            // groups split over several tasks: partial weight gradients, summed per group
+            let partials: Vec<(usize, Vec<f32>, Vec<f32>)> = dx_parts
+                .into_par_iter()
+                .zip(&tasks)
+                .map(|(dxe, &task)| {
+                    let mut pgu = output_buffer(2 * h * d);
+                    let mut pd = output_buffer(d * h);
+                    run(task, dxe, &mut pgu, &mut pd);
+                    (task.0, pgu, pd)
+                })
+                .collect();
+            let blocks = split_groups(&mut dgu_w, groups, |_| 2 * h * d)
+                .into_iter()
+                .zip(split_groups(&mut ddown_w, groups, |_| d * h));
+            for (e, (bgu, bd)) in blocks.enumerate() {
+                let mut mine = partials.iter().filter(|p| p.0 == e);
+                if let Some((_, first_gu, first_d)) = mine.next() {
+                    bgu.copy_from_slice(first_gu);
+                    bd.copy_from_slice(first_d);
                 }
-                // SAFETY: as above
-                unsafe {
-                    // dx_e = [dg | du] · [G_e; U_e]
-                    let dgx = at(dg.as_ptr(), 2 * h, 1);
-                    let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), d, 1);
-                    product(
-                        self.bf16,
-                        false,
-                        rows,
-                        d,
-                        2 * h,
-                        dxe.as_mut_ptr(),
-                        dgx,
-                        gu_e,
-                    );
-                    // d[G_e; U_e] = [dg | du]ᵀ · x_e
-                    let dgx_t = at(dg.as_ptr(), 1, 2 * h);
-                    let xe = at(x.as_ptr().add(r0 * d), d, 1);
-                    product(
-                        self.bf16,
-                        false,
-                        2 * h,
-                        d,
-                        rows,
-                        dgue.as_mut_ptr(),
-                        dgx_t,
-                        xe,
-                    );
+                for (_, pgu, pd) in mine {
+                    add_into(bgu, pgu);
+                    add_into(bd, pd);
                 }
-            });
+            }
+        }
         Ok((
             Some(Tensor::from_vec(dx, (n, d), &dev)?),
             Some(Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?),
             Some(Tensor::from_vec(ddown_w, (groups * d, h), &dev)?),
         ))
+    }
+}
+
+/// `dst += src`, elementwise.
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    for (o, v) in dst.iter_mut().zip(src) {
+        *o += v;
     }
 }
 

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::grouped::grouped_swiglu;
 use super::Linear;
 use crate::config::FfnKind;
 
@@ -11,6 +12,9 @@ pub struct Mlp {
     pub gate: Option<Linear>,
     pub up: Linear,
     pub down: Linear,
+    /// `[gate; up]` held stacked (training a SwiGLU block without biases): `gate` and `up`
+    /// are views of it, and the fused SwiGLU op reads it directly.
+    pub gate_up: Option<Tensor>,
 }
 
 impl Mlp {
@@ -22,7 +26,38 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused(x)? {
+            return Ok(y);
+        }
         Ok(Self::forward_many(&[self], x)?.remove(0))
+    }
+
+    /// With `[gate; up]` stacked and more rows than a decode step: the whole SwiGLU block as
+    /// one op (one group of [`grouped_swiglu`]), whose gate/up products and hidden
+    /// activations are no graph nodes of their own. `None` when that does not apply.
+    fn fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(gate_up) = &self.gate_up else {
+            return Ok(None);
+        };
+        let plain = |l: &Linear| l.bias.is_none();
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        if self.kind != FfnKind::Swiglu
+            || !self.gate.as_ref().is_some_and(plain)
+            || !plain(&self.up)
+            || !plain(&self.down)
+            || rows <= super::matvec::MAX_ROWS
+        {
+            return Ok(None);
+        }
+        let d = x.dim(candle_core::D::Minus1)?;
+        let y = grouped_swiglu(
+            &x.reshape((rows, d))?,
+            gate_up,
+            &self.down.weight,
+            &[0, rows],
+            self.up.bf16,
+        )?;
+        Ok(Some(y.reshape(x.shape())?))
     }
 
     /// Several feed-forward blocks on the same input (a decoded token's experts): when

@@ -7,5 +7,5 @@ pub mod moe;
 pub mod router;
 
 pub use depth::{DepthDecision, DepthRouter, DepthStats};
-pub use moe::{update_selection_bias, ExpertStack, MoeLayer, MoeStats, StackedExperts};
+pub use moe::{update_selection_bias, MoeLayer, MoeStats, StackedExperts};
 pub use router::{choose_experts, RouterChoice};

@@ -52,59 +52,17 @@ pub struct MoeLayer {
     pub shared: Option<Mlp>,
     pub shared_gate: Option<Linear>,
     /// The experts' weights held stacked (training): the experts' own projections are
-    /// views of these, and the grouped products read them without a copy per step.
-    pub stacked: Option<StackedExperts>,
+    /// views of these, and the grouped op reads them without a copy per step.
+    pub stacked: StackedExperts,
 }
 
 /// An MoE layer's SwiGLU expert weights, each kind in one tensor: `gate_up`
 /// `(E·2·d_expert, d)` holds `[gate_e; up_e]` for each expert in turn, `down`
 /// `(E·d, d_expert)` holds `down_e` for each expert in turn.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StackedExperts {
-    pub gate_up: Tensor,
-    pub down: Tensor,
-}
-
-/// The parameters of one MoE layer that train stacked ([`StackedExperts`]): for each of
-/// `gate_up` and `down`, a name for the stack and its parts' canonical names in order.
-#[derive(Debug, Clone)]
-pub struct ExpertStack {
-    pub layer: usize,
-    pub gate_up: (String, Vec<String>),
-    pub down: (String, Vec<String>),
-}
-
-impl ExpertStack {
-    /// The stacks of every MoE layer whose experts take the grouped path (SwiGLU without
-    /// biases).
-    pub fn of(cfg: &crate::config::ModelConfig) -> Vec<ExpertStack> {
-        let Some(m) = &cfg.moe else {
-            return Vec::new();
-        };
-        if cfg.ffn != crate::config::FfnKind::Swiglu || cfg.ffn_bias {
-            return Vec::new();
-        }
-        (0..cfg.n_layers)
-            .filter(|&l| cfg.layer(l).moe)
-            .map(|l| {
-                let p = format!("model.layers.{l}.mlp.experts");
-                let part = |e: usize, proj: &str| format!("{p}.{e}.{proj}.weight");
-                ExpertStack {
-                    layer: l,
-                    gate_up: (
-                        format!("{p}.gate_up_proj"),
-                        (0..m.n_experts)
-                            .flat_map(|e| [part(e, "gate_proj"), part(e, "up_proj")])
-                            .collect(),
-                    ),
-                    down: (
-                        format!("{p}.down_proj"),
-                        (0..m.n_experts).map(|e| part(e, "down_proj")).collect(),
-                    ),
-                }
-            })
-            .collect()
-    }
+    pub gate_up: Option<Tensor>,
+    pub down: Option<Tensor>,
 }
 
 impl MoeLayer {
@@ -435,9 +393,9 @@ impl MoeLayer {
         // each expert's gate and up weights as one block [gate_e; up_e]: one product of the
         // gathered rows gives [g | u] per row (x is packed once, and its gradient is one
         // product instead of two and a sum)
-        let (gate_up, down) = match &self.stacked {
-            Some(s) => (s.gate_up.clone(), s.down.clone()),
-            None => {
+        let (gate_up, down) = match (&self.stacked.gate_up, &self.stacked.down) {
+            (Some(g), Some(d)) => (g.clone(), d.clone()),
+            _ => {
                 let mut gate_up = Vec::with_capacity(2 * n_experts);
                 for m in &self.experts {
                     gate_up.extend(m.gate.iter().map(|l| l.weight.clone()));

@@ -17,8 +17,7 @@ use super::TrainConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::flops::FlopLedger;
-use crate::model::{init::init_params, Model};
-use crate::routing::{ExpertStack, StackedExperts};
+use crate::model::{init::init_params, stack::param_stacks, Model};
 use crate::weights::{self, names::param_specs, Params};
 
 /// Seed offset for the fixed evaluation batches (same windows at every evaluation).
@@ -86,58 +85,47 @@ fn build(
         })?;
         Ok(t.to_dtype(DType::F32)?)
     };
-    // MoE experts train stacked, one variable per kind of projection and layer (their
-    // grouped products read it directly); the model's per-expert weights are its views
-    let stacks = ExpertStack::of(cfg);
-    let mut stack_of: HashMap<&str, (usize, bool)> = HashMap::new();
-    for (i, s) in stacks.iter().enumerate() {
-        for n in &s.gate_up.1 {
-            stack_of.insert(n, (i, true));
-        }
-        for n in &s.down.1 {
-            stack_of.insert(n, (i, false));
-        }
-    }
-    let mut stacked: Vec<[Option<Tensor>; 2]> = vec![[None, None]; stacks.len()];
+    // SwiGLU blocks train with their projections stacked (a dense block's gate and up, an
+    // MoE layer's experts): one variable each, read directly by the fused op; the model's
+    // per-projection weights are views of it
+    let stacks = param_stacks(cfg);
+    let stack_of: HashMap<&str, usize> = stacks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.parts.iter().map(move |n| (n.as_str(), i)))
+        .collect();
+    let mut stacked: Vec<Option<Tensor>> = vec![None; stacks.len()];
     let mut slots = Vec::new();
     let mut tensors = BTreeMap::new();
     for spec in param_specs(cfg) {
         let decay = spec.decay || (train.decay_embeddings && spec.name.contains("embed"));
-        let Some(&(i, is_gate_up)) = stack_of.get(spec.name.as_str()) else {
+        let Some(&i) = stack_of.get(spec.name.as_str()) else {
             let var = Var::from_tensor(&get(&spec.name)?)?;
             tensors.insert(spec.name.clone(), var.as_tensor().clone());
             slots.push(Slot::new(spec.name, var, decay));
             continue;
         };
-        let (name, parts) = if is_gate_up {
-            &stacks[i].gate_up
-        } else {
-            &stacks[i].down
-        };
-        let done = &mut stacked[i][usize::from(!is_gate_up)];
-        if done.is_some() {
+        if stacked[i].is_some() {
             continue;
         }
-        let pieces = parts.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
+        let s = &stacks[i];
+        let pieces = s.parts.iter().map(|n| get(n)).collect::<Result<Vec<_>>>()?;
         let var = Var::from_tensor(&Tensor::cat(&pieces, 0)?)?;
-        let slot = Slot::stacked(
-            name.clone(),
-            var.clone(),
-            decay,
-            parts
-                .iter()
-                .zip(&pieces)
-                .map(|(n, t)| (n.clone(), t.dims().to_vec()))
-                .collect(),
-        );
+        let parts = s
+            .parts
+            .iter()
+            .zip(&pieces)
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
+        let slot = Slot::stacked(s.name.clone(), var.clone(), decay, parts);
         tensors.extend(slot.tensors()?);
-        *done = Some(var.as_tensor().clone());
+        stacked[i] = Some(var.as_tensor().clone());
         slots.push(slot);
     }
     let mut model = Model::new(cfg, &tensors, origin)?;
-    for (s, [gate_up, down]) in stacks.iter().zip(stacked) {
-        if let (Some(gate_up), Some(down)) = (gate_up, down) {
-            model.set_stacked_experts(s.layer, StackedExperts { gate_up, down });
+    for (s, t) in stacks.iter().zip(stacked) {
+        if let Some(t) = t {
+            model.attach_stack(s, t);
         }
     }
     let adam = AdamWConfig {
