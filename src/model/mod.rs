@@ -6,7 +6,6 @@ pub mod block;
 pub mod cache;
 pub mod init;
 pub mod seq2seq;
-pub mod stack;
 pub mod transformer;
 
 pub use cache::{Cache, KvCache};

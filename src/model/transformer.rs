@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use super::block::{Block, Ffn};
 use super::cache::Cache;
-use super::stack::{ParamStack, StackKind};
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
 use crate::weights::names::param_specs;
+use crate::weights::names::{ParamStack, StackKind};
 
 /// What one forward pass produces.
 #[derive(Debug)]

@@ -17,8 +17,12 @@ use super::TrainConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::flops::FlopLedger;
-use crate::model::{init::init_params, stack::param_stacks, Model};
-use crate::weights::{self, names::param_specs, Params};
+use crate::model::{init::init_params, Model};
+use crate::weights::{
+    self,
+    names::{param_specs, param_stacks},
+    Params,
+};
 
 /// Seed offset for the fixed evaluation batches (same windows at every evaluation).
 const EVAL_SEED: u64 = 0xE7A1;
