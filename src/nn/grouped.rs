@@ -202,6 +202,48 @@ pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CR
     Tensor::cat(&parts, 0)
 }
 
+/// Where a training shard's fused SwiGLU ops put the gradients of their stacked weights,
+/// instead of returning them to candle's backward pass (which would add each to a fresh
+/// zero tensor: for an MoE layer's experts, two extra passes over three times the dense
+/// block's parameters per shard). Keyed by the weight tensor's id; the trainer takes them
+/// out after the shard's backward pass and sums the shards in order.
+#[derive(Debug, Default)]
+pub struct GradSink(std::sync::Mutex<std::collections::HashMap<candle_core::TensorId, Tensor>>);
+
+impl GradSink {
+    fn put(&self, w: &Tensor, g: Tensor) -> CResult<()> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let g = match m.remove(&w.id()) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        m.insert(w.id(), g);
+        Ok(())
+    }
+
+    /// The gradient collected for `w`, if any.
+    pub fn take(&self, w: &Tensor) -> Option<Tensor> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&w.id())
+    }
+}
+
+thread_local! {
+    static SINK: std::cell::RefCell<Option<std::sync::Arc<GradSink>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with `sink` receiving the stacked-weight gradients of the fused SwiGLU ops that
+/// `f` builds on this thread (the trainer wraps each shard's forward pass in it); the
+/// previous sink is restored afterwards, so nested runs (a stolen shard) keep their own.
+pub fn with_grad_sink<T>(sink: &std::sync::Arc<GradSink>, f: impl FnOnce() -> T) -> T {
+    let prev = SINK.with(|s| s.replace(Some(sink.clone())));
+    let out = f();
+    SINK.with(|s| *s.borrow_mut() = prev);
+    out
+}
+
 /// An MoE layer's SwiGLU experts on rows sorted by expert, as one graph node:
 /// `y_e = (silu(x_e G_eᵀ) ⊙ x_e U_eᵀ) D_eᵀ` for the rows of group `e`, with `[G_e; U_e]`
 /// stacked in `gate_up (E·2h, d)` and `D_e` in `down (E·d, h)`. The gate/up products and
@@ -213,6 +255,8 @@ struct GroupedSwiglu {
     bf16: bool,
     /// The forward pass's `[g | u]` rows `(N, 2h)` and hidden rows `(N, h)`.
     saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Where the weight gradients go, when training set one ([`with_grad_sink`]).
+    sink: Option<std::sync::Arc<GradSink>>,
 }
 
 impl GroupedSwiglu {
@@ -473,11 +517,17 @@ impl CustomOp3 for GroupedSwiglu {
                 }
             }
         }
-        Ok((
-            Some(Tensor::from_vec(dx, (n, d), &dev)?),
-            Some(Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?),
-            Some(Tensor::from_vec(ddown_w, (groups * d, h), &dev)?),
-        ))
+        let dgu_w = Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?;
+        let ddown_w = Tensor::from_vec(ddown_w, (groups * d, h), &dev)?;
+        let dx = Some(Tensor::from_vec(dx, (n, d), &dev)?);
+        match &self.sink {
+            Some(sink) => {
+                sink.put(gate_up, dgu_w)?;
+                sink.put(down, ddown_w)?;
+                Ok((dx, None, None))
+            }
+            None => Ok((dx, Some(dgu_w), Some(ddown_w))),
+        }
     }
 }
 
@@ -508,6 +558,7 @@ pub fn grouped_swiglu(
                 offsets: offsets.to_vec(),
                 bf16: bf16 && super::bf16::available(),
                 saved: std::sync::Mutex::new(None),
+                sink: SINK.with(|s| s.borrow().clone()),
             },
         );
     }

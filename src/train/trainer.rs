@@ -18,6 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::flops::FlopLedger;
 use crate::model::{init::init_params, Model};
+use crate::nn::grouped::{with_grad_sink, GradSink};
 use crate::weights::{
     self,
     names::{param_specs, param_stacks},
@@ -271,7 +272,10 @@ impl Trainer {
             let results: Vec<Result<ShardGrads>> = parts
                 .par_iter()
                 .map(|(x, y)| {
-                    let out = model.loss(x, y)?;
+                    // the fused feed-forward ops hand their weight gradients to this shard's
+                    // sink instead of candle's accumulation
+                    let sink = std::sync::Arc::new(GradSink::default());
+                    let out = with_grad_sink(&sink, || model.loss(x, y))?;
                     let ce = out.ce.to_scalar::<f32>()? as f64;
                     let stats = out
                         .moe
@@ -286,8 +290,14 @@ impl Trainer {
                     let store = loss.backward()?;
                     let g = slots
                         .iter()
-                        .map(|s| store.get(s.var.as_tensor()).cloned())
-                        .collect();
+                        .map(|s| {
+                            let w = s.var.as_tensor();
+                            Ok(match (store.get(w).cloned(), sink.take(w)) {
+                                (Some(a), Some(b)) => Some((a + b)?),
+                                (a, b) => a.or(b),
+                            })
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
                     Ok((ce, stats, g))
                 })
                 .collect();
