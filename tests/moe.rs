@@ -713,23 +713,19 @@ fn gradient_sink_collects_the_fused_ops_weight_gradients() {
     let dn = var(randn(&[3 * D, 4], 0.5, &mut rng));
     let r = randn(&[11, D], 1.0, &mut rng);
     let offsets = [0usize, 4, 4, 11];
+    // the op used twice, so the sink sums two contributions per weight
+    let op = || {
+        grouped_swiglu(
+            x.as_tensor(),
+            gu.as_tensor(),
+            dn.as_tensor(),
+            &offsets,
+            false,
+        )
+        .unwrap()
+    };
     let loss = || {
-        let y = grouped_swiglu(
-            x.as_tensor(),
-            gu.as_tensor(),
-            dn.as_tensor(),
-            &offsets,
-            false,
-        )
-        .unwrap();
-        let y2 = grouped_swiglu(
-            x.as_tensor(),
-            gu.as_tensor(),
-            dn.as_tensor(),
-            &offsets,
-            false,
-        )
-        .unwrap();
+        let (y, y2) = (op(), op());
         ((y * &r).unwrap().sum_all().unwrap() + (y2 * 0.5).unwrap().sum_all().unwrap()).unwrap()
     };
     let plain = loss().backward().unwrap();

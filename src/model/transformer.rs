@@ -12,8 +12,7 @@ use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
-use crate::weights::names::param_specs;
-use crate::weights::names::{ParamStack, StackKind};
+use crate::weights::names::{param_specs, ParamStack, StackKind};
 
 /// What one forward pass produces.
 #[derive(Debug)]

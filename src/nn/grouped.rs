@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::bf16::{product, Strided};
 use super::linear::Part;
-use super::ops::{f32_slice, output_buffer, sigmoid, swiglu_grads};
+use super::ops::{f32_slice, output_buffer, sigmoid, storage_f32, swiglu_grads};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -20,6 +20,16 @@ struct Grouped {
     part: Part,
     offsets: Vec<usize>,
     bf16: bool,
+}
+
+/// Groups of rows `offsets[e]..offsets[e + 1]`: how many.
+fn group_count(offsets: &[usize]) -> usize {
+    offsets.len().saturating_sub(1)
+}
+
+/// Group `e`'s first row and row count.
+fn group_rows(offsets: &[usize], e: usize) -> (usize, usize) {
+    (offsets[e], offsets[e + 1] - offsets[e])
 }
 
 /// Split `out` into one mutable slice per group, `len(e)` values each.
@@ -38,19 +48,11 @@ fn split_groups(
 }
 
 impl Grouped {
-    fn groups(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
-    }
-
-    fn rows(&self, e: usize) -> (usize, usize) {
-        (self.offsets[e], self.offsets[e + 1] - self.offsets[e])
-    }
-
     /// `(x or dy, w or x)` checked against the offsets: the row count `n`, and the widths
     /// `(d_in, d_out)` of one group's `W_e: (d_out, d_in)`.
     fn check(&self, l1: &Layout, l2: &Layout) -> CResult<(usize, usize, usize)> {
         let ((n, c1), (r2, c2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let groups = self.groups();
+        let groups = group_count(&self.offsets);
         let (d_in, d_out, fits) = match self.part {
             // (x (n, in), w (E·out, in))
             Part::Y => (c1, r2 / groups.max(1), c1 == c2 && r2 % groups.max(1) == 0),
@@ -100,19 +102,19 @@ impl CustomOp2 for Grouped {
             Part::Dx => (d_in, n * d_in, Shape::from((n, d_in))),
             Part::Dw => (
                 d_in,
-                self.groups() * d_out * d_in,
-                (self.groups() * d_out, d_in).into(),
+                group_count(&self.offsets) * d_out * d_in,
+                (group_count(&self.offsets) * d_out, d_in).into(),
             ),
         };
         let mut out = output_buffer(out_len);
         let len = |e: usize| match self.part {
             Part::Dw => d_out * d_in,
-            _ => self.rows(e).1 * n_c,
+            _ => group_rows(&self.offsets, e).1 * n_c,
         };
         let w_block = d_out * d_in;
-        let parts = split_groups(&mut out, self.groups(), len);
+        let parts = split_groups(&mut out, group_count(&self.offsets), len);
         parts.into_par_iter().enumerate().for_each(|(e, ce)| {
-            let (r0, rows) = self.rows(e);
+            let (r0, rows) = group_rows(&self.offsets, e);
             let (p1, p2) = (v1.as_ptr(), v2.as_ptr());
             // SAFETY: each group's operands are the rows r0.. of the (contiguous) inputs and
             // block e of the weights, read with strides inside them; `ce` is the group's
@@ -186,14 +188,14 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize], bf16: bool) -> 
 
 /// [`grouped_matmul`] from candle's own ops: narrow, matmul, concatenate.
 pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CResult<Tensor> {
-    let groups = offsets.len().saturating_sub(1);
+    let groups = group_count(offsets);
     let d_out = w.dim(0)? / groups.max(1);
     let mut parts = Vec::new();
     for e in 0..groups {
-        let rows = offsets[e + 1] - offsets[e];
+        let (r0, rows) = group_rows(offsets, e);
         if rows > 0 {
             let we = w.narrow(0, e * d_out, d_out)?;
-            parts.push(x.narrow(0, offsets[e], rows)?.matmul(&we.t()?)?);
+            parts.push(x.narrow(0, r0, rows)?.matmul(&we.t()?)?);
         }
     }
     if parts.is_empty() {
@@ -260,19 +262,11 @@ struct GroupedSwiglu {
 }
 
 impl GroupedSwiglu {
-    fn groups(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
-    }
-
-    fn rows(&self, e: usize) -> (usize, usize) {
-        (self.offsets[e], self.offsets[e + 1] - self.offsets[e])
-    }
-
     /// The units of parallel work `(group, first row, rows)`, in row order: one per group,
     /// or with fewer groups than threads (a dense feed-forward block is one group) each
     /// group's rows split so that every thread gets a share. Every group has at least one.
     fn tasks(&self) -> Vec<(usize, usize, usize)> {
-        let groups = self.groups();
+        let groups = group_count(&self.offsets);
         let threads = rayon::current_num_threads();
         let chunks = if groups >= threads {
             1
@@ -281,7 +275,7 @@ impl GroupedSwiglu {
         };
         let mut tasks = Vec::new();
         for e in 0..groups {
-            let (r0, rows) = self.rows(e);
+            let (r0, rows) = group_rows(&self.offsets, e);
             let pieces = chunks.min(rows).max(1);
             for i in 0..pieces {
                 let (a, b) = (rows * i / pieces, rows * (i + 1) / pieces);
@@ -291,14 +285,6 @@ impl GroupedSwiglu {
         tasks
     }
 
-    /// The CPU storage of one operand.
-    fn cpu(s: &candle_core::Storage) -> CResult<&CpuStorage> {
-        match s {
-            candle_core::Storage::Cpu(c) => Ok(c),
-            _ => candle_core::bail!("grouped swiglu: CPU storage expected"),
-        }
-    }
-
     /// `(N, d, h)` from the shapes of x, gate_up and down.
     fn check(&self, lx: &Layout, lgu: &Layout, ld: &Layout) -> CResult<(usize, usize, usize)> {
         let ((n, d), (r_gu, c_gu), (r_d, h)) = (
@@ -306,7 +292,7 @@ impl GroupedSwiglu {
             lgu.shape().dims2()?,
             ld.shape().dims2()?,
         );
-        let groups = self.groups();
+        let groups = group_count(&self.offsets);
         if groups == 0
             || self.offsets[groups] != n
             || c_gu != d
@@ -405,12 +391,12 @@ impl CustomOp3 for GroupedSwiglu {
         let (n, d, h) = self.check(xl, gl, dl)?;
         let name = self.name();
         let (x, gu_w, down_w, dy) = (
-            f32_slice(Self::cpu(&xs)?, xl, name)?,
-            f32_slice(Self::cpu(&gs)?, gl, name)?,
-            f32_slice(Self::cpu(&ds)?, dl, name)?,
-            f32_slice(Self::cpu(&ys)?, yl, name)?,
+            storage_f32(&xs, xl, name)?,
+            storage_f32(&gs, gl, name)?,
+            storage_f32(&ds, dl, name)?,
+            storage_f32(&ys, yl, name)?,
         );
-        let groups = self.groups();
+        let groups = group_count(&self.offsets);
         let tasks = self.tasks();
         let mut dx = output_buffer(n * d);
         let mut dgu_w = output_buffer(groups * 2 * h * d);

@@ -154,7 +154,13 @@ pub fn skinny_pairs(xs: &[&Tensor], ws: &[&Tensor]) -> CResult<Option<Vec<Tensor
     let pairs = xg
         .iter()
         .zip(&wg)
-        .map(|(x, w)| Ok((slice(&x.0, x.1)?, slice(&w.0, w.1)?)))
+        .map(|(x, w)| {
+            let name = "skinny_pairs";
+            Ok((
+                super::ops::storage_f32(&x.0, x.1, name)?,
+                super::ops::storage_f32(&w.0, w.1, name)?,
+            ))
+        })
         .collect::<CResult<Vec<_>>>()?;
     let ys = products(rows, &pairs);
     drop(pairs);
@@ -175,12 +181,5 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     match super::linear::fused_matmul_t(x, w, false)? {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
-    }
-}
-
-fn slice<'a>(s: &'a candle_core::Storage, l: &Layout) -> CResult<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => super::ops::f32_slice(c, l, "skinny_pairs"),
-        _ => candle_core::bail!("skinny_pairs: expected CPU storage"),
     }
 }

@@ -40,7 +40,8 @@ impl Mlp {
             return Ok(None);
         };
         let plain = |l: &Linear| l.bias.is_none();
-        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        let d = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
         if self.kind != FfnKind::Swiglu
             || !self.gate.as_ref().is_some_and(plain)
             || !plain(&self.up)
@@ -49,7 +50,6 @@ impl Mlp {
         {
             return Ok(None);
         }
-        let d = x.dim(candle_core::D::Minus1)?;
         let y = grouped_swiglu(
             &x.reshape((rows, d))?,
             gate_up,

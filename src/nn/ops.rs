@@ -24,6 +24,18 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResul
     }
 }
 
+/// [`f32_slice`] of a tensor's storage, which must be on the CPU.
+pub(crate) fn storage_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> CResult<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("{what}: expected CPU storage"),
+    }
+}
+
 /// An output buffer of `n` floats for a kernel that writes every element before anything
 /// reads it: `vec![0.0; n]` would first zero-fill it, a pass as large as the output (a few
 /// percent of a training step over all the kernels).

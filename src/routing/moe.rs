@@ -358,8 +358,8 @@ impl MoeLayer {
     }
 
     /// [`MoeLayer::dispatch`] for SwiGLU experts without biases: one gather of every
-    /// routed row sorted by expert, all the experts' SwiGLU FFNs as one grouped
-    /// product over their stacked weights, one weighted scatter back. `None` when the
+    /// routed row sorted by expert, all the experts' SwiGLU FFNs as one grouped op over
+    /// their stacked weights, one weighted scatter back. `None` when the
     /// experts are of another kind.
     fn dispatch_grouped(
         &self,
