@@ -8,7 +8,7 @@
 //! attention only sees `q · k`.
 
 use super::{llama, RawConfig, TensorMap};
-use crate::config::{LayerSpec, MlaConfig, ModelConfig, MoeConfig, Position, Scoring};
+use crate::config::{LayerSpec, MlaConfig, ModelConfig, MoeConfig, Position, RopeScaling, Scoring};
 use crate::error::Result;
 use crate::weights::Params;
 
@@ -22,11 +22,44 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         v_head_dim: raw.usize(&["v_head_dim"]),
     };
     c.head_dim = mla.qk_nope_dim + mla.qk_rope_dim;
+    // latent attention expands keys and values for every query head
+    if c.n_kv_heads != c.n_heads {
+        raw.problem(format!(
+            "num_key_value_heads ({}) must equal num_attention_heads ({}) with latent attention",
+            c.n_kv_heads, c.n_heads
+        ));
+    }
     c.n_kv_heads = c.n_heads;
     if let Position::Rope { rotary_dim, .. } = &mut c.position {
         *rotary_dim = mla.qk_rope_dim;
     }
+    if !raw.bool_or("rope_interleave", true) {
+        raw.problem("rope_interleave false is not supported (DeepSeek's rotary dims are read as interleaved pairs)".into());
+    }
+    if let Some(q) = raw.opt_usize(&["qk_head_dim"]) {
+        if q != c.head_dim {
+            raw.problem(format!(
+                "qk_head_dim ({q}) must be qk_nope_head_dim + qk_rope_head_dim ({})",
+                c.head_dim
+            ));
+        }
+    }
+    // multi-token-prediction layers: a training aid transformers does not load either
+    raw.acknowledge(&["num_nextn_predict_layers"]);
     c.mla = Some(mla);
+    // DeepSeek's YaRN also sharpens the softmax: scale · mscale(factor, mscale_all_dim)²
+    // (transformers' `yarn_apply_mscale`)
+    if let (Position::Rope { scaling, .. }, Some(all), Some(factor)) = (
+        &c.position,
+        raw.rope_scaling_value("mscale_all_dim")
+            .filter(|m| *m != 0.0),
+        raw.rope_scaling_value("factor"),
+    ) {
+        if *scaling != RopeScaling::None {
+            let m = super::raw::yarn_mscale(factor, all);
+            c.attn_scale = Some(m * m / (c.head_dim as f64).sqrt());
+        }
+    }
     let n_shared = raw.opt_usize(&["n_shared_experts"]).unwrap_or(0);
     let d_expert = raw.usize(&["moe_intermediate_size"]);
     c.moe = Some(MoeConfig {

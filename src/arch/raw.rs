@@ -3,16 +3,84 @@
 
 use serde_json::Value;
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 
+/// YaRN's attention temperature for a context stretched by `scale` (Peng et al., 2023;
+/// DeepSeek weights it by `m`): `0.1 · m · ln(scale) + 1`, or 1 when not stretched.
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
 pub struct RawConfig {
     value: Value,
     path: PathBuf,
     problems: RefCell<Vec<String>>,
+    /// Top-level keys an adapter looked at: the others are refused ([`RawConfig::check`])
+    /// unless they cannot change what the model computes ([`NO_EFFECT`]).
+    read: RefCell<BTreeSet<String>>,
 }
+
+/// `config.json` keys that never change what a forward pass computes: metadata, token ids,
+/// training-only settings (dropout, initialisation, auxiliary losses) and output switches.
+const NO_EFFECT: &[&str] = &[
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "model_type",
+    "dtype",
+    "torch_dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "output_router_logits",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "initializer_range",
+    "initializer_factor",
+    "attention_dropout",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "hidden_dropout",
+    "dropout_rate",
+    "classifier_dropout",
+    "summary_activation",
+    "summary_first_dropout",
+    "summary_proj_to_labels",
+    "summary_type",
+    "summary_use_proj",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "input_jitter_noise",
+    "pretraining_tp",
+    // BLOOM's tensor-parallel slicing of the same sum (only with pretraining_tp > 1)
+    "slow_but_exact",
+    "auto_map",
+    "quantization_config",
+    "tokenizer_class",
+    "task_specific_params",
+    "prefix",
+    "n_ctx",
+];
 
 impl RawConfig {
     pub fn new(value: Value, path: PathBuf) -> Self {
@@ -20,7 +88,62 @@ impl RawConfig {
             value,
             path,
             problems: RefCell::new(Vec::new()),
+            read: RefCell::new(BTreeSet::new()),
         }
+    }
+
+    /// The object under `key` as a config of its own (a multimodal model's `text_config`),
+    /// with `key` recorded as read; [`RawConfig::absorb`] brings its problems back.
+    pub fn nested(&self, key: &str) -> Option<RawConfig> {
+        let v = self.get(key).filter(|v| v.is_object())?;
+        Some(RawConfig::new(v.clone(), self.path.clone()))
+    }
+
+    /// Take over the problems (and unread keys) of a nested config, prefixed by its key.
+    pub fn absorb(&self, key: &str, nested: &RawConfig) {
+        let mut p = self.problems.borrow_mut();
+        p.extend(
+            nested
+                .problems
+                .borrow()
+                .iter()
+                .map(|m| format!("{key}.{m}")),
+        );
+        p.extend(
+            nested
+                .unread()
+                .into_iter()
+                .map(|k| format!("{key}.{k} is not supported")),
+        );
+    }
+
+    /// The top-level value of `key` (recorded as read).
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.read.borrow_mut().insert(key.to_string());
+        self.value.get(key)
+    }
+
+    /// Mark keys as read: the adapter honours them through another path.
+    pub fn acknowledge(&self, keys: &[&str]) {
+        self.read
+            .borrow_mut()
+            .extend(keys.iter().map(|k| k.to_string()));
+    }
+
+    /// Keys present (and not null) that no adapter read and that can change the output.
+    fn unread(&self) -> Vec<String> {
+        let read = self.read.borrow();
+        self.value
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, v)| {
+                        !v.is_null() && !read.contains(*k) && !NO_EFFECT.contains(&k.as_str())
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn path(&self) -> &Path {
@@ -28,13 +151,14 @@ impl RawConfig {
     }
 
     pub fn model_type(&self) -> Option<String> {
-        self.value
-            .get("model_type")
+        self.get("model_type")
             .and_then(|v| v.as_str())
             .map(str::to_string)
     }
 
+    /// The first of `keys` present (every alias counts as read).
     fn first(&self, keys: &[&str]) -> Option<&Value> {
+        self.acknowledge(keys);
         keys.iter()
             .filter_map(|k| self.value.get(*k))
             .find(|v| !v.is_null())
@@ -43,6 +167,9 @@ impl RawConfig {
     /// Whether the nested key `path` is present and not null.
     pub fn has(&self, path: &[&str]) -> bool {
         let mut v = &self.value;
+        if let Some(k) = path.first() {
+            self.get(k);
+        }
         for k in path {
             match v.get(*k) {
                 Some(x) if !x.is_null() => v = x,
@@ -93,15 +220,12 @@ impl RawConfig {
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> bool {
-        self.value
-            .get(key)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(default)
+        self.get(key).and_then(|v| v.as_bool()).unwrap_or(default)
     }
 
     /// A list of integers (e.g. `mlp_only_layers`).
     pub fn usize_list(&self, key: &str) -> Option<Vec<usize>> {
-        let list = self.value.get(key)?.as_array()?;
+        let list = self.get(key)?.as_array()?;
         Some(
             list.iter()
                 .filter_map(|v| v.as_u64())
@@ -112,7 +236,7 @@ impl RawConfig {
 
     /// A list of strings (e.g. `layer_types`).
     pub fn str_list(&self, key: &str) -> Option<Vec<String>> {
-        let list = self.value.get(key)?.as_array()?;
+        let list = self.get(key)?.as_array()?;
         Some(
             list.iter()
                 .map(|v| v.as_str().unwrap_or_default().to_string())
@@ -129,11 +253,18 @@ impl RawConfig {
     /// `partial_rotary_factor` / `rotary_pct` / `rotary_emb_base`.
     /// Returns (theta, partial rotary factor, scaling).
     pub fn rope(&self, layer_type: Option<&str>) -> (f64, f64, RopeScaling) {
-        let params = self.value.get("rope_parameters").filter(|v| v.is_object());
-        let params = match (params, layer_type) {
-            (Some(p), Some(lt)) if p.get(lt).is_some() => p.get(lt),
-            (p, _) => p,
-        };
+        // every rope key of both layouts is looked at: what a layout leaves out comes from
+        // the other, as in transformers' `convert_rope_params_to_dict`
+        self.acknowledge(&[
+            "rope_theta",
+            "rope_scaling",
+            "rotary_emb_base",
+            "partial_rotary_factor",
+            "rotary_pct",
+        ]);
+        let params = self.get("rope_parameters").filter(|v| v.is_object());
+        let nested = params.zip(layer_type).and_then(|(p, lt)| p.get(lt));
+        let params = nested.or(params);
         let get = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
         let theta = get("rope_theta")
             .or_else(|| self.opt_f64(&["rope_theta", "rotary_emb_base"]))
@@ -141,49 +272,126 @@ impl RawConfig {
         let partial = get("partial_rotary_factor")
             .or_else(|| self.opt_f64(&["partial_rotary_factor", "rotary_pct"]))
             .unwrap_or(1.0);
-        let scaling_obj = match params {
-            Some(p) => Some(p),
-            None => self.value.get("rope_scaling").filter(|v| v.is_object()),
-        };
-        let scaling = match scaling_obj {
+        let scaling = match params.or_else(|| self.get("rope_scaling").filter(|v| v.is_object())) {
             None => RopeScaling::None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
-                let f = |k: &str| s.get(k).and_then(|v| v.as_f64());
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear {
-                        factor: f("factor").unwrap_or(1.0),
-                    },
-                    "llama3" => match (
-                        f("factor"),
-                        f("low_freq_factor"),
-                        f("high_freq_factor"),
-                        f("original_max_position_embeddings"),
-                    ) {
-                        (Some(factor), Some(low), Some(high), Some(orig)) => RopeScaling::Llama3 {
-                            factor,
-                            low_freq_factor: low,
-                            high_freq_factor: high,
-                            original_max_position_embeddings: orig,
-                        },
-                        _ => {
-                            self.problem("llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings".into());
-                            RopeScaling::None
-                        }
-                    },
-                    other => {
-                        self.problem(format!("rope scaling type '{other}' is not supported yet (default, linear, llama3)"));
-                        RopeScaling::None
-                    }
-                }
-            }
+            Some(s) => self.rope_scaling(s, nested.is_some()),
         };
         (theta, partial, scaling)
+    }
+
+    /// One rope-scaling object (`rope_scaling`, or a `rope_parameters` block) as
+    /// transformers' `modeling_rope_utils` reads it, defaults resolved.
+    fn rope_scaling(&self, s: &Value, nested: bool) -> RopeScaling {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).filter(|v| *v != 0.0);
+        let max_pos = self.opt_f64(&["max_position_embeddings"]);
+        // Phi-3 keeps the pretraining length at top level, where transformers gives it
+        // priority for a single (not per-layer-type) rope block
+        let top_original = self
+            .get("original_max_position_embeddings")
+            .and_then(|v| v.as_f64())
+            .filter(|_| !nested);
+        let original = top_original
+            .or_else(|| f("original_max_position_embeddings"))
+            .or(max_pos);
+        let need = |name: &str, v: Option<f64>| {
+            v.unwrap_or_else(|| {
+                self.problem(format!("{kind} rope scaling needs {name}"));
+                1.0
+            })
+        };
+        // factor given, else the ratio of the extended to the original length
+        let factor = || match (f("factor"), max_pos, original) {
+            (Some(x), _, _) => x,
+            (None, Some(m), Some(o)) => m / o,
+            _ => need("factor", None),
+        };
+        match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: need("factor", f("factor")),
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor", f("factor")),
+                low_freq_factor: need("low_freq_factor", f("low_freq_factor")),
+                high_freq_factor: need("high_freq_factor", f("high_freq_factor")),
+                original_max_position_embeddings: need(
+                    "original_max_position_embeddings",
+                    original,
+                ),
+            },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: need("factor", f("factor")),
+                max_position_embeddings: need("max_position_embeddings", max_pos),
+            },
+            "yarn" => {
+                let factor = factor();
+                let attention_factor = f("attention_factor").unwrap_or_else(|| {
+                    match (f("mscale"), f("mscale_all_dim")) {
+                        (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                        _ => yarn_mscale(factor, 1.0),
+                    }
+                });
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: need(
+                        "original_max_position_embeddings",
+                        original,
+                    ),
+                    beta_fast: f("beta_fast").unwrap_or(32.0),
+                    beta_slow: f("beta_slow").unwrap_or(1.0),
+                    truncate: s.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
+                    attention_factor,
+                }
+            }
+            // "su" is what the first Phi-3 128k configs called LongRoPE
+            "longrope" | "su" => {
+                let list = |k: &str| -> Vec<f64> {
+                    match s.get(k).and_then(|v| v.as_array()) {
+                        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect(),
+                        None => {
+                            self.problem(format!(
+                                "longrope rope scaling needs {k} (a list of numbers)"
+                            ));
+                            Vec::new()
+                        }
+                    }
+                };
+                let original = need("original_max_position_embeddings", original);
+                let factor = factor();
+                let attention_factor = f("attention_factor").unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / original.ln()).sqrt()
+                });
+                RopeScaling::LongRope {
+                    short_factor: list("short_factor"),
+                    long_factor: list("long_factor"),
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }
+            }
+            other => {
+                self.problem(format!(
+                    "rope scaling type '{other}' is not supported (default, linear, llama3, dynamic, yarn, longrope)"
+                ));
+                RopeScaling::None
+            }
+        }
+    }
+
+    /// The raw scaling object's `key`, for adapters that read one more value of it
+    /// (DeepSeek-V3's softmax-scale correction).
+    pub fn rope_scaling_value(&self, key: &str) -> Option<f64> {
+        self.get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| self.get("rope_scaling"))
+            .and_then(|s| s.get(key))
+            .and_then(|v| v.as_f64())
     }
 
     /// Every problem seen while reading, plus the resolved config's own checks.
@@ -195,6 +403,11 @@ impl RawConfig {
     /// The problems seen while reading, else those `own` finds in the result.
     pub fn check(&self, own: impl FnOnce() -> Vec<String>) -> Result<()> {
         let mut p = self.problems.borrow().clone();
+        for key in self.unread() {
+            p.push(format!(
+                "{key} is not supported: routelm does not implement what it changes, so it refuses the model rather than compute something else"
+            ));
+        }
         if p.is_empty() {
             p.extend(own());
         }

@@ -42,8 +42,11 @@ impl FfnKind {
     }
 }
 
-/// Rotary frequency scaling for contexts beyond the trained length.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+/// Rotary frequency scaling for contexts beyond the trained length (transformers'
+/// `modeling_rope_utils`: one variant per `rope_type`). Values that a file may leave out
+/// (YaRN's and LongRoPE's attention factor, `original_max_position_embeddings`) are
+/// resolved by the family adapter, so nothing here is left to interpret.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum RopeScaling {
     #[default]
@@ -58,6 +61,148 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Dynamic NTK: once a forward pass reaches `len > max_position_embeddings` positions,
+    /// the base becomes `theta · (factor · len / max − (factor − 1))^(r / (r − 2))` for that
+    /// pass (keys already cached keep the rotation they were given).
+    Dynamic {
+        factor: f64,
+        max_position_embeddings: f64,
+    },
+    /// YaRN (Peng et al., 2023): frequencies interpolated by `factor` below a ramp between
+    /// the dims that rotate `beta_fast` and `beta_slow` times over the original context,
+    /// extrapolated above it; cos and sin multiplied by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Round the ramp's ends outward to whole dims (transformers' `truncate`, default true).
+        truncate: bool,
+        attention_factor: f64,
+    },
+    /// LongRoPE (Phi-3): per-frequency divisors, `short_factor` while a forward pass
+    /// reaches at most `original_max_position_embeddings` positions, `long_factor` beyond;
+    /// cos and sin multiplied by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The length past which the frequencies depend on how many positions a forward pass
+    /// reaches (dynamic NTK, LongRoPE); `None` for fixed frequencies.
+    pub fn switch_length(&self) -> Option<usize> {
+        match self {
+            RopeScaling::Dynamic {
+                max_position_embeddings: m,
+                ..
+            }
+            | RopeScaling::LongRope {
+                original_max_position_embeddings: m,
+                ..
+            } => Some(*m as usize),
+            _ => None,
+        }
+    }
+
+    /// What cos and sin are multiplied by (YaRN's and LongRoPE's attention factor).
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            RopeScaling::Yarn {
+                attention_factor, ..
+            }
+            | RopeScaling::LongRope {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// Problems with the values, for a head whose rotary part has `rotary_dim` dims.
+    fn problems(&self, rotary_dim: usize, p: &mut Vec<String>) {
+        let positive = |name: &str, v: f64, p: &mut Vec<String>| {
+            if !(v > 0.0 && v.is_finite()) {
+                p.push(format!("rope scaling: {name} ({v}) must be positive"));
+            }
+        };
+        match self {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", *factor, p),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", *factor, p);
+                positive("low_freq_factor", *low_freq_factor, p);
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                    p,
+                );
+                if high_freq_factor <= low_freq_factor {
+                    p.push(format!("rope scaling: high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"));
+                }
+            }
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => {
+                positive("factor", *factor, p);
+                positive("max_position_embeddings", *max_position_embeddings, p);
+                if rotary_dim <= 2 {
+                    p.push("dynamic rope scaling needs a rotary part of more than 2 dims".into());
+                }
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => {
+                positive("factor", *factor, p);
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                    p,
+                );
+                positive("beta_fast", *beta_fast, p);
+                positive("beta_slow", *beta_slow, p);
+                positive("attention_factor", *attention_factor, p);
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                    p,
+                );
+                positive("attention_factor", *attention_factor, p);
+                for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                    if f.len() != rotary_dim / 2 {
+                        p.push(format!(
+                            "rope scaling: {name} has {} values, the rotary part needs {} (rotary dims / 2)",
+                            f.len(),
+                            rotary_dim / 2
+                        ));
+                    }
+                    if f.iter().any(|v| !(*v > 0.0 && v.is_finite())) {
+                        p.push(format!("rope scaling: every {name} value must be positive"));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How the attention and feed-forward sub-blocks are wired.
@@ -259,6 +404,10 @@ impl MoeConfig {
     }
 }
 
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -268,7 +417,7 @@ fn one_usize() -> usize {
 }
 
 /// How token positions enter the network.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Position {
     /// Rotary embedding (Su et al., 2021) on the first `rotary_dim` dims of each head,
@@ -362,13 +511,20 @@ pub struct ModelConfig {
     /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
-    /// Rotary base of the sliding-window layers, which then use no rope scaling (Gemma 3's
-    /// local layers); `None`: every layer uses [`ModelConfig::position`].
+    /// Rotary base of the sliding-window layers, which then use
+    /// [`ModelConfig::local_rope_scaling`] (Gemma 3's local layers); `None`: every layer
+    /// uses [`ModelConfig::position`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_rope_theta: Option<f64>,
+    /// Rope scaling of the sliding-window layers when they have their own base.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub local_rope_scaling: RopeScaling,
     /// A norm on the token embeddings before the first block (BLOOM).
     #[serde(default)]
     pub embed_norm: bool,
+    /// Query, key and value projections clamped to `[-c, c]` after the full q/k norms (OLMoE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_qkv: Option<f64>,
 }
 
 /// The file form of [`ModelConfig`]: every field optional where a default makes sense.
@@ -717,7 +873,9 @@ impl Default for ModelConfig {
             depth: None,
             moe: None,
             local_rope_theta: None,
+            local_rope_scaling: RopeScaling::None,
             embed_norm: false,
+            clip_qkv: None,
         }
     }
 }
@@ -862,15 +1020,26 @@ impl ModelConfig {
             ("attn_softcap", self.attn_softcap),
             ("final_softcap", self.final_softcap),
             ("attn_scale", self.attn_scale),
+            ("clip_qkv", self.clip_qkv),
         ] {
             if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
                 p.push(format!("{name} must be positive"));
             }
         }
         if let Position::Rope {
-            theta, rotary_dim, ..
+            theta,
+            rotary_dim,
+            ref scaling,
         } = self.position
         {
+            scaling.problems(rotary_dim, &mut p);
+            self.local_rope_scaling.problems(rotary_dim, &mut p);
+            if self.depth.is_some()
+                && (scaling.switch_length().is_some()
+                    || self.local_rope_scaling.switch_length().is_some())
+            {
+                p.push("length-dependent rope scaling (dynamic, longrope) in routed (Mixture-of-Depths) blocks is not supported".into());
+            }
             if rotary_dim % 2 != 0 || rotary_dim > self.head_dim || rotary_dim == 0 {
                 p.push(format!(
                     "rotary_dim ({rotary_dim}) must be even, positive and at most head_dim ({})",

@@ -57,6 +57,9 @@ impl KvCache {
 pub struct Cache {
     pub layers: Vec<KvCache>,
     pos: usize,
+    /// The token ids fed so far, kept only by models that may recompute their cache
+    /// (LongRoPE's switch to its long factors).
+    fed: Vec<Tensor>,
 }
 
 impl Cache {
@@ -64,7 +67,18 @@ impl Cache {
         Self {
             layers: vec![KvCache::default(); n_layers],
             pos: 0,
+            fed: Vec::new(),
         }
+    }
+
+    /// Keep `ids: (b, t)` as fed.
+    pub fn feed(&mut self, ids: &Tensor) {
+        self.fed.push(ids.clone());
+    }
+
+    /// Every id fed so far, `(b, pos)`.
+    pub fn fed(&self) -> Result<Tensor> {
+        Tensor::cat(&self.fed, 1)
     }
 
     /// Position of the next token to be fed.

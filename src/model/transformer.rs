@@ -257,6 +257,7 @@ impl Model {
                 window: config.layer(l).window,
                 softcap: config.attn_softcap,
                 alibi: config.position == Position::Alibi,
+                clip: config.clip_qkv,
             };
             let mlp = |prefix: &str| -> Result<Mlp> {
                 Ok(Mlp {
@@ -329,27 +330,27 @@ impl Model {
                 ffn_out_norm: sandwich("ffn_out_norm")?,
             });
         }
-        let (rope, local_rope) = match config.position {
+        let (rope, local_rope) = match &config.position {
             Position::Rope {
                 theta,
                 rotary_dim,
                 scaling,
             } => {
-                let tables = |theta, scaling| {
+                let tables = |theta, scaling: &RopeScaling| {
                     RopeTables::new(
                         theta,
-                        rotary_dim,
-                        scaling,
+                        *rotary_dim,
+                        scaling.clone(),
                         config.max_seq_len,
                         embed.dtype(),
                         embed.device(),
                     )
                 };
                 let local = match config.local_rope_theta {
-                    Some(t) => Some(tables(t, RopeScaling::None)?),
+                    Some(t) => Some(tables(t, &config.local_rope_scaling)?),
                     None => None,
                 };
-                (Some(tables(theta, scaling)?), local)
+                (Some(tables(*theta, scaling)?), local)
             }
             _ => (None, None),
         };
@@ -431,6 +432,12 @@ impl Model {
             ));
         }
         let start = cache.as_ref().map_or(0, |c| c.pos());
+        if let (Some(c), Some(switch)) = (cache.as_deref_mut(), self.restart_length()) {
+            if start > 0 && start <= switch && start + t > switch {
+                return self.forward_restarted(ids, c, opts);
+            }
+            c.feed(ids);
+        }
         if start + t > self.config.max_seq_len {
             return Err(Error::Generate(format!(
                 "sequence of {} tokens exceeds the context window of {}",
@@ -449,6 +456,46 @@ impl Model {
         if let Some(c) = cache {
             c.advance(t);
         }
+        Ok(out)
+    }
+
+    /// The length at which a cached sequence is recomputed from its start: LongRoPE's
+    /// original length, where its frequencies switch from the short to the long factors.
+    /// transformers drops the cache there for the families that publish LongRoPE (Phi-3,
+    /// PhiMoE: `prepare_inputs_for_generation`), so every key is rotated with the long
+    /// factors from then on.
+    fn restart_length(&self) -> Option<usize> {
+        match &self.config.position {
+            Position::Rope {
+                scaling:
+                    RopeScaling::LongRope {
+                        original_max_position_embeddings,
+                        ..
+                    },
+                ..
+            } => Some(*original_max_position_embeddings as usize),
+            _ => None,
+        }
+    }
+
+    /// Rebuild `cache` from every token it was fed plus `ids`, and return the outputs of
+    /// the positions of `ids`.
+    fn forward_restarted(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        opts: ForwardOptions,
+    ) -> Result<ModelOutput> {
+        let t = ids.dim(1)?;
+        let all = Tensor::cat(&[cache.fed()?, ids.clone()], 1)?;
+        *cache = self.new_cache();
+        let mut out = self.forward_with(&all, Some(cache), opts)?;
+        let total = all.dim(1)?;
+        let tail = |x: &Tensor| x.narrow(1, total - t, t);
+        if !opts.last_only {
+            out.logits = tail(&out.logits)?;
+        }
+        out.hidden_states = out.hidden_states.iter().map(tail).collect::<CResult<_>>()?;
         Ok(out)
     }
 
@@ -495,10 +542,12 @@ impl Model {
                 hidden.push(x.clone());
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let layer = || format!("layer {l}");
             let (y, stats) = match &self.routers[l] {
                 Some(r) => {
-                    let (y, stats, d) =
-                        r.forward(block, &x, self.rope_of(l), start, layer_cache, decision)?;
+                    let (y, stats, d) = r
+                        .forward(block, &x, self.rope_of(l), start, layer_cache, decision)
+                        .map_err(|e| e.context(layer()))?;
                     depth.push(d);
                     (y, stats)
                 }
@@ -508,7 +557,9 @@ impl Model {
                     } else {
                         rope.as_ref()
                     };
-                    block.forward(&x, rope.map(|(c, s)| (c, s)), layer_cache)?
+                    block
+                        .forward(&x, rope.map(|(c, s)| (c, s)), layer_cache)
+                        .map_err(|e| e.context(layer()))?
                 }
             };
             x = y;

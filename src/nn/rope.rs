@@ -1,25 +1,61 @@
 //! Rotary position tables (Su et al., 2021, "RoFormer"): `cos` and `sin` of
-//! `pos * theta^(-2i/r)` for `i < r/2`, precomputed once for every position of the context.
+//! `pos * theta^(-2i/r)` for `i < r/2`, rescaled by the configured [`RopeScaling`] as
+//! transformers' `modeling_rope_utils` does, precomputed once for every position of the
+//! context.
+//!
+//! Dynamic NTK and LongRoPE choose their frequencies by how many positions a forward pass
+//! reaches. transformers recomputes them in `dynamic_rope_update` from
+//! `max(position_ids) + 1` before each pass, so during cached generation each step's new
+//! queries and keys are rotated with the frequencies for the length reached at that step,
+//! while the keys already in the cache keep the rotation they were given. [`RopeTables::range`]
+//! does the same: a pass over positions `start..start + len` whose end passes the switch
+//! length gets tables computed for `start + len`. (transformers also keeps the largest
+//! length seen across calls on the module; a fresh model, or one generation whose length
+//! only grows, is what we match.)
 
 use candle_core::{DType, Device, Result, Tensor};
+use std::f64::consts::PI;
 
 use crate::config::RopeScaling;
 
-/// Inverse frequencies `theta^(-2i/r)`, rescaled as `scaling` says (transformers'
-/// `_compute_linear_scaling_rope_parameters` / `_compute_llama3_parameters`).
-pub fn inv_freq(theta: f64, rotary_dim: usize, scaling: RopeScaling) -> Vec<f64> {
-    let base = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64));
+/// YaRN's correction range: the dims (of `rotary_dim`) that rotate `beta_fast` and
+/// `beta_slow` times over `original` positions, rounded outward when `truncate`, clamped
+/// to `[0, rotary_dim - 1]`.
+fn yarn_range(
+    beta_fast: f64,
+    beta_slow: f64,
+    rotary_dim: usize,
+    theta: f64,
+    original: f64,
+    truncate: bool,
+) -> (f64, f64) {
+    let dim = rotary_dim as f64;
+    let correction =
+        |rotations: f64| (dim * (original / (rotations * 2.0 * PI)).ln()) / (2.0 * theta.ln());
+    let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+    if truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    (low.max(0.0), high.min(dim - 1.0))
+}
+
+/// Inverse frequencies `theta^(-2i/r)`, rescaled as `scaling` says for a forward pass that
+/// reaches `reached` positions (only dynamic NTK and LongRoPE look at it).
+pub fn inv_freq(theta: f64, rotary_dim: usize, scaling: &RopeScaling, reached: usize) -> Vec<f64> {
+    let half = rotary_dim / 2;
+    let exponent = |i: usize| 2.0 * i as f64 / rotary_dim as f64;
+    let base = |theta: f64| (0..half).map(move |i| 1.0 / theta.powf(exponent(i)));
     match scaling {
-        RopeScaling::None => base.collect(),
-        RopeScaling::Linear { factor } => base.map(|f| f / factor).collect(),
+        RopeScaling::None => base(theta).collect(),
+        RopeScaling::Linear { factor } => base(theta).map(|f| f / factor).collect(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
             high_freq_factor,
             original_max_position_embeddings: old,
-        } => base
+        } => base(theta)
             .map(|f| {
-                let wavelen = 2.0 * std::f64::consts::PI / f;
+                let wavelen = 2.0 * PI / f;
                 let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
                 if wavelen < high_wavelen {
                     f
@@ -32,14 +68,102 @@ pub fn inv_freq(theta: f64, rotary_dim: usize, scaling: RopeScaling) -> Vec<f64>
                 }
             })
             .collect(),
+        RopeScaling::Dynamic {
+            factor,
+            max_position_embeddings: max,
+        } => {
+            let len = reached as f64;
+            if len > *max {
+                let r = rotary_dim as f64;
+                let scaled = theta * ((factor * len / max) - (factor - 1.0)).powf(r / (r - 2.0));
+                base(scaled).collect()
+            } else {
+                base(theta).collect()
+            }
+        }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            let (low, mut high) = yarn_range(
+                *beta_fast,
+                *beta_slow,
+                rotary_dim,
+                theta,
+                *original_max_position_embeddings,
+                *truncate,
+            );
+            if low == high {
+                high += 0.001; // transformers' guard against a zero-width ramp
+            }
+            base(theta)
+                .enumerate()
+                .map(|(i, f)| {
+                    // 1 below the ramp (extrapolate: keep f), 0 above it (interpolate: f / factor)
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    (f / factor) * (1.0 - keep) + f * keep
+                })
+                .collect()
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            ..
+        } => {
+            let factors = if reached as f64 > *original_max_position_embeddings {
+                long_factor
+            } else {
+                short_factor
+            };
+            (0..half)
+                .map(|i| 1.0 / (factors[i] * theta.powf(exponent(i))))
+                .collect()
+        }
     }
+}
+
+/// cos and sin tables `(len, rotary_dim / 2)` for positions `start..start + len`, in f32
+/// like transformers' (position and frequency rounded first), times `scale`.
+fn tables(
+    inv_freq: &[f64],
+    start: usize,
+    len: usize,
+    scale: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    let scale = scale as f32;
+    for p in start..start + len {
+        for f in inv_freq {
+            let a = (p as f32 * *f as f32) as f64;
+            cos.push(a.cos() as f32 * scale);
+            sin.push(a.sin() as f32 * scale);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
 }
 
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    /// (max_seq_len, rotary_dim / 2)
+    /// (rows, rotary_dim / 2): every position of the context with the frequencies of
+    /// passes that stay within the switch length (up to the switch length only, when the
+    /// scaling has one).
     pub cos: Tensor,
     pub sin: Tensor,
+    theta: f64,
+    rotary_dim: usize,
+    scaling: RopeScaling,
 }
 
 impl RopeTables {
@@ -51,28 +175,48 @@ impl RopeTables {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let half = rotary_dim / 2;
-        let inv_freq = inv_freq(theta, rotary_dim, scaling);
-        let mut cos = Vec::with_capacity(max_seq_len * half);
-        let mut sin = Vec::with_capacity(max_seq_len * half);
-        for p in 0..max_seq_len {
-            for f in &inv_freq {
-                // f32 like transformers' tables: position and frequency rounded first
-                let a = (p as f32 * *f as f32) as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let cos = Tensor::from_vec(cos, (max_seq_len, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_seq_len, half), device)?.to_dtype(dtype)?;
-        Ok(Self { cos, sin })
+        let inv_freq = inv_freq(theta, rotary_dim, &scaling, 0);
+        // past the switch length, `range` computes the tables it needs
+        let rows = scaling
+            .switch_length()
+            .map_or(max_seq_len, |s| s.min(max_seq_len));
+        let (cos, sin) = tables(
+            &inv_freq,
+            0,
+            rows,
+            scaling.attention_factor(),
+            dtype,
+            device,
+        )?;
+        Ok(Self {
+            cos,
+            sin,
+            theta,
+            rotary_dim,
+            scaling,
+        })
     }
 
-    /// Tables for the contiguous positions `start..start + len`.
+    /// Tables for the contiguous positions `start..start + len` of a forward pass that
+    /// reaches `start + len` positions.
     pub fn range(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.narrow(0, start, len)?,
-            self.sin.narrow(0, start, len)?,
-        ))
+        match self.scaling.switch_length() {
+            Some(switch) if start + len > switch => {
+                let inv_freq = inv_freq(self.theta, self.rotary_dim, &self.scaling, start + len);
+                let scale = self.scaling.attention_factor();
+                tables(
+                    &inv_freq,
+                    start,
+                    len,
+                    scale,
+                    self.cos.dtype(),
+                    self.cos.device(),
+                )
+            }
+            _ => Ok((
+                self.cos.narrow(0, start, len)?,
+                self.sin.narrow(0, start, len)?,
+            )),
+        }
     }
 }
