@@ -11,7 +11,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     let d_model = raw.usize(&["n_embd", "hidden_size"]);
     let n_heads = raw.usize(&["n_head", "num_attention_heads"]);
     let n_layers = raw.usize(&["n_layer", "num_hidden_layers"]);
-    ModelConfig {
+    let c = ModelConfig {
         vocab_size: raw.usize(&["vocab_size"]),
         d_model,
         n_layers,
@@ -37,7 +37,16 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
             Some(1.0)
         },
         ..ModelConfig::default()
+    };
+    if raw.bool_or("scale_attn_by_inverse_layer_idx", false) {
+        raw.problem(
+            "scale_attn_by_inverse_layer_idx true is not supported (a per-layer attention scale)"
+                .into(),
+        );
     }
+    // attention computed in float32 with the scale folded in: what routelm does anyway
+    raw.acknowledge(&["reorder_and_upcast_attn"]);
+    c
 }
 
 pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {

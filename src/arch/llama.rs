@@ -2,7 +2,7 @@
 //! adjust: `config.json` keys of the Llama layout, and tensor names that already are ours.
 
 use super::{RawConfig, TensorMap};
-use crate::config::{FfnKind, LayerSpec, ModelConfig, NormKind, Position};
+use crate::config::{FfnKind, LayerSpec, ModelConfig, NormKind, Position, RopeScaling};
 use crate::error::Result;
 use crate::weights::Params;
 
@@ -26,31 +26,85 @@ pub(crate) fn ffn_kind(raw: &RawConfig, gated: bool) -> FfnKind {
     }
 }
 
-/// Per-layer sliding windows from `sliding_window`, `use_sliding_window` and `layer_types`.
-pub(crate) fn windows(raw: &RawConfig, n_layers: usize) -> Vec<LayerSpec> {
+/// Which layers of a family use `sliding_window`, as transformers decides it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Windows {
+    /// Every layer (Mistral, Mixtral, Phi-3, PhiMoE).
+    Every,
+    /// Every layer when `use_sliding_window` (default false; Qwen3-MoE).
+    EveryIfUsed,
+    /// `layer_types`, else when `use_sliding_window` (default false) the layers from
+    /// `max_window_layers` (default 28) on (Qwen2, Qwen3).
+    FromMaxWindowLayers,
+    /// `layer_types`, else when `use_sliding_window` (default false) the even-indexed layers
+    /// below `max_window_layers` (default 28) (Qwen2-MoE).
+    EvenBelowMaxWindowLayers,
+    /// `layer_types`, else every layer but each `n`-th (Gemma 2: 2; Gemma 3:
+    /// `sliding_window_pattern`, default 6).
+    Pattern(usize),
+}
+
+/// Per-layer sliding windows from `sliding_window` (and `layer_types`,
+/// `use_sliding_window`, `max_window_layers`) by the family's rule.
+pub(crate) fn windows(raw: &RawConfig, n_layers: usize, rule: Windows) -> Vec<LayerSpec> {
+    // every key of the rule is read, used or not, so none is refused as unknown
+    let used = raw.bool_or("use_sliding_window", false);
+    let max_window_layers = raw.opt_usize(&["max_window_layers"]).unwrap_or(28);
+    let types = raw.str_list("layer_types");
     let Some(w) = raw.opt_usize(&["sliding_window"]).filter(|&w| w > 0) else {
         return Vec::new();
     };
-    if !raw.bool_or("use_sliding_window", true) {
+    // Qwen's configs drop the window altogether unless `use_sliding_window`
+    if matches!(
+        rule,
+        Windows::FromMaxWindowLayers | Windows::EvenBelowMaxWindowLayers | Windows::EveryIfUsed
+    ) && !used
+    {
         return Vec::new();
     }
-    match raw.str_list("layer_types") {
-        Some(types) => types
-            .iter()
-            .map(|t| LayerSpec {
-                window: (t == "sliding_attention").then_some(w),
-                moe: false,
-                routed: false,
-            })
+    let types = match rule {
+        Windows::Every | Windows::EveryIfUsed => None,
+        _ => types,
+    };
+    let sliding: Vec<bool> = match (types, rule) {
+        (Some(types), _) => {
+            if types.len() != n_layers {
+                raw.problem(format!(
+                    "layer_types has {} entries for {n_layers} layers",
+                    types.len()
+                ));
+            }
+            types.iter().map(|t| t == "sliding_attention").collect()
+        }
+        (None, Windows::Every) => vec![true; n_layers],
+        (None, Windows::EveryIfUsed) => vec![true; n_layers],
+        (None, Windows::FromMaxWindowLayers) => {
+            (0..n_layers).map(|l| l >= max_window_layers).collect()
+        }
+        (None, Windows::EvenBelowMaxWindowLayers) => (0..n_layers)
+            .map(|l| l < max_window_layers && l % 2 == 0)
             .collect(),
-        None => vec![
-            LayerSpec {
-                window: Some(w),
-                moe: false,
-                routed: false
-            };
-            n_layers
-        ],
+        (None, Windows::Pattern(n)) => (0..n_layers)
+            .map(|l| !(l + 1).is_multiple_of(n.max(1)))
+            .collect(),
+    };
+    sliding
+        .into_iter()
+        .map(|s| LayerSpec {
+            window: s.then_some(w),
+            moe: false,
+            routed: false,
+        })
+        .collect()
+}
+
+/// The context window: `max_position_embeddings`, or `factor` times it with dynamic NTK
+/// scaling, which exists to run past the trained length.
+pub(crate) fn context(raw: &RawConfig, scaling: &RopeScaling) -> usize {
+    let max = raw.opt_usize(&["max_position_embeddings"]).unwrap_or(2048);
+    match scaling {
+        RopeScaling::Dynamic { factor, .. } => (max as f64 * factor.max(1.0)) as usize,
+        _ => max,
     }
 }
 
@@ -72,7 +126,7 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         n_kv_heads: raw.opt_usize(&["num_key_value_heads"]).unwrap_or(n_heads),
         head_dim,
         d_ff: raw.usize(&["intermediate_size"]),
-        max_seq_len: raw.opt_usize(&["max_position_embeddings"]).unwrap_or(2048),
+        max_seq_len: context(raw, &scaling),
         norm: NormKind::RmsNorm,
         norm_eps: raw.f64_or(&["rms_norm_eps"], 1e-6),
         norm_bias: false,
@@ -87,7 +141,6 @@ pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
         },
         tie_embeddings: raw.bool_or("tie_word_embeddings", false),
         init_std: raw.f64_or(&["initializer_range"], 0.02),
-        layers: windows(raw, n_layers),
         ..ModelConfig::default()
     }
 }
@@ -104,8 +157,13 @@ pub(crate) fn layer_norm_base(raw: &RawConfig) -> ModelConfig {
     c
 }
 
+/// Llama has no sliding window; Mistral uses `sliding_window` in every layer.
 pub fn config(raw: &RawConfig) -> ModelConfig {
-    base(raw)
+    let mut c = base(raw);
+    if raw.model_type().as_deref() == Some("mistral") {
+        c.layers = windows(raw, c.n_layers, Windows::Every);
+    }
+    c
 }
 
 /// Llama-layout checkpoints already use our names; a tied head may still be stored.

@@ -79,6 +79,12 @@ pub static FAMILIES: &[Family] = &[
         tensors: gemma::tensors_gemma2,
     },
     Family {
+        name: "gemma3_multimodal",
+        model_types: &["gemma3"],
+        config: gemma::config_gemma3_multimodal,
+        tensors: gemma::tensors_gemma3_multimodal,
+    },
+    Family {
         name: "phi3",
         model_types: &["phi3"],
         config: phi3::config,
@@ -198,6 +204,9 @@ pub struct TensorMap {
     pub tensors: BTreeMap<String, Tensor>,
     problems: Vec<String>,
     pub provenance: Vec<Provenance>,
+    /// Name prefixes moved by [`TensorMap::move_prefix`] (file prefix, map prefix), undone
+    /// in the provenance.
+    moved: Vec<(String, String)>,
 }
 
 impl TensorMap {
@@ -207,12 +216,45 @@ impl TensorMap {
             tensors,
             problems: Vec::new(),
             provenance: Vec::new(),
+            moved: Vec::new(),
         }
     }
 
+    /// Give every tensor named `from…` the name `to…` (a language model nested in a
+    /// multimodal checkpoint), so the family's own rules apply; the provenance keeps the
+    /// file's names.
+    pub fn move_prefix(&mut self, from: &str, to: &str) {
+        let names: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(from))
+            .cloned()
+            .collect();
+        for name in names {
+            if let Some(t) = self.tensors.remove(&name) {
+                self.tensors
+                    .insert(format!("{to}{}", &name[from.len()..]), t);
+            }
+        }
+        self.moved.push((from.to_string(), to.to_string()));
+    }
+
+    /// Drop every tensor named `prefix…` (parts of a checkpoint routelm does not run);
+    /// returns how many.
+    pub fn skip_prefix(&mut self, prefix: &str) -> usize {
+        let before = self.tensors.len();
+        self.tensors.retain(|k, _| !k.starts_with(prefix));
+        before - self.tensors.len()
+    }
+
     fn record(&mut self, file: &str, parts: Vec<String>, origin: Origin) {
+        let file = self
+            .moved
+            .iter()
+            .find_map(|(from, to)| file.strip_prefix(to.as_str()).map(|r| format!("{from}{r}")))
+            .unwrap_or_else(|| file.to_string());
         self.provenance.push(Provenance {
-            file: file.to_string(),
+            file,
             parts,
             origin,
         });
@@ -568,9 +610,9 @@ pub fn load_any(dir: &Path, dtype: DType, device: &Device) -> Result<AnyModel> {
     if !is_seq2seq(&raw) {
         return Ok(AnyModel::Decoder(Box::new(load_dir(dir, dtype, device)?)));
     }
-    let cfg = t5::config(&raw);
-    raw.check(|| cfg.problems())?;
     let (origin, params) = read_weights(dir, dtype, device)?;
+    let cfg = t5::config(&raw, params.contains_key("lm_head.weight"));
+    raw.check(|| cfg.problems())?;
     warn_non_finite(&params, &origin)?;
     let mut map = TensorMap::new(origin.clone(), params);
     let canonical = t5::tensors(&cfg, &mut map)?;
@@ -621,4 +663,82 @@ fn warn_non_finite(params: &Params, origin: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a model folder says about sampling: transformers' `generation_config.json` (else
+/// `config.json` for the end-of-sequence ids). `None`: the folder does not say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    /// Every end-of-sequence id (`eos_token_id` may be one id or a list).
+    pub eos: Vec<u32>,
+    /// 0 when the file asks for greedy decoding (`do_sample` false, its default).
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+}
+
+/// The [`GenerationDefaults`] of a model folder, with transformers' defaults for keys a
+/// present `generation_config.json` leaves out (greedy, or when sampling: temperature 1,
+/// top-k 50, top-p 1).
+pub fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
+    let ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
+        match v {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .filter_map(|x| u32::try_from(x).ok())
+                .collect(),
+            Some(x) => x
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        }
+    };
+    let path = dir.join("generation_config.json");
+    if !path.exists() {
+        let config = dir.join("config.json");
+        let eos = match std::fs::read_to_string(&config) {
+            Ok(text) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::parse(&config, e))?;
+                ids(v.get("eos_token_id"))
+            }
+            Err(_) => Vec::new(),
+        };
+        return Ok(GenerationDefaults {
+            eos,
+            ..Default::default()
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e))?;
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+    let sampling = v
+        .get("do_sample")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
+    Ok(GenerationDefaults {
+        eos: ids(v.get("eos_token_id")),
+        temperature: Some(if sampling {
+            f("temperature").unwrap_or(1.0)
+        } else {
+            0.0
+        }),
+        top_k: Some(if sampling {
+            v.get("top_k")
+                .and_then(|x| x.as_u64())
+                .map_or(50, |k| k as usize)
+        } else {
+            0
+        }),
+        top_p: Some(if sampling {
+            f("top_p").unwrap_or(1.0)
+        } else {
+            1.0
+        }),
+        repetition_penalty: f("repetition_penalty"),
+    })
 }

@@ -3,7 +3,8 @@
 //! shared expert behind a sigmoid gate and dense layers between sparse ones; PhiMoE routes
 //! by SparseMixer and uses biased LayerNorms, attention biases and a head bias.
 
-use super::{llama, qwen, RawConfig, TensorMap};
+use super::llama::{self, Windows};
+use super::{qwen, RawConfig, TensorMap};
 use crate::config::{LayerSpec, ModelConfig, MoeConfig, NormKind, QkNorm, Scoring};
 use crate::error::Result;
 use crate::weights::Params;
@@ -35,6 +36,9 @@ fn mark_layers(raw: &RawConfig, c: &mut ModelConfig) {
 
 pub fn config_mixtral(raw: &RawConfig) -> ModelConfig {
     let mut c = llama::base(raw);
+    c.layers = llama::windows(raw, c.n_layers, Windows::Every);
+    // noise on the router's input while training only
+    raw.acknowledge(&["router_jitter_noise"]);
     c.moe = Some(moe(raw, &["intermediate_size"], true));
     c.moe.iter_mut().for_each(|m| m.norm_topk = true);
     mark_layers(raw, &mut c);
@@ -57,6 +61,8 @@ pub fn config_phimoe(raw: &RawConfig) -> ModelConfig {
 
 pub fn config_qwen2_moe(raw: &RawConfig) -> ModelConfig {
     let mut c = qwen::config_qwen2(raw);
+    c.layers = llama::windows(raw, c.n_layers, Windows::EvenBelowMaxWindowLayers);
+    c.qkv_bias = raw.bool_or("qkv_bias", true);
     let mut m = moe(raw, &["moe_intermediate_size"], false);
     m.d_shared = raw
         .opt_usize(&["shared_expert_intermediate_size"])
@@ -69,6 +75,7 @@ pub fn config_qwen2_moe(raw: &RawConfig) -> ModelConfig {
 
 pub fn config_qwen3_moe(raw: &RawConfig) -> ModelConfig {
     let mut c = qwen::config_qwen3(raw);
+    c.layers = llama::windows(raw, c.n_layers, Windows::EveryIfUsed);
     c.moe = Some(moe(raw, &["moe_intermediate_size"], false));
     mark_layers(raw, &mut c);
     c
@@ -77,9 +84,7 @@ pub fn config_qwen3_moe(raw: &RawConfig) -> ModelConfig {
 pub fn config_olmoe(raw: &RawConfig) -> ModelConfig {
     let mut c = llama::base(raw);
     c.qk_norm = QkNorm::Full;
-    if raw.opt_f64(&["clip_qkv"]).is_some() {
-        raw.problem("clip_qkv is not supported yet".into());
-    }
+    c.clip_qkv = raw.opt_f64(&["clip_qkv"]);
     c.moe = Some(moe(raw, &["intermediate_size"], false));
     mark_layers(raw, &mut c);
     c

@@ -7,7 +7,9 @@ use crate::error::Result;
 use crate::weights::Params;
 
 pub fn config(raw: &RawConfig) -> ModelConfig {
-    llama::base(raw)
+    let mut c = llama::base(raw);
+    c.layers = llama::windows(raw, c.n_layers, llama::Windows::Every);
+    c
 }
 
 pub fn tensors(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {

@@ -10,7 +10,11 @@ use crate::weights::Params;
 /// `model_type` values of this family.
 pub const MODEL_TYPES: &[&str] = &["t5", "mt5"];
 
-pub fn config(raw: &RawConfig) -> Seq2SeqConfig {
+/// `has_lm_head`: whether the weights carry their own `lm_head.weight`. transformers 5
+/// writes `tie_word_embeddings: true` for every T5 but keeps a stored head untied, and
+/// names the output scaling `scale_decoder_outputs`; 4.x scaled exactly when
+/// `tie_word_embeddings` was not false.
+pub fn config(raw: &RawConfig, has_lm_head: bool) -> Seq2SeqConfig {
     let proj = raw
         .str(&["feed_forward_proj"])
         .unwrap_or("relu")
@@ -26,8 +30,10 @@ pub fn config(raw: &RawConfig) -> Seq2SeqConfig {
             FfnKind::Relu
         }
     };
+    // transformers derives these two from feed_forward_proj on load
+    raw.acknowledge(&["dense_act_fn", "is_gated_act"]);
     let encoder_layers = raw.usize(&["num_layers"]);
-    let tie = raw.bool_or("tie_word_embeddings", true);
+    let tie_key = raw.bool_or("tie_word_embeddings", true);
     Seq2SeqConfig {
         vocab_size: raw.usize(&["vocab_size"]),
         d_model: raw.usize(&["d_model"]),
@@ -46,9 +52,8 @@ pub fn config(raw: &RawConfig) -> Seq2SeqConfig {
         max_distance: raw
             .opt_usize(&["relative_attention_max_distance"])
             .unwrap_or(128),
-        tie_embeddings: tie,
-        // transformers 4.x scales exactly when the head is tied; 5 names it
-        scale_output: raw.bool_or("scale_decoder_outputs", tie),
+        tie_embeddings: !has_lm_head,
+        scale_output: raw.bool_or("scale_decoder_outputs", tie_key),
         decoder_start: raw
             .opt_usize(&["decoder_start_token_id", "pad_token_id"])
             .unwrap_or(0) as u32,

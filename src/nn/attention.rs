@@ -49,6 +49,9 @@ pub struct Attention {
     pub softcap: Option<f64>,
     /// ALiBi position biases instead of rotary embeddings.
     pub alibi: bool,
+    /// q, k and v clamped to `[-c, c]` after their projections and full q/k norms
+    /// (OLMoE's `clip_qkv`).
+    pub clip: Option<f64>,
 }
 
 impl Attention {
@@ -77,9 +80,13 @@ impl Attention {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let [mut q, mut k, v] = Linear::forward_many([q, k, v], x)?;
+        let [mut q, mut k, mut v] = Linear::forward_many([q, k, v], x)?;
         if let (QkNorm::Full, Some(qn), Some(kn)) = (self.qk_norm, &self.q_norm, &self.k_norm) {
             (q, k) = (qn.forward(&q)?, kn.forward(&k)?);
+        }
+        if let Some(c) = self.clip {
+            let c = c as f32;
+            (q, k, v) = (q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?);
         }
         let mut q = q.reshape((b, t, h, d))?;
         let mut k = k.reshape((b, t, hkv, d))?;

@@ -65,12 +65,14 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         pos.decay = false;
         v.push(pos);
     }
-    let norm = |v: &mut Vec<ParamSpec>, prefix: String| {
-        v.push(vector(format!("{prefix}.weight"), d, Init::Ones));
+    // a norm of the model's kind over `width` features
+    let norm_of = |v: &mut Vec<ParamSpec>, prefix: String, width: usize| {
+        v.push(vector(format!("{prefix}.weight"), width, Init::Ones));
         if cfg.norm == NormKind::LayerNorm && cfg.norm_bias {
-            v.push(vector(format!("{prefix}.bias"), d, Init::Zeros));
+            v.push(vector(format!("{prefix}.bias"), width, Init::Zeros));
         }
     };
+    let norm = |v: &mut Vec<ParamSpec>, prefix: String| norm_of(v, prefix, d);
     if cfg.embed_norm {
         norm(&mut v, "model.embed_norm".into());
     }
@@ -156,32 +158,14 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         if cfg.out_bias {
             v.push(vector(format!("{p}.self_attn.o_proj.bias"), d, Init::Zeros));
         }
-        match cfg.qk_norm {
-            QkNorm::None => {}
-            QkNorm::PerHead => {
-                v.push(vector(
-                    format!("{p}.self_attn.q_norm.weight"),
-                    cfg.head_dim,
-                    Init::Ones,
-                ));
-                v.push(vector(
-                    format!("{p}.self_attn.k_norm.weight"),
-                    cfg.head_dim,
-                    Init::Ones,
-                ));
-            }
-            QkNorm::Full => {
-                v.push(vector(
-                    format!("{p}.self_attn.q_norm.weight"),
-                    cfg.q_dim(),
-                    Init::Ones,
-                ));
-                v.push(vector(
-                    format!("{p}.self_attn.k_norm.weight"),
-                    cfg.kv_dim(),
-                    Init::Ones,
-                ));
-            }
+        let qk_widths = match cfg.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((cfg.head_dim, cfg.head_dim)),
+            QkNorm::Full => Some((cfg.q_dim(), cfg.kv_dim())),
+        };
+        if let Some((wq, wk)) = qk_widths {
+            norm_of(&mut v, format!("{p}.self_attn.q_norm"), wq);
+            norm_of(&mut v, format!("{p}.self_attn.k_norm"), wk);
         }
         if cfg.block != BlockKind::ParallelSharedNorm {
             norm(&mut v, format!("{p}.post_attention_layernorm"));
