@@ -35,18 +35,45 @@ impl Tokenizer {
         }
     }
 
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds
+    /// (a BOS for Llama and Gemma), as transformers' `encode` does by default.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text` alone, no special tokens added (training corpora).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
             Tokenizer::Hf(t) => Ok(t
-                .encode(text, false)
+                .encode(text, special)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
         }
     }
 
-    /// Decode ids to text; invalid UTF-8 (a byte sequence cut mid-character) is replaced.
+    /// The token strings of `ids` (`None` where the vocabulary has none).
+    pub fn tokens(&self, ids: &[u32]) -> Vec<Option<String>> {
+        match self {
+            Tokenizer::Bytes => ids
+                .iter()
+                .map(|&i| {
+                    u8::try_from(i)
+                        .ok()
+                        .map(|b| String::from_utf8_lossy(&[b]).into_owned())
+                })
+                .collect(),
+            Tokenizer::Hf(t) => ids.iter().map(|&i| t.id_to_token(i)).collect(),
+        }
+    }
+
+    /// Decode ids to text, special tokens skipped; invalid UTF-8 (a byte sequence cut
+    /// mid-character) is replaced.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             Tokenizer::Bytes => {

@@ -61,29 +61,88 @@ fn ids_u32(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(DType::U32)?)
 }
 
-/// Tolerance for `key` from `meta.json`'s `tolerances`, else its `atol`, else 1e-4.
-fn tolerance(meta: &serde_json::Value, key: &str) -> f64 {
+/// `DIR/meta.json`, which states the tolerances; a reference without one cannot be judged.
+fn read_meta(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("meta.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::parse(&path, e))
+}
+
+/// Tolerance for `key` from `meta.json`'s `tolerances`, else its `atol`.
+fn tolerance(meta: &serde_json::Value, meta_path: &Path, key: &str) -> Result<f64> {
     meta.get("tolerances")
         .and_then(|t| t.get(key))
         .and_then(|v| v.as_f64())
         .or_else(|| meta.get("atol").and_then(|v| v.as_f64()))
-        .unwrap_or(1e-4)
+        .ok_or_else(|| {
+            Error::parse(
+                meta_path,
+                format!("no tolerance for {key} (tolerances.{key} or atol)"),
+            )
+        })
 }
 
-/// Largest difference between `got[k]` and `reference[prefix.k]` over the k present.
+/// Largest difference between `got[k]` and `reference[prefix.k]`. The reference must hold
+/// one tensor per entry of `got` when it holds any (none: `None`).
 fn hidden_diff(
     got: &[Tensor],
     reference: &std::collections::BTreeMap<String, Tensor>,
     prefix: &str,
+    ref_path: &Path,
 ) -> Result<Option<f64>> {
+    let held = reference
+        .keys()
+        .filter(|k| k.strip_prefix(prefix).is_some_and(|r| r.starts_with('.')))
+        .count();
+    if held == 0 {
+        return Ok(None);
+    }
+    if held != got.len() {
+        return Err(Error::parse(
+            ref_path,
+            format!("{held} {prefix} tensors, the model gives {}", got.len()),
+        ));
+    }
     let mut hidden: Option<f64> = None;
     for (k, h) in got.iter().enumerate() {
-        if let Some(r) = reference.get(&format!("{prefix}.{k}")) {
-            let d = max_abs_diff(h, r)?;
-            hidden = Some(hidden.map_or(d, |m| m.max(d)));
-        }
+        let name = format!("{prefix}.{k}");
+        let r = reference
+            .get(&name)
+            .ok_or_else(|| Error::parse(ref_path, format!("no tensor {name}")))?;
+        let d = max_abs_diff(h, r).map_err(|e| Error::parse(ref_path, format!("{name}: {e}")))?;
+        hidden = Some(hidden.map_or(d, |m| m.max(d)));
     }
     Ok(hidden)
+}
+
+/// Every tensor of the reference must be one that `verify` compares.
+fn check_known(
+    reference: &std::collections::BTreeMap<String, Tensor>,
+    ref_path: &Path,
+    known: &[&str],
+    prefixes: &[&str],
+) -> Result<()> {
+    let unknown: Vec<&str> = reference
+        .keys()
+        .map(String::as_str)
+        .filter(|k| {
+            !known.contains(k)
+                && !prefixes
+                    .iter()
+                    .any(|p| k.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
+        })
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::parse(
+            ref_path,
+            format!(
+                "tensors verify does not know how to compare: {}",
+                unknown.join(", ")
+            ),
+        ))
+    }
 }
 
 /// Load `dir`, run its reference inputs, compare.
@@ -91,17 +150,20 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
     let device = Device::Cpu;
     let ref_path = dir.join("reference.safetensors");
     let meta_path = dir.join("meta.json");
-    let meta: serde_json::Value = match std::fs::read_to_string(&meta_path) {
-        Ok(t) => serde_json::from_str(&t).map_err(|e| Error::parse(&meta_path, e))?,
-        Err(_) => serde_json::Value::Null,
-    };
+    let meta = read_meta(dir)?;
     let loaded = match arch::load_any(dir, DType::F32, &device)? {
         arch::AnyModel::Decoder(l) => l,
-        arch::AnyModel::Seq2Seq(m) => return verify_seq2seq(&m, &ref_path, &meta),
+        arch::AnyModel::Seq2Seq(m) => return verify_seq2seq(&m, &ref_path, &meta, &meta_path),
     };
     let model = &loaded.model;
     let reference = weights::load_safetensors(&ref_path, None, &device)?;
-    let tol = |key: &str| tolerance(&meta, key);
+    check_known(
+        &reference,
+        &ref_path,
+        &["input_ids", "logits", "greedy_ids"],
+        &["hidden_states", "router_logits"],
+    )?;
+    let tol = |key: &str| tolerance(&meta, &meta_path, key);
     let need = |name: &str| -> Result<&Tensor> {
         reference
             .get(name)
@@ -117,8 +179,9 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
             depth: None,
         },
     )?;
-    let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
-    let hidden = hidden_diff(&out.hidden_states, &reference, "hidden_states")?;
+    let logits_diff = max_abs_diff(&out.logits, need("logits")?)
+        .map_err(|e| Error::parse(&ref_path, format!("logits: {e}")))?;
+    let hidden = hidden_diff(&out.hidden_states, &reference, "hidden_states", &ref_path)?;
     let mut router = None;
     for s in &out.moe {
         if let Some(r) = reference.get(&format!("router_logits.{}", s.layer)) {
@@ -146,7 +209,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         let n = expected.len().saturating_sub(prompt.len());
         got = greedy(model, &prompt, n)?;
     }
-    let (lt, ht, rt) = (tol("logits"), tol("hidden_states"), tol("router_logits"));
+    let (lt, ht, rt) = (tol("logits")?, tol("hidden_states")?, tol("router_logits")?);
     let pass = logits_diff <= lt
         && hidden.is_none_or(|h| h <= ht)
         && router.is_none_or(|r| r <= rt)
@@ -171,8 +234,20 @@ fn verify_seq2seq(
     model: &Seq2Seq,
     ref_path: &Path,
     meta: &serde_json::Value,
+    meta_path: &Path,
 ) -> Result<VerifyReport> {
     let reference = weights::load_safetensors(ref_path, None, model.device())?;
+    check_known(
+        &reference,
+        ref_path,
+        &[
+            "encoder_input_ids",
+            "decoder_input_ids",
+            "logits",
+            "greedy_ids",
+        ],
+        &["encoder_hidden_states", "decoder_hidden_states"],
+    )?;
     let need = |name: &str| -> Result<&Tensor> {
         reference
             .get(name)
@@ -184,8 +259,13 @@ fn verify_seq2seq(
     let mut cache = model.new_cache(&encoded)?;
     let out = model.decode(&dec_ids, &mut cache, true)?;
     let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
-    let enc = hidden_diff(&enc_hidden, &reference, "encoder_hidden_states")?;
-    let dec = hidden_diff(&out.hidden_states, &reference, "decoder_hidden_states")?;
+    let enc = hidden_diff(&enc_hidden, &reference, "encoder_hidden_states", ref_path)?;
+    let dec = hidden_diff(
+        &out.hidden_states,
+        &reference,
+        "decoder_hidden_states",
+        ref_path,
+    )?;
     let hidden = match (enc, dec) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -196,7 +276,8 @@ fn verify_seq2seq(
         let prompt = enc_ids.i(0)?.to_vec1::<u32>()?;
         got = model.greedy(&prompt, expected.len().saturating_sub(1))?;
     }
-    let (lt, ht) = (tolerance(meta, "logits"), tolerance(meta, "hidden_states"));
+    let tol = |key: &str| tolerance(meta, meta_path, key);
+    let (lt, ht) = (tol("logits")?, tol("hidden_states")?);
     let pass = logits_diff <= lt && hidden.is_none_or(|h| h <= ht) && expected == got;
     Ok(VerifyReport {
         family: "t5".into(),
@@ -205,7 +286,7 @@ fn verify_seq2seq(
         hidden_max_abs_diff: hidden,
         hidden_tolerance: ht,
         router_max_abs_diff: None,
-        router_tolerance: tolerance(meta, "router_logits"),
+        router_tolerance: tol("router_logits")?,
         greedy_expected: expected,
         greedy_got: got,
         pass,

@@ -82,6 +82,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         max_tokens: 200,
         stop: vec!["\n".into()],
+        eos: Vec::new(),
         seed: 1,
     };
     println!("\nsample:");

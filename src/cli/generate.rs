@@ -28,18 +28,21 @@ pub struct Args {
     /// Compute dtype: f32 (default), bf16 or f16 (weights are converted at load).
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// Sample among the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Nucleus sampling: the smallest set of tokens with this much probability.
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f64,
-    /// Penalty (>1) on tokens already in the text.
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f64,
+    /// Sampling temperature; 0 is greedy. Default: what the folder's
+    /// generation_config.json says (greedy unless it sets do_sample), else 0.8.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample among the k most likely tokens only (0: all). Default: generation_config.json's,
+    /// else 0.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with this much probability. Default:
+    /// generation_config.json's, else 1.0.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when this string appears (repeatable); it is not printed.
@@ -60,15 +63,21 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
+    // the command line, else the folder's generation_config.json, else our defaults
+    let defaults = routelm::arch::generation_defaults(&model_dir)?;
     let cfg = GenerateConfig {
         sampler: SamplerConfig {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
+            temperature: a.temperature.or(defaults.temperature).unwrap_or(0.8),
+            top_k: a.top_k.or(defaults.top_k).unwrap_or(0),
+            top_p: a.top_p.or(defaults.top_p).unwrap_or(1.0),
+            repetition_penalty: a
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
         },
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        eos: defaults.eos,
         seed: a.seed,
     };
     let mut out = std::io::stdout();

@@ -8,6 +8,7 @@ mod flops;
 mod generate;
 mod inspect;
 mod route;
+mod tokenize;
 mod train;
 mod verify;
 
@@ -58,6 +59,8 @@ enum Command {
     Compare(compare::Args),
     /// Show which tokens each Mixture-of-Depths block processes for a text (terminal and PNG).
     Route(route::Args),
+    /// Print a text's token ids (and tokens) as the model's tokenizer gives them.
+    Tokenize(tokenize::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -72,6 +75,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify(a) => verify::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Route(a) => route::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
     }
 }
 
@@ -122,7 +126,7 @@ pub fn load_tokens(data: Option<&Path>, tok: &Tokenizer, corpus_seed: u64) -> Re
         }
         None => corpus::generate(corpus_seed, CORPUS_BYTES),
     };
-    Ok(tok.encode(&text)?)
+    Ok(tok.encode_plain(&text)?)
 }
 
 pub fn dataset(tokens: Vec<u32>, val_fraction: f64, seq_len: usize) -> Result<Dataset> {

@@ -21,6 +21,8 @@ pub struct GenerateConfig {
     pub max_tokens: usize,
     /// Stop when the generated text contains any of these (the stop string is not emitted).
     pub stop: Vec<String>,
+    /// Stop after any of these tokens (the model's end-of-sequence ids).
+    pub eos: Vec<u32>,
     pub seed: u64,
 }
 
@@ -87,7 +89,9 @@ pub fn generate(
         logits,
         ids: prompt.to_vec(),
     };
-    sample_loop(prefill, limit, None, tok, cfg, &mut rng, &mut step, on_text)
+    sample_loop(
+        prefill, limit, &cfg.eos, tok, cfg, &mut rng, &mut step, on_text,
+    )
 }
 
 /// Generate with an encoder-decoder: `prompt` is the encoder input; the decoder starts
@@ -123,8 +127,8 @@ pub fn generate_seq2seq(
         logits,
         ids: vec![start],
     };
-    let eos = model.config.eos;
-    sample_loop(prefill, limit, eos, tok, cfg, &mut rng, &mut step, on_text)
+    let eos: Vec<u32> = cfg.eos.iter().copied().chain(model.config.eos).collect();
+    sample_loop(prefill, limit, &eos, tok, cfg, &mut rng, &mut step, on_text)
 }
 
 /// Where sampling starts: the logits of the first new token, the ids so far (what the
@@ -139,12 +143,12 @@ struct Prefilled {
 
 /// The loop both model shapes share: sample from the logits, append to the ids, stream
 /// the new text (stop strings cut it), feed the token through `step` for the next logits;
-/// at most `limit` new tokens, and none after `eos`.
+/// at most `limit` new tokens, and none after one of `eos`.
 #[allow(clippy::too_many_arguments)]
 fn sample_loop(
     prefill: Prefilled,
     limit: usize,
-    eos: Option<u32>,
+    eos: &[u32],
     tok: &Tokenizer,
     cfg: &GenerateConfig,
     rng: &mut Rng,
@@ -183,7 +187,7 @@ fn sample_loop(
             on_text(&stable[emitted.len()..]);
             emitted = stable.to_string();
         }
-        if new >= limit || Some(next) == eos {
+        if new >= limit || eos.contains(&next) {
             break;
         }
         logits = step(next)?;
