@@ -224,7 +224,13 @@ fn generate_and_inspect_every_family() {
                     "{d} {dtype}: {out}"
                 );
             } else {
-                assert_eq!(n, 8, "{d} {dtype}: {out}");
+                // the prompt and 5 new tokens, or fewer ending with one of the EOS ids
+                let eos = routelm::arch::generation_defaults(&dir).unwrap().eos;
+                let last: u32 = out.trim().rsplit(',').next().unwrap().parse().unwrap();
+                assert!(
+                    n == 8 || ((4..8).contains(&n) && eos.contains(&last)),
+                    "{d} {dtype}: {out}"
+                );
             }
         }
         let (ok, out, err) = routelm(&["inspect", d]);
@@ -235,7 +241,7 @@ fn generate_and_inspect_every_family() {
         }
         ran += 1;
     }
-    assert_eq!(ran, 20, "every fixture family runs");
+    assert!(ran >= 40, "every fixture runs ({ran})");
 }
 
 /// `train --init DIR` fine-tunes published weights: the loss falls and the result loads.

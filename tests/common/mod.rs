@@ -285,3 +285,32 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn ids(v: &[u32], b: usize) -> Tensor {
     Tensor::from_slice(v, (b, v.len() / b), &Device::Cpu).unwrap()
 }
+
+/// A copy of the fixture folder `src` under `tmp`, with `patch` applied to its config.json
+/// (each key set, or removed where the value is null).
+pub fn patched_fixture(
+    src: &std::path::Path,
+    patch: &serde_json::Map<String, serde_json::Value>,
+    tmp: &std::path::Path,
+) -> std::path::PathBuf {
+    let dst = tmp.join(src.file_name().unwrap());
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    let path = dst.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let obj = cfg.as_object_mut().unwrap();
+    for (k, v) in patch {
+        if v.is_null() {
+            obj.remove(k);
+        } else {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    dst
+}
