@@ -226,6 +226,23 @@ fixture(
     feature="rope_linear", switch_off={"rope_scaling": None},
 )
 
+fixture(
+    name="llama_linear", seed=101,
+    make_config=lambda: llama_config(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    description="llama_linear_4x (same weights) with config.json in the transformers 5 layout (rope_parameters)",
+    feature="rope_linear",
+    switch_off={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 500.0}
+fixture(
+    name="llama_llama3", seed=111,
+    make_config=lambda: llama_config(max_position_embeddings=128, rope_parameters=dict(LLAMA3)),
+    description="Llama 3.1 rope scaling (factor 8, low/high freq factors 1/4, original length 16, theta 500, so the ramp falls inside the rotary dims) in the transformers 5 layout; the llama3 fixture has the 4.x layout",
+    feature="rope_llama3",
+    switch_off={"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+)
+
 # --- 2. dynamic NTK -----------------------------------------------------------------------
 DYN = {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 100.0}
 GEN_DYNAMIC = (
@@ -958,7 +975,7 @@ def gemma3_mm_check(spec, folder, refs, ids):
 
 
 CHECKS = {
-    "llama_linear_4x": rope_check, "llama_dynamic": dynamic_check, "llama_dynamic_4x": dynamic_check,
+    "llama_linear_4x": rope_check, "llama_linear": rope_check, "llama_llama3": rope_check, "llama_dynamic": dynamic_check, "llama_dynamic_4x": dynamic_check,
     "llama_yarn": yarn_check, "llama_yarn_notrunc": yarn_check, "qwen2_yarn_4x": yarn_check,
     "deepseek_v3_yarn": dsv3_check, "deepseek_v3_yarn_4x": dsv3_check,
     "phi3_longrope": longrope_check, "phi3_longrope_4x": longrope_check,
