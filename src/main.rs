@@ -42,7 +42,12 @@ fn main() {
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("ROUTELM_LOG"))
+        // warnings (skipped parts of a checkpoint, non-finite weights) show unless
+        // ROUTELM_LOG says otherwise
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ROUTELM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = cli::Cli::parse();

@@ -103,7 +103,7 @@ pub fn tensors_gemma3_multimodal(cfg: &ModelConfig, map: &mut TensorMap) -> Resu
     .map(|p| map.skip_prefix(p))
     .sum();
     if skipped > 0 {
-        tracing::info!(
+        tracing::warn!(
             "{}: the vision tower and projector ({skipped} tensors) are skipped; routelm runs the text model",
             map.origin.display()
         );
