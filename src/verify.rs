@@ -92,7 +92,7 @@ fn hidden_diff(
 ) -> Result<Option<f64>> {
     let held = reference
         .keys()
-        .filter(|k| k.strip_prefix(prefix).is_some_and(|r| r.starts_with('.')))
+        .filter(|k| indexed_under(k, prefix))
         .count();
     if held == 0 {
         return Ok(None);
@@ -115,6 +115,11 @@ fn hidden_diff(
     Ok(hidden)
 }
 
+/// Whether `key` is `prefix.K` (one of a numbered family of reference tensors).
+fn indexed_under(key: &str, prefix: &str) -> bool {
+    key.strip_prefix(prefix).is_some_and(|r| r.starts_with('.'))
+}
+
 /// Every tensor of the reference must be one that `verify` compares.
 fn check_known(
     reference: &std::collections::BTreeMap<String, Tensor>,
@@ -125,12 +130,7 @@ fn check_known(
     let unknown: Vec<&str> = reference
         .keys()
         .map(String::as_str)
-        .filter(|k| {
-            !known.contains(k)
-                && !prefixes
-                    .iter()
-                    .any(|p| k.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
-        })
+        .filter(|k| !known.contains(k) && !prefixes.iter().any(|p| indexed_under(k, p)))
         .collect();
     if unknown.is_empty() {
         Ok(())

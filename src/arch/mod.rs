@@ -699,14 +699,10 @@ pub fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
     };
     let path = dir.join("generation_config.json");
     if !path.exists() {
-        let config = dir.join("config.json");
-        let eos = match std::fs::read_to_string(&config) {
-            Ok(text) => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| Error::parse(&config, e))?;
-                ids(v.get("eos_token_id"))
-            }
-            Err(_) => Vec::new(),
+        let eos = if dir.join("config.json").exists() {
+            ids(read_config_json(dir)?.1.get("eos_token_id"))
+        } else {
+            Vec::new()
         };
         return Ok(GenerationDefaults {
             eos,

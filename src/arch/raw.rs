@@ -19,6 +19,13 @@ pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
     }
 }
 
+/// The problem reported for a key no adapter reads.
+fn refusal(key: &str) -> String {
+    format!(
+        "{key} is not supported: routelm does not implement what it changes, so it refuses the model rather than compute something else"
+    )
+}
+
 pub struct RawConfig {
     value: Value,
     path: PathBuf,
@@ -153,7 +160,7 @@ impl RawConfig {
             nested
                 .unread()
                 .into_iter()
-                .map(|k| format!("{key}.{k} is not supported")),
+                .map(|k| refusal(&format!("{key}.{k}"))),
         );
     }
 
@@ -444,9 +451,7 @@ impl RawConfig {
     pub fn check(&self, own: impl FnOnce() -> Vec<String>) -> Result<()> {
         let mut p = self.problems.borrow().clone();
         for key in self.unread() {
-            p.push(format!(
-                "{key} is not supported: routelm does not implement what it changes, so it refuses the model rather than compute something else"
-            ));
+            p.push(refusal(&key));
         }
         if p.is_empty() {
             p.extend(own());

@@ -436,7 +436,10 @@ impl Model {
             if start > 0 && start <= switch && start + t > switch {
                 return self.forward_restarted(ids, c, opts);
             }
-            c.feed(ids);
+            // past the switch the cache is never rebuilt again
+            if start + t <= switch {
+                c.feed(ids);
+            }
         }
         if start + t > self.config.max_seq_len {
             return Err(Error::Generate(format!(
@@ -467,13 +470,9 @@ impl Model {
     fn restart_length(&self) -> Option<usize> {
         match &self.config.position {
             Position::Rope {
-                scaling:
-                    RopeScaling::LongRope {
-                        original_max_position_embeddings,
-                        ..
-                    },
+                scaling: s @ RopeScaling::LongRope { .. },
                 ..
-            } => Some(*original_max_position_embeddings as usize),
+            } => s.switch_length(),
             _ => None,
         }
     }
