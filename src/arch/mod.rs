@@ -647,15 +647,7 @@ fn read_config_json(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
 /// reported on stderr through `tracing`.
 fn warn_non_finite(params: &Params, origin: &Path) -> Result<()> {
     for (name, t) in params {
-        if !t.dtype().is_float() {
-            continue;
-        }
-        let sum = t
-            .to_dtype(DType::F32)?
-            .abs()?
-            .sum_all()?
-            .to_scalar::<f32>()?;
-        if !sum.is_finite() {
+        if has_non_finite(t)? {
             tracing::warn!(
                 "{}: tensor {name} contains NaN or infinite values",
                 origin.display()
@@ -663,6 +655,32 @@ fn warn_non_finite(params: &Params, origin: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a floating-point tensor holds a NaN or an infinity, read in its stored dtype
+/// (no converted copy of the weights).
+fn has_non_finite(t: &Tensor) -> Result<bool> {
+    use candle_core::{CpuStorage, Storage};
+    fn any<T: Copy>(v: &[T], l: &candle_core::Layout, bad: impl Fn(T) -> bool) -> bool {
+        match l.contiguous_offsets() {
+            Some((a, b)) => v[a..b].iter().any(|&x| bad(x)),
+            None => v.iter().any(|&x| bad(x)),
+        }
+    }
+    let (storage, layout) = t.storage_and_layout();
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => any(v, layout, |x: f32| !x.is_finite()),
+        Storage::Cpu(CpuStorage::BF16(v)) => any(v, layout, |x: half::bf16| !x.is_finite()),
+        Storage::Cpu(CpuStorage::F16(v)) => any(v, layout, |x: half::f16| !x.is_finite()),
+        Storage::Cpu(CpuStorage::F64(v)) => any(v, layout, |x: f64| !x.is_finite()),
+        Storage::Cpu(_) => false,
+        // another device: one reduction there
+        _ if t.dtype().is_float() => {
+            let s = t.abs()?.sum_all()?.to_dtype(DType::F32)?;
+            !s.to_scalar::<f32>()?.is_finite()
+        }
+        _ => false,
+    })
 }
 
 /// What a model folder says about sampling: transformers' `generation_config.json` (else

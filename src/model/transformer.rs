@@ -116,8 +116,10 @@ pub fn tensor_problems<'a>(
             _ => {}
         }
     }
+    // one pass over each side: checkpoints carry up to ~10⁵ tensors
+    let known: std::collections::HashSet<&str> = expected.map(|(n, _)| n).collect();
     for name in params.keys() {
-        if !expected.clone().any(|(n, _)| n == name) {
+        if !known.contains(name.as_str()) {
             problems.push(format!(
                 "unexpected tensor {name} (not part of this config)"
             ));
