@@ -629,9 +629,10 @@ fn expert_choice_router_gradient_matches_finite_differences() {
     }
 }
 
-/// Experts held stacked, as training holds them (one variable per kind of projection, each
-/// expert's weights views of it), give the separate experts' output, and the stacked
-/// variables get the separate experts' gradients in stacking order.
+/// Experts held stacked, as the model holds them (one variable per kind of projection, each
+/// expert's weights views of it; the grouped kernel), give the separate experts' output
+/// (each expert's own products), and the stacked variables get the separate experts'
+/// gradients in stacking order. The two paths sum in different orders: 1e-5.
 #[test]
 fn stacked_experts_match_separate_experts() {
     let c = base();
@@ -673,7 +674,7 @@ fn stacked_experts_match_separate_experts() {
     let r = randn(&[2, 5, D], 1.0, &mut rng);
     let (ya, _) = separate.forward(&x).unwrap();
     let (yb, _) = stacked.forward(&x).unwrap();
-    assert!(max_diff(&ya, &yb) <= 1e-6, "{}", max_diff(&ya, &yb));
+    assert!(max_diff(&ya, &yb) <= 1e-5, "{}", max_diff(&ya, &yb));
     let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
     let grad = |v: &candle_core::Var| ga.get(v.as_tensor()).unwrap().clone();

@@ -51,6 +51,27 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// Prefill speed: one forward pass over a prompt of `--tokens` random tokens through an
+    /// empty KV cache, logits for the last position only (what sampling does before its
+    /// first token). Prints tokens/s, the FLOPs per token from the ledger and the achieved
+    /// GFLOP/s; a model other than dense-110m is measured against the dense-110m preset in
+    /// the same run (passes interleaved), with the ratio of their achieved GFLOP/s.
+    Prefill {
+        /// Model folder; default: the --config preset with random weights.
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// Preset used when no --model is given (dense-110m, moe-8x, or a TOML file).
+        #[arg(long, default_value = "dense-110m")]
+        config: String,
+        /// Prompt length.
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Timed passes per model (after one warm-up); medians are reported.
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Mixture-of-Depths gain: the `mod` preset (train-small, every other block routed at
     /// 12.5%) against dense train-small, measured in one run: forward FLOPs ratio from the
     /// ledger, training step speedup, and sampling speedup (new tokens through the KV cache
@@ -113,6 +134,13 @@ pub fn run(a: Args) -> Result<()> {
             tokens,
             json,
         } => bench_decode(model, &config, tokens, json),
+        What::Prefill {
+            model,
+            config,
+            tokens,
+            passes,
+            json,
+        } => bench_prefill(model, &config, tokens, passes, json),
         What::Moe {
             steps,
             tokens,
@@ -380,6 +408,139 @@ fn bench_decode(
         println!("  weights read per token: {:.1} MB", bytes / 1e6);
         println!("  bandwidth bound:        {bound:.1} tokens/s");
         println!("  decode / bound:         {ratio:.3} (median of the 3 paired ratios)");
+    }
+    Ok(())
+}
+
+/// Seconds of one prefill pass of `prompt` through a fresh cache (last logits only).
+fn prefill_seconds(model: &Model, prompt: &Tensor) -> Result<f64> {
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let logits = model.forward(prompt, Some(&mut cache), true)?.logits;
+    logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Forward FLOPs per token of a `tokens`-token prefill: every layer for every token, the
+/// head for the last position only.
+fn prefill_flops_per_token(cfg: &ModelConfig, tokens: usize) -> f64 {
+    let ledger = FlopLedger::new(cfg, tokens);
+    let head: f64 = ledger
+        .entries
+        .iter()
+        .filter(|e| e.component == "head")
+        .map(|e| e.flops)
+        .sum();
+    ledger.forward_per_token() - head + head / tokens as f64
+}
+
+/// What one model's prefill passes gave.
+struct Prefill {
+    what: String,
+    params: usize,
+    flops_per_token: f64,
+    seconds: Vec<f64>,
+}
+
+impl Prefill {
+    fn tokens_per_s(&self, tokens: usize) -> f64 {
+        tokens as f64 / median(self.seconds.clone())
+    }
+
+    fn gflops(&self, tokens: usize) -> f64 {
+        self.tokens_per_s(tokens) * self.flops_per_token / 1e9
+    }
+
+    fn json(&self, tokens: usize) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.what, "tokens_per_s": self.tokens_per_s(tokens),
+            "achieved_gflops": self.gflops(tokens), "flops_per_token": self.flops_per_token,
+        })
+    }
+}
+
+fn bench_prefill(
+    model_dir: Option<std::path::PathBuf>,
+    name: &str,
+    tokens: usize,
+    passes: usize,
+    json: bool,
+) -> Result<()> {
+    let (model, what) = match &model_dir {
+        Some(d) => {
+            let dir = super::model_dir(d);
+            let m = routelm::arch::load_dir(&dir, DType::F32, &super::device())?.model;
+            (m, d.display().to_string())
+        }
+        None => (random_model(&preset(name)?.0)?, name.to_string()),
+    };
+    // the dense baseline, unless that is what is measured
+    let baseline = match (&model_dir, name) {
+        (None, "dense-110m") => None,
+        _ => Some(random_model(&preset("dense-110m")?.0)?),
+    };
+    let models: Vec<(&Model, String)> = std::iter::once((&model, what))
+        .chain(baseline.iter().map(|m| (m, "dense-110m".to_string())))
+        .collect();
+    let mut runs = Vec::new();
+    for (m, what) in &models {
+        let n = tokens.min(m.config.max_seq_len);
+        anyhow::ensure!(
+            n == tokens,
+            "{what}: --tokens {tokens} exceeds its context window of {}",
+            m.config.max_seq_len
+        );
+        runs.push(Prefill {
+            what: what.clone(),
+            params: FlopLedger::new(&m.config, tokens).total_params,
+            flops_per_token: prefill_flops_per_token(&m.config, tokens),
+            seconds: Vec::new(),
+        });
+    }
+    let mut rng = Rng::new(7);
+    let prompt: Vec<u32> = (0..tokens)
+        .map(|_| rng.below(model.config.vocab_size.min(32000)) as u32)
+        .collect();
+    let prompt = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+    // one warm-up each, then the models' passes in turn so drift hits both alike
+    for (m, _) in &models {
+        prefill_seconds(m, &prompt)?;
+    }
+    for _ in 0..passes.max(1) {
+        for ((m, _), run) in models.iter().zip(runs.iter_mut()) {
+            run.seconds.push(prefill_seconds(m, &prompt)?);
+        }
+    }
+    let ratio = runs
+        .get(1)
+        .map(|dense| runs[0].gflops(tokens) / dense.gflops(tokens));
+    if json {
+        let mut v = runs[0].json(tokens);
+        if let (Some(dense), Some(r)) = (runs.get(1), ratio) {
+            v["dense_110m"] = dense.json(tokens);
+            v["gflops_vs_dense_110m"] = r.into();
+        }
+        v["tokens"] = tokens.into();
+        v["threads"] = rayon::current_num_threads().into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "bench prefill ({tokens} tokens, last logits only, f32, {} threads; medians of {passes} passes)",
+        rayon::current_num_threads()
+    );
+    for r in &runs {
+        println!(
+            "  {:<12} {:>7.1}M params  {:>7.0} tokens/s  {:>6.2} GFLOP/token  {:>6.1} GFLOP/s",
+            r.what,
+            r.params as f64 / 1e6,
+            r.tokens_per_s(tokens),
+            r.flops_per_token / 1e9,
+            r.gflops(tokens)
+        );
+    }
+    if let Some(r) = ratio {
+        println!("  achieved GFLOP/s vs dense-110m: {r:.3}");
     }
     Ok(())
 }

@@ -92,6 +92,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ),
     ("moe", include_str!("../../configs/moe.toml")),
     ("dense-110m", include_str!("../../configs/dense-110m.toml")),
+    ("moe-8x", include_str!("../../configs/moe-8x.toml")),
     ("mod", include_str!("../../configs/mod.toml")),
 ];
 

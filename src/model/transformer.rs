@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
-use crate::weights::names::{param_specs, ParamStack, StackKind};
+use crate::weights::names::{param_specs, with_stacks, ParamStack, StackKind};
 
 /// What one forward pass produces.
 #[derive(Debug)]
@@ -141,10 +141,10 @@ impl Model {
         self.head.bf16 = on;
     }
 
-    /// Give the feed-forward block of a stack's layer the stacked variable (the trainer's,
-    /// of which that block's projections are views); `false` when the layer's block is not
-    /// of the stack's kind.
-    pub fn attach_stack(&mut self, stack: &ParamStack, t: Tensor) -> bool {
+    /// Give the feed-forward block of a stack's layer its stacked weights (of which that
+    /// block's projections are views); `false` when the layer's block is not of the
+    /// stack's kind.
+    fn attach_stack(&mut self, stack: &ParamStack, t: Tensor) -> bool {
         let Some(b) = self.blocks.get_mut(stack.layer) else {
             return false;
         };
@@ -164,7 +164,23 @@ impl Model {
     }
 
     /// Build the model from its parameters; `origin` names where they came from in errors.
+    /// SwiGLU feed-forward weights are held stacked (a dense block's `[gate; up]`, an MoE
+    /// layer's experts), as the fused and grouped kernels read them: given stacked under the
+    /// stack's name, or stacked here once from the per-projection tensors.
     pub fn new(
+        config: &ModelConfig,
+        params: &BTreeMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<Self> {
+        let (params, stacks) = with_stacks(config, params)?;
+        let mut model = Self::from_params(config, &params, origin)?;
+        for (s, t) in stacks {
+            model.attach_stack(&s, t);
+        }
+        Ok(model)
+    }
+
+    fn from_params(
         config: &ModelConfig,
         params: &BTreeMap<String, Tensor>,
         origin: &str,

@@ -51,8 +51,8 @@ pub struct MoeLayer {
     pub experts: Vec<Mlp>,
     pub shared: Option<Mlp>,
     pub shared_gate: Option<Linear>,
-    /// The experts' weights held stacked (training): the experts' own projections are
-    /// views of these, and the grouped op reads them without a copy per step.
+    /// The experts' weights held stacked (SwiGLU experts without biases): the experts' own
+    /// projections are views of these, and the grouped op reads them without a copy.
     pub stacked: StackedExperts,
 }
 
@@ -357,10 +357,10 @@ impl MoeLayer {
         weighted_scatter(&Tensor::cat(&outs, 0)?, &weights, &all_rows, xs.dim(0)?)
     }
 
-    /// [`MoeLayer::dispatch`] for SwiGLU experts without biases: one gather of every
-    /// routed row sorted by expert, all the experts' SwiGLU FFNs as one grouped op over
-    /// their stacked weights, one weighted scatter back. `None` when the
-    /// experts are of another kind.
+    /// [`MoeLayer::dispatch`] for SwiGLU experts without biases, whose weights the layer
+    /// holds stacked: one gather of every routed row sorted by expert, all the experts'
+    /// SwiGLU FFNs as one grouped op over the stacks, one weighted scatter back. `None`
+    /// when the experts are of another kind.
     fn dispatch_grouped(
         &self,
         xs: &Tensor,
@@ -368,16 +368,12 @@ impl MoeLayer {
         rows: &[Vec<u32>],
         slots: &[Vec<u32>],
     ) -> Result<Option<Tensor>> {
-        let plain = |l: &crate::nn::Linear| l.bias.is_none();
-        let fits = self.experts.iter().all(|m| {
-            m.kind == crate::config::FfnKind::Swiglu
-                && m.gate.as_ref().is_some_and(plain)
-                && plain(&m.up)
-                && plain(&m.down)
-        });
-        if !fits || self.experts.is_empty() {
+        // each expert's gate and up weights as one block [gate_e; up_e]: one product of the
+        // gathered rows gives [g | u] per row (x is packed once, and its gradient is one
+        // product instead of two and a sum)
+        let (Some(gate_up), Some(down)) = (&self.stacked.gate_up, &self.stacked.down) else {
             return Ok(None);
-        }
+        };
         let n_experts = self.experts.len();
         let mut offsets = vec![0usize];
         for r in &rows[..n_experts] {
@@ -390,26 +386,10 @@ impl MoeLayer {
         let order_slots: Vec<u32> = slots[..n_experts].concat();
         let idx = Tensor::new(order.as_slice(), xs.device())?;
         let weights = w.index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?;
-        // each expert's gate and up weights as one block [gate_e; up_e]: one product of the
-        // gathered rows gives [g | u] per row (x is packed once, and its gradient is one
-        // product instead of two and a sum)
-        let (gate_up, down) = match (&self.stacked.gate_up, &self.stacked.down) {
-            (Some(g), Some(d)) => (g.clone(), d.clone()),
-            _ => {
-                let mut gate_up = Vec::with_capacity(2 * n_experts);
-                for m in &self.experts {
-                    gate_up.extend(m.gate.iter().map(|l| l.weight.clone()));
-                    gate_up.push(m.up.weight.clone());
-                }
-                let down: Vec<Tensor> =
-                    self.experts.iter().map(|m| m.down.weight.clone()).collect();
-                (Tensor::cat(&gate_up, 0)?, Tensor::cat(&down, 0)?)
-            }
-        };
         // mixed precision when the experts' projections are set to it
         let bf16 = self.experts.iter().all(|m| m.up.bf16);
         let xg = xs.index_select(&idx, 0)?;
-        let y = grouped_swiglu(&xg, &gate_up, &down, &offsets, bf16)?;
+        let y = grouped_swiglu(&xg, gate_up, down, &offsets, bf16)?;
         Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
     }
 

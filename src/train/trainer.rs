@@ -99,7 +99,7 @@ fn build(
         .enumerate()
         .flat_map(|(i, s)| s.parts.iter().map(move |n| (n.as_str(), i)))
         .collect();
-    let mut stacked: Vec<Option<Tensor>> = vec![None; stacks.len()];
+    let mut done = vec![false; stacks.len()];
     let mut slots = Vec::new();
     let mut tensors = BTreeMap::new();
     for spec in param_specs(cfg) {
@@ -110,7 +110,7 @@ fn build(
             slots.push(Slot::new(spec.name, var, decay));
             continue;
         };
-        if stacked[i].is_some() {
+        if done[i] {
             continue;
         }
         let s = &stacks[i];
@@ -122,17 +122,12 @@ fn build(
             .zip(&pieces)
             .map(|(n, t)| (n.clone(), t.dims().to_vec()))
             .collect();
-        let slot = Slot::stacked(s.name.clone(), var.clone(), decay, parts);
-        tensors.extend(slot.tensors()?);
-        stacked[i] = Some(var.as_tensor().clone());
-        slots.push(slot);
+        // the model takes the variable under the stack's name; its parts become views
+        tensors.insert(s.name.clone(), var.as_tensor().clone());
+        done[i] = true;
+        slots.push(Slot::stacked(s.name.clone(), var, decay, parts));
     }
-    let mut model = Model::new(cfg, &tensors, origin)?;
-    for (s, t) in stacks.iter().zip(stacked) {
-        if let Some(t) = t {
-            model.attach_stack(s, t);
-        }
-    }
+    let model = Model::new(cfg, &tensors, origin)?;
     let adam = AdamWConfig {
         beta1: train.beta1,
         beta2: train.beta2,

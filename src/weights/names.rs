@@ -2,6 +2,9 @@
 //! (Hugging Face Llama layout), shape, initialiser and whether weight decay applies.
 //! Initialisation, loading, saving and parameter counts all read this one table.
 
+use candle_core::Tensor;
+use std::collections::{BTreeMap, HashMap};
+
 use crate::config::{BlockKind, FfnKind, ModelConfig, NormKind, Position, QkNorm};
 
 /// How a parameter is initialised for training from scratch.
@@ -289,4 +292,66 @@ pub fn param_stacks(cfg: &ModelConfig) -> Vec<ParamStack> {
         }
     }
     v
+}
+
+/// A stack and its tensor.
+pub type Stacked = (ParamStack, Tensor);
+
+/// The parameters as the model holds them: every stack of [`param_stacks`] as one tensor,
+/// and its parts (under their canonical names) as views of it. A stack is taken as given
+/// under its own name (the trainer's variable) or concatenated once from its parts (a
+/// loaded checkpoint); a stack whose pieces do not fit together is left alone for the
+/// parameter check to report.
+pub fn with_stacks(
+    cfg: &ModelConfig,
+    params: &BTreeMap<String, Tensor>,
+) -> candle_core::Result<(BTreeMap<String, Tensor>, Vec<Stacked>)> {
+    let mut out = params.clone();
+    let mut stacks = Vec::new();
+    let shapes: HashMap<String, Vec<usize>> = param_specs(cfg)
+        .into_iter()
+        .map(|s| (s.name, s.shape))
+        .collect();
+    for stack in param_stacks(cfg) {
+        let Some(parts) = stack
+            .parts
+            .iter()
+            .map(|n| shapes.get(n).filter(|s| s.len() == 2).map(|s| (s[0], s[1])))
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        let rows: usize = parts.iter().map(|p| p.0).sum();
+        let cols = parts.first().map_or(0, |p| p.1);
+        let given = match out.remove(&stack.name) {
+            Some(t) if t.dims() == [rows, cols] => Some(t),
+            Some(t) => {
+                out.insert(stack.name.clone(), t);
+                continue;
+            }
+            None => None,
+        };
+        let t = match given {
+            Some(t) => t,
+            None => {
+                let pieces: Option<Vec<Tensor>> = stack
+                    .parts
+                    .iter()
+                    .zip(&parts)
+                    .map(|(n, &(r, c))| out.get(n).filter(|t| t.dims() == [r, c]).cloned())
+                    .collect();
+                match pieces {
+                    Some(p) if parts.iter().all(|q| q.1 == cols) => Tensor::cat(&p, 0)?,
+                    _ => continue,
+                }
+            }
+        };
+        let mut at = 0;
+        for (name, &(r, _)) in stack.parts.iter().zip(&parts) {
+            out.insert(name.clone(), t.narrow(0, at, r)?);
+            at += r;
+        }
+        stacks.push((stack, t));
+    }
+    Ok((out, stacks))
 }
