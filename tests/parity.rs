@@ -55,7 +55,9 @@ const FIXTURES: &[&str] = &[
 ];
 
 fn max(t: &Tensor) -> f64 {
-    t.abs()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -261,4 +263,64 @@ fn every_feature_fixture_fails_with_its_feature_switched_off() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
     assert!(checked >= 20, "only {checked} fixtures have a switch_off");
+}
+
+/// Latent attention caches what MLA exists to cache: per token and layer, the compressed
+/// key/value (`kv_lora_rank`) and the shared rotary key part (`qk_rope_head_dim`), not the
+/// expanded per-head keys and values; decoding through it (queries and outputs absorbing
+/// `kv_b`, a reordering of the same products) equals the uncached forward: to 1e-9 in
+/// float64, and to 1e-5 of the largest logit in float32 (whose own rounding moves these
+/// logits by ~1e-5 from float64's).
+#[test]
+fn latent_attention_caches_the_latent() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/deepseek_v3");
+    let raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let latent = (raw["kv_lora_rank"].as_u64().unwrap() + raw["qk_rope_head_dim"].as_u64().unwrap())
+        as usize;
+    let refs =
+        routelm::weights::load_safetensors(&dir.join("reference.safetensors"), None, &Device::Cpu)
+            .unwrap();
+    let ids = refs["input_ids"].to_dtype(DType::U32).unwrap();
+    let t = ids.dim(1).unwrap();
+    for (dtype, tol) in [(DType::F64, 1e-9), (DType::F32, 1e-5)] {
+        let model = routelm::arch::load_dir(&dir, dtype, &Device::Cpu)
+            .unwrap()
+            .model;
+        let full = model.forward(&ids, None, false).unwrap().logits;
+        let mut cache = model.new_cache();
+        let mut parts = vec![
+            model
+                .forward(&ids.i((.., ..2)).unwrap(), Some(&mut cache), false)
+                .unwrap()
+                .logits,
+        ];
+        for i in 2..t {
+            let step = ids.i((.., i..i + 1)).unwrap();
+            parts.push(
+                model
+                    .forward(&step, Some(&mut cache), false)
+                    .unwrap()
+                    .logits,
+            );
+        }
+        let per_token = latent * dtype.size_in_bytes();
+        for (l, layer) in cache.layers.iter().enumerate() {
+            assert_eq!(layer.len(), t, "layer {l}");
+            assert_eq!(
+                layer.bytes_per_token(),
+                per_token,
+                "layer {l}: cache bytes per token ({dtype:?})"
+            );
+        }
+        let d = max(&(&full - Tensor::cat(&parts, 1).unwrap()).unwrap());
+        let bound = tol * max(&full).max(1.0);
+        println!(
+            "deepseek_v3 {dtype:?}: latent cache {per_token} bytes/token/layer, cached vs full {d:.2e} (bound {bound:.1e})"
+        );
+        assert!(
+            d <= bound,
+            "{dtype:?}: cached decoding differs from the full forward by {d}"
+        );
+    }
 }

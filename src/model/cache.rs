@@ -1,14 +1,37 @@
 //! Key/value cache for incremental decoding. Each layer keeps preallocated
-//! `(b, capacity, h_kv, d)` buffers (the projections' layout) written in place, so steady-state decoding does not
-//! reallocate; capacity doubles when a sequence outgrows it.
+//! `(b, capacity, h_kv, d)` buffers (the projections' layout) written in place, so
+//! steady-state decoding does not reallocate; capacity doubles when a sequence outgrows it.
+//! Latent attention keeps one buffer of latent rows instead of keys and values.
 
 use candle_core::{Result, Tensor};
 
+/// One layer's cache: keys and values, or (latent attention) one latent row per token
+/// from which both are read.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+}
+
+/// Write `x: (b, t, h, d)` at positions `len..len + t` of `buf`, growing it (capacity
+/// doubles) when it is too short; returns the view of positions `0..len + t`.
+fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize) -> Result<Tensor> {
+    let (b, t, h, d) = x.dims4()?;
+    let need = len + t;
+    let cap = buf.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
+    if need > cap {
+        let grown = Tensor::zeros((b, need.max(2 * cap).max(16), h, d), x.dtype(), x.device())?;
+        if let Some(old) = buf.as_ref() {
+            grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        *buf = Some(grown);
+    }
+    let Some(buf) = buf.as_ref() else {
+        candle_core::bail!("kv cache: buffer missing")
+    };
+    buf.slice_set(&x.contiguous()?, 1, len)?;
+    buf.narrow(1, 0, need)
 }
 
 impl KvCache {
@@ -23,30 +46,29 @@ impl KvCache {
 
     /// Append `k, v: (b, t, h_kv, d)` and return views `(b, len, h_kv, d)` of everything held.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, h, d) = k.dims4()?;
-        let dv = v.dim(3)?;
-        let need = self.len + t;
-        let cap = self.k.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
-        if need > cap {
-            let new_cap = need.max(2 * cap).max(16);
-            let grow = |old: &Option<Tensor>, d: usize| -> Result<Tensor> {
-                let buf = Tensor::zeros((b, new_cap, h, d), k.dtype(), k.device())?;
-                if let Some(old) = old {
-                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                Ok(buf)
-            };
-            self.k = Some(grow(&self.k, d)?);
-            self.v = Some(grow(&self.v, dv)?);
-        }
-        let (kb, vb) = match (&self.k, &self.v) {
-            (Some(kb), Some(vb)) => (kb, vb),
-            _ => candle_core::bail!("kv cache: buffers missing"),
-        };
-        kb.slice_set(&k.contiguous()?, 1, self.len)?;
-        vb.slice_set(&v.contiguous()?, 1, self.len)?;
-        self.len = need;
-        Ok((kb.narrow(1, 0, need)?, vb.narrow(1, 0, need)?))
+        let kv = (
+            write(&mut self.k, k, self.len)?,
+            write(&mut self.v, v, self.len)?,
+        );
+        self.len += k.dim(1)?;
+        Ok(kv)
+    }
+
+    /// Append latent rows `(b, t, 1, d)` (latent attention: each token's compressed key and
+    /// value and its rotary key part) and return the view `(b, len, 1, d)` of every row held.
+    pub fn append_latent(&mut self, rows: &Tensor) -> Result<Tensor> {
+        let all = write(&mut self.k, rows, self.len)?;
+        self.len += rows.dim(1)?;
+        Ok(all)
+    }
+
+    /// Bytes held per position of one sequence (what the cache costs per token).
+    pub fn bytes_per_token(&self) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(|t| t.dims()[2..].iter().product::<usize>() * t.dtype().size_in_bytes())
+            .sum()
     }
 }
 

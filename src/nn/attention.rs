@@ -119,41 +119,113 @@ impl Attention {
                 (rotate(q)?, rotate(k)?, v)
             }
             Projections::Latent(l) => {
-                let a = l.config;
-                let (nope, rot, lora) = (a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank);
-                let q = match &l.q_a {
-                    Some((qa, norm)) => l.q_b.forward(&norm.forward(&qa.forward(x)?)?)?,
-                    None => l.q_b.forward(x)?,
+                if let Some(cache) = cache {
+                    return self.latent_cached(x, l, &rotate, cache);
                 }
-                .reshape((b, t, h, nope + rot))?;
-                let q = Tensor::cat(&[q.narrow(3, nope, rot)?, q.narrow(3, 0, nope)?], 3)?;
-                let kv = l.kv_a.forward(x)?; // (b, t, lora + rot)
-                let k_rot = rotate(kv.narrow(2, lora, rot)?.reshape((b, t, 1, rot))?)?;
-                let kvb = l
-                    .kv_b
-                    .forward(&l.kv_norm.forward(&kv.narrow(2, 0, lora)?)?)?;
+                let a = l.config;
+                let nope = a.qk_nope_dim;
+                let (q_rot, q_nope) = l.queries(x, h)?;
+                let q = Tensor::cat(&[rotate(q_rot)?, q_nope], 3)?;
+                let (c, k_rot) = l.latent(x, &rotate)?;
+                let kvb = l.kv_b.forward(&c)?;
                 let kvb = kvb.reshape((b, t, h, nope + a.v_head_dim))?;
+                let rot = a.qk_rope_dim;
                 let k = Tensor::cat(
                     &[k_rot.broadcast_as((b, t, h, rot))?, kvb.narrow(3, 0, nope)?],
                     3,
                 )?;
                 let v = kvb.narrow(3, nope, a.v_head_dim)?.contiguous()?;
-                (rotate(q)?, k, v)
+                (q, k, v)
             }
         };
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let opts = AttentionOptions {
+        let y = causal_attention(&q, &k, &v, &self.options())?; // (b, t, h, dv)
+        let dv = y.dim(3)?;
+        let y = y.reshape((b, t, h * dv))?;
+        self.o.forward(&y)
+    }
+
+    fn options(&self) -> AttentionOptions {
+        AttentionOptions {
             scale: self.scale,
             window: self.window,
             softcap: self.softcap,
             alibi: self.alibi,
-        };
-        let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, dv)
-        let dv = y.dim(3)?;
-        let y = y.reshape((b, t, h * dv))?;
+        }
+    }
+
+    /// Latent attention through a latent cache, with `kv_b` absorbed (DeepSeek-V2 §2.1.2):
+    /// a head's score `q_nope·(W_k c) + q_rot·k_rot` is `(W_kᵀ q_nope)·c + q_rot·k_rot`, and
+    /// its output `W_v Σ p c`. So every head attends over the same cached rows
+    /// `[k_rot, c]` (one KV head of width `qk_rope_dim + kv_lora_rank`, the values being
+    /// the `c` part of the same rows), and only the queries and outputs go through `kv_b`.
+    fn latent_cached(
+        &self,
+        x: &Tensor,
+        l: &Latent,
+        rotate: &dyn Fn(Tensor) -> Result<Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let h = self.n_heads;
+        let a = l.config;
+        let (nope, rot, lora, dv) = (a.qk_nope_dim, a.qk_rope_dim, a.kv_lora_rank, a.v_head_dim);
+        if l.kv_b.bias.is_some() {
+            candle_core::bail!("latent attention: a kv_b bias cannot be absorbed into the cache")
+        }
+        let (q_rot, q_nope) = l.queries(x, h)?;
+        let (c, k_rot) = l.latent(x, rotate)?;
+        let rows = Tensor::cat(&[k_rot, c.reshape((b, t, 1, lora))?], 3)?;
+        let all = cache.append_latent(&rows)?; // (b, len, 1, rot + lora)
+                                               // kv_b's weight per head: (h, nope + dv, lora) = [W_k; W_v]
+        let w = l.kv_b.weight.reshape((h, nope + dv, lora))?;
+        let (w_k, w_v) = (w.narrow(1, 0, nope)?, w.narrow(1, nope, dv)?);
+        // (h, b·t, nope) · (h, nope, lora) → the absorbed queries (b, t, h, lora)
+        let per_head = |x: &Tensor, d: usize| x.reshape((b * t, h, d))?.transpose(0, 1);
+        let q_abs = per_head(&q_nope, nope)?
+            .contiguous()?
+            .matmul(&w_k.contiguous()?)?
+            .transpose(0, 1)?
+            .reshape((b, t, h, lora))?;
+        let q = Tensor::cat(&[rotate(q_rot)?, q_abs], 3)?;
+        let o = causal_attention(&q, &all, &all.narrow(3, rot, lora)?, &self.options())?;
+        // (h, b·t, lora) · (h, lora, dv) → (b, t, h·dv)
+        let y = per_head(&o, lora)?
+            .contiguous()?
+            .matmul(&w_v.transpose(1, 2)?)?
+            .transpose(0, 1)?
+            .reshape((b, t, h * dv))?;
         self.o.forward(&y)
+    }
+}
+
+impl Latent {
+    /// The queries `(b, t, h, qk_rope_dim)` (not yet rotated) and `(b, t, h, qk_nope_dim)`.
+    fn queries(&self, x: &Tensor, h: usize) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nope, rot) = (self.config.qk_nope_dim, self.config.qk_rope_dim);
+        let q = match &self.q_a {
+            Some((qa, norm)) => self.q_b.forward(&norm.forward(&qa.forward(x)?)?)?,
+            None => self.q_b.forward(x)?,
+        }
+        .reshape((b, t, h, nope + rot))?;
+        Ok((q.narrow(3, nope, rot)?, q.narrow(3, 0, nope)?))
+    }
+
+    /// The normalised latent `c: (b, t, kv_lora_rank)` and the rotated key part shared by
+    /// every head, `(b, t, 1, qk_rope_dim)`.
+    fn latent(
+        &self,
+        x: &Tensor,
+        rotate: &dyn Fn(Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (lora, rot) = (self.config.kv_lora_rank, self.config.qk_rope_dim);
+        let kv = self.kv_a.forward(x)?; // (b, t, lora + rot)
+        let k_rot = rotate(kv.narrow(2, lora, rot)?.reshape((b, t, 1, rot))?)?;
+        Ok((self.kv_norm.forward(&kv.narrow(2, 0, lora)?)?, k_rot))
     }
 }
