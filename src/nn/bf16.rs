@@ -56,8 +56,13 @@ impl Strided {
 struct OutPtr(*mut f32);
 
 impl OutPtr {
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY (caller): offset stays inside the output
+    /// The element `offset` past the start.
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output allocation, and no other thread may write the
+    /// elements the caller writes through the result.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: in bounds by the caller's contract
         unsafe { self.0.add(offset) }
     }
 }
@@ -258,7 +263,8 @@ pub unsafe fn gemm(
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                std::slice::from_raw_parts_mut(c.at(i * ldc), n).fill(0.0);
+                // zero bits are 0.0; no reference to the unwritten output is made
+                std::ptr::write_bytes(c.at(i * ldc), 0, n);
             }
         }
         return;
@@ -313,11 +319,14 @@ pub unsafe fn gemm(
                     #[cfg(target_arch = "x86_64")]
                     kernel::tile(kcp, pa.as_ptr(), packed_b.as_ptr().add(jp * kcp * NR), tile);
                     for r in 0..rows {
-                        let dst = std::slice::from_raw_parts_mut(c.at((i0 + r) * ldc + j0), cols);
+                        let dst = c.at((i0 + r) * ldc + j0);
                         let src = &tile[r * NR..r * NR + cols];
                         if first && !accumulate {
-                            dst.copy_from_slice(src);
+                            // the first write of these values: through the pointer, as
+                            // the output may be uninitialised until now
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, cols);
                         } else {
+                            let dst = std::slice::from_raw_parts_mut(dst, cols);
                             for (d, s) in dst.iter_mut().zip(src) {
                                 *d += s;
                             }
@@ -352,7 +361,8 @@ pub(crate) unsafe fn product(
         return gemm(m, n, k, dst, n, false, a, b);
     }
     if k == 0 {
-        std::slice::from_raw_parts_mut(dst, m * n).fill(0.0);
+        // zero bits are 0.0 (no reference to the possibly uninitialised output is made)
+        std::ptr::write_bytes(dst, 0, m * n);
         return;
     }
     let threads = rayon::current_num_threads();

@@ -62,8 +62,12 @@ impl View {
     }
 
     /// Pointer to element (b, t, h, 0).
-    fn at(&self, b: usize, t: usize, h: usize) -> *const f32 {
-        // SAFETY: callers stay within the dims validated in `new`
+    ///
+    /// # Safety
+    /// `(b, t, h)` must lie within the dims [`View::new`] validated against the storage,
+    /// and the storage must outlive the returned pointer's use.
+    unsafe fn at(&self, b: usize, t: usize, h: usize) -> *const f32 {
+        // SAFETY: in bounds by the caller's contract, so the offset stays in the allocation
         unsafe { self.ptr.add(b * self.sb + t * self.st + h * self.sh) }
     }
 }
@@ -75,9 +79,14 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// A method, so closures capture the whole (Sync) wrapper, not the raw field.
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the allocation they wrapped
+    /// The element `offset` past the start (a method, so closures capture the whole
+    /// `Sync` wrapper, not the raw field).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the allocation the pointer was taken from, and no other
+    /// thread may write the elements the caller writes through the result.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: in bounds by the caller's contract
         unsafe { self.0.add(offset) }
     }
 }

@@ -171,10 +171,16 @@ impl CustomOp2 for LinearOp {
         if !fits || l2.shape().rank() < 1 {
             candle_core::bail!("{}: {:?} with {:?}", self.name(), l1.shape(), l2.shape())
         }
-        let mut out = super::ops::output_buffer(m * n);
-        // SAFETY: both operands are contiguous and the strides stay inside them; `out`
-        // holds m × n values, every one written; bf16 only where the CPU has it
-        unsafe { product(self.bf16, true, m, n, k, out.as_mut_ptr(), a, b) };
+        // the product writes every value: the buffer is left uninitialised until then
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let dst = out.spare_capacity_mut().as_mut_ptr().cast::<f32>();
+        // SAFETY: both operands are contiguous and the strides stay inside them; `dst` has
+        // room for m × n values and overlaps neither; `product` writes all m × n of them
+        // (bf16 only where the CPU has it), so the length may cover them afterwards
+        unsafe {
+            product(self.bf16, true, m, n, k, dst, a, b);
+            out.set_len(m * n);
+        }
         Ok((CpuStorage::F32(out), shape))
     }
     fn bwd(

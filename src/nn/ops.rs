@@ -36,16 +36,13 @@ pub(crate) fn storage_f32<'a>(
     }
 }
 
-/// An output buffer of `n` floats for a kernel that writes every element before anything
-/// reads it: `vec![0.0; n]` would first zero-fill it, a pass as large as the output (a few
-/// percent of a training step over all the kernels).
-#[allow(clippy::uninit_vec)]
+/// An output buffer of `n` floats for a kernel to write, zeroed: a safe function never
+/// hands out uninitialised floats. Large zeroed blocks come from `calloc` as fresh zero
+/// pages; the fill cost is within this machine's noise on `routelm bench train` (455–477
+/// ms/step uninitialised, 477–511 zeroed). The largest outputs, the projections', are
+/// written uninitialised through `spare_capacity_mut` instead (`nn::linear`).
 pub(crate) fn output_buffer(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites all `n` values
-    // before the buffer is read or handed out
-    unsafe { v.set_len(n) };
-    v
+    vec![0.0; n]
 }
 
 /// `dims` with the last dimension replaced by `n`.
