@@ -176,7 +176,7 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
         ForwardOptions {
             last_only: false,
             hidden_states: true,
-            depth: None,
+            ..Default::default()
         },
     )?;
     let logits_diff = max_abs_diff(&out.logits, need("logits")?)

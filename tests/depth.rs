@@ -250,23 +250,34 @@ fn decider_case(predictor: usize, decider: &str) {
     );
 }
 
-/// Random selection (an ablation) still processes k tokens per sequence, draws anew each
-/// pass, and trains no decider.
+/// Random selection (an ablation) still processes k tokens per sequence, draws from the
+/// pass's seed (the same seed draws the same tokens, another seed others; no hidden
+/// state), and trains no decider.
 #[test]
 fn random_selection_keeps_capacity() {
     let (c, p) = routed_with(0.3, 0, DepthSelection::Random);
     let m = Model::new(&c, &p, "t").unwrap();
     let x = common::ids(&[SEQ, SEQ].concat(), 2);
-    let chosen = |m: &Model| {
-        let out = m.forward_with(&x, None, ForwardOptions::default()).unwrap();
+    let chosen = |m: &Model, seed: u64| {
+        let opts = ForwardOptions {
+            seed,
+            ..Default::default()
+        };
+        let out = m.forward_with(&x, None, opts).unwrap();
         assert!(out.depth.iter().all(|d| d.aux_loss.is_none()));
         out.depth[0].chosen.clone()
     };
-    let (a, b) = (chosen(&m), chosen(&m));
+    let (a, b) = (chosen(&m, 1), chosen(&m, 2));
     for row in a.chunks(10).chain(b.chunks(10)) {
         assert_eq!(row.iter().map(|&c| c as usize).sum::<usize>(), 3);
     }
-    assert_ne!(a, b, "two passes drew the same tokens");
+    assert_ne!(a, b, "two seeds drew the same tokens");
+    assert_eq!(a, chosen(&m, 1), "one seed drew different tokens");
+    assert_ne!(
+        a[..10],
+        a[10..],
+        "both sequences of a batch drew the same tokens"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
 use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
-use crate::routing::{DepthDecision, DepthRouter, DepthStats, MoeLayer, MoeStats};
+use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeLayer, MoeStats};
 use crate::weights::names::{param_specs, with_stacks, ParamStack, StackKind};
 
 /// What one forward pass produces.
@@ -71,6 +71,10 @@ pub struct ForwardOptions {
     /// How routed (Mixture-of-Depths) blocks choose tokens; default: top-k without a cache,
     /// causal thresholds with one.
     pub depth: Option<DepthDecision>,
+    /// Seed of the routers' random draws (random Mixture-of-Depths selection, an
+    /// ablation): the draws are a pure function of it, the layer and the token's position.
+    /// The trainer passes one per run, step and shard.
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -427,8 +431,7 @@ impl Model {
             cache,
             ForwardOptions {
                 last_only,
-                hidden_states: false,
-                depth: None,
+                ..Default::default()
             },
         )
     }
@@ -562,8 +565,13 @@ impl Model {
             let layer = || format!("layer {l}");
             let (y, stats) = match &self.routers[l] {
                 Some(r) => {
+                    let step = DepthStep {
+                        start,
+                        decision,
+                        seed: opts.seed,
+                    };
                     let (y, stats, d) = r
-                        .forward(block, &x, self.rope_of(l), start, layer_cache, decision)
+                        .forward(block, &x, self.rope_of(l), layer_cache, step)
                         .map_err(|e| e.context(layer()))?;
                     depth.push(d);
                     (y, stats)
@@ -607,7 +615,12 @@ impl Model {
     /// The cross-entropy plus the routers' auxiliary losses (`total`, what training
     /// minimises), with the routers' statistics.
     pub fn loss(&self, ids: &Tensor, targets: &Tensor) -> Result<Loss> {
-        let out = self.forward(ids, None, false)?;
+        self.loss_with(ids, targets, ForwardOptions::default())
+    }
+
+    /// [`Model::loss`] with explicit [`ForwardOptions`] (the trainer's routing seed).
+    pub fn loss_with(&self, ids: &Tensor, targets: &Tensor, opts: ForwardOptions) -> Result<Loss> {
+        let out = self.forward_with(ids, None, opts)?;
         let v = self.config.vocab_size;
         let logits = out.logits.reshape(((), v))?;
         let ce = crate::nn::ops::cross_entropy(&logits, &targets.flatten_all()?)?;
@@ -634,9 +647,12 @@ impl Model {
             .get(l)
             .ok_or_else(|| Error::Generate(format!("no layer {l}")))?;
         if let Some(r) = &self.routers[l] {
-            return Ok(r
-                .forward(block, x, self.rope_of(l), 0, None, DepthDecision::TopK)?
-                .0);
+            let step = DepthStep {
+                start: 0,
+                decision: DepthDecision::TopK,
+                seed: 0,
+            };
+            return Ok(r.forward(block, x, self.rope_of(l), None, step)?.0);
         }
         let pos: Vec<u32> = positions.map_or_else(|| (0..t as u32).collect(), |p| p.to_vec());
         let tables = match self.rope_of(l) {

@@ -12,13 +12,13 @@
 //! unscaled, exactly as a plain block.
 
 use candle_core::{DType, Result, Tensor};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::{DepthConfig, DepthSelection};
 use crate::model::block::Block;
 use crate::model::cache::KvCache;
 use crate::nn::matvec::matmul_t;
 use crate::nn::RopeTables;
+use crate::routing::router::top_k;
 use crate::routing::MoeStats;
 
 /// How a routed block decides which tokens it processes.
@@ -59,16 +59,33 @@ pub struct DepthRouter {
     pub config: DepthConfig,
 }
 
-/// Draws for random selection (an ablation): a process-wide counter hashed, so no state
-/// lives in the router; not reproduced by a resumed run.
-static DRAWS: AtomicU64 = AtomicU64::new(0x5eed);
-
 /// A uniform number in [0, 1) from a 64-bit hash of `x` (SplitMix64's finaliser).
 fn unit(x: u64) -> f64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
+}
+
+/// Random selection's draw for a token: a pure function of the pass's seed, the layer, the
+/// sequence in the batch and the token's position, so a run reproduces from its seed and
+/// a resumed run draws what the uninterrupted one would have.
+fn draw(seed: u64, layer: usize, seq: usize, pos: usize) -> f64 {
+    let mut z = seed;
+    for part in [layer, seq, pos] {
+        z = (unit(z ^ part as u64) * (u64::MAX as f64)) as u64;
+    }
+    unit(z)
+}
+
+/// Where a routed block's tokens sit and how they are chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct DepthStep {
+    /// Position of the first token (a cache's length).
+    pub start: usize,
+    pub decision: DepthDecision,
+    /// Seed of random selection's draws ([`DepthSelection::Random`]).
+    pub seed: u64,
 }
 
 /// Positions `(b, k)` → per-token rotary tables `(b, k, half)`.
@@ -88,10 +105,14 @@ impl DepthRouter {
         block: &Block,
         x: &Tensor,
         rope: Option<&RopeTables>,
-        start: usize,
         mut cache: Option<&mut KvCache>,
-        decision: DepthDecision,
+        step: DepthStep,
     ) -> Result<(Tensor, Option<MoeStats>, DepthStats)> {
+        let DepthStep {
+            start,
+            decision,
+            seed,
+        } = step;
         let (b, t, d) = x.dims3()?;
         if cache.is_some() && b > 1 {
             // each sequence keeps a different number of tokens in a routed block's cache
@@ -124,13 +145,12 @@ impl DepthRouter {
         // selection scores: the router's logits (top-k), the decider's (threshold 0), or
         // uniform draws (random: top-k of them, or below the capacity)
         let host: Vec<Vec<f32>> = if random {
-            let draw = DRAWS.fetch_add(1, Ordering::Relaxed) << 32;
             let c = self.config.capacity as f32;
             (0..b)
                 .map(|bi| {
                     (0..t)
                         .map(|i| {
-                            let u = unit(draw ^ ((self.layer * b * t + bi * t + i) as u64)) as f32;
+                            let u = draw(seed, self.layer, bi, start + i) as f32;
                             match decision {
                                 DepthDecision::TopK => u,
                                 DepthDecision::Threshold => c - u,
@@ -152,9 +172,10 @@ impl DepthRouter {
             .iter()
             .map(|row| match decision {
                 DepthDecision::TopK => {
-                    let mut order: Vec<usize> = (0..t).collect();
-                    order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
-                    let mut sel: Vec<u32> = order[..k].iter().map(|&i| i as u32).collect();
+                    let mut sel: Vec<u32> = top_k(0..t, k, |i| row[i])
+                        .iter()
+                        .map(|&i| i as u32)
+                        .collect();
                     sel.sort_unstable();
                     sel
                 }
@@ -201,7 +222,7 @@ impl DepthRouter {
             (0..b).map(|i| vec![i]).collect()
         };
         let mut out = xs.clone();
-        let mut moe_out = None;
+        let mut moe_out: Option<MoeStats> = None;
         for group in groups {
             let kk = rows[group[0]].len();
             if kk == 0 {
@@ -232,7 +253,11 @@ impl DepthRouter {
                 tables.as_ref().map(|(c, s)| (c, s)),
                 cache.as_deref_mut(),
             )?;
-            moe_out = moe_out.or(moe);
+            // every group's router statistics, as one layer's
+            moe_out = match (moe_out, moe) {
+                (Some(a), Some(b)) => Some(a.merge(b)?),
+                (a, b) => a.or(b),
+            };
             let delta = (y - &x_sel)?.reshape((n * kk, d))?;
             let r = candle_nn::ops::sigmoid(&logits.flatten_all()?.index_select(&flat, 0)?)?
                 .unsqueeze(1)?;

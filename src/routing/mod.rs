@@ -6,6 +6,6 @@ pub mod depth;
 pub mod moe;
 pub mod router;
 
-pub use depth::{DepthDecision, DepthRouter, DepthStats};
+pub use depth::{DepthDecision, DepthRouter, DepthStats, DepthStep};
 pub use moe::{update_selection_bias, MoeLayer, MoeStats, StackedExperts};
-pub use router::{choose_experts, RouterChoice};
+pub use router::{choose_experts, top_k, RouterChoice};

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::router::choose_experts;
+use super::router::{choose_experts, top_k};
 use crate::config::{MoeConfig, Scoring};
 use crate::nn::grouped::{grouped_swiglu, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
@@ -26,6 +26,36 @@ pub struct MoeStats {
     pub entropy: f64,
     /// Weighted balancing and z losses, when their coefficients are set.
     pub aux_loss: Option<Tensor>,
+}
+
+impl MoeStats {
+    /// One layer's statistics over two sets of rows (a routed block that ran its tokens in
+    /// groups): loads and counts add, the entropy and auxiliary loss are row-weighted means.
+    pub fn merge(self, other: MoeStats) -> Result<MoeStats> {
+        let (n1, n2) = (self.router_logits.dim(0)?, other.router_logits.dim(0)?);
+        let (w1, w2) = (
+            n1 as f64 / (n1 + n2).max(1) as f64,
+            n2 as f64 / (n1 + n2).max(1) as f64,
+        );
+        let aux_loss = match (self.aux_loss, other.aux_loss) {
+            (Some(a), Some(b)) => Some(((a * w1)? + (b * w2)?)?),
+            (a, b) => a.or(b),
+        };
+        Ok(MoeStats {
+            layer: self.layer,
+            router_logits: Tensor::cat(&[self.router_logits, other.router_logits], 0)?,
+            load: self
+                .load
+                .iter()
+                .zip(&other.load)
+                .map(|(a, b)| a + b)
+                .collect(),
+            dropped: self.dropped + other.dropped,
+            assignments: self.assignments + other.assignments,
+            entropy: self.entropy * w1 + other.entropy * w2,
+            aux_loss,
+        })
+    }
 }
 
 /// Where the tokens go: per expert the rows it runs on and, for each, the index of its
@@ -295,14 +325,9 @@ impl MoeLayer {
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         let mut pairs: Vec<u32> = Vec::with_capacity(b * e_count * per);
-        let mut order: Vec<usize> = Vec::with_capacity(t);
         for bi in 0..b {
             for e in 0..e_count {
-                let s = |i: usize| host[(bi * t + i) * e_count + e];
-                order.clear();
-                order.extend(0..t);
-                order.sort_by(|&i, &j| s(j).total_cmp(&s(i)).then(i.cmp(&j)));
-                for &i in &order[..per] {
+                for i in top_k(0..t, per, |i| host[(bi * t + i) * e_count + e]) {
                     let token = bi * t + i;
                     rows[e].push(token as u32);
                     slots[e].push(pairs.len() as u32);

@@ -13,6 +13,27 @@ pub struct RouterChoice {
     pub experts: Vec<u32>,
 }
 
+/// The `k` best of `candidates` by `score`, best first; ties go to the lower index. The
+/// one top-k of routing: experts per token, groups per token, tokens per expert (expert
+/// choice) and tokens per routed block (Mixture-of-Depths).
+pub fn top_k(
+    candidates: impl IntoIterator<Item = usize>,
+    k: usize,
+    score: impl Fn(usize) -> f32,
+) -> Vec<usize> {
+    let mut v: Vec<usize> = candidates.into_iter().collect();
+    // a total order (score descending, then index), so the partial selection is exact
+    let order = |a: &usize, b: &usize| score(*b).total_cmp(&score(*a)).then(a.cmp(b));
+    if k < v.len() {
+        if k > 0 {
+            v.select_nth_unstable_by(k - 1, order);
+        }
+        v.truncate(k);
+    }
+    v.sort_by(order);
+    v
+}
+
 /// Choose `k` experts per token from `scores` (`n_tokens × n_experts`, row-major).
 ///
 /// `bias` is added for choosing only. With `n_groups > 1`, experts form equal groups; a
@@ -31,30 +52,22 @@ pub fn choose_experts(
     let group_size = n_experts / n_groups.max(1);
     let mut experts = Vec::with_capacity(n_tokens * k);
     let mut s = vec![0f32; n_experts];
-    let mut order: Vec<usize> = Vec::with_capacity(n_experts);
     for t in 0..n_tokens {
         for e in 0..n_experts {
             s[e] = scores[t * n_experts + e] + bias.map_or(0.0, |b| b[e]);
         }
-        let mut eligible = vec![true; n_experts];
-        if n_groups > 1 && topk_groups < n_groups {
-            let mut group_scores: Vec<(usize, f32)> = (0..n_groups)
-                .map(|g| {
-                    let mut v: Vec<f32> = s[g * group_size..(g + 1) * group_size].to_vec();
-                    v.sort_by(|a, b| b.total_cmp(a));
-                    (g, v.iter().take(2).sum())
-                })
-                .collect();
-            group_scores.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let kept: Vec<usize> = group_scores.iter().take(topk_groups).map(|g| g.0).collect();
-            for (e, ok) in eligible.iter_mut().enumerate() {
-                *ok = kept.contains(&(e / group_size));
-            }
-        }
-        order.clear();
-        order.extend((0..n_experts).filter(|&e| eligible[e]));
-        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-        experts.extend(order.iter().take(k).map(|&e| e as u32));
+        let chosen = if n_groups > 1 && topk_groups < n_groups {
+            let group_score = |g: usize| -> f32 {
+                let members = g * group_size..(g + 1) * group_size;
+                top_k(members, 2, |e| s[e]).iter().map(|&e| s[e]).sum()
+            };
+            let kept = top_k(0..n_groups, topk_groups, group_score);
+            let eligible = (0..n_experts).filter(|e| kept.contains(&(e / group_size)));
+            top_k(eligible, k, |e| s[e])
+        } else {
+            top_k(0..n_experts, k, |e| s[e])
+        };
+        experts.extend(chosen.iter().map(|&e| e as u32));
     }
     RouterChoice {
         n_tokens,
@@ -66,6 +79,19 @@ pub fn choose_experts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The partial selection gives the full sort's first k, ties to the lower index.
+    #[test]
+    fn top_k_is_the_sorted_prefix() {
+        let scores = [0.3f32, 0.9, 0.3, -1.0, 0.9, 0.5, 0.3, 0.0];
+        for k in 0..=scores.len() + 1 {
+            let mut all: Vec<usize> = (0..scores.len()).collect();
+            all.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            all.truncate(k);
+            assert_eq!(top_k(0..scores.len(), k, |i| scores[i]), all, "k = {k}");
+        }
+        assert_eq!(top_k([7, 2, 5], 2, |i| scores[i]), vec![5, 2]);
+    }
 
     #[test]
     fn top_k_with_ties_to_lower_index() {

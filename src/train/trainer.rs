@@ -251,7 +251,7 @@ impl Trainer {
         // thread: on two cores most ops of a small model are too short to split well
         let shards = shard_count(c.batch_size);
         let scale = (c.grad_accum * shards) as f64;
-        for _ in 0..c.grad_accum {
+        for micro in 0..c.grad_accum {
             let (x, y) = data.batch(
                 Split::Train,
                 &mut self.rng,
@@ -264,13 +264,21 @@ impl Trainer {
                 .map(|i| Ok((x.narrow(0, i * per, per)?, y.narrow(0, i * per, per)?)))
                 .collect::<Result<_>>()?;
             let (model, slots) = (&self.model, &self.opt.slots);
+            let step = self.step;
             let results: Vec<Result<ShardGrads>> = parts
                 .par_iter()
-                .map(|(x, y)| {
+                .enumerate()
+                .map(|(shard, (x, y))| {
+                    // routing draws from (run seed, step, micro-batch, shard): reproducible,
+                    // and the same after a resume
+                    let opts = crate::model::ForwardOptions {
+                        seed: c.seed ^ ((step as u64) << 24) ^ ((micro as u64) << 8) ^ shard as u64,
+                        ..Default::default()
+                    };
                     // the fused feed-forward ops hand their weight gradients to this shard's
                     // sink instead of candle's accumulation
                     let sink = std::sync::Arc::new(GradSink::default());
-                    let out = with_grad_sink(&sink, || model.loss(x, y))?;
+                    let out = with_grad_sink(&sink, || model.loss_with(x, y, opts))?;
                     let ce = out.ce.to_scalar::<f32>()? as f64;
                     let stats = out
                         .moe
