@@ -8,19 +8,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::bf16::{product, Strided};
-use super::linear::Part;
 use super::ops::{f32_slice, output_buffer, sigmoid, storage_f32, swiglu_grads};
 
 type CResult<T> = candle_core::Result<T>;
-
-/// One of the three grouped products of `y[rows of e] = x[rows of e] · W_eᵀ` (see
-/// [`Part`]) for the groups `e` of rows `offsets[e]..offsets[e + 1]`; `bf16`: products with
-/// bf16 operands and f32 sums (mixed precision).
-struct Grouped {
-    part: Part,
-    offsets: Vec<usize>,
-    bf16: bool,
-}
 
 /// Groups of rows `offsets[e]..offsets[e + 1]`: how many.
 fn group_count(offsets: &[usize]) -> usize {
@@ -47,146 +37,10 @@ fn split_groups(
     parts
 }
 
-impl Grouped {
-    /// `(x or dy, w or x)` checked against the offsets: the row count `n`, and the widths
-    /// `(d_in, d_out)` of one group's `W_e: (d_out, d_in)`.
-    fn check(&self, l1: &Layout, l2: &Layout) -> CResult<(usize, usize, usize)> {
-        let ((n, c1), (r2, c2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        let groups = group_count(&self.offsets);
-        let (d_in, d_out, fits) = match self.part {
-            // (x (n, in), w (E·out, in))
-            Part::Y => (c1, r2 / groups.max(1), c1 == c2 && r2 % groups.max(1) == 0),
-            // (dy (n, out), w (E·out, in))
-            Part::Dx => (c2, c1, r2 == groups * c1),
-            // (dy (n, out), x (n, in))
-            Part::Dw => (c2, c1, r2 == n),
-        };
-        if !fits || groups == 0 || self.offsets[groups] != n {
-            candle_core::bail!(
-                "{}: {:?} with {:?}, {} groups ending at row {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape(),
-                groups,
-                self.offsets.last()
-            )
-        }
-        Ok((n, d_in, d_out))
-    }
-}
-
-impl CustomOp2 for Grouped {
-    fn name(&self) -> &'static str {
-        match self.part {
-            Part::Y => "routelm-grouped-matmul",
-            Part::Dx => "routelm-grouped-matmul-bwd-x",
-            Part::Dw => "routelm-grouped-matmul-bwd-w",
-        }
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let (n, d_in, d_out) = self.check(l1, l2)?;
-        let (v1, v2) = (
-            f32_slice(s1, l1, self.name())?,
-            f32_slice(s2, l2, self.name())?,
-        );
-        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
-        // per group e: C_e (m × n_c) = A_e · B_e, and C's shape
-        let (n_c, out_len, shape) = match self.part {
-            Part::Y => (d_out, n * d_out, Shape::from((n, d_out))),
-            Part::Dx => (d_in, n * d_in, Shape::from((n, d_in))),
-            Part::Dw => (
-                d_in,
-                group_count(&self.offsets) * d_out * d_in,
-                (group_count(&self.offsets) * d_out, d_in).into(),
-            ),
-        };
-        let mut out = output_buffer(out_len);
-        let len = |e: usize| match self.part {
-            Part::Dw => d_out * d_in,
-            _ => group_rows(&self.offsets, e).1 * n_c,
-        };
-        let w_block = d_out * d_in;
-        let parts = split_groups(&mut out, group_count(&self.offsets), len);
-        parts.into_par_iter().enumerate().for_each(|(e, ce)| {
-            let (r0, rows) = group_rows(&self.offsets, e);
-            let (p1, p2) = (v1.as_ptr(), v2.as_ptr());
-            // SAFETY: each group's operands are the rows r0.. of the (contiguous) inputs and
-            // block e of the weights, read with strides inside them; `ce` is the group's
-            // m × n_c output, every value written (an expert without rows gets a zero
-            // weight gradient: a product over k = 0)
-            unsafe {
-                let (m, k, a, b) = match self.part {
-                    // x_e · W_eᵀ: W_e (d_out, d_in) read transposed
-                    Part::Y => (
-                        rows,
-                        d_in,
-                        at(p1.add(r0 * d_in), d_in, 1),
-                        at(p2.add(e * w_block), 1, d_in),
-                    ),
-                    // dy_e · W_e
-                    Part::Dx => (
-                        rows,
-                        d_out,
-                        at(p1.add(r0 * d_out), d_out, 1),
-                        at(p2.add(e * w_block), d_in, 1),
-                    ),
-                    // dy_eᵀ · x_e
-                    Part::Dw => (
-                        d_out,
-                        rows,
-                        at(p1.add(r0 * d_out), 1, d_out),
-                        at(p2.add(r0 * d_in), d_in, 1),
-                    ),
-                };
-                product(self.bf16, false, m, n_c, k, ce.as_mut_ptr(), a, b)
-            }
-        });
-        Ok((CpuStorage::F32(out), shape))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let op = |part| Grouped {
-            part,
-            offsets: self.offsets.clone(),
-            bf16: self.bf16,
-        };
-        let dx = dy.apply_op2_no_bwd(w, &op(Part::Dx))?;
-        let dw = dy.apply_op2_no_bwd(x, &op(Part::Dw))?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
 /// `y[offsets[e]..offsets[e+1]] = x[offsets[e]..offsets[e+1]] · W_eᵀ` for `x: (N, in)` and
-/// the experts' weights stacked as `w: (E·out, in)`; `offsets` has `E + 1` entries from 0
-/// to N. f32 on the CPU runs one fused op (with bf16 operands and f32 sums when `bf16` and
-/// the CPU has AVX512-BF16); other dtypes and devices run the products one by one.
-pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize], bf16: bool) -> CResult<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op2(
-            &w.contiguous()?,
-            Grouped {
-                part: Part::Y,
-                offsets: offsets.to_vec(),
-                bf16: bf16 && super::bf16::available(),
-            },
-        );
-    }
-    grouped_matmul_reference(x, w, offsets)
-}
-
-/// [`grouped_matmul`] from candle's own ops: narrow, matmul, concatenate.
+/// the experts' weights stacked as `w: (E·out, in)`, from candle's own ops (narrow, matmul,
+/// concatenate): the reference, and the path of dtypes and devices the fused op does not
+/// cover.
 pub fn grouped_matmul_reference(x: &Tensor, w: &Tensor, offsets: &[usize]) -> CResult<Tensor> {
     let groups = group_count(offsets);
     let d_out = w.dim(0)? / groups.max(1);
@@ -525,7 +379,7 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 }
 
 /// The SwiGLU experts of an MoE layer on rows sorted by expert (`offsets`, as for
-/// [`grouped_matmul`]): `gate_up (E·2h, d)` holds `[G_e; U_e]` per expert, `down (E·d, h)`
+/// [`grouped_matmul_reference`]): `gate_up (E·2h, d)` holds `[G_e; U_e]` per expert, `down (E·d, h)`
 /// holds `D_e`; row `i` of group `e` gives `(silu(x_i G_eᵀ) ⊙ x_i U_eᵀ) D_eᵀ`. f32 on the
 /// CPU runs one fused op; elsewhere the grouped products and the SwiGLU one after another.
 pub fn grouped_swiglu(

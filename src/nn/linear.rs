@@ -99,7 +99,7 @@ fn flat_rows(x: &Tensor) -> Result<Tensor> {
 /// The three products of a linear layer `y = x · Wᵀ` (`x: (.., in)`, `W: (out, in)`); the
 /// grouped (MoE) products use the same three per group.
 #[derive(Clone, Copy)]
-pub(crate) enum Part {
+enum Part {
     /// `y = x · Wᵀ` from `(x, W)`; its backward runs the other two.
     Y,
     /// `dx = dy · W` from `(dy, W)`.

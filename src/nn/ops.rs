@@ -8,7 +8,7 @@
 //! kernel does not cover, so callers never branch. Every kernel is checked against the
 //! composed reference and finite differences in `tests/gradcheck.rs`.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -263,81 +263,12 @@ pub fn swiglu_reference(g: &Tensor, u: &Tensor) -> CResult<Tensor> {
 
 /// `silu(g) · u` where each row of the input holds `[g | u]` (the gate and up products of
 /// one fused projection): `(.., 2h)` → `(.., h)`, one node whose gradient is `(.., 2h)`.
-struct SwiGluHalves;
-
 /// `(d/dg, d/du)` of `silu(g) · u` for an incoming gradient `dy`.
 pub(crate) fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
     let sg = sigmoid(g);
     // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
     (dy * u * sg * (1.0 + g * (1.0 - sg)), dy * g * sg)
 }
-
-impl CustomOp1 for SwiGluHalves {
-    fn name(&self) -> &'static str {
-        "routelm-swiglu-halves"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "swiglu halves")?;
-        let w = l.shape().dims().last().copied().unwrap_or(0);
-        if w % 2 != 0 {
-            candle_core::bail!("swiglu halves: odd last dimension in {:?}", l.shape())
-        }
-        let h = w / 2;
-        let mut out = output_buffer(x.len() / 2);
-        for_rows(&mut out, h.max(1), |r, o| {
-            let (g, u) = x[r * w..(r + 1) * w].split_at(h);
-            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
-        Ok((CpuStorage::F32(out), with_last_dim(l.shape().dims(), h)))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluHalvesBwd)?,
-        ))
-    }
-}
-
-struct SwiGluHalvesBwd;
-
-impl CustomOp2 for SwiGluHalvesBwd {
-    fn name(&self) -> &'static str {
-        "routelm-swiglu-halves-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "swiglu halves bwd")?;
-        let dy = f32_slice(s2, l2, "swiglu halves bwd")?;
-        let w = l1.shape().dims().last().copied().unwrap_or(0);
-        let h = w / 2;
-        let mut out = output_buffer(x.len());
-        for_rows(&mut out, w.max(1), |r, o| {
-            let (g, u) = x[r * w..(r + 1) * w].split_at(h);
-            let (dg, du) = o.split_at_mut(h);
-            for j in 0..h {
-                (dg[j], du[j]) = swiglu_grads(g[j], u[j], dy[r * h + j]);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// `silu(g) · u` for `x = [g | u]` along the last dimension: `(.., 2h)` → `(.., h)`.
-pub fn swiglu_halves(x: &Tensor) -> CResult<Tensor> {
-    let h = x.dim(D::Minus1)? / 2;
-    if fused(x) {
-        return x.contiguous()?.apply_op1(SwiGluHalves);
-    }
-    swiglu_reference(&x.narrow(D::Minus1, 0, h)?, &x.narrow(D::Minus1, h, h)?)
-}
-
-// ---------------------------------------------------------------- RMSNorm
 
 struct RmsNorm {
     eps: f32,
@@ -509,113 +440,6 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResu
 }
 
 // ---------------------------------------------------------------- causal softmax
-
-/// Softmax over the last dim of attention scores `(.., rows, t_k)` with the scale and the
-/// causal mask fused in. Row `i` of each matrix is query `i % q_len`, at absolute position
-/// `i % q_len + (t_k - q_len)` (queries are the last `q_len` of the `t_k` keys, as with a
-/// KV cache); key `j` is visible when `j <= position`. Grouped-query attention stacks the
-/// `group` query heads of one KV head as `group * q_len` rows, hence the modulo.
-struct CausalSoftmax {
-    scale: f32,
-    q_len: usize,
-}
-
-impl CausalSoftmax {
-    fn visible(&self, row: usize, rows: usize, t_k: usize) -> usize {
-        let i = (row % rows) % self.q_len;
-        i + (t_k - self.q_len) + 1
-    }
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "routelm-causal-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "causal_softmax")?;
-        let dims = l.shape().dims();
-        let t_k = dims[dims.len() - 1];
-        let rows = dims[dims.len() - 2];
-        if self.q_len == 0 || self.q_len > t_k {
-            candle_core::bail!("causal_softmax: q_len {} with {} keys", self.q_len, t_k)
-        }
-        let mut out = vec![0f32; x.len()];
-        for_rows(&mut out, t_k, |r, o| {
-            let n = self.visible(r, rows, t_k);
-            o[..n].copy_from_slice(&x[r * t_k..r * t_k + n]);
-            softmax_in_place(&mut o[..n], self.scale);
-        });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, p: &Tensor, dp: &Tensor) -> CResult<Option<Tensor>> {
-        let dp = dp.contiguous()?;
-        Ok(Some(p.apply_op2_no_bwd(
-            &dp,
-            &SoftmaxBwd { scale: self.scale },
-        )?))
-    }
-}
-
-/// `ds = scale * p * (dp - sum(dp * p))`, row-wise; masked entries have p = 0.
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "routelm-softmax-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let p = f32_slice(s1, l1, "softmax bwd")?;
-        let dp = f32_slice(s2, l2, "softmax bwd")?;
-        let w = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut out = output_buffer(p.len());
-        for_rows(&mut out, w, |r, o| {
-            let pr = &p[r * w..(r + 1) * w];
-            let gr = &dp[r * w..(r + 1) * w];
-            let dot: f32 = pr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for j in 0..w {
-                o[j] = self.scale * pr[j] * (gr[j] - dot);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// Scaled, causally masked softmax of attention scores; see [`CausalSoftmax`].
-pub fn causal_softmax(scores: &Tensor, scale: f64, q_len: usize) -> CResult<Tensor> {
-    if fused(scores) {
-        scores.contiguous()?.apply_op1(CausalSoftmax {
-            scale: scale as f32,
-            q_len,
-        })
-    } else {
-        causal_softmax_reference(scores, scale, q_len)
-    }
-}
-
-/// Composed-ops reference for [`causal_softmax`]; materialises the mask.
-pub fn causal_softmax_reference(scores: &Tensor, scale: f64, q_len: usize) -> CResult<Tensor> {
-    let dims = scores.dims();
-    let (rows, t_k) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-    let mask: Vec<f32> = (0..rows)
-        .flat_map(|r| {
-            let pos = r % q_len + (t_k - q_len);
-            (0..t_k).map(move |j| if j <= pos { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (rows, t_k), scores.device())?.to_dtype(scores.dtype())?;
-    let s = (scores * scale)?.broadcast_add(&mask)?;
-    candle_nn::ops::softmax(&s, D::Minus1)
-}
-
-// ---------------------------------------------------------------- rotary embedding
 
 /// Rotary embedding on `x: (b, t, h, d)` with `cos, sin: (t, r/2)` or `(b, t, r/2)`, rotating
 /// the first `r` dims of each head in the halves layout: `(x1, x2) -> (x1 c - x2 s, x2 c + x1 s)`.
