@@ -7,7 +7,6 @@ use std::path::Path;
 
 use crate::arch;
 use crate::error::{Error, Result};
-use crate::model::seq2seq::Seq2Seq;
 use crate::model::{ForwardOptions, Model};
 use crate::weights;
 
@@ -46,8 +45,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 /// Greedy continuation of `prompt` by `n` tokens through the KV cache.
 pub fn greedy(model: &Model, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
     let mut cache = model.new_cache();
-    let mut ids = prompt.to_vec();
-    let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let prompt = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    // an encoder-decoder reads the prompt as its source and starts the decoder afresh
+    let mut ids = match model.config.decoder_start {
+        Some(start) if model.config.encoder_layers > 0 => {
+            model.encode(&prompt, &mut cache)?;
+            vec![start]
+        }
+        _ => prompt.i(0)?.to_vec1()?,
+    };
+    let mut input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
     for _ in 0..n {
         let logits = model.forward(&input, Some(&mut cache), true)?.logits;
         let next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
@@ -151,11 +158,12 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
     let ref_path = dir.join("reference.safetensors");
     let meta_path = dir.join("meta.json");
     let meta = read_meta(dir)?;
-    let loaded = match arch::load_any(dir, DType::F32, &device)? {
-        arch::AnyModel::Decoder(l) => l,
-        arch::AnyModel::Seq2Seq(m) => return verify_seq2seq(&m, &ref_path, &meta, &meta_path),
-    };
+    let loaded = arch::load_dir(dir, DType::F32, &device)?;
     let model = &loaded.model;
+    if model.config.encoder_layers > 0 {
+        let family = loaded.family.unwrap_or("routelm");
+        return verify_encoder_decoder(model, family, &ref_path, &meta, &meta_path);
+    }
     let reference = weights::load_safetensors(&ref_path, None, &device)?;
     check_known(
         &reference,
@@ -230,8 +238,9 @@ pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
 
 /// The encoder-decoder comparison: logits of `(encoder_input_ids, decoder_input_ids)`, both
 /// stacks' hidden states, and the greedy decoder continuation of the first encoder input.
-fn verify_seq2seq(
-    model: &Seq2Seq,
+fn verify_encoder_decoder(
+    model: &Model,
+    family: &str,
     ref_path: &Path,
     meta: &serde_json::Value,
     meta_path: &Path,
@@ -255,9 +264,13 @@ fn verify_seq2seq(
     };
     let enc_ids = ids_u32(need("encoder_input_ids")?)?;
     let dec_ids = ids_u32(need("decoder_input_ids")?)?;
-    let (encoded, enc_hidden) = model.encode(&enc_ids)?;
-    let mut cache = model.new_cache(&encoded)?;
-    let out = model.decode(&dec_ids, &mut cache, true)?;
+    let mut cache = model.new_cache();
+    let enc_hidden = model.encode(&enc_ids, &mut cache)?;
+    let opts = ForwardOptions {
+        hidden_states: true,
+        ..Default::default()
+    };
+    let out = model.forward_with(&dec_ids, Some(&mut cache), opts)?;
     let logits_diff = max_abs_diff(&out.logits, need("logits")?)?;
     let enc = hidden_diff(&enc_hidden, &reference, "encoder_hidden_states", ref_path)?;
     let dec = hidden_diff(
@@ -274,13 +287,13 @@ fn verify_seq2seq(
     if let Some(g) = reference.get("greedy_ids") {
         expected = ids_u32(g)?.flatten_all()?.to_vec1::<u32>()?;
         let prompt = enc_ids.i(0)?.to_vec1::<u32>()?;
-        got = model.greedy(&prompt, expected.len().saturating_sub(1))?;
+        got = greedy(model, &prompt, expected.len().saturating_sub(1))?;
     }
     let tol = |key: &str| tolerance(meta, meta_path, key);
     let (lt, ht) = (tol("logits")?, tol("hidden_states")?);
     let pass = logits_diff <= lt && hidden.is_none_or(|h| h <= ht) && expected == got;
     Ok(VerifyReport {
-        family: "t5".into(),
+        family: family.into(),
         logits_max_abs_diff: logits_diff,
         logits_tolerance: lt,
         hidden_max_abs_diff: hidden,

@@ -189,16 +189,14 @@ fn train_with_a_tokenizer_json() {
 }
 
 /// `generate --prompt-ids 1,2,3` works for every fixture family, in f32 and bf16, and
-/// inspect describes it (an encoder-decoder answers from its start token, and inspect says
-/// it takes decoder-only models).
+/// inspect and flops describe it (an encoder-decoder answers from its start token).
 #[test]
 fn generate_and_inspect_every_family() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
     let mut ran = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let dir = entry.unwrap().path();
-        let seq2seq = routelm::arch::load_config(&dir)
-            .is_err_and(|e| e.to_string().contains("encoder-decoder"));
+        let seq2seq = routelm::arch::load_config(&dir).unwrap().1.encoder_layers > 0;
         let d = dir.to_str().unwrap();
         for dtype in ["f32", "bf16"] {
             let (ok, out, err) = routelm(&[
@@ -234,11 +232,11 @@ fn generate_and_inspect_every_family() {
             }
         }
         let (ok, out, err) = routelm(&["inspect", d]);
-        if seq2seq {
-            assert!(!ok && err.contains("encoder-decoder"), "{d}: {out}{err}");
-        } else {
-            assert!(ok && out.contains("active per token"), "{d}: {out}{err}");
-        }
+        assert!(ok && out.contains("active per token"), "{d}: {out}{err}");
+        assert_eq!(out.contains("encoder-decoder"), seq2seq, "{d}: {out}");
+        let (ok, out, err) = routelm(&["flops", "--config", d, "--seq-len", "32"]);
+        assert!(ok && out.contains("forward total"), "{d}: {out}{err}");
+        assert_eq!(out.contains("cross.scores"), seq2seq, "{d}: {out}");
         ran += 1;
     }
     assert!(ran >= 40, "every fixture runs ({ran})");

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use routelm::arch::{self, AnyModel};
+use routelm::arch;
 use serde_json::{json, Value};
 
 mod common;
@@ -159,13 +159,6 @@ fn root() -> PathBuf {
 fn resolved(dir: &Path) -> Result<String, String> {
     match arch::load_config(dir) {
         Ok((_, c)) => Ok(format!("{c:?}")),
-        Err(e) if e.to_string().contains("encoder-decoder") => {
-            match arch::load_any(dir, candle_core::DType::F32, &candle_core::Device::Cpu) {
-                Ok(AnyModel::Seq2Seq(m)) => Ok(format!("{:?}", m.config)),
-                Ok(AnyModel::Decoder(_)) => Err("not an encoder-decoder".into()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
         Err(e) => Err(e.to_string()),
     }
 }

@@ -90,3 +90,25 @@ fn mla_parameter_count_agrees_with_parameter_table() {
         assert_eq!(FlopLedger::new(&cfg, 16).total_params, table);
     }
 }
+
+/// Encoder-decoders (the T5 fixtures): the ledger's parameter count matches the parameter
+/// table, which matches the checkpoint (encoder, cross-attention, relative tables).
+#[test]
+fn encoder_decoder_parameter_count_agrees_with_parameter_table() {
+    for name in ["t5", "t5_v1_1", "t5_v1_1_v5"] {
+        let dir = std::path::Path::new("tests/fixtures/hf").join(name);
+        let (_, cfg) = routelm::arch::load_config(&dir).unwrap();
+        assert!(cfg.encoder_layers > 0, "{name}");
+        let table: usize = param_specs(&cfg).iter().map(|s| s.numel()).sum();
+        let ledger = FlopLedger::new(&cfg, 16);
+        assert_eq!(ledger.total_params, table, "{name}");
+        assert!(ledger
+            .entries
+            .iter()
+            .any(|e| e.component.starts_with("encoder.layers.0")));
+        assert!(ledger
+            .entries
+            .iter()
+            .any(|e| e.component.ends_with("cross.scores")));
+    }
+}

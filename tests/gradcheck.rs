@@ -210,10 +210,9 @@ fn fused_kernels_match_references_f32() {
             (Some(40), true),
         ] {
             let o = AttentionOptions {
-                scale: 0.35,
                 window,
-                softcap: None,
                 alibi,
+                ..AttentionOptions::scaled(0.35)
             };
             compare(
                 &[q.clone(), k.clone(), v.clone()],
@@ -225,10 +224,8 @@ fn fused_kernels_match_references_f32() {
     }
     // values narrower than queries and keys (latent attention: v_head_dim != qk_head_dim)
     let o = AttentionOptions {
-        scale: 0.35,
         window: Some(5),
-        softcap: None,
-        alibi: false,
+        ..AttentionOptions::scaled(0.35)
     };
     compare(
         &[

@@ -69,26 +69,37 @@ fn max(t: &Tensor) -> f64 {
 
 /// The encoder-decoder's decoder through its cache (first 2 tokens, then one at a time)
 /// equals one decoder pass over all tokens, in float64.
-fn check_seq2seq_cache(dir: &Path, model: &routelm::model::seq2seq::Seq2Seq) {
+fn check_encoder_decoder_cache(dir: &Path, model: &routelm::Model) {
     let refs =
         routelm::weights::load_safetensors(&dir.join("reference.safetensors"), None, &Device::Cpu)
             .unwrap();
     let enc = refs["encoder_input_ids"].to_dtype(DType::U32).unwrap();
     let dec = refs["decoder_input_ids"].to_dtype(DType::U32).unwrap();
-    let (encoded, _) = model.encode(&enc).unwrap();
-    let mut cache = model.new_cache(&encoded).unwrap();
-    let full = model.decode(&dec, &mut cache, false).unwrap().logits;
-    let mut cache = model.new_cache(&encoded).unwrap();
+    let fresh = || {
+        let mut cache = model.new_cache();
+        model.encode(&enc, &mut cache).unwrap();
+        cache
+    };
+    let full = model
+        .forward(&dec, Some(&mut fresh()), false)
+        .unwrap()
+        .logits;
+    let mut cache = fresh();
     let t = dec.dim(1).unwrap();
     let mut parts = vec![
         model
-            .decode(&dec.i((.., ..2)).unwrap(), &mut cache, false)
+            .forward(&dec.i((.., ..2)).unwrap(), Some(&mut cache), false)
             .unwrap()
             .logits,
     ];
     for i in 2..t {
         let step = dec.i((.., i..i + 1)).unwrap();
-        parts.push(model.decode(&step, &mut cache, false).unwrap().logits);
+        parts.push(
+            model
+                .forward(&step, Some(&mut cache), false)
+                .unwrap()
+                .logits,
+        );
     }
     let d = max(&(&full - Tensor::cat(&parts, 1).unwrap()).unwrap());
     assert!(
@@ -113,10 +124,12 @@ fn check(dir: &Path) {
     );
     // the KV-cache path equals the full forward: prefill 3 tokens, then one at a time; in
     // float64, so that a real difference is not hidden in float32 rounding
-    let model = match routelm::arch::load_any(dir, DType::F64, &Device::Cpu).unwrap() {
-        routelm::arch::AnyModel::Decoder(l) => l.model,
-        routelm::arch::AnyModel::Seq2Seq(m) => return check_seq2seq_cache(dir, &m),
-    };
+    let model = routelm::arch::load_dir(dir, DType::F64, &Device::Cpu)
+        .unwrap()
+        .model;
+    if model.config.encoder_layers > 0 {
+        return check_encoder_decoder_cache(dir, &model);
+    }
     if let Position::Rope {
         scaling: RopeScaling::Dynamic { .. },
         ..

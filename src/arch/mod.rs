@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::seq2seq::Seq2Seq;
 use crate::model::Model;
 use crate::weights::{self, Params};
 
@@ -149,6 +148,12 @@ pub static FAMILIES: &[Family] = &[
         model_types: &["gpt_neox"],
         config: gpt_neox::config,
         tensors: gpt_neox::tensors,
+    },
+    Family {
+        name: "t5",
+        model_types: t5::MODEL_TYPES,
+        config: t5::config,
+        tensors: t5::tensors,
     },
 ];
 
@@ -449,13 +454,6 @@ pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)>
         return Ok((None, weights::load_config(dir)?));
     }
     let raw = RawConfig::new(value, cfg_path.clone());
-    if is_seq2seq(&raw) {
-        return Err(Error::parse(
-            &cfg_path,
-            "this is an encoder-decoder model (T5); `routelm verify` and `routelm generate` \
-             run it, the other commands take decoder-only models",
-        ));
-    }
     let family = detect(&raw)?;
     let cfg = raw.finish((family.config)(&raw))?;
     Ok((Some(family), cfg))
@@ -592,36 +590,27 @@ pub fn export_dir(src: &Path, dst: &Path, params: &Params) -> Result<()> {
     std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))
 }
 
-fn is_seq2seq(raw: &RawConfig) -> bool {
-    raw.model_type()
-        .is_some_and(|m| t5::MODEL_TYPES.contains(&m.as_str()))
-}
-
-/// A model folder of either shape.
-pub enum AnyModel {
-    Decoder(Box<Loaded>),
-    Seq2Seq(Box<Seq2Seq>),
-}
-
-/// Load a decoder-only model ([`load_dir`]) or an encoder-decoder one (T5).
-pub fn load_any(dir: &Path, dtype: DType, device: &Device) -> Result<AnyModel> {
-    let (cfg_path, value) = read_config_json(dir)?;
-    let raw = RawConfig::new(value, cfg_path);
-    if !is_seq2seq(&raw) {
-        return Ok(AnyModel::Decoder(Box::new(load_dir(dir, dtype, device)?)));
+/// The tensor names a folder's weights hold (`model.safetensors` or the shards of its
+/// index), read from the file headers alone.
+pub fn stored_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::parse(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::parse(&index, "no weight_map object"))?;
+        return Ok(map.keys().cloned().collect());
     }
-    let (origin, params) = read_weights(dir, dtype, device)?;
-    let cfg = t5::config(&raw, params.contains_key("lm_head.weight"));
-    raw.check(|| cfg.problems())?;
-    warn_non_finite(&params, &origin)?;
-    let mut map = TensorMap::new(origin.clone(), params);
-    let canonical = t5::tensors(&cfg, &mut map)?;
-    map.finish()?;
-    Ok(AnyModel::Seq2Seq(Box::new(Seq2Seq::new(
-        &cfg,
-        &canonical,
-        &origin.display().to_string(),
-    )?)))
+    let path = dir.join("model.safetensors");
+    let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    // SAFETY: a read-only map dropped before returning, as in `weights::load_safetensors`
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::parse(&path, format!("not a valid safetensors file ({e})")))?;
+    Ok(meta.tensors().into_keys().collect())
 }
 
 /// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.

@@ -30,30 +30,30 @@ pub fn run(a: Args) -> Result<()> {
         ledger.seq_len
     );
     println!(
-        "{:<24} {:>14} {:>7} {:>12}",
+        "{:<32} {:>14} {:>7} {:>12}",
         "component", "FLOPs", "share", "params"
     );
     for e in &ledger.entries {
         println!(
-            "{:<24} {:>14.0} {:>6.1}% {:>12}",
+            "{:<32} {:>14.0} {:>6.1}% {:>12}",
             e.component,
             e.flops,
             100.0 * e.flops / fwd,
             e.params
         );
     }
-    println!("{:<24} {:>14.0}", "forward total", fwd);
+    println!("{:<32} {:>14.0}", "forward total", fwd);
     let dense = ledger.dense_forward_per_token();
     if (dense - fwd).abs() > 0.5 {
         println!(
-            "{:<24} {:>14.0}  (ratio {:.3})",
+            "{:<32} {:>14.0}  (ratio {:.3})",
             "dense-equivalent",
             dense,
             fwd / dense
         );
     }
     println!(
-        "{:<24} {:>14.0}",
+        "{:<32} {:>14.0}",
         "training (3x forward)",
         ledger.train_per_token()
     );

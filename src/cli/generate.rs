@@ -2,8 +2,7 @@ use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
 
-use routelm::arch::AnyModel;
-use routelm::generate::{generate, generate_seq2seq, GenerateConfig, SamplerConfig};
+use routelm::generate::{generate, GenerateConfig, SamplerConfig};
 use routelm::Tokenizer;
 
 /// Generate from a model folder (config.json + model.safetensors, e.g. OUT/checkpoint of
@@ -56,7 +55,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = routelm::arch::load_any(&model_dir, a.dtype, &device)?;
+    let model = routelm::arch::load_dir(&model_dir, a.dtype, &device)?.model;
     let tok = Tokenizer::for_model_dir(&model_dir)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
@@ -91,16 +90,11 @@ pub fn run(a: Args) -> Result<()> {
             let _ = out.flush();
         }
     };
-    let stats = match &model {
-        AnyModel::Decoder(l) => generate(&l.model, &tok, &prompt, &cfg, &mut stream)?,
-        // an encoder-decoder answers the prompt rather than continuing it
-        AnyModel::Seq2Seq(m) => {
-            if show_text && a.prompt.is_some() {
-                println!();
-            }
-            generate_seq2seq(m, &tok, &prompt, &cfg, &mut stream)?
-        }
-    };
+    // an encoder-decoder answers the prompt rather than continuing it
+    if show_text && a.prompt.is_some() && model.config.encoder_layers > 0 {
+        println!();
+    }
+    let stats = generate(&model, &tok, &prompt, &cfg, &mut stream)?;
     if a.ids {
         let ids: Vec<String> = stats.ids.iter().map(|i| i.to_string()).collect();
         println!("{}", ids.join(","));

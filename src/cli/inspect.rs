@@ -39,6 +39,14 @@ pub fn run(a: Args) -> Result<()> {
         "  layers {}  d_model {}  heads {} (kv {})  head_dim {}  d_ff {} ({:?})",
         cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.ffn
     );
+    if cfg.encoder_layers > 0 {
+        println!(
+            "  encoder-decoder: {} encoder layers (bidirectional), {} decoder layers with cross-attention, decoder start id {}",
+            cfg.encoder_layers,
+            cfg.n_layers,
+            cfg.decoder_start.map_or("none".into(), |s| s.to_string())
+        );
+    }
     println!(
         "  vocab {}  context {}  norm {:?}  position {:?}  tied head {}",
         cfg.vocab_size, cfg.max_seq_len, cfg.norm, cfg.position, cfg.tie_embeddings

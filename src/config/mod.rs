@@ -435,6 +435,11 @@ pub enum Position {
     /// Attention with linear biases (Press et al., 2022): each head adds
     /// `slope_h · (j − i)` to the score of query `i` and key `j`; BLOOM's slopes.
     Alibi,
+    /// Learned relative position biases (T5, Raffel et al., 2020): each head adds a learned
+    /// scalar for the bucket of `j − i` (exact for short distances, logarithmic up to
+    /// `max_distance`; a bidirectional encoder gives each direction half the buckets). One
+    /// table per stack, used by all its layers.
+    Relative { buckets: usize, max_distance: usize },
 }
 
 /// A resolved, validated model description.
@@ -525,6 +530,18 @@ pub struct ModelConfig {
     /// Query, key and value projections clamped to `[-c, c]` after the full q/k norms (OLMoE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_qkv: Option<f64>,
+    /// An encoder-decoder (T5): a bidirectional encoder of this many blocks reads the
+    /// source, and every one of the `n_layers` (causal) decoder blocks attends to its
+    /// output through a cross-attention sub-block. 0: decoder-only.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub encoder_layers: usize,
+    /// The first decoder input of an encoder-decoder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_start: Option<u32>,
+    /// The final hidden state is multiplied by this before the head (T5 with a tied head:
+    /// `d_model^-0.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_scale: Option<f64>,
 }
 
 /// The file form of [`ModelConfig`]: every field optional where a default makes sense.
@@ -876,6 +893,9 @@ impl Default for ModelConfig {
             local_rope_scaling: RopeScaling::None,
             embed_norm: false,
             clip_qkv: None,
+            encoder_layers: 0,
+            decoder_start: None,
+            output_scale: None,
         }
     }
 }
@@ -1056,6 +1076,46 @@ impl ModelConfig {
         {
             p.push("local_rope_theta must be positive".into());
         }
+        if let Position::Relative {
+            buckets,
+            max_distance,
+        } = self.position
+        {
+            if buckets < 4 || max_distance < buckets || buckets > MAX_DIM {
+                p.push(format!(
+                    "relative positions need 4 <= buckets <= max_distance (got {buckets} and {max_distance})"
+                ));
+            }
+            if self.depth.is_some() {
+                p.push(
+                    "relative positions in routed (Mixture-of-Depths) blocks are not supported"
+                        .into(),
+                );
+            }
+        }
+        if self.encoder_layers > 1024 {
+            p.push(format!(
+                "encoder_layers ({}) is absurdly large",
+                self.encoder_layers
+            ));
+        }
+        if self.encoder_layers > 0 {
+            match self.decoder_start {
+                Some(s) if (s as usize) < self.vocab_size => {}
+                _ => p.push(
+                    "an encoder-decoder needs a decoder_start id inside the vocabulary".into(),
+                ),
+            }
+            if self.block != BlockKind::Sequential || self.mla.is_some() || self.depth.is_some() {
+                p.push("an encoder-decoder takes sequential blocks without latent attention or Mixture-of-Depths".into());
+            }
+        }
+        if self
+            .output_scale
+            .is_some_and(|s| !(s > 0.0 && s.is_finite()))
+        {
+            p.push("output_scale must be positive".into());
+        }
         if self.position == Position::Alibi && self.depth.is_some() {
             p.push("ALiBi positions in routed (Mixture-of-Depths) blocks are not supported".into());
         }
@@ -1155,6 +1215,8 @@ impl From<&ModelConfig> for ModelConfigFile {
             Position::Learned => ("learned", None, None),
             Position::None => ("none", None, None),
             Position::Alibi => ("alibi", None, None),
+            // not expressible in the file form (encoder-decoders come from their family)
+            Position::Relative { .. } => ("none", None, None),
         };
         ModelConfigFile {
             vocab_size: Some(c.vocab_size),

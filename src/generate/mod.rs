@@ -9,7 +9,6 @@ use candle_core::Tensor;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::seq2seq::Seq2Seq;
 use crate::model::Model;
 use crate::tokenize::Tokenizer;
 use crate::train::rng::Rng;
@@ -48,7 +47,9 @@ impl GenerateStats {
     }
 }
 
-/// Generate from `prompt` (token ids), calling `on_text` with each new piece of text.
+/// Generate from `prompt` (token ids), calling `on_text` with each new piece of text. An
+/// encoder-decoder reads the prompt as its source and decodes from its start token (the
+/// `ids` of the result are then the decoder's, the start token first).
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
@@ -60,7 +61,11 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Generate("the prompt is empty".into()));
     }
-    if prompt.len() > ctx {
+    let start = match model.config.decoder_start {
+        Some(s) if model.config.encoder_layers > 0 => Some(s),
+        _ => None,
+    };
+    if start.is_none() && prompt.len() > ctx {
         return Err(Error::Generate(format!(
             "the prompt has {} tokens, more than the model's context window of {ctx}",
             prompt.len()
@@ -76,9 +81,17 @@ pub fn generate(
     let mut cache = model.new_cache();
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let logits = model.forward(&input, Some(&mut cache), true)?.logits;
+    let ids = match start {
+        Some(s) => {
+            model.encode(&input, &mut cache)?;
+            vec![s]
+        }
+        None => prompt.to_vec(),
+    };
+    let first = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+    let logits = model.forward(&first, Some(&mut cache), true)?.logits;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let limit = cfg.max_tokens.min(ctx - prompt.len());
+    let limit = cfg.max_tokens.min(ctx - ids.len());
     let mut step = |next: u32| -> Result<Tensor> {
         let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
         Ok(model.forward(&input, Some(&mut cache), true)?.logits)
@@ -87,48 +100,11 @@ pub fn generate(
         prompt_tokens: prompt.len(),
         prefill_s,
         logits,
-        ids: prompt.to_vec(),
+        ids,
     };
     sample_loop(
         prefill, limit, &cfg.eos, tok, cfg, &mut rng, &mut step, on_text,
     )
-}
-
-/// Generate with an encoder-decoder: `prompt` is the encoder input; the decoder starts
-/// from its start token and stops after EOS. `ids` in the result are the decoder's, the
-/// start token first.
-pub fn generate_seq2seq(
-    model: &Seq2Seq,
-    tok: &Tokenizer,
-    prompt: &[u32],
-    cfg: &GenerateConfig,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<GenerateStats> {
-    if prompt.is_empty() {
-        return Err(Error::Generate("the prompt is empty".into()));
-    }
-    let mut rng = Rng::new(cfg.seed);
-    let t0 = Instant::now();
-    let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
-    let (encoded, _) = model.encode(&input)?;
-    let mut cache = model.new_cache(&encoded)?;
-    let start = model.config.decoder_start;
-    let first = Tensor::new(&[start], model.device())?.unsqueeze(0)?;
-    let logits = model.decode(&first, &mut cache, false)?.logits;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let limit = cfg.max_tokens.min(model.config.max_seq_len - 1);
-    let mut step = |next: u32| -> Result<Tensor> {
-        let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
-        Ok(model.decode(&input, &mut cache, false)?.logits)
-    };
-    let prefill = Prefilled {
-        prompt_tokens: prompt.len(),
-        prefill_s,
-        logits,
-        ids: vec![start],
-    };
-    let eos: Vec<u32> = cfg.eos.iter().copied().chain(model.config.eos).collect();
-    sample_loop(prefill, limit, &eos, tok, cfg, &mut rng, &mut step, on_text)
 }
 
 /// Where sampling starts: the logits of the first new token, the ids so far (what the
@@ -141,7 +117,7 @@ struct Prefilled {
     ids: Vec<u32>,
 }
 
-/// The loop both model shapes share: sample from the logits, append to the ids, stream
+/// The sampling loop: sample from the logits, append to the ids, stream
 /// the new text (stop strings cut it), feed the token through `step` for the next logits;
 /// at most `limit` new tokens, and none after one of `eos`.
 #[allow(clippy::too_many_arguments)]

@@ -1,76 +1,9 @@
-//! Key/value cache for incremental decoding. Each layer keeps preallocated
-//! `(b, capacity, h_kv, d)` buffers (the projections' layout) written in place, so
-//! steady-state decoding does not reallocate; capacity doubles when a sequence outgrows it.
-//! Latent attention keeps one buffer of latent rows instead of keys and values.
+//! The cache of a whole model for incremental decoding: one [`KvCache`] per layer, the next
+//! position, and what a restart needs.
 
 use candle_core::{Result, Tensor};
 
-/// One layer's cache: keys and values, or (latent attention) one latent row per token
-/// from which both are read.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-    len: usize,
-}
-
-/// Write `x: (b, t, h, d)` at positions `len..len + t` of `buf`, growing it (capacity
-/// doubles) when it is too short; returns the view of positions `0..len + t`.
-fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize) -> Result<Tensor> {
-    let (b, t, h, d) = x.dims4()?;
-    let need = len + t;
-    let cap = buf.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
-    if need > cap {
-        let grown = Tensor::zeros((b, need.max(2 * cap).max(16), h, d), x.dtype(), x.device())?;
-        if let Some(old) = buf.as_ref() {
-            grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-        }
-        *buf = Some(grown);
-    }
-    let Some(buf) = buf.as_ref() else {
-        candle_core::bail!("kv cache: buffer missing")
-    };
-    buf.slice_set(&x.contiguous()?, 1, len)?;
-    buf.narrow(1, 0, need)
-}
-
-impl KvCache {
-    /// Number of positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Append `k, v: (b, t, h_kv, d)` and return views `(b, len, h_kv, d)` of everything held.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = (
-            write(&mut self.k, k, self.len)?,
-            write(&mut self.v, v, self.len)?,
-        );
-        self.len += k.dim(1)?;
-        Ok(kv)
-    }
-
-    /// Append latent rows `(b, t, 1, d)` (latent attention: each token's compressed key and
-    /// value and its rotary key part) and return the view `(b, len, 1, d)` of every row held.
-    pub fn append_latent(&mut self, rows: &Tensor) -> Result<Tensor> {
-        let all = write(&mut self.k, rows, self.len)?;
-        self.len += rows.dim(1)?;
-        Ok(all)
-    }
-
-    /// Bytes held per position of one sequence (what the cache costs per token).
-    pub fn bytes_per_token(&self) -> usize {
-        [&self.k, &self.v]
-            .into_iter()
-            .flatten()
-            .map(|t| t.dims()[2..].iter().product::<usize>() * t.dtype().size_in_bytes())
-            .sum()
-    }
-}
+pub use crate::nn::kv_cache::KvCache;
 
 /// The cache of a whole model: one [`KvCache`] per layer plus the next position. The
 /// position is kept on its own: a routed (Mixture-of-Depths) layer holds only the tokens it
@@ -101,6 +34,11 @@ impl Cache {
     /// Every id fed so far, `(b, pos)`.
     pub fn fed(&self) -> Result<Tensor> {
         Tensor::cat(&self.fed, 1)
+    }
+
+    /// Whether an encoder's output was set (an encoder-decoder's decoder may run).
+    pub fn has_source(&self) -> bool {
+        self.layers.iter().any(|l| l.cross().is_some())
     }
 
     /// Position of the next token to be fed.

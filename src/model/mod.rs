@@ -5,7 +5,6 @@
 pub mod block;
 pub mod cache;
 pub mod init;
-pub mod seq2seq;
 pub mod transformer;
 
 pub use cache::{Cache, KvCache};

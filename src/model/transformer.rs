@@ -10,7 +10,8 @@ use super::cache::Cache;
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
-use crate::nn::{Attention, Linear, Mlp, Norm, RopeTables};
+use crate::nn::relative::relative_bias;
+use crate::nn::{Attention, Linear, Mlp, Norm, Positions, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeLayer, MoeStats};
 use crate::weights::names::{param_specs, with_stacks, ParamStack, StackKind};
 
@@ -92,6 +93,10 @@ pub struct Model {
     embed_norm: Option<Norm>,
     /// Mixture-of-Depths routers of routed blocks.
     routers: Vec<Option<DepthRouter>>,
+    /// `(buckets, n_heads)` relative-position table of the (decoder) self-attention.
+    relative: Option<Tensor>,
+    /// The encoder of an encoder-decoder.
+    encoder: Option<Encoder>,
 }
 
 /// Check a name → tensor map against the parameter table; every problem listed.
@@ -130,6 +135,227 @@ pub fn tensor_problems<'a>(
         }
     }
     problems
+}
+
+/// The parameters of one model being assembled into its layers: each method builds one
+/// piece from its canonical names, errors naming `origin`.
+struct Parts<'a> {
+    config: &'a ModelConfig,
+    params: &'a BTreeMap<String, Tensor>,
+    origin: &'a str,
+}
+
+impl Parts<'_> {
+    fn get(&self, name: &str) -> Result<Tensor> {
+        self.params
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::WeightMismatch {
+                path: self.origin.into(),
+                problems: vec![format!("missing tensor {name}")],
+            })
+    }
+
+    fn opt(&self, name: &str) -> Option<Tensor> {
+        self.params.get(name).cloned()
+    }
+
+    fn norm(&self, prefix: &str) -> Result<Norm> {
+        let c = self.config;
+        let w = self.get(&format!("{prefix}.weight"))?;
+        let weight = if c.norm_offset != 0.0 {
+            (w + c.norm_offset)?
+        } else {
+            w
+        };
+        Ok(Norm {
+            kind: c.norm,
+            weight,
+            bias: self.opt(&format!("{prefix}.bias")),
+            eps: c.norm_eps,
+        })
+    }
+
+    fn linear(&self, prefix: &str) -> Result<Linear> {
+        Ok(Linear::new(
+            self.get(&format!("{prefix}.weight"))?,
+            self.opt(&format!("{prefix}.bias")),
+        ))
+    }
+
+    fn mlp(&self, prefix: &str) -> Result<Mlp> {
+        let c = self.config;
+        Ok(Mlp {
+            kind: c.ffn,
+            gate: if c.ffn.is_gated() {
+                Some(self.linear(&format!("{prefix}.gate_proj"))?)
+            } else {
+                None
+            },
+            up: self.linear(&format!("{prefix}.up_proj"))?,
+            down: self.linear(&format!("{prefix}.down_proj"))?,
+            gate_up: None,
+        })
+    }
+
+    /// The attention under `prefix` (`….self_attn`, `….cross_attn`); `layer`: the decoder
+    /// layer whose options (window, latent attention, q/k norms) apply, `None` for an
+    /// encoder's or a cross-attention's plain one.
+    fn attention(&self, prefix: &str, layer: Option<usize>, causal: bool) -> Result<Attention> {
+        let c = self.config;
+        let standard = || -> Result<Projections> {
+            Ok(Projections::Standard {
+                q: self.linear(&format!("{prefix}.q_proj"))?,
+                k: self.linear(&format!("{prefix}.k_proj"))?,
+                v: self.linear(&format!("{prefix}.v_proj"))?,
+            })
+        };
+        let proj = match (&c.mla, layer) {
+            (Some(a), Some(_)) => {
+                let (q_a, q_b) = match a.q_lora_rank {
+                    Some(_) => (
+                        Some((
+                            self.linear(&format!("{prefix}.q_a_proj"))?,
+                            self.norm(&format!("{prefix}.q_a_layernorm"))?,
+                        )),
+                        self.linear(&format!("{prefix}.q_b_proj"))?,
+                    ),
+                    None => (None, self.linear(&format!("{prefix}.q_proj"))?),
+                };
+                Projections::Latent(Box::new(Latent {
+                    q_a,
+                    q_b,
+                    kv_a: self.linear(&format!("{prefix}.kv_a_proj_with_mqa"))?,
+                    kv_norm: self.norm(&format!("{prefix}.kv_a_layernorm"))?,
+                    kv_b: self.linear(&format!("{prefix}.kv_b_proj"))?,
+                    config: *a,
+                }))
+            }
+            _ => standard()?,
+        };
+        let qk = |which: &str| -> Result<Option<Norm>> {
+            Ok(match (c.qk_norm, layer) {
+                (QkNorm::None, _) | (_, None) => None,
+                _ => Some(self.norm(&format!("{prefix}.{which}_norm"))?),
+            })
+        };
+        Ok(Attention {
+            proj,
+            o: self.linear(&format!("{prefix}.o_proj"))?,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            q_norm: qk("q")?,
+            k_norm: qk("k")?,
+            qk_norm: if layer.is_some() {
+                c.qk_norm
+            } else {
+                QkNorm::None
+            },
+            scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim as f64).sqrt()),
+            window: layer.and_then(|l| c.layer(l).window),
+            softcap: c.attn_softcap,
+            alibi: c.position == Position::Alibi,
+            clip: c.clip_qkv,
+            causal,
+        })
+    }
+
+    /// The feed-forward sub-block of decoder layer `layer` (`None`: an encoder's, dense).
+    fn ffn(&self, prefix: &str, layer: Option<usize>) -> Result<Ffn> {
+        let c = self.config;
+        let moe = layer.filter(|&l| c.layer(l).moe).and(c.moe.as_ref());
+        let (Some(m), Some(l)) = (moe, layer) else {
+            return Ok(Ffn::Dense(self.mlp(&format!("{prefix}.mlp"))?));
+        };
+        let p = format!("{prefix}.mlp");
+        Ok(Ffn::Moe(Box::new(MoeLayer {
+            layer: l,
+            config: *m,
+            router: self.get(&format!("{p}.gate.weight"))?,
+            selection_bias: self.opt(&format!("{p}.gate.e_score_correction_bias")),
+            experts: (0..m.n_experts)
+                .map(|e| self.mlp(&format!("{p}.experts.{e}")))
+                .collect::<Result<_>>()?,
+            shared: if m.d_shared > 0 {
+                Some(self.mlp(&format!("{p}.shared_expert"))?)
+            } else {
+                None
+            },
+            shared_gate: if m.shared_gate {
+                Some(self.linear(&format!("{p}.shared_expert_gate"))?)
+            } else {
+                None
+            },
+            stacked: Default::default(),
+        })))
+    }
+
+    /// The block under `prefix`: decoder layer `layer`, or an encoder block (`None`).
+    fn block(&self, prefix: &str, layer: Option<usize>) -> Result<Block> {
+        let c = self.config;
+        let decoder = layer.is_some();
+        let sandwich = |name: &str| -> Result<Option<Norm>> {
+            Ok(match c.sandwich_norms && decoder {
+                true => Some(self.norm(&format!("{prefix}.{name}"))?),
+                false => None,
+            })
+        };
+        let cross = match (decoder, c.encoder_layers) {
+            (true, 1..) => Some((
+                self.norm(&format!("{prefix}.cross_attn_layernorm"))?,
+                self.attention(&format!("{prefix}.cross_attn"), None, false)?,
+            )),
+            _ => None,
+        };
+        let kind = if decoder {
+            c.block
+        } else {
+            BlockKind::Sequential
+        };
+        Ok(Block {
+            kind,
+            attn_norm: self.norm(&format!("{prefix}.input_layernorm"))?,
+            attn: self.attention(&format!("{prefix}.self_attn"), layer, decoder)?,
+            ffn_norm: match kind {
+                BlockKind::ParallelSharedNorm => None,
+                _ => Some(self.norm(&format!("{prefix}.post_attention_layernorm"))?),
+            },
+            ffn: self.ffn(prefix, layer)?,
+            attn_out_norm: sandwich("attn_out_norm")?,
+            ffn_out_norm: sandwich("ffn_out_norm")?,
+            cross,
+        })
+    }
+
+    /// Decoder layer `l`'s Mixture-of-Depths router, when it is a routed block.
+    fn depth_router(&self, l: usize) -> Result<Option<DepthRouter>> {
+        let p = format!("model.layers.{l}");
+        Ok(match (&self.config.depth, self.config.layer(l).routed) {
+            (Some(dc), true) => Some(DepthRouter {
+                layer: l,
+                weight: self.get(&format!("{p}.depth_router.weight"))?,
+                predictor: match dc.predictor {
+                    0 => None,
+                    _ => Some((
+                        self.get(&format!("{p}.depth_predictor.fc1.weight"))?,
+                        self.get(&format!("{p}.depth_predictor.fc2.weight"))?,
+                    )),
+                },
+                config: *dc,
+            }),
+            _ => None,
+        })
+    }
+}
+
+/// The encoder of an encoder-decoder: bidirectional blocks, a final norm, and the
+/// relative-position table of its self-attention.
+#[derive(Debug, Clone)]
+struct Encoder {
+    blocks: Vec<Block>,
+    norm: Norm,
+    relative: Option<Tensor>,
 }
 
 impl Model {
@@ -196,162 +422,28 @@ impl Model {
                 problems,
             });
         }
-        let get = |name: &str| -> Result<Tensor> {
-            params
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::WeightMismatch {
-                    path: origin.into(),
-                    problems: vec![format!("missing tensor {name}")],
-                })
+        let parts = Parts {
+            config,
+            params,
+            origin,
         };
-        let opt = |name: &str| params.get(name).cloned();
-        let norm = |prefix: &str| -> Result<Norm> {
-            let w = get(&format!("{prefix}.weight"))?;
-            let weight = if config.norm_offset != 0.0 {
-                (w + config.norm_offset)?
-            } else {
-                w
-            };
-            Ok(Norm {
-                kind: config.norm,
-                weight,
-                bias: opt(&format!("{prefix}.bias")),
-                eps: config.norm_eps,
-            })
-        };
-        let linear = |prefix: &str| -> Result<Linear> {
-            Ok(Linear::new(
-                get(&format!("{prefix}.weight"))?,
-                opt(&format!("{prefix}.bias")),
-            ))
-        };
-        let embed = get("model.embed_tokens.weight")?;
+        let embed = parts.get("model.embed_tokens.weight")?;
         let mut blocks = Vec::with_capacity(config.n_layers);
         let mut routers = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
-            let p = format!("model.layers.{l}");
-            let qk = |which: &str| -> Result<Option<Norm>> {
-                Ok(match config.qk_norm {
-                    QkNorm::None => None,
-                    _ => Some(norm(&format!("{p}.self_attn.{which}_norm"))?),
-                })
-            };
-            let attn = Attention {
-                proj: match &config.mla {
-                    None => Projections::Standard {
-                        q: linear(&format!("{p}.self_attn.q_proj"))?,
-                        k: linear(&format!("{p}.self_attn.k_proj"))?,
-                        v: linear(&format!("{p}.self_attn.v_proj"))?,
-                    },
-                    Some(a) => {
-                        let s = format!("{p}.self_attn");
-                        let (q_a, q_b) = match a.q_lora_rank {
-                            Some(_) => (
-                                Some((
-                                    linear(&format!("{s}.q_a_proj"))?,
-                                    norm(&format!("{s}.q_a_layernorm"))?,
-                                )),
-                                linear(&format!("{s}.q_b_proj"))?,
-                            ),
-                            None => (None, linear(&format!("{s}.q_proj"))?),
-                        };
-                        Projections::Latent(Box::new(Latent {
-                            q_a,
-                            q_b,
-                            kv_a: linear(&format!("{s}.kv_a_proj_with_mqa"))?,
-                            kv_norm: norm(&format!("{s}.kv_a_layernorm"))?,
-                            kv_b: linear(&format!("{s}.kv_b_proj"))?,
-                            config: *a,
-                        }))
-                    }
-                },
-                o: linear(&format!("{p}.self_attn.o_proj"))?,
-                n_heads: config.n_heads,
-                n_kv_heads: config.n_kv_heads,
-                head_dim: config.head_dim,
-                q_norm: qk("q")?,
-                k_norm: qk("k")?,
-                qk_norm: config.qk_norm,
-                scale: config
-                    .attn_scale
-                    .unwrap_or(1.0 / (config.head_dim as f64).sqrt()),
-                window: config.layer(l).window,
-                softcap: config.attn_softcap,
-                alibi: config.position == Position::Alibi,
-                clip: config.clip_qkv,
-            };
-            let mlp = |prefix: &str| -> Result<Mlp> {
-                Ok(Mlp {
-                    kind: config.ffn,
-                    gate: if config.ffn.is_gated() {
-                        Some(linear(&format!("{prefix}.gate_proj"))?)
-                    } else {
-                        None
-                    },
-                    up: linear(&format!("{prefix}.up_proj"))?,
-                    down: linear(&format!("{prefix}.down_proj"))?,
-                    gate_up: None,
-                })
-            };
-            let ffn = match (config.layer(l).moe, &config.moe) {
-                (true, Some(m)) => Ffn::Moe(Box::new(MoeLayer {
-                    layer: l,
-                    config: *m,
-                    router: get(&format!("{p}.mlp.gate.weight"))?,
-                    selection_bias: opt(&format!("{p}.mlp.gate.e_score_correction_bias")),
-                    experts: (0..m.n_experts)
-                        .map(|e| mlp(&format!("{p}.mlp.experts.{e}")))
-                        .collect::<Result<_>>()?,
-                    shared: if m.d_shared > 0 {
-                        Some(mlp(&format!("{p}.mlp.shared_expert"))?)
-                    } else {
-                        None
-                    },
-                    shared_gate: if m.shared_gate {
-                        Some(linear(&format!("{p}.mlp.shared_expert_gate"))?)
-                    } else {
-                        None
-                    },
-                    stacked: Default::default(),
-                })),
-                _ => Ffn::Dense(mlp(&format!("{p}.mlp"))?),
-            };
-            let sandwich = |name: &str| -> Result<Option<Norm>> {
-                Ok(if config.sandwich_norms {
-                    Some(norm(&format!("{p}.{name}"))?)
-                } else {
-                    None
-                })
-            };
-            routers.push(match (&config.depth, config.layer(l).routed) {
-                (Some(dc), true) => Some(DepthRouter {
-                    layer: l,
-                    weight: get(&format!("{p}.depth_router.weight"))?,
-                    predictor: match dc.predictor {
-                        0 => None,
-                        _ => Some((
-                            get(&format!("{p}.depth_predictor.fc1.weight"))?,
-                            get(&format!("{p}.depth_predictor.fc2.weight"))?,
-                        )),
-                    },
-                    config: *dc,
-                }),
-                _ => None,
-            });
-            blocks.push(Block {
-                kind: config.block,
-                attn_norm: norm(&format!("{p}.input_layernorm"))?,
-                attn,
-                ffn_norm: match config.block {
-                    BlockKind::ParallelSharedNorm => None,
-                    _ => Some(norm(&format!("{p}.post_attention_layernorm"))?),
-                },
-                ffn,
-                attn_out_norm: sandwich("attn_out_norm")?,
-                ffn_out_norm: sandwich("ffn_out_norm")?,
-            });
+            blocks.push(parts.block(&format!("model.layers.{l}"), Some(l))?);
+            routers.push(parts.depth_router(l)?);
         }
+        let encoder = match config.encoder_layers {
+            0 => None,
+            n => Some(Encoder {
+                blocks: (0..n)
+                    .map(|l| parts.block(&format!("model.encoder.layers.{l}"), None))
+                    .collect::<Result<_>>()?,
+                norm: parts.norm("model.encoder.norm")?,
+                relative: parts.opt("model.encoder.relative_bias.weight"),
+            }),
+        };
         let (rope, local_rope) = match &config.position {
             Position::Rope {
                 theta,
@@ -379,23 +471,25 @@ impl Model {
         let head_w = if config.tie_embeddings {
             embed.clone()
         } else {
-            get("lm_head.weight")?
+            parts.get("lm_head.weight")?
         };
         Ok(Self {
             config: config.clone(),
-            positions: opt("model.embed_positions.weight"),
+            positions: parts.opt("model.embed_positions.weight"),
             embed,
             blocks,
-            norm: norm("model.norm")?,
-            head: Linear::new(head_w, opt("lm_head.bias")),
+            norm: parts.norm("model.norm")?,
+            head: Linear::new(head_w, parts.opt("lm_head.bias")),
             rope,
             local_rope,
+            relative: parts.opt("model.relative_bias.weight"),
             embed_norm: if config.embed_norm {
-                Some(norm("model.embed_norm")?)
+                Some(parts.norm("model.embed_norm")?)
             } else {
                 None
             },
             routers,
+            encoder,
         })
     }
 
@@ -469,12 +563,13 @@ impl Model {
                 self.config.max_seq_len
             )));
         }
-        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-        if max_id >= self.config.vocab_size {
-            return Err(Error::Generate(format!(
-                "token id {max_id} is out of range for a vocabulary of {}",
-                self.config.vocab_size
-            )));
+        self.check_ids(ids)?;
+        if self.encoder.is_some() && !cache.as_ref().is_some_and(|c| c.has_source()) {
+            return Err(Error::Generate(
+                "an encoder-decoder decodes through a cache that holds its source: run \
+                 Model::encode on the source first"
+                    .into(),
+            ));
         }
         let out = self.forward_inner(ids, b, t, start, &mut cache, opts)?;
         if let Some(c) = cache {
@@ -547,6 +642,7 @@ impl Model {
             tables(self.rope.as_ref())?,
             tables(self.local_rope.as_ref())?,
         );
+        let bias = self.relative_bias(self.relative.as_ref(), start, t, start + t, false)?;
         let mut hidden = Vec::new();
         let mut moe = Vec::new();
         let mut depth = Vec::new();
@@ -582,8 +678,12 @@ impl Model {
                     } else {
                         rope.as_ref()
                     };
+                    let pos = Positions {
+                        rope: rope.map(|(c, s)| (c, s)),
+                        bias: bias.as_ref(),
+                    };
                     block
-                        .forward(&x, rope.map(|(c, s)| (c, s)), layer_cache)
+                        .forward(&x, pos, layer_cache)
                         .map_err(|e| e.context(layer()))?
                 }
             };
@@ -595,9 +695,12 @@ impl Model {
         } else {
             x
         };
-        let x = self.norm.forward(&x)?;
+        let mut x = self.norm.forward(&x)?;
         if opts.hidden_states {
             hidden.push(x.clone());
+        }
+        if let Some(s) = self.config.output_scale {
+            x = (x * s)?;
         }
         let mut logits = self.head.forward(&x)?;
         if let Some(cap) = self.config.final_softcap {
@@ -609,6 +712,82 @@ impl Model {
             moe,
             depth,
         })
+    }
+
+    /// The `(n_heads, t, t_k)` relative-position biases of `table` for queries at
+    /// `q0..q0 + t` over keys `0..t_k`, when the model has relative positions.
+    fn relative_bias(
+        &self,
+        table: Option<&Tensor>,
+        q0: usize,
+        t: usize,
+        t_k: usize,
+        bidirectional: bool,
+    ) -> CResult<Option<Tensor>> {
+        match (table, &self.config.position) {
+            (Some(table), Position::Relative { max_distance, .. }) => Ok(Some(relative_bias(
+                table,
+                q0,
+                t,
+                t_k,
+                bidirectional,
+                *max_distance,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Run the encoder of an encoder-decoder on the source `ids: (b, s)` and give every
+    /// decoder layer of `cache` its cross-attention keys and values of the result; the
+    /// decoder then continues through `cache`. Returns the encoder's hidden states
+    /// (embeddings, each block's output but the last, the last after the final norm).
+    pub fn encode(&self, ids: &Tensor, cache: &mut Cache) -> Result<Vec<Tensor>> {
+        let Some(enc) = &self.encoder else {
+            return Err(Error::Generate(
+                "this model has no encoder (it is decoder-only)".into(),
+            ));
+        };
+        self.check_ids(ids)?;
+        let (b, s) = ids.dims2()?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            s,
+            self.config.d_model,
+        ))?;
+        let bias = self.relative_bias(enc.relative.as_ref(), 0, s, s, true)?;
+        let pos = Positions {
+            rope: None,
+            bias: bias.as_ref(),
+        };
+        let mut hidden = Vec::with_capacity(enc.blocks.len() + 1);
+        for (l, block) in enc.blocks.iter().enumerate() {
+            hidden.push(x.clone());
+            x = block
+                .forward(&x, pos, None)
+                .map_err(|e| e.context(format!("encoder layer {l}")))?
+                .0;
+        }
+        let x = enc.norm.forward(&x)?;
+        hidden.push(x.clone());
+        for (block, layer) in self.blocks.iter().zip(&mut cache.layers) {
+            if let Some((_, attn)) = &block.cross {
+                let (k, v) = attn.keys_values(&x)?;
+                layer.set_cross(k, v);
+            }
+        }
+        Ok(hidden)
+    }
+
+    /// Token ids must index the vocabulary.
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.config.vocab_size {
+            return Err(Error::Generate(format!(
+                "token id {max_id} is out of range for a vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
     }
 
     /// Mean next-token cross-entropy of `ids: (b, t)` predicting `targets: (b, t)`.
@@ -675,9 +854,11 @@ impl Model {
             }
             None => None,
         };
-        Ok(block
-            .forward(x, tables.as_ref().map(|(c, s)| (c, s)), None)?
-            .0)
+        let pos = Positions {
+            rope: tables.as_ref().map(|(c, s)| (c, s)),
+            bias: None,
+        };
+        Ok(block.forward(x, pos, None)?.0)
     }
 
     pub fn new_cache(&self) -> Cache {

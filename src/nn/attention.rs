@@ -7,9 +7,9 @@
 use candle_core::{Result, Tensor};
 
 use super::causal_attention::{causal_attention, AttentionOptions};
+use super::KvCache;
 use super::{ops, Linear, Norm};
 use crate::config::{MlaConfig, QkNorm};
-use crate::model::cache::KvCache;
 
 /// How queries, keys and values are projected from the input.
 #[derive(Debug, Clone)]
@@ -52,6 +52,19 @@ pub struct Attention {
     /// q, k and v clamped to `[-c, c]` after their projections and full q/k norms
     /// (OLMoE's `clip_qkv`).
     pub clip: Option<f64>,
+    /// A query sees only the keys up to its own position (false: an encoder's
+    /// bidirectional self-attention).
+    pub causal: bool,
+}
+
+/// Where the tokens of an attention call sit: the rotary tables of their positions, or the
+/// relative-position biases of their scores.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Positions<'a> {
+    /// `(cos, sin)` of these `t` positions.
+    pub rope: Option<(&'a Tensor, &'a Tensor)>,
+    /// `(n_heads, t, t_k)` added to the self-attention scores.
+    pub bias: Option<&'a Tensor>,
 }
 
 impl Attention {
@@ -97,14 +110,15 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// `x: (b, t, d_model)`; `rope`: the (cos, sin) tables of these `t` positions, if any;
-    /// `cache`: the layer's KV cache, appended to and attended over when present.
+    /// `x: (b, t, d_model)`; `pos`: where these `t` tokens sit; `cache`: the layer's KV
+    /// cache, appended to and attended over when present.
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: Option<(&Tensor, &Tensor)>,
+        pos: Positions,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let rope = pos.rope;
         let (b, t, _) = x.dims3()?;
         let h = self.n_heads;
         let rotate = |x: Tensor| -> Result<Tensor> {
@@ -142,7 +156,11 @@ impl Attention {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let y = causal_attention(&q, &k, &v, &self.options())?; // (b, t, h, dv)
+        let opts = AttentionOptions {
+            bias: pos.bias.cloned(),
+            ..self.options()
+        };
+        let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, dv)
         let dv = y.dim(3)?;
         let y = y.reshape((b, t, h * dv))?;
         self.o.forward(&y)
@@ -154,7 +172,38 @@ impl Attention {
             window: self.window,
             softcap: self.softcap,
             alibi: self.alibi,
+            causal: self.causal,
+            bias: None,
         }
+    }
+
+    /// Cross-attention's keys and values of `source: (b, s, d_model)` (an encoder's
+    /// output), `(b, s, h_kv, head_dim)` each: computed once, kept in the cache.
+    pub fn keys_values(&self, source: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Projections::Standard { k, v, .. } = &self.proj else {
+            candle_core::bail!("cross-attention takes standard projections")
+        };
+        let (b, s, _) = source.dims3()?;
+        let shape = (b, s, self.n_kv_heads, self.head_dim);
+        let [k, v] = Linear::forward_many([k, v], source)?;
+        Ok((k.reshape(shape)?, v.reshape(shape)?))
+    }
+
+    /// Cross-attention from `x: (b, t, d_model)` over the source's keys and values
+    /// ([`Attention::keys_values`]): every query sees every source position.
+    pub fn cross(&self, x: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let Projections::Standard { q, .. } = &self.proj else {
+            candle_core::bail!("cross-attention takes standard projections")
+        };
+        let (b, t, _) = x.dims3()?;
+        let q = q.forward(x)?.reshape((b, t, self.n_heads, self.head_dim))?;
+        let opts = AttentionOptions {
+            causal: false,
+            ..self.options()
+        };
+        let y = causal_attention(&q, k, v, &opts)?;
+        self.o
+            .forward(&y.reshape((b, t, self.n_heads * self.head_dim))?)
     }
 
     /// Latent attention through a latent cache, with `kv_b` absorbed (DeepSeek-V2 §2.1.2):

@@ -525,7 +525,7 @@ impl CustomOp3 for CausalAttentionBwd {
 }
 
 /// Options of one attention call.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AttentionOptions {
     /// Multiplies the scores (usually `1/sqrt(head_dim)`).
     pub scale: f64,
@@ -536,22 +536,30 @@ pub struct AttentionOptions {
     /// ALiBi: head `h` adds `slope_h · (j − i)` to the score of query `i`, key `j`
     /// ([`alibi_slopes`]).
     pub alibi: bool,
+    /// Query `i` sees keys `j <= i` only (false: every key, an encoder).
+    pub causal: bool,
+    /// `(h, t, t_k)` added to the scores after scaling (relative position biases).
+    pub bias: Option<Tensor>,
 }
 
 impl AttentionOptions {
+    /// Causal attention with this score scale and nothing else.
     pub fn scaled(scale: f64) -> Self {
         Self {
             scale,
             window: None,
             softcap: None,
             alibi: false,
+            causal: true,
+            bias: None,
         }
     }
 }
 
-/// Causal attention `softmax(scale · q kᵀ + causal mask) v` with `q: (b, t, h, d)`,
-/// `k, v: (b, t_k, h_kv, d)`, giving `(b, t, h, d)`. The fused kernel covers f32 on the CPU
-/// without soft-capping; everything else takes the composed reference path.
+/// Attention `softmax(scale · q kᵀ + bias + causal mask) v` with `q: (b, t, h, d)`,
+/// `k, v: (b, t_k, h_kv, d)`, giving `(b, t, h, d)`. The fused kernel covers causal f32
+/// attention on the CPU without soft-capping or a bias tensor; everything else (encoders,
+/// cross-attention, relative positions) takes the composed reference path.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -560,6 +568,8 @@ pub fn causal_attention(
 ) -> CResult<Tensor> {
     let fused = q.device().is_cpu()
         && o.softcap.is_none()
+        && o.causal
+        && o.bias.is_none()
         && [q, k, v].iter().all(|t| t.dtype() == DType::F32);
     if fused {
         let last = |t: &Tensor| -> CResult<Tensor> {
@@ -607,14 +617,17 @@ pub fn attention_reference(
     let mask: Vec<f32> = (0..hkv * group * t)
         .flat_map(|row| {
             let (kv, r) = (row / (group * t), row % (group * t));
-            let pos = r % t + (tk - t);
+            // (causal only: a cross-attention's t may exceed its t_k)
+            let pos = (r % t + tk).saturating_sub(t);
             let m = if o.alibi {
                 slopes[kv * group + r / t]
             } else {
                 0.0
             };
             (0..tk).map(move |j| {
-                if j <= pos && pos - j < window {
+                if !o.causal {
+                    0.0
+                } else if j <= pos && pos - j < window {
                     m * (j as f32 - pos as f32)
                 } else {
                     f32::NEG_INFINITY
@@ -622,7 +635,11 @@ pub fn attention_reference(
             })
         })
         .collect();
-    let mask = Tensor::from_vec(mask, (hkv, group * t, tk), s.device())?.to_dtype(s.dtype())?;
+    let mut mask = Tensor::from_vec(mask, (hkv, group * t, tk), s.device())?.to_dtype(s.dtype())?;
+    if let Some(bias) = &o.bias {
+        // (h, t, tk) in the rows' order: head kv·group + r / t, query r % t
+        mask = mask.broadcast_add(&bias.reshape((hkv, group * t, tk))?)?;
+    }
     let p = candle_nn::ops::softmax(&s.broadcast_add(&mask)?, candle_core::D::Minus1)?;
     let dv = v.dim(3)?;
     p.matmul(&v)?

@@ -6,14 +6,17 @@ pub mod attention;
 pub mod bf16;
 pub mod causal_attention;
 pub mod grouped;
+pub mod kv_cache;
 pub mod linear;
 pub mod matvec;
 pub mod mlp;
 pub mod norm;
 pub mod ops;
+pub mod relative;
 pub mod rope;
 
-pub use attention::Attention;
+pub use attention::{Attention, Positions};
+pub use kv_cache::KvCache;
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::Norm;

@@ -15,9 +15,8 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::config::{DepthConfig, DepthSelection};
 use crate::model::block::Block;
-use crate::model::cache::KvCache;
 use crate::nn::matvec::matmul_t;
-use crate::nn::RopeTables;
+use crate::nn::{KvCache, Positions, RopeTables};
 use crate::routing::router::top_k;
 use crate::routing::MoeStats;
 
@@ -210,7 +209,11 @@ impl DepthRouter {
                 Some(r) => Some(r.range(start, t)?),
                 None => None,
             };
-            let (y, moe) = block.forward(x, range.as_ref().map(|(c, s)| (c, s)), cache)?;
+            let pos = Positions {
+                rope: range.as_ref().map(|(c, s)| (c, s)),
+                bias: None,
+            };
+            let (y, moe) = block.forward(x, pos, cache)?;
             return Ok((y, moe, stats));
         }
         // one gathered sequence per row; rows may choose different numbers of tokens
@@ -248,11 +251,11 @@ impl DepthRouter {
                 )?),
                 None => None,
             };
-            let (y, moe) = block.forward(
-                &x_sel,
-                tables.as_ref().map(|(c, s)| (c, s)),
-                cache.as_deref_mut(),
-            )?;
+            let pos = Positions {
+                rope: tables.as_ref().map(|(c, s)| (c, s)),
+                bias: None,
+            };
+            let (y, moe) = block.forward(&x_sel, pos, cache.as_deref_mut())?;
             // every group's router statistics, as one layer's
             moe_out = match (moe_out, moe) {
                 (Some(a), Some(b)) => Some(a.merge(b)?),

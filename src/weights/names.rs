@@ -101,6 +101,60 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             v.push(vector(format!("{prefix}.down_proj.bias"), d, Init::Zeros));
         }
     };
+    // standard q, k, v projections (self- or cross-attention) under `prefix`
+    let qkv = |v: &mut Vec<ParamSpec>, prefix: String| {
+        for (proj, width) in [
+            ("q_proj", cfg.q_dim()),
+            ("k_proj", cfg.kv_dim()),
+            ("v_proj", cfg.kv_dim()),
+        ] {
+            v.push(matrix(format!("{prefix}.{proj}.weight"), width, d, std));
+            if cfg.qkv_bias {
+                v.push(vector(format!("{prefix}.{proj}.bias"), width, Init::Zeros));
+            }
+        }
+    };
+    let out = |v: &mut Vec<ParamSpec>, prefix: String| {
+        let o = format!("{prefix}.o_proj");
+        v.push(matrix(
+            format!("{o}.weight"),
+            d,
+            cfg.attn_out_dim(),
+            out_std,
+        ));
+        if cfg.out_bias {
+            v.push(vector(format!("{o}.bias"), d, Init::Zeros));
+        }
+    };
+    // relative position tables: the decoder's, and the encoder's
+    if let Position::Relative { buckets, .. } = cfg.position {
+        let mut stacks = vec!["model"];
+        if cfg.encoder_layers > 0 {
+            stacks.push("model.encoder");
+        }
+        for s in stacks {
+            let mut table = matrix(
+                format!("{s}.relative_bias.weight"),
+                buckets,
+                cfg.n_heads,
+                std,
+            );
+            table.decay = false;
+            v.push(table);
+        }
+    }
+    // the encoder: plain blocks (bidirectional self-attention, dense FFN) and a final norm
+    for l in 0..cfg.encoder_layers {
+        let p = format!("model.encoder.layers.{l}");
+        norm(&mut v, format!("{p}.input_layernorm"));
+        qkv(&mut v, format!("{p}.self_attn"));
+        out(&mut v, format!("{p}.self_attn"));
+        norm(&mut v, format!("{p}.post_attention_layernorm"));
+        ffn(&mut v, format!("{p}.mlp"), cfg.d_ff);
+    }
+    if cfg.encoder_layers > 0 {
+        norm(&mut v, "model.encoder.norm".into());
+    }
     for l in 0..cfg.n_layers {
         let p = format!("model.layers.{l}");
         norm(&mut v, format!("{p}.input_layernorm"));
@@ -130,36 +184,13 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
                 let width = cfg.n_heads * (a.qk_nope_dim + a.v_head_dim);
                 v.push(matrix(format!("{a_}.kv_b_proj.weight"), width, kv, std));
             }
-            None => {
-                for (proj, width) in [
-                    ("q_proj", cfg.q_dim()),
-                    ("k_proj", cfg.kv_dim()),
-                    ("v_proj", cfg.kv_dim()),
-                ] {
-                    v.push(matrix(
-                        format!("{p}.self_attn.{proj}.weight"),
-                        width,
-                        d,
-                        std,
-                    ));
-                    if cfg.qkv_bias {
-                        v.push(vector(
-                            format!("{p}.self_attn.{proj}.bias"),
-                            width,
-                            Init::Zeros,
-                        ));
-                    }
-                }
-            }
+            None => qkv(&mut v, format!("{p}.self_attn")),
         }
-        v.push(matrix(
-            format!("{p}.self_attn.o_proj.weight"),
-            d,
-            cfg.attn_out_dim(),
-            out_std,
-        ));
-        if cfg.out_bias {
-            v.push(vector(format!("{p}.self_attn.o_proj.bias"), d, Init::Zeros));
+        out(&mut v, format!("{p}.self_attn"));
+        if cfg.encoder_layers > 0 {
+            norm(&mut v, format!("{p}.cross_attn_layernorm"));
+            qkv(&mut v, format!("{p}.cross_attn"));
+            out(&mut v, format!("{p}.cross_attn"));
         }
         let qk_widths = match cfg.qk_norm {
             QkNorm::None => None,
