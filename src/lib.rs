@@ -20,9 +20,9 @@ pub mod train;
 pub mod verify;
 pub mod weights;
 
-pub use config::{ModelConfig, ModelConfigFile, RunFile};
+pub use config::{ModelConfig, ModelConfigFile};
 pub use error::{Error, Result};
 pub use flops::FlopLedger;
 pub use model::{Model, ModelOutput};
 pub use tokenize::Tokenizer;
-pub use train::{TrainConfig, TrainConfigFile, Trainer};
+pub use train::{RunFile, TrainConfig, TrainConfigFile, Trainer};

@@ -92,9 +92,9 @@ fn kv_cache_decoding_equals_full_forward() {
 
 #[test]
 fn kv_cache_survives_growth_past_initial_capacity() {
-    let mut f = routelm::ModelConfigFile::from(&tiny(2));
-    f.max_seq_len = Some(40);
-    let cfg = f.resolve("long").unwrap();
+    let mut cfg = tiny(2);
+    cfg.max_seq_len = 40;
+    assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
     let p = init_params(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let m = Model::new(&cfg, &p, "test").unwrap();
     let seq: Vec<u32> = (0..40).map(|i| (i * 7 % 40) as u32).collect();

@@ -17,7 +17,7 @@ fn setup_with(
     steps: usize,
     moe: Option<routelm::config::MoeFile>,
 ) -> (routelm::ModelConfig, routelm::TrainConfig, Dataset) {
-    let mut f = routelm::ModelConfigFile::from(&common::tiny(0));
+    let mut f = common::tiny_file();
     f.vocab_size = Some(256);
     f.init_std = Some(0.02);
     f.moe = moe;

@@ -2,10 +2,10 @@ use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use routelm::config::RunFile;
 use routelm::report::plot::{line_plot, Series};
 use routelm::train::data::Dataset;
 use routelm::train::{RunOptions, Trainer};
+use routelm::RunFile;
 use routelm::{FlopLedger, Tokenizer};
 
 /// Train several variants (dense, MoE, MoD, …) at the same total training FLOPs and compare

@@ -17,9 +17,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
-use routelm::config::RunFile;
 use routelm::train::corpus;
 use routelm::train::data::Dataset;
+use routelm::RunFile;
 use routelm::Tokenizer;
 
 #[derive(Parser)]

@@ -7,10 +7,12 @@ pub mod corpus;
 pub mod data;
 pub mod optimizer;
 pub mod rng;
+mod run_file;
 pub mod trainer;
 
 use serde::{Deserialize, Serialize};
 
+pub use run_file::RunFile;
 pub use trainer::{Event, RunOptions, RunSummary, Trainer};
 
 /// Precision of the matrix products in training (parameters, activations, gradients and

@@ -9,10 +9,9 @@ use routelm::config::{
 };
 use routelm::ModelConfig;
 
-/// A tiny config; `variant` picks the layer options so that together they cover every
-/// norm, FFN kind, position scheme, head layout and bias setting.
-pub fn tiny(variant: usize) -> ModelConfig {
-    let mut f = ModelConfigFile {
+/// The file form of [`tiny`]'s base (variant 0: Llama-like).
+pub fn tiny_file() -> ModelConfigFile {
+    ModelConfigFile {
         vocab_size: Some(40),
         d_model: Some(16),
         n_layers: Some(2),
@@ -21,7 +20,13 @@ pub fn tiny(variant: usize) -> ModelConfig {
         d_ff: Some(24),
         init_std: Some(0.3),
         ..Default::default()
-    };
+    }
+}
+
+/// A tiny config; `variant` picks the layer options so that together they cover every
+/// norm, FFN kind, position scheme, head layout and bias setting.
+pub fn tiny(variant: usize) -> ModelConfig {
+    let mut f = tiny_file();
     match variant {
         0 => {} // Llama-like: RMSNorm, SwiGLU, RoPE, MHA, tied
         1 => {
