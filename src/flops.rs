@@ -147,7 +147,7 @@ impl Ledger<'_> {
     fn ffn(&mut self, p: &str, l: Option<usize>) -> usize {
         let c = self.cfg;
         let d = c.d_model;
-        let moe = l.filter(|&l| c.layer(l).moe).and(c.moe.as_ref());
+        let moe = l.and_then(|l| c.layer(l).moe);
         let Some(m) = moe else {
             let (params, flops) = self.ffn_cost(c.d_ff);
             self.push(format!("{p}.ffn"), flops, params);
@@ -203,7 +203,7 @@ impl Ledger<'_> {
                 QkNorm::Full => c.q_dim() + c.kv_dim(),
             };
         self.total += params;
-        if let (Some(dc), true) = (&c.depth, c.layer(l).routed) {
+        if let Some(dc) = c.layer(l).depth {
             // per token of the sequence: the k processed tokens' cost spread over n, and
             // attention among the k tokens only
             let n = self.seq_len;

@@ -22,15 +22,15 @@ fn routed_with(
     selection: DepthSelection,
 ) -> (routelm::ModelConfig, Params) {
     let mut c = common::tiny(0);
-    c.depth = Some(DepthConfig {
+    let depth = DepthConfig {
         capacity,
         aux_loss_coef: 0.1,
         predictor,
         selection,
-    });
+    };
     c.layers = vec![
         LayerSpec {
-            routed: true,
+            depth: Some(depth),
             ..Default::default()
         };
         2
@@ -46,7 +46,6 @@ fn capacity_one_equals_the_plain_model() {
     let (c, p) = routed(1.0);
     let m = Model::new(&c, &p, "t").unwrap();
     let mut plain_cfg = c.clone();
-    plain_cfg.depth = None;
     plain_cfg.layers = Vec::new();
     let mut plain_params = p.clone();
     plain_params.retain(|k, _| !k.contains("depth_router"));
@@ -79,7 +78,6 @@ fn skipped_rows_are_exact_and_chosen_rows_match_the_block_on_gathered_rows() {
     let out = m.run_layer(0, &x, None).unwrap();
     let k = 4; // ceil(0.4 * 10)
     let mut plain_cfg = c.clone();
-    plain_cfg.depth = None;
     plain_cfg.layers = Vec::new();
     plain_cfg.n_layers = 1;
     let mut single = Params::new();

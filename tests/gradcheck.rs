@@ -426,7 +426,7 @@ fn whole_model_gradients() {
             // without it (the variants route one block, or decide by a predictor, so a
             // decider's own loss is the only one it moves)
             let mut fd_cfg = cfg.clone();
-            if let Some(dc) = &mut fd_cfg.depth {
+            for dc in fd_cfg.layers.iter_mut().filter_map(|l| l.depth.as_mut()) {
                 let decider = if dc.predictor > 0 {
                     "depth_predictor"
                 } else {

@@ -558,7 +558,7 @@ fn expert_choice_matches_the_slow_reference() {
 #[test]
 fn expert_choice_refuses_to_sample() {
     let mut cfg = common::tiny(7);
-    if let Some(m) = &mut cfg.moe {
+    for m in cfg.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
         m.expert_choice = true;
         m.selection_bias = false;
         m.n_groups = 1;

@@ -62,7 +62,7 @@ fn resumed_moe_run_reproduces_uninterrupted_run() {
         ..Default::default()
     };
     let (cfg, train, data) = setup_with(12, Some(moe));
-    assert!(cfg.moe.is_some());
+    assert!(cfg.moe_layers().next().is_some());
     let dir = resume_reproduces((cfg, train, data), "moe");
     let ckpt = dir.join("checkpoint");
     let names = |file: &str| {
@@ -214,15 +214,15 @@ fn resume_with_other_data_is_refused() {
 #[test]
 fn router_scores_stay_bounded_on_a_long_run() {
     let (mut cfg, mut train, data) = setup(400);
-    cfg.depth = Some(routelm::config::DepthConfig {
+    let depth = routelm::config::DepthConfig {
         capacity: 0.25,
         aux_loss_coef: 1.0,
         predictor: 0,
         selection: Default::default(),
-    });
+    };
     cfg.layers = vec![
         routelm::config::LayerSpec {
-            routed: true,
+            depth: Some(depth),
             ..Default::default()
         };
         cfg.n_layers

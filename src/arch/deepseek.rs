@@ -62,7 +62,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     }
     let n_shared = raw.opt_usize(&["n_shared_experts"]).unwrap_or(0);
     let d_expert = raw.usize(&["moe_intermediate_size"]);
-    c.moe = Some(MoeConfig {
+    let moe = MoeConfig {
         scoring: match raw.str(&["scoring_func"]).unwrap_or("sigmoid") {
             "softmax" => Scoring::Softmax,
             _ => Scoring::Sigmoid,
@@ -78,14 +78,13 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
             raw.usize(&["num_experts_per_tok"]),
             d_expert,
         )
-    });
+    };
     let first_dense = raw.opt_usize(&["first_k_dense_replace"]).unwrap_or(0);
     let every = raw.opt_usize(&["moe_layer_freq"]).unwrap_or(1).max(1);
     c.layers = (0..c.n_layers)
         .map(|l| LayerSpec {
-            window: None,
-            moe: l >= first_dense && (l - first_dense).is_multiple_of(every),
-            routed: false,
+            moe: (l >= first_dense && (l - first_dense).is_multiple_of(every)).then_some(moe),
+            ..Default::default()
         })
         .collect();
     c

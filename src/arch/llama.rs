@@ -92,8 +92,7 @@ pub(crate) fn windows(raw: &RawConfig, n_layers: usize, rule: Windows) -> Vec<La
         .into_iter()
         .map(|s| LayerSpec {
             window: s.then_some(w),
-            moe: false,
-            routed: false,
+            ..Default::default()
         })
         .collect()
 }

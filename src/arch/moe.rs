@@ -22,15 +22,17 @@ fn moe(raw: &RawConfig, d_expert_keys: &[&str], norm_topk_default: bool) -> MoeC
     }
 }
 
-/// Mark layers sparse: all but `mlp_only_layers`, every `decoder_sparse_step`-th.
-fn mark_layers(raw: &RawConfig, c: &mut ModelConfig) {
+/// Give layers the Mixture of Experts `m`: all but `mlp_only_layers`, every
+/// `decoder_sparse_step`-th.
+fn mark_layers(raw: &RawConfig, c: &mut ModelConfig, m: MoeConfig) {
     let step = raw.opt_usize(&["decoder_sparse_step"]).unwrap_or(1).max(1);
     let dense: Vec<usize> = raw.usize_list("mlp_only_layers").unwrap_or_default();
     if c.layers.is_empty() {
         c.layers = vec![LayerSpec::default(); c.n_layers];
     }
     for (l, spec) in c.layers.iter_mut().enumerate() {
-        spec.moe = !dense.contains(&l) && (l + 1).is_multiple_of(step);
+        let sparse = !dense.contains(&l) && (l + 1).is_multiple_of(step);
+        spec.moe = sparse.then_some(m);
     }
 }
 
@@ -39,9 +41,11 @@ pub fn config_mixtral(raw: &RawConfig) -> ModelConfig {
     c.layers = llama::windows(raw, c.n_layers, Windows::Every);
     // noise on the router's input while training only
     raw.acknowledge(&["router_jitter_noise"]);
-    c.moe = Some(moe(raw, &["intermediate_size"], true));
-    c.moe.iter_mut().for_each(|m| m.norm_topk = true);
-    mark_layers(raw, &mut c);
+    let m = MoeConfig {
+        norm_topk: true,
+        ..moe(raw, &["intermediate_size"], true)
+    };
+    mark_layers(raw, &mut c, m);
     c
 }
 
@@ -50,10 +54,9 @@ pub fn config_phimoe(raw: &RawConfig) -> ModelConfig {
     c.norm = NormKind::LayerNorm;
     c.norm_bias = true;
     c.head_bias = raw.bool_or("lm_head_bias", false);
-    if let Some(m) = &mut c.moe {
-        m.scoring = Scoring::SparseMixer {
-            eps: raw.f64_or(&["router_jitter_noise"], 0.01),
-        };
+    let eps = raw.f64_or(&["router_jitter_noise"], 0.01);
+    for m in c.layers.iter_mut().filter_map(|l| l.moe.as_mut()) {
+        m.scoring = Scoring::SparseMixer { eps };
         m.norm_topk = false;
     }
     c
@@ -68,16 +71,15 @@ pub fn config_qwen2_moe(raw: &RawConfig) -> ModelConfig {
         .opt_usize(&["shared_expert_intermediate_size"])
         .unwrap_or(0);
     m.shared_gate = m.d_shared > 0;
-    c.moe = Some(m);
-    mark_layers(raw, &mut c);
+    mark_layers(raw, &mut c, m);
     c
 }
 
 pub fn config_qwen3_moe(raw: &RawConfig) -> ModelConfig {
     let mut c = qwen::config_qwen3(raw);
     c.layers = llama::windows(raw, c.n_layers, Windows::EveryIfUsed);
-    c.moe = Some(moe(raw, &["moe_intermediate_size"], false));
-    mark_layers(raw, &mut c);
+    let m = moe(raw, &["moe_intermediate_size"], false);
+    mark_layers(raw, &mut c, m);
     c
 }
 
@@ -85,16 +87,16 @@ pub fn config_olmoe(raw: &RawConfig) -> ModelConfig {
     let mut c = llama::base(raw);
     c.qk_norm = QkNorm::Full;
     c.clip_qkv = raw.opt_f64(&["clip_qkv"]);
-    c.moe = Some(moe(raw, &["intermediate_size"], false));
-    mark_layers(raw, &mut c);
+    let m = moe(raw, &["intermediate_size"], false);
+    mark_layers(raw, &mut c, m);
     c
 }
 
 /// Mixtral's names: `block_sparse_moe.gate`, experts' `w1` (gate), `w3` (up), `w2` (down).
 pub fn tensors_mixtral(cfg: &ModelConfig, map: &mut TensorMap) -> Result<Params> {
     let mut out = Params::new();
-    let n = cfg.moe.map_or(0, |m| m.n_experts);
     for l in 0..cfg.n_layers {
+        let n = cfg.layer(l).moe.map_or(0, |m| m.n_experts);
         let (from, to) = (
             format!("model.layers.{l}.block_sparse_moe"),
             format!("model.layers.{l}.mlp"),

@@ -609,7 +609,7 @@ fn processed_shares(model: &Model, tokens: usize) -> Result<Vec<(usize, f64)>> {
         logits = model.forward(&input, Some(&mut cache), true)?.logits;
     }
     Ok((0..model.config.n_layers)
-        .filter(|&l| model.config.layer(l).routed)
+        .filter(|&l| model.config.layer(l).depth.is_some())
         .map(|l| {
             (
                 l,

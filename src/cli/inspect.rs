@@ -18,7 +18,7 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
     }
     if p.extension().is_some_and(|e| e == "json") && p.exists() {
         let text = std::fs::read_to_string(p)?;
-        if let Ok(cfg) = serde_json::from_str::<ModelConfig>(&text) {
+        if let Ok(cfg) = routelm::config::parse_resolved(&text) {
             return Ok(cfg);
         }
     }
@@ -55,14 +55,10 @@ pub fn run(a: Args) -> Result<()> {
         "  parameters {} total, {} active per token",
         ledger.total_params, ledger.active_params
     );
-    if let Some(m) = &cfg.moe {
-        let sparse: Vec<String> = (0..cfg.n_layers)
-            .filter(|&l| cfg.layer(l).moe)
-            .map(|l| l.to_string())
-            .collect();
+    // one line per distinct setting, with the layers that use it
+    for (m, layers) in groups(cfg.moe_layers()) {
         println!(
-            "  MoE layers [{}]: {} experts (width {}), top-{}, {:?} scoring{}{}",
-            sparse.join(", "),
+            "  MoE layers [{layers}]: {} experts (width {}), top-{}, {:?} scoring{}{}",
             m.n_experts,
             m.d_expert,
             m.top_k,
@@ -86,14 +82,9 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    if let Some(dc) = &cfg.depth {
-        let routed: Vec<String> = (0..cfg.n_layers)
-            .filter(|&l| cfg.layer(l).routed)
-            .map(|l| l.to_string())
-            .collect();
+    for (dc, layers) in groups(cfg.depth_layers()) {
         println!(
-            "  Mixture-of-Depths blocks [{}]: capacity {:.1}%, {:?} selection, sampling decided by {}",
-            routed.join(", "),
+            "  Mixture-of-Depths blocks [{layers}]: capacity {:.1}%, {:?} selection, sampling decided by {}",
             100.0 * dc.capacity,
             dc.selection,
             if dc.predictor > 0 {
@@ -121,4 +112,17 @@ pub fn run(a: Args) -> Result<()> {
         cfg.max_seq_len
     );
     Ok(())
+}
+
+/// Layers grouped by equal settings, in order of first use: each setting with its layers
+/// as "0, 2, 3".
+fn groups<T: PartialEq>(layers: impl Iterator<Item = (usize, T)>) -> Vec<(T, String)> {
+    let mut out: Vec<(T, Vec<String>)> = Vec::new();
+    for (l, c) in layers {
+        match out.iter_mut().find(|(seen, _)| *seen == c) {
+            Some((_, ls)) => ls.push(l.to_string()),
+            None => out.push((c, vec![l.to_string()])),
+        }
+    }
+    out.into_iter().map(|(c, ls)| (c, ls.join(", "))).collect()
 }

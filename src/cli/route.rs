@@ -30,7 +30,7 @@ pub fn run(a: Args) -> Result<()> {
     let model_dir = super::model_dir(&a.model);
     let model =
         routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &super::device())?.model;
-    if model.config.depth.is_none() {
+    if model.config.depth_layers().next().is_none() {
         bail!(
             "{}: the model has no routed (Mixture-of-Depths) blocks",
             a.model.display()

@@ -115,7 +115,8 @@ pub struct MoeFile {
     /// Expert-choice routing (default false: token choice); not causal, so no sampling.
     pub expert_choice: Option<bool>,
     /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
-    /// unless `layers` lists them explicitly.
+    /// unless `layers` lists them explicitly. (Layers with different MoE settings are
+    /// written in the resolved form, `config.json`'s per-layer `layers`.)
     pub every: Option<usize>,
     pub first_dense: Option<usize>,
     pub layers: Option<Vec<usize>>,
@@ -232,8 +233,7 @@ impl ModelConfigFile {
                 Some(w) => vec![
                     LayerSpec {
                         window: Some(w),
-                        moe: false,
-                        routed: false
+                        ..Default::default()
                     };
                     n_layers
                 ],
@@ -248,19 +248,23 @@ impl ModelConfigFile {
             if cfg.layers.is_empty() {
                 cfg.layers = vec![LayerSpec::default(); n_layers];
             }
-            let every = df.every.unwrap_or(2).max(1);
-            for (l, spec) in cfg.layers.iter_mut().enumerate() {
-                spec.routed = match &df.layers {
-                    Some(list) => list.contains(&l),
-                    None => l % every == every - 1,
-                };
-            }
-            cfg.depth = Some(DepthConfig {
+            let dc = DepthConfig {
                 capacity: df.capacity.unwrap_or(0.125),
                 aux_loss_coef: df.aux_loss_coef.unwrap_or(1.0),
                 predictor: df.predictor.unwrap_or(0),
                 selection: df.selection.unwrap_or_default(),
-            });
+            };
+            let every = df.every.unwrap_or(2).max(1);
+            for (l, spec) in cfg.layers.iter_mut().enumerate() {
+                let routed = match &df.layers {
+                    Some(list) => list.contains(&l),
+                    None => l % every == every - 1,
+                };
+                spec.depth = routed.then_some(dc);
+            }
+            if cfg.layers.iter().all(|l| l.depth.is_none()) {
+                problems.push("[depth] is set but no layer is routed".into());
+            }
         }
         if let Some(mf) = &self.moe {
             let (m, marks) = mf.resolve(cfg.d_ff, n_layers);
@@ -268,9 +272,8 @@ impl ModelConfigFile {
                 cfg.layers = vec![LayerSpec::default(); n_layers];
             }
             for (spec, on) in cfg.layers.iter_mut().zip(marks) {
-                spec.moe = on;
+                spec.moe = on.then_some(m);
             }
-            cfg.moe = Some(m);
         }
         problems.extend(cfg.problems());
         if problems.is_empty() {
@@ -282,6 +285,33 @@ impl ModelConfigFile {
             })
         }
     }
+}
+
+/// Parse routelm's own resolved `config.json`. Files written before layers carried their
+/// own Mixture-of-Experts and Mixture-of-Depths settings (one top-level `moe` / `depth`
+/// section and per-layer `moe` / `routed` flags) are read by moving each section into the
+/// layers that were flagged.
+pub fn parse_resolved(text: &str) -> serde_json::Result<ModelConfig> {
+    let mut v: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(obj) = v.as_object_mut() {
+        let moe = obj.remove("moe");
+        let depth = obj.remove("depth");
+        if let Some(layers) = obj.get_mut("layers").and_then(|l| l.as_array_mut()) {
+            for layer in layers.iter_mut().filter_map(|l| l.as_object_mut()) {
+                for (flag, key, section) in [("moe", "moe", &moe), ("routed", "depth", &depth)] {
+                    // only the earlier layout's flags (the per-layer form has objects here)
+                    let Some(on) = layer.get(flag).and_then(|f| f.as_bool()) else {
+                        continue;
+                    };
+                    layer.remove(flag);
+                    if let (true, Some(section)) = (on, section) {
+                        layer.insert(key.into(), section.clone());
+                    }
+                }
+            }
+        }
+    }
+    serde_json::from_value(v)
 }
 
 #[cfg(test)]
@@ -309,6 +339,40 @@ mod tests {
         );
         assert!(err.contains("norm_eps"), "{err}");
         assert!(err.starts_with("test.toml"), "{err}");
+    }
+
+    /// A config.json of the earlier layout (one `moe` section, layers flagged) reads as
+    /// the per-layer form, and the per-layer form reads back as itself.
+    #[test]
+    fn earlier_resolved_layout_is_upgraded() {
+        let f = ModelConfigFile {
+            d_model: Some(16),
+            n_layers: Some(3),
+            n_heads: Some(2),
+            moe: Some(MoeFile {
+                first_dense: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = f.resolve("x").unwrap();
+        let m = serde_json::to_value(c.layer(1).moe.unwrap()).unwrap();
+        let old = serde_json::json!({
+            "layers": [{"window": null, "moe": false, "routed": false},
+                       {"window": null, "moe": true, "routed": false},
+                       {"window": null, "moe": true, "routed": false}],
+            "moe": m,
+        });
+        let mut v = serde_json::to_value(&c).unwrap();
+        let new_layers = v["layers"].clone();
+        for (k, x) in old.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let text = serde_json::to_string(&v).unwrap();
+        assert_eq!(parse_resolved(&text).unwrap(), c);
+        v["layers"] = new_layers;
+        v.as_object_mut().unwrap().remove("moe");
+        assert_eq!(parse_resolved(&v.to_string()).unwrap(), c);
     }
 
     #[test]

@@ -6,5 +6,5 @@ mod file;
 mod model;
 mod validate;
 
-pub use file::{DepthFile, ModelConfigFile, MoeFile};
+pub use file::{parse_resolved, DepthFile, ModelConfigFile, MoeFile};
 pub use model::*;

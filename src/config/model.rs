@@ -143,25 +143,25 @@ pub enum QkNorm {
     Full,
 }
 
-/// Options that can differ from layer to layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Options that can differ from layer to layer: published models mix dense and
+/// Mixture-of-Experts layers (DeepSeek's dense first layers, Qwen2-MoE's sparse step) and
+/// route some blocks only (Mixture-of-Depths every other block), each with its own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerSpec {
     /// Sliding-window attention: a query sees itself and the `window - 1` keys before it.
     #[serde(default)]
     pub window: Option<usize>,
-    /// The feed-forward block is the Mixture-of-Experts layer described by
-    /// [`ModelConfig::moe`] instead of the dense FFN.
-    #[serde(default)]
-    pub moe: bool,
-    /// A Mixture-of-Depths block: only the tokens its router picks (see
-    /// [`ModelConfig::depth`]) go through it; the others skip it on the residual path.
-    #[serde(default)]
-    pub routed: bool,
+    /// The feed-forward block is this Mixture of Experts instead of the dense FFN (`d_ff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
+    /// A Mixture-of-Depths block: only the tokens its router picks go through it; the
+    /// others skip it on the residual path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthConfig>,
 }
 
-/// Mixture-of-Depths (Raposo et al., 2024, arXiv:2404.02258) for the layers whose
-/// [`LayerSpec::routed`] is set.
+/// Mixture-of-Depths (Raposo et al., 2024, arXiv:2404.02258) of one routed block.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DepthConfig {
@@ -224,7 +224,7 @@ pub enum Scoring {
     SparseMixer { eps: f64 },
 }
 
-/// A Mixture-of-Experts feed-forward layer (used by layers whose [`LayerSpec::moe`] is set).
+/// A Mixture-of-Experts feed-forward layer ([`LayerSpec::moe`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MoeConfig {
@@ -423,12 +423,6 @@ pub struct ModelConfig {
     /// Multi-head latent attention instead of q/k/v projections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<MlaConfig>,
-    /// Mixture-of-Depths settings for layers whose [`LayerSpec::routed`] is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub depth: Option<DepthConfig>,
-    /// The Mixture-of-Experts layer used where [`LayerSpec::moe`] is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moe: Option<MoeConfig>,
     /// Rotary base of the sliding-window layers, which then use
     /// [`ModelConfig::local_rope_scaling`] (Gemma 3's local layers); `None`: every layer
     /// uses [`ModelConfig::position`].
@@ -492,8 +486,6 @@ impl Default for ModelConfig {
             embed_scale: None,
             head_bias: false,
             mla: None,
-            depth: None,
-            moe: None,
             local_rope_theta: None,
             local_rope_scaling: RopeScaling::None,
             embed_norm: false,
@@ -509,6 +501,16 @@ impl ModelConfig {
     /// The options of layer `l`.
     pub fn layer(&self, l: usize) -> LayerSpec {
         self.layers.get(l).copied().unwrap_or_default()
+    }
+
+    /// Every Mixture-of-Experts layer with its config, in layer order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = (usize, MoeConfig)> + '_ {
+        (0..self.n_layers).filter_map(|l| self.layer(l).moe.map(|m| (l, m)))
+    }
+
+    /// Every Mixture-of-Depths (routed) block with its config, in layer order.
+    pub fn depth_layers(&self) -> impl Iterator<Item = (usize, DepthConfig)> + '_ {
+        (0..self.n_layers).filter_map(|l| self.layer(l).depth.map(|d| (l, d)))
     }
 
     /// Query width `n_heads * head_dim`.

@@ -1,7 +1,7 @@
 //! Validation of a resolved [`ModelConfig`]: every problem listed at once, in words that
 //! name the field and the values.
 
-use super::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling, Scoring};
+use super::{BlockKind, ModelConfig, MoeConfig, Position, QkNorm, RopeScaling, Scoring};
 
 /// Upper bounds that catch absurd files before anything is allocated.
 const MAX_DIM: usize = 1 << 20;
@@ -57,29 +57,21 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
-        match &self.depth {
-            Some(dc) => {
-                if !(dc.capacity > 0.0 && dc.capacity <= 1.0) {
-                    p.push(format!(
-                        "depth.capacity ({}) must be in (0, 1]",
-                        dc.capacity
-                    ));
-                }
-                if !self.layers.iter().any(|l| l.routed) {
-                    p.push("depth is set but no layer is routed".into());
-                }
-                if self.layers.iter().any(|l| l.routed && l.window.is_some()) {
-                    p.push(
-                        "a routed (Mixture-of-Depths) layer cannot also use a sliding window"
-                            .into(),
-                    );
-                }
+        let mut depth_problems = std::collections::BTreeSet::new();
+        for (l, dc) in self.depth_layers() {
+            if !(dc.capacity > 0.0 && dc.capacity <= 1.0) {
+                depth_problems.insert(format!(
+                    "depth.capacity ({}) must be in (0, 1]",
+                    dc.capacity
+                ));
             }
-            None if self.layers.iter().any(|l| l.routed) => {
-                p.push("a layer is routed but the config has no depth section".into())
+            if self.layer(l).window.is_some() {
+                depth_problems.insert(
+                    "a routed (Mixture-of-Depths) layer cannot also use a sliding window".into(),
+                );
             }
-            None => {}
         }
+        p.extend(depth_problems);
         if let Some(a) = &self.mla {
             if a.qk_nope_dim + a.qk_rope_dim != self.head_dim || self.n_kv_heads != self.n_heads {
                 p.push(format!(
@@ -102,7 +94,14 @@ impl ModelConfig {
                 );
             }
         }
-        if let Some(m) = &self.moe {
+        // each distinct MoE config once
+        let mut seen: Vec<MoeConfig> = Vec::new();
+        for (_, m) in self.moe_layers() {
+            if seen.contains(&m) {
+                continue;
+            }
+            seen.push(m);
+            let m = &m;
             if m.n_experts == 0 || m.top_k == 0 || m.top_k > m.slots() || m.d_expert == 0 {
                 p.push(format!(
                     "moe: need 0 < top_k ({}) <= n_experts ({}) and d_expert ({}) > 0",
@@ -133,8 +132,6 @@ impl ModelConfig {
                     m.n_groups, m.n_experts, m.topk_groups
                 ));
             }
-        } else if self.layers.iter().any(|l| l.moe) {
-            p.push("a layer is marked moe but the config has no moe section".into());
         }
         if self.layers.iter().any(|l| l.window == Some(0)) {
             p.push("a sliding window must be positive".into());
@@ -157,7 +154,7 @@ impl ModelConfig {
         {
             scaling.problems(rotary_dim, &mut p);
             self.local_rope_scaling.problems(rotary_dim, &mut p);
-            if self.depth.is_some()
+            if self.depth_layers().next().is_some()
                 && (scaling.switch_length().is_some()
                     || self.local_rope_scaling.switch_length().is_some())
             {
@@ -189,7 +186,7 @@ impl ModelConfig {
                     "relative positions need 4 <= buckets <= max_distance (got {buckets} and {max_distance})"
                 ));
             }
-            if self.depth.is_some() {
+            if self.depth_layers().next().is_some() {
                 p.push(
                     "relative positions in routed (Mixture-of-Depths) blocks are not supported"
                         .into(),
@@ -209,7 +206,7 @@ impl ModelConfig {
                     "an encoder-decoder needs a decoder_start id inside the vocabulary".into(),
                 ),
             }
-            if self.block != BlockKind::Sequential || self.mla.is_some() || self.depth.is_some() {
+            if self.block != BlockKind::Sequential || self.mla.is_some() || self.depth_layers().next().is_some() {
                 p.push("an encoder-decoder takes sequential blocks without latent attention or Mixture-of-Depths".into());
             }
         }
@@ -219,7 +216,7 @@ impl ModelConfig {
         {
             p.push("output_scale must be positive".into());
         }
-        if self.position == Position::Alibi && self.depth.is_some() {
+        if self.position == Position::Alibi && self.depth_layers().next().is_some() {
             p.push("ALiBi positions in routed (Mixture-of-Depths) blocks are not supported".into());
         }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {

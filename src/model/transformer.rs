@@ -264,14 +264,14 @@ impl Parts<'_> {
     /// The feed-forward sub-block of decoder layer `layer` (`None`: an encoder's, dense).
     fn ffn(&self, prefix: &str, layer: Option<usize>) -> Result<Ffn> {
         let c = self.config;
-        let moe = layer.filter(|&l| c.layer(l).moe).and(c.moe.as_ref());
+        let moe = layer.and_then(|l| c.layer(l).moe);
         let (Some(m), Some(l)) = (moe, layer) else {
             return Ok(Ffn::Dense(self.mlp(&format!("{prefix}.mlp"))?));
         };
         let p = format!("{prefix}.mlp");
         Ok(Ffn::Moe(Box::new(MoeLayer {
             layer: l,
-            config: *m,
+            config: m,
             router: self.get(&format!("{p}.gate.weight"))?,
             selection_bias: self.opt(&format!("{p}.gate.e_score_correction_bias")),
             experts: (0..m.n_experts)
@@ -331,8 +331,8 @@ impl Parts<'_> {
     /// Decoder layer `l`'s Mixture-of-Depths router, when it is a routed block.
     fn depth_router(&self, l: usize) -> Result<Option<DepthRouter>> {
         let p = format!("model.layers.{l}");
-        Ok(match (&self.config.depth, self.config.layer(l).routed) {
-            (Some(dc), true) => Some(DepthRouter {
+        Ok(match self.config.layer(l).depth {
+            Some(dc) => Some(DepthRouter {
                 layer: l,
                 weight: self.get(&format!("{p}.depth_router.weight"))?,
                 predictor: match dc.predictor {
@@ -342,9 +342,9 @@ impl Parts<'_> {
                         self.get(&format!("{p}.depth_predictor.fc2.weight"))?,
                     )),
                 },
-                config: *dc,
+                config: dc,
             }),
-            _ => None,
+            None => None,
         })
     }
 }
@@ -538,7 +538,7 @@ impl Model {
         opts: ForwardOptions,
     ) -> Result<ModelOutput> {
         let (b, t) = ids.dims2()?;
-        if cache.is_some() && self.config.moe.is_some_and(|m| m.expert_choice) {
+        if cache.is_some() && self.config.moe_layers().any(|(_, m)| m.expert_choice) {
             return Err(Error::Generate(
                 "this model routes by expert choice, which picks tokens by looking at the whole \
                  sequence: it cannot decode token by token (train it with token-choice routing \

@@ -345,13 +345,13 @@ impl Trainer {
     /// Auxiliary-loss-free balancing: move each MoE layer's selection bias toward equal
     /// load, from the loads of the step just taken.
     fn balance_selection_bias(&mut self) -> Result<()> {
-        let Some(m) = self.model.config.moe else {
-            return Ok(());
-        };
-        if m.bias_update_rate <= 0.0 || !m.selection_bias {
-            return Ok(());
-        }
         for r in &self.last_router {
+            let Some(m) = self.model.config.layer(r.layer).moe else {
+                continue;
+            };
+            if m.bias_update_rate <= 0.0 || !m.selection_bias {
+                continue;
+            }
             let name = format!("model.layers.{}.mlp.gate.e_score_correction_bias", r.layer);
             if let Some(slot) = self.opt.slots.iter().find(|s| s.name == name) {
                 let mut b: Vec<f32> = slot.var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
@@ -550,7 +550,7 @@ pub fn evaluate_full(model: &Model, data: &Dataset, train: &TrainConfig) -> Resu
     let mut stats = Vec::new();
     // per routed layer: (agree, chosen, chosen and predicted, predicted, tokens)
     let mut counts: Vec<(usize, [usize; 5])> = Vec::new();
-    let routed = model.config.depth.is_some();
+    let routed = model.config.depth_layers().next().is_some();
     for batch in eval_batches(model, data, train) {
         let (x, y) = batch?;
         let out = model.loss(&x, &y)?;

@@ -90,7 +90,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::parse(&path, e))?;
+    let cfg = crate::config::parse_resolved(&text).map_err(|e| Error::parse(&path, e))?;
     let problems = cfg.problems();
     if !problems.is_empty() {
         return Err(Error::Config {

@@ -208,16 +208,16 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
             norm(&mut v, format!("{p}.attn_out_norm"));
             norm(&mut v, format!("{p}.ffn_out_norm"));
         }
-        if cfg.layer(l).routed && cfg.depth.is_some() {
+        if let Some(dc) = cfg.layer(l).depth {
             v.push(matrix(format!("{p}.depth_router.weight"), 1, d, std));
-            let h = cfg.depth.map_or(0, |dc| dc.predictor);
+            let h = dc.predictor;
             if h > 0 {
                 v.push(matrix(format!("{p}.depth_predictor.fc1.weight"), h, d, std));
                 v.push(matrix(format!("{p}.depth_predictor.fc2.weight"), 1, h, std));
             }
         }
-        match (cfg.layer(l).moe, &cfg.moe) {
-            (true, Some(m)) => {
+        match cfg.layer(l).moe {
+            Some(m) => {
                 v.push(matrix(format!("{p}.mlp.gate.weight"), m.slots(), d, std));
                 if m.selection_bias {
                     v.push(vector(
@@ -296,8 +296,8 @@ pub fn param_stacks(cfg: &ModelConfig) -> Vec<ParamStack> {
             name,
             parts,
         };
-        match (&cfg.moe, cfg.layer(l).moe) {
-            (Some(m), true) => {
+        match cfg.layer(l).moe {
+            Some(m) => {
                 let part = |e: usize, proj: &str| format!("{p}.experts.{e}.{proj}.weight");
                 v.push(stack(
                     StackKind::ExpertsGateUp,

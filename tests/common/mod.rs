@@ -73,8 +73,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.layers = vec![
                 LayerSpec {
                     window: Some(3),
-                    moe: false,
-                    routed: false,
+                    ..LayerSpec::default()
                 },
                 LayerSpec::default(),
             ];
@@ -111,8 +110,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
             c.layers = vec![
                 LayerSpec {
                     window: Some(4),
-                    moe: false,
-                    routed: false
+                    ..LayerSpec::default()
                 };
                 2
             ];
@@ -120,7 +118,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
         7 => {
             // DeepSeek-like MoE: sigmoid scores, groups, selection bias, renormalised and
             // scaled weights, a gated shared expert; first layer dense
-            c.moe = Some(MoeConfig {
+            let moe = MoeConfig {
                 scoring: Scoring::Sigmoid,
                 routed_scale: 1.5,
                 n_groups: 3,
@@ -131,31 +129,33 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
                 ..MoeConfig::new(6, 2, 8)
-            });
+            };
             c.layers = vec![
                 LayerSpec::default(),
                 LayerSpec {
-                    window: None,
-                    moe: true,
-                    routed: false,
+                    moe: Some(moe),
+                    ..LayerSpec::default()
                 },
             ];
         }
         8 => {
-            // Mixtral-like MoE in every layer with balancing and z losses, GQA
+            // Mixtral-like MoE in every layer with balancing and z losses, GQA; the layers
+            // differ in expert count, width and k
             c.n_kv_heads = 2;
-            c.moe = Some(MoeConfig {
+            let moe = |n, k, w| MoeConfig {
                 aux_loss_coef: 0.02,
                 z_loss_coef: 0.001,
-                ..MoeConfig::new(4, 2, 16)
-            });
+                ..MoeConfig::new(n, k, w)
+            };
             c.layers = vec![
                 LayerSpec {
-                    window: None,
-                    moe: true,
-                    routed: false
-                };
-                2
+                    moe: Some(moe(4, 2, 16)),
+                    ..LayerSpec::default()
+                },
+                LayerSpec {
+                    moe: Some(moe(6, 3, 8)),
+                    ..LayerSpec::default()
+                },
             ];
         }
         9 | 10 => {
@@ -177,16 +177,16 @@ pub fn tiny(variant: usize) -> ModelConfig {
         }
         11 => {
             // Mixture-of-Depths: the second block routed at capacity 0.5
-            c.depth = Some(DepthConfig {
+            let depth = DepthConfig {
                 capacity: 0.5,
                 aux_loss_coef: 0.1,
                 predictor: 0,
                 selection: Default::default(),
-            });
+            };
             c.layers = vec![
                 LayerSpec::default(),
                 LayerSpec {
-                    routed: true,
+                    depth: Some(depth),
                     ..LayerSpec::default()
                 },
             ];
@@ -194,20 +194,20 @@ pub fn tiny(variant: usize) -> ModelConfig {
         12 => {
             // staged MoDE: a routed block whose FFN is a Mixture of Experts, GQA
             c.n_kv_heads = 2;
-            c.depth = Some(DepthConfig {
+            let depth = DepthConfig {
                 capacity: 0.4,
                 aux_loss_coef: 0.1,
                 predictor: 5,
                 selection: Default::default(),
-            });
-            c.moe = Some(MoeConfig {
+            };
+            let moe = MoeConfig {
                 aux_loss_coef: 0.01,
                 ..MoeConfig::new(4, 2, 8)
-            });
+            };
             c.layers = vec![
                 LayerSpec {
-                    routed: true,
-                    moe: true,
+                    depth: Some(depth),
+                    moe: Some(moe),
                     window: None
                 };
                 2
@@ -233,34 +233,34 @@ pub fn tiny(variant: usize) -> ModelConfig {
             // (SparseMixer routing)
             c.qk_norm = QkNorm::PerHead;
             c.local_rope_theta = Some(7.0);
-            c.moe = Some(MoeConfig {
+            let moe = MoeConfig {
                 scoring: Scoring::SparseMixer { eps: 0.3 },
                 norm_topk: false,
                 aux_loss_coef: 0.01,
                 ..MoeConfig::new(4, 2, 8)
-            });
+            };
             c.layers = vec![
                 LayerSpec {
                     window: Some(3),
                     ..LayerSpec::default()
                 },
                 LayerSpec {
-                    moe: true,
+                    moe: Some(moe),
                     ..LayerSpec::default()
                 },
             ];
         }
         15 => {
             // integrated MoDE: no-op experts among softmax-routed experts, renormalised
-            c.moe = Some(MoeConfig {
+            let moe = MoeConfig {
                 aux_loss_coef: 0.01,
                 z_loss_coef: 0.001,
                 noop_experts: 2,
                 ..MoeConfig::new(3, 2, 8)
-            });
+            };
             c.layers = vec![
                 LayerSpec {
-                    moe: true,
+                    moe: Some(moe),
                     ..LayerSpec::default()
                 };
                 2
