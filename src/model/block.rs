@@ -6,8 +6,8 @@
 use candle_core::{Result, Tensor};
 
 use crate::config::BlockKind;
-use crate::nn::{Attention, KvCache, Mlp, Norm, Positions};
-use crate::routing::{MoeLayer, MoeStats};
+use crate::nn::{Attention, KvCache, Mlp, Norm, Positions, RopeTables};
+use crate::routing::{dispatch, DepthChoice, MoeLayer, MoeStats, Routing};
 
 /// The feed-forward sub-block: one dense FFN or a Mixture of Experts.
 #[derive(Debug, Clone)]
@@ -109,5 +109,101 @@ impl Block {
             (kind, None) => candle_core::bail!("{kind:?} block needs a pre-FFN norm"),
         };
         Ok((y, stats))
+    }
+}
+
+/// Positions `(n, k)` → per-token rotary tables `(n, k, half)`.
+fn gather_rope(rope: &RopeTables, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, k) = pos.dims2()?;
+    let half = rope.cos.dim(1)?;
+    let flat = pos.flatten_all()?;
+    Ok((
+        rope.cos.index_select(&flat, 0)?.reshape((n, k, half))?,
+        rope.sin.index_select(&flat, 0)?.reshape((n, k, half))?,
+    ))
+}
+
+impl Block {
+    /// A Mixture-of-Depths block on the tokens its router chose (Raposo et al., 2024):
+    /// the chosen rows of `x: (b, t, d)` run through the block as sequences of their own,
+    /// at their original positions (`start + i`, for the rotary tables and the causal
+    /// order), and `σ(r)·(block(x) − x)` is added back to them ([`dispatch`]); the other
+    /// tokens pass unchanged. Sequences that chose different numbers of tokens run one by
+    /// one. Every token chosen: the plain block.
+    pub fn forward_routed(
+        &self,
+        x: &Tensor,
+        choice: &DepthChoice,
+        rope: Option<&RopeTables>,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        let (b, t, d) = x.dims3()?;
+        if cache.is_some() && b > 1 {
+            // each sequence keeps a different number of tokens in a routed block's cache
+            candle_core::bail!("Mixture-of-Depths decoding through a KV cache takes one sequence at a time (got {b})")
+        }
+        if choice.all {
+            let range = rope.map(|r| r.range(start, t)).transpose()?;
+            let pos = Positions {
+                rope: range.as_ref().map(|(c, s)| (c, s)),
+                bias: None,
+            };
+            return self.forward(x, pos, cache);
+        }
+        let rows = &choice.rows;
+        let groups: Vec<Vec<usize>> = if rows.iter().all(|r| r.len() == rows[0].len()) {
+            vec![(0..b).collect()]
+        } else {
+            (0..b).map(|i| vec![i]).collect()
+        };
+        let xs = x.reshape((b * t, d))?;
+        let gates = candle_nn::ops::sigmoid(&choice.logits.flatten_all()?)?;
+        let mut out = xs.clone();
+        let mut stats: Option<MoeStats> = None;
+        for group in groups {
+            let kk = rows[group[0]].len();
+            if kk == 0 {
+                continue;
+            }
+            let flat: Vec<u32> = group
+                .iter()
+                .flat_map(|&bi| rows[bi].iter().map(move |&i| (bi * t) as u32 + i))
+                .collect();
+            let pos: Vec<u32> = group
+                .iter()
+                .flat_map(|&bi| rows[bi].iter().map(|&i| start as u32 + i))
+                .collect();
+            let n = group.len();
+            let weights = gates.index_select(&Tensor::new(flat.as_slice(), x.device())?, 0)?;
+            let routing = Routing {
+                slots: vec![(0..flat.len() as u32).collect()],
+                rows: vec![flat],
+                weights,
+            };
+            let tables = match rope {
+                Some(r) => Some(gather_rope(r, &Tensor::from_vec(pos, (n, kk), x.device())?)?),
+                None => None,
+            };
+            let cache = cache.as_deref_mut();
+            let delta = dispatch(&xs, &routing, 1, |xg, _| {
+                let x_sel = xg.reshape((n, kk, d))?;
+                let pos = Positions {
+                    rope: tables.as_ref().map(|(c, s)| (c, s)),
+                    bias: None,
+                };
+                let (y, moe) = self.forward(&x_sel, pos, cache)?;
+                // every group's router statistics, as one layer's
+                stats = match (stats.take(), moe) {
+                    (Some(a), Some(b)) => Some(a.merge(b)?),
+                    (a, b) => a.or(b),
+                };
+                (y - &x_sel)?.reshape((n * kk, d))
+            })?;
+            if let Some(delta) = delta {
+                out = (out + delta)?;
+            }
+        }
+        Ok((out.reshape((b, t, d))?, stats))
     }
 }

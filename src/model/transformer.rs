@@ -666,9 +666,13 @@ impl Model {
                         decision,
                         seed: opts.seed,
                     };
-                    let (y, stats, d) = r
-                        .forward(block, &x, self.rope_of(l), layer_cache, step)
-                        .map_err(|e| e.context(layer()))?;
+                    let run = || -> CResult<_> {
+                        let choice = r.choose(&x, step)?;
+                        let (y, moe) =
+                            block.forward_routed(&x, &choice, self.rope_of(l), start, layer_cache)?;
+                        Ok((y, moe, choice.stats))
+                    };
+                    let (y, stats, d) = run().map_err(|e| e.context(layer()))?;
                     depth.push(d);
                     (y, stats)
                 }
@@ -831,7 +835,10 @@ impl Model {
                 decision: DepthDecision::TopK,
                 seed: 0,
             };
-            return Ok(r.forward(block, x, self.rope_of(l), None, step)?.0);
+            let choice = r.choose(x, step)?;
+            return Ok(block
+                .forward_routed(x, &choice, self.rope_of(l), 0, None)?
+                .0);
         }
         let pos: Vec<u32> = positions.map_or_else(|| (0..t as u32).collect(), |p| p.to_vec());
         let tables = match self.rope_of(l) {

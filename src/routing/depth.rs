@@ -14,11 +14,8 @@
 use candle_core::{DType, Result, Tensor};
 
 use crate::config::{DepthConfig, DepthSelection};
-use crate::model::block::Block;
 use crate::nn::matvec::matmul_t;
-use crate::nn::{KvCache, Positions, RopeTables};
 use crate::routing::router::top_k;
-use crate::routing::MoeStats;
 
 /// How a routed block decides which tokens it processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -87,36 +84,27 @@ pub struct DepthStep {
     pub seed: u64,
 }
 
-/// Positions `(b, k)` → per-token rotary tables `(b, k, half)`.
-fn gather_rope(rope: &RopeTables, pos: &Tensor, b: usize, k: usize) -> Result<(Tensor, Tensor)> {
-    let half = rope.cos.dim(1)?;
-    let flat = pos.flatten_all()?;
-    Ok((
-        rope.cos.index_select(&flat, 0)?.reshape((b, k, half))?,
-        rope.sin.index_select(&flat, 0)?.reshape((b, k, half))?,
-    ))
+/// What a routed block's router chose in one forward pass.
+#[derive(Debug, Clone)]
+pub struct DepthChoice {
+    /// Per sequence, the chosen positions in ascending order.
+    pub rows: Vec<Vec<u32>>,
+    /// `(b, t)` router logits: a chosen token's update is scaled by `σ(logit)`.
+    pub logits: Tensor,
+    /// Top-k took every token: nothing to route, the block runs as a plain block.
+    pub all: bool,
+    pub stats: DepthStats,
 }
 
 impl DepthRouter {
-    /// Run `block` on the chosen tokens of `x: (b, t, d)` (positions `start..start + t`).
-    pub fn forward(
-        &self,
-        block: &Block,
-        x: &Tensor,
-        rope: Option<&RopeTables>,
-        mut cache: Option<&mut KvCache>,
-        step: DepthStep,
-    ) -> Result<(Tensor, Option<MoeStats>, DepthStats)> {
+    /// Choose the tokens of `x: (b, t, d)` (positions `step.start..`) the block processes.
+    pub fn choose(&self, x: &Tensor, step: DepthStep) -> Result<DepthChoice> {
         let DepthStep {
             start,
             decision,
             seed,
         } = step;
         let (b, t, d) = x.dims3()?;
-        if cache.is_some() && b > 1 {
-            // each sequence keeps a different number of tokens in a routed block's cache
-            candle_core::bail!("Mixture-of-Depths decoding through a KV cache takes one sequence at a time (got {b})")
-        }
         let xs = x.reshape((b * t, d))?;
         let logits = matmul_t(&xs, &self.weight)?.reshape((b, t))?;
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
@@ -203,70 +191,12 @@ impl DepthRouter {
             chosen,
             aux_loss,
         };
-        // every token chosen: nothing to route, the plain block
-        if decision == DepthDecision::TopK && k == t {
-            let range = match rope {
-                Some(r) => Some(r.range(start, t)?),
-                None => None,
-            };
-            let pos = Positions {
-                rope: range.as_ref().map(|(c, s)| (c, s)),
-                bias: None,
-            };
-            let (y, moe) = block.forward(x, pos, cache)?;
-            return Ok((y, moe, stats));
-        }
-        // one gathered sequence per row; rows may choose different numbers of tokens
-        // (threshold mode), so equal-length rows run together and others one by one
-        let equal = rows.iter().all(|r| r.len() == rows[0].len());
-        let groups: Vec<Vec<usize>> = if equal {
-            vec![(0..b).collect()]
-        } else {
-            (0..b).map(|i| vec![i]).collect()
-        };
-        let mut out = xs.clone();
-        let mut moe_out: Option<MoeStats> = None;
-        for group in groups {
-            let kk = rows[group[0]].len();
-            if kk == 0 {
-                continue;
-            }
-            let flat: Vec<u32> = group
-                .iter()
-                .flat_map(|&bi| rows[bi].iter().map(move |&i| (bi * t) as u32 + i))
-                .collect();
-            let pos: Vec<u32> = group
-                .iter()
-                .flat_map(|&bi| rows[bi].iter().map(|&i| (start as u32) + i))
-                .collect();
-            let n = group.len();
-            let flat = Tensor::from_vec(flat, n * kk, x.device())?;
-            let x_sel = xs.index_select(&flat, 0)?.reshape((n, kk, d))?;
-            let tables = match rope {
-                Some(r) => Some(gather_rope(
-                    r,
-                    &Tensor::from_vec(pos, (n, kk), x.device())?,
-                    n,
-                    kk,
-                )?),
-                None => None,
-            };
-            let pos = Positions {
-                rope: tables.as_ref().map(|(c, s)| (c, s)),
-                bias: None,
-            };
-            let (y, moe) = block.forward(&x_sel, pos, cache.as_deref_mut())?;
-            // every group's router statistics, as one layer's
-            moe_out = match (moe_out, moe) {
-                (Some(a), Some(b)) => Some(a.merge(b)?),
-                (a, b) => a.or(b),
-            };
-            let delta = (y - &x_sel)?.reshape((n * kk, d))?;
-            let r = candle_nn::ops::sigmoid(&logits.flatten_all()?.index_select(&flat, 0)?)?
-                .unsqueeze(1)?;
-            out = out.index_add(&flat, &delta.broadcast_mul(&r)?, 0)?;
-        }
-        Ok((out.reshape((b, t, d))?, moe_out, stats))
+        Ok(DepthChoice {
+            rows,
+            logits,
+            all: decision == DepthDecision::TopK && k == t,
+            stats,
+        })
     }
 
     /// `coef · mean BCE(σ(logit), chosen)`: the decider's logit learns to predict top-k

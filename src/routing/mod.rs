@@ -3,9 +3,11 @@
 //! adds the weighted results back. Mixture-of-Experts uses it to choose experts.
 
 pub mod depth;
+pub mod dispatch;
 pub mod moe;
 pub mod router;
 
-pub use depth::{DepthDecision, DepthRouter, DepthStats, DepthStep};
+pub use dispatch::{dispatch, Routing};
+pub use depth::{DepthChoice, DepthDecision, DepthRouter, DepthStats, DepthStep};
 pub use moe::{update_selection_bias, MoeLayer, MoeStats, StackedExperts};
 pub use router::{choose_experts, top_k, RouterChoice};

@@ -7,6 +7,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::router::{choose_experts, top_k};
 use crate::config::{MoeConfig, Scoring};
+use super::dispatch::{dispatch, Routing};
 use crate::nn::grouped::{grouped_swiglu, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};
@@ -58,12 +59,10 @@ impl MoeStats {
     }
 }
 
-/// Where the tokens go: per expert the rows it runs on and, for each, the index of its
-/// weight in `w`.
+/// Where the tokens go (one group per expert, the no-op experts last), and what that
+/// cost in dropped assignments.
 struct Routed {
-    w: Tensor,
-    rows: Vec<Vec<u32>>,
-    slots: Vec<Vec<u32>>,
+    routing: Routing,
     dropped: usize,
     assignments: usize,
     /// Token choice's per-token experts.
@@ -147,23 +146,21 @@ impl MoeLayer {
             (s, false) => self.token_choice(&logits, s.as_ref(), &host, n, x.device())?,
         };
         let Routed {
-            w,
-            rows,
-            slots,
+            routing,
             dropped,
             assignments,
             choice,
         } = routed;
         let out = if let (1, 0, Some(choice)) = (n, dropped, &choice) {
-            self.one_token(&xs, &w, &choice.experts)?
+            self.one_token(&xs, &routing.weights, &choice.experts)?
         } else {
-            let mut out = self.dispatch(&xs, &w, &rows, &slots)?;
+            let mut out = self.run_experts(&xs, &routing)?;
             if let Some(shared) = &self.shared {
                 out = (out + self.gate_shared(&xs, shared.forward(&xs)?)?)?;
             }
             out
         };
-        let load: Vec<usize> = rows.iter().map(|r| r.len()).collect();
+        let load: Vec<usize> = routing.rows.iter().map(|r| r.len()).collect();
         let entropy = match c.scoring {
             Scoring::SparseMixer { .. } => {
                 let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
@@ -303,9 +300,11 @@ impl MoeLayer {
             slots[e].push(s as u32);
         }
         Ok(Routed {
-            w,
-            rows,
-            slots,
+            routing: Routing {
+                rows,
+                slots,
+                weights: w,
+            },
             dropped,
             assignments: n * c.top_k,
             choice: Some(choice),
@@ -342,80 +341,37 @@ impl MoeLayer {
             w = (w * c.routed_scale)?;
         }
         Ok(Routed {
-            w,
-            rows,
-            slots,
+            routing: Routing {
+                rows,
+                slots,
+                weights: w,
+            },
             dropped: 0,
             assignments,
             choice: None,
         })
     }
 
-    /// Gather each expert's rows, run the expert on them, and add the outputs back weighted
-    /// by their gates in one scatter.
-    fn dispatch(
-        &self,
-        xs: &Tensor,
-        w: &Tensor,
-        rows: &[Vec<u32>],
-        slots: &[Vec<u32>],
-    ) -> Result<Tensor> {
-        if let Some(out) = self.dispatch_grouped(xs, w, rows, slots)? {
-            return Ok(out);
-        }
-        let mut all_rows = Vec::new();
-        let mut all_slots = Vec::new();
-        let mut outs = Vec::new();
-        for (e, expert) in self.experts.iter().enumerate() {
-            if rows[e].is_empty() {
-                continue;
+    /// The routed experts on exactly their rows ([`dispatch`]): SwiGLU experts held stacked
+    /// as one grouped op over the stacks, other kinds one product chain per expert.
+    fn run_experts(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
+        let out = dispatch(xs, routing, self.experts.len(), |xg, offsets| {
+            if let (Some(gate_up), Some(down)) = (&self.stacked.gate_up, &self.stacked.down) {
+                // each expert's [gate_e; up_e] as one block: one product of the gathered rows
+                // gives [g | u] per row (x is packed once, its gradient is one product)
+                let bf16 = self.experts.iter().all(|m| m.up.bf16);
+                return grouped_swiglu(xg, gate_up, down, offsets, bf16);
             }
-            let idx = Tensor::new(rows[e].as_slice(), xs.device())?;
-            outs.push(expert.forward(&xs.index_select(&idx, 0)?)?);
-            all_rows.extend_from_slice(&rows[e]);
-            all_slots.extend_from_slice(&slots[e]);
-        }
-        if outs.is_empty() {
-            return xs.zeros_like();
-        }
-        let weights = w.index_select(&Tensor::new(all_slots.as_slice(), xs.device())?, 0)?;
-        weighted_scatter(&Tensor::cat(&outs, 0)?, &weights, &all_rows, xs.dim(0)?)
-    }
-
-    /// [`MoeLayer::dispatch`] for SwiGLU experts without biases, whose weights the layer
-    /// holds stacked: one gather of every routed row sorted by expert, all the experts'
-    /// SwiGLU FFNs as one grouped op over the stacks, one weighted scatter back. `None`
-    /// when the experts are of another kind.
-    fn dispatch_grouped(
-        &self,
-        xs: &Tensor,
-        w: &Tensor,
-        rows: &[Vec<u32>],
-        slots: &[Vec<u32>],
-    ) -> Result<Option<Tensor>> {
-        // each expert's gate and up weights as one block [gate_e; up_e]: one product of the
-        // gathered rows gives [g | u] per row (x is packed once, and its gradient is one
-        // product instead of two and a sum)
-        let (Some(gate_up), Some(down)) = (&self.stacked.gate_up, &self.stacked.down) else {
-            return Ok(None);
-        };
-        let n_experts = self.experts.len();
-        let mut offsets = vec![0usize];
-        for r in &rows[..n_experts] {
-            offsets.push(offsets[offsets.len() - 1] + r.len());
-        }
-        if offsets[n_experts] == 0 {
-            return Ok(Some(xs.zeros_like()?));
-        }
-        let order: Vec<u32> = rows[..n_experts].concat();
-        let order_slots: Vec<u32> = slots[..n_experts].concat();
-        let idx = Tensor::new(order.as_slice(), xs.device())?;
-        let weights = w.index_select(&Tensor::new(order_slots.as_slice(), xs.device())?, 0)?;
-        // mixed precision when the experts' projections are set to it
-        let bf16 = self.experts.iter().all(|m| m.up.bf16);
-        let xg = xs.index_select(&idx, 0)?;
-        let y = grouped_swiglu(&xg, gate_up, down, &offsets, bf16)?;
-        Ok(Some(weighted_scatter(&y, &weights, &order, xs.dim(0)?)?))
+            let mut outs = Vec::with_capacity(self.experts.len());
+            for (e, expert) in self.experts.iter().enumerate() {
+                let rows = offsets[e + 1] - offsets[e];
+                if rows > 0 {
+                    outs.push(expert.forward(&xg.narrow(0, offsets[e], rows)?)?);
+                }
+            }
+            Tensor::cat(&outs, 0)
+        })?;
+        out.map_or_else(|| xs.zeros_like(), Ok)
     }
 
     /// `coef_aux · E · Σ_e f_e P_e + coef_z · mean(logsumexp(logits)²)`, where `f_e` is the
