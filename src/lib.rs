@@ -14,6 +14,7 @@ pub mod generate;
 pub mod model;
 pub mod nn;
 pub mod report;
+pub mod rng;
 pub mod routing;
 pub mod tokenize;
 pub mod train;

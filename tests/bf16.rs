@@ -11,7 +11,7 @@ use routelm::train::Precision;
 use routelm::Trainer;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let mut rng = routelm::train::rng::Rng::new(seed);
+    let mut rng = routelm::rng::Rng::new(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()

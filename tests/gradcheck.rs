@@ -44,7 +44,7 @@ fn check_fd(x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor, tol: f64) {
 }
 
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
-    let mut rng = routelm::train::rng::Rng::new(seed);
+    let mut rng = routelm::rng::Rng::new(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(v, shape, &Device::Cpu)

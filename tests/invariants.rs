@@ -130,7 +130,9 @@ fn save_then_load_gives_identical_logits() {
         let p = init_params(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
         let m = Model::new(&cfg, &p, "test").unwrap();
         routelm::weights::save_model_dir(&dir, &cfg, &p).unwrap();
-        let back = routelm::weights::load_model_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        let back = routelm::arch::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap()
+            .model;
         assert_eq!(back.config, cfg);
         let a = m.forward(&ids(&SEQ, 2), None, false).unwrap().logits;
         let b = back.forward(&ids(&SEQ, 2), None, false).unwrap().logits;

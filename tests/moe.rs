@@ -9,8 +9,8 @@ use common::max_abs_diff as max_diff;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use routelm::config::{FfnKind, MoeConfig, Scoring};
 use routelm::nn::{Linear, Mlp};
+use routelm::rng::Rng;
 use routelm::routing::MoeLayer;
-use routelm::train::rng::Rng;
 
 const D: usize = 8;
 

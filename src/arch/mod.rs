@@ -470,7 +470,7 @@ pub fn load_params(
     let Some(family) = family else {
         let path = dir.join("model.safetensors");
         let params = weights::load_safetensors(&path, Some(dtype), device)?;
-        let problems = crate::model::transformer::check_params(&cfg, &params);
+        let problems = crate::weights::names::check_params(&cfg, &params);
         if !problems.is_empty() {
             return Err(Error::WeightMismatch { path, problems });
         }
@@ -481,7 +481,7 @@ pub fn load_params(
     let mut map = TensorMap::new(origin.clone(), params);
     let canonical = (family.tensors)(&cfg, &mut map)?;
     map.finish()?;
-    let problems = crate::model::transformer::check_params(&cfg, &canonical);
+    let problems = crate::weights::names::check_params(&cfg, &canonical);
     if !problems.is_empty() {
         return Err(Error::WeightMismatch {
             path: origin,

@@ -4,8 +4,8 @@ use rayon::prelude::*;
 use std::time::Instant;
 
 use routelm::model::{init::init_params, Model};
+use routelm::rng::Rng;
 use routelm::train::data::Dataset;
-use routelm::train::rng::Rng;
 use routelm::train::Precision;
 use routelm::{FlopLedger, ModelConfig, TrainConfig, Trainer};
 

@@ -206,7 +206,10 @@ impl ModelConfig {
                     "an encoder-decoder needs a decoder_start id inside the vocabulary".into(),
                 ),
             }
-            if self.block != BlockKind::Sequential || self.mla.is_some() || self.depth_layers().next().is_some() {
+            if self.block != BlockKind::Sequential
+                || self.mla.is_some()
+                || self.depth_layers().next().is_some()
+            {
                 p.push("an encoder-decoder takes sequential blocks without latent attention or Mixture-of-Depths".into());
             }
         }

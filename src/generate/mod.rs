@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::rng::Rng;
 use crate::tokenize::Tokenizer;
-use crate::train::rng::Rng;
 
 #[derive(Debug, Clone)]
 pub struct GenerateConfig {

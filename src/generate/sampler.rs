@@ -1,7 +1,7 @@
 //! Token choice from one row of logits: a pure function of the logits, the history, the
 //! settings and the RNG state.
 
-use crate::train::rng::Rng;
+use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {

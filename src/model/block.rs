@@ -182,7 +182,10 @@ impl Block {
                 weights,
             };
             let tables = match rope {
-                Some(r) => Some(gather_rope(r, &Tensor::from_vec(pos, (n, kk), x.device())?)?),
+                Some(r) => Some(gather_rope(
+                    r,
+                    &Tensor::from_vec(pos, (n, kk), x.device())?,
+                )?),
                 None => None,
             };
             let cache = cache.as_deref_mut();

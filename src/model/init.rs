@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::train::rng::Rng;
+use crate::rng::Rng;
 use crate::weights::names::{param_specs, Init};
 
 /// Fresh parameters for `cfg`, drawn from `seed` (same seed, same weights, on any device).

@@ -13,7 +13,7 @@ use crate::nn::attention::{Latent, Projections};
 use crate::nn::relative::relative_bias;
 use crate::nn::{Attention, Linear, Mlp, Norm, Positions, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeLayer, MoeStats};
-use crate::weights::names::{param_specs, with_stacks, ParamStack, StackKind};
+use crate::weights::names::{check_params, with_stacks, ParamStack, StackKind};
 
 /// What one forward pass produces.
 #[derive(Debug)]
@@ -97,44 +97,6 @@ pub struct Model {
     relative: Option<Tensor>,
     /// The encoder of an encoder-decoder.
     encoder: Option<Encoder>,
-}
-
-/// Check a name → tensor map against the parameter table; every problem listed.
-pub fn check_params(cfg: &ModelConfig, params: &BTreeMap<String, Tensor>) -> Vec<String> {
-    let specs = param_specs(cfg);
-    tensor_problems(
-        specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())),
-        params,
-    )
-}
-
-/// Missing, misshapen and unexpected tensors of `params` against the expected
-/// `(name, shape)` list, every one listed.
-pub fn tensor_problems<'a>(
-    expected: impl Iterator<Item = (&'a str, &'a [usize])> + Clone,
-    params: &BTreeMap<String, Tensor>,
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (name, shape) in expected.clone() {
-        match params.get(name) {
-            None => problems.push(format!("missing tensor {name} {shape:?}")),
-            Some(t) if t.dims() != shape => problems.push(format!(
-                "tensor {name} has shape {:?}, the config implies {shape:?}",
-                t.dims()
-            )),
-            _ => {}
-        }
-    }
-    // one pass over each side: checkpoints carry up to ~10⁵ tensors
-    let known: std::collections::HashSet<&str> = expected.map(|(n, _)| n).collect();
-    for name in params.keys() {
-        if !known.contains(name.as_str()) {
-            problems.push(format!(
-                "unexpected tensor {name} (not part of this config)"
-            ));
-        }
-    }
-    problems
 }
 
 /// The parameters of one model being assembled into its layers: each method builds one
@@ -668,8 +630,13 @@ impl Model {
                     };
                     let run = || -> CResult<_> {
                         let choice = r.choose(&x, step)?;
-                        let (y, moe) =
-                            block.forward_routed(&x, &choice, self.rope_of(l), start, layer_cache)?;
+                        let (y, moe) = block.forward_routed(
+                            &x,
+                            &choice,
+                            self.rope_of(l),
+                            start,
+                            layer_cache,
+                        )?;
                         Ok((y, moe, choice.stats))
                     };
                     let (y, stats, d) = run().map_err(|e| e.context(layer()))?;

@@ -5,9 +5,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::dispatch::{dispatch, Routing};
 use super::router::{choose_experts, top_k};
 use crate::config::{MoeConfig, Scoring};
-use super::dispatch::{dispatch, Routing};
 use crate::nn::grouped::{grouped_swiglu, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};

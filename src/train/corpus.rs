@@ -12,7 +12,7 @@
 //! Later routing experiments (MoE, MoD) use this to show whether routers spend compute on
 //! the hard tokens.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 const SYLLABLES: &[&str] = &[
     "ka", "lo", "mi", "ren", "dar", "vel", "su", "tor", "ba", "ni", "zel", "or", "fa", "quin",

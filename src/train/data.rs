@@ -3,8 +3,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::rng::Rng;
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

@@ -6,7 +6,6 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod data;
 pub mod optimizer;
-pub mod rng;
 mod run_file;
 pub mod trainer;
 

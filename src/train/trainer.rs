@@ -12,13 +12,13 @@ use std::time::Instant;
 use super::checkpoint::{self, Metric, RouterMetric, TrainState};
 use super::data::{Dataset, Split};
 use super::optimizer::{learning_rate, AdamW, AdamWConfig, Slot};
-use super::rng::Rng;
 use super::TrainConfig;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::flops::FlopLedger;
 use crate::model::{init::init_params, Model};
 use crate::nn::grouped::{with_grad_sink, GradSink};
+use crate::rng::Rng;
 use crate::weights::{
     self,
     names::{param_specs, param_stacks},

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::Model;
 
 pub type Params = BTreeMap<String, Tensor>;
 
@@ -99,14 +98,6 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
         });
     }
     Ok(cfg)
-}
-
-/// Load a model folder: `config.json` + `model.safetensors`, checked against each other.
-pub fn load_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Model> {
-    let cfg = load_config(dir)?;
-    let path = dir.join("model.safetensors");
-    let params = load_safetensors(&path, Some(dtype), device)?;
-    Model::new(&cfg, &params, &path.display().to_string())
 }
 
 /// Save a model folder (`config.json` + `model.safetensors`), each file atomically.

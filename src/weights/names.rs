@@ -386,3 +386,41 @@ pub fn with_stacks(
     }
     Ok((out, stacks))
 }
+
+/// Check a name → tensor map against the parameter table; every problem listed.
+pub fn check_params(cfg: &ModelConfig, params: &BTreeMap<String, Tensor>) -> Vec<String> {
+    let specs = param_specs(cfg);
+    tensor_problems(
+        specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())),
+        params,
+    )
+}
+
+/// Missing, misshapen and unexpected tensors of `params` against the expected
+/// `(name, shape)` list, every one listed.
+pub fn tensor_problems<'a>(
+    expected: impl Iterator<Item = (&'a str, &'a [usize])> + Clone,
+    params: &BTreeMap<String, Tensor>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected.clone() {
+        match params.get(name) {
+            None => problems.push(format!("missing tensor {name} {shape:?}")),
+            Some(t) if t.dims() != shape => problems.push(format!(
+                "tensor {name} has shape {:?}, the config implies {shape:?}",
+                t.dims()
+            )),
+            _ => {}
+        }
+    }
+    // one pass over each side: checkpoints carry up to ~10⁵ tensors
+    let known: std::collections::HashSet<&str> = expected.map(|(n, _)| n).collect();
+    for name in params.keys() {
+        if !known.contains(name.as_str()) {
+            problems.push(format!(
+                "unexpected tensor {name} (not part of this config)"
+            ));
+        }
+    }
+    problems
+}
