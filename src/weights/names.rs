@@ -5,7 +5,9 @@
 use candle_core::Tensor;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::config::{BlockKind, FfnKind, ModelConfig, NormKind, Position, QkNorm};
+use crate::config::{
+    BlockKind, FfnKind, MlaConfig, ModelConfig, MoeConfig, NormKind, Position, QkNorm,
+};
 
 /// How a parameter is initialised for training from scratch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,213 +50,234 @@ fn vector(name: String, n: usize, init: Init) -> ParamSpec {
     }
 }
 
-/// Every parameter of the model described by `cfg`, in a stable order.
-pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
-    let std = cfg.init_std;
-    // GPT-2's scaled init for projections that write into the residual stream
-    let out_std = std / (2.0 * cfg.n_layers as f64).sqrt();
-    let d = cfg.d_model;
-    let mut v = Vec::new();
-    let mut embed = matrix("model.embed_tokens.weight".into(), cfg.vocab_size, d, std);
-    embed.decay = false;
-    v.push(embed);
-    if cfg.position == Position::Learned {
-        let mut pos = matrix(
-            "model.embed_positions.weight".into(),
-            cfg.max_seq_len,
-            d,
-            std,
-        );
-        pos.decay = false;
-        v.push(pos);
+/// The parameter table being written, one method per piece.
+struct Table<'a> {
+    cfg: &'a ModelConfig,
+    v: Vec<ParamSpec>,
+    /// The initialiser's standard deviation.
+    std: f64,
+    /// GPT-2's scaled init for projections that write into the residual stream.
+    out_std: f64,
+}
+
+impl Table<'_> {
+    fn matrix(&mut self, name: String, out: usize, inp: usize, std: f64) {
+        self.v.push(matrix(name, out, inp, std));
     }
-    // a norm of the model's kind over `width` features
-    let norm_of = |v: &mut Vec<ParamSpec>, prefix: String, width: usize| {
-        v.push(vector(format!("{prefix}.weight"), width, Init::Ones));
-        if cfg.norm == NormKind::LayerNorm && cfg.norm_bias {
-            v.push(vector(format!("{prefix}.bias"), width, Init::Zeros));
+
+    /// A parameter without weight decay (embeddings, tables).
+    fn table(&mut self, name: String, rows: usize, cols: usize) {
+        let mut t = matrix(name, rows, cols, self.std);
+        t.decay = false;
+        self.v.push(t);
+    }
+
+    fn bias(&mut self, prefix: &str, width: usize, on: bool) {
+        if on {
+            self.v
+                .push(vector(format!("{prefix}.bias"), width, Init::Zeros));
         }
-    };
-    let norm = |v: &mut Vec<ParamSpec>, prefix: String| norm_of(v, prefix, d);
-    if cfg.embed_norm {
-        norm(&mut v, "model.embed_norm".into());
     }
-    // one feed-forward network of hidden width `width` under `prefix`
-    let ffn = |v: &mut Vec<ParamSpec>, prefix: String, width: usize| {
+
+    /// A norm of the model's kind over `width` features.
+    fn norm_of(&mut self, prefix: &str, width: usize) {
+        let c = self.cfg;
+        self.v
+            .push(vector(format!("{prefix}.weight"), width, Init::Ones));
+        self.bias(prefix, width, c.norm == NormKind::LayerNorm && c.norm_bias);
+    }
+
+    fn norm(&mut self, prefix: &str) {
+        self.norm_of(prefix, self.cfg.d_model);
+    }
+
+    /// One feed-forward network of hidden width `width` under `prefix`.
+    fn ffn(&mut self, prefix: &str, width: usize) {
+        let (c, d) = (self.cfg, self.cfg.d_model);
         let mut ffn_in = vec!["up_proj"];
-        if cfg.ffn.is_gated() {
+        if c.ffn.is_gated() {
             ffn_in.insert(0, "gate_proj");
         }
         for proj in ffn_in {
-            v.push(matrix(format!("{prefix}.{proj}.weight"), width, d, std));
-            if cfg.ffn_bias {
-                v.push(vector(format!("{prefix}.{proj}.bias"), width, Init::Zeros));
-            }
+            let p = format!("{prefix}.{proj}");
+            self.matrix(format!("{p}.weight"), width, d, self.std);
+            self.bias(&p, width, c.ffn_bias);
         }
-        v.push(matrix(
-            format!("{prefix}.down_proj.weight"),
-            d,
-            width,
-            out_std,
-        ));
-        if cfg.ffn_bias {
-            v.push(vector(format!("{prefix}.down_proj.bias"), d, Init::Zeros));
-        }
-    };
-    // standard q, k, v projections (self- or cross-attention) under `prefix`
-    let qkv = |v: &mut Vec<ParamSpec>, prefix: String| {
+        let p = format!("{prefix}.down_proj");
+        self.matrix(format!("{p}.weight"), d, width, self.out_std);
+        self.bias(&p, d, c.ffn_bias);
+    }
+
+    /// Standard q, k, v projections (self- or cross-attention) under `prefix`.
+    fn qkv(&mut self, prefix: &str) {
+        let c = self.cfg;
         for (proj, width) in [
-            ("q_proj", cfg.q_dim()),
-            ("k_proj", cfg.kv_dim()),
-            ("v_proj", cfg.kv_dim()),
+            ("q_proj", c.q_dim()),
+            ("k_proj", c.kv_dim()),
+            ("v_proj", c.kv_dim()),
         ] {
-            v.push(matrix(format!("{prefix}.{proj}.weight"), width, d, std));
-            if cfg.qkv_bias {
-                v.push(vector(format!("{prefix}.{proj}.bias"), width, Init::Zeros));
-            }
+            let p = format!("{prefix}.{proj}");
+            self.matrix(format!("{p}.weight"), width, c.d_model, self.std);
+            self.bias(&p, width, c.qkv_bias);
         }
-    };
-    let out = |v: &mut Vec<ParamSpec>, prefix: String| {
+    }
+
+    /// Latent attention's projections under `prefix` (DeepSeek's names).
+    fn latent(&mut self, prefix: &str, a: &MlaConfig) {
+        let c = self.cfg;
+        let (d, std) = (c.d_model, self.std);
+        match a.q_lora_rank {
+            Some(r) => {
+                self.matrix(format!("{prefix}.q_a_proj.weight"), r, d, std);
+                // the bottlenecks' norms are RMSNorms: weights only
+                let norm = format!("{prefix}.q_a_layernorm.weight");
+                self.v.push(vector(norm, r, Init::Ones));
+                self.matrix(format!("{prefix}.q_b_proj.weight"), c.q_dim(), r, std);
+            }
+            None => self.matrix(format!("{prefix}.q_proj.weight"), c.q_dim(), d, std),
+        }
+        let kv = a.kv_lora_rank;
+        let p = format!("{prefix}.kv_a_proj_with_mqa.weight");
+        self.matrix(p, kv + a.qk_rope_dim, d, std);
+        let norm = format!("{prefix}.kv_a_layernorm.weight");
+        self.v.push(vector(norm, kv, Init::Ones));
+        let width = c.n_heads * (a.qk_nope_dim + a.v_head_dim);
+        self.matrix(format!("{prefix}.kv_b_proj.weight"), width, kv, std);
+    }
+
+    fn out(&mut self, prefix: &str) {
+        let c = self.cfg;
         let o = format!("{prefix}.o_proj");
-        v.push(matrix(
+        self.matrix(
             format!("{o}.weight"),
-            d,
-            cfg.attn_out_dim(),
-            out_std,
-        ));
-        if cfg.out_bias {
-            v.push(vector(format!("{o}.bias"), d, Init::Zeros));
+            c.d_model,
+            c.attn_out_dim(),
+            self.out_std,
+        );
+        self.bias(&o, c.d_model, c.out_bias);
+    }
+
+    /// A Mixture of Experts under `p` (`….mlp`): router, selection bias, experts, shared
+    /// expert and its gate.
+    fn moe(&mut self, p: &str, m: &MoeConfig) {
+        let d = self.cfg.d_model;
+        self.matrix(format!("{p}.gate.weight"), m.slots(), d, self.std);
+        if m.selection_bias {
+            let name = format!("{p}.gate.e_score_correction_bias");
+            self.v.push(vector(name, m.slots(), Init::Zeros));
         }
-    };
-    // relative position tables: the decoder's, and the encoder's
-    if let Position::Relative { buckets, .. } = cfg.position {
-        let mut stacks = vec!["model"];
-        if cfg.encoder_layers > 0 {
-            stacks.push("model.encoder");
+        for e in 0..m.n_experts {
+            self.ffn(&format!("{p}.experts.{e}"), m.d_expert);
         }
-        for s in stacks {
-            let mut table = matrix(
-                format!("{s}.relative_bias.weight"),
-                buckets,
-                cfg.n_heads,
-                std,
-            );
-            table.decay = false;
-            v.push(table);
+        if m.d_shared > 0 {
+            self.ffn(&format!("{p}.shared_expert"), m.d_shared);
+        }
+        if m.shared_gate {
+            self.matrix(format!("{p}.shared_expert_gate.weight"), 1, d, self.std);
         }
     }
-    // the encoder: plain blocks (bidirectional self-attention, dense FFN) and a final norm
-    for l in 0..cfg.encoder_layers {
+
+    /// An encoder block: bidirectional self-attention and a dense FFN.
+    fn encoder_layer(&mut self, l: usize) {
         let p = format!("model.encoder.layers.{l}");
-        norm(&mut v, format!("{p}.input_layernorm"));
-        qkv(&mut v, format!("{p}.self_attn"));
-        out(&mut v, format!("{p}.self_attn"));
-        norm(&mut v, format!("{p}.post_attention_layernorm"));
-        ffn(&mut v, format!("{p}.mlp"), cfg.d_ff);
+        self.norm(&format!("{p}.input_layernorm"));
+        self.qkv(&format!("{p}.self_attn"));
+        self.out(&format!("{p}.self_attn"));
+        self.norm(&format!("{p}.post_attention_layernorm"));
+        self.ffn(&format!("{p}.mlp"), self.cfg.d_ff);
     }
-    if cfg.encoder_layers > 0 {
-        norm(&mut v, "model.encoder.norm".into());
-    }
-    for l in 0..cfg.n_layers {
+
+    /// Decoder layer `l`.
+    fn layer(&mut self, l: usize) {
+        let (c, d) = (self.cfg, self.cfg.d_model);
         let p = format!("model.layers.{l}");
-        norm(&mut v, format!("{p}.input_layernorm"));
-        match &cfg.mla {
-            Some(a) => {
-                let a_ = format!("{p}.self_attn");
-                match a.q_lora_rank {
-                    Some(r) => {
-                        v.push(matrix(format!("{a_}.q_a_proj.weight"), r, d, std));
-                        v.push(vector(format!("{a_}.q_a_layernorm.weight"), r, Init::Ones));
-                        v.push(matrix(format!("{a_}.q_b_proj.weight"), cfg.q_dim(), r, std));
-                    }
-                    None => v.push(matrix(format!("{a_}.q_proj.weight"), cfg.q_dim(), d, std)),
-                }
-                let kv = a.kv_lora_rank;
-                v.push(matrix(
-                    format!("{a_}.kv_a_proj_with_mqa.weight"),
-                    kv + a.qk_rope_dim,
-                    d,
-                    std,
-                ));
-                v.push(vector(
-                    format!("{a_}.kv_a_layernorm.weight"),
-                    kv,
-                    Init::Ones,
-                ));
-                let width = cfg.n_heads * (a.qk_nope_dim + a.v_head_dim);
-                v.push(matrix(format!("{a_}.kv_b_proj.weight"), width, kv, std));
-            }
-            None => qkv(&mut v, format!("{p}.self_attn")),
+        let spec = c.layer(l);
+        self.norm(&format!("{p}.input_layernorm"));
+        match &c.mla {
+            Some(a) => self.latent(&format!("{p}.self_attn"), a),
+            None => self.qkv(&format!("{p}.self_attn")),
         }
-        out(&mut v, format!("{p}.self_attn"));
-        if cfg.encoder_layers > 0 {
-            norm(&mut v, format!("{p}.cross_attn_layernorm"));
-            qkv(&mut v, format!("{p}.cross_attn"));
-            out(&mut v, format!("{p}.cross_attn"));
+        self.out(&format!("{p}.self_attn"));
+        if c.encoder_layers > 0 {
+            self.norm(&format!("{p}.cross_attn_layernorm"));
+            self.qkv(&format!("{p}.cross_attn"));
+            self.out(&format!("{p}.cross_attn"));
         }
-        let qk_widths = match cfg.qk_norm {
+        let qk_widths = match c.qk_norm {
             QkNorm::None => None,
-            QkNorm::PerHead => Some((cfg.head_dim, cfg.head_dim)),
-            QkNorm::Full => Some((cfg.q_dim(), cfg.kv_dim())),
+            QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
+            QkNorm::Full => Some((c.q_dim(), c.kv_dim())),
         };
         if let Some((wq, wk)) = qk_widths {
-            norm_of(&mut v, format!("{p}.self_attn.q_norm"), wq);
-            norm_of(&mut v, format!("{p}.self_attn.k_norm"), wk);
+            self.norm_of(&format!("{p}.self_attn.q_norm"), wq);
+            self.norm_of(&format!("{p}.self_attn.k_norm"), wk);
         }
-        if cfg.block != BlockKind::ParallelSharedNorm {
-            norm(&mut v, format!("{p}.post_attention_layernorm"));
+        if c.block != BlockKind::ParallelSharedNorm {
+            self.norm(&format!("{p}.post_attention_layernorm"));
         }
-        if cfg.sandwich_norms {
-            norm(&mut v, format!("{p}.attn_out_norm"));
-            norm(&mut v, format!("{p}.ffn_out_norm"));
+        if c.sandwich_norms {
+            self.norm(&format!("{p}.attn_out_norm"));
+            self.norm(&format!("{p}.ffn_out_norm"));
         }
-        if let Some(dc) = cfg.layer(l).depth {
-            v.push(matrix(format!("{p}.depth_router.weight"), 1, d, std));
+        if let Some(dc) = spec.depth {
+            self.matrix(format!("{p}.depth_router.weight"), 1, d, self.std);
             let h = dc.predictor;
             if h > 0 {
-                v.push(matrix(format!("{p}.depth_predictor.fc1.weight"), h, d, std));
-                v.push(matrix(format!("{p}.depth_predictor.fc2.weight"), 1, h, std));
+                self.matrix(format!("{p}.depth_predictor.fc1.weight"), h, d, self.std);
+                self.matrix(format!("{p}.depth_predictor.fc2.weight"), 1, h, self.std);
             }
         }
-        match cfg.layer(l).moe {
-            Some(m) => {
-                v.push(matrix(format!("{p}.mlp.gate.weight"), m.slots(), d, std));
-                if m.selection_bias {
-                    v.push(vector(
-                        format!("{p}.mlp.gate.e_score_correction_bias"),
-                        m.slots(),
-                        Init::Zeros,
-                    ));
-                }
-                for e in 0..m.n_experts {
-                    ffn(&mut v, format!("{p}.mlp.experts.{e}"), m.d_expert);
-                }
-                if m.d_shared > 0 {
-                    ffn(&mut v, format!("{p}.mlp.shared_expert"), m.d_shared);
-                }
-                if m.shared_gate {
-                    v.push(matrix(
-                        format!("{p}.mlp.shared_expert_gate.weight"),
-                        1,
-                        d,
-                        std,
-                    ));
-                }
-            }
-            _ => ffn(&mut v, format!("{p}.mlp"), cfg.d_ff),
+        match spec.moe {
+            Some(m) => self.moe(&format!("{p}.mlp"), &m),
+            None => self.ffn(&format!("{p}.mlp"), c.d_ff),
         }
     }
-    norm(&mut v, "model.norm".into());
-    if !cfg.tie_embeddings {
-        v.push(matrix("lm_head.weight".into(), cfg.vocab_size, d, std));
-    }
-    if cfg.head_bias {
-        v.push(vector("lm_head.bias".into(), cfg.vocab_size, Init::Zeros));
-    }
-    v
 }
 
-// ---------------------------------------------------------------- stacked parameters
+/// Every parameter of the model described by `cfg`, in a stable order.
+pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
+    let std = cfg.init_std;
+    let mut t = Table {
+        cfg,
+        v: Vec::new(),
+        std,
+        out_std: std / (2.0 * cfg.n_layers as f64).sqrt(),
+    };
+    let d = cfg.d_model;
+    t.table("model.embed_tokens.weight".into(), cfg.vocab_size, d);
+    if cfg.position == Position::Learned {
+        t.table("model.embed_positions.weight".into(), cfg.max_seq_len, d);
+    }
+    if cfg.embed_norm {
+        t.norm("model.embed_norm");
+    }
+    // relative position tables: the decoder's, and the encoder's
+    if let Position::Relative { buckets, .. } = cfg.position {
+        t.table("model.relative_bias.weight".into(), buckets, cfg.n_heads);
+        if cfg.encoder_layers > 0 {
+            t.table(
+                "model.encoder.relative_bias.weight".into(),
+                buckets,
+                cfg.n_heads,
+            );
+        }
+    }
+    for l in 0..cfg.encoder_layers {
+        t.encoder_layer(l);
+    }
+    if cfg.encoder_layers > 0 {
+        t.norm("model.encoder.norm");
+    }
+    for l in 0..cfg.n_layers {
+        t.layer(l);
+    }
+    t.norm("model.norm");
+    if !cfg.tie_embeddings {
+        t.matrix("lm_head.weight".into(), cfg.vocab_size, d, std);
+    }
+    t.bias("lm_head", cfg.vocab_size, cfg.head_bias);
+    t.v
+}
 
 // Parameters that train stacked in one variable: a SwiGLU block's gate and up
 // projections, an MoE layer's expert projections. The fused feed-forward op reads the
