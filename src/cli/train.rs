@@ -1,5 +1,5 @@
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use routelm::report::plot::{line_plot, Series};
 use routelm::train::{Event, RunOptions, Trainer};
@@ -52,69 +52,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
-    let tok_path = match (&a.tokenizer, &a.resume) {
-        (Some(p), _) => Some(p.clone()),
-        (None, Some(dir)) => {
-            let p = routelm::train::checkpoint::find_checkpoint(dir)?.join("tokenizer.json");
-            p.exists().then_some(p)
-        }
-        (None, None) => a
-            .init
-            .as_ref()
-            .map(|d| d.join("tokenizer.json"))
-            .filter(|p| p.exists()),
-    };
+    let tok_path = tokenizer_path(&a)?;
     let tok = match &tok_path {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::Bytes,
     };
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, &device)?,
-        None => {
-            let mut preset = super::load_preset(&a.config)?;
-            if let Some(s) = a.steps {
-                preset.train.steps = Some(s);
-            }
-            if let Some(s) = a.seed {
-                preset.train.seed = Some(s);
-            }
-            if let Some(p) = a.precision {
-                preset.train.precision = Some(p);
-            }
-            let (model, init) = match &a.init {
-                Some(dir) => {
-                    let (family, cfg, params) =
-                        routelm::arch::load_params(dir, candle_core::DType::F32, &device)?;
-                    eprintln!(
-                        "fine-tuning {} ({})",
-                        dir.display(),
-                        family.unwrap_or("routelm")
-                    );
-                    (cfg, Some(params))
-                }
-                None => (preset.model.resolve(&a.config)?, None),
-            };
-            if a.init.is_some() && preset.train.seq_len.is_none_or(|s| s > model.max_seq_len) {
-                preset.train.seq_len = Some(
-                    model
-                        .max_seq_len
-                        .min(preset.train.seq_len.unwrap_or(usize::MAX)),
-                );
-            }
-            let train = preset.train.resolve(model.max_seq_len, &a.config)?;
-            if model.vocab_size < tok.vocab_size() {
-                bail!(
-                    "{}: vocab_size {} is smaller than the tokenizer's {}",
-                    a.config,
-                    model.vocab_size,
-                    tok.vocab_size()
-                );
-            }
-            match init {
-                Some(params) => Trainer::from_params(&model, &train, params, "init")?,
-                None => Trainer::new(&model, &train, &device)?,
-            }
-        }
+        None => fresh_trainer(&a, &tok, &device)?,
     };
     let out = a.resume.clone().unwrap_or(a.out.clone());
     if let (Some(_), Some(s)) = (&a.resume, a.steps) {
@@ -149,15 +94,108 @@ pub fn run(a: Args) -> Result<()> {
     if trainer.model.bf16_matmul() {
         eprintln!("mixed precision: linear products with bf16 operands and f32 sums");
     }
+    let summary = run_with_progress(&mut trainer, &data, &out, a.stop_after)?;
+    if let Some(p) = &tok_path {
+        let dst = routelm::train::checkpoint::checkpoint_dir(&out).join("tokenizer.json");
+        if p != &dst {
+            std::fs::copy(p, &dst)
+                .with_context(|| format!("copying {} into the checkpoint", p.display()))?;
+        }
+    }
+    write_outputs(&trainer, &out, a.stop_after.is_none())?;
+    eprintln!(
+        "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",
+        summary.steps,
+        summary.final_val_loss,
+        summary.wall_s,
+        summary.mean_step_ms,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The tokenizer to use: `--tokenizer`, else the resumed run's, else the one beside the
+/// `--init` weights; `None`: bytes.
+fn tokenizer_path(a: &Args) -> Result<Option<PathBuf>> {
+    Ok(match (&a.tokenizer, &a.resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(dir)) => {
+            let p = routelm::train::checkpoint::find_checkpoint(dir)?.join("tokenizer.json");
+            p.exists().then_some(p)
+        }
+        (None, None) => a
+            .init
+            .as_ref()
+            .map(|d| d.join("tokenizer.json"))
+            .filter(|p| p.exists()),
+    })
+}
+
+/// A new run: the preset with the command line's overrides, from random weights or from
+/// the `--init` folder's (its context window bounds the sequence length).
+fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Result<Trainer> {
+    let mut preset = super::load_preset(&a.config)?;
+    if let Some(s) = a.steps {
+        preset.train.steps = Some(s);
+    }
+    if let Some(s) = a.seed {
+        preset.train.seed = Some(s);
+    }
+    if let Some(p) = a.precision {
+        preset.train.precision = Some(p);
+    }
+    let (model, init) = match &a.init {
+        Some(dir) => {
+            let (family, cfg, params) =
+                routelm::arch::load_params(dir, candle_core::DType::F32, device)?;
+            eprintln!(
+                "fine-tuning {} ({})",
+                dir.display(),
+                family.unwrap_or("routelm")
+            );
+            (cfg, Some(params))
+        }
+        None => (preset.model.resolve(&a.config)?, None),
+    };
+    if a.init.is_some() && preset.train.seq_len.is_none_or(|s| s > model.max_seq_len) {
+        preset.train.seq_len = Some(
+            model
+                .max_seq_len
+                .min(preset.train.seq_len.unwrap_or(usize::MAX)),
+        );
+    }
+    let train = preset.train.resolve(model.max_seq_len, &a.config)?;
+    if model.vocab_size < tok.vocab_size() {
+        bail!(
+            "{}: vocab_size {} is smaller than the tokenizer's {}",
+            a.config,
+            model.vocab_size,
+            tok.vocab_size()
+        );
+    }
+    Ok(match init {
+        Some(params) => Trainer::from_params(&model, &train, params, "init")?,
+        None => Trainer::new(&model, &train, device)?,
+    })
+}
+
+/// Train with a progress bar (loss, validation loss and speed in its message) and a line
+/// per evaluation.
+fn run_with_progress(
+    trainer: &mut Trainer,
+    data: &routelm::train::data::Dataset,
+    out: &Path,
+    stop_after: Option<usize>,
+) -> Result<routelm::train::RunSummary> {
     let pb = super::bar(trainer.config.steps as u64, "train");
     pb.set_position(trainer.step as u64);
     let mut last_val = None;
     let mut last_tps = 0f64;
     let summary = trainer.run(
-        &data,
+        data,
         &RunOptions {
-            out: out.clone(),
-            stop_after: a.stop_after,
+            out: out.to_path_buf(),
+            stop_after,
         },
         &mut |e| match e {
             Event::Tick { step, loss, .. } => {
@@ -184,13 +222,12 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if let Some(p) = &tok_path {
-        let dst = routelm::train::checkpoint::checkpoint_dir(&out).join("tokenizer.json");
-        if p != &dst {
-            std::fs::copy(p, &dst)
-                .with_context(|| format!("copying {} into the checkpoint", p.display()))?;
-        }
-    }
+    Ok(summary)
+}
+
+/// The run's plots (loss curve, router load), and for a finished fine-tune of published
+/// weights the weights in that family's layout.
+fn write_outputs(trainer: &Trainer, out: &Path, finished: bool) -> Result<()> {
     let curve = |f: fn(&routelm::train::checkpoint::Metric) -> Option<f64>| -> Vec<(f64, f64)> {
         trainer
             .metrics
@@ -216,10 +253,10 @@ pub fn run(a: Args) -> Result<()> {
         ],
     )
     .with_context(|| "writing the loss plot")?;
-    if super::router_heatmap(&out, &trainer.metrics)?.is_some() {
+    if super::router_heatmap(out, &trainer.metrics)?.is_some() {
         super::print_router(&trainer.last_router);
     }
-    if let (Some(src), None) = (&trainer.init_source, a.stop_after) {
+    if let (Some(src), true) = (&trainer.init_source, finished) {
         let dst = out.join("hf");
         routelm::arch::export_dir(src, &dst, &trainer.params()?).with_context(|| {
             format!(
@@ -233,13 +270,5 @@ pub fn run(a: Args) -> Result<()> {
             dst.display()
         );
     }
-    eprintln!(
-        "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",
-        summary.steps,
-        summary.final_val_loss,
-        summary.wall_s,
-        summary.mean_step_ms,
-        out.display()
-    );
     Ok(())
 }
