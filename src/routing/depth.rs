@@ -99,11 +99,7 @@ pub struct DepthChoice {
 impl DepthRouter {
     /// Choose the tokens of `x: (b, t, d)` (positions `step.start..`) the block processes.
     pub fn choose(&self, x: &Tensor, step: DepthStep) -> Result<DepthChoice> {
-        let DepthStep {
-            start,
-            decision,
-            seed,
-        } = step;
+        let decision = step.decision;
         let (b, t, d) = x.dims3()?;
         let xs = x.reshape((b * t, d))?;
         let logits = matmul_t(&xs, &self.weight)?.reshape((b, t))?;
@@ -111,49 +107,8 @@ impl DepthRouter {
         let random = self.config.selection == DepthSelection::Random;
         let trains_decider =
             decision == DepthDecision::TopK && self.config.aux_loss_coef > 0.0 && k < t && !random;
-        // the decider reads the block input with the gradient stopped, so its auxiliary
-        // loss trains the decider alone and never pushes the residual stream
-        let xd = xs.detach();
-        let decider = match &self.predictor {
-            // on the RMS-normalised input: the residual stream's scale grows with depth
-            Some((fc1, fc2)) => {
-                let xn = crate::nn::ops::rms_norm(
-                    &xd,
-                    &Tensor::ones(d, xd.dtype(), xd.device())?,
-                    1e-6,
-                )?;
-                matmul_t(&matmul_t(&xn, fc1)?.silu()?, fc2)?.reshape((b, t))?
-            }
-            // the router's own score: the same values as `logits`, recomputed with the
-            // gradient to its weight only when its loss trains it
-            None if trains_decider => matmul_t(&xd, &self.weight)?.reshape((b, t))?,
-            None => logits.clone(),
-        };
-        // selection scores: the router's logits (top-k), the decider's (threshold 0), or
-        // uniform draws (random: top-k of them, or below the capacity)
-        let host: Vec<Vec<f32>> = if random {
-            let c = self.config.capacity as f32;
-            (0..b)
-                .map(|bi| {
-                    (0..t)
-                        .map(|i| {
-                            let u = draw(seed, self.layer, bi, start + i) as f32;
-                            match decision {
-                                DepthDecision::TopK => u,
-                                DepthDecision::Threshold => c - u,
-                            }
-                        })
-                        .collect()
-                })
-                .collect()
-        } else {
-            match decision {
-                DepthDecision::TopK => &logits,
-                DepthDecision::Threshold => &decider,
-            }
-            .to_dtype(DType::F32)?
-            .to_vec2()?
-        };
+        let decider = self.decider(&xs, &logits, trains_decider)?;
+        let host = self.selection_scores(&logits, &decider, step)?;
         let mut chosen = vec![0u8; b * t];
         let rows: Vec<Vec<u32>> = host
             .iter()
@@ -197,6 +152,61 @@ impl DepthRouter {
             all: decision == DepthDecision::TopK && k == t,
             stats,
         })
+    }
+
+    /// The causal decider's `(b, t)` logits: the predictor's, else the router's own. It
+    /// reads the block input `xs: (b·t, d)` with the gradient stopped, so its auxiliary
+    /// loss trains the decider alone and never pushes the residual stream.
+    fn decider(&self, xs: &Tensor, logits: &Tensor, trains: bool) -> Result<Tensor> {
+        let (b, t) = logits.dims2()?;
+        let d = xs.dim(1)?;
+        let xd = xs.detach();
+        match &self.predictor {
+            // on the RMS-normalised input: the residual stream's scale grows with depth
+            Some((fc1, fc2)) => {
+                let ones = Tensor::ones(d, xd.dtype(), xd.device())?;
+                let xn = crate::nn::ops::rms_norm(&xd, &ones, 1e-6)?;
+                matmul_t(&matmul_t(&xn, fc1)?.silu()?, fc2)?.reshape((b, t))
+            }
+            // the router's own score: the same values as `logits`, recomputed with the
+            // gradient to its weight only when its loss trains it
+            None if trains => matmul_t(&xd, &self.weight)?.reshape((b, t)),
+            None => Ok(logits.clone()),
+        }
+    }
+
+    /// Per sequence, the scores selection reads: the router's logits (top-k), the
+    /// decider's (threshold 0), or uniform draws (random: top-k of them, or below the
+    /// capacity).
+    fn selection_scores(
+        &self,
+        logits: &Tensor,
+        decider: &Tensor,
+        step: DepthStep,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (b, t) = logits.dims2()?;
+        if self.config.selection != DepthSelection::Random {
+            return match step.decision {
+                DepthDecision::TopK => logits,
+                DepthDecision::Threshold => decider,
+            }
+            .to_dtype(DType::F32)?
+            .to_vec2();
+        }
+        let c = self.config.capacity as f32;
+        Ok((0..b)
+            .map(|bi| {
+                (0..t)
+                    .map(|i| {
+                        let u = draw(step.seed, self.layer, bi, step.start + i) as f32;
+                        match step.decision {
+                            DepthDecision::TopK => u,
+                            DepthDecision::Threshold => c - u,
+                        }
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// `coef · mean BCE(σ(logit), chosen)`: the decider's logit learns to predict top-k
