@@ -211,6 +211,21 @@ fn geometry(q: [usize; 4], k: [usize; 4], v: [usize; 4], window: usize) -> CResu
     Ok(g)
 }
 
+/// The q, k and v views of a kernel call's three operands and their geometry.
+fn views(
+    ops: [(&CpuStorage, &Layout); 3],
+    window: usize,
+    alibi: bool,
+) -> CResult<(View, View, View, Geometry)> {
+    let [(s1, l1), (s2, l2), (s3, l3)] = ops;
+    let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
+    let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
+    let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
+    let mut g = geometry(qd, kd, vd, window)?;
+    g.alibi = alibi;
+    Ok((q, k, v, g))
+}
+
 /// Scores of one row block against the keys it can see, softmaxed in place into `p`
 /// (row stride `g.tk`). Returns the number of key columns used.
 #[allow(clippy::too_many_arguments)]
@@ -305,11 +320,7 @@ impl CustomOp3 for CausalAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
-        let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
-        let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let mut g = geometry(qd, kd, vd, self.window)?;
-        g.alibi = self.alibi;
+        let (q, k, v, g) = views([(s1, l1), (s2, l2), (s3, l3)], self.window, self.alibi)?;
         let mut out = vec![0f32; g.b * g.t * g.h * g.dv];
         let o = OutPtr(out.as_mut_ptr());
         let group = g.h / g.hkv;
@@ -396,18 +407,15 @@ impl CustomOp3 for CausalAttentionBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (q, qd) = View::new(cpu_f32(s1)?, l1, "q")?;
-        let (k, kd) = View::new(cpu_f32(s2)?, l2, "k")?;
-        let (v, vd) = View::new(cpu_f32(s3)?, l3, "v")?;
-        let mut g = geometry(qd, kd, vd, self.window)?;
-        g.alibi = self.alibi;
+        let (q, k, v, g) = views([(s1, l1), (s2, l2), (s3, l3)], self.window, self.alibi)?;
         let (guard, dl) = self.d_out.storage_and_layout();
         let Storage::Cpu(ds) = &*guard else {
             candle_core::bail!("causal_attention bwd: gradient not on the CPU")
         };
         let (dov, dod) = View::new(cpu_f32(ds)?, dl, "d_out")?;
-        if dod != [qd[0], qd[1], qd[2], g.dv] {
-            candle_core::bail!("causal_attention bwd: gradient shape {dod:?} for output {qd:?}")
+        let out = [g.b, g.t, g.h, g.dv];
+        if dod != out {
+            candle_core::bail!("causal_attention bwd: gradient shape {dod:?} for output {out:?}")
         }
         let (nq, nk) = (g.b * g.t * g.h * g.d, g.b * g.tk * g.hkv * g.d);
         let nv = g.b * g.tk * g.hkv * g.dv;
