@@ -298,3 +298,30 @@ fn verify_fails_when_outputs_differ() {
     let err = fails(&["verify", d.to_str().unwrap()]);
     assert!(err.contains("outputs differ from the reference"), "{err}");
 }
+
+/// An encoder-decoder refuses the next-token loss and training by name (it needs
+/// source/target pairs), and decoding without its source in the cache.
+#[test]
+fn encoder_decoder_refuses_what_it_cannot_do() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/t5");
+    let (_, cfg, params) =
+        routelm::arch::load_params(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let model = routelm::Model::new(&cfg, &params, "t5").unwrap();
+    let ids = common::ids(&[1, 2, 3], 1);
+    let err = model.loss(&ids, &ids).unwrap_err().to_string();
+    assert!(err.contains("decoder-only"), "{err}");
+    let err = model
+        .forward(&ids, Some(&mut model.new_cache()), false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Model::encode"), "{err}");
+    let train = routelm::TrainConfigFile::default()
+        .resolve(cfg.max_seq_len, "t")
+        .unwrap();
+    let err = routelm::Trainer::from_params(&cfg, &train, params, "t5")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("decoder-only"), "{err}");
+}

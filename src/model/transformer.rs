@@ -770,6 +770,13 @@ impl Model {
 
     /// [`Model::loss`] with explicit [`ForwardOptions`] (the trainer's routing seed).
     pub fn loss_with(&self, ids: &Tensor, targets: &Tensor, opts: ForwardOptions) -> Result<Loss> {
+        if self.encoder.is_some() {
+            return Err(Error::Data(
+                "the next-token loss takes a decoder-only model; this one is an \
+                 encoder-decoder (it needs source/target pairs)"
+                    .into(),
+            ));
+        }
         let out = self.forward_with(ids, None, opts)?;
         let v = self.config.vocab_size;
         let logits = out.logits.reshape(((), v))?;

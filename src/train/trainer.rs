@@ -151,6 +151,14 @@ impl Trainer {
         params: Params,
         origin: &str,
     ) -> Result<Self> {
+        if cfg.encoder_layers > 0 {
+            return Err(Error::Config {
+                origin: origin.into(),
+                problems: vec![
+                    "training takes decoder-only models (an encoder-decoder would need source/target pairs)".into(),
+                ],
+            });
+        }
         let (mut model, opt) = build(cfg, train, params, origin)?;
         if train.precision == super::Precision::Bf16 {
             if crate::nn::bf16::available() {
