@@ -3,10 +3,11 @@ use std::path::{Path, PathBuf};
 
 use routelm::{FlopLedger, ModelConfig};
 
-/// Describe a model folder or a preset: sizes, parameter counts, memory for f32 weights.
+/// Describe a model folder or a preset (sizes, parameter counts, memory for f32 weights),
+/// or a GGUF file (its metadata and its tensors' element types).
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder, preset file or preset name.
+    /// Model folder, preset file or preset name, or a .gguf file.
     target: PathBuf,
 }
 
@@ -27,6 +28,9 @@ pub fn load_config(spec: &str) -> Result<ModelConfig> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.target.extension().is_some_and(|e| e == "gguf") {
+        return inspect_gguf(&a.target);
+    }
     let cfg = load_config(&a.target.to_string_lossy())?;
     let ledger = FlopLedger::new(&cfg, cfg.max_seq_len);
     let family = if a.target.is_dir() {
@@ -125,4 +129,49 @@ fn groups<T: PartialEq>(layers: impl Iterator<Item = (usize, T)>) -> Vec<(T, Str
         }
     }
     out.into_iter().map(|(c, ls)| (c, ls.join(", "))).collect()
+}
+
+/// A GGUF file's header: version, architecture and the metadata keys that shape the
+/// model, and its tensors counted by element type.
+fn inspect_gguf(path: &Path) -> Result<()> {
+    use routelm::weights::gguf::{GgufFile, Value};
+    let f = GgufFile::open(path)?;
+    let arch = f
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
+    let name = f.get("general.name").and_then(Value::as_str).unwrap_or("");
+    println!(
+        "{} (GGUF v{}, architecture {arch}) {name}",
+        path.display(),
+        f.version
+    );
+    for (k, v) in &f.metadata {
+        let shown = match v {
+            Value::Array(items) => format!("[{} values]", items.len()),
+            Value::String(s) if s.len() > 60 => {
+                format!("{:?}… ({} bytes)", &s[..s.floor_char_boundary(60)], s.len())
+            }
+            v => format!("{v:?}"),
+        };
+        if k.starts_with(arch) || k.starts_with("general.") || k.starts_with("tokenizer.ggml.model")
+        {
+            println!("  {k} = {shown}");
+        }
+    }
+    let mut by_type: std::collections::BTreeMap<&str, (usize, usize, usize)> = Default::default();
+    for t in &f.tensors {
+        let e = by_type.entry(t.ty.name()).or_default();
+        *e = (e.0 + 1, e.1 + t.elements(), e.2 + t.len);
+    }
+    println!("  {} tensors:", f.tensors.len());
+    for (ty, (n, elements, bytes)) in by_type {
+        println!(
+            "    {ty:<5} {n:>5} tensors  {:>8.2}M values  {:>8.1} MiB",
+            elements as f64 / 1e6,
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    println!("  (loading GGUF models for generation is not built yet; see issue 14)");
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Weight files: memory-mapped safetensors in, atomically written safetensors out, and the
 //! model folder (`config.json` + `model.safetensors`). Errors name the file and the tensor.
 
+pub mod gguf;
 pub mod names;
+pub mod quant;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};

@@ -1,0 +1,103 @@
+"""Fixtures for the GGUF reader and the dequantization kernels, made with gguf-py (the
+reference implementation of the format's Python side). Run from the repository root with
+a Python that has `gguf` and `numpy`:
+
+    python scripts/make_gguf_fixtures.py
+
+Writes tests/fixtures/gguf/:
+  blocks.safetensors  for each quant type T: `T.blocks` (raw block bytes, u8) and `T.f32`
+                      (gguf-py's dequantization of them); random bytes with finite f16
+                      scales, so every bit pattern of the quants is exercised.
+  tiny.gguf           metadata of every value type and tensors of several types, and
+  tiny.json           what gguf-py reads back from it (metadata values, tensor shapes,
+                      types and dequantized values), the reference for the reader.
+"""
+import json, os
+import numpy as np
+import gguf
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+
+rng = np.random.default_rng(0)
+out = "tests/fixtures/gguf"
+os.makedirs(out, exist_ok=True)
+T = gguf.GGMLQuantizationType
+types = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# byte offsets of the f16 scales inside each block (made finite: random bits could be NaN)
+f16_at = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+          "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+tensors = {}
+for name in types:
+    qt = T[name]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    n_blocks = 6
+    if name == "F32":
+        raw = rng.standard_normal(n_blocks * 8).astype(np.float32).view(np.uint8)
+    elif name in ("F16", "BF16"):
+        vals = rng.standard_normal(n_blocks * 8).astype(np.float32)
+        raw = (vals.astype(np.float16).view(np.uint8) if name == "F16"
+               else (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
+    else:
+        raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+        for at in f16_at[name]:
+            scale = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
+            raw[:, at:at + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+        raw = raw.reshape(-1)
+    n = raw.size // size * block
+    shape = (n,)
+    vals = dequantize(raw.reshape(-1, size) if block > 1 else raw, qt).reshape(-1).astype(np.float32)
+    tensors[f"{name}.blocks"] = np.ascontiguousarray(raw)
+    tensors[f"{name}.f32"] = vals
+save_file(tensors, f"{out}/blocks.safetensors")
+
+# a tiny GGUF file: every metadata value type, tensors of several types and shapes
+w = gguf.GGUFWriter(f"{out}/tiny.gguf", "llama")
+w.add_uint8("test.u8", 200)
+w.add_int8("test.i8", -100)
+w.add_uint16("test.u16", 60000)
+w.add_int16("test.i16", -30000)
+w.add_uint32("test.u32", 4000000000)
+w.add_int32("test.i32", -2000000000)
+w.add_float32("test.f32", 0.25)
+w.add_uint64("test.u64", 2**60)
+w.add_int64("test.i64", -(2**60))
+w.add_float64("test.f64", 1e-300)
+w.add_bool("test.bool", True)
+w.add_string("test.string", "héllo ✓")
+w.add_array("test.array_i32", [1, -2, 3])
+w.add_array("test.array_str", ["a", "bc", ""])
+expect = {"tensors": {}}
+for name, qt, shape in [("f32_matrix", "F32", (3, 5)), ("f16_vector", "F16", (7,)),
+                        ("q8_matrix", "Q8_0", (2, 64)), ("q4k_matrix", "Q4_K", (2, 256)),
+                        ("q6k_matrix", "Q6_K", (1, 512))]:
+    x = rng.standard_normal(shape).astype(np.float32)
+    if qt in ("F32",):
+        q = x
+    elif qt in ("F16", "Q8_0"):
+        q = gguf.quants.quantize(x, T[qt])
+    else:
+        # gguf-py has no K-quant quantizer: random blocks with finite scales
+        block, size = gguf.GGML_QUANT_SIZES[T[qt]]
+        rows = int(np.prod(shape[:-1]))
+        q = rng.integers(0, 256, size=(rows * shape[-1] // block, size), dtype=np.uint8)
+        for at in f16_at[qt]:
+            q[:, at:at + 2] = (rng.standard_normal(q.shape[0]) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        q = q.reshape(shape[:-1] + (shape[-1] // block * size,))
+    w.add_tensor(name, q, raw_dtype=T[qt])
+    deq = dequantize(q, T[qt]).reshape(shape)
+    expect["tensors"][name] = {"type": qt, "shape": list(shape),
+                               "values": [float(v) for v in deq.reshape(-1)]}
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+r = gguf.GGUFReader(f"{out}/tiny.gguf")
+expect["metadata"] = {}
+for f in r.fields.values():
+    if f.name.startswith("test."):
+        expect["metadata"][f.name] = f.contents()
+expect["alignment"] = r.alignment
+with open(f"{out}/tiny.json", "w") as fh:
+    json.dump(expect, fh, indent=1, ensure_ascii=False)
+print("wrote", out, os.path.getsize(f"{out}/tiny.gguf"), "bytes gguf")

@@ -1,0 +1,214 @@
+//! GGUF reading and ggml dequantization against gguf-py (fixtures from
+//! `scripts/make_gguf_fixtures.py`): every element type bit for bit, a file with every
+//! metadata value type and several tensor types, and damaged headers that must give a
+//! clear error without a large allocation.
+
+use candle_core::Device;
+use routelm::weights::gguf::{GgufFile, Value};
+use routelm::weights::quant::{dequantize_into, GgmlType};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf")
+}
+
+const TYPES: &[(&str, u32)] = &[
+    ("F32", 0),
+    ("F16", 1),
+    ("BF16", 30),
+    ("Q4_0", 2),
+    ("Q4_1", 3),
+    ("Q5_0", 6),
+    ("Q5_1", 7),
+    ("Q8_0", 8),
+    ("Q2_K", 10),
+    ("Q3_K", 11),
+    ("Q4_K", 12),
+    ("Q5_K", 13),
+    ("Q6_K", 14),
+];
+
+/// Every type's dequantization equals gguf-py's, bit for bit, on random blocks.
+#[test]
+fn dequantization_is_bit_exact_for_every_type() {
+    let t = routelm::weights::load_safetensors(
+        &fixtures().join("blocks.safetensors"),
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for &(name, id) in TYPES {
+        let ty = GgmlType::from_id(id).unwrap();
+        assert_eq!(ty.name(), name);
+        let blocks: Vec<u8> = t[&format!("{name}.blocks")].to_vec1().unwrap();
+        let want: Vec<f32> = t[&format!("{name}.f32")].to_vec1().unwrap();
+        assert_eq!(ty.bytes_for(want.len()), Some(blocks.len()), "{name}");
+        let mut got = vec![0f32; want.len()];
+        dequantize_into(ty, &blocks, &mut got);
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{name}: {differ} of {} values differ",
+            want.len()
+        );
+    }
+}
+
+fn json_value(v: &Value) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::U8(x) => json!(x),
+        Value::I8(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::F32(x) => json!(*x as f64),
+        Value::Bool(x) => json!(x),
+        Value::String(x) => json!(x),
+        Value::Array(x) => serde_json::Value::Array(x.iter().map(json_value).collect()),
+        Value::U64(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::F64(x) => json!(x),
+    }
+}
+
+/// A file gguf-py wrote reads back as gguf-py reads it: every metadata value type, and
+/// tensors of several types with their shapes and values.
+#[test]
+fn a_gguf_py_file_reads_back_as_written() {
+    let f = GgufFile::open(&fixtures().join("tiny.gguf")).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny.json")).unwrap())
+            .unwrap();
+    assert_eq!(f.version, 3);
+    for (k, v) in want["metadata"].as_object().unwrap() {
+        let got = json_value(f.get(k).unwrap_or_else(|| panic!("no key {k}")));
+        assert_eq!(&got, v, "{k}");
+    }
+    assert_eq!(
+        f.get("general.architecture").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    let tensors = want["tensors"].as_object().unwrap();
+    assert_eq!(f.tensors.len(), tensors.len());
+    for (name, t) in tensors {
+        let info = f.tensor(name).unwrap();
+        assert_eq!(info.ty.name(), t["type"].as_str().unwrap(), "{name}");
+        let shape: Vec<usize> = t["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(info.shape, shape, "{name}");
+        let got = f.dequantize(info);
+        let want: Vec<f32> = t["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got, want, "{name}");
+    }
+}
+
+/// A header: magic, version 3, the counts, then `rest`.
+fn header(tensors: u64, kv: u64, rest: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(tensors.to_le_bytes());
+    b.extend(kv.to_le_bytes());
+    b.extend(rest);
+    b
+}
+
+fn string(s: &str) -> Vec<u8> {
+    let mut b = (s.len() as u64).to_le_bytes().to_vec();
+    b.extend(s.as_bytes());
+    b
+}
+
+/// A tensor description: name, dims (innermost first), type, offset.
+fn tensor(name: &str, dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
+    let mut b = string(name);
+    b.extend((dims.len() as u32).to_le_bytes());
+    for d in dims {
+        b.extend(d.to_le_bytes());
+    }
+    b.extend(ty.to_le_bytes());
+    b.extend(offset.to_le_bytes());
+    b
+}
+
+/// Damaged or lying headers are errors that name the file and the problem; none panics
+/// or allocates what a count claims.
+#[test]
+fn damaged_headers_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("routelm-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = std::fs::read(fixtures().join("tiny.gguf")).unwrap();
+    let mut kv_string = string("k");
+    kv_string.extend(8u32.to_le_bytes());
+    kv_string.extend(u64::MAX.to_le_bytes());
+    let mut array = string("k");
+    array.extend(9u32.to_le_bytes());
+    array.extend(4u32.to_le_bytes());
+    array.extend((1u64 << 60).to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("not gguf", b"GGML0000".to_vec(), "magic"),
+        ("empty", Vec::new(), "magic"),
+        ("truncated", good[..good.len() / 2].to_vec(), "past the end"),
+        ("truncated header", good[..100].to_vec(), "GGUF header"),
+        (
+            "version",
+            {
+                let mut b = good.clone();
+                b[4] = 9;
+                b
+            },
+            "version 9",
+        ),
+        ("tensor count", header(u64::MAX, 0, &[]), "tensor count"),
+        ("kv count", header(0, 1 << 40, &[0; 64]), "metadata count"),
+        ("string length", header(0, 1, &kv_string), "length"),
+        ("array count", header(0, 1, &array), "element count"),
+        (
+            "dims",
+            header(1, 0, &tensor("t", &[1 << 40, 1 << 40], 0, 0)),
+            "overflows",
+        ),
+        (
+            "offset",
+            header(1, 0, &tensor("t", &[4], 0, 1 << 50)),
+            "past the end",
+        ),
+        (
+            "blocks",
+            header(1, 0, &tensor("t", &[33], 8, 0)),
+            "whole Q8_0 blocks",
+        ),
+        ("type", header(1, 0, &tensor("t", &[4], 99, 0)), "type 99"),
+        (
+            "dimension count",
+            header(1, 0, &tensor("t", &[], 0, 0)),
+            "dimensions",
+        ),
+    ];
+    for (what, bytes, expect) in cases {
+        let p = dir.join(format!("{}.gguf", what.replace(' ', "_")));
+        std::fs::write(&p, &bytes).unwrap();
+        let err = match GgufFile::open(&p) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(expect), "{what}: {err}");
+        assert!(err.contains(&p.display().to_string()), "{what}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
