@@ -101,3 +101,80 @@ expect["alignment"] = r.alignment
 with open(f"{out}/tiny.json", "w") as fh:
     json.dump(expect, fh, indent=1, ensure_ascii=False)
 print("wrote", out, os.path.getsize(f"{out}/tiny.gguf"), "bytes gguf")
+
+# --- GGUF twins of two Hugging Face fixtures, written the way llama.cpp's converter
+# writes them: llama's q/k rows permuted for pairwise rotary, Gemma's norms stored as 1 + w.
+from safetensors.numpy import load_file
+
+def permute(w, heads):
+    # Hugging Face's rotate-half rows → llama.cpp's interleaved pairs, per head
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+def gguf_name(hf):
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    parts = hf.split(".")
+    layer, rest = parts[2], ".".join(parts[3:])
+    table = {"input_layernorm.weight": "attn_norm", "self_attn.q_proj.weight": "attn_q",
+             "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+             "self_attn.o_proj.weight": "attn_output", "self_attn.q_norm.weight": "attn_q_norm",
+             "self_attn.k_norm.weight": "attn_k_norm", "post_attention_layernorm.weight": "ffn_norm",
+             "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+             "mlp.down_proj.weight": "ffn_down"}
+    return f"blk.{layer}.{table[rest]}.weight"
+
+def gemma_name(hf):
+    if hf.endswith("post_attention_layernorm.weight"):
+        return gguf_name(hf).replace("ffn_norm", "post_attention_norm")
+    if hf.endswith("pre_feedforward_layernorm.weight"):
+        return gguf_name(hf.replace("pre_feedforward_layernorm", "post_attention_layernorm"))
+    if hf.endswith("post_feedforward_layernorm.weight"):
+        return hf.replace("model.layers.", "blk.").replace("post_feedforward_layernorm", "post_ffw_norm")
+    return gguf_name(hf)
+
+def write_twin(src, dst, arch, qtype):
+    cfg = json.load(open(f"{src}/config.json"))
+    w = gguf.GGUFWriter(dst, arch)
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if arch == "llama":
+        w.add_rope_freq_base(cfg.get("rope_theta", 500000.0))
+    else:
+        w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+        w.add_sliding_window(cfg["sliding_window"])
+        # the fixture's pattern (every third layer global); llama.cpp's default is 6
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", len(cfg["layer_types"]) if "full_attention" in cfg["layer_types"][-1:] else 6)
+    for name, x in sorted(load_file(f"{src}/model.safetensors").items()):
+        x = x.astype(np.float32)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            x = permute(x, heads)
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            x = permute(x, kv)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            x = x + 1
+        gname = gemma_name(name) if arch == "gemma3" else gguf_name(name)
+        if x.ndim == 2 and qtype != "F32":
+            w.add_tensor(gname, gguf.quants.quantize(x, T[qtype]), raw_dtype=T[qtype])
+        else:
+            w.add_tensor(gname, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.f32.gguf", "llama", "F32")
+write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0")
+write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
+print("wrote the GGUF twins")

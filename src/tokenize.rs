@@ -20,6 +20,13 @@ impl Tokenizer {
 
     /// `DIR/tokenizer.json` when present, otherwise byte-level.
     pub fn for_model_dir(dir: &Path) -> Result<Self> {
+        if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+            return Err(Error::Tokenizer(format!(
+                "{}: reading the tokenizer from GGUF metadata is not built yet; give token \
+                 ids (generate --prompt-ids … --ids) or use a folder with tokenizer.json",
+                dir.display()
+            )));
+        }
         let p = dir.join("tokenizer.json");
         if p.exists() {
             Self::from_file(&p)

@@ -8,6 +8,7 @@
 mod bloom;
 mod deepseek;
 mod gemma;
+mod gguf;
 mod gpt2;
 mod gpt_neox;
 mod llama;
@@ -449,6 +450,10 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
 /// The configuration of a model folder without reading its weights: the family (None for
 /// routelm's own format) and the resolved config.
 pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
+    if is_gguf(dir) {
+        let (family, cfg) = gguf::config(dir)?;
+        return Ok((Some(family), cfg));
+    }
     let (cfg_path, value) = read_config_json(dir)?;
     if value.get("model_type").is_none() && value.get("architectures").is_none() {
         return Ok((None, weights::load_config(dir)?));
@@ -466,6 +471,10 @@ pub fn load_params(
     dtype: DType,
     device: &Device,
 ) -> Result<(Option<&'static str>, ModelConfig, Params)> {
+    if is_gguf(dir) {
+        let (family, cfg, params) = gguf::load(dir, dtype, device)?;
+        return Ok((Some(family), cfg, params));
+    }
     let (family, cfg) = load_config(dir)?;
     let Some(family) = family else {
         let path = dir.join("model.safetensors");
@@ -613,7 +622,13 @@ pub fn stored_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
     Ok(meta.tensors().into_keys().collect())
 }
 
-/// Load a model folder: a Hugging Face checkpoint of a known family, or routelm's own.
+/// Whether `path` names a GGUF file (rather than a model folder).
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+}
+
+/// Load a model folder (a Hugging Face checkpoint of a known family, or routelm's own) or
+/// a GGUF file.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let (family, cfg, params) = load_params(dir, dtype, device)?;
     // the parameters are checked against the config already
@@ -704,6 +719,12 @@ pub fn generation_defaults(dir: &Path) -> Result<GenerationDefaults> {
             None => Vec::new(),
         }
     };
+    if is_gguf(dir) {
+        return Ok(GenerationDefaults {
+            eos: gguf::eos_ids(dir)?,
+            ..Default::default()
+        });
+    }
     let path = dir.join("generation_config.json");
     if !path.exists() {
         let eos = if dir.join("config.json").exists() {

@@ -56,7 +56,14 @@ pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
     let model = routelm::arch::load_dir(&model_dir, a.dtype, &device)?.model;
-    let tok = Tokenizer::for_model_dir(&model_dir)?;
+    // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
+    let tok = match (
+        a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,
+        routelm::arch::is_gguf(&model_dir),
+    ) {
+        (true, true) => Tokenizer::Bytes,
+        _ => Tokenizer::for_model_dir(&model_dir)?,
+    };
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
         (None, Some(ids)) => ids.clone(),

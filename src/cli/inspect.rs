@@ -14,7 +14,7 @@ pub struct Args {
 /// A model config from a folder (config.json), a preset file or an embedded preset name.
 pub fn load_config(spec: &str) -> Result<ModelConfig> {
     let p = Path::new(spec);
-    if p.is_dir() {
+    if p.is_dir() || routelm::arch::is_gguf(p) {
         return Ok(routelm::arch::load_config(p)?.1);
     }
     if p.extension().is_some_and(|e| e == "json") && p.exists() {
@@ -172,6 +172,15 @@ fn inspect_gguf(path: &Path) -> Result<()> {
             bytes as f64 / (1 << 20) as f64
         );
     }
-    println!("  (loading GGUF models for generation is not built yet; see issue 14)");
+    let (family, cfg) = routelm::arch::load_config(path)?;
+    println!(
+        "  loads as {} ({} layers, d_model {}, {} heads, {} KV heads, vocab {}), dequantized at load; its tokenizer is not read yet",
+        family.map_or("routelm", |f| f.name),
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.vocab_size
+    );
     Ok(())
 }

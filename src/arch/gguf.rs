@@ -1,0 +1,269 @@
+//! GGUF files as a second file adapter beside `config.json` + safetensors: the metadata of
+//! the architectures llama.cpp writes becomes the `config.json` the family's adapter reads,
+//! and llama.cpp's tensor names become the family's, so the families' translations (and
+//! their checks) are the only ones. Tensors are dequantized to the requested dtype at load
+//! (quantized kernels that read the blocks in place are the next step).
+//!
+//! Layouts llama.cpp's converter changes: `llama` stores the q and k projections with each
+//! head's rows interleaved for its pairwise rotary (undone here); Gemma stores its norms
+//! as `1 + w` (the model then takes them as they are).
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value as Json};
+use std::path::Path;
+
+use super::{Family, RawConfig, TensorMap};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::weights::gguf::{GgufFile, Value};
+use crate::weights::Params;
+
+/// The GGUF architectures routelm reads, and the Hugging Face model type each becomes.
+const ARCHITECTURES: &[(&str, &str, &str)] = &[
+    ("llama", "llama", "LlamaForCausalLM"),
+    ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
+];
+
+/// The metadata value `arch.key` (or `key` itself when it starts with a known prefix).
+fn meta<'a>(f: &'a GgufFile, arch: &str, key: &str) -> Option<&'a Value> {
+    f.get(&format!("{arch}.{key}"))
+}
+
+fn need_u64(f: &GgufFile, arch: &str, key: &str) -> Result<u64> {
+    meta(f, arch, key).and_then(Value::as_u64).ok_or_else(|| {
+        Error::parse(
+            &f.path,
+            format!("metadata {arch}.{key} is missing or not an integer"),
+        )
+    })
+}
+
+/// The `config.json` equivalent of a GGUF file's metadata, for its family's adapter.
+fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
+    let arch = f
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::parse(&f.path, "metadata general.architecture is missing"))?;
+    let Some(&(_, model_type, class)) = ARCHITECTURES.iter().find(|a| a.0 == arch) else {
+        let known: Vec<&str> = ARCHITECTURES.iter().map(|a| a.0).collect();
+        return Err(Error::parse(
+            &f.path,
+            format!(
+                "GGUF architecture '{arch}' is not supported yet (supported: {})",
+                known.join(", ")
+            ),
+        ));
+    };
+    let heads = need_u64(f, arch, "attention.head_count")?;
+    let d_model = need_u64(f, arch, "embedding_length")?;
+    let vocab = match meta(f, arch, "vocab_size").and_then(Value::as_u64) {
+        Some(v) => v,
+        None => match f.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(t)) => t.len() as u64,
+            _ => {
+                let embd = f.tensor("token_embd.weight").ok_or_else(|| {
+                    Error::parse(&f.path, "no vocabulary size and no token_embd.weight")
+                })?;
+                embd.shape[0] as u64
+            }
+        },
+    };
+    let mut c = json!({
+        "model_type": model_type,
+        "architectures": [class],
+        "vocab_size": vocab,
+        "hidden_size": d_model,
+        "num_hidden_layers": need_u64(f, arch, "block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta(f, arch, "attention.head_count_kv")
+            .and_then(Value::as_u64).unwrap_or(heads),
+        "intermediate_size": need_u64(f, arch, "feed_forward_length")?,
+        "max_position_embeddings": need_u64(f, arch, "context_length")?,
+        "rms_norm_eps": meta(f, arch, "attention.layer_norm_rms_epsilon")
+            .and_then(Value::as_f64).unwrap_or(1e-5),
+        "tie_word_embeddings": f.tensor("output.weight").is_none(),
+    });
+    if let Some(k) = meta(f, arch, "attention.key_length").and_then(Value::as_u64) {
+        c["head_dim"] = k.into();
+    }
+    if let Some(t) = meta(f, arch, "rope.freq_base").and_then(Value::as_f64) {
+        c["rope_theta"] = t.into();
+    }
+    match meta(f, arch, "rope.scaling.type").and_then(Value::as_str) {
+        None | Some("none") => {}
+        Some("linear") => {
+            let factor = meta(f, arch, "rope.scaling.factor").and_then(Value::as_f64);
+            c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        Some(other) => {
+            return Err(Error::parse(
+                &f.path,
+                format!("{arch}.rope.scaling.type '{other}' is not supported yet"),
+            ))
+        }
+    }
+    match arch {
+        "llama" => c["hidden_act"] = "silu".into(),
+        "gemma3" => {
+            let head_dim = c
+                .get("head_dim")
+                .cloned()
+                .unwrap_or((d_model / heads).into());
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+            c["query_pre_attn_scalar"] = head_dim;
+            // llama.cpp's Gemma 3 settings: every sixth layer global (unless the file says),
+            // local base 10000
+            c["sliding_window"] = need_u64(f, arch, "attention.sliding_window")?.into();
+            c["sliding_window_pattern"] = meta(f, arch, "attention.sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .unwrap_or(6)
+                .into();
+            c["rope_local_base_freq"] = 10_000.0.into();
+        }
+        _ => {}
+    }
+    Ok((arch.to_string(), c))
+}
+
+/// llama.cpp's tensor name → the family's (Hugging Face) name, for one layer's part.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        "post_attention_norm.weight" => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}"))
+}
+
+/// Gemma 2/3's names differ: `ffn_norm` is the pre-feed-forward norm there, and the
+/// post-attention norm is a sandwich norm.
+fn gemma_name(gguf: &str) -> Option<String> {
+    let n = hf_name(gguf)?;
+    if gguf.ends_with("ffn_norm.weight") {
+        return Some(n.replace("post_attention_layernorm", "pre_feedforward_layernorm"));
+    }
+    Some(n)
+}
+
+/// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
+/// `2i + 1` go back to `i` and `i + head_dim/2` (rotate-half layout).
+fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let hd = rows / heads.max(1);
+    // (heads, hd/2, 2, cols) → (heads, 2, hd/2, cols)
+    Ok(t.reshape((heads, hd / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+/// The family and resolved config of a GGUF file, from its metadata alone.
+pub fn config(path: &Path) -> Result<(&'static Family, ModelConfig)> {
+    let f = GgufFile::open(path)?;
+    resolve(&f, path)
+}
+
+fn resolve(f: &GgufFile, path: &Path) -> Result<(&'static Family, ModelConfig)> {
+    let (arch, json) = hf_config(f)?;
+    let raw = RawConfig::new(json, path.to_path_buf());
+    let family = super::detect(&raw)?;
+    let mut cfg = raw.finish((family.config)(&raw))?;
+    if arch.starts_with("gemma") {
+        // the converter stored the norms as 1 + w
+        cfg.norm_offset = 0.0;
+    }
+    Ok((family, cfg))
+}
+
+/// Load a GGUF file: config from its metadata through the family's adapter, tensors
+/// dequantized to `dtype` and renamed to the family's names, then the family's own tensor
+/// rules. Returns the family's name, the resolved config and the canonical parameters.
+pub fn load(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(&'static str, ModelConfig, Params)> {
+    let f = GgufFile::open(path)?;
+    let (family, cfg) = resolve(&f, path)?;
+    let arch = f
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let gemma = arch.starts_with("gemma");
+    let mut params = Params::new();
+    let mut unknown = Vec::new();
+    for t in &f.tensors {
+        let name = if gemma {
+            gemma_name(&t.name)
+        } else {
+            hf_name(&t.name)
+        };
+        let Some(name) = name else {
+            unknown.push(t.name.clone());
+            continue;
+        };
+        let values = f.dequantize(t);
+        let mut x = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?;
+        if arch == "llama" {
+            if name.ends_with("q_proj.weight") {
+                x = unpermute(&x, cfg.n_heads)?;
+            } else if name.ends_with("k_proj.weight") {
+                x = unpermute(&x, cfg.n_kv_heads)?;
+            }
+        }
+        params.insert(name, x.to_dtype(dtype)?.to_device(device)?);
+    }
+    if !unknown.is_empty() {
+        return Err(Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: unknown
+                .into_iter()
+                .map(|n| format!("tensor {n}: not a name routelm maps for {arch}"))
+                .collect(),
+        });
+    }
+    let mut map = TensorMap::new(path.to_path_buf(), params);
+    let canonical = (family.tensors)(&cfg, &mut map)?;
+    map.finish()?;
+    let problems = crate::weights::names::check_params(&cfg, &canonical);
+    if !problems.is_empty() {
+        return Err(Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    Ok((family.name, cfg, canonical))
+}
+
+/// The model's end-of-sequence ids from the GGUF tokenizer metadata.
+pub fn eos_ids(path: &Path) -> Result<Vec<u32>> {
+    let f = GgufFile::open(path)?;
+    Ok(f.get("tokenizer.ggml.eos_token_id")
+        .and_then(Value::as_u64)
+        .and_then(|e| u32::try_from(e).ok())
+        .into_iter()
+        .collect())
+}
