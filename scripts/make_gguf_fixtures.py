@@ -178,3 +178,45 @@ write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.f32.gguf", "llama", "F32")
 write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0")
 write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
 print("wrote the GGUF twins")
+
+# --- tokenizers in GGUF metadata: a tiny byte-level BPE written as llama.cpp writes one
+# (`tokenizer.ggml.*`), and what transformers builds from that file encodes a text set to.
+from tokenizers import Tokenizer as HfTok, models, trainers, pre_tokenizers as pt, decoders
+from transformers import AutoTokenizer
+
+corpus = [open("README.md").read(), open("ARCHITECTURE.md").read()]
+bpe = HfTok(models.BPE())
+bpe.pre_tokenizer = pt.ByteLevel(add_prefix_space=False)
+bpe.decoder = decoders.ByteLevel()
+specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                     initial_alphabet=pt.ByteLevel.alphabet()))
+spec = json.loads(bpe.to_str())
+vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+tokens = [t for t, _ in vocab]
+merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+texts = ["Hello, world!", "  two  spaces and\ttabs\nnew lines\n\n", "numbers 12345 and 3.14159",
+         "fn main() { println!(\"hi\"); }", "héllo wörld ✓ 日本語 🙂", "<|im_start|>user\nhi<|im_end|>",
+         "don't won't I'll we're", ""]
+expect = {}
+for pre in ["default", "llama-bpe"]:
+    path = f"{out}/tokenizer-{pre}.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=os.path.basename(path))
+    expect[pre] = [{"text": t, "ids": tok.encode(t), "decoded": tok.decode(tok.encode(t), skip_special_tokens=True)}
+                   for t in texts]
+with open(f"{out}/tokenizer_expect.json", "w") as fh:
+    json.dump(expect, fh, indent=1, ensure_ascii=False)
+print("wrote the tokenizer GGUFs")

@@ -287,3 +287,34 @@ fn gguf_twins_match_their_safetensors_models() {
         }
     }
 }
+
+/// The tokenizer a GGUF file's metadata describes (byte-level BPE, GPT-2's split and the
+/// llama-bpe split) encodes and decodes a text set with Unicode, digits, code, whitespace
+/// runs and special-token strings as transformers' tokenizer built from the same file does.
+#[test]
+fn gguf_tokenizers_match_transformers() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer_expect.json")).unwrap(),
+    )
+    .unwrap();
+    for (pre, cases) in want.as_object().unwrap() {
+        let tok =
+            routelm::Tokenizer::for_model_dir(&fixtures().join(format!("tokenizer-{pre}.gguf")))
+                .unwrap();
+        for case in cases.as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(tok.encode(text).unwrap(), ids, "{pre}: {text:?}");
+            assert_eq!(
+                tok.decode(&ids).unwrap(),
+                case["decoded"].as_str().unwrap(),
+                "{pre}: decode {text:?}"
+            );
+        }
+    }
+}

@@ -9,7 +9,7 @@ use routelm::Tokenizer;
 /// one object `{"ids": [...], "tokens": [...]}`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (its tokenizer.json is used).
+    /// Model folder (its tokenizer.json is used), or a GGUF file (the tokenizer its metadata describes).
     #[arg(long)]
     model: PathBuf,
     /// The text to tokenize.
