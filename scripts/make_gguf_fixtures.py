@@ -11,6 +11,13 @@ Writes tests/fixtures/gguf/:
   tiny.gguf           metadata of every value type and tensors of several types, and
   tiny.json           what gguf-py reads back from it (metadata values, tensor shapes,
                       types and dequantized values), the reference for the reader.
+  llama3.*.gguf, gemma3.f32.gguf
+                      GGUF twins of two tests/fixtures/hf checkpoints, written as llama.cpp's
+                      converter writes them.
+  tokenizer-*.gguf    tokenizers in GGUF metadata (trained here on README.md and
+  tokenizer_expect.json  ARCHITECTURE.md, so a rerun may train a different vocabulary) and
+                      what transformers' tokenizer built from each file gives on a text set.
+Needs transformers, tokenizers and safetensors too.
 """
 import json, os
 import numpy as np
@@ -220,3 +227,40 @@ for pre in ["default", "llama-bpe"]:
 with open(f"{out}/tokenizer_expect.json", "w") as fh:
     json.dump(expect, fh, indent=1, ensure_ascii=False)
 print("wrote the tokenizer GGUFs")
+
+# --- a SentencePiece-style (Gemma) vocabulary in GGUF metadata: no merges in the file
+# (they are rebuilt from the vocabulary's order), byte-fallback tokens, a token of plain
+# spaces (stored as spaces, looked up as ▁▁), control and user-defined tokens.
+sp = HfTok(models.BPE())
+sp.pre_tokenizer = pt.Split(" ", "merged_with_previous")
+sp_corpus = [c.replace(" ", "\u2581") for c in corpus]
+sp.train_from_iterator(sp_corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=[]))
+pieces = [t for t, _ in sorted(json.loads(sp.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])]
+head = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<mask>"]
+byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+sp_tokens = head + byte_tokens + ["  ", "   "] + [p for p in pieces if p not in head]
+sp_types = [3, 3, 3, 2, 3, 3, 4] + [6] * 256 + [1] * (len(sp_tokens) - len(head) - 256)
+path = f"{out}/tokenizer-gemma.gguf"
+w = gguf.GGUFWriter(path, "gemma3")
+w.add_tokenizer_model("llama")
+w.add_tokenizer_pre("default")
+w.add_token_list(sp_tokens)
+w.add_token_scores([0.0] * len(sp_tokens))
+w.add_token_types(sp_types)
+w.add_bos_token_id(2)
+w.add_eos_token_id(1)
+w.add_unk_token_id(3)
+w.add_pad_token_id(0)
+w.add_add_bos_token(True)
+w.add_add_space_prefix(False)
+w.write_header_to_file()
+w.write_kv_data_to_file()
+w.write_tensors_to_file()
+w.close()
+tok = AutoTokenizer.from_pretrained(out, gguf_file=os.path.basename(path))
+sp_texts = texts + ["<start_of_turn>user\nhi<end_of_turn>\n", "x  y   z", "<mask> and ☃ (not in the vocabulary)"]
+expect["gemma"] = [{"text": t, "ids": tok.encode(t), "decoded": tok.decode(tok.encode(t), skip_special_tokens=True)}
+                   for t in sp_texts]
+with open(f"{out}/tokenizer_expect.json", "w") as fh:
+    json.dump(expect, fh, indent=1, ensure_ascii=False)
+print("wrote the sentencepiece tokenizer GGUF")

@@ -126,13 +126,16 @@ fn gguf_split(pre: &str) -> std::result::Result<Option<&'static str>, String> {
 }
 
 impl Tokenizer {
-    /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.*`): a byte-level
-    /// BPE (`model` `gpt2`) with its vocabulary, merges and pre-tokenizer split; control
-    /// tokens are special, user-defined ones added whole; BOS when `add_bos_token` says so.
-    /// Built as transformers builds it from the same file.
+    /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.*`), built as
+    /// transformers builds it from the same file:
+    /// - `gpt2`: byte-level BPE with the file's merges and its pre-tokenizer's split;
+    /// - `llama` in a Gemma file: SentencePiece-style BPE with byte fallback, the merges
+    ///   rebuilt from the vocabulary's order (Gemma files list none).
+    ///
+    /// Control tokens are special, user-defined ones are matched whole; BOS is added when
+    /// `add_bos_token` says so (a SentencePiece vocabulary adds it unless told otherwise).
     pub fn from_gguf(path: &Path) -> Result<Self> {
         use crate::weights::gguf::{GgufFile, Value};
-        use serde_json::json;
         let f = GgufFile::open(path)?;
         let bad = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
         let strings = |key: &str| -> Result<Vec<String>> {
@@ -145,41 +148,114 @@ impl Tokenizer {
                 _ => Err(bad(format!("no {key} array"))),
             }
         };
-        let model = f.get("tokenizer.ggml.model").and_then(Value::as_str);
-        if model != Some("gpt2") {
-            return Err(bad(format!(
-                "tokenizer.ggml.model {model:?}: only byte-level BPE (gpt2) is read so far"
-            )));
-        }
-        let pre = f
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let split = gguf_split(pre).map_err(bad)?;
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = match f.get("tokenizer.ggml.token_type") {
             Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
+        let model = f
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap_or("none");
+        let arch = f
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("none");
+        let add_bos = match f.get("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            _ => model == "llama",
+        };
+        let bos = f
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|b| tokens.get(b as usize).map(|t| (b, t.clone())));
+        let parts = GgufVocab {
+            tokens: &tokens,
+            types: &types,
+            bos: if add_bos { bos } else { None },
+        };
+        let spec = match (model, arch) {
+            ("gpt2", _) => {
+                let pre = f
+                    .get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                let split = gguf_split(pre).map_err(bad)?;
+                parts.byte_level(&strings("tokenizer.ggml.merges")?, split)
+            }
+            ("llama", "gemma" | "gemma2" | "gemma3") => parts.gemma(),
+            (model, arch) => {
+                return Err(bad(format!(
+                    "a '{model}' tokenizer in a '{arch}' file is not read yet (byte-level BPE \
+                     files, and SentencePiece in Gemma files, are)"
+                )))
+            }
+        };
+        let t = tokenizers::Tokenizer::from_bytes(spec.to_string())
+            .map_err(|e| bad(format!("building the tokenizer: {e}")))?;
+        Ok(Tokenizer::Hf(Box::new(t)))
+    }
+}
+
+/// A GGUF vocabulary on its way to a `tokenizer.json` description.
+struct GgufVocab<'a> {
+    tokens: &'a [String],
+    /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte.
+    types: &'a [u64],
+    /// The BOS token to add in front, when the file asks for it.
+    bos: Option<(u64, String)>,
+}
+
+impl GgufVocab<'_> {
+    /// The added tokens: `special` ones (control tokens and `named`), and user-defined
+    /// ones matched whole but not special; each only when `keep(token, special)` accepts
+    /// it (a user-defined token is kept only as the vocabulary spells it).
+    fn added(&self, named: &[&str], keep: impl Fn(&str, bool) -> bool) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for (id, t) in self.tokens.iter().enumerate() {
+            let kind = self.types.get(id).copied().unwrap_or(1);
+            let special = kind == 3 || named.contains(&t.as_str());
+            if (special || kind == 4) && keep(t, special) {
+                out.push(
+                    serde_json::json!({"id": id, "content": t, "single_word": false,
+                    "lstrip": false, "rstrip": false, "normalized": false, "special": special}),
+                );
+            }
+        }
+        out
+    }
+
+    fn post_processor(&self) -> serde_json::Value {
+        match &self.bos {
+            Some((id, t)) => serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {t.clone(): {"id": t, "ids": [id], "tokens": [t]}}}),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    /// Byte-level BPE: tokens spelled in GPT-2's byte alphabet (any other spelling is
+    /// respelled from its UTF-8 bytes), the file's merges, GPT-2's split or `split`.
+    fn byte_level(&self, merges: &[String], split: Option<&str>) -> serde_json::Value {
+        use serde_json::json;
         let alphabet = byte_alphabet();
+        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
         let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
-        for (id, t) in tokens.iter().enumerate() {
-            let spelled = if t.chars().all(|c| alphabet.contains(&c)) {
+        for (id, t) in self.tokens.iter().enumerate() {
+            let spelled = if in_alphabet(t) {
                 t.clone()
             } else {
                 t.bytes().map(|b| alphabet[b as usize]).collect()
             };
-            let kind = types.get(id).copied().unwrap_or(1);
-            // control tokens (3) special, user-defined ones (4) whole but not special; a
-            // control token outside the byte alphabet is a mislabel and left alone
-            if (kind == 3 && t.chars().all(|c| alphabet.contains(&c))) || kind == 4 {
-                added.push(json!({"id": id, "content": t, "single_word": false,
-                    "lstrip": false, "rstrip": false, "normalized": false, "special": kind == 3}));
-            }
             vocab.insert(spelled, json!(id));
         }
+        // a control token outside the byte alphabet is a mislabel and left alone
+        let added = self.added(&[], |t, special| match special {
+            true => in_alphabet(t),
+            false => vocab.contains_key(t),
+        });
         let merges: Vec<serde_json::Value> = merges
             .iter()
             .map(|m| {
@@ -194,33 +270,78 @@ impl Tokenizer {
                 {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
         };
-        let add_bos = matches!(
-            f.get("tokenizer.ggml.add_bos_token"),
-            Some(Value::Bool(true))
-        );
-        let bos = f
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(Value::as_u64)
-            .and_then(|b| tokens.get(b as usize).map(|t| (b, t.clone())));
-        let post = match (add_bos, bos) {
-            (true, Some((id, t))) => json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {t.clone(): {"id": t, "ids": [id], "tokens": [t]}}}),
-            _ => serde_json::Value::Null,
-        };
-        let spec = json!({
+        json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
-            "post_processor": post,
+            "post_processor": self.post_processor(),
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
                 "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        })
+    }
+
+    /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
+    /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
+    /// are every split of a token into two tokens, best (earliest) token first.
+    fn gemma(&self) -> serde_json::Value {
+        use serde_json::json;
+        let spelled: Vec<String> = self
+            .tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        let mut vocab = serde_json::Map::new();
+        let mut ids: std::collections::HashMap<&str, usize> = Default::default();
+        let mut order: Vec<&str> = Vec::new();
+        for (id, t) in spelled.iter().enumerate() {
+            vocab.insert(t.clone(), json!(id));
+            if ids.insert(t.as_str(), id).is_none() {
+                order.push(t);
+            }
+        }
+        // every split of each token into two tokens: (left, right, the token's rank)
+        let mut merges: Vec<(&str, &str, usize)> = Vec::new();
+        for t in &order {
+            let rank = ids[t];
+            let mut local: Vec<(&str, &str, usize)> = t
+                .char_indices()
+                .skip(1)
+                .map(|(at, _)| t.split_at(at))
+                .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+                .map(|(l, r)| (l, r, rank))
+                .collect();
+            local.sort_by_key(|&(l, r, _)| (ids[l], ids[r]));
+            merges.extend(local);
+        }
+        // the earliest token first, then longer left and right pieces (a stable sort)
+        let chars = |s: &str| s.chars().count();
+        merges.sort_by(|a, b| {
+            a.2.cmp(&b.2)
+                .then(chars(b.0).cmp(&chars(a.0)))
+                .then(chars(b.1).cmp(&chars(a.1)))
         });
-        let t = tokenizers::Tokenizer::from_bytes(spec.to_string())
-            .map_err(|e| bad(format!("building the tokenizer: {e}")))?;
-        Ok(Tokenizer::Hf(Box::new(t)))
+        let merges: Vec<serde_json::Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+        let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
+        json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": self.added(&named, |t, special| special || vocab.contains_key(t)),
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
+                "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": self.post_processor(),
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        })
     }
 }
