@@ -13,6 +13,7 @@ pub mod flops;
 pub mod generate;
 pub mod model;
 pub mod nn;
+pub mod perplexity;
 pub mod report;
 pub mod rng;
 pub mod routing;

@@ -7,6 +7,7 @@ mod eval;
 mod flops;
 mod generate;
 mod inspect;
+mod perplexity;
 mod route;
 mod tokenize;
 mod train;
@@ -41,6 +42,8 @@ enum Command {
     Generate(generate::Args),
     /// Validation loss of a saved model on a text file.
     Eval(eval::Args),
+    /// Perplexity of a text, measured as llama.cpp's llama-perplexity measures it.
+    Perplexity(perplexity::Args),
     /// Print the FLOP ledger (per layer, per token) and parameter counts of a config.
     Flops(flops::Args),
     /// Describe a model folder (routelm or Hugging Face) or preset: family, sizes,
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
         Command::Flops(a) => flops::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Demo(a) => demo::run(a),

@@ -1,0 +1,63 @@
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+use routelm::perplexity::perplexity;
+use routelm::Tokenizer;
+
+/// Perplexity of a text as llama.cpp's `llama-perplexity` measures it (chunks of `--ctx`
+/// tokens, each starting with BOS when the tokenizer adds one, the second half of each
+/// scored), so the two compare number for number.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text file.
+    #[arg(long)]
+    data: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Evaluate at most this many chunks (default: all the text holds).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let device = super::device();
+    let model_dir = super::model_dir(&a.model);
+    let model = routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model;
+    let tok = Tokenizer::for_model_dir(&model_dir)?;
+    let text = std::fs::read_to_string(&a.data)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let tokens = tok.encode(&text)?;
+    // the tokenizer's BOS, if it adds one: what an empty text encodes to
+    let bos = tok.encode("")?.first().copied();
+    let total = (tokens.len() / a.ctx.max(1)).min(a.chunks.unwrap_or(usize::MAX));
+    let pb = super::bar(total as u64, "perplexity");
+    let r = perplexity(&model, &tokens, a.ctx, bos, a.chunks, &mut |r| {
+        pb.set_position(r.chunks as u64);
+        pb.set_message(format!("PPL {:.4}", r.value()));
+    })?;
+    pb.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"perplexity": r.value(), "chunks": r.chunks, "ctx": a.ctx,
+                "scored_tokens": r.scored, "text_tokens": tokens.len(), "bos": bos})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} ({} chunks of {} tokens, {} tokens scored; the text is {} tokens)",
+            r.value(),
+            r.chunks,
+            a.ctx,
+            r.scored,
+            tokens.len()
+        );
+    }
+    Ok(())
+}

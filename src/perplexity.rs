@@ -1,0 +1,79 @@
+//! Perplexity as llama.cpp's `llama-perplexity` measures it, so the two compare number for
+//! number: the text's tokens (with the tokenizer's BOS) cut into chunks of `ctx` tokens,
+//! each chunk's first token replaced by BOS when the tokenizer adds one, and only the
+//! second half of each chunk scored (every scored token sees at least `ctx/2` tokens of
+//! context): `PPL = exp(mean NLL)` over the scored tokens.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// The result so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Perplexity {
+    /// Chunks evaluated.
+    pub chunks: usize,
+    /// Tokens scored.
+    pub scored: usize,
+    /// Sum of their negative log-likelihoods (nats).
+    pub nll: f64,
+}
+
+impl Perplexity {
+    pub fn value(&self) -> f64 {
+        (self.nll / self.scored.max(1) as f64).exp()
+    }
+}
+
+/// The perplexity of `model` on `tokens` in chunks of `ctx`, at most `max_chunks` of them;
+/// `bos` replaces each chunk's first token. `on_chunk` sees the running result after
+/// each chunk.
+pub fn perplexity(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+    max_chunks: Option<usize>,
+    on_chunk: &mut dyn FnMut(&Perplexity),
+) -> Result<Perplexity> {
+    if ctx < 4 || ctx > model.config.max_seq_len {
+        return Err(Error::Data(format!(
+            "a chunk of {ctx} tokens: it must be at least 4 and at most the model's context of {}",
+            model.config.max_seq_len
+        )));
+    }
+    let available = tokens.len() / ctx;
+    let n = max_chunks.map_or(available, |m| m.min(available));
+    if n == 0 {
+        return Err(Error::Data(format!(
+            "{} tokens do not fill one chunk of {ctx}",
+            tokens.len()
+        )));
+    }
+    let first = ctx / 2;
+    let mut r = Perplexity {
+        chunks: 0,
+        scored: 0,
+        nll: 0.0,
+    };
+    for c in 0..n {
+        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+        if let Some(b) = bos {
+            chunk[0] = b;
+        }
+        let ids = Tensor::new(chunk.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&ids, None, false)?.logits.squeeze(0)?;
+        // positions first..ctx-1 predict the tokens after them
+        let scored = ctx - 1 - first;
+        let logits = logits.narrow(0, first, scored)?.to_dtype(DType::F32)?;
+        let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let targets = Tensor::new(&chunk[first + 1..], model.device())?.unsqueeze(1)?;
+        let picked: Vec<f32> = log_p.gather(&targets, 1)?.flatten_all()?.to_vec1()?;
+        r.nll -= picked.iter().map(|&v| v as f64).sum::<f64>();
+        r.scored += scored;
+        r.chunks += 1;
+        on_chunk(&r);
+    }
+    Ok(r)
+}
