@@ -130,8 +130,10 @@ def gguf_name(hf):
              "self_attn.o_proj.weight": "attn_output", "self_attn.q_norm.weight": "attn_q_norm",
              "self_attn.k_norm.weight": "attn_k_norm", "post_attention_layernorm.weight": "ffn_norm",
              "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
-             "mlp.down_proj.weight": "ffn_down"}
-    return f"blk.{layer}.{table[rest]}.weight"
+             "mlp.down_proj.weight": "ffn_down", "self_attn.q_proj.bias": "attn_q.bias",
+             "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
+    name = table[rest]
+    return f"blk.{layer}.{name}" if name.endswith(".bias") else f"blk.{layer}.{name}.weight"
 
 def gemma_name(hf):
     if hf.endswith("post_attention_layernorm.weight"):
@@ -152,12 +154,15 @@ def write_twin(src, dst, arch, qtype):
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     if arch == "llama":
         w.add_rope_freq_base(cfg.get("rope_theta", 500000.0))
+    elif arch in ("qwen2", "qwen3"):
+        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     else:
         w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
         w.add_sliding_window(cfg["sliding_window"])
@@ -184,6 +189,8 @@ def write_twin(src, dst, arch, qtype):
 write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.f32.gguf", "llama", "F32")
 write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0")
 write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
+write_twin("tests/fixtures/hf/qwen2", f"{out}/qwen2.f32.gguf", "qwen2", "F32")
+write_twin("tests/fixtures/hf/qwen3", f"{out}/qwen3.f32.gguf", "qwen3", "F32")
 print("wrote the GGUF twins")
 
 # --- tokenizers in GGUF metadata: a tiny byte-level BPE written as llama.cpp writes one

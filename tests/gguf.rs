@@ -253,9 +253,11 @@ fn gguf_twins_match_their_safetensors_models() {
     let (d, scale) = twin_diff("llama3.f32.gguf", "llama3", no_scaling.clone());
     println!("llama3 f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d <= 1e-5 * scale.max(1.0), "llama f32: {d}");
-    let (d, scale) = twin_diff("gemma3.f32.gguf", "gemma3", serde_json::json!({}));
-    println!("gemma3 f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
-    assert!(d <= 1e-5 * scale.max(1.0), "gemma3 f32: {d}");
+    for family in ["gemma3", "qwen2", "qwen3"] {
+        let (d, scale) = twin_diff(&format!("{family}.f32.gguf"), family, serde_json::json!({}));
+        println!("{family} f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
+        assert!(d <= 1e-5 * scale.max(1.0), "{family} f32: {d}");
+    }
     let (d, scale) = twin_diff("llama3.q8_0.gguf", "llama3", no_scaling);
     println!("llama3 q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d > 0.0 && d <= 0.05 * scale, "llama q8_0: {d} of {scale}");

@@ -5,8 +5,9 @@
 //! (quantized kernels that read the blocks in place are the next step).
 //!
 //! Layouts llama.cpp's converter changes: `llama` stores the q and k projections with each
-//! head's rows interleaved for its pairwise rotary (undone here); Gemma stores its norms
-//! as `1 + w` (the model then takes them as they are).
+//! head's rows interleaved for its pairwise rotary (undone here; Qwen's rotary already
+//! takes halves, so its rows are as published); Gemma stores its norms as `1 + w` (the
+//! model then takes them as they are).
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
@@ -22,6 +23,8 @@ use crate::weights::Params;
 const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("llama", "llama", "LlamaForCausalLM"),
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
+    ("qwen2", "qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "qwen3", "Qwen3ForCausalLM"),
 ];
 
 /// The metadata value `arch.key` (or `key` itself when it starts with a known prefix).
@@ -103,7 +106,7 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
         }
     }
     match arch {
-        "llama" => c["hidden_act"] = "silu".into(),
+        "llama" | "qwen2" | "qwen3" => c["hidden_act"] = "silu".into(),
         "gemma3" => {
             let head_dim = c
                 .get("head_dim")
@@ -144,6 +147,9 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_output.weight" => "self_attn.o_proj.weight",
         "attn_q_norm.weight" => "self_attn.q_norm.weight",
         "attn_k_norm.weight" => "self_attn.k_norm.weight",
