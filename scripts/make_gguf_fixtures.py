@@ -160,15 +160,45 @@ def write_twin(src, dst, arch, qtype):
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
     if arch == "llama":
-        w.add_rope_freq_base(cfg.get("rope_theta", 500000.0))
-    elif arch in ("qwen2", "qwen3"):
+        rope = cfg.get("rope_parameters") or {}
+        w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta", 500000.0))
+    elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     else:
         w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
         w.add_sliding_window(cfg["sliding_window"])
         # the fixture's pattern (every third layer global); llama.cpp's default is 6
         w.add_uint32(f"{arch}.attention.sliding_window_pattern", len(cfg["layer_types"]) if "full_attention" in cfg["layer_types"][-1:] else 6)
-    for name, x in sorted(load_file(f"{src}/model.safetensors").items()):
+    weights = load_file(f"{src}/model.safetensors")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if "moe_intermediate_size" in cfg:
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        # experts stacked (E, out, in) under llama.cpp's names, routers and shared experts renamed
+        for l in range(cfg["num_hidden_layers"]):
+            moe = f"model.layers.{l}.mlp" if arch != "llama" else f"model.layers.{l}.block_sparse_moe"
+            parts = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+            if arch == "llama":
+                parts = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+            if f"{moe}.gate.weight" not in weights:
+                continue
+            w.add_tensor(f"blk.{l}.ffn_gate_inp.weight", weights.pop(f"{moe}.gate.weight").astype(np.float32))
+            for hf, gg in parts.items():
+                stack = np.stack([weights.pop(f"{moe}.experts.{e}.{hf}.weight") for e in range(experts)])
+                w.add_tensor(f"blk.{l}.{gg}.weight", stack.astype(np.float32))
+            for hf, gg in {"gate_proj": "ffn_gate_shexp", "up_proj": "ffn_up_shexp", "down_proj": "ffn_down_shexp"}.items():
+                key = f"{moe}.shared_expert.{hf}.weight"
+                if key in weights:
+                    w.add_tensor(f"blk.{l}.{gg}.weight", weights.pop(key).astype(np.float32))
+            key = f"{moe}.shared_expert_gate.weight"
+            if key in weights:
+                # llama.cpp keeps the shared expert's gate as a vector
+                w.add_tensor(f"blk.{l}.ffn_gate_inp_shexp.weight", weights.pop(key).astype(np.float32).reshape(-1))
+    for name, x in sorted(weights.items()):
         x = x.astype(np.float32)
         if arch == "llama" and name.endswith("q_proj.weight"):
             x = permute(x, heads)
@@ -191,6 +221,9 @@ write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0
 write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
 write_twin("tests/fixtures/hf/qwen2", f"{out}/qwen2.f32.gguf", "qwen2", "F32")
 write_twin("tests/fixtures/hf/qwen3", f"{out}/qwen3.f32.gguf", "qwen3", "F32")
+write_twin("tests/fixtures/hf/qwen2_moe", f"{out}/qwen2_moe.f32.gguf", "qwen2moe", "F32")
+write_twin("tests/fixtures/hf/qwen3_moe", f"{out}/qwen3_moe.f32.gguf", "qwen3moe", "F32")
+write_twin("tests/fixtures/hf/mixtral", f"{out}/mixtral.f32.gguf", "llama", "F32")
 print("wrote the GGUF twins")
 
 # --- tokenizers in GGUF metadata: a tiny byte-level BPE written as llama.cpp writes one

@@ -242,7 +242,8 @@ fn twin_diff(gguf: &str, hf: &str, patch: serde_json::Value) -> (f64, f64) {
     (common::max_abs_diff(&la, &lb), scale)
 }
 
-/// Unquantized GGUF twins give the safetensors model's logits (to f32 rounding). A Q8_0
+/// Unquantized GGUF twins give the safetensors model's logits (to f32 rounding), the
+/// Mixture-of-Experts ones too (experts stacked in the file, one layer of Qwen2-MoE's dense). A Q8_0
 /// twin's weights are each within half a quantization step of the f32 twin's (a step is
 /// the block's largest magnitude / 127, stored in f16), and its logits move by a few
 /// percent of their range on this tiny random model (measured 2.4%).
@@ -253,7 +254,14 @@ fn gguf_twins_match_their_safetensors_models() {
     let (d, scale) = twin_diff("llama3.f32.gguf", "llama3", no_scaling.clone());
     println!("llama3 f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d <= 1e-5 * scale.max(1.0), "llama f32: {d}");
-    for family in ["gemma3", "qwen2", "qwen3"] {
+    for family in [
+        "gemma3",
+        "qwen2",
+        "qwen3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "mixtral",
+    ] {
         let (d, scale) = twin_diff(&format!("{family}.f32.gguf"), family, serde_json::json!({}));
         println!("{family} f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
         assert!(d <= 1e-5 * scale.max(1.0), "{family} f32: {d}");

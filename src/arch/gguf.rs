@@ -25,6 +25,8 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
+    ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
 ];
 
 /// The metadata value `arch.key` (or `key` itself when it starts with a known prefix).
@@ -105,8 +107,43 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
             ))
         }
     }
+    // Mixture of Experts: llama.cpp's `llama` with experts is Mixtral; a layer without a
+    // router (`ffn_gate_inp`) is dense
+    if let Some(experts) = meta(f, arch, "expert_count")
+        .and_then(Value::as_u64)
+        .filter(|&e| e > 0)
+    {
+        let used = need_u64(f, arch, "expert_used_count")?;
+        let layers = need_u64(f, arch, "block_count")?;
+        let dense: Vec<u64> = (0..layers)
+            .filter(|l| f.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none())
+            .collect();
+        c["num_experts_per_tok"] = used.into();
+        if arch == "llama" {
+            c["model_type"] = "mixtral".into();
+            c["architectures"] = json!(["MixtralForCausalLM"]);
+            c["num_local_experts"] = experts.into();
+            if !dense.is_empty() {
+                return Err(Error::parse(
+                    &f.path,
+                    "a llama file mixing dense and expert layers is not supported",
+                ));
+            }
+        } else {
+            c["num_experts"] = experts.into();
+            c["moe_intermediate_size"] = need_u64(f, arch, "expert_feed_forward_length")?.into();
+            c["mlp_only_layers"] = json!(dense);
+            c["decoder_sparse_step"] = 1.into();
+            // Qwen2-MoE leaves the chosen weights as they are, Qwen3-MoE renormalises them
+            c["norm_topk_prob"] = (arch == "qwen3moe").into();
+        }
+        if let Some(s) = meta(f, arch, "expert_shared_feed_forward_length").and_then(Value::as_u64)
+        {
+            c["shared_expert_intermediate_size"] = s.into();
+        }
+    }
     match arch {
-        "llama" | "qwen2" | "qwen3" => c["hidden_act"] = "silu".into(),
+        "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
         "gemma3" => {
             let head_dim = c
                 .get("head_dim")
@@ -159,6 +196,15 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down.weight" => "mlp.down_proj.weight",
         "post_attention_norm.weight" => "post_attention_layernorm.weight",
         "post_ffw_norm.weight" => "post_feedforward_layernorm.weight",
+        "ffn_gate_inp.weight" => "mlp.gate.weight",
+        "ffn_gate_shexp.weight" => "mlp.shared_expert.gate_proj.weight",
+        "ffn_up_shexp.weight" => "mlp.shared_expert.up_proj.weight",
+        "ffn_down_shexp.weight" => "mlp.shared_expert.down_proj.weight",
+        "ffn_gate_inp_shexp.weight" => "mlp.shared_expert_gate.weight",
+        // the experts stacked `(E, out, in)`: split per expert at load
+        "ffn_gate_exps.weight" => "mlp.experts.*.gate_proj.weight",
+        "ffn_up_exps.weight" => "mlp.experts.*.up_proj.weight",
+        "ffn_down_exps.weight" => "mlp.experts.*.down_proj.weight",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{part}"))
@@ -172,6 +218,15 @@ fn gemma_name(gguf: &str) -> Option<String> {
         return Some(n.replace("post_attention_layernorm", "pre_feedforward_layernorm"));
     }
     Some(n)
+}
+
+/// Mixtral's names for the expert parts (`block_sparse_moe`, `w1`/`w3`/`w2`).
+fn mixtral_name(n: &str) -> String {
+    n.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
+        .replace(".mlp.experts.", ".block_sparse_moe.experts.")
+        .replace(".gate_proj.weight", ".w1.weight")
+        .replace(".up_proj.weight", ".w3.weight")
+        .replace(".down_proj.weight", ".w2.weight")
 }
 
 /// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
@@ -240,7 +295,22 @@ pub fn load(
                 x = unpermute(&x, cfg.n_kv_heads)?;
             }
         }
-        params.insert(name, x.to_dtype(dtype)?.to_device(device)?);
+        if name.ends_with("shared_expert_gate.weight") {
+            x = x.reshape((1, x.elem_count()))?;
+        }
+        let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
+        let pieces = if name.contains(".experts.*.") {
+            let e = x.dim(0)?;
+            (0..e)
+                .map(|i| Ok((name.replace('*', &i.to_string()), x.get(i)?)))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            vec![(name, x)]
+        };
+        for (name, x) in pieces {
+            let name = if mixtral { mixtral_name(&name) } else { name };
+            params.insert(name, x.to_dtype(dtype)?.to_device(device)?);
+        }
     }
     if !unknown.is_empty() {
         return Err(Error::WeightMismatch {

@@ -174,7 +174,7 @@ fn inspect_gguf(path: &Path) -> Result<()> {
     }
     let (family, cfg) = routelm::arch::load_config(path)?;
     println!(
-        "  loads as {} ({} layers, d_model {}, {} heads, {} KV heads, vocab {}), dequantized at load; its tokenizer is not read yet",
+        "  loads as {} ({} layers, d_model {}, {} heads, {} KV heads, vocab {}), dequantized at load",
         family.map_or("routelm", |f| f.name),
         cfg.n_layers,
         cfg.d_model,
