@@ -635,7 +635,7 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let origin = dir.join("model.safetensors").display().to_string();
     Ok(Loaded {
         family,
-        model: Model::new(&cfg, &params, &origin)?,
+        model: Model::from_owned(&cfg, params, &origin)?,
     })
 }
 

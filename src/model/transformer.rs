@@ -364,6 +364,17 @@ impl Model {
         params: &BTreeMap<String, Tensor>,
         origin: &str,
     ) -> Result<Self> {
+        Self::from_owned(config, params.clone(), origin)
+    }
+
+    /// [`Model::new`] taking the parameters: loading hands them over, so each stacked
+    /// weight's parts are freed as soon as the stack is built (peak memory stays near the
+    /// weights' size).
+    pub fn from_owned(
+        config: &ModelConfig,
+        params: BTreeMap<String, Tensor>,
+        origin: &str,
+    ) -> Result<Self> {
         let (params, stacks) = with_stacks(config, params)?;
         let mut model = Self::from_params(config, &params, origin)?;
         for (s, t) in stacks {

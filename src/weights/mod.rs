@@ -28,25 +28,52 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
     })
 }
 
-/// Read every tensor of a safetensors file (memory-mapped), converting floating-point
-/// tensors to `dtype` when given.
+/// Read every tensor of a safetensors file, converting floating-point tensors to `dtype`
+/// when given. The header is read through a memory map; each tensor's bytes are read from
+/// the file straight into the tensor's own buffer (f32) or one temporary (other dtypes),
+/// so the process never holds the file's pages and a copy of them at once: peak memory is
+/// the weights plus one tensor, not twice the file.
 pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Params> {
+    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and dropped before this function returns; a file
     // truncated underneath us is the same hazard every mmap reader accepts.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
         .map_err(|e| Error::parse(path, format!("not a valid safetensors file ({e})")))?;
+    drop(mmap);
+    let data_start = 8 + header as u64;
     let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let dt = st_dtype(view.dtype()).ok_or_else(|| {
+    let mut infos: Vec<_> = meta.tensors().into_iter().collect();
+    // in file order: sequential reads
+    infos.sort_by_key(|(_, info)| info.data_offsets.0);
+    for (name, info) in infos {
+        let dt = st_dtype(info.dtype).ok_or_else(|| {
             Error::parse(
                 path,
-                format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
+                format!("tensor {name}: unsupported dtype {:?}", info.dtype),
             )
         })?;
-        let t = Tensor::from_raw_buffer(view.data(), dt, view.shape(), &Device::Cpu)
-            .map_err(|e| Error::parse(path, format!("tensor {name}: {e}")))?;
+        let (start, end) = info.data_offsets;
+        let at = data_start + start as u64;
+        let read = |buf: &mut [u8]| {
+            file.read_exact_at(buf, at)
+                .map_err(|e| Error::parse(path, format!("tensor {name}: {e}")))
+        };
+        let t = if dt == DType::F32 && cfg!(target_endian = "little") {
+            let mut v = vec![0f32; (end - start) / 4];
+            // SAFETY: the bytes of an initialised f32 buffer (any bit pattern is an f32,
+            // u8 has no alignment); safetensors stores little-endian, as this target is
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), v.len() * 4) };
+            read(bytes)?;
+            Tensor::from_vec(v, info.shape.as_slice(), &Device::Cpu)
+        } else {
+            let mut buf = vec![0u8; end - start];
+            read(&mut buf)?;
+            Tensor::from_raw_buffer(&buf, dt, &info.shape, &Device::Cpu)
+        }
+        .map_err(|e| Error::parse(path, format!("tensor {name}: {e}")))?;
         let t = match dtype {
             Some(want) if dt.is_float() && dt != want => t.to_dtype(want)?,
             _ => t,

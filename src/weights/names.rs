@@ -358,9 +358,11 @@ pub type Stacked = (ParamStack, Tensor);
 /// parameter check to report.
 pub fn with_stacks(
     cfg: &ModelConfig,
-    params: &BTreeMap<String, Tensor>,
+    params: BTreeMap<String, Tensor>,
 ) -> candle_core::Result<(BTreeMap<String, Tensor>, Vec<Stacked>)> {
-    let mut out = params.clone();
+    // a part is replaced by its view as soon as its stack exists: with nothing else
+    // holding the parts, only one stack's parts are ever held twice
+    let mut out = params;
     let mut stacks = Vec::new();
     let shapes: HashMap<String, Vec<usize>> = param_specs(cfg)
         .into_iter()
