@@ -244,6 +244,22 @@ impl ModelConfigFile {
             ..ModelConfig::default()
         };
         let mut cfg = cfg;
+        self.mark_routed_layers(&mut cfg, &mut problems);
+        problems.extend(cfg.problems());
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(Error::Config {
+                origin: origin.into(),
+                problems,
+            })
+        }
+    }
+
+    /// The layers' Mixture-of-Depths and Mixture-of-Experts settings from `[depth]` and
+    /// `[moe]` (which layers, and the settings each of them gets).
+    fn mark_routed_layers(&self, cfg: &mut ModelConfig, problems: &mut Vec<String>) {
+        let n_layers = cfg.n_layers;
         if let Some(df) = &self.depth {
             if cfg.layers.is_empty() {
                 cfg.layers = vec![LayerSpec::default(); n_layers];
@@ -274,15 +290,6 @@ impl ModelConfigFile {
             for (spec, on) in cfg.layers.iter_mut().zip(marks) {
                 spec.moe = on.then_some(m);
             }
-        }
-        problems.extend(cfg.problems());
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(Error::Config {
-                origin: origin.into(),
-                problems,
-            })
         }
     }
 }

@@ -11,6 +11,16 @@ impl ModelConfig {
     /// Every problem with this configuration, empty when it is valid.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        self.size_problems(&mut p);
+        self.routing_problems(&mut p);
+        self.attention_problems(&mut p);
+        self.position_problems(&mut p);
+        self.other_problems(&mut p);
+        p
+    }
+
+    /// Sizes: positive, bounded, heads dividing, one spec per layer.
+    fn size_problems(&self, p: &mut Vec<String>) {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
@@ -57,6 +67,10 @@ impl ModelConfig {
                 self.n_layers
             ));
         }
+    }
+
+    /// Mixture-of-Depths and Mixture-of-Experts settings (each distinct one once).
+    fn routing_problems(&self, p: &mut Vec<String>) {
         let mut depth_problems = std::collections::BTreeSet::new();
         for (l, dc) in self.depth_layers() {
             if !(dc.capacity > 0.0 && dc.capacity <= 1.0) {
@@ -72,28 +86,6 @@ impl ModelConfig {
             }
         }
         p.extend(depth_problems);
-        if let Some(a) = &self.mla {
-            if a.qk_nope_dim + a.qk_rope_dim != self.head_dim || self.n_kv_heads != self.n_heads {
-                p.push(format!(
-                    "mla: head_dim ({}) must be qk_nope_dim + qk_rope_dim ({} + {}) and n_kv_heads = n_heads",
-                    self.head_dim, a.qk_nope_dim, a.qk_rope_dim
-                ));
-            }
-            if !matches!(self.position, Position::Rope { rotary_dim, .. } if rotary_dim == a.qk_rope_dim)
-            {
-                p.push("mla: the rotary part must be rope with rotary_dim = qk_rope_dim".into());
-            }
-            if self.qkv_bias
-                || self.qk_norm != QkNorm::None
-                || a.kv_lora_rank == 0
-                || a.v_head_dim == 0
-            {
-                p.push(
-                    "mla: no q/k/v biases or q/k norms; kv_lora_rank and v_head_dim positive"
-                        .into(),
-                );
-            }
-        }
         // each distinct MoE config once
         let mut seen: Vec<MoeConfig> = Vec::new();
         for (_, m) in self.moe_layers() {
@@ -133,6 +125,32 @@ impl ModelConfig {
                 ));
             }
         }
+    }
+
+    /// Latent attention, windows, caps and scales.
+    fn attention_problems(&self, p: &mut Vec<String>) {
+        if let Some(a) = &self.mla {
+            if a.qk_nope_dim + a.qk_rope_dim != self.head_dim || self.n_kv_heads != self.n_heads {
+                p.push(format!(
+                    "mla: head_dim ({}) must be qk_nope_dim + qk_rope_dim ({} + {}) and n_kv_heads = n_heads",
+                    self.head_dim, a.qk_nope_dim, a.qk_rope_dim
+                ));
+            }
+            if !matches!(self.position, Position::Rope { rotary_dim, .. } if rotary_dim == a.qk_rope_dim)
+            {
+                p.push("mla: the rotary part must be rope with rotary_dim = qk_rope_dim".into());
+            }
+            if self.qkv_bias
+                || self.qk_norm != QkNorm::None
+                || a.kv_lora_rank == 0
+                || a.v_head_dim == 0
+            {
+                p.push(
+                    "mla: no q/k/v biases or q/k norms; kv_lora_rank and v_head_dim positive"
+                        .into(),
+                );
+            }
+        }
         if self.layers.iter().any(|l| l.window == Some(0)) {
             p.push("a sliding window must be positive".into());
         }
@@ -146,14 +164,18 @@ impl ModelConfig {
                 p.push(format!("{name} must be positive"));
             }
         }
+    }
+
+    /// Rotary, relative and ALiBi positions.
+    fn position_problems(&self, p: &mut Vec<String>) {
         if let Position::Rope {
             theta,
             rotary_dim,
             ref scaling,
         } = self.position
         {
-            scaling.problems(rotary_dim, &mut p);
-            self.local_rope_scaling.problems(rotary_dim, &mut p);
+            scaling.problems(rotary_dim, p);
+            self.local_rope_scaling.problems(rotary_dim, p);
             if self.depth_layers().next().is_some()
                 && (scaling.switch_length().is_some()
                     || self.local_rope_scaling.switch_length().is_some())
@@ -193,6 +215,10 @@ impl ModelConfig {
                 );
             }
         }
+    }
+
+    /// The encoder, the output scale, norms and the initialiser.
+    fn other_problems(&self, p: &mut Vec<String>) {
         if self.encoder_layers > 1024 {
             p.push(format!(
                 "encoder_layers ({}) is absurdly large",
@@ -228,7 +254,6 @@ impl ModelConfig {
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             p.push(format!("init_std ({}) must be positive", self.init_std));
         }
-        p
     }
 }
 

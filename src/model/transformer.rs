@@ -596,6 +596,72 @@ impl Model {
         cache: &mut Option<&mut Cache>,
         opts: ForwardOptions,
     ) -> CResult<ModelOutput> {
+        let mut x = self.embed_tokens(ids, b, t, start)?;
+        let mut out = ModelOutput {
+            logits: x.clone(),
+            hidden_states: Vec::new(),
+            moe: Vec::new(),
+            depth: Vec::new(),
+        };
+        // routed blocks: top-k when training on whole sequences, causal thresholds when
+        // decoding through a cache, unless the caller says otherwise
+        let decision = opts.depth.unwrap_or(if cache.is_some() {
+            DepthDecision::Threshold
+        } else {
+            DepthDecision::TopK
+        });
+        let step = DepthStep {
+            start,
+            decision,
+            seed: opts.seed,
+        };
+        let tables = |r: Option<&RopeTables>| r.map(|r| r.range(start, t)).transpose();
+        let (rope, local_rope) = (
+            tables(self.rope.as_ref())?,
+            tables(self.local_rope.as_ref())?,
+        );
+        let bias = self.relative_bias(self.relative.as_ref(), start, t, start + t, false)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            if opts.hidden_states {
+                out.hidden_states.push(x.clone());
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let run = || -> CResult<_> {
+                if let Some(r) = &self.routers[l] {
+                    let choice = r.choose(&x, step)?;
+                    let rope = self.rope_of(l);
+                    let (y, moe) = block.forward_routed(&x, &choice, rope, start, layer_cache)?;
+                    return Ok((y, moe, Some(choice.stats)));
+                }
+                let rope = if self.is_local(l) { &local_rope } else { &rope };
+                let pos = Positions {
+                    rope: rope.as_ref().map(|(c, s)| (c, s)),
+                    bias: bias.as_ref(),
+                };
+                let (y, moe) = block.forward(&x, pos, layer_cache)?;
+                Ok((y, moe, None))
+            };
+            let (y, moe, depth) = run().map_err(|e| e.context(format!("layer {l}")))?;
+            x = y;
+            out.moe.extend(moe);
+            out.depth.extend(depth);
+        }
+        let x = if opts.last_only {
+            x.narrow(1, t - 1, 1)?
+        } else {
+            x
+        };
+        let x = self.norm.forward(&x)?;
+        if opts.hidden_states {
+            out.hidden_states.push(x.clone());
+        }
+        out.logits = self.logits(x)?;
+        Ok(out)
+    }
+
+    /// The token embeddings of `ids: (b, t)` at positions `start..start + t`, scaled,
+    /// with learned positions added and the embedding norm applied where configured.
+    fn embed_tokens(&self, ids: &Tensor, b: usize, t: usize, start: usize) -> CResult<Tensor> {
         let d = self.config.d_model;
         let mut x = self
             .embed
@@ -610,77 +676,11 @@ impl Model {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
-        let tables = |r: Option<&RopeTables>| r.map(|r| r.range(start, t)).transpose();
-        let (rope, local_rope) = (
-            tables(self.rope.as_ref())?,
-            tables(self.local_rope.as_ref())?,
-        );
-        let bias = self.relative_bias(self.relative.as_ref(), start, t, start + t, false)?;
-        let mut hidden = Vec::new();
-        let mut moe = Vec::new();
-        let mut depth = Vec::new();
-        // routed blocks: top-k when training on whole sequences, causal thresholds when
-        // decoding through a cache, unless the caller says otherwise
-        let decision = opts.depth.unwrap_or(if cache.is_some() {
-            DepthDecision::Threshold
-        } else {
-            DepthDecision::TopK
-        });
-        for (l, block) in self.blocks.iter().enumerate() {
-            if opts.hidden_states {
-                hidden.push(x.clone());
-            }
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let layer = || format!("layer {l}");
-            let (y, stats) = match &self.routers[l] {
-                Some(r) => {
-                    let step = DepthStep {
-                        start,
-                        decision,
-                        seed: opts.seed,
-                    };
-                    let run = || -> CResult<_> {
-                        let choice = r.choose(&x, step)?;
-                        let (y, moe) = block.forward_routed(
-                            &x,
-                            &choice,
-                            self.rope_of(l),
-                            start,
-                            layer_cache,
-                        )?;
-                        Ok((y, moe, choice.stats))
-                    };
-                    let (y, stats, d) = run().map_err(|e| e.context(layer()))?;
-                    depth.push(d);
-                    (y, stats)
-                }
-                None => {
-                    let rope = if self.is_local(l) {
-                        local_rope.as_ref()
-                    } else {
-                        rope.as_ref()
-                    };
-                    let pos = Positions {
-                        rope: rope.map(|(c, s)| (c, s)),
-                        bias: bias.as_ref(),
-                    };
-                    block
-                        .forward(&x, pos, layer_cache)
-                        .map_err(|e| e.context(layer()))?
-                }
-            };
-            x = y;
-            moe.extend(stats);
-        }
-        let x = if opts.last_only {
-            x.narrow(1, t - 1, 1)?
-        } else {
-            x
-        };
-        let mut x = self.norm.forward(&x)?;
-        if opts.hidden_states {
-            hidden.push(x.clone());
-        }
+        Ok(x)
+    }
+
+    /// The head on the final hidden states: output scale, product, soft-cap.
+    fn logits(&self, mut x: Tensor) -> CResult<Tensor> {
         if let Some(s) = self.config.output_scale {
             x = (x * s)?;
         }
@@ -688,12 +688,7 @@ impl Model {
         if let Some(cap) = self.config.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        Ok(ModelOutput {
-            logits,
-            hidden_states: hidden,
-            moe,
-            depth,
-        })
+        Ok(logits)
     }
 
     /// The `(n_heads, t, t_k)` relative-position biases of `table` for queries at
