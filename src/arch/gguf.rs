@@ -107,8 +107,34 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
             ))
         }
     }
-    // Mixture of Experts: llama.cpp's `llama` with experts is Mixtral; a layer without a
-    // router (`ffn_gate_inp`) is dense
+    moe_keys(f, arch, &mut c)?;
+    match arch {
+        "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
+        "gemma3" => {
+            let head_dim = c
+                .get("head_dim")
+                .cloned()
+                .unwrap_or((d_model / heads).into());
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+            c["query_pre_attn_scalar"] = head_dim;
+            // llama.cpp's Gemma 3 settings: every sixth layer global (unless the file says),
+            // local base 10000
+            c["sliding_window"] = need_u64(f, arch, "attention.sliding_window")?.into();
+            c["sliding_window_pattern"] = meta(f, arch, "attention.sliding_window_pattern")
+                .and_then(Value::as_u64)
+                .unwrap_or(6)
+                .into();
+            c["rope_local_base_freq"] = 10_000.0.into();
+        }
+        _ => {}
+    }
+    Ok((arch.to_string(), c))
+}
+
+/// The Mixture-of-Experts keys of the `config.json` equivalent, when the file has experts.
+fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
+    // llama.cpp's `llama` with experts is Mixtral; a layer without a router
+    // (`ffn_gate_inp`) is dense
     if let Some(experts) = meta(f, arch, "expert_count")
         .and_then(Value::as_u64)
         .filter(|&e| e > 0)
@@ -142,27 +168,7 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
             c["shared_expert_intermediate_size"] = s.into();
         }
     }
-    match arch {
-        "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
-        "gemma3" => {
-            let head_dim = c
-                .get("head_dim")
-                .cloned()
-                .unwrap_or((d_model / heads).into());
-            c["hidden_activation"] = "gelu_pytorch_tanh".into();
-            c["query_pre_attn_scalar"] = head_dim;
-            // llama.cpp's Gemma 3 settings: every sixth layer global (unless the file says),
-            // local base 10000
-            c["sliding_window"] = need_u64(f, arch, "attention.sliding_window")?.into();
-            c["sliding_window_pattern"] = meta(f, arch, "attention.sliding_window_pattern")
-                .and_then(Value::as_u64)
-                .unwrap_or(6)
-                .into();
-            c["rope_local_base_freq"] = 10_000.0.into();
-        }
-        _ => {}
-    }
-    Ok((arch.to_string(), c))
+    Ok(())
 }
 
 /// llama.cpp's tensor name → the family's (Hugging Face) name, for one layer's part.
