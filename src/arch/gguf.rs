@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
 use std::path::Path;
 
-use super::{Family, RawConfig, TensorMap};
+use super::{Family, RawConfig};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufFile, Value};
@@ -327,16 +327,7 @@ pub fn load(
                 .collect(),
         });
     }
-    let mut map = TensorMap::new(path.to_path_buf(), params);
-    let canonical = (family.tensors)(&cfg, &mut map)?;
-    map.finish()?;
-    let problems = crate::weights::names::check_params(&cfg, &canonical);
-    if !problems.is_empty() {
-        return Err(Error::WeightMismatch {
-            path: path.to_path_buf(),
-            problems,
-        });
-    }
+    let canonical = super::canonical_params(family, &cfg, params, path.to_path_buf())?;
     Ok((family.name, cfg, canonical))
 }
 

@@ -487,17 +487,29 @@ pub fn load_params(
     };
     let (origin, params) = read_weights(dir, dtype, device)?;
     warn_non_finite(&params, &origin)?;
+    let canonical = canonical_params(family, &cfg, params, origin)?;
+    Ok((Some(family.name), cfg, canonical))
+}
+
+/// A family's tensors (under the file's names) through the family's rules to the
+/// canonical parameters, every leftover, missing or misshapen tensor reported at once.
+fn canonical_params(
+    family: &Family,
+    cfg: &ModelConfig,
+    params: Params,
+    origin: PathBuf,
+) -> Result<Params> {
     let mut map = TensorMap::new(origin.clone(), params);
-    let canonical = (family.tensors)(&cfg, &mut map)?;
+    let canonical = (family.tensors)(cfg, &mut map)?;
     map.finish()?;
-    let problems = crate::weights::names::check_params(&cfg, &canonical);
+    let problems = crate::weights::names::check_params(cfg, &canonical);
     if !problems.is_empty() {
         return Err(Error::WeightMismatch {
             path: origin,
             problems,
         });
     }
-    Ok((Some(family.name), cfg, canonical))
+    Ok(canonical)
 }
 
 /// Files of a Hugging Face folder that travel with exported weights.
