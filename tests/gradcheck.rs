@@ -460,3 +460,33 @@ fn whole_model_gradients() {
         }
     }
 }
+
+/// Every dot-product path of the decode kernel that this CPU has (chosen at run time) gives
+/// the generic path's bits and the f64 sum to rounding; the paths it lacks are named as
+/// skipped.
+#[test]
+fn decode_dot_paths_agree() {
+    let paths = routelm::nn::matvec::dot_paths();
+    let have: Vec<&str> = paths.iter().map(|p| p.0).collect();
+    for name in ["avx512f", "avx2", "generic"] {
+        if !have.contains(&name) {
+            println!("dot path {name}: skipped (this CPU lacks it)");
+        }
+    }
+    let generic = paths.last().unwrap().1;
+    let mut rng = routelm::rng::Rng::new(5);
+    for n in [0usize, 1, 7, 63, 64, 65, 130, 1000] {
+        let a: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        for (name, f) in &paths {
+            let got = f(&a, &b);
+            assert_eq!(got.to_bits(), generic(&a, &b).to_bits(), "{name}, n = {n}");
+            assert!(
+                (got as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                "{name} n {n}"
+            );
+        }
+    }
+    println!("dot paths run: {have:?}");
+}

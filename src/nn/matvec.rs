@@ -14,9 +14,12 @@ pub const MAX_ROWS: usize = 8;
 
 struct Skinny;
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // 64 partial sums = four independent 16-lane vector accumulators, so consecutive FMAs
-    // do not wait on each other; the compiler vectorises this
+/// `Σ a_i b_i` with 64 partial sums (four independent 16-lane accumulators, so
+/// consecutive multiply-adds do not wait on each other), then the tail; the same
+/// arithmetic in every instruction set (no fused multiply-add), so every path gives the
+/// same bits.
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
     const W: usize = 64;
     let mut acc = [0f32; W];
     let chunks = a.len() / W;
@@ -33,6 +36,58 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// A dot-product path and its name.
+pub type DotPath = (&'static str, fn(&[f32], &[f32]) -> f32);
+
+/// Every dot-product path this CPU can run, the widest first (chosen at run time: one
+/// binary built for generic x86-64 uses the best the machine has).
+pub fn dot_paths() -> Vec<DotPath> {
+    let mut v: Vec<DotPath> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F was just detected
+            v.push(("avx512f", |a, b| unsafe { dot_avx512(a, b) }));
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was just detected
+            v.push(("avx2", |a, b| unsafe { dot_avx2(a, b) }));
+        }
+    }
+    v.push(("generic", dot_generic));
+    v
+}
+
+/// The widest dot-product path the CPU has.
+fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
+    dot_paths()[0].1
+}
+
+/// [`dot_fn`]'s product, for one call.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_fn()(a, b)
+}
+
 /// For each pair `(x_j (rows, in_j), w_j (out_j, in_j))` the product `x_j w_jᵀ`, in one
 /// parallel region over blocks of 64 weight rows of all the weights (one wake-up of the
 /// thread pool instead of one per weight: a decoded token makes a few dozen of these
@@ -45,6 +100,7 @@ fn products(rows: usize, pairs: &[(&[f32], &[f32])]) -> Vec<Vec<f32>> {
     let jobs: Vec<(usize, usize)> = (0..pairs.len())
         .flat_map(|j| (0..d_out(j).div_ceil(BLOCK)).map(move |b| (j, b)))
         .collect();
+    let dot = dot_fn();
     let parts: Vec<Vec<f32>> = jobs
         .par_iter()
         .map(|&(j, bi)| {
