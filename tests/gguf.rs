@@ -328,3 +328,17 @@ fn gguf_tokenizers_match_transformers() {
         }
     }
 }
+
+/// A GGUF file's end-of-generation ids: its EOS, and the control tokens that end a turn
+/// (the Gemma-style file names `<eos>` only; its chat turns end with `<end_of_turn>`).
+#[test]
+fn gguf_end_of_turn_tokens_end_generation() {
+    let eos = |f: &str| {
+        routelm::arch::generation_defaults(&fixtures().join(f))
+            .unwrap()
+            .eos
+    };
+    assert_eq!(eos("tokenizer-gemma.gguf"), vec![1, 5]);
+    // <|endoftext|> (0) and <|im_end|> (2, also the EOS)
+    assert_eq!(eos("tokenizer-default.gguf"), vec![0, 2]);
+}

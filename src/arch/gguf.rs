@@ -331,12 +331,40 @@ pub fn load(
     Ok((family.name, cfg, canonical))
 }
 
-/// The model's end-of-sequence ids from the GGUF tokenizer metadata.
+/// Texts of the control tokens that end a turn in the vocabularies llama.cpp reads (it
+/// stops generation at them too, whatever `eos_token_id` says).
+const END_OF_TURN: &[&str] = &[
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|endoftext|>",
+];
+
+/// The ids that end generation: `eos_token_id`, `eot_token_id` and `eom_token_id` when
+/// given, and the control tokens that end a turn (Gemma's files name only `<eos>`, while
+/// its chat ends each turn with `<end_of_turn>`).
 pub fn eos_ids(path: &Path) -> Result<Vec<u32>> {
     let f = GgufFile::open(path)?;
-    Ok(f.get("tokenizer.ggml.eos_token_id")
-        .and_then(Value::as_u64)
-        .and_then(|e| u32::try_from(e).ok())
-        .into_iter()
-        .collect())
+    let mut ids: Vec<u32> = ["eos_token_id", "eot_token_id", "eom_token_id"]
+        .iter()
+        .filter_map(|k| f.get(&format!("tokenizer.ggml.{k}")))
+        .filter_map(Value::as_u64)
+        .filter_map(|e| u32::try_from(e).ok())
+        .collect();
+    if let (Some(Value::Array(tokens)), Some(Value::Array(types))) = (
+        f.get("tokenizer.ggml.tokens"),
+        f.get("tokenizer.ggml.token_type"),
+    ) {
+        for (id, (t, ty)) in tokens.iter().zip(types).enumerate() {
+            let control = ty.as_u64() == Some(3);
+            if control && t.as_str().is_some_and(|t| END_OF_TURN.contains(&t)) {
+                ids.extend(u32::try_from(id).ok());
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
