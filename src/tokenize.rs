@@ -1,6 +1,7 @@
 //! Text ↔ token ids: byte-level (256 ids, the default for training) or a `tokenizer.json`
 //! through the `tokenizers` crate, behind one type.
 
+use std::cmp::Reverse;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -197,6 +198,9 @@ impl Tokenizer {
     }
 }
 
+/// A rebuilt merge's order: its token's rank, then longer left and right pieces first.
+type MergeKey = (usize, Reverse<usize>, Reverse<usize>);
+
 /// A GGUF vocabulary on its way to a `tokenizer.json` description.
 struct GgufVocab<'a> {
     tokens: &'a [String],
@@ -306,28 +310,27 @@ impl GgufVocab<'_> {
                 order.push(t);
             }
         }
-        // every split of each token into two tokens: (left, right, the token's rank)
-        let mut merges: Vec<(&str, &str, usize)> = Vec::new();
+        // every split of each token into two tokens, keyed by the token's rank and the
+        // pieces' lengths in characters
+        let mut merges: Vec<(MergeKey, &str, &str)> = Vec::new();
         for t in &order {
             let rank = ids[t];
-            let mut local: Vec<(&str, &str, usize)> = t
+            let mut local: Vec<_> = t
                 .char_indices()
                 .skip(1)
                 .map(|(at, _)| t.split_at(at))
                 .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
-                .map(|(l, r)| (l, r, rank))
+                .map(|(l, r)| {
+                    let key = (rank, Reverse(l.chars().count()), Reverse(r.chars().count()));
+                    (key, l, r)
+                })
                 .collect();
-            local.sort_by_key(|&(l, r, _)| (ids[l], ids[r]));
+            local.sort_by_key(|&(_, l, r)| (ids[l], ids[r]));
             merges.extend(local);
         }
         // the earliest token first, then longer left and right pieces (a stable sort)
-        let chars = |s: &str| s.chars().count();
-        merges.sort_by(|a, b| {
-            a.2.cmp(&b.2)
-                .then(chars(b.0).cmp(&chars(a.0)))
-                .then(chars(b.1).cmp(&chars(a.1)))
-        });
-        let merges: Vec<serde_json::Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+        merges.sort_by_key(|m| m.0);
+        let merges: Vec<serde_json::Value> = merges.iter().map(|(_, l, r)| json!([l, r])).collect();
         let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
         json!({
             "version": "1.0", "truncation": null, "padding": null,
