@@ -280,6 +280,7 @@ pub fn load(
         .and_then(Value::as_str)
         .unwrap_or_default();
     let gemma = arch.starts_with("gemma");
+    let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
     let mut params = Params::new();
     let mut unknown = Vec::new();
     for t in &f.tensors {
@@ -304,7 +305,6 @@ pub fn load(
         if name.ends_with("shared_expert_gate.weight") {
             x = x.reshape((1, x.elem_count()))?;
         }
-        let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
         let pieces = if name.contains(".experts.*.") {
             let e = x.dim(0)?;
             (0..e)

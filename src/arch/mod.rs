@@ -416,12 +416,7 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
         let params = weights::load_safetensors(&path, Some(dtype), device)?;
         return Ok((path, params));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(&index, e))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::parse(&index, "no weight_map object"))?;
+    let map = weight_map(&index)?;
     let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
     files.sort_unstable();
     files.dedup();
@@ -616,22 +611,21 @@ pub fn export_dir(src: &Path, dst: &Path, params: &Params) -> Result<()> {
 pub fn stored_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::parse(&index, e))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::parse(&index, "no weight_map object"))?;
-        return Ok(map.keys().cloned().collect());
+        return Ok(weight_map(&index)?.keys().cloned().collect());
     }
-    let path = dir.join("model.safetensors");
-    let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-    // SAFETY: a read-only map dropped before returning, as in `weights::load_safetensors`
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| Error::parse(&path, format!("not a valid safetensors file ({e})")))?;
+    let (_, _, meta) = weights::read_header(&dir.join("model.safetensors"))?;
     Ok(meta.tensors().into_keys().collect())
+}
+
+/// The `weight_map` (tensor name → shard file) of a sharded checkpoint's index.
+fn weight_map(index: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::parse(index, e))?;
+    match v.get_mut("weight_map").map(serde_json::Value::take) {
+        Some(serde_json::Value::Object(m)) => Ok(m),
+        _ => Err(Error::parse(index, "no weight_map object")),
+    }
 }
 
 /// Whether `path` names a GGUF file (rather than a model folder).

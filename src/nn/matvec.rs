@@ -83,11 +83,6 @@ fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
     dot_paths()[0].1
 }
 
-/// [`dot_fn`]'s product, for one call.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_fn()(a, b)
-}
-
 /// For each pair `(x_j (rows, in_j), w_j (out_j, in_j))` the product `x_j w_jᵀ`, in one
 /// parallel region over blocks of 64 weight rows of all the weights (one wake-up of the
 /// thread pool instead of one per weight: a decoded token makes a few dozen of these

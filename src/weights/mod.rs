@@ -35,13 +35,7 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
 /// the weights plus one tensor, not twice the file.
 pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Params> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the map is read-only and dropped before this function returns; a file
-    // truncated underneath us is the same hazard every mmap reader accepts.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| Error::parse(path, format!("not a valid safetensors file ({e})")))?;
-    drop(mmap);
+    let (file, header, meta) = read_header(path)?;
     let data_start = 8 + header as u64;
     let mut out = BTreeMap::new();
     let mut infos: Vec<_> = meta.tensors().into_iter().collect();
@@ -81,6 +75,20 @@ pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> R
         out.insert(name, t.to_device(device)?);
     }
     Ok(out)
+}
+
+/// A safetensors file, open, with its header's length and its checked metadata (every
+/// tensor's range inside the file). The header is read through a memory map, dropped
+/// before returning, so no tensor data is touched.
+pub fn read_header(path: &Path) -> Result<(std::fs::File, usize, safetensors::tensor::Metadata)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and dropped before this function returns; a file
+    // truncated underneath us is the same hazard every mmap reader accepts.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::parse(path, format!("not a valid safetensors file ({e})")))?;
+    drop(mmap);
+    Ok((file, header, meta))
 }
 
 /// Write tensors to `path` atomically: a temporary file in the same folder, then a rename,
