@@ -29,7 +29,7 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
 ];
 
-/// The metadata value `arch.key` (or `key` itself when it starts with a known prefix).
+/// The metadata value `arch.key`.
 fn meta<'a>(f: &'a GgufFile, arch: &str, key: &str) -> Option<&'a Value> {
     f.get(&format!("{arch}.{key}"))
 }
