@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use routelm::weights::gguf::{GgufFile, Value};
 use routelm::weights::quant::{dequantize_into, GgmlType};
 use std::path::{Path, PathBuf};
@@ -240,6 +240,59 @@ fn twin_diff(gguf: &str, hf: &str, patch: serde_json::Value) -> (f64, f64) {
     std::fs::remove_dir_all(&tmp).ok();
     let scale = common::max_abs_diff(&lb, &lb.zeros_like().unwrap());
     (common::max_abs_diff(&la, &lb), scale)
+}
+
+/// A Q8_0 file decoded through its stored weights (8-bit activations, integer dot
+/// products; a prompt of more rows through dequantized tiles) gives the logits of its
+/// dequantized copy within the activations' quantization, step after step.
+#[test]
+fn stored_weights_decode_like_their_dequantized_copy() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/llama3.q8_0.gguf");
+    let dev = Device::Cpu;
+    let stored = routelm::arch::load_dir(&path, candle_core::DType::F32, &dev)
+        .unwrap()
+        .model;
+    let (values, bytes) = stored.stored_read();
+    println!("stored weights read per token: {values} values in {bytes} bytes");
+    assert!(
+        values > 0 && bytes * 3 < values * 4,
+        "{values} values, {bytes} bytes"
+    );
+    let (_, cfg, params) =
+        routelm::arch::load_params(&path, candle_core::DType::F32, &dev).unwrap();
+    let plain = routelm::model::Model::from_owned(&cfg, params, "dequantized").unwrap();
+    assert_eq!(plain.stored_read(), (0, 0));
+    let tokens: Vec<u32> = (0..14u32)
+        .map(|i| (i * 37 + 5) % cfg.vocab_size as u32)
+        .collect();
+    let run = |m: &routelm::model::Model| -> Vec<Tensor> {
+        let mut cache = m.new_cache();
+        let prompt = Tensor::new(&tokens[..10], &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        // every position's logits: the head too takes more rows than a decode step
+        let all = m.forward(&prompt, Some(&mut cache), false).unwrap().logits;
+        let mut out = vec![all.squeeze(0).unwrap()];
+        for &t in &tokens[10..] {
+            let id = Tensor::new(&[t], &dev).unwrap().unsqueeze(0).unwrap();
+            let logits = m.forward(&id, Some(&mut cache), true).unwrap().logits;
+            out.push(logits.flatten_to(1).unwrap());
+        }
+        out
+    };
+    let (a, b) = (run(&stored), run(&plain));
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        let d = common::max_abs_diff(x, y);
+        let scale = common::max_abs_diff(y, &y.zeros_like().unwrap());
+        println!("step {step}: max |Δlogit| {d:.2e} of {scale:.2}");
+        // the prompt runs the same f32 products on dequantized tiles
+        let bound = if step == 0 { 1e-4 } else { 0.03 };
+        assert!(d <= bound * scale, "step {step}: {d} of {scale}");
+        if step > 0 {
+            assert!(d > 0.0, "step {step}: the integer kernels did not run");
+        }
+    }
 }
 
 /// Unquantized GGUF twins give the safetensors model's logits (to f32 rounding), the

@@ -1,8 +1,10 @@
 //! GGUF files as a second file adapter beside `config.json` + safetensors: the metadata of
 //! the architectures llama.cpp writes becomes the `config.json` the family's adapter reads,
 //! and llama.cpp's tensor names become the family's, so the families' translations (and
-//! their checks) are the only ones. Tensors are dequantized to the requested dtype at load
-//! (quantized kernels that read the blocks in place are the next step).
+//! their checks) are the only ones. For inference the projections, the token embeddings and
+//! the head stay in their stored form, read in place from the mapped file by the
+//! quantized kernels ([`crate::nn::qmatmul`]); everything else (norms, routers, experts)
+//! and, for training or verification, every tensor is dequantized at load.
 //!
 //! Layouts llama.cpp's converter changes: `llama` stores the q and k projections with each
 //! head's rows interleaved for its pairwise rotary (undone here; Qwen's rotary already
@@ -12,11 +14,14 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{Family, RawConfig};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::nn::qmatmul::{QMatrix, StoredWeights};
 use crate::weights::gguf::{GgufFile, Value};
+use crate::weights::quant::GgmlType;
 use crate::weights::Params;
 
 /// The GGUF architectures routelm reads, and the Hugging Face model type each becomes.
@@ -238,13 +243,12 @@ fn mixtral_name(n: &str) -> String {
 /// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
 /// `2i + 1` go back to `i` and `i + head_dim/2` (rotate-half layout).
 fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let (rows, cols) = t.dims2()?;
-    let hd = rows / heads.max(1);
-    // (heads, hd/2, 2, cols) → (heads, 2, hd/2, cols)
-    Ok(t.reshape((heads, hd / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
+    let order: Vec<u32> = unpermuted_rows(t.dim(0)?, heads)
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let order = Tensor::from_vec(order, t.dim(0)?, t.device())?;
+    Ok(t.index_select(&order, 0)?)
 }
 
 /// The family and resolved config of a GGUF file, from its metadata alone.
@@ -265,6 +269,42 @@ fn resolve(f: &GgufFile, path: &Path) -> Result<(&'static Family, ModelConfig)> 
     Ok((family, cfg))
 }
 
+/// Whether the model reads `name` (a canonical name) through a layer that takes stored
+/// weights: an attention or dense feed-forward projection, the token embeddings, the head.
+fn takes_stored(name: &str) -> bool {
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((_, leaf)) = rest.split_once('.') else {
+        return false;
+    };
+    matches!(
+        leaf,
+        "self_attn.q_proj.weight"
+            | "self_attn.k_proj.weight"
+            | "self_attn.v_proj.weight"
+            | "self_attn.o_proj.weight"
+            | "mlp.gate_proj.weight"
+            | "mlp.up_proj.weight"
+            | "mlp.down_proj.weight"
+    )
+}
+
+/// The row order that undoes llama.cpp's interleaving of each head's rows (`unpermute`).
+fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads.max(1);
+    (0..rows)
+        .map(|i| {
+            let (h, r) = (i / hd, i % hd);
+            let (a, b) = (r / (hd / 2), r % (hd / 2));
+            h * hd + 2 * b + a
+        })
+        .collect()
+}
+
 /// Load a GGUF file: config from its metadata through the family's adapter, tensors
 /// dequantized to `dtype` and renamed to the family's names, then the family's own tensor
 /// rules. Returns the family's name, the resolved config and the canonical parameters.
@@ -273,6 +313,25 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<(&'static str, ModelConfig, Params)> {
+    let (family, cfg, params, _) = load_with(path, dtype, device, false)?;
+    Ok((family, cfg, params))
+}
+
+/// [`load`] for inference: the weights [`takes_stored`] names stay in their stored form
+/// (returned beside the parameters, which hold a stand-in of the right shape for each).
+pub fn load_stored(
+    path: &Path,
+    device: &Device,
+) -> Result<(&'static str, ModelConfig, Params, StoredWeights)> {
+    load_with(path, DType::F32, device, true)
+}
+
+fn load_with(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    keep: bool,
+) -> Result<(&'static str, ModelConfig, Params, StoredWeights)> {
     let f = GgufFile::open(path)?;
     let (family, cfg) = resolve(&f, path)?;
     let arch = f
@@ -282,6 +341,7 @@ pub fn load(
     let gemma = arch.starts_with("gemma");
     let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
     let mut params = Params::new();
+    let mut stored = StoredWeights::new();
     let mut unknown = Vec::new();
     for t in &f.tensors {
         let name = if gemma {
@@ -293,6 +353,24 @@ pub fn load(
             unknown.push(t.name.clone());
             continue;
         };
+        if keep && t.ty != GgmlType::F32 && t.shape.len() == 2 && takes_stored(&name) {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let bad = |problem: String| Error::WeightMismatch {
+                path: path.to_path_buf(),
+                problems: vec![format!("tensor {}: {problem}", t.name)],
+            };
+            let mut q = QMatrix::new(t.ty, rows, cols, f.stored(t)).map_err(bad)?;
+            if arch == "llama" {
+                if name.ends_with("q_proj.weight") {
+                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_heads));
+                } else if name.ends_with("k_proj.weight") {
+                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_kv_heads));
+                }
+            }
+            params.insert(name.clone(), crate::nn::linear::stand_in(rows, cols)?);
+            stored.insert(name, Arc::new(q));
+            continue;
+        }
         let values = f.dequantize(t);
         let mut x = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?;
         if arch == "llama" {
@@ -328,7 +406,15 @@ pub fn load(
         });
     }
     let canonical = super::canonical_params(family, &cfg, params, path.to_path_buf())?;
-    Ok((family.name, cfg, canonical))
+    // the family rules move tensors under other names only for layouts GGUF files do not
+    // have; a stored weight that did not arrive under its own name is an error, not NaNs
+    if let Some(lost) = stored.keys().find(|n| !canonical.contains_key(*n)) {
+        return Err(Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: vec![format!("tensor {lost}: not where the model reads it")],
+        });
+    }
+    Ok((family.name, cfg, canonical, stored))
 }
 
 /// Texts of the control tokens that end a turn in the vocabularies llama.cpp reads (it

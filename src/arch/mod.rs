@@ -634,8 +634,19 @@ pub fn is_gguf(path: &Path) -> bool {
 }
 
 /// Load a model folder (a Hugging Face checkpoint of a known family, or routelm's own) or
-/// a GGUF file.
+/// a GGUF file. A GGUF file loaded in f32 keeps its projections, embeddings and head in
+/// their stored form (read in place by the quantized kernels; resident memory about the
+/// file's size); in another dtype, or through [`load_params`], every tensor is
+/// dequantized.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    if is_gguf(dir) && dtype == DType::F32 && device.is_cpu() {
+        let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
+        let origin = dir.display().to_string();
+        return Ok(Loaded {
+            family: Some(family),
+            model: Model::from_stored(&cfg, params, stored, &origin)?,
+        });
+    }
     let (family, cfg, params) = load_params(dir, dtype, device)?;
     // the parameters are checked against the config already
     let origin = dir.join("model.safetensors").display().to_string();

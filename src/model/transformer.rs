@@ -10,10 +10,12 @@ use super::cache::Cache;
 use crate::config::{BlockKind, ModelConfig, Position, QkNorm, RopeScaling};
 use crate::error::{Error, Result};
 use crate::nn::attention::{Latent, Projections};
+use crate::nn::qmatmul::{QMatrix, StoredWeights};
 use crate::nn::relative::relative_bias;
 use crate::nn::{Attention, Linear, Mlp, Norm, Positions, RopeTables};
 use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeLayer, MoeStats};
 use crate::weights::names::{check_params, with_stacks, ParamStack, StackKind};
+use std::sync::Arc;
 
 /// What one forward pass produces.
 #[derive(Debug)]
@@ -82,6 +84,12 @@ pub struct ForwardOptions {
 pub struct Model {
     pub config: ModelConfig,
     embed: Tensor,
+    /// The token embeddings in their stored form (`embed` is then a stand-in): rows are
+    /// dequantized as tokens look them up.
+    embed_stored: Option<Arc<QMatrix>>,
+    /// `(values, bytes)` of the stored weights a decoded token reads (every stored
+    /// matrix but an untied embedding table, of which it reads one row).
+    stored_read: (usize, usize),
     positions: Option<Tensor>,
     blocks: Vec<Block>,
     norm: Norm,
@@ -104,6 +112,8 @@ pub struct Model {
 struct Parts<'a> {
     config: &'a ModelConfig,
     params: &'a BTreeMap<String, Tensor>,
+    /// Weights in their stored form, by canonical name (the parameters hold stand-ins).
+    stored: &'a StoredWeights,
     origin: &'a str,
 }
 
@@ -139,10 +149,10 @@ impl Parts<'_> {
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear> {
-        Ok(Linear::new(
-            self.get(&format!("{prefix}.weight"))?,
-            self.opt(&format!("{prefix}.bias")),
-        ))
+        let name = format!("{prefix}.weight");
+        let mut l = Linear::new(self.get(&name)?, self.opt(&format!("{prefix}.bias")));
+        l.stored = self.stored.get(&name).cloned();
+        Ok(l)
     }
 
     fn mlp(&self, prefix: &str) -> Result<Mlp> {
@@ -349,6 +359,12 @@ impl Model {
         true
     }
 
+    /// `(values, bytes)` of the weights held in their stored form that decoding a token
+    /// reads; `(0, 0)` for a model whose weights are all tensors.
+    pub fn stored_read(&self) -> (usize, usize) {
+        self.stored_read
+    }
+
     /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a
     /// CPU with AVX512-BF16).
     pub fn bf16_matmul(&self) -> bool {
@@ -375,8 +391,27 @@ impl Model {
         params: BTreeMap<String, Tensor>,
         origin: &str,
     ) -> Result<Self> {
-        let (params, stacks) = with_stacks(config, params)?;
-        let mut model = Self::from_params(config, &params, origin)?;
+        Self::from_stored(config, params, StoredWeights::new(), origin)
+    }
+
+    /// [`Model::from_owned`] with some weights in their stored form (a GGUF file's
+    /// quantized blocks, read in place by the kernels; `params` holds a stand-in of the
+    /// right shape for each). Such a model runs inference only.
+    pub fn from_stored(
+        config: &ModelConfig,
+        params: BTreeMap<String, Tensor>,
+        stored: StoredWeights,
+        origin: &str,
+    ) -> Result<Self> {
+        let stored_read = stored
+            .iter()
+            .filter(|(n, _)| config.tie_embeddings || n.as_str() != "model.embed_tokens.weight")
+            .fold((0, 0), |(v, b), (_, q)| {
+                (v + q.rows * q.cols, b + q.bytes())
+            });
+        let (params, stacks) = with_stacks(config, params, &|n| stored.contains_key(n))?;
+        let mut model = Self::from_params(config, &params, &stored, origin)?;
+        model.stored_read = stored_read;
         for (s, t) in stacks {
             model.attach_stack(&s, t);
         }
@@ -386,6 +421,7 @@ impl Model {
     fn from_params(
         config: &ModelConfig,
         params: &BTreeMap<String, Tensor>,
+        stored: &StoredWeights,
         origin: &str,
     ) -> Result<Self> {
         let problems = check_params(config, params);
@@ -398,6 +434,7 @@ impl Model {
         let parts = Parts {
             config,
             params,
+            stored,
             origin,
         };
         let embed = parts.get("model.embed_tokens.weight")?;
@@ -441,10 +478,13 @@ impl Model {
             }
             _ => (None, None),
         };
-        let head_w = if config.tie_embeddings {
-            embed.clone()
+        let embed_stored = stored.get("model.embed_tokens.weight").cloned();
+        let head = if config.tie_embeddings {
+            let mut l = Linear::new(embed.clone(), parts.opt("lm_head.bias"));
+            l.stored = embed_stored.clone();
+            l
         } else {
-            parts.get("lm_head.weight")?
+            parts.linear("lm_head")?
         };
         Ok(Self {
             config: config.clone(),
@@ -452,7 +492,9 @@ impl Model {
             embed,
             blocks,
             norm: parts.norm("model.norm")?,
-            head: Linear::new(head_w, parts.opt("lm_head.bias")),
+            embed_stored,
+            stored_read: (0, 0),
+            head,
             rope,
             local_rope,
             relative: parts.opt("model.relative_bias.weight"),
@@ -663,10 +705,21 @@ impl Model {
     /// with learned positions added and the embedding norm applied where configured.
     fn embed_tokens(&self, ids: &Tensor, b: usize, t: usize, start: usize) -> CResult<Tensor> {
         let d = self.config.d_model;
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, d))?;
+        let mut x = match &self.embed_stored {
+            Some(q) => {
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut v = vec![0f32; ids.len() * d];
+                for (row, &id) in v.chunks_exact_mut(d).zip(&ids) {
+                    let id = id as usize;
+                    q.dequantize_rows(id, id + 1, row);
+                }
+                Tensor::from_vec(v, (b, t, d), self.embed.device())?
+            }
+            None => self
+                .embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, d))?,
+        };
         if let Some(s) = self.config.embed_scale {
             x = (x * s)?;
         }

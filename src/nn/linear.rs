@@ -2,15 +2,28 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
+use std::sync::Arc;
+
 use super::bf16::{product, Strided};
+use super::qmatmul::QMatrix;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The weight; for a layer with [`Linear::stored`] weights, a stand-in of the right
+    /// shape that holds no values (NaN, so a product with it could not pass unnoticed).
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     /// Mixed precision: products of more than a few rows (and their gradients) with bf16
     /// operands and f32 sums, where the CPU has AVX512-BF16 ([`super::bf16`]).
     pub bf16: bool,
+    /// The weight in its stored form (a GGUF file's quantized blocks), which the products
+    /// read in place ([`super::qmatmul`]); inference only.
+    pub stored: Option<Arc<QMatrix>>,
+}
+
+/// A stand-in for a weight held in its stored form: the shape, no memory, NaN values.
+pub fn stand_in(rows: usize, cols: usize) -> Result<Tensor> {
+    Tensor::new(f32::NAN, &candle_core::Device::Cpu)?.broadcast_as((rows, cols))
 }
 
 impl Linear {
@@ -19,11 +32,15 @@ impl Linear {
             weight,
             bias,
             bf16: false,
+            stored: None,
         }
     }
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.stored.is_some() {
+            return Ok(Self::forward_pairs(&[self], &[x])?.remove(0));
+        }
         if let Some(y) = fused_matmul_t(x, &self.weight, self.bf16)? {
             return match &self.bias {
                 Some(b) => y.broadcast_add(b),
@@ -55,6 +72,9 @@ impl Linear {
     /// `[l.forward(x) for (l, x) in zip(layers, xs)]`, inputs with the same leading
     /// dimensions; when decoding, the products run in one parallel region.
     pub fn forward_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        if layers.iter().any(|l| l.stored.is_some()) {
+            return stored_pairs(layers, xs);
+        }
         let x2 = xs
             .iter()
             .map(|x| flat_rows(x))
@@ -68,6 +88,53 @@ impl Linear {
             .map(|(y, (l, x))| l.finish(y, x))
             .collect()
     }
+}
+
+/// [`Linear::forward_pairs`] where some layers hold stored weights: those products in
+/// one call of [`super::qmatmul::products`] (one parallel region when decoding), the
+/// others one by one.
+fn stored_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let mut out: Vec<Option<Tensor>> = vec![None; layers.len()];
+    let mut flat = Vec::new();
+    let mut which = Vec::new();
+    let mut rows = None;
+    for (i, (l, x)) in layers.iter().zip(xs).enumerate() {
+        match &l.stored {
+            Some(q) => {
+                if x.track_op() {
+                    candle_core::bail!("a layer with stored (quantized) weights cannot be trained")
+                }
+                let x2 = flat_rows(x)?.to_dtype(DType::F32)?;
+                let r = x2.dim(0)?;
+                if x2.dim(1)? != q.cols || rows.is_some_and(|m| m != r) {
+                    candle_core::bail!(
+                        "stored product: input {:?} for a {} × {} weight",
+                        x.shape(),
+                        q.rows,
+                        q.cols
+                    )
+                }
+                rows = Some(r);
+                flat.push(x2.flatten_all()?.to_vec1::<f32>()?);
+                which.push(i);
+            }
+            None => out[i] = Some(l.forward(x)?),
+        }
+    }
+    let m = rows.unwrap_or(0);
+    let pairs: Vec<(&QMatrix, &[f32])> = which
+        .iter()
+        .zip(&flat)
+        .filter_map(|(&i, x)| layers[i].stored.as_deref().map(|q| (q, x.as_slice())))
+        .collect();
+    let ys = super::qmatmul::products(&pairs, m);
+    for ((&i, y), (q, _)) in which.iter().zip(ys).zip(&pairs) {
+        let y = Tensor::from_vec(y, (m, q.rows), xs[i].device())?;
+        out[i] = Some(layers[i].finish(y, xs[i])?);
+    }
+    out.into_iter()
+        .map(|y| y.ok_or_else(|| candle_core::Error::Msg("stored product".into())))
+        .collect()
 }
 
 /// `x (.., in) · wᵀ` as one fused node (f32 products, or bf16 operands with f32 sums when

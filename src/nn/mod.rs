@@ -12,6 +12,7 @@ pub mod matvec;
 pub mod mlp;
 pub mod norm;
 pub mod ops;
+pub mod qmatmul;
 pub mod relative;
 pub mod rope;
 

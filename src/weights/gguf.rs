@@ -91,7 +91,7 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    map: memmap2::Mmap,
+    map: std::sync::Arc<memmap2::Mmap>,
 }
 
 /// Largest dimension count ggml writes.
@@ -215,7 +215,7 @@ impl GgufFile {
             version,
             metadata,
             tensors,
-            map,
+            map: std::sync::Arc::new(map),
         })
     }
 
@@ -318,6 +318,15 @@ impl GgufFile {
     /// A tensor's stored bytes, in place in the mapped file.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.map[t.start..t.start + t.len]
+    }
+
+    /// A tensor's stored bytes as the kernels hold them: in place in the mapped file.
+    pub fn stored(&self, t: &TensorInfo) -> crate::nn::qmatmul::QBytes {
+        crate::nn::qmatmul::QBytes::Mapped {
+            map: self.map.clone(),
+            start: t.start,
+            len: t.len,
+        }
     }
 
     /// A tensor dequantized to f32 (row-major, `t.shape`).

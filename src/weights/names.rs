@@ -355,10 +355,12 @@ pub type Stacked = (ParamStack, Tensor);
 /// and its parts (under their canonical names) as views of it. A stack is taken as given
 /// under its own name (the trainer's variable) or concatenated once from its parts (a
 /// loaded checkpoint); a stack whose pieces do not fit together is left alone for the
-/// parameter check to report.
+/// parameter check to report, and so is one with a part `kept_apart` names (a weight held
+/// in its stored form).
 pub fn with_stacks(
     cfg: &ModelConfig,
     params: BTreeMap<String, Tensor>,
+    kept_apart: &dyn Fn(&str) -> bool,
 ) -> candle_core::Result<(BTreeMap<String, Tensor>, Vec<Stacked>)> {
     // a part is replaced by its view as soon as its stack exists: with nothing else
     // holding the parts, only one stack's parts are ever held twice
@@ -369,6 +371,9 @@ pub fn with_stacks(
         .map(|s| (s.name, s.shape))
         .collect();
     for stack in param_stacks(cfg) {
+        if stack.parts.iter().any(|n| kept_apart(n)) {
+            continue;
+        }
         let Some(parts) = stack
             .parts
             .iter()

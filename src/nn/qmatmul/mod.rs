@@ -1,0 +1,411 @@
+//! Projections whose weights stay in their stored form (GGUF's quantized blocks, f16 and
+//! bf16 values), read in place by the kernels: a model keeps the file's bytes, not an f32
+//! copy, so resident memory is about the file's size.
+//!
+//! * **A few rows (decoding)**: the activations are quantized to 8 bits (blocks of 32
+//!   with an f32 scale for the 32-element types, super-blocks of 256 with sums of 16 for
+//!   the K-quants), and each weight row's dot product is taken on integers, one f32
+//!   multiply-add per block or sub-block ([`dot`]). The instruction set is chosen at run
+//!   time ([`paths`]): AVX-512 VNNI, AVX2, or the portable loop.
+//! * **More rows (prefill)**: tiles of weight rows are dequantized into a small f32
+//!   buffer and multiplied by all rows at once with the f32 GEMM, so each weight is
+//!   decoded once per forward pass, not once per row.
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::weights::quant::{dequantize_into, GgmlType};
+
+/// Weights kept in their stored form, by canonical parameter name.
+pub type StoredWeights = std::collections::HashMap<String, Arc<QMatrix>>;
+
+/// A weight matrix's stored bytes: in place in a memory-mapped file, or owned (rows
+/// reordered at load).
+#[derive(Debug, Clone)]
+pub enum QBytes {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<u8>),
+}
+
+impl QBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Mapped { map, start, len } => &map[*start..*start + *len],
+            Self::Owned(v) => v,
+        }
+    }
+}
+
+/// A `(rows, cols)` weight matrix in a ggml element type, row-major: each row is
+/// `cols / block` whole blocks.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    data: QBytes,
+}
+
+/// How the activations are prepared for a weight type's dot product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActKind {
+    /// Blocks of 32 int8 values with an f32 scale and the block's sum.
+    Q8,
+    /// Super-blocks of 256 int8 values with an f32 scale and sums of each 16.
+    Q8K,
+    /// The f32 values themselves (f32, f16, bf16 weights and the K-quants without an
+    /// integer kernel).
+    F32,
+}
+
+fn act_kind(ty: GgmlType) -> ActKind {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+            ActKind::Q8
+        }
+        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => ActKind::Q8K,
+        _ => ActKind::F32,
+    }
+}
+
+/// Rows of activations prepared for one weight type's dot products.
+#[derive(Debug, Clone, Default)]
+pub struct QAct {
+    kind_k: bool,
+    cols: usize,
+    /// int8 values, `cols` per row.
+    qs: Vec<i8>,
+    /// Scale per block (32) or super-block (256).
+    d: Vec<f32>,
+    /// Per 32-block: `d · Σ q` (the 32-element types with a minimum use it).
+    s: Vec<f32>,
+    /// Per 16 values of a super-block: `Σ q`.
+    bsums: Vec<i32>,
+    /// The f32 values (ActKind::F32).
+    x: Vec<f32>,
+}
+
+/// One row of [`QAct`].
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub bsums: &'a [i32],
+    pub x: &'a [f32],
+}
+
+impl QAct {
+    /// Prepare `m` rows of `x` (`m × cols`) for dot products with weights of type `ty`.
+    pub fn new(ty: GgmlType, x: &[f32], cols: usize) -> Self {
+        let mut a = Self {
+            cols,
+            ..Self::default()
+        };
+        match act_kind(ty) {
+            ActKind::F32 => a.x = x.to_vec(),
+            ActKind::Q8 => {
+                a.qs = vec![0; x.len()];
+                for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
+                    let (d, sum) = quantize_block(xb, qb);
+                    a.d.push(d);
+                    a.s.push(d * sum as f32);
+                }
+            }
+            ActKind::Q8K => {
+                a.kind_k = true;
+                a.qs = vec![0; x.len()];
+                for (xb, qb) in x.chunks_exact(256).zip(a.qs.chunks_exact_mut(256)) {
+                    let (d, _) = quantize_block(xb, qb);
+                    a.d.push(d);
+                    a.bsums.extend(
+                        qb.chunks_exact(16)
+                            .map(|c| c.iter().map(|&q| q as i32).sum::<i32>()),
+                    );
+                }
+            }
+        }
+        a
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let c = self.cols;
+        if !self.x.is_empty() {
+            return ActRow {
+                qs: &[],
+                d: &[],
+                s: &[],
+                bsums: &[],
+                x: &self.x[r * c..(r + 1) * c],
+            };
+        }
+        let nb = c / if self.kind_k { 256 } else { 32 };
+        let d = &self.d[r * nb..(r + 1) * nb];
+        let (s, bsums) = match self.kind_k {
+            true => (&[][..], &self.bsums[r * c / 16..(r + 1) * c / 16]),
+            false => (&self.s[r * nb..(r + 1) * nb], &[][..]),
+        };
+        ActRow {
+            qs: &self.qs[r * c..(r + 1) * c],
+            d,
+            s,
+            bsums,
+            x: &[],
+        }
+    }
+}
+
+/// Symmetric 8-bit quantization of one block: `q = round(x / d)` with `d = max|x| / 127`;
+/// returns `d` and `Σ q`.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        let v = (xi * id).round().clamp(-127.0, 127.0) as i8;
+        *qi = v;
+        sum += v as i32;
+    }
+    (d, sum)
+}
+
+/// Dot products of weight rows with one prepared activation row: `(rows' bytes, bytes
+/// per row, activations, one output per row)`.
+pub type DotFn = fn(&[u8], usize, ActRow<'_>, &mut [f32]);
+
+/// A named kernel path: the dot product of each weight type on one instruction set.
+#[derive(Clone, Copy)]
+pub struct Path {
+    pub name: &'static str,
+    pub dot: fn(GgmlType) -> DotFn,
+}
+
+/// Every kernel path this CPU can run, the fastest first (chosen at run time: one binary
+/// built for generic x86-64 uses the best the machine has).
+pub fn paths() -> Vec<Path> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_vnni() {
+            v.push(Path {
+                name: "avx512-vnni",
+                dot: simd::vnni_dot,
+            });
+        }
+        if simd::has_avx2() {
+            v.push(Path {
+                name: "avx2",
+                dot: simd::avx2_dot,
+            });
+        }
+    }
+    v.push(Path {
+        name: "portable",
+        dot: scalar::dot,
+    });
+    v
+}
+
+/// The fastest path's dot product for `ty`.
+fn best_dot(ty: GgmlType) -> DotFn {
+    static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+    (BEST.get_or_init(|| paths()[0]).dot)(ty)
+}
+
+/// Rows at most that take the integer dot products; more take dequantized tiles and
+/// the f32 GEMM.
+pub const MAX_DOT_ROWS: usize = 8;
+
+impl QMatrix {
+    /// A matrix over `data` (`rows` rows of `cols` values of `ty`); `Err` with the problem
+    /// when the sizes do not fit.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: QBytes) -> Result<Self, String> {
+        let row_bytes = ty
+            .bytes_for(cols)
+            .ok_or_else(|| format!("{cols} columns are not whole {} blocks", ty.name()))?;
+        let want = row_bytes.checked_mul(rows).ok_or("size overflows")?;
+        if data.as_slice().len() != want {
+            return Err(format!(
+                "{} bytes for {rows} × {cols} {} (expected {want})",
+                data.as_slice().len(),
+                ty.name()
+            ));
+        }
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_bytes
+    }
+
+    /// Bytes of the whole matrix (what one product reads).
+    pub fn bytes(&self) -> usize {
+        self.row_bytes * self.rows
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) × cols`).
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let b = &self.data.as_slice()[r0 * self.row_bytes..r1 * self.row_bytes];
+        dequantize_into(self.ty, b, out);
+    }
+
+    /// The matrix with its rows in `order` (row `i` of the result is row `order[i]`).
+    pub fn permute_rows(&self, order: &[usize]) -> Self {
+        let mut v = Vec::with_capacity(order.len() * self.row_bytes);
+        for &o in order {
+            v.extend_from_slice(self.row(o));
+        }
+        Self {
+            ty: self.ty,
+            rows: order.len(),
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            data: QBytes::Owned(v),
+        }
+    }
+
+    /// Rows `r0..r0 + n` as their own matrix (copied).
+    pub fn rows_slice(&self, r0: usize, n: usize) -> Self {
+        self.permute_rows(&(r0..r0 + n).collect::<Vec<_>>())
+    }
+}
+
+/// For each pair `(w_j, x_j)` with `x_j: (m, w_j.cols)` row-major, `x_j · w_jᵀ` as an
+/// `(m, w_j.rows)` row-major vector. Few rows: integer dot products in one parallel
+/// region over blocks of 64 weight rows of all the matrices; more: dequantized tiles
+/// and the f32 GEMM.
+pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
+    if m > MAX_DOT_ROWS {
+        return pairs.iter().map(|(w, x)| tiled(w, x, m)).collect();
+    }
+    let acts: Vec<QAct> = pairs
+        .iter()
+        .map(|(w, x)| QAct::new(w.ty, x, w.cols))
+        .collect();
+    // a few jobs per thread, each a run of at least 64 rows (a job costs about a
+    // microsecond to hand out, as long as reading 20-60 kB of weights)
+    let total: usize = pairs.iter().map(|(w, _)| w.rows).sum();
+    let chunk = (total / (4 * rayon::current_num_threads())).max(64);
+    let jobs: Vec<(usize, usize, usize)> = pairs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (w, _))| {
+            (0..w.rows.div_ceil(chunk)).map(move |c| (j, c * chunk, ((c + 1) * chunk).min(w.rows)))
+        })
+        .collect();
+    let mut ys: Vec<Vec<f32>> = pairs.iter().map(|(w, _)| vec![0f32; m * w.rows]).collect();
+    let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    jobs.par_iter().for_each(|&(j, o0, o1)| {
+        let w = pairs[j].0;
+        let dot = best_dot(w.ty);
+        let rb = w.row_bytes;
+        let rows = &w.data.as_slice()[o0 * rb..o1 * rb];
+        for r in 0..m {
+            // SAFETY: row r's outputs o0..o1 of matrix j lie inside its m × rows vector,
+            // and no other job writes them
+            let y =
+                unsafe { std::slice::from_raw_parts_mut(outs[j].0.add(r * w.rows + o0), o1 - o0) };
+            dot(rows, rb, acts[j].row(r), y);
+        }
+    });
+    ys
+}
+
+/// A raw output pointer shared by the jobs or tiles, which write disjoint parts.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each job or tile writes its own part of the output only
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `i` values on (a method, so closures capture the whole wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `x (m × cols) · wᵀ` for many rows: tiles of 32 weight rows dequantized into an f32
+/// buffer (in cache) and multiplied with the f32 GEMM, tiles in parallel.
+fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let (n, k) = (w.rows, w.cols);
+    let mut y = vec![0f32; m * n];
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(TILE)).into_par_iter().for_each_init(
+        || vec![0f32; TILE * k],
+        |buf, t| {
+            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let cols = o1 - o0;
+            w.dequantize_rows(o0, o1, &mut buf[..cols * k]);
+            // SAFETY: x holds m × k values, buf cols × k; the destination is column block
+            // o0..o1 of the m × n output (row stride n), which no other tile writes
+            unsafe {
+                super::causal_attention::mm(
+                    m,
+                    cols,
+                    k,
+                    out.at(o0),
+                    n,
+                    false,
+                    x.as_ptr(),
+                    k,
+                    1,
+                    buf.as_ptr(),
+                    1,
+                    k,
+                    1.0,
+                );
+            }
+        },
+    );
+    y
+}
+
+/// `x (m × cols) · wᵀ` with the dequantized weights in f32, the reference the kernels are
+/// tested against.
+pub fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let mut wf = vec![0f32; w.rows * w.cols];
+    w.dequantize_rows(0, w.rows, &mut wf);
+    let mut y = vec![0f32; m * w.rows];
+    for r in 0..m {
+        for o in 0..w.rows {
+            let (a, b) = (
+                &x[r * w.cols..(r + 1) * w.cols],
+                &wf[o * w.cols..(o + 1) * w.cols],
+            );
+            y[r * w.rows + o] = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (*p as f64) * (*q as f64))
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,346 @@
+//! x86-64 dot products of quantized rows with 8-bit activations, 32 values per 256-bit
+//! register. Two instruction sets share the code (one macro, two modules) and differ in
+//! the unsigned × signed byte product summed into 32-bit lanes: AVX2 multiplies to 16-bit
+//! pairs and adds them (`vpmaddubsw` + `vpmaddwd`), AVX-512 VNNI does it in one
+//! instruction (`vpdpbusd`, on 256-bit registers through AVX-512VL). Each is chosen only
+//! where [`has_avx2`] / [`has_vnni`] detected it at run time.
+//!
+//! Products stay within range: an unsigned operand is at most 128 (|w| of an int8, or a
+//! 4-6 bit quant), a signed one at most 127 in magnitude, so a 16-bit pair sum is at most
+//! 2 · 128 · 127 < 2^15.
+
+use super::scalar::scale_min_k4;
+use super::{ActRow, DotFn};
+use crate::weights::quant::GgmlType;
+
+/// AVX2 with FMA and F16C (every AVX2 CPU since Haswell has the three).
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// AVX-512 VNNI on 256-bit registers (AVX-512VL), with AVX2's features.
+pub fn has_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+macro_rules! kernels {
+    ($m:ident, $feat:literal, |$u:ident, $s:ident| $us8:block) => {
+        pub mod $m {
+            use super::*;
+            use std::arch::x86_64::*;
+
+            /// `Σ` over each 4 bytes of `u (unsigned) · s (signed)`, as 8 i32 lanes.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn us8($u: __m256i, $s: __m256i) -> __m256i $us8
+
+            /// Signed × signed: `|w| · sign(w) a`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn i8s(w: __m256i, a: __m256i) -> __m256i {
+                us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+            }
+
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+
+            /// The f16 at `p`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn half(p: *const u8) -> f32 {
+                let bits = u16::from_le_bytes([*p, *p.add(1)]);
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            }
+
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn load(p: *const u8) -> __m256i {
+                _mm256_loadu_si256(p as *const __m256i)
+            }
+
+            /// The 32 nibbles of 16 bytes: low nibbles first, then high.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn nibbles(p: *const u8) -> __m256i {
+                let x = _mm_loadu_si128(p as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
+                _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+            }
+
+            /// `0x10` in byte `i` where bit `i` of the u32 at `p` is set.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn fifth_bits(p: *const u8) -> __m256i {
+                let qh = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+                let v = _mm256_set1_epi32(qh as i32);
+                let spread = _mm256_setr_epi8(
+                    0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                    3, 3, 3, 3, 3, 3,
+                );
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, spread), bit), bit);
+                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+            }
+
+            /// Dot products of the rows of `w` (`out.len()` rows of `rb` bytes, `nb` blocks
+            /// each) with `a`, four rows at a time sharing each activation load:
+            /// `$block(row pointer, block index)` gives a block's `(scale, i32 sums,
+            /// extra)`, whose `scale · Σ sums + extra` is the block's part of the dot.
+            macro_rules! rows {
+                ($w:expr, $rb:expr, $bytes:expr, $out:expr, |$row:ident, $b:ident| $block:expr) => {{
+                    let nb = $rb / $bytes;
+                    let (w, rb, out): (&[u8], usize, &mut [f32]) = ($w, $rb, $out);
+                    assert!(w.len() >= out.len() * rb);
+                    let wp = w.as_ptr();
+                    let mut r = 0;
+                    while r + 4 <= out.len() {
+                        let mut acc = [_mm256_setzero_ps(); 4];
+                        let mut extra = [0f32; 4];
+                        for $b in 0..nb {
+                            for k in 0..4 {
+                                let $row = wp.add((r + k) * rb);
+                                // the same block four rows on: read by the next group
+                                let ahead = $row.wrapping_add(8 * rb + $b * $bytes);
+                                for line in 0..($bytes as usize).div_ceil(64) {
+                                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+                                }
+                                let (d, p, e): (f32, __m256i, f32) = $block;
+                                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc[k]);
+                                extra[k] += e;
+                            }
+                        }
+                        for k in 0..4 {
+                            out[r + k] = hsum(acc[k]) + extra[k];
+                        }
+                        r += 4;
+                    }
+                    while r < out.len() {
+                        let mut acc = _mm256_setzero_ps();
+                        let mut extra = 0f32;
+                        for $b in 0..nb {
+                            let $row = wp.add(r * rb);
+                            let (d, p, e): (f32, __m256i, f32) = $block;
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), acc);
+                            extra += e;
+                        }
+                        out[r] = hsum(acc) + extra;
+                        r += 1;
+                    }
+                }};
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q8_0(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 34;
+                assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb);
+                let (ap, ad) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
+                rows!(w, rb, 34, out, |row, b| {
+                    let blk = row.add(34 * b);
+                    let p = i8s(load(blk.add(2)), load(ap.add(32 * b)));
+                    (half(blk) * *ad.add(b), p, 0.0)
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q4_0(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 18;
+                assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb);
+                let (ap, ad) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
+                rows!(w, rb, 18, out, |row, b| {
+                    let blk = row.add(18 * b);
+                    let q = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+                    (half(blk) * *ad.add(b), i8s(q, load(ap.add(32 * b))), 0.0)
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q4_1(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 20;
+                assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
+                let (ap, ad, asum) = (a.qs.as_ptr() as *const u8, a.d.as_ptr(), a.s.as_ptr());
+                rows!(w, rb, 20, out, |row, b| {
+                    let blk = row.add(20 * b);
+                    let p = us8(nibbles(blk.add(4)), load(ap.add(32 * b)));
+                    (half(blk) * *ad.add(b), p, half(blk.add(2)) * *asum.add(b))
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q5_0(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 22;
+                assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb);
+                let (ap, ad) = (a.qs.as_ptr() as *const u8, a.d.as_ptr());
+                rows!(w, rb, 22, out, |row, b| {
+                    let blk = row.add(22 * b);
+                    let q = _mm256_or_si256(nibbles(blk.add(6)), fifth_bits(blk.add(2)));
+                    let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+                    (half(blk) * *ad.add(b), i8s(q, load(ap.add(32 * b))), 0.0)
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q5_1(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 24;
+                assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.s.len() >= nb);
+                let (ap, ad, asum) = (a.qs.as_ptr() as *const u8, a.d.as_ptr(), a.s.as_ptr());
+                rows!(w, rb, 24, out, |row, b| {
+                    let blk = row.add(24 * b);
+                    let q = _mm256_or_si256(nibbles(blk.add(8)), fifth_bits(blk.add(4)));
+                    let p = us8(q, load(ap.add(32 * b)));
+                    (half(blk) * *ad.add(b), p, half(blk.add(2)) * *asum.add(b))
+                })
+            }
+
+            /// One Q4_K (`five` false) or Q5_K super-block: `(d · d_a, Σ_j s_j Σ q a, −dmin · d_a · Σ_j m_j Σ a)`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn q45_k_block(blk: *const u8, aq: *const u8, da: f32, bs: *const i32, five: bool) -> (f32, __m256i, f32) {
+                let low = _mm256_set1_epi8(0x0F);
+                let (sc, mn) = scale_min_k4(std::slice::from_raw_parts(blk.add(4), 12));
+                let qs = blk.add(if five { 48 } else { 16 });
+                let qh = if five { load(blk.add(16)) } else { _mm256_setzero_si256() };
+                let mut sum = _mm256_setzero_si256();
+                for c in 0..4 {
+                    let x = load(qs.add(32 * c));
+                    let q = [
+                        _mm256_and_si256(x, low),
+                        _mm256_and_si256(_mm256_srli_epi16(x, 4), low),
+                    ];
+                    for (h, &qv) in q.iter().enumerate() {
+                        let j = 2 * c + h;
+                        let mut qv = qv;
+                        if five {
+                            let m = _mm256_set1_epi8((1u8 << j) as i8);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+                            qv = _mm256_or_si256(qv, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+                        }
+                        let p = us8(qv, load(aq.add(32 * j)));
+                        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(p, _mm256_set1_epi32(sc[j] as i32)));
+                    }
+                }
+                let m: i32 = (0..8).map(|j| mn[j] as i32 * (*bs.add(2 * j) + *bs.add(2 * j + 1))).sum();
+                (half(blk) * da, sum, -half(blk.add(2)) * da * m as f32)
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q4_k(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 144;
+                assert!(a.qs.len() >= 256 * nb && a.d.len() >= nb && a.bsums.len() >= 16 * nb);
+                let (ap, ad, bs) = (a.qs.as_ptr() as *const u8, a.d.as_ptr(), a.bsums.as_ptr());
+                rows!(w, rb, 144, out, |row, b| {
+                    q45_k_block(row.add(144 * b), ap.add(256 * b), *ad.add(b), bs.add(16 * b), false)
+                })
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q5_k(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 176;
+                assert!(a.qs.len() >= 256 * nb && a.d.len() >= nb && a.bsums.len() >= 16 * nb);
+                let (ap, ad, bs) = (a.qs.as_ptr() as *const u8, a.d.as_ptr(), a.bsums.as_ptr());
+                rows!(w, rb, 176, out, |row, b| {
+                    q45_k_block(row.add(176 * b), ap.add(256 * b), *ad.add(b), bs.add(16 * b), true)
+                })
+            }
+
+            /// One Q6_K super-block: `(d · d_a, Σ_i sc_i (Σ q a − 32 Σ a), 0)`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn q6_k_block(blk: *const u8, aq: *const u8, da: f32, bs: *const i32) -> (f32, __m256i, f32) {
+                let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x03));
+                let sc = std::slice::from_raw_parts(blk.add(192) as *const i8, 16);
+                let mut sum = _mm256_setzero_si256();
+                for h in 0..2 {
+                    let ql0 = load(blk.add(64 * h));
+                    let ql1 = load(blk.add(64 * h + 32));
+                    let qh = load(blk.add(128 + 32 * h));
+                    let lows = [
+                        _mm256_and_si256(ql0, low),
+                        _mm256_and_si256(ql1, low),
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low),
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low),
+                    ];
+                    let highs = [
+                        _mm256_and_si256(qh, two),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), two),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 4), two),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 6), two),
+                    ];
+                    for s in 0..4 {
+                        let p = 4 * h + s;
+                        let q = _mm256_or_si256(lows[s], _mm256_slli_epi16(highs[s], 4));
+                        let prod = us8(q, load(aq.add(32 * p)));
+                        let (s0, s1) = (sc[2 * p] as i32, sc[2 * p + 1] as i32);
+                        let scale = _mm256_setr_epi32(s0, s0, s0, s0, s1, s1, s1, s1);
+                        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(prod, scale));
+                    }
+                }
+                let offset: i32 = (0..16).map(|i| sc[i] as i32 * *bs.add(i)).sum();
+                let sum = _mm256_sub_epi32(sum, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+                (half(blk.add(208)) * da, sum, 0.0)
+            }
+
+            #[target_feature(enable = $feat)]
+            pub unsafe fn q6_k(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+                let nb = rb / 210;
+                assert!(a.qs.len() >= 256 * nb && a.d.len() >= nb && a.bsums.len() >= 16 * nb);
+                let (ap, ad, bs) = (a.qs.as_ptr() as *const u8, a.d.as_ptr(), a.bsums.as_ptr());
+                rows!(w, rb, 210, out, |row, b| {
+                    q6_k_block(row.add(210 * b), ap.add(256 * b), *ad.add(b), bs.add(16 * b))
+                })
+            }
+
+            /// This instruction set's dot product of `ty`.
+            ///
+            /// # Safety
+            /// The CPU must have the module's features (the caller detected them).
+            pub unsafe fn dot(ty: GgmlType) -> DotFn {
+                // SAFETY (each closure): the caller detected the features
+                match ty {
+                    GgmlType::Q8_0 => |w, rb, a, out| unsafe { q8_0(w, rb, a, out) },
+                    GgmlType::Q4_0 => |w, rb, a, out| unsafe { q4_0(w, rb, a, out) },
+                    GgmlType::Q4_1 => |w, rb, a, out| unsafe { q4_1(w, rb, a, out) },
+                    GgmlType::Q5_0 => |w, rb, a, out| unsafe { q5_0(w, rb, a, out) },
+                    GgmlType::Q5_1 => |w, rb, a, out| unsafe { q5_1(w, rb, a, out) },
+                    GgmlType::Q4K => |w, rb, a, out| unsafe { q4_k(w, rb, a, out) },
+                    GgmlType::Q5K => |w, rb, a, out| unsafe { q5_k(w, rb, a, out) },
+                    GgmlType::Q6K => |w, rb, a, out| unsafe { q6_k(w, rb, a, out) },
+                    other => super::super::scalar::dot(other),
+                }
+            }
+        }
+    };
+}
+
+kernels!(avx2, "avx2,fma,f16c", |u, s| {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+});
+
+kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |u, s| {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+});
+
+/// The AVX2 path's dot product of `ty` (the portable one where the CPU lacks AVX2).
+pub fn avx2_dot(ty: GgmlType) -> DotFn {
+    match has_avx2() {
+        // SAFETY: AVX2, FMA and F16C were just detected
+        true => unsafe { avx2::dot(ty) },
+        false => super::scalar::dot(ty),
+    }
+}
+
+/// The AVX-512 VNNI path's dot product of `ty` (the portable one where the CPU lacks it).
+pub fn vnni_dot(ty: GgmlType) -> DotFn {
+    match has_vnni() {
+        // SAFETY: VNNI, AVX-512VL and AVX2's features were just detected
+        true => unsafe { vnni::dot(ty) },
+        false => super::scalar::dot(ty),
+    }
+}

@@ -1,0 +1,214 @@
+use super::*;
+use crate::rng::Rng;
+use half::{bf16, f16};
+
+const TYPES: [GgmlType; 13] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// Byte offsets of a block's f16 scales (random bytes elsewhere are valid quants).
+fn half_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q6K => &[208],
+        _ => &[],
+    }
+}
+
+/// `rows × cols` random weights of `ty`: random quants, scales of a realistic size.
+fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> QMatrix {
+    let n = rows * cols;
+    let bytes = ty.bytes_for(n).unwrap();
+    let mut v: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
+    let value = |rng: &mut Rng| (rng.normal() * 0.05) as f32;
+    match ty {
+        GgmlType::F32 => {
+            for c in v.chunks_exact_mut(4) {
+                c.copy_from_slice(&value(rng).to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for c in v.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16::from_f32(value(rng)).to_le_bytes());
+            }
+        }
+        GgmlType::BF16 => {
+            for c in v.chunks_exact_mut(2) {
+                c.copy_from_slice(&bf16::from_f32(value(rng)).to_le_bytes());
+            }
+        }
+        _ => {
+            let per = ty.block().1;
+            for blk in v.chunks_exact_mut(per) {
+                for &at in half_fields(ty) {
+                    let s = f16::from_f32(value(rng).abs() * 0.1 + 1e-4);
+                    blk[at..at + 2].copy_from_slice(&s.to_le_bytes());
+                }
+            }
+        }
+    }
+    QMatrix::new(ty, rows, cols, QBytes::Owned(v)).unwrap()
+}
+
+fn random_x(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// The activations a kernel actually multiplies: the quantized values times their
+/// scales (the f32 values where the type takes them as they are).
+fn as_seen(act: &QAct, r: usize, cols: usize) -> Vec<f64> {
+    let a = act.row(r);
+    if !a.x.is_empty() {
+        return a.x.iter().map(|&v| v as f64).collect();
+    }
+    let per = cols / a.d.len();
+    (0..cols)
+        .map(|i| a.qs[i] as f64 * a.d[i / per] as f64)
+        .collect()
+}
+
+fn dequantized(w: &QMatrix) -> Vec<f32> {
+    let mut wf = vec![0f32; w.rows * w.cols];
+    w.dequantize_rows(0, w.rows, &mut wf);
+    wf
+}
+
+/// Each path's dot product equals the dequantized weights times the quantized
+/// activations (integer sums are exact, so only the f32 accumulation differs), for every
+/// type; and is within the activations' quantization error of the f32 product.
+#[test]
+fn every_path_equals_the_dequantized_product() {
+    let mut rng = Rng::new(7);
+    let names: Vec<&str> = paths().iter().map(|p| p.name).collect();
+    println!("qmatmul paths run on this CPU: {}", names.join(", "));
+    for missing in ["avx512-vnni", "avx2"] {
+        if !names.contains(&missing) {
+            println!("qmatmul path {missing}: SKIPPED, this CPU lacks it");
+        }
+    }
+    let (rows, cols) = (3, 768);
+    for ty in TYPES {
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        let wf = dequantized(&w);
+        let x = random_x(2 * cols, &mut rng);
+        let act = QAct::new(ty, &x, cols);
+        for path in paths() {
+            let dot = (path.dot)(ty);
+            for r in 0..2 {
+                let seen = as_seen(&act, r, cols);
+                let xr = &x[r * cols..(r + 1) * cols];
+                for o in 0..rows {
+                    let wr = &wf[o * cols..(o + 1) * cols];
+                    let mut y = [0f32; 1];
+                    dot(w.row(o), w.row_bytes(), act.row(r), &mut y);
+                    let got = y[0] as f64;
+                    let exact: f64 = wr.iter().zip(&seen).map(|(p, q)| *p as f64 * q).sum();
+                    let mag: f64 = wr
+                        .iter()
+                        .zip(&seen)
+                        .map(|(p, q)| (*p as f64 * q).abs())
+                        .sum();
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * mag + 1e-7,
+                        "{} {}: row {o}: {got} vs {exact} (magnitude {mag})",
+                        path.name,
+                        ty.name()
+                    );
+                    // quantizing a block moves each activation by at most half its scale
+                    let f32_product: f64 =
+                        wr.iter().zip(xr).map(|(p, q)| *p as f64 * *q as f64).sum();
+                    let step = |i: usize| match act.row(r).d.len() {
+                        0 => 0.0,
+                        nb => act.row(r).d[i / (cols / nb)] as f64 / 2.0,
+                    };
+                    let bound: f64 = (0..cols).map(|i| wr[i].abs() as f64 * step(i)).sum();
+                    assert!(
+                        (got - f32_product).abs() <= bound * 1.001 + 1e-5 * mag + 1e-7,
+                        "{} {}: {got} vs f32 {f32_product} (bound {bound})",
+                        path.name,
+                        ty.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Rows computed together (four at a time, then the rest) equal rows computed alone.
+#[test]
+fn rows_together_equal_rows_alone() {
+    let mut rng = Rng::new(5);
+    for ty in TYPES {
+        let w = random_matrix(ty, 7, 512, &mut rng);
+        let x = random_x(512, &mut rng);
+        let act = QAct::new(ty, &x, 512);
+        for path in paths() {
+            let dot = (path.dot)(ty);
+            let mut all = [0f32; 7];
+            dot(w.data.as_slice(), w.row_bytes(), act.row(0), &mut all);
+            for (o, &got) in all.iter().enumerate() {
+                let mut one = [0f32; 1];
+                dot(w.row(o), w.row_bytes(), act.row(0), &mut one);
+                assert_eq!(got, one[0], "{} {} row {o}", path.name, ty.name());
+            }
+        }
+    }
+}
+
+/// The parallel products (rows spread over blocks of 64, several matrices at once) and the
+/// tiled GEMM for many rows equal the f64 product of the dequantized weights within the
+/// activation quantization (few rows) or f32 rounding (many rows).
+#[test]
+fn products_and_tiles_match_the_reference() {
+    let mut rng = Rng::new(11);
+    let a = random_matrix(GgmlType::Q8_0, 70, 64, &mut rng);
+    let b = random_matrix(GgmlType::Q6K, 130, 256, &mut rng);
+    for m in [1, 3, MAX_DOT_ROWS + 9] {
+        let xa = random_x(m * 64, &mut rng);
+        let xb = random_x(m * 256, &mut rng);
+        let ys = products(&[(&a, &xa), (&b, &xb)], m);
+        for ((w, x), y) in [(&a, &xa), (&b, &xb)].into_iter().zip(&ys) {
+            let want = reference(w, x, m);
+            assert_eq!(y.len(), want.len());
+            let scale = want.iter().fold(0f32, |s, v| s.max(v.abs()));
+            let tol = if m > MAX_DOT_ROWS { 1e-5 } else { 2e-2 };
+            for (g, e) in y.iter().zip(&want) {
+                assert!((g - e).abs() <= tol * scale, "m {m}: {g} vs {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn sizes_that_do_not_fit_are_refused() {
+    let err = QMatrix::new(GgmlType::Q8_0, 2, 48, QBytes::Owned(vec![0; 68])).unwrap_err();
+    assert!(err.contains("not whole Q8_0 blocks"), "{err}");
+    let err = QMatrix::new(GgmlType::Q8_0, 2, 64, QBytes::Owned(vec![0; 100])).unwrap_err();
+    assert!(err.contains("expected 136"), "{err}");
+}
+
+#[test]
+fn permuted_rows_are_the_rows() {
+    let mut rng = Rng::new(3);
+    let w = random_matrix(GgmlType::Q4K, 4, 256, &mut rng);
+    let p = w.permute_rows(&[2, 0, 3, 1]);
+    let (wf, pf) = (dequantized(&w), dequantized(&p));
+    for (i, &o) in [2, 0, 3, 1].iter().enumerate() {
+        assert_eq!(pf[i * 256..(i + 1) * 256], wf[o * 256..(o + 1) * 256]);
+    }
+}
