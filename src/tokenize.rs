@@ -2,6 +2,7 @@
 //! through the `tokenizers` crate, behind one type.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -192,10 +193,31 @@ impl Tokenizer {
                 )))
             }
         };
-        let t = tokenizers::Tokenizer::from_bytes(spec.to_string())
+        let t = tokenizers::Tokenizer::from_bytes(spec)
             .map_err(|e| bad(format!("building the tokenizer: {e}")))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
+}
+
+/// Stand-ins for the vocabulary and merges in a `tokenizer.json` description, replaced
+/// by their text in [`spliced`].
+const VOCAB: &str = "\u{0}routelm-vocab\u{0}";
+const MERGES: &str = "\u{0}routelm-merges\u{0}";
+
+/// The text of `spec` with the vocabulary and merges written in place of their stand-ins,
+/// straight from the maps: a JSON value tree of a 262k-token vocabulary and half a
+/// million merges would take several hundred MB on its way to text.
+fn spliced<K: serde::Serialize + std::hash::Hash + Eq>(
+    spec: &serde_json::Value,
+    vocab: &HashMap<K, usize>,
+    merges: &[[&str; 2]],
+) -> String {
+    let text = spec.to_string();
+    let stand_in = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let vocab = serde_json::to_string(vocab).unwrap_or_default();
+    let merges = serde_json::to_string(merges).unwrap_or_default();
+    text.replacen(&stand_in(VOCAB), &vocab, 1)
+        .replacen(&stand_in(MERGES), &merges, 1)
 }
 
 /// A rebuilt merge's order: its token's rank, then longer left and right pieces first.
@@ -242,29 +264,29 @@ impl GgufVocab<'_> {
 
     /// Byte-level BPE: tokens spelled in GPT-2's byte alphabet (any other spelling is
     /// respelled from its UTF-8 bytes), the file's merges, GPT-2's split or `split`.
-    fn byte_level(&self, merges: &[String], split: Option<&str>) -> serde_json::Value {
+    fn byte_level(&self, merges: &[String], split: Option<&str>) -> String {
         use serde_json::json;
         let alphabet = byte_alphabet();
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-        let mut vocab = serde_json::Map::new();
+        let mut vocab: HashMap<String, usize> = HashMap::new();
         for (id, t) in self.tokens.iter().enumerate() {
             let spelled = if in_alphabet(t) {
                 t.clone()
             } else {
                 t.bytes().map(|b| alphabet[b as usize]).collect()
             };
-            vocab.insert(spelled, json!(id));
+            vocab.insert(spelled, id);
         }
         // a control token outside the byte alphabet is a mislabel and left alone
         let added = self.added(&[], |t, special| match special {
             true => in_alphabet(t),
             false => vocab.contains_key(t),
         });
-        let merges: Vec<serde_json::Value> = merges
+        let merges: Vec<[&str; 2]> = merges
             .iter()
             .map(|m| {
                 let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-                json!([a, b])
+                [a, b]
             })
             .collect();
         let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
@@ -274,21 +296,22 @@ impl GgufVocab<'_> {
                 {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false},
                 byte_level(false)]}),
         };
-        json!({
+        let spec = json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
             "post_processor": self.post_processor(),
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
-                "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-        })
+                "byte_fallback": false, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+        });
+        spliced(&spec, &vocab, &merges)
     }
 
     /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
     /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
     /// are every split of a token into two tokens, best (earliest) token first.
-    fn gemma(&self) -> serde_json::Value {
+    fn gemma(&self) -> String {
         use serde_json::json;
         let spelled: Vec<String> = self
             .tokens
@@ -301,11 +324,11 @@ impl GgufVocab<'_> {
                 }
             })
             .collect();
-        let mut vocab = serde_json::Map::new();
-        let mut ids: std::collections::HashMap<&str, usize> = Default::default();
+        let mut vocab: HashMap<&str, usize> = HashMap::new();
+        let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut order: Vec<&str> = Vec::new();
         for (id, t) in spelled.iter().enumerate() {
-            vocab.insert(t.clone(), json!(id));
+            vocab.insert(t, id);
             if ids.insert(t.as_str(), id).is_none() {
                 order.push(t);
             }
@@ -330,9 +353,9 @@ impl GgufVocab<'_> {
         }
         // the earliest token first, then longer left and right pieces (a stable sort)
         merges.sort_by_key(|m| m.0);
-        let merges: Vec<serde_json::Value> = merges.iter().map(|(_, l, r)| json!([l, r])).collect();
+        let merges: Vec<[&str; 2]> = merges.iter().map(|&(_, l, r)| [l, r]).collect();
         let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
-        json!({
+        let spec = json!({
             "version": "1.0", "truncation": null, "padding": null,
             "added_tokens": self.added(&named, |t, special| special || vocab.contains_key(t)),
             "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
@@ -344,7 +367,8 @@ impl GgufVocab<'_> {
                 {"type": "ByteFallback"}, {"type": "Fuse"}]},
             "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
-        })
+                "byte_fallback": true, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+        });
+        spliced(&spec, &vocab, &merges)
     }
 }

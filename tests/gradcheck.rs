@@ -355,6 +355,13 @@ fn fused_kernels_match_references_f32() {
         &|t| ops::swiglu_reference(&t[0], &t[1]).unwrap(),
         1e-5,
     );
+    // GELU (tanh form) through exp, against candle's tanh; wide inputs reach both tails
+    compare(
+        &[(randn(&[3, 40, 120], f, 46) * 4.0).unwrap()],
+        &|t| ops::gelu(&t[0]).unwrap(),
+        &|t| t[0].gelu().unwrap(),
+        1e-5,
+    );
     let tg = Tensor::new(&[1u32, 0, 9, 4, 4, 2], &Device::Cpu).unwrap();
     compare(
         &[randn(&[6, 10], f, 10)],

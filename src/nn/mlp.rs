@@ -83,8 +83,8 @@ impl Mlp {
             };
             hs.push(match m.kind {
                 FfnKind::Swiglu => super::ops::swiglu(&next()?, &next()?)?,
-                FfnKind::Geglu => (next()?.gelu()? * next()?)?,
-                FfnKind::Gelu => next()?.gelu()?,
+                FfnKind::Geglu => (super::ops::gelu(&next()?)? * next()?)?,
+                FfnKind::Gelu => super::ops::gelu(&next()?)?,
                 FfnKind::GeluExact => next()?.gelu_erf()?,
                 FfnKind::Relu => next()?.relu()?,
             });

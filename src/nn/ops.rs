@@ -8,7 +8,7 @@
 //! kernel does not cover, so callers never branch. Every kernel is checked against the
 //! composed reference and finite differences in `tests/gradcheck.rs`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -268,6 +268,85 @@ pub(crate) fn swiglu_grads(g: f32, u: f32, dy: f32) -> (f32, f32) {
     let sg = sigmoid(g);
     // d/dg silu(g) = σ(g) (1 + g (1 - σ(g)))
     (dy * u * sg * (1.0 + g * (1.0 - sg)), dy * g * sg)
+}
+
+// ---------------------------------------------------------------- GELU (tanh form)
+
+/// `√(2/π)`, the tanh form's constant.
+const GELU_C: f32 = 0.797_884_6;
+
+/// GELU in its tanh form, `x/2 · (1 + tanh(u))` with `u = √(2/π)(x + 0.044715 x³)`,
+/// computed as `x · σ(2u)` (the same function) through [`exp`], so a loop over it
+/// vectorises; candle's takes libm's `tanhf` one value at a time on one thread.
+#[inline(always)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    let u = GELU_C * (x + 0.044_715 * x * x * x);
+    x * sigmoid(2.0 * u)
+}
+
+/// `d/dx` of [`gelu_tanh`]: `σ + x σ (1 − σ) · 2u'`, `u' = √(2/π)(1 + 3 · 0.044715 x²)`.
+#[inline(always)]
+pub(crate) fn gelu_tanh_grad(x: f32) -> f32 {
+    let u = GELU_C * (x + 0.044_715 * x * x * x);
+    let s = sigmoid(2.0 * u);
+    let du = GELU_C * (1.0 + 3.0 * 0.044_715 * x * x);
+    s + x * s * (1.0 - s) * 2.0 * du
+}
+
+/// [`gelu_tanh`] over a tensor, one node with its own backward.
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "routelm-gelu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let mut out = output_buffer(x.len());
+        for_chunks(&mut out, |at, o| {
+            for (o, &x) in o.iter_mut().zip(&x[at..]) {
+                *o = gelu_tanh(x);
+            }
+        });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBwd)?))
+    }
+}
+
+struct GeluBwd;
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "routelm-gelu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gelu bwd")?;
+        let dy = f32_slice(s2, l2, "gelu bwd")?;
+        let mut out = output_buffer(x.len());
+        for_chunks(&mut out, |at, o| {
+            for ((o, &x), &dy) in o.iter_mut().zip(&x[at..]).zip(&dy[at..]) {
+                *o = dy * gelu_tanh_grad(x);
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// GELU, tanh form (PyTorch's `gelu(approximate="tanh")`, `gelu_new`, `gelu_pytorch_tanh`).
+pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    if fused(x) {
+        x.contiguous()?.apply_op1(Gelu)
+    } else {
+        x.gelu()
+    }
 }
 
 struct RmsNorm {

@@ -348,17 +348,19 @@ impl OutPtr {
     }
 }
 
-/// `x (m × cols) · wᵀ` for many rows: tiles of 32 weight rows dequantized into an f32
-/// buffer (in cache) and multiplied with the f32 GEMM, tiles in parallel.
+/// `x (m × cols) · wᵀ` for many rows: tiles of weight rows dequantized into an f32
+/// buffer and multiplied with the f32 GEMM, tiles in parallel. A tile is as wide as
+/// keeps two per thread (32 to 256 rows): the GEMM packs `x` once per tile, so narrow
+/// tiles would spend their time packing.
 fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
-    const TILE: usize = 32;
     let (n, k) = (w.rows, w.cols);
+    let tile = (n / (2 * rayon::current_num_threads())).clamp(32, 256) / 16 * 16;
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(TILE)).into_par_iter().for_each_init(
-        || vec![0f32; TILE * k],
+    (0..n.div_ceil(tile)).into_par_iter().for_each_init(
+        || vec![0f32; tile * k],
         |buf, t| {
-            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let (o0, o1) = (t * tile, ((t + 1) * tile).min(n));
             let cols = o1 - o0;
             w.dequantize_rows(o0, o1, &mut buf[..cols * k]);
             // SAFETY: x holds m × k values, buf cols × k; the destination is column block

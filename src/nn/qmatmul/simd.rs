@@ -107,9 +107,10 @@ macro_rules! kernels {
                         for $b in 0..nb {
                             for k in 0..4 {
                                 let $row = wp.add((r + k) * rb);
-                                // the same block four rows on: read by the next group
+                                // the same block eight rows on (two groups ahead), every
+                                // cache line it may touch: blocks are not line-aligned
                                 let ahead = $row.wrapping_add(8 * rb + $b * $bytes);
-                                for line in 0..($bytes as usize).div_ceil(64) {
+                                for line in 0..($bytes as usize + 95) / 64 {
                                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
                                 }
                                 let (d, p, e): (f32, __m256i, f32) = $block;
