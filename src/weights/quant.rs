@@ -96,7 +96,8 @@ impl GgmlType {
     }
 }
 
-fn half(b: &[u8], at: usize) -> f32 {
+/// The little-endian f16 at byte `at` of `b`, as f32.
+pub(crate) fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
@@ -205,7 +206,7 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
 }
 
 /// The 8 six-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes.
-fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {
         s[j] = sc[j] & 0x3F;

@@ -286,11 +286,6 @@ impl QMatrix {
             data: QBytes::Owned(v),
         }
     }
-
-    /// Rows `r0..r0 + n` as their own matrix (copied).
-    pub fn rows_slice(&self, r0: usize, n: usize) -> Self {
-        self.permute_rows(&(r0..r0 + n).collect::<Vec<_>>())
-    }
 }
 
 /// For each pair `(w_j, x_j)` with `x_j: (m, w_j.cols)` row-major, `x_j · w_jᵀ` as an
@@ -384,28 +379,6 @@ fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
             }
         },
     );
-    y
-}
-
-/// `x (m × cols) · wᵀ` with the dequantized weights in f32, the reference the kernels are
-/// tested against.
-pub fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
-    let mut wf = vec![0f32; w.rows * w.cols];
-    w.dequantize_rows(0, w.rows, &mut wf);
-    let mut y = vec![0f32; m * w.rows];
-    for r in 0..m {
-        for o in 0..w.rows {
-            let (a, b) = (
-                &x[r * w.cols..(r + 1) * w.cols],
-                &wf[o * w.cols..(o + 1) * w.cols],
-            );
-            y[r * w.rows + o] = a
-                .iter()
-                .zip(b)
-                .map(|(p, q)| (*p as f64) * (*q as f64))
-                .sum::<f64>() as f32;
-        }
-    }
     y
 }
 

@@ -1,14 +1,8 @@
 //! The portable dot products: integer sums per block, as the SIMD paths compute them,
 //! one element at a time. Also the reference the SIMD paths are tested against.
 
-use half::f16;
-
 use super::{ActRow, DotFn};
-use crate::weights::quant::GgmlType;
-
-pub(super) fn half(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
+use crate::weights::quant::{half, scale_min_k4, GgmlType};
 
 /// Rows one by one through a one-row dot product.
 macro_rules! rows_of {
@@ -158,18 +152,6 @@ fn q5_1(w: &[u8], a: ActRow<'_>) -> f32 {
         acc += half(blk, 0) * a.d[b] * s as f32 + half(blk, 2) * a.s[b];
     }
     acc
-}
-
-/// The 8 six-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes.
-pub(super) fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        s[j] = sc[j] & 0x3F;
-        m[j] = sc[j + 4] & 0x3F;
-        s[j + 4] = (sc[j + 8] & 0x0F) | ((sc[j] >> 2) & 0x30);
-        m[j + 4] = (sc[j + 8] >> 4) | ((sc[j + 4] >> 2) & 0x30);
-    }
-    (s, m)
 }
 
 /// Q4_K and Q5_K: sub-block `j` of 32 is the low (even `j`) or high nibbles of

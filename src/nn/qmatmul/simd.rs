@@ -9,8 +9,8 @@
 //! 4-6 bit quant), a signed one at most 127 in magnitude, so a 16-bit pair sum is at most
 //! 2 · 128 · 127 < 2^15.
 
-use super::scalar::scale_min_k4;
 use super::{ActRow, DotFn};
+use crate::weights::quant::scale_min_k4;
 use crate::weights::quant::GgmlType;
 
 /// AVX2 with FMA and F16C (every AVX2 CPU since Haswell has the three).

@@ -88,6 +88,23 @@ fn dequantized(w: &QMatrix) -> Vec<f32> {
     wf
 }
 
+/// `x (m × cols) · wᵀ` in f64 with the dequantized weights.
+fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let wf = dequantized(w);
+    let mut y = vec![0f32; m * w.rows];
+    for r in 0..m {
+        let a = &x[r * w.cols..(r + 1) * w.cols];
+        for (o, b) in wf.chunks_exact(w.cols).enumerate() {
+            y[r * w.rows + o] = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (*p as f64) * (*q as f64))
+                .sum::<f64>() as f32;
+        }
+    }
+    y
+}
+
 /// Each path's dot product equals the dequantized weights times the quantized
 /// activations (integer sums are exact, so only the f32 accumulation differs), for every
 /// type; and is within the activations' quantization error of the f32 product.
