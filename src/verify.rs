@@ -117,7 +117,12 @@ fn hidden_diff(
             .get(&name)
             .ok_or_else(|| Error::parse(ref_path, format!("no tensor {name}")))?;
         let d = max_abs_diff(h, r).map_err(|e| Error::parse(ref_path, format!("{name}: {e}")))?;
-        hidden = Some(hidden.map_or(d, |m| m.max(d)));
+        // a NaN anywhere is the result (f64::max would drop it)
+        hidden = Some(match hidden {
+            Some(m) if m.is_nan() || d.is_nan() => f64::NAN,
+            Some(m) => m.max(d),
+            None => d,
+        });
     }
     Ok(hidden)
 }

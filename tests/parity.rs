@@ -337,3 +337,56 @@ fn latent_attention_caches_the_latent() {
         );
     }
 }
+
+/// A checkpoint stored in bf16 or f16 is read in its own dtype (projections, embeddings
+/// and head in place in the file) and gives the logits of the same weights upcast to f32:
+/// the products widen each value exactly, so only the summation order differs. Checked
+/// on a dense family, one with a tied head and fused projections, and a sparse one.
+#[test]
+fn half_precision_files_are_read_in_their_own_dtype() {
+    let tmp = std::env::temp_dir().join(format!("routelm-half-{}", std::process::id()));
+    for fixture in ["llama3", "phi3", "qwen2_moe", "gemma3"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(fixture);
+        for dtype in [DType::BF16, DType::F16] {
+            let dst = common::patched_fixture(&src, &serde_json::Map::new(), &tmp);
+            let file = dst.join("model.safetensors");
+            let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+            let half: std::collections::HashMap<String, Tensor> = tensors
+                .into_iter()
+                .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&half, &file).unwrap();
+            // the reference: every tensor upcast to f32 and held as a plain tensor
+            let (_, cfg, params) =
+                routelm::arch::load_params(&dst, DType::F32, &Device::Cpu).unwrap();
+            let upcast = routelm::Model::new(&cfg, &params, "upcast").unwrap();
+            let mapped = routelm::arch::load_dir(&dst, DType::F32, &Device::Cpu)
+                .unwrap()
+                .model;
+            let (values, bytes) = mapped.stored_read();
+            assert!(
+                values > 0 && bytes == 2 * values,
+                "{fixture} {dtype:?}: {values} values in {bytes} bytes"
+            );
+            for rows in [&[3u32, 9, 1, 4, 15, 9, 2, 6, 5, 3, 5][..], &[7u32][..]] {
+                let a = upcast
+                    .forward(&common::ids(rows, 1), None, false)
+                    .unwrap()
+                    .logits;
+                let b = mapped
+                    .forward(&common::ids(rows, 1), None, false)
+                    .unwrap()
+                    .logits;
+                let d = common::max_abs_diff(&a, &b);
+                assert!(
+                    d <= 1e-4 * (1.0 + max(&a)),
+                    "{fixture} {dtype:?}, {} rows: {d}",
+                    rows.len()
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

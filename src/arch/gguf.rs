@@ -269,30 +269,6 @@ fn resolve(f: &GgufFile, path: &Path) -> Result<(&'static Family, ModelConfig)> 
     Ok((family, cfg))
 }
 
-/// Whether the model reads `name` (a canonical name) through a layer that takes stored
-/// weights: an attention or dense feed-forward projection, the token embeddings, the head.
-fn takes_stored(name: &str) -> bool {
-    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-        return true;
-    }
-    let Some(rest) = name.strip_prefix("model.layers.") else {
-        return false;
-    };
-    let Some((_, leaf)) = rest.split_once('.') else {
-        return false;
-    };
-    matches!(
-        leaf,
-        "self_attn.q_proj.weight"
-            | "self_attn.k_proj.weight"
-            | "self_attn.v_proj.weight"
-            | "self_attn.o_proj.weight"
-            | "mlp.gate_proj.weight"
-            | "mlp.up_proj.weight"
-            | "mlp.down_proj.weight"
-    )
-}
-
 /// The row order that undoes llama.cpp's interleaving of each head's rows (`unpermute`).
 fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
     let hd = rows / heads.max(1);
@@ -317,7 +293,7 @@ pub fn load(
     Ok((family, cfg, params))
 }
 
-/// [`load`] for inference: the weights [`takes_stored`] names stay in their stored form
+/// [`load`] for inference: the weights [`super::takes_stored`] names stay in their stored form
 /// (returned beside the parameters, which hold a stand-in of the right shape for each).
 pub fn load_stored(
     path: &Path,
@@ -353,7 +329,7 @@ fn load_with(
             unknown.push(t.name.clone());
             continue;
         };
-        if keep && t.ty != GgmlType::F32 && t.shape.len() == 2 && takes_stored(&name) {
+        if keep && t.ty != GgmlType::F32 && t.shape.len() == 2 && super::takes_stored(&name) {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             let bad = |problem: String| Error::WeightMismatch {
                 path: path.to_path_buf(),

@@ -407,20 +407,23 @@ pub fn split(t: &Tensor, dim: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
     Ok(out)
 }
 
-/// Read every safetensors file of a folder: `model.safetensors`, or the shards listed by
-/// `model.safetensors.index.json`.
-pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBuf, Params)> {
+/// A sharded checkpoint's weight map: tensor name → shard file.
+type WeightMap = serde_json::Map<String, serde_json::Value>;
+
+/// The safetensors files of a folder (`model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`) and the path errors name; with the index's weight map
+/// to check every listed tensor against.
+fn weight_files(dir: &Path) -> Result<(PathBuf, Vec<PathBuf>, Option<WeightMap>)> {
     let index = dir.join("model.safetensors.index.json");
     if !index.exists() {
         let path = dir.join("model.safetensors");
-        let params = weights::load_safetensors(&path, Some(dtype), device)?;
-        return Ok((path, params));
+        return Ok((path.clone(), vec![path], None));
     }
     let map = weight_map(&index)?;
     let mut files: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
     files.sort_unstable();
     files.dedup();
-    let mut params = BTreeMap::new();
+    let mut paths = Vec::new();
     for f in files {
         let path = dir.join(f);
         if !path.exists() {
@@ -429,17 +432,34 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
                 format!("shard {f} is listed but missing"),
             ));
         }
-        params.extend(weights::load_safetensors(&path, Some(dtype), device)?);
+        paths.push(path);
     }
-    for name in map.keys() {
-        if !params.contains_key(name) {
-            return Err(Error::parse(
-                &index,
-                format!("tensor {name} is listed but in no shard"),
-            ));
-        }
+    Ok((index, paths, Some(map)))
+}
+
+/// Every tensor an index lists is in some shard (`found`).
+fn check_listed(index: &Path, map: &WeightMap, found: &dyn Fn(&str) -> bool) -> Result<()> {
+    match map.keys().find(|n| !found(n)) {
+        Some(name) => Err(Error::parse(
+            index,
+            format!("tensor {name} is listed but in no shard"),
+        )),
+        None => Ok(()),
     }
-    Ok((index, params))
+}
+
+/// Read every safetensors file of a folder: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBuf, Params)> {
+    let (origin, files, map) = weight_files(dir)?;
+    let mut params = BTreeMap::new();
+    for path in &files {
+        params.extend(weights::load_safetensors(path, Some(dtype), device)?);
+    }
+    if let Some(map) = &map {
+        check_listed(&origin, map, &|n| params.contains_key(n))?;
+    }
+    Ok((origin, params))
 }
 
 /// The configuration of a model folder without reading its weights: the family (None for
@@ -618,7 +638,7 @@ pub fn stored_names(dir: &Path) -> Result<std::collections::HashSet<String>> {
 }
 
 /// The `weight_map` (tensor name → shard file) of a sharded checkpoint's index.
-fn weight_map(index: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
+fn weight_map(index: &Path) -> Result<WeightMap> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let mut v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::parse(index, e))?;
@@ -634,17 +654,26 @@ pub fn is_gguf(path: &Path) -> bool {
 }
 
 /// Load a model folder (a Hugging Face checkpoint of a known family, or routelm's own) or
-/// a GGUF file. A GGUF file loaded in f32 keeps its projections, embeddings and head in
-/// their stored form (read in place by the quantized kernels; resident memory about the
-/// file's size); in another dtype, or through [`load_params`], every tensor is
-/// dequantized.
+/// a GGUF file. Loaded in f32 on the CPU, the projections, embeddings and head stay in
+/// their stored form, read in place from the memory-mapped file by the kernels (GGUF's
+/// quantized blocks; f32, bf16 or f16 safetensors), so resident memory is about the
+/// file's size and a bf16 file is read at half the bytes of its f32 upcast. In another
+/// dtype or on another device, or through [`load_params`], every tensor is converted.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
-    if is_gguf(dir) && dtype == DType::F32 && device.is_cpu() {
-        let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
-        let origin = dir.display().to_string();
+    if dtype == DType::F32 && device.is_cpu() {
+        if is_gguf(dir) {
+            let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
+            let origin = dir.display().to_string();
+            return Ok(Loaded {
+                family: Some(family),
+                model: Model::from_stored(&cfg, params, stored, &origin)?,
+            });
+        }
+        let (family, cfg) = load_config(dir)?;
+        let (origin, params, stored) = load_safetensors_stored(dir, family, &cfg)?;
         return Ok(Loaded {
-            family: Some(family),
-            model: Model::from_stored(&cfg, params, stored, &origin)?,
+            family: family.map(|f| f.name),
+            model: Model::from_stored(&cfg, params, stored, &origin.display().to_string())?,
         });
     }
     let (family, cfg, params) = load_params(dir, dtype, device)?;
@@ -654,6 +683,101 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         family,
         model: Model::from_owned(&cfg, params, &origin)?,
     })
+}
+
+/// Whether the model reads `name` (a canonical name) through a layer that takes stored
+/// weights: an attention or dense feed-forward projection, the token embeddings, the head.
+pub(crate) fn takes_stored(name: &str) -> bool {
+    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return false;
+    };
+    let Some((_, leaf)) = rest.split_once('.') else {
+        return false;
+    };
+    matches!(
+        leaf,
+        "self_attn.q_proj.weight"
+            | "self_attn.k_proj.weight"
+            | "self_attn.v_proj.weight"
+            | "self_attn.o_proj.weight"
+            | "mlp.gate_proj.weight"
+            | "mlp.up_proj.weight"
+            | "mlp.down_proj.weight"
+    )
+}
+
+/// A safetensors folder for inference on the CPU: the weights [`takes_stored`] names
+/// (under the file's names, which are canonical for the families that have them) stay in
+/// the memory-mapped file in their own dtype (f32, bf16, f16), every other tensor is read
+/// into f32; then the family's rules. A stored weight the rules moved elsewhere is an
+/// error (it would be read as its NaN stand-in).
+fn load_safetensors_stored(
+    dir: &Path,
+    family: Option<&'static Family>,
+    cfg: &ModelConfig,
+) -> Result<(PathBuf, Params, crate::nn::qmatmul::StoredWeights)> {
+    use crate::nn::qmatmul::{QBytes, QMatrix, StoredWeights};
+    use crate::weights::quant::GgmlType;
+    use safetensors::Dtype;
+    use std::sync::Arc;
+    let (origin, files, map) = weight_files(dir)?;
+    let storable = |name: &str, info: &safetensors::tensor::TensorInfo| {
+        matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            && info.shape.len() == 2
+            && takes_stored(name)
+    };
+    let mut params = Params::new();
+    let mut stored = StoredWeights::new();
+    for path in &files {
+        let (read, left) =
+            weights::load_safetensors_except(path, Some(DType::F32), &Device::Cpu, &storable)?;
+        warn_non_finite(&read, path)?;
+        params.extend(read);
+        if left.is_empty() {
+            continue;
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: read-only; a file changed underneath a running model is the hazard every
+        // memory-mapped reader accepts
+        let mmap = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+        for t in left {
+            let ty = match t.dtype {
+                Dtype::F32 => GgmlType::F32,
+                Dtype::BF16 => GgmlType::BF16,
+                _ => GgmlType::F16,
+            };
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let bytes = QBytes::Mapped {
+                map: mmap.clone(),
+                start: t.start,
+                len: t.len,
+            };
+            let q =
+                QMatrix::new(ty, rows, cols, bytes).map_err(|problem| Error::WeightMismatch {
+                    path: path.clone(),
+                    problems: vec![format!("tensor {}: {problem}", t.name)],
+                })?;
+            params.insert(t.name.clone(), crate::nn::linear::stand_in(rows, cols)?);
+            stored.insert(t.name, Arc::new(q));
+        }
+    }
+    if let Some(map) = &map {
+        check_listed(&origin, map, &|n| params.contains_key(n))?;
+    }
+    let params = match family {
+        Some(family) => canonical_params(family, cfg, params, origin.clone())?,
+        None => params,
+    };
+    if let Some(lost) = stored.keys().find(|n| !params.contains_key(*n)) {
+        return Err(Error::WeightMismatch {
+            path: origin,
+            problems: vec![format!("tensor {lost}: not where the model reads it")],
+        });
+    }
+    Ok((origin, params, stored))
 }
 
 /// `DIR/config.json`, parsed, and its path.

@@ -34,14 +34,48 @@ fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
 /// so the process never holds the file's pages and a copy of them at once: peak memory is
 /// the weights plus one tensor, not twice the file.
 pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> Result<Params> {
+    Ok(load_safetensors_except(path, dtype, device, &|_, _| false)?.0)
+}
+
+/// A tensor [`load_safetensors_except`] left in the file: its dtype, shape and the byte
+/// range of its values in the file.
+#[derive(Debug, Clone)]
+pub struct LeftInFile {
+    pub name: String,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// [`load_safetensors`], except the tensors `leave(name, info)` picks, which are not
+/// read but returned as byte ranges (for kernels that read them in place).
+pub fn load_safetensors_except(
+    path: &Path,
+    dtype: Option<DType>,
+    device: &Device,
+    leave: &dyn Fn(&str, &safetensors::tensor::TensorInfo) -> bool,
+) -> Result<(Params, Vec<LeftInFile>)> {
     use std::os::unix::fs::FileExt;
     let (file, header, meta) = read_header(path)?;
     let data_start = 8 + header as u64;
     let mut out = BTreeMap::new();
+    let mut left = Vec::new();
     let mut infos: Vec<_> = meta.tensors().into_iter().collect();
     // in file order: sequential reads
     infos.sort_by_key(|(_, info)| info.data_offsets.0);
     for (name, info) in infos {
+        if leave(&name, info) {
+            let (start, end) = info.data_offsets;
+            left.push(LeftInFile {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start as usize + start,
+                len: end - start,
+            });
+            continue;
+        }
         let dt = st_dtype(info.dtype).ok_or_else(|| {
             Error::parse(
                 path,
@@ -74,7 +108,7 @@ pub fn load_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> R
         };
         out.insert(name, t.to_device(device)?);
     }
-    Ok(out)
+    Ok((out, left))
 }
 
 /// A safetensors file, open, with its header's length and its checked metadata (every

@@ -352,13 +352,22 @@ fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let tile = (n / (2 * rayon::current_num_threads())).clamp(32, 256) / 16 * 16;
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(tile)).into_par_iter().for_each_init(
-        || vec![0f32; tile * k],
-        |buf, t| {
+    (0..n.div_ceil(tile))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, t| {
             let (o0, o1) = (t * tile, ((t + 1) * tile).min(n));
             let cols = o1 - o0;
-            w.dequantize_rows(o0, o1, &mut buf[..cols * k]);
-            // SAFETY: x holds m × k values, buf cols × k; the destination is column block
+            // f32 rows in place where they are aligned (a memory-mapped file's are
+            // wherever the writer aligned them); anything else decoded into the tile
+            let at = &w.data.as_slice()[o0 * w.row_bytes..];
+            let b = if w.ty == GgmlType::F32 && at.as_ptr().align_offset(4) == 0 {
+                at.as_ptr().cast::<f32>()
+            } else {
+                buf.resize(tile * k, 0.0);
+                w.dequantize_rows(o0, o1, &mut buf[..cols * k]);
+                buf.as_ptr()
+            };
+            // SAFETY: x holds m × k values, b cols × k; the destination is column block
             // o0..o1 of the m × n output (row stride n), which no other tile writes
             unsafe {
                 super::causal_attention::mm(
@@ -371,14 +380,13 @@ fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
                     x.as_ptr(),
                     k,
                     1,
-                    buf.as_ptr(),
+                    b,
                     1,
                     k,
                     1.0,
                 );
             }
-        },
-    );
+        });
     y
 }
 

@@ -195,11 +195,17 @@ fn products_and_tiles_match_the_reference() {
     let mut rng = Rng::new(11);
     let a = random_matrix(GgmlType::Q8_0, 70, 64, &mut rng);
     let b = random_matrix(GgmlType::Q6K, 130, 256, &mut rng);
-    for m in [1, 3, MAX_DOT_ROWS + 9] {
+    let c = random_matrix(GgmlType::F32, 320, 64, &mut rng);
+    let d = random_matrix(GgmlType::BF16, 96, 40, &mut rng);
+    for m in [1, 3, MAX_DOT_ROWS + 3] {
         let xa = random_x(m * 64, &mut rng);
         let xb = random_x(m * 256, &mut rng);
-        let ys = products(&[(&a, &xa), (&b, &xb)], m);
-        for ((w, x), y) in [(&a, &xa), (&b, &xb)].into_iter().zip(&ys) {
+        let xc = random_x(m * 64, &mut rng);
+        let xd = random_x(m * 40, &mut rng);
+        let all = [(&a, &xa), (&b, &xb), (&c, &xc), (&d, &xd)];
+        let pairs: Vec<(&QMatrix, &[f32])> = all.iter().map(|(w, x)| (*w, x.as_slice())).collect();
+        let ys = products(&pairs, m);
+        for ((w, x), y) in all.into_iter().zip(&ys) {
             let want = reference(w, x, m);
             assert_eq!(y.len(), want.len());
             let scale = want.iter().fold(0f32, |s, v| s.max(v.abs()));
@@ -227,5 +233,34 @@ fn permuted_rows_are_the_rows() {
     let (wf, pf) = (dequantized(&w), dequantized(&p));
     for (i, &o) in [2, 0, 3, 1].iter().enumerate() {
         assert_eq!(pf[i * 256..(i + 1) * 256], wf[o * 256..(o + 1) * 256]);
+    }
+}
+
+/// f32, f16 and bf16 rows whose length is not a multiple of the vector width (the last
+/// values go one at a time, never read past the row): every path equals the f64 product
+/// of the widened weights, four rows together and the rest alone.
+#[test]
+fn float_rows_of_any_length_match_the_reference() {
+    let mut rng = Rng::new(13);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        for cols in [5, 8, 771] {
+            let w = random_matrix(ty, 6, cols, &mut rng);
+            let x = random_x(cols, &mut rng);
+            let want = reference(&w, &x, 1);
+            let act = QAct::new(ty, &x, cols);
+            for path in paths() {
+                let mut y = [0f32; 6];
+                (path.dot)(ty)(w.data.as_slice(), w.row_bytes(), act.row(0), &mut y);
+                let mag: f32 = want.iter().map(|v| v.abs()).sum::<f32>() + 1.0;
+                for (g, e) in y.iter().zip(&want) {
+                    assert!(
+                        (g - e).abs() <= 1e-5 * mag,
+                        "{} {} cols {cols}: {g} vs {e}",
+                        path.name,
+                        ty.name()
+                    );
+                }
+            }
+        }
     }
 }
