@@ -372,3 +372,125 @@ impl GgufVocab<'_> {
         spliced(&spec, &vocab, &merges)
     }
 }
+
+/// The `tokenizer.ggml.*` metadata of a byte-level BPE `tokenizer.json` (the GPT-2 style
+/// that GGUF calls `gpt2`): tokens by id, their types (control for special added tokens,
+/// user-defined for other added ones), the merges and the pre-tokenizer's GGUF name (the
+/// split [`Tokenizer::from_gguf`] reads back). Other tokenizers are refused by name.
+pub fn gguf_metadata(
+    path: &Path,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Vec<(String, crate::weights::gguf::Value)>> {
+    use crate::weights::gguf::Value;
+    use serde_json::Value as Json;
+    let bad = |msg: &str| Error::Tokenizer(format!("{}: {msg}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let spec: Json = serde_json::from_str(&text).map_err(|e| Error::parse(path, e))?;
+    let model = &spec["model"];
+    let byte_level = |p: &Json| p["type"] == "ByteLevel";
+    let pre = &spec["pre_tokenizer"];
+    let name = if byte_level(pre) && pre["use_regex"] != false {
+        "gpt-2"
+    } else {
+        let parts = pre["pretokenizers"].as_array().cloned().unwrap_or_default();
+        let split = match parts.as_slice() {
+            [s, b] if s["type"] == "Split" && byte_level(b) && b["use_regex"] == false => s
+                ["pattern"]["Regex"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            _ => String::new(),
+        };
+        match ["llama-bpe", "qwen2"]
+            .into_iter()
+            .find(|n| gguf_split(n).ok().flatten() == Some(split.as_str()))
+        {
+            Some(n) => n,
+            None => {
+                return Err(bad(
+                    "its pre-tokenizer has no GGUF name routelm knows (byte-level BPE with \
+                     GPT-2's, Llama 3's or Qwen2's split is written)",
+                ))
+            }
+        }
+    };
+    if model["type"] != "BPE" || !byte_level(&spec["decoder"]) {
+        return Err(bad(
+            "only byte-level BPE tokenizers are written to GGUF so far (SentencePiece-style ones \
+             are not)",
+        ));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("model.vocab is not an object"))?;
+    let added = spec["added_tokens"].as_array().cloned().unwrap_or_default();
+    let n = vocab
+        .values()
+        .filter_map(Json::as_u64)
+        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut tokens = vec![String::new(); n];
+    let mut types = vec![1i32; n];
+    let mut seen = vec![false; n];
+    for (t, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad("a vocabulary id is not a number"))? as usize;
+        tokens[id] = t.clone();
+        seen[id] = true;
+    }
+    for a in &added {
+        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            return Err(bad("an added token without id or content"));
+        };
+        let id = id as usize;
+        tokens[id] = t.to_string();
+        seen[id] = true;
+        types[id] = if a["special"] == true { 3 } else { 4 };
+    }
+    if let Some(hole) = seen.iter().position(|s| !s) {
+        return Err(bad(&format!("no token has id {hole}")));
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .ok_or_else(|| bad("model.merges is not an array"))?
+        .iter()
+        .map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .map(|m| {
+            m.map(Value::String)
+                .ok_or_else(|| bad("a merge is not a pair"))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".to_string(), Value::String(name.into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".to_string(),
+            Value::Bool(false),
+        ),
+    ];
+    for (key, id) in [("bos", bos), ("eos", eos)] {
+        if let Some(id) = id.filter(|&i| (i as usize) < n) {
+            out.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(id)));
+        }
+    }
+    Ok(out)
+}

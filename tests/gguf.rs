@@ -395,3 +395,153 @@ fn gguf_end_of_turn_tokens_end_generation() {
     // <|endoftext|> (0) and <|im_end|> (2, also the EOS)
     assert_eq!(eos("tokenizer-default.gguf"), vec![0, 2]);
 }
+
+/// Logits of `model` and of the same model read back from `file`, on one prompt (more
+/// rows than a decode step) and one decode step: `(max |Δ| of the two, logit range)`.
+fn file_vs_model(model: &routelm::model::Model, file: &Path) -> (f64, f64) {
+    let back = routelm::arch::load_dir(file, candle_core::DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let mut worst: f64 = 0.0;
+    let mut scale: f64 = 0.0;
+    for rows in [&[3u32, 9, 1, 4, 15, 9, 2, 6, 5, 3, 5][..], &[7u32][..]] {
+        let ids = common::ids(rows, 1);
+        let a = model.forward(&ids, None, false).unwrap().logits;
+        let b = back.forward(&ids, None, false).unwrap().logits;
+        worst = worst.max(common::max_abs_diff(&a, &b));
+        scale = scale.max(common::max_abs_diff(&a, &a.zeros_like().unwrap()));
+    }
+    (worst, scale)
+}
+
+/// `routelm quantize` writes llama.cpp's layout for Llama-shaped models (Mistral without a
+/// window, Mixtral with its experts stacked) and reads them back: in f32 the logits of the
+/// checkpoint to f32 rounding (so the q/k interleave for llama.cpp's rotary and its
+/// undoing at load are inverses), in Q8_0 and Q4_K_M within their quantization.
+#[test]
+fn quantized_files_read_back_as_their_models() {
+    use routelm::arch::gguf_export::{quantize_model, Scheme};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+    let tmp = std::env::temp_dir().join(format!("routelm-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let no_window = serde_json::json!({"sliding_window": null});
+    for fixture in ["mistral", "mixtral"] {
+        let dir =
+            common::patched_fixture(&root.join(fixture), no_window.as_object().unwrap(), &tmp);
+        let (_, cfg, params) =
+            routelm::arch::load_params(&dir, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let model = routelm::model::Model::new(&cfg, &params, "checkpoint").unwrap();
+        for (scheme, bound) in [("f32", 1e-5), ("q8_0", 0.05), ("q4_k_m", 0.3)] {
+            let out = tmp.join(format!("{fixture}.{scheme}.gguf"));
+            let w = quantize_model(
+                &dir,
+                &out,
+                scheme.parse::<Scheme>().unwrap(),
+                &mut |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(w.arch, "llama", "{fixture} {scheme}: {:?}", w.not_llama);
+            let (d, scale) = file_vs_model(&model, &out);
+            println!(
+                "{fixture} {scheme} ({:?}): max |Δlogit| {d:.2e} of {scale:.2}",
+                w.types
+            );
+            assert!(
+                d <= bound * scale.max(1.0),
+                "{fixture} {scheme}: {d} of {scale}"
+            );
+            if scheme != "f32" {
+                assert!(d > 0.0, "{fixture} {scheme}: nothing was quantized");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// A model llama.cpp's architectures cannot hold (here Mixture-of-Depths routers) is
+/// written under the `routelm` architecture, says why, and reads back as itself; a
+/// failed write leaves an existing file as it was.
+#[test]
+fn routed_models_are_written_for_routelm() {
+    use routelm::arch::gguf_export::{quantize_model, Scheme};
+    use routelm::config::{DepthConfig, DepthSelection, LayerSpec};
+    let tmp = std::env::temp_dir().join(format!("routelm-quantize-mod-{}", std::process::id()));
+    let mut cfg = common::tiny(0);
+    let depth = DepthConfig {
+        capacity: 0.5,
+        aux_loss_coef: 0.1,
+        predictor: 0,
+        selection: DepthSelection::Learned,
+    };
+    cfg.layers = vec![
+        LayerSpec {
+            depth: Some(depth),
+            ..Default::default()
+        };
+        cfg.n_layers
+    ];
+    let params =
+        routelm::model::init::init_params(&cfg, 3, candle_core::DType::F32, &Device::Cpu).unwrap();
+    routelm::weights::save_model_dir(&tmp, &cfg, &params).unwrap();
+    let model = routelm::model::Model::new(&cfg, &params, "checkpoint").unwrap();
+    let out = tmp.join("routed.gguf");
+    let w = quantize_model(&tmp, &out, Scheme::All(GgmlType::F32), &mut |_, _| {}).unwrap();
+    assert_eq!(w.arch, "routelm");
+    let why = w.not_llama.unwrap();
+    assert!(why.contains("depth_router"), "{why}");
+    let (d, scale) = file_vs_model(&model, &out);
+    assert!(d <= 1e-5 * scale.max(1.0), "{d} of {scale}");
+    // a source that cannot be read: an error naming it, the earlier file untouched
+    let before = std::fs::read(&out).unwrap();
+    let err = quantize_model(&tmp.join("missing"), &out, Scheme::Q4KM, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// Metadata of every value type, written and read back.
+#[test]
+fn written_metadata_reads_back() {
+    let tmp = std::env::temp_dir().join(format!("routelm-gguf-meta-{}.gguf", std::process::id()));
+    let meta: Vec<(String, Value)> = vec![
+        ("a.u8".into(), Value::U8(7)),
+        ("a.i8".into(), Value::I8(-7)),
+        ("a.u16".into(), Value::U16(700)),
+        ("a.i16".into(), Value::I16(-700)),
+        ("a.u32".into(), Value::U32(70_000)),
+        ("a.i32".into(), Value::I32(-70_000)),
+        ("a.f32".into(), Value::F32(0.25)),
+        ("a.bool".into(), Value::Bool(true)),
+        ("a.string".into(), Value::String("héllo".into())),
+        ("a.u64".into(), Value::U64(1 << 40)),
+        ("a.i64".into(), Value::I64(-(1 << 40))),
+        ("a.f64".into(), Value::F64(-1.5)),
+        (
+            "a.array".into(),
+            Value::Array(vec![Value::String("x".into()), Value::String("y".into())]),
+        ),
+    ];
+    let tensors = vec![routelm::weights::gguf::TensorOut {
+        name: "t".into(),
+        shape: vec![2, 32],
+        ty: GgmlType::Q8_0,
+    }];
+    let values: Vec<f32> = (0..64).map(|i| i as f32 / 8.0 - 4.0).collect();
+    routelm::weights::gguf::write(&tmp, &meta, &tensors, |_| {
+        Ok(routelm::weights::quantize::quantize(GgmlType::Q8_0, &values).unwrap())
+    })
+    .unwrap();
+    let f = GgufFile::open(&tmp).unwrap();
+    for (k, v) in &meta {
+        assert_eq!(f.get(k), Some(v), "{k}");
+    }
+    let t = f.tensor("t").unwrap();
+    assert_eq!((t.shape.clone(), t.ty), (vec![2, 32], GgmlType::Q8_0));
+    let back = f.dequantize(t);
+    for (a, b) in values.iter().zip(&back) {
+        assert!((a - b).abs() <= 4.0 / 127.0, "{a} vs {b}");
+    }
+    std::fs::remove_file(&tmp).ok();
+}

@@ -21,7 +21,6 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::nn::qmatmul::{QMatrix, StoredWeights};
 use crate::weights::gguf::{GgufFile, Value};
-use crate::weights::quant::GgmlType;
 use crate::weights::Params;
 
 /// The GGUF architectures routelm reads, and the Hugging Face model type each becomes.
@@ -251,13 +250,35 @@ fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(t.index_select(&order, 0)?)
 }
 
-/// The family and resolved config of a GGUF file, from its metadata alone.
-pub fn config(path: &Path) -> Result<(&'static Family, ModelConfig)> {
+/// The family (`None` for routelm's own architecture) and resolved config of a GGUF
+/// file, from its metadata alone.
+pub fn config(path: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
     let f = GgufFile::open(path)?;
     resolve(&f, path)
 }
 
-fn resolve(f: &GgufFile, path: &Path) -> Result<(&'static Family, ModelConfig)> {
+/// The architecture name of files that hold a routelm model of any shape (Mixture-of-
+/// Depths routers, options llama.cpp's architectures lack): the config as `routelm.config`
+/// JSON, tensors under routelm's canonical names.
+pub const ROUTELM_ARCH: &str = "routelm";
+
+fn resolve(f: &GgufFile, path: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
+    if f.get("general.architecture").and_then(Value::as_str) == Some(ROUTELM_ARCH) {
+        let text = f
+            .get("routelm.config")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::parse(path, "metadata routelm.config is missing"))?;
+        let cfg = crate::config::parse_resolved(text)
+            .map_err(|e| Error::parse(path, format!("routelm.config: {e}")))?;
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            return Err(Error::Config {
+                origin: path.display().to_string(),
+                problems,
+            });
+        }
+        return Ok((None, cfg));
+    }
     let (arch, json) = hf_config(f)?;
     let raw = RawConfig::new(json, path.to_path_buf());
     let family = super::detect(&raw)?;
@@ -266,7 +287,7 @@ fn resolve(f: &GgufFile, path: &Path) -> Result<(&'static Family, ModelConfig)> 
         // the converter stored the norms as 1 + w
         cfg.norm_offset = 0.0;
     }
-    Ok((family, cfg))
+    Ok((Some(family), cfg))
 }
 
 /// The row order that undoes llama.cpp's interleaving of each head's rows (`unpermute`).
@@ -288,7 +309,7 @@ pub fn load(
     path: &Path,
     dtype: DType,
     device: &Device,
-) -> Result<(&'static str, ModelConfig, Params)> {
+) -> Result<(Option<&'static str>, ModelConfig, Params)> {
     let (family, cfg, params, _) = load_with(path, dtype, device, false)?;
     Ok((family, cfg, params))
 }
@@ -298,7 +319,7 @@ pub fn load(
 pub fn load_stored(
     path: &Path,
     device: &Device,
-) -> Result<(&'static str, ModelConfig, Params, StoredWeights)> {
+) -> Result<(Option<&'static str>, ModelConfig, Params, StoredWeights)> {
     load_with(path, DType::F32, device, true)
 }
 
@@ -307,9 +328,10 @@ fn load_with(
     dtype: DType,
     device: &Device,
     keep: bool,
-) -> Result<(&'static str, ModelConfig, Params, StoredWeights)> {
+) -> Result<(Option<&'static str>, ModelConfig, Params, StoredWeights)> {
     let f = GgufFile::open(path)?;
     let (family, cfg) = resolve(&f, path)?;
+    let own = family.is_none();
     let arch = f
         .get("general.architecture")
         .and_then(Value::as_str)
@@ -320,7 +342,9 @@ fn load_with(
     let mut stored = StoredWeights::new();
     let mut unknown = Vec::new();
     for t in &f.tensors {
-        let name = if gemma {
+        let name = if own {
+            Some(t.name.clone())
+        } else if gemma {
             gemma_name(&t.name)
         } else {
             hf_name(&t.name)
@@ -329,7 +353,7 @@ fn load_with(
             unknown.push(t.name.clone());
             continue;
         };
-        if keep && t.ty != GgmlType::F32 && t.shape.len() == 2 && super::takes_stored(&name) {
+        if keep && t.shape.len() == 2 && super::takes_stored(&name) {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             let bad = |problem: String| Error::WeightMismatch {
                 path: path.to_path_buf(),
@@ -381,7 +405,19 @@ fn load_with(
                 .collect(),
         });
     }
-    let canonical = super::canonical_params(family, &cfg, params, path.to_path_buf())?;
+    let canonical = match family {
+        Some(family) => super::canonical_params(family, &cfg, params, path.to_path_buf())?,
+        None => {
+            let problems = crate::weights::names::check_params(&cfg, &params);
+            if !problems.is_empty() {
+                return Err(Error::WeightMismatch {
+                    path: path.to_path_buf(),
+                    problems,
+                });
+            }
+            params
+        }
+    };
     // the family rules move tensors under other names only for layouts GGUF files do not
     // have; a stored weight that did not arrive under its own name is an error, not NaNs
     if let Some(lost) = stored.keys().find(|n| !canonical.contains_key(*n)) {
@@ -390,7 +426,7 @@ fn load_with(
             problems: vec![format!("tensor {lost}: not where the model reads it")],
         });
     }
-    Ok((family.name, cfg, canonical, stored))
+    Ok((family.map(|f| f.name), cfg, canonical, stored))
 }
 
 /// Texts of the control tokens that end a turn in the vocabularies llama.cpp reads (it

@@ -9,6 +9,7 @@ mod bloom;
 mod deepseek;
 mod gemma;
 mod gguf;
+pub mod gguf_export;
 mod gpt2;
 mod gpt_neox;
 mod llama;
@@ -466,8 +467,7 @@ pub fn read_weights(dir: &Path, dtype: DType, device: &Device) -> Result<(PathBu
 /// routelm's own format) and the resolved config.
 pub fn load_config(dir: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
     if is_gguf(dir) {
-        let (family, cfg) = gguf::config(dir)?;
-        return Ok((Some(family), cfg));
+        return gguf::config(dir);
     }
     let (cfg_path, value) = read_config_json(dir)?;
     if value.get("model_type").is_none() && value.get("architectures").is_none() {
@@ -487,8 +487,7 @@ pub fn load_params(
     device: &Device,
 ) -> Result<(Option<&'static str>, ModelConfig, Params)> {
     if is_gguf(dir) {
-        let (family, cfg, params) = gguf::load(dir, dtype, device)?;
-        return Ok((Some(family), cfg, params));
+        return gguf::load(dir, dtype, device);
     }
     let (family, cfg) = load_config(dir)?;
     let Some(family) = family else {
@@ -665,7 +664,7 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
             let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
             let origin = dir.display().to_string();
             return Ok(Loaded {
-                family: Some(family),
+                family,
                 model: Model::from_stored(&cfg, params, stored, &origin)?,
             });
         }

@@ -8,6 +8,7 @@ mod flops;
 mod generate;
 mod inspect;
 mod perplexity;
+mod quantize;
 mod route;
 mod tokenize;
 mod train;
@@ -44,6 +45,8 @@ enum Command {
     Eval(eval::Args),
     /// Perplexity of a text, measured as llama.cpp's llama-perplexity measures it.
     Perplexity(perplexity::Args),
+    /// Write a model as a GGUF file, its matrices quantized (q8_0, q4_0, q4_k_m, ...).
+    Quantize(quantize::Args),
     /// Print the FLOP ledger (per layer, per token) and parameter counts of a config.
     Flops(flops::Args),
     /// Describe a model folder (routelm or Hugging Face) or preset: family, sizes,
@@ -72,6 +75,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Flops(a) => flops::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Demo(a) => demo::run(a),

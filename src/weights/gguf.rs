@@ -341,3 +341,140 @@ impl GgufFile {
         self.metadata.get(key)
     }
 }
+
+impl Value {
+    /// GGUF's value type id.
+    fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(_) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::U8(v) => out.push(*v),
+            Value::I8(v) => out.push(*v as u8),
+            Value::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::Bool(v) => out.push(*v as u8),
+            Value::String(s) => write_string(s, out),
+            Value::Array(items) => {
+                // an empty array's element type is arbitrary; GGUF arrays are homogeneous
+                let inner = items.first().map_or(4, Value::type_id);
+                out.extend_from_slice(&inner.to_le_bytes());
+                out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                for v in items {
+                    v.write(out);
+                }
+            }
+            Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A tensor to write: its name, row-major shape and stored type (the bytes come later).
+#[derive(Debug, Clone)]
+pub struct TensorOut {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+}
+
+/// Data alignment of the files routelm writes (GGUF's default).
+const ALIGNMENT: usize = 32;
+
+/// Write a GGUF file (version 3): `metadata` in order, then `tensors`, whose bytes
+/// `data(i)` gives one tensor at a time (so a model is never held quantized and whole).
+/// Written to a temporary file beside `path` and renamed into place: a failure leaves
+/// any earlier file at `path` as it was.
+pub fn write(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[TensorOut],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut head = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        write_string(key, &mut head);
+        head.extend_from_slice(&value.type_id().to_le_bytes());
+        value.write(&mut head);
+    }
+    let pad = |n: usize| n.div_ceil(ALIGNMENT) * ALIGNMENT;
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let elements: usize = t.shape.iter().product();
+        let size = t.ty.bytes_for(elements).ok_or_else(|| {
+            Error::parse(
+                path,
+                format!(
+                    "tensor {}: {elements} values are not whole {} blocks",
+                    t.name,
+                    t.ty.name()
+                ),
+            )
+        })?;
+        write_string(&t.name, &mut head);
+        head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            head.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        head.extend_from_slice(&t.ty.id().to_le_bytes());
+        head.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset = pad(offset + size);
+        sizes.push(size);
+    }
+    head.resize(pad(head.len()), 0);
+    let tmp = super::tmp_path(path);
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| Error::io(&tmp, e);
+    let result = (|| {
+        w.write_all(&head).map_err(io)?;
+        for (i, (t, &size)) in tensors.iter().zip(&sizes).enumerate() {
+            let bytes = data(i)?;
+            if bytes.len() != size {
+                return Err(Error::parse(
+                    path,
+                    format!("tensor {}: {} bytes, expected {size}", t.name, bytes.len()),
+                ));
+            }
+            w.write_all(&bytes).map_err(io)?;
+            w.write_all(&vec![0u8; pad(size) - size]).map_err(io)?;
+        }
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}

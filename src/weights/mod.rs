@@ -4,6 +4,7 @@
 pub mod gguf;
 pub mod names;
 pub mod quant;
+pub mod quantize;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
