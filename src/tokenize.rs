@@ -376,9 +376,12 @@ impl GgufVocab<'_> {
 /// The `tokenizer.ggml.*` metadata of a byte-level BPE `tokenizer.json` (the GPT-2 style
 /// that GGUF calls `gpt2`): tokens by id, their types (control for special added tokens,
 /// user-defined for other added ones), the merges and the pre-tokenizer's GGUF name (the
-/// split [`Tokenizer::from_gguf`] reads back). Other tokenizers are refused by name.
+/// split [`Tokenizer::from_gguf`] reads back). Other tokenizers are refused by name. The
+/// token list is padded to the model's `vocab` rows with unused `[PADi]` tokens, as
+/// llama.cpp's converter pads it (llama.cpp sizes the embedding by the token count).
 pub fn gguf_metadata(
     path: &Path,
+    vocab_rows: usize,
     bos: Option<u32>,
     eos: Option<u32>,
 ) -> Result<Vec<(String, crate::weights::gguf::Value)>> {
@@ -450,9 +453,22 @@ pub fn gguf_metadata(
         seen[id] = true;
         types[id] = if a["special"] == true { 3 } else { 4 };
     }
-    if let Some(hole) = seen.iter().position(|s| !s) {
-        return Err(bad(&format!("no token has id {hole}")));
+    if n > vocab_rows {
+        return Err(bad(&format!(
+            "{n} tokens, more than the model's {vocab_rows} embedding rows"
+        )));
     }
+    for (id, t) in tokens.iter_mut().enumerate() {
+        if !seen[id] {
+            *t = format!("[PAD{id}]");
+            types[id] = 5;
+        }
+    }
+    for id in n..vocab_rows {
+        tokens.push(format!("[PAD{id}]"));
+        types.push(5);
+    }
+    let n = vocab_rows;
     let merges: Vec<Value> = model["merges"]
         .as_array()
         .ok_or_else(|| bad("model.merges is not an array"))?

@@ -110,7 +110,7 @@ pub fn quantize_model(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Written> {
     let (_, cfg, params) = super::load_params(src, DType::F32, &Device::Cpu)?;
-    let tokenizer = tokenizer_metadata(src)?;
+    let tokenizer = tokenizer_metadata(src, cfg.vocab_size)?;
     let name = src
         .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
@@ -150,7 +150,7 @@ fn key(k: &str, v: Value) -> (String, Value) {
 
 /// The tokenizer of `src` (a folder's `tokenizer.json`) as GGUF metadata; none when the
 /// folder has no tokenizer file.
-fn tokenizer_metadata(src: &Path) -> Result<Vec<(String, Value)>> {
+fn tokenizer_metadata(src: &Path, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
     let path = src.join("tokenizer.json");
     if !src.is_dir() || !path.exists() {
         return Ok(Vec::new());
@@ -163,7 +163,7 @@ fn tokenizer_metadata(src: &Path) -> Result<Vec<(String, Value)>> {
             .or_else(|| id.as_array()?.first()?.as_u64())
             .and_then(|i| u32::try_from(i).ok())
     };
-    crate::tokenize::gguf_metadata(&path, ids("bos_token_id"), ids("eos_token_id"))
+    crate::tokenize::gguf_metadata(&path, vocab_rows, ids("bos_token_id"), ids("eos_token_id"))
 }
 
 /// `b` with what GGUF metadata does not carry taken from `a`: the initialisation scale
