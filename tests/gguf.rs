@@ -441,6 +441,26 @@ fn quantized_files_read_back_as_their_models() {
             )
             .unwrap();
             assert_eq!(w.arch, "llama", "{fixture} {scheme}: {:?}", w.not_llama);
+            // the experts too are read in place: a token reads top_k / n_experts of them
+            let back = routelm::arch::load_dir(&out, candle_core::DType::F32, &Device::Cpu)
+                .unwrap()
+                .model;
+            let numel = |pred: &dyn Fn(&str) -> bool| -> usize {
+                params
+                    .iter()
+                    .filter(|(n, _)| pred(n))
+                    .map(|(_, t)| t.elem_count())
+                    .sum()
+            };
+            let dense = numel(&|n| {
+                n.contains("_proj.") && !n.contains(".experts.") || n == "lm_head.weight"
+            });
+            let experts = numel(&|n| n.contains(".experts."));
+            let share = cfg
+                .moe_layers()
+                .next()
+                .map_or(0, |(_, m)| experts * m.top_k / m.n_experts);
+            assert_eq!(back.stored_read().0, dense + share, "{fixture} {scheme}");
             let (d, scale) = file_vs_model(&model, &out);
             println!(
                 "{fixture} {scheme} ({:?}): max |Δlogit| {d:.2e} of {scale:.2}",

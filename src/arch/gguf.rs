@@ -371,6 +371,25 @@ fn load_with(
             stored.insert(name, Arc::new(q));
             continue;
         }
+        if keep && t.shape.len() == 3 && name.contains(".experts.*.") {
+            // each expert's rows are a run of the stacked tensor's bytes
+            let (experts, rows, cols) = (t.shape[0], t.shape[1], t.shape[2]);
+            let size = t.len / experts.max(1);
+            let all = f.stored(t);
+            for e in 0..experts {
+                let q = QMatrix::new(t.ty, rows, cols, all.slice(e * size, size)).map_err(|p| {
+                    Error::WeightMismatch {
+                        path: path.to_path_buf(),
+                        problems: vec![format!("tensor {} expert {e}: {p}", t.name)],
+                    }
+                })?;
+                let part = name.replace('*', &e.to_string());
+                let part = if mixtral { mixtral_name(&part) } else { part };
+                params.insert(part.clone(), crate::nn::linear::stand_in(rows, cols)?);
+                stored.insert(part, Arc::new(q));
+            }
+            continue;
+        }
         let values = f.dequantize(t);
         let mut x = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?;
         if arch == "llama" {
@@ -406,7 +425,12 @@ fn load_with(
         });
     }
     let canonical = match family {
-        Some(family) => super::canonical_params(family, &cfg, params, path.to_path_buf())?,
+        Some(family) => {
+            let (canonical, provenance) =
+                super::canonical_params_traced(family, &cfg, params, path.to_path_buf())?;
+            stored = super::rekey_stored(stored, &provenance, path)?;
+            canonical
+        }
         None => {
             let problems = crate::weights::names::check_params(&cfg, &params);
             if !problems.is_empty() {
@@ -418,14 +442,7 @@ fn load_with(
             params
         }
     };
-    // the family rules move tensors under other names only for layouts GGUF files do not
-    // have; a stored weight that did not arrive under its own name is an error, not NaNs
-    if let Some(lost) = stored.keys().find(|n| !canonical.contains_key(*n)) {
-        return Err(Error::WeightMismatch {
-            path: path.to_path_buf(),
-            problems: vec![format!("tensor {lost}: not where the model reads it")],
-        });
-    }
+    super::check_stored(&stored, &canonical, path)?;
     Ok((family.map(|f| f.name), cfg, canonical, stored))
 }
 

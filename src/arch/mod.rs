@@ -513,8 +513,19 @@ fn canonical_params(
     params: Params,
     origin: PathBuf,
 ) -> Result<Params> {
+    Ok(canonical_params_traced(family, cfg, params, origin)?.0)
+}
+
+/// [`canonical_params`] with the provenance of each canonical tensor.
+fn canonical_params_traced(
+    family: &Family,
+    cfg: &ModelConfig,
+    params: Params,
+    origin: PathBuf,
+) -> Result<(Params, Vec<Provenance>)> {
     let mut map = TensorMap::new(origin.clone(), params);
     let canonical = (family.tensors)(cfg, &mut map)?;
+    let provenance = std::mem::take(&mut map.provenance);
     map.finish()?;
     let problems = crate::weights::names::check_params(cfg, &canonical);
     if !problems.is_empty() {
@@ -523,7 +534,7 @@ fn canonical_params(
             problems,
         });
     }
-    Ok(canonical)
+    Ok((canonical, provenance))
 }
 
 /// Files of a Hugging Face folder that travel with exported weights.
@@ -685,7 +696,8 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
 }
 
 /// Whether the model reads `name` (a canonical name) through a layer that takes stored
-/// weights: an attention or dense feed-forward projection, the token embeddings, the head.
+/// weights: an attention or feed-forward projection (a dense block's or an expert's), the
+/// token embeddings, the head.
 pub(crate) fn takes_stored(name: &str) -> bool {
     if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
         return true;
@@ -696,6 +708,16 @@ pub(crate) fn takes_stored(name: &str) -> bool {
     let Some((_, leaf)) = rest.split_once('.') else {
         return false;
     };
+    if let Some(e) = leaf.strip_prefix("mlp.experts.") {
+        // an expert's projection: `mlp.experts.E.{gate,up,down}_proj.weight`
+        return e.split_once('.').is_some_and(|(i, p)| {
+            i.parse::<usize>().is_ok()
+                && matches!(
+                    p,
+                    "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+                )
+        });
+    }
     matches!(
         leaf,
         "self_attn.q_proj.weight"
@@ -706,6 +728,63 @@ pub(crate) fn takes_stored(name: &str) -> bool {
             | "mlp.up_proj.weight"
             | "mlp.down_proj.weight"
     )
+}
+
+/// Stored weights keyed by their names in the file, re-keyed by the family's rules to the
+/// canonical names they were renamed to (the stand-ins travelled the same way); a stored
+/// weight the rules reshaped or split is an error (its stand-in holds no values).
+fn rekey_stored(
+    stored: crate::nn::qmatmul::StoredWeights,
+    provenance: &[Provenance],
+    origin: &Path,
+) -> Result<crate::nn::qmatmul::StoredWeights> {
+    let renamed: std::collections::HashMap<&str, &str> = provenance
+        .iter()
+        .filter(|p| p.origin == Origin::Renamed && p.parts.len() == 1)
+        .map(|p| (p.file.as_str(), p.parts[0].as_str()))
+        .collect();
+    stored
+        .into_iter()
+        .map(|(name, q)| match renamed.get(name.as_str()) {
+            Some(to) => Ok((to.to_string(), q)),
+            None => Err(Error::WeightMismatch {
+                path: origin.to_path_buf(),
+                problems: vec![format!(
+                    "tensor {name}: kept in its stored form, but the family's rules reshape it"
+                )],
+            }),
+        })
+        .collect()
+}
+
+/// Every stored weight sits where the model reads stored weights (else the model would
+/// read its NaN stand-in).
+fn check_stored(
+    stored: &crate::nn::qmatmul::StoredWeights,
+    params: &Params,
+    origin: &Path,
+) -> Result<()> {
+    match stored
+        .keys()
+        .find(|n| !params.contains_key(*n) || !takes_stored(n))
+    {
+        Some(lost) => Err(Error::WeightMismatch {
+            path: origin.to_path_buf(),
+            problems: vec![format!("tensor {lost}: not where the model reads it")],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether a file's tensor of this name may be kept stored: a name [`takes_stored`]
+/// takes, or an expert's projection under the names families give them (the rules
+/// rename them to canonical ones, checked after).
+fn storable_file_name(name: &str) -> bool {
+    takes_stored(name)
+        || (name.contains(".experts.")
+            && ["_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"]
+                .iter()
+                .any(|s| name.ends_with(s)))
 }
 
 /// A safetensors folder for inference on the CPU: the weights [`takes_stored`] names
@@ -726,7 +805,7 @@ fn load_safetensors_stored(
     let storable = |name: &str, info: &safetensors::tensor::TensorInfo| {
         matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
             && info.shape.len() == 2
-            && takes_stored(name)
+            && storable_file_name(name)
     };
     let mut params = Params::new();
     let mut stored = StoredWeights::new();
@@ -766,16 +845,15 @@ fn load_safetensors_stored(
     if let Some(map) = &map {
         check_listed(&origin, map, &|n| params.contains_key(n))?;
     }
-    let params = match family {
-        Some(family) => canonical_params(family, cfg, params, origin.clone())?,
-        None => params,
+    let (params, stored) = match family {
+        Some(family) => {
+            let (params, provenance) =
+                canonical_params_traced(family, cfg, params, origin.clone())?;
+            (params, rekey_stored(stored, &provenance, &origin)?)
+        }
+        None => (params, stored),
     };
-    if let Some(lost) = stored.keys().find(|n| !params.contains_key(*n)) {
-        return Err(Error::WeightMismatch {
-            path: origin,
-            problems: vec![format!("tensor {lost}: not where the model reads it")],
-        });
-    }
+    check_stored(&stored, &params, &origin)?;
     Ok((origin, params, stored))
 }
 

@@ -395,19 +395,34 @@ impl Model {
     }
 
     /// [`Model::from_owned`] with some weights in their stored form (a GGUF file's
-    /// quantized blocks, read in place by the kernels; `params` holds a stand-in of the
-    /// right shape for each). Such a model runs inference only.
+    /// quantized blocks, or a safetensors file's values, read in place by the kernels;
+    /// `params` holds a stand-in of the right shape for each). Such a model runs
+    /// inference only.
     pub fn from_stored(
         config: &ModelConfig,
         params: BTreeMap<String, Tensor>,
         stored: StoredWeights,
         origin: &str,
     ) -> Result<Self> {
+        // an expert is read by the tokens routed to it: top_k of n_experts on average
+        let share = |name: &str| -> (usize, usize) {
+            let layer = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+            match (name.contains(".mlp.experts."), layer) {
+                (true, Some(l)) => config
+                    .layer(l)
+                    .moe
+                    .map_or((1, 1), |m| (m.top_k, m.n_experts.max(1))),
+                _ => (1, 1),
+            }
+        };
         let stored_read = stored
             .iter()
             .filter(|(n, _)| config.tie_embeddings || n.as_str() != "model.embed_tokens.weight")
-            .fold((0, 0), |(v, b), (_, q)| {
-                (v + q.rows * q.cols, b + q.bytes())
+            .fold((0, 0), |(v, b), (n, q)| {
+                let (k, e) = share(n);
+                (v + q.rows * q.cols * k / e, b + q.bytes() * k / e)
             });
         let (params, stacks) = with_stacks(config, params, &|n| stored.contains_key(n))?;
         let mut model = Self::from_params(config, &params, &stored, origin)?;

@@ -37,6 +37,18 @@ pub enum QBytes {
 }
 
 impl QBytes {
+    /// Bytes `start..start + len` of these (a view into the same map, or a copy).
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        match self {
+            Self::Mapped { map, start: s, .. } => Self::Mapped {
+                map: map.clone(),
+                start: s + start,
+                len,
+            },
+            Self::Owned(v) => Self::Owned(v[start..start + len].to_vec()),
+        }
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Self::Mapped { map, start, len } => &map[*start..*start + *len],
