@@ -11,8 +11,8 @@ Writes tests/fixtures/gguf/:
   tiny.gguf           metadata of every value type and tensors of several types, and
   tiny.json           what gguf-py reads back from it (metadata values, tensor shapes,
                       types and dequantized values), the reference for the reader.
-  llama3.*.gguf, gemma3.f32.gguf
-                      GGUF twins of two tests/fixtures/hf checkpoints, written as llama.cpp's
+  llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf
+                      GGUF twins of tests/fixtures/hf checkpoints, written as llama.cpp's
                       converter writes them.
   tokenizer-*.gguf    tokenizers in GGUF metadata (trained here on README.md and
   tokenizer_expect.json  ARCHITECTURE.md, so a rerun may train a different vocabulary) and
@@ -164,6 +164,13 @@ def write_twin(src, dst, arch, qtype):
         w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta", 500000.0))
     elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    elif arch == "gemma":
+        pass
+    elif arch == "gemma2":
+        # as llama.cpp's converter: softcaps and window, no rotary base (10000 by default)
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        w.add_sliding_window(cfg["sliding_window"])
     else:
         w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
         w.add_sliding_window(cfg["sliding_window"])
@@ -204,9 +211,9 @@ def write_twin(src, dst, arch, qtype):
             x = permute(x, heads)
         if arch == "llama" and name.endswith("k_proj.weight"):
             x = permute(x, kv)
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
             x = x + 1
-        gname = gemma_name(name) if arch == "gemma3" else gguf_name(name)
+        gname = gemma_name(name) if arch in ("gemma2", "gemma3") else gguf_name(name)
         if x.ndim == 2 and qtype != "F32":
             w.add_tensor(gname, gguf.quants.quantize(x, T[qtype]), raw_dtype=T[qtype])
         else:
@@ -219,6 +226,8 @@ def write_twin(src, dst, arch, qtype):
 write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.f32.gguf", "llama", "F32")
 write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0")
 write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
+write_twin("tests/fixtures/hf/gemma", f"{out}/gemma.f32.gguf", "gemma", "F32")
+write_twin("tests/fixtures/hf/gemma2", f"{out}/gemma2.f32.gguf", "gemma2", "F32")
 write_twin("tests/fixtures/hf/qwen2", f"{out}/qwen2.f32.gguf", "qwen2", "F32")
 write_twin("tests/fixtures/hf/qwen3", f"{out}/qwen3.f32.gguf", "qwen3", "F32")
 write_twin("tests/fixtures/hf/qwen2_moe", f"{out}/qwen2_moe.f32.gguf", "qwen2moe", "F32")

@@ -308,6 +308,8 @@ fn gguf_twins_match_their_safetensors_models() {
     println!("llama3 f32 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d <= 1e-5 * scale.max(1.0), "llama f32: {d}");
     for family in [
+        "gemma",
+        "gemma2",
         "gemma3",
         "qwen2",
         "qwen3",

@@ -8,8 +8,8 @@
 //!
 //! Layouts llama.cpp's converter changes: `llama` stores the q and k projections with each
 //! head's rows interleaved for its pairwise rotary (undone here; Qwen's rotary already
-//! takes halves, so its rows are as published); Gemma stores its norms as `1 + w` (the
-//! model then takes them as they are).
+//! takes halves, so its rows are as published); Gemma (1, 2 and 3) stores its norms as
+//! `1 + w` (the model then takes them as they are).
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
@@ -26,6 +26,8 @@ use crate::weights::Params;
 /// The GGUF architectures routelm reads, and the Hugging Face model type each becomes.
 const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("llama", "llama", "LlamaForCausalLM"),
+    ("gemma", "gemma", "GemmaForCausalLM"),
+    ("gemma2", "gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
@@ -114,6 +116,37 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     moe_keys(f, arch, &mut c)?;
     match arch {
         "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
+        "gemma" => c["hidden_activation"] = "gelu_pytorch_tanh".into(),
+        "gemma2" => {
+            let head_dim = c
+                .get("head_dim")
+                .and_then(Json::as_u64)
+                .unwrap_or(d_model / heads);
+            let layers = need_u64(f, arch, "block_count")?;
+            c["hidden_activation"] = "gelu_pytorch_tanh".into();
+            // llama.cpp scales queries by the head width, the 46-layer (27B) model by
+            // d_model / heads; sliding windows on even layers, 4096 unless the file says
+            c["query_pre_attn_scalar"] = if layers == 46 {
+                d_model / heads
+            } else {
+                head_dim
+            }
+            .into();
+            c["sliding_window"] = meta(f, arch, "attention.sliding_window")
+                .and_then(Value::as_u64)
+                .unwrap_or(4096)
+                .into();
+            // llama.cpp's defaults where the file is silent
+            for (key, default) in [
+                ("attn_logit_softcapping", 50.0),
+                ("final_logit_softcapping", 30.0),
+            ] {
+                c[key] = meta(f, arch, key)
+                    .and_then(Value::as_f64)
+                    .unwrap_or(default)
+                    .into();
+            }
+        }
         "gemma3" => {
             let head_dim = c
                 .get("head_dim")
@@ -336,7 +369,8 @@ fn load_with(
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let gemma = arch.starts_with("gemma");
+    // Gemma 2 and 3 name their sandwich norms apart (Gemma's `ffn_norm` is Llama's)
+    let gemma = arch == "gemma2" || arch == "gemma3";
     let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
     let mut params = Params::new();
     let mut stored = StoredWeights::new();
