@@ -567,3 +567,39 @@ fn written_metadata_reads_back() {
     }
     std::fs::remove_file(&tmp).ok();
 }
+
+/// A byte-level BPE `tokenizer.json` written as GGUF metadata (what `routelm quantize`
+/// writes) reads back as the same tokenizer: equal ids and text on the tokenizer test
+/// set, for GPT-2's split and Llama 3's; the token list padded to the embedding rows.
+#[test]
+fn tokenizers_written_to_gguf_read_back_as_themselves() {
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tokenizer_expect.json")).unwrap(),
+    )
+    .unwrap();
+    let tmp = std::env::temp_dir().join(format!("routelm-tok-out-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for pre in ["default", "llama-bpe"] {
+        let routelm::Tokenizer::Hf(source) =
+            routelm::Tokenizer::from_gguf(&fixtures().join(format!("tokenizer-{pre}.gguf"))).unwrap()
+        else {
+            panic!("{pre}: not a tokenizer.json tokenizer");
+        };
+        let json = tmp.join(format!("{pre}.json"));
+        source.save(&json, false).unwrap();
+        let n = source.get_vocab_size(true);
+        let meta = routelm::tokenize::gguf_metadata(&json, n + 3, None, Some(0)).unwrap();
+        let file = tmp.join(format!("{pre}.gguf"));
+        routelm::weights::gguf::write(&file, &meta, &[], |_| unreachable!()).unwrap();
+        let back = routelm::Tokenizer::from_gguf(&file).unwrap();
+        let plain = routelm::Tokenizer::from_file(&json).unwrap();
+        assert_eq!(back.vocab_size(), n + 3, "{pre}: padded to the embedding rows");
+        for case in want[pre].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let ids = plain.encode(text).unwrap();
+            assert_eq!(back.encode(text).unwrap(), ids, "{pre}: {text:?}");
+            assert_eq!(back.decode(&ids).unwrap(), plain.decode(&ids).unwrap(), "{pre}: {text:?}");
+        }
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
