@@ -14,7 +14,8 @@ Writes tests/fixtures/gguf/:
   llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf
                       GGUF twins of tests/fixtures/hf checkpoints, written as llama.cpp's
                       converter writes them.
-  tokenizer-*.gguf    tokenizers in GGUF metadata (trained here on README.md and
+  tokenizer-*.gguf    tokenizers in GGUF metadata (byte-level BPE with two splits, Gemma's
+                      SentencePiece, scored SentencePiece for Llama and Phi-3; trained here on README.md and
   tokenizer_expect.json  ARCHITECTURE.md, so a rerun may train a different vocabulary) and
                       what transformers' tokenizer built from each file gives on a text set.
 Needs transformers, tokenizers and safetensors too.
@@ -313,3 +314,42 @@ expect["gemma"] = [{"text": t, "ids": tok.encode(t), "decoded": tok.decode(tok.e
 with open(f"{out}/tokenizer_expect.json", "w") as fh:
     json.dump(expect, fh, indent=1, ensure_ascii=False)
 print("wrote the sentencepiece tokenizer GGUF")
+
+# --- SentencePiece vocabularies with scores (Llama 2 / Mistral style, and Phi-3's): no
+# merges in the file (rebuilt from the scores), byte-fallback tokens, a control and a
+# user-defined token; BOS added.
+spm = HfTok(models.BPE())
+spm.pre_tokenizer = pt.Split(" ", "merged_with_previous")
+spm_corpus = [("\u2581" + c).replace(" ", "\u2581") for c in corpus]
+spm.train_from_iterator(spm_corpus, trainers.BpeTrainer(vocab_size=500, special_tokens=[]))
+pieces = [t for t, _ in sorted(json.loads(spm.to_str())["model"]["vocab"].items(), key=lambda kv: kv[1])]
+head = ["<unk>", "<s>", "</s>"]
+extra = ["<|user|>", "<|end|>"]
+spm_tokens = head + byte_tokens + [p for p in pieces if p not in head] + extra
+spm_types = [2, 3, 3] + [6] * 256 + [1] * (len(spm_tokens) - 3 - 256 - len(extra)) + [3, 4]
+# the merge priority as SentencePiece scores, best (highest) first; bytes and specials 0
+spm_scores = [0.0] * 259 + [-float(i) for i in range(len(spm_tokens) - 259 - len(extra))] + [0.0, 0.0]
+for arch, key in [("llama", "llama-spm"), ("phi3", "phi3-spm")]:
+    path = f"{out}/tokenizer-{key}.gguf"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(spm_tokens)
+    w.add_token_scores(spm_scores)
+    w.add_token_types(spm_types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=os.path.basename(path))
+    cases = texts + ["<|user|>\nhi<|end|>\n", " leading space", "x  y   z", "☃ (not in the vocabulary)"]
+    expect[key] = [{"text": t, "ids": tok.encode(t), "decoded": tok.decode(tok.encode(t), skip_special_tokens=True)}
+                   for t in cases]
+with open(f"{out}/tokenizer_expect.json", "w") as fh:
+    json.dump(expect, fh, indent=1, ensure_ascii=False)
+print("wrote the SentencePiece (scored) tokenizer GGUFs")

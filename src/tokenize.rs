@@ -186,10 +186,34 @@ impl Tokenizer {
                 parts.byte_level(&strings("tokenizer.ggml.merges")?, split)
             }
             ("llama", "gemma" | "gemma2" | "gemma3") => parts.gemma(),
+            ("llama", arch) => {
+                let scores: Vec<f32> = match f.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(v)) => v
+                        .iter()
+                        .map(|x| x.as_f64().map(|v| v as f32))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| bad("tokenizer.ggml.scores holds a non-number".into()))?,
+                    _ => return Err(bad("no tokenizer.ggml.scores array".into())),
+                };
+                if scores.len() != tokens.len() {
+                    return Err(bad(format!(
+                        "{} scores for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    )));
+                }
+                let named: Vec<&str> = ["unknown", "bos", "eos"]
+                    .iter()
+                    .filter_map(|k| f.get(&format!("tokenizer.ggml.{k}_token_id")))
+                    .filter_map(Value::as_u64)
+                    .filter_map(|i| tokens.get(i as usize).map(String::as_str))
+                    .collect();
+                parts.sentencepiece(&scores, &named, arch == "phi3")
+            }
             (model, arch) => {
                 return Err(bad(format!(
                     "a '{model}' tokenizer in a '{arch}' file is not read yet (byte-level BPE \
-                     files, and SentencePiece in Gemma files, are)"
+                     and SentencePiece files are)"
                 )))
             }
         };
@@ -220,8 +244,9 @@ fn spliced<K: serde::Serialize + std::hash::Hash + Eq>(
         .replacen(&stand_in(MERGES), &merges, 1)
 }
 
-/// A rebuilt merge's order: its token's rank, then longer left and right pieces first.
-type MergeKey = (usize, Reverse<usize>, Reverse<usize>);
+/// A rebuilt merge's order: its token's score, best first, then longer left and right
+/// pieces first.
+type MergeKey = (Reverse<Score>, Reverse<usize>, Reverse<usize>);
 
 /// A GGUF vocabulary on its way to a `tokenizer.json` description.
 struct GgufVocab<'a> {
@@ -324,36 +349,8 @@ impl GgufVocab<'_> {
                 }
             })
             .collect();
-        let mut vocab: HashMap<&str, usize> = HashMap::new();
-        let mut ids: HashMap<&str, usize> = HashMap::new();
-        let mut order: Vec<&str> = Vec::new();
-        for (id, t) in spelled.iter().enumerate() {
-            vocab.insert(t, id);
-            if ids.insert(t.as_str(), id).is_none() {
-                order.push(t);
-            }
-        }
-        // every split of each token into two tokens, keyed by the token's rank and the
-        // pieces' lengths in characters
-        let mut merges: Vec<(MergeKey, &str, &str)> = Vec::new();
-        for t in &order {
-            let rank = ids[t];
-            let mut local: Vec<_> = t
-                .char_indices()
-                .skip(1)
-                .map(|(at, _)| t.split_at(at))
-                .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
-                .map(|(l, r)| {
-                    let key = (rank, Reverse(l.chars().count()), Reverse(r.chars().count()));
-                    (key, l, r)
-                })
-                .collect();
-            local.sort_by_key(|&(_, l, r)| (ids[l], ids[r]));
-            merges.extend(local);
-        }
-        // the earliest token first, then longer left and right pieces (a stable sort)
-        merges.sort_by_key(|m| m.0);
-        let merges: Vec<[&str; 2]> = merges.iter().map(|&(_, l, r)| [l, r]).collect();
+        // the earliest token first: its rank is its score
+        let (vocab, merges) = rebuilt_merges(&spelled, |id| -(id as f64));
         let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
         let spec = json!({
             "version": "1.0", "truncation": null, "padding": null,
@@ -370,6 +367,104 @@ impl GgufVocab<'_> {
                 "byte_fallback": true, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
         });
         spliced(&spec, &vocab, &merges)
+    }
+
+    /// SentencePiece-style BPE as transformers' `LlamaTokenizer` builds it from a GGUF
+    /// file: merges rebuilt from the vocabulary, best score first; a `▁` in front of the
+    /// text and for each space (by `Metaspace`, or for Phi-3 by a normalizer, which also
+    /// marks a leading space); byte fallback; the unknown, BOS and EOS tokens special.
+    fn sentencepiece(&self, scores: &[f32], named: &[&str], phi3: bool) -> String {
+        use serde_json::json;
+        let (vocab, merges) = rebuilt_merges(self.tokens, |id| scores[id] as f64);
+        let (normalizer, pre_tokenizer) = if phi3 {
+            (
+                json!({"type": "Sequence", "normalizers": [
+                    {"type": "Prepend", "prepend": "\u{2581}"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
+                serde_json::Value::Null,
+            )
+        } else {
+            (
+                serde_json::Value::Null,
+                json!({"type": "Metaspace", "replacement": "\u{2581}",
+                    "prepend_scheme": "first", "split": false}),
+            )
+        };
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": self.added(named, |t, special| special || vocab.contains_key(t)),
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": self.post_processor(),
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+        });
+        spliced(&spec, &vocab, &merges)
+    }
+}
+
+/// The vocabulary (token → id, the last id of a repeated token) and the merges a
+/// SentencePiece vocabulary implies, as transformers rebuilds them: every split of each
+/// token into two tokens, the pieces' ids ordering a token's splits; then all of them by
+/// the merged token's score, best first, and longer left and right pieces first (a
+/// stable sort).
+fn rebuilt_merges(
+    tokens: &[String],
+    score: impl Fn(usize) -> f64,
+) -> (HashMap<&str, usize>, Vec<[&str; 2]>) {
+    let mut vocab: HashMap<&str, usize> = HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for (id, t) in tokens.iter().enumerate() {
+        if vocab.insert(t, id).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(MergeKey, &str, &str)> = Vec::new();
+    for &t in &order {
+        // the score of the token's last occurrence, in its first occurrence's place
+        let s = score(vocab[t]);
+        let mut local: Vec<_> = t
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| t.split_at(at))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| {
+                let key = (
+                    Reverse(Score(s)),
+                    Reverse(l.chars().count()),
+                    Reverse(r.chars().count()),
+                );
+                (key, l, r)
+            })
+            .collect();
+        local.sort_by_key(|&(_, l, r)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    merges.sort_by_key(|m| m.0);
+    let merges = merges.iter().map(|&(_, l, r)| [l, r]).collect();
+    (vocab, merges)
+}
+
+/// A score ordered totally (`f64::total_cmp`).
+#[derive(Clone, Copy, PartialEq)]
+struct Score(f64);
+
+impl Eq for Score {}
+
+impl PartialOrd for Score {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Score {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
     }
 }
 

@@ -581,7 +581,8 @@ fn tokenizers_written_to_gguf_read_back_as_themselves() {
     std::fs::create_dir_all(&tmp).unwrap();
     for pre in ["default", "llama-bpe"] {
         let routelm::Tokenizer::Hf(source) =
-            routelm::Tokenizer::from_gguf(&fixtures().join(format!("tokenizer-{pre}.gguf"))).unwrap()
+            routelm::Tokenizer::from_gguf(&fixtures().join(format!("tokenizer-{pre}.gguf")))
+                .unwrap()
         else {
             panic!("{pre}: not a tokenizer.json tokenizer");
         };
@@ -593,12 +594,20 @@ fn tokenizers_written_to_gguf_read_back_as_themselves() {
         routelm::weights::gguf::write(&file, &meta, &[], |_| unreachable!()).unwrap();
         let back = routelm::Tokenizer::from_gguf(&file).unwrap();
         let plain = routelm::Tokenizer::from_file(&json).unwrap();
-        assert_eq!(back.vocab_size(), n + 3, "{pre}: padded to the embedding rows");
+        assert_eq!(
+            back.vocab_size(),
+            n + 3,
+            "{pre}: padded to the embedding rows"
+        );
         for case in want[pre].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
             let ids = plain.encode(text).unwrap();
             assert_eq!(back.encode(text).unwrap(), ids, "{pre}: {text:?}");
-            assert_eq!(back.decode(&ids).unwrap(), plain.decode(&ids).unwrap(), "{pre}: {text:?}");
+            assert_eq!(
+                back.decode(&ids).unwrap(),
+                plain.decode(&ids).unwrap(),
+                "{pre}: {text:?}"
+            );
         }
     }
     std::fs::remove_dir_all(&tmp).ok();
