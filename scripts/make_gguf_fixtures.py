@@ -11,7 +11,7 @@ Writes tests/fixtures/gguf/:
   tiny.gguf           metadata of every value type and tensors of several types, and
   tiny.json           what gguf-py reads back from it (metadata values, tensor shapes,
                       types and dequantized values), the reference for the reader.
-  llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf
+  llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf, phi3.q8_0.gguf
                       GGUF twins of tests/fixtures/hf checkpoints, written as llama.cpp's
                       converter writes them.
   tokenizer-*.gguf    tokenizers in GGUF metadata (byte-level BPE with two splits, Gemma's
@@ -132,7 +132,9 @@ def gguf_name(hf):
              "self_attn.k_norm.weight": "attn_k_norm", "post_attention_layernorm.weight": "ffn_norm",
              "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
              "mlp.down_proj.weight": "ffn_down", "self_attn.q_proj.bias": "attn_q.bias",
-             "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
+             "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+             # Phi-3's fused projections
+             "self_attn.qkv_proj.weight": "attn_qkv", "mlp.gate_up_proj.weight": "ffn_up"}
     name = table[rest]
     return f"blk.{layer}.{name}" if name.endswith(".bias") else f"blk.{layer}.{name}.weight"
 
@@ -165,6 +167,11 @@ def write_twin(src, dst, arch, qtype):
         w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta", 500000.0))
     elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    elif arch == "phi3":
+        rope = cfg["rope_parameters"]
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
     elif arch == "gemma":
         pass
     elif arch == "gemma2":
@@ -229,6 +236,7 @@ write_twin("tests/fixtures/hf/llama3", f"{out}/llama3.q8_0.gguf", "llama", "Q8_0
 write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32")
 write_twin("tests/fixtures/hf/gemma", f"{out}/gemma.f32.gguf", "gemma", "F32")
 write_twin("tests/fixtures/hf/gemma2", f"{out}/gemma2.f32.gguf", "gemma2", "F32")
+write_twin("tests/fixtures/hf/phi3", f"{out}/phi3.q8_0.gguf", "phi3", "Q8_0")
 write_twin("tests/fixtures/hf/qwen2", f"{out}/qwen2.f32.gguf", "qwen2", "F32")
 write_twin("tests/fixtures/hf/qwen3", f"{out}/qwen3.f32.gguf", "qwen3", "F32")
 write_twin("tests/fixtures/hf/qwen2_moe", f"{out}/qwen2_moe.f32.gguf", "qwen2moe", "F32")

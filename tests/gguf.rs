@@ -324,6 +324,22 @@ fn gguf_twins_match_their_safetensors_models() {
     let (d, scale) = twin_diff("llama3.q8_0.gguf", "llama3", no_scaling);
     println!("llama3 q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d > 0.0 && d <= 0.05 * scale, "llama q8_0: {d} of {scale}");
+    // Phi-3's fused q/k/v and gate/up blocks, read in place and cut into row blocks
+    let (d, scale) = twin_diff("phi3.q8_0.gguf", "phi3", serde_json::json!({}));
+    println!("phi3 q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
+    assert!(d > 0.0 && d <= 0.05 * scale, "phi3 q8_0: {d} of {scale}");
+    let phi3 = routelm::arch::load_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/phi3.q8_0.gguf"),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    // every projection and the head: 2 layers of 64·(64 + 2·32 + 64) + 3·64·128, 320·64
+    assert_eq!(
+        phi3.stored_read().0,
+        2 * (64 * 192 + 3 * 64 * 128) + 320 * 64
+    );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
     let load = |f: &str| {
         routelm::arch::load_params(&dir.join(f), candle_core::DType::F32, &Device::Cpu)

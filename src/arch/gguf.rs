@@ -29,6 +29,7 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("gemma", "gemma", "GemmaForCausalLM"),
     ("gemma2", "gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
+    ("phi3", "phi3", "Phi3ForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
@@ -117,6 +118,24 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     match arch {
         "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
         "gemma" => c["hidden_activation"] = "gelu_pytorch_tanh".into(),
+        "phi3" => {
+            c["hidden_act"] = "silu".into();
+            // llama.cpp runs Phi-3 without its sliding window (so does this reading)
+            c["sliding_window"] = Json::Null;
+            if f.tensor("rope_factors_long.weight").is_some() {
+                return Err(Error::parse(
+                    &f.path,
+                    "Phi-3 with LongRoPE factors (the 128k-context models) is not supported yet",
+                ));
+            }
+            let head_dim = c
+                .get("head_dim")
+                .and_then(Json::as_u64)
+                .unwrap_or(d_model / heads);
+            if let Some(rot) = meta(f, arch, "rope.dimension_count").and_then(Value::as_u64) {
+                c["partial_rotary_factor"] = (rot as f64 / head_dim as f64).into();
+            }
+        }
         "gemma2" => {
             let head_dim = c
                 .get("head_dim")
@@ -227,6 +246,7 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_qkv.weight" => "self_attn.qkv_proj.weight",
         "attn_q.bias" => "self_attn.q_proj.bias",
         "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.bias" => "self_attn.v_proj.bias",
@@ -387,7 +407,13 @@ fn load_with(
             unknown.push(t.name.clone());
             continue;
         };
-        if keep && t.shape.len() == 2 && super::takes_stored(&name) {
+        // Phi-3's fused projections: `ffn_up` holds [gate; up]
+        let name = if arch == "phi3" {
+            name.replace(".mlp.up_proj.weight", ".mlp.gate_up_proj.weight")
+        } else {
+            name
+        };
+        if keep && t.shape.len() == 2 && super::storable_file_name(&name) {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             let bad = |problem: String| Error::WeightMismatch {
                 path: path.to_path_buf(),
@@ -462,7 +488,7 @@ fn load_with(
         Some(family) => {
             let (canonical, provenance) =
                 super::canonical_params_traced(family, &cfg, params, path.to_path_buf())?;
-            stored = super::rekey_stored(stored, &provenance, path)?;
+            stored = super::rekey_stored(stored, &provenance, &canonical, path)?;
             canonical
         }
         None => {

@@ -731,30 +731,49 @@ pub(crate) fn takes_stored(name: &str) -> bool {
 }
 
 /// Stored weights keyed by their names in the file, re-keyed by the family's rules to the
-/// canonical names they were renamed to (the stand-ins travelled the same way); a stored
-/// weight the rules reshaped or split is an error (its stand-in holds no values).
+/// canonical names they became (the stand-ins travelled the same way): renamed, or cut
+/// into consecutive row blocks (fused q/k/v or gate/up projections), each block a view of
+/// the stored rows. A stored weight the rules transposed or reordered is an error (its
+/// stand-in holds no values).
 fn rekey_stored(
     stored: crate::nn::qmatmul::StoredWeights,
     provenance: &[Provenance],
+    canonical: &Params,
     origin: &Path,
 ) -> Result<crate::nn::qmatmul::StoredWeights> {
-    let renamed: std::collections::HashMap<&str, &str> = provenance
-        .iter()
-        .filter(|p| p.origin == Origin::Renamed && p.parts.len() == 1)
-        .map(|p| (p.file.as_str(), p.parts[0].as_str()))
-        .collect();
-    stored
-        .into_iter()
-        .map(|(name, q)| match renamed.get(name.as_str()) {
-            Some(to) => Ok((to.to_string(), q)),
-            None => Err(Error::WeightMismatch {
-                path: origin.to_path_buf(),
-                problems: vec![format!(
-                    "tensor {name}: kept in its stored form, but the family's rules reshape it"
-                )],
-            }),
-        })
-        .collect()
+    let by_file: std::collections::HashMap<&str, &Provenance> =
+        provenance.iter().map(|p| (p.file.as_str(), p)).collect();
+    let mut out = crate::nn::qmatmul::StoredWeights::new();
+    for (name, q) in stored {
+        let reshaped = || Error::WeightMismatch {
+            path: origin.to_path_buf(),
+            problems: vec![format!(
+                "tensor {name}: kept in its stored form, but the family's rules reshape it"
+            )],
+        };
+        let p = by_file.get(name.as_str()).ok_or_else(reshaped)?;
+        match p.origin {
+            Origin::Renamed if p.parts.len() == 1 => {
+                out.insert(p.parts[0].clone(), q);
+            }
+            Origin::Split { transposed: false } => {
+                let mut at = 0;
+                for part in &p.parts {
+                    let rows = canonical.get(part).ok_or_else(reshaped)?.dim(0)?;
+                    if at + rows > q.rows {
+                        return Err(reshaped());
+                    }
+                    out.insert(
+                        part.clone(),
+                        std::sync::Arc::new(q.rows_range(at, at + rows)),
+                    );
+                    at += rows;
+                }
+            }
+            _ => return Err(reshaped()),
+        }
+    }
+    Ok(out)
 }
 
 /// Every stored weight sits where the model reads stored weights (else the model would
@@ -777,10 +796,13 @@ fn check_stored(
 }
 
 /// Whether a file's tensor of this name may be kept stored: a name [`takes_stored`]
-/// takes, or an expert's projection under the names families give them (the rules
-/// rename them to canonical ones, checked after).
-fn storable_file_name(name: &str) -> bool {
+/// takes, a fused q/k/v or gate/up projection (the rules cut it into row blocks), or an
+/// expert's projection under the names families give them (the rules rename them to
+/// canonical ones; checked after).
+pub(crate) fn storable_file_name(name: &str) -> bool {
     takes_stored(name)
+        || name.ends_with(".self_attn.qkv_proj.weight")
+        || name.ends_with(".mlp.gate_up_proj.weight")
         || (name.contains(".experts.")
             && ["_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"]
                 .iter()
@@ -849,7 +871,8 @@ fn load_safetensors_stored(
         Some(family) => {
             let (params, provenance) =
                 canonical_params_traced(family, cfg, params, origin.clone())?;
-            (params, rekey_stored(stored, &provenance, &origin)?)
+            let stored = rekey_stored(stored, &provenance, &params, &origin)?;
+            (params, stored)
         }
         None => (params, stored),
     };

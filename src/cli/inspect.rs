@@ -174,7 +174,8 @@ fn inspect_gguf(path: &Path) -> Result<()> {
     }
     let (family, cfg) = routelm::arch::load_config(path)?;
     println!(
-        "  loads as {} ({} layers, d_model {}, {} heads, {} KV heads, vocab {}), dequantized at load",
+        "  loads as {} ({} layers, d_model {}, {} heads, {} KV heads, vocab {}); projections, \
+         experts, embeddings and head read in place, norms and routers dequantized",
         family.map_or("routelm", |f| f.name),
         cfg.n_layers,
         cfg.d_model,

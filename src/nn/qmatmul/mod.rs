@@ -284,6 +284,19 @@ impl QMatrix {
         dequantize_into(self.ty, b, out);
     }
 
+    /// Rows `r0..r1` as a matrix of their own (a view of the same bytes).
+    pub fn rows_range(&self, r0: usize, r1: usize) -> Self {
+        Self {
+            ty: self.ty,
+            rows: r1 - r0,
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            data: self
+                .data
+                .slice(r0 * self.row_bytes, (r1 - r0) * self.row_bytes),
+        }
+    }
+
     /// The matrix with its rows in `order` (row `i` of the result is row `order[i]`).
     pub fn permute_rows(&self, order: &[usize]) -> Self {
         let mut v = Vec::with_capacity(order.len() * self.row_bytes);
