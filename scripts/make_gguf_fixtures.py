@@ -11,7 +11,7 @@ Writes tests/fixtures/gguf/:
   tiny.gguf           metadata of every value type and tensors of several types, and
   tiny.json           what gguf-py reads back from it (metadata values, tensor shapes,
                       types and dequantized values), the reference for the reader.
-  llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf, phi3.q8_0.gguf
+  llama3.*.gguf, gemma*.f32.gguf, qwen*.f32.gguf, mixtral.f32.gguf, olmoe.q8_0.gguf, phi3.q8_0.gguf
                       GGUF twins of tests/fixtures/hf checkpoints, written as llama.cpp's
                       converter writes them.
   tokenizer-*.gguf    tokenizers in GGUF metadata (byte-level BPE with two splits, Gemma's
@@ -165,7 +165,7 @@ def write_twin(src, dst, arch, qtype):
     if arch == "llama":
         rope = cfg.get("rope_parameters") or {}
         w.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta", 500000.0))
-    elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
+    elif arch in ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "olmoe"):
         w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     elif arch == "phi3":
         rope = cfg["rope_parameters"]
@@ -204,7 +204,11 @@ def write_twin(src, dst, arch, qtype):
             w.add_tensor(f"blk.{l}.ffn_gate_inp.weight", weights.pop(f"{moe}.gate.weight").astype(np.float32))
             for hf, gg in parts.items():
                 stack = np.stack([weights.pop(f"{moe}.experts.{e}.{hf}.weight") for e in range(experts)])
-                w.add_tensor(f"blk.{l}.{gg}.weight", stack.astype(np.float32))
+                stack = stack.astype(np.float32)
+                if qtype != "F32":
+                    w.add_tensor(f"blk.{l}.{gg}.weight", gguf.quants.quantize(stack, T[qtype]), raw_dtype=T[qtype])
+                else:
+                    w.add_tensor(f"blk.{l}.{gg}.weight", stack)
             for hf, gg in {"gate_proj": "ffn_gate_shexp", "up_proj": "ffn_up_shexp", "down_proj": "ffn_down_shexp"}.items():
                 key = f"{moe}.shared_expert.{hf}.weight"
                 if key in weights:
@@ -237,6 +241,7 @@ write_twin("tests/fixtures/hf/gemma3", f"{out}/gemma3.f32.gguf", "gemma3", "F32"
 write_twin("tests/fixtures/hf/gemma", f"{out}/gemma.f32.gguf", "gemma", "F32")
 write_twin("tests/fixtures/hf/gemma2", f"{out}/gemma2.f32.gguf", "gemma2", "F32")
 write_twin("tests/fixtures/hf/phi3", f"{out}/phi3.q8_0.gguf", "phi3", "Q8_0")
+write_twin("tests/fixtures/hf/olmoe", f"{out}/olmoe.q8_0.gguf", "olmoe", "Q8_0")
 write_twin("tests/fixtures/hf/qwen2", f"{out}/qwen2.f32.gguf", "qwen2", "F32")
 write_twin("tests/fixtures/hf/qwen3", f"{out}/qwen3.f32.gguf", "qwen3", "F32")
 write_twin("tests/fixtures/hf/qwen2_moe", f"{out}/qwen2_moe.f32.gguf", "qwen2moe", "F32")

@@ -324,10 +324,20 @@ fn gguf_twins_match_their_safetensors_models() {
     let (d, scale) = twin_diff("llama3.q8_0.gguf", "llama3", no_scaling);
     println!("llama3 q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
     assert!(d > 0.0 && d <= 0.05 * scale, "llama q8_0: {d} of {scale}");
-    // Phi-3's fused q/k/v and gate/up blocks, read in place and cut into row blocks
-    let (d, scale) = twin_diff("phi3.q8_0.gguf", "phi3", serde_json::json!({}));
-    println!("phi3 q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
-    assert!(d > 0.0 && d <= 0.05 * scale, "phi3 q8_0: {d} of {scale}");
+    // Phi-3's fused q/k/v and gate/up blocks, read in place and cut into row blocks;
+    // OLMoE's full-width q/k norms and quantized experts
+    for family in ["phi3", "olmoe"] {
+        let (d, scale) = twin_diff(
+            &format!("{family}.q8_0.gguf"),
+            family,
+            serde_json::json!({}),
+        );
+        println!("{family} q8_0 twin: max |Δlogit| {d:.2e} of {scale:.2}");
+        assert!(
+            d > 0.0 && d <= 0.05 * scale,
+            "{family} q8_0: {d} of {scale}"
+        );
+    }
     let phi3 = routelm::arch::load_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/phi3.q8_0.gguf"),
         candle_core::DType::F32,

@@ -30,6 +30,7 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("gemma2", "gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "gemma3_text", "Gemma3ForCausalLM"),
     ("phi3", "phi3", "Phi3ForCausalLM"),
+    ("olmoe", "olmoe", "OlmoeForCausalLM"),
     ("qwen2", "qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
@@ -116,7 +117,9 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     }
     moe_keys(f, arch, &mut c)?;
     match arch {
-        "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" => c["hidden_act"] = "silu".into(),
+        "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" | "olmoe" => {
+            c["hidden_act"] = "silu".into()
+        }
         "gemma" => c["hidden_activation"] = "gelu_pytorch_tanh".into(),
         "phi3" => {
             c["hidden_act"] = "silu".into();
@@ -211,6 +214,11 @@ fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
                     "a llama file mixing dense and expert layers is not supported",
                 ));
             }
+        } else if arch == "olmoe" {
+            // OLMoE's experts are `feed_forward_length` wide; every layer has them and
+            // the chosen weights stay as the softmax gave them
+            c["num_experts"] = experts.into();
+            c["norm_topk_prob"] = false.into();
         } else {
             c["num_experts"] = experts.into();
             c["moe_intermediate_size"] = need_u64(f, arch, "expert_feed_forward_length")?.into();
