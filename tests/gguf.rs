@@ -506,6 +506,34 @@ fn quantized_files_read_back_as_their_models() {
     std::fs::remove_dir_all(&tmp).ok();
 }
 
+/// Qwen checkpoints are written under llama.cpp's Qwen architectures (biases, q/k norms,
+/// shared experts and their vector gate as llama.cpp keeps them) and read back as
+/// themselves.
+#[test]
+fn qwen_files_are_written_for_llama_cpp() {
+    use routelm::arch::gguf_export::{quantize_model, Scheme};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+    let tmp = std::env::temp_dir().join(format!("routelm-quantize-qwen-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for (fixture, arch) in [
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("qwen2_moe", "qwen2moe"),
+        ("qwen3_moe", "qwen3moe"),
+    ] {
+        let dir = root.join(fixture);
+        let (_, cfg, params) =
+            routelm::arch::load_params(&dir, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let model = routelm::model::Model::new(&cfg, &params, "checkpoint").unwrap();
+        let out = tmp.join(format!("{fixture}.gguf"));
+        let w = quantize_model(&dir, &out, Scheme::All(GgmlType::F32), &mut |_, _| {}).unwrap();
+        assert_eq!(w.arch, arch, "{fixture}: {:?}", w.not_llama);
+        let (d, scale) = file_vs_model(&model, &out);
+        assert!(d <= 1e-5 * scale.max(1.0), "{fixture}: {d} of {scale}");
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
 /// A model llama.cpp's architectures cannot hold (here Mixture-of-Depths routers) is
 /// written under the `routelm` architecture, says why, and reads back as itself; a
 /// failed write leaves an existing file as it was.

@@ -109,16 +109,24 @@ pub fn quantize_model(
     scheme: Scheme,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Written> {
-    let (_, cfg, params) = super::load_params(src, DType::F32, &Device::Cpu)?;
+    let (family, cfg, params) = super::load_params(src, DType::F32, &Device::Cpu)?;
     let tokenizer = tokenizer_metadata(src, cfg.vocab_size)?;
+    // llama.cpp's architecture for the family (Llama-shaped models otherwise)
+    let arch = match family {
+        Some("qwen2") => "qwen2",
+        Some("qwen3") => "qwen3",
+        Some("qwen2_moe") => "qwen2moe",
+        Some("qwen3_moe") => "qwen3moe",
+        _ => "llama",
+    };
     let name = src
         .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let llama: std::result::Result<(), String> = match llama_plan(&cfg, &params) {
+    let llama: std::result::Result<(), String> = match llama_plan(arch, &cfg, &params) {
         Ok(plan) => {
-            let meta = llama_metadata(&cfg, &name, scheme, &tokenizer);
-            let written = write(out, &meta, plan, &params, scheme, "llama", progress)?;
+            let meta = llama_metadata(arch, &cfg, &name, scheme, &tokenizer);
+            let written = write(out, &meta, plan, &params, scheme, arch, progress)?;
             // the file describes the model only if its config reads back as the model's
             match super::gguf::config(out) {
                 Ok((_, back)) if same_model(&back, &cfg) => return Ok(written),
@@ -227,16 +235,18 @@ fn differences(want: &ModelConfig, got: &ModelConfig) -> String {
     )
 }
 
-/// llama.cpp's metadata for a Llama-shaped config.
+/// llama.cpp's metadata for a Llama-shaped config, under `arch` (llama, or Qwen's).
 fn llama_metadata(
+    arch: &str,
     cfg: &ModelConfig,
     name: &str,
     scheme: Scheme,
     tokenizer: &[(String, Value)],
 ) -> Vec<(String, Value)> {
     let u = |v: usize| Value::U32(v as u32);
+    let key = |k: &str, v: Value| (k.replacen("llama.", &format!("{arch}."), 1), v);
     let mut m = vec![
-        key("general.architecture", Value::String("llama".into())),
+        key("general.architecture", Value::String(arch.into())),
         key("general.name", Value::String(name.into())),
         key("general.file_type", Value::U32(scheme.file_type())),
         key("general.quantization_version", Value::U32(2)),
@@ -275,13 +285,30 @@ fn llama_metadata(
     if let Some((_, moe)) = cfg.moe_layers().next() {
         m.push(key("llama.expert_count", u(moe.n_experts)));
         m.push(key("llama.expert_used_count", u(moe.top_k)));
+        if arch != "llama" {
+            m.push(key("llama.expert_feed_forward_length", u(moe.d_expert)));
+            if moe.d_shared > 0 {
+                m.push(key(
+                    "llama.expert_shared_feed_forward_length",
+                    u(moe.d_shared),
+                ));
+            }
+        }
     }
     m.extend(tokenizer.iter().cloned());
     m
 }
 
-/// The file tensors of the `llama` layout, or why the model's tensors do not fit it.
-fn llama_plan(cfg: &ModelConfig, params: &Params) -> std::result::Result<Vec<Planned>, String> {
+/// The file tensors of llama.cpp's layout for `arch` (llama, qwen2, qwen3, qwen2moe,
+/// qwen3moe), or why the model's tensors do not fit it.
+fn llama_plan(
+    arch: &str,
+    cfg: &ModelConfig,
+    params: &Params,
+) -> std::result::Result<Vec<Planned>, String> {
+    // llama's rotary takes interleaved pairs: its q/k rows are reordered; Qwen's takes
+    // halves, as routelm does
+    let pairs = arch == "llama";
     let mut plan = Vec::new();
     let used = std::cell::RefCell::new(std::collections::HashSet::new());
     let one = |gguf: String, canonical: String, heads: Option<usize>, plan: &mut Vec<Planned>| {
@@ -305,18 +332,14 @@ fn llama_plan(cfg: &ModelConfig, params: &Params) -> std::result::Result<Vec<Pla
     );
     for l in 0..cfg.n_layers {
         let (p, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
-        let parts = [
+        let (q_heads, k_heads) = match pairs {
+            true => (Some(cfg.n_heads), Some(cfg.n_kv_heads)),
+            false => (None, None),
+        };
+        let mut parts = vec![
             ("attn_norm.weight", "input_layernorm.weight", None),
-            (
-                "attn_q.weight",
-                "self_attn.q_proj.weight",
-                Some(cfg.n_heads),
-            ),
-            (
-                "attn_k.weight",
-                "self_attn.k_proj.weight",
-                Some(cfg.n_kv_heads),
-            ),
+            ("attn_q.weight", "self_attn.q_proj.weight", q_heads),
+            ("attn_k.weight", "self_attn.k_proj.weight", k_heads),
             ("attn_v.weight", "self_attn.v_proj.weight", None),
             ("attn_output.weight", "self_attn.o_proj.weight", None),
             ("ffn_norm.weight", "post_attention_layernorm.weight", None),
@@ -325,8 +348,45 @@ fn llama_plan(cfg: &ModelConfig, params: &Params) -> std::result::Result<Vec<Pla
             ("ffn_down.weight", "mlp.down_proj.weight", None),
             ("ffn_gate_inp.weight", "mlp.gate.weight", None),
         ];
+        if !pairs {
+            parts.extend([
+                ("attn_q.bias", "self_attn.q_proj.bias", None),
+                ("attn_k.bias", "self_attn.k_proj.bias", None),
+                ("attn_v.bias", "self_attn.v_proj.bias", None),
+                ("attn_q_norm.weight", "self_attn.q_norm.weight", None),
+                ("attn_k_norm.weight", "self_attn.k_norm.weight", None),
+                (
+                    "ffn_gate_shexp.weight",
+                    "mlp.shared_expert.gate_proj.weight",
+                    None,
+                ),
+                (
+                    "ffn_up_shexp.weight",
+                    "mlp.shared_expert.up_proj.weight",
+                    None,
+                ),
+                (
+                    "ffn_down_shexp.weight",
+                    "mlp.shared_expert.down_proj.weight",
+                    None,
+                ),
+            ]);
+        }
         for (g, c, heads) in parts {
             one(format!("{b}.{g}"), format!("{p}.{c}"), heads, &mut plan);
+        }
+        // the shared expert's gate as a vector, as llama.cpp keeps it
+        let gate = format!("{p}.mlp.shared_expert_gate.weight");
+        if let (false, Some(t)) = (pairs, params.get(&gate)) {
+            used.borrow_mut().insert(gate.clone());
+            plan.push(Planned {
+                out: TensorOut {
+                    name: format!("{b}.ffn_gate_inp_shexp.weight"),
+                    shape: vec![t.elem_count()],
+                    ty: GgmlType::F32,
+                },
+                source: Source::One(gate, None),
+            });
         }
         if let Some(moe) = cfg.layers.get(l).and_then(|s| s.moe) {
             for (g, c) in [

@@ -5,9 +5,9 @@ use routelm::arch::gguf_export::{quantize_model, Scheme};
 
 /// Write a model as one GGUF file with its matrices quantized (or in f32/f16/bf16).
 /// Llama-shaped models (Llama, Mistral, SmolLM, Mixtral, and routelm's own dense or MoE
-/// models of that shape) are written in llama.cpp's `llama` layout, which llama.cpp runs
-/// too; any other model (Mixture-of-Depths routers, other families) under the `routelm`
-/// architecture, which only routelm reads. Norms, biases and routers stay f32; a matrix
+/// models of that shape) are written in llama.cpp's `llama` layout, Qwen 2 and 3 (dense and
+/// MoE) in its Qwen layouts, which llama.cpp runs too; any other model (Mixture-of-Depths
+/// routers, other families) under the `routelm` architecture, which only routelm reads. Norms, biases and routers stay f32; a matrix
 /// whose rows are not whole blocks of the type falls back as llama.cpp's quantizer does
 /// (Q4_K to Q5_0, Q6_K to Q8_0), then to f16.
 #[derive(clap::Args)]
