@@ -165,6 +165,35 @@ fn train_with_a_tokenizer_json() {
     let ids: Vec<u32> = out.trim().split(',').map(|x| x.parse().unwrap()).collect();
     assert_eq!(&ids[..2], &[1, 2]);
     assert!(ids.len() == 6 && ids.iter().all(|&i| i < 10), "{ids:?}");
+    // --top-logits: each greedy step chose its highest logit, the list best first
+    let (ok, _, err) = routelm(&[
+        "generate",
+        "--model",
+        &s("run/checkpoint"),
+        "--prompt",
+        "the quick",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--ids",
+        "--top-logits",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    let steps: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 4, "{err}");
+    for (line, &id) in steps.iter().zip(&ids[2..]) {
+        assert!(line.contains(&format!("chose [{id}]")), "{line}");
+        let logits: Vec<f32> = line
+            .split("] ")
+            .skip(1)
+            .filter_map(|p| p.split([',', ';']).next()?.trim().parse().ok())
+            .collect();
+        assert_eq!(logits.len(), 3, "{line}");
+        assert!(logits.windows(2).all(|w| w[0] >= w[1]), "{line}");
+        assert!(line.contains(&format!("[{id}] {:.3}", logits[0])), "{line}");
+    }
     // a vocabulary smaller than the tokenizer's is refused
     std::fs::write(
         d.join("small.toml"),

@@ -84,6 +84,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: vec!["\n".into()],
         eos: Vec::new(),
         seed: 1,
+        top_logits: 0,
     };
     println!("\nsample:");
     print!("{prompt}");

@@ -50,6 +50,11 @@ pub struct Args {
     /// Print the generated token ids to stdout instead of text.
     #[arg(long)]
     ids: bool,
+    /// After generating, print each step's N highest logits to stderr (the raw logits,
+    /// before temperature and penalties): what the model weighed at each token, and how
+    /// close a greedy choice was.
+    #[arg(long, default_value_t = 0)]
+    top_logits: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -85,6 +90,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: a.stop.clone(),
         eos: defaults.eos,
         seed: a.seed,
+        top_logits: a.top_logits,
     };
     let mut out = std::io::stdout();
     let show_text = !a.ids;
@@ -107,6 +113,21 @@ pub fn run(a: Args) -> Result<()> {
         println!("{}", ids.join(","));
     } else {
         println!();
+    }
+    for (step, top) in stats.top_logits.iter().enumerate() {
+        let chosen = stats.ids[stats.ids.len() - stats.new_tokens + step];
+        let shown: Vec<String> = top
+            .iter()
+            .map(|&(id, l)| format!("{:?} [{id}] {l:.3}", tok.decode(&[id]).unwrap_or_default()))
+            .collect();
+        let margin = match top.as_slice() {
+            [a, b, ..] => format!("; margin {:.3}", a.1 - b.1),
+            _ => String::new(),
+        };
+        eprintln!(
+            "step {step}: chose [{chosen}]; {}{margin}",
+            shown.join(", ")
+        );
     }
     eprintln!(
         "{} prompt + {} new tokens; prefill {:.1} ms; decode {:.1} tokens/s",

@@ -23,6 +23,9 @@ pub struct GenerateConfig {
     /// Stop after any of these tokens (the model's end-of-sequence ids).
     pub eos: Vec<u32>,
     pub seed: u64,
+    /// Keep this many of the highest logits of each step (0: none) in
+    /// [`GenerateStats::top_logits`].
+    pub top_logits: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct GenerateStats {
     /// All ids, prompt first.
     pub ids: Vec<u32>,
     pub text: String,
+    /// For each new token, the `top_logits` highest raw logits of its step as `(id,
+    /// logit)`, best first (before temperature, penalties and filters).
+    pub top_logits: Vec<Vec<(u32, f32)>>,
 }
 
 impl GenerateStats {
@@ -136,11 +142,24 @@ fn sample_loop(
     let first_new = ids.len();
     let mut emitted = String::new();
     let mut new = 0;
+    let mut top_logits = Vec::new();
     while new < limit {
         let row: Vec<f32> = logits
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1()?;
+        if cfg.top_logits > 0 {
+            let mut best: Vec<(u32, f32)> = row
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            let k = cfg.top_logits.min(best.len());
+            best.select_nth_unstable_by(k.saturating_sub(1), |a, b| b.1.total_cmp(&a.1));
+            best.truncate(k);
+            best.sort_by(|a, b| b.1.total_cmp(&a.1));
+            top_logits.push(best);
+        }
         let next = sample(&row, &ids, &cfg.sampler, rng);
         ids.push(next);
         new += 1;
@@ -175,5 +194,6 @@ fn sample_loop(
         decode_s: t0.elapsed().as_secs_f64(),
         ids,
         text: emitted,
+        top_logits,
     })
 }
