@@ -156,9 +156,19 @@ fn key(k: &str, v: Value) -> (String, Value) {
     (k.to_string(), v)
 }
 
-/// The tokenizer of `src` (a folder's `tokenizer.json`) as GGUF metadata; none when the
-/// folder has no tokenizer file.
+/// The tokenizer of `src` as GGUF metadata: a GGUF file's `tokenizer.*` keys as they are
+/// (chat template included), a folder's `tokenizer.json` converted; none when the folder
+/// has no tokenizer file.
 fn tokenizer_metadata(src: &Path, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
+    if super::is_gguf(src) {
+        let f = crate::weights::gguf::GgufFile::open(src)?;
+        return Ok(f
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect());
+    }
     let path = src.join("tokenizer.json");
     if !src.is_dir() || !path.exists() {
         return Ok(Vec::new());
