@@ -7,10 +7,14 @@
 //!   the K-quants), and each weight row's dot product is taken on integers, one f32
 //!   multiply-add per block or sub-block ([`dot`]). The instruction set is chosen at run
 //!   time ([`paths`]): AVX-512 VNNI, AVX2, or the portable loop.
-//! * **More rows (prefill)**: tiles of weight rows are dequantized into a small f32
-//!   buffer and multiplied by all rows at once with the f32 GEMM, so each weight is
-//!   decoded once per forward pass, not once per row.
+//! * **More rows (prefill)**: on CPUs with AVX-512 VNNI, for the types whose scales are
+//!   per 32 values, an integer GEMM ([`gemm`]): the rows quantized to 8 bits once, the
+//!   weights repacked eight rows at a time. Otherwise tiles of weight rows are dequantized
+//!   into a small f32 buffer and multiplied by all rows at once with the f32 GEMM. Either
+//!   way each weight is decoded once per forward pass, not once per row.
 
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -120,19 +124,44 @@ pub struct ActRow<'a> {
 impl QAct {
     /// Prepare `m` rows of `x` (`m × cols`) for dot products with weights of type `ty`.
     pub fn new(ty: GgmlType, x: &[f32], cols: usize) -> Self {
+        Self::of_kind(act_kind(ty), x, cols)
+    }
+
+    fn of_kind(kind: ActKind, x: &[f32], cols: usize) -> Self {
         let mut a = Self {
             cols,
             ..Self::default()
         };
-        match act_kind(ty) {
+        match kind {
             ActKind::F32 => a.x = x.to_vec(),
             ActKind::Q8 => {
                 a.qs = vec![0; x.len()];
-                for (xb, qb) in x.chunks_exact(32).zip(a.qs.chunks_exact_mut(32)) {
-                    let (d, sum) = quantize_block(xb, qb);
-                    a.d.push(d);
-                    a.s.push(d * sum as f32);
-                }
+                a.d = vec![0.0; x.len() / 32];
+                a.s = vec![0.0; x.len() / 32];
+                // a prompt's rows in parallel, runs of 64 blocks (a decode step's few
+                // rows on the calling thread)
+                let run = 64 * 32;
+                let threads = if x.len() > 8 * run {
+                    rayon::current_num_threads()
+                } else {
+                    1
+                };
+                x.par_chunks(run)
+                    .with_min_len(x.len().div_ceil(run * threads))
+                    .zip(a.qs.par_chunks_mut(run))
+                    .zip(a.d.par_chunks_mut(64).zip(a.s.par_chunks_mut(64)))
+                    .for_each(|((xr, qr), (dr, sr))| {
+                        for (((xb, qb), d), s) in xr
+                            .chunks_exact(32)
+                            .zip(qr.chunks_exact_mut(32))
+                            .zip(dr.iter_mut())
+                            .zip(sr.iter_mut())
+                        {
+                            let (scale, sum) = quantize_block(xb, qb);
+                            *d = scale;
+                            *s = scale * sum as f32;
+                        }
+                    });
             }
             ActKind::Q8K => {
                 a.kind_k = true;
@@ -319,7 +348,13 @@ impl QMatrix {
 /// and the f32 GEMM.
 pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
     if m > MAX_DOT_ROWS {
-        return pairs.iter().map(|(w, x)| tiled(w, x, m)).collect();
+        return pairs
+            .iter()
+            .map(|(w, x)| match int8_gemm(w.ty) {
+                true => int8_tiles(w, x, m),
+                false => tiled(w, x, m),
+            })
+            .collect();
     }
     let acts: Vec<QAct> = pairs
         .iter()
@@ -366,6 +401,63 @@ impl OutPtr {
     fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
+}
+
+/// Whether many rows of `ty` take the integer GEMM ([`gemm`]): a type it repacks, on a
+/// CPU with AVX-512 VNNI.
+fn int8_gemm(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(simd::has_vnni) && gemm::supports(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// `x (m × cols) · wᵀ` for many rows on integers: the rows quantized to 8 bits once, the
+/// weights repacked eight rows at a time ([`gemm`]), runs of such tiles in parallel.
+#[cfg(target_arch = "x86_64")]
+fn int8_tiles(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = (w.rows, w.cols);
+    let act = QAct::of_kind(ActKind::Q8, x, k);
+    let tiles = n.div_ceil(gemm::ROWS);
+    let per = (tiles / (4 * rayon::current_num_threads())).max(1);
+    let mut y = vec![0f32; m * n];
+    let out = OutPtr(y.as_mut_ptr());
+    let data = w.data.as_slice();
+    (0..tiles.div_ceil(per))
+        .into_par_iter()
+        .for_each_init(gemm::Packed::default, |packed, job| {
+            for t in job * per..((job + 1) * per).min(tiles) {
+                let r0 = t * gemm::ROWS;
+                gemm::repack(w.ty, data, w.row_bytes, n, k, r0, packed);
+                // SAFETY: int8_gemm checked the CPU; columns r0..r0 + valid of each of the
+                // m output rows (stride n) belong to this tile alone
+                unsafe {
+                    gemm::kernel(
+                        packed,
+                        &act.qs,
+                        &act.d,
+                        &act.s,
+                        m,
+                        k,
+                        out.at(r0),
+                        n,
+                        gemm::ROWS.min(n - r0),
+                    );
+                }
+            }
+        });
+    y
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn int8_tiles(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    tiled(w, x, m)
 }
 
 /// `x (m × cols) · wᵀ` for many rows: tiles of weight rows dequantized into an f32
