@@ -105,6 +105,12 @@ fn reference(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
     y
 }
 
+/// `Σ w a` in f64 and `Σ |w a|` (the scale of its rounding error).
+fn exact_and_magnitude(w: &[f32], a: &[f64]) -> (f64, f64) {
+    let products = || w.iter().zip(a).map(|(p, q)| *p as f64 * q);
+    (products().sum(), products().map(f64::abs).sum())
+}
+
 /// Each path's dot product equals the dequantized weights times the quantized
 /// activations (integer sums are exact, so only the f32 accumulation differs), for every
 /// type; and is within the activations' quantization error of the f32 product.
@@ -134,12 +140,7 @@ fn every_path_equals_the_dequantized_product() {
                     let mut y = [0f32; 1];
                     dot(w.row(o), w.row_bytes(), act.row(r), &mut y);
                     let got = y[0] as f64;
-                    let exact: f64 = wr.iter().zip(&seen).map(|(p, q)| *p as f64 * q).sum();
-                    let mag: f64 = wr
-                        .iter()
-                        .zip(&seen)
-                        .map(|(p, q)| (*p as f64 * q).abs())
-                        .sum();
+                    let (exact, mag) = exact_and_magnitude(wr, &seen);
                     assert!(
                         (got - exact).abs() <= 1e-5 * mag + 1e-7,
                         "{} {}: row {o}: {got} vs {exact} (magnitude {mag})",
@@ -303,12 +304,7 @@ fn integer_gemm_equals_the_quantized_product() {
             let seen = as_seen(&act, r, cols);
             for o in 0..rows {
                 let wr = &wf[o * cols..(o + 1) * cols];
-                let exact: f64 = wr.iter().zip(&seen).map(|(p, q)| *p as f64 * q).sum();
-                let mag: f64 = wr
-                    .iter()
-                    .zip(&seen)
-                    .map(|(p, q)| (*p as f64 * q).abs())
-                    .sum();
+                let (exact, mag) = exact_and_magnitude(wr, &seen);
                 let got = y[r * rows + o] as f64;
                 assert!(
                     (got - exact).abs() <= 1e-5 * mag + 1e-6,
