@@ -225,15 +225,26 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
 }
 
 /// The 8 six-bit scales and minimums of a Q4_K/Q5_K super-block, packed in 12 bytes.
+#[inline(always)]
 pub(crate) fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut s, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        s[j] = sc[j] & 0x3F;
-        m[j] = sc[j + 4] & 0x3F;
-        s[j + 4] = (sc[j + 8] & 0x0F) | ((sc[j] >> 2) & 0x30);
-        m[j + 4] = (sc[j + 8] >> 4) | ((sc[j + 4] >> 2) & 0x30);
-    }
-    (s, m)
+    // four bytes at a time: byte j of `a`, `b`, `c` is sc[j], sc[j + 4], sc[j + 8]
+    let word = |at: usize| u32::from_le_bytes([sc[at], sc[at + 1], sc[at + 2], sc[at + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let low = |x: u32| x.to_le_bytes();
+    let s = [
+        low(a & 0x3F3F_3F3F),
+        low((c & 0x0F0F_0F0F) | ((a >> 2) & 0x3030_3030)),
+    ];
+    let m = [
+        low(b & 0x3F3F_3F3F),
+        low(((c >> 4) & 0x0F0F_0F0F) | ((b >> 2) & 0x3030_3030)),
+    ];
+    let join = |h: [[u8; 4]; 2]| {
+        [
+            h[0][0], h[0][1], h[0][2], h[0][3], h[1][0], h[1][1], h[1][2], h[1][3],
+        ]
+    };
+    (join(s), join(m))
 }
 
 /// Q4_K and Q5_K: 8 sub-blocks of 32, `(d · sc) · q − dmin · m`; Q5_K adds a fifth bit
