@@ -14,7 +14,7 @@
 
 use super::{ActRow, DotFn};
 use crate::weights::quant::scale_min_k4;
-use crate::weights::quant::{dequantize_into, GgmlType};
+use crate::weights::quant::GgmlType;
 
 /// AVX2 with FMA and F16C (every AVX2 CPU since Haswell has the three).
 pub fn has_avx2() -> bool {
@@ -31,8 +31,20 @@ pub fn has_vnni() -> bool {
         && is_x86_feature_detected!("avx512vl")
 }
 
+/// The dot product of a float row's values from `body` on with `x[body..]` (`x` as long
+/// as the row): the tail a vector loop leaves, one value at a time, since a vector load
+/// would read past the row (and past the file's end on its last row).
+///
+/// # Safety
+/// `row` points at a row of `x.len()` values of `ty` (f32, f16 or bf16).
+unsafe fn tail_dot(ty: GgmlType, row: *const u8, body: usize, x: &[f32]) -> f32 {
+    let size = ty.block().1;
+    let bytes = std::slice::from_raw_parts(row.add(size * body), size * (x.len() - body));
+    super::scalar::dequantized(ty, bytes, &x[body..])
+}
+
 macro_rules! kernels {
-    ($m:ident, $feat:literal, |$u:ident, $s:ident| $us8:block) => {
+    ($m:ident, $feat:literal, $bf16:path, |$u:ident, $s:ident| $us8:block) => {
         pub mod $m {
             use super::*;
             use std::arch::x86_64::*;
@@ -47,15 +59,6 @@ macro_rules! kernels {
             #[inline]
             unsafe fn i8s(w: __m256i, a: __m256i) -> __m256i {
                 us8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
-            }
-
-            #[target_feature(enable = $feat)]
-            #[inline]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
             }
 
             /// The f16 at `p`.
@@ -317,17 +320,7 @@ macro_rules! kernels {
                     assert!(w.len() >= out.len() * rb && x.len() >= n);
                     let (wp, xp) = (w.as_ptr(), x.as_ptr());
                     let body = n / 8 * 8;
-                    // the last n mod 8 values, one at a time (a vector load would read
-                    // past the row, and past the file's end on the last one)
-                    let tail = |row: *const u8| -> f32 {
-                        if body == n {
-                            return 0.0;
-                        }
-                        let bytes = std::slice::from_raw_parts(row.add($size * body), $size * (n - body));
-                        let mut v = [0f32; 8];
-                        dequantize_into($ty, bytes, &mut v[..n - body]);
-                        v.iter().zip(&x[body..n]).map(|(a, b)| a * b).sum()
-                    };
+                    let tail = |row: *const u8| tail_dot($ty, row, body, &x[..n]);
                     let mut r = 0;
                     while r + 4 <= out.len() {
                         let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * rb));
@@ -375,77 +368,6 @@ macro_rules! kernels {
                 float_rows!(w, rb, a, out, GgmlType::F16, 2, |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)))
             }
 
-            /// bf16 rows: 16 values (32 bytes) a step, no shuffles. In each 32-bit word
-            /// of a row the high half is the odd value and the low half the even one, so
-            /// `word & 0xFFFF0000` is the odd value as an f32 and `word << 16` the even
-            /// one; they multiply the activations split into even and odd lanes (once per
-            /// call).
-            #[target_feature(enable = $feat)]
-            pub unsafe fn bf16s(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
-                let n = rb / 2;
-                let x = a.x;
-                assert!(w.len() >= out.len() * rb && x.len() >= n);
-                let body = n / 16 * 16;
-                let mut split = vec![0f32; body];
-                for (s, c) in split.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-                    for t in 0..8 {
-                        s[t] = c[2 * t];
-                        s[8 + t] = c[2 * t + 1];
-                    }
-                }
-                let (wp, sp) = (w.as_ptr(), split.as_ptr());
-                let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
-                let tail = |row: *const u8| -> f32 {
-                    if body == n {
-                        return 0.0;
-                    }
-                    let bytes = std::slice::from_raw_parts(row.add(2 * body), 2 * (n - body));
-                    let mut v = [0f32; 16];
-                    dequantize_into(GgmlType::BF16, bytes, &mut v[..n - body]);
-                    v.iter().zip(&x[body..n]).map(|(a, b)| a * b).sum()
-                };
-                let one = |p: *const u8, xe: __m256, xo: __m256, acc: __m256| {
-                    let v = _mm256_loadu_si256(p as *const __m256i);
-                    let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-                    let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
-                    _mm256_fmadd_ps(odd, xo, _mm256_fmadd_ps(even, xe, acc))
-                };
-                let mut r = 0;
-                while r + 4 <= out.len() {
-                    let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * rb));
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    let mut i = 0;
-                    while i < body {
-                        let xe = _mm256_loadu_ps(sp.add(i));
-                        let xo = _mm256_loadu_ps(sp.add(i + 8));
-                        for k in 0..4 {
-                            let p = rows[k].add(2 * i);
-                            // each cache line, sixteen rows on (four groups ahead)
-                            if (2 * i) % 64 == 0 {
-                                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16 * rb) as *const i8);
-                            }
-                            acc[k] = one(p, xe, xo, acc[k]);
-                        }
-                        i += 16;
-                    }
-                    for k in 0..4 {
-                        out[r + k] = hsum(acc[k]) + tail(rows[k]);
-                    }
-                    r += 4;
-                }
-                while r < out.len() {
-                    let row = wp.add(r * rb);
-                    let mut acc = _mm256_setzero_ps();
-                    let mut i = 0;
-                    while i < body {
-                        acc = one(row.add(2 * i), _mm256_loadu_ps(sp.add(i)), _mm256_loadu_ps(sp.add(i + 8)), acc);
-                        i += 16;
-                    }
-                    out[r] = hsum(acc) + tail(row);
-                    r += 1;
-                }
-            }
-
             /// This instruction set's dot product of `ty`.
             ///
             /// # Safety
@@ -463,7 +385,7 @@ macro_rules! kernels {
                     GgmlType::Q6K => |w, rb, a, out| unsafe { q6_k(w, rb, a, out) },
                     GgmlType::F32 => |w, rb, a, out| unsafe { f32s(w, rb, a, out) },
                     GgmlType::F16 => |w, rb, a, out| unsafe { f16s(w, rb, a, out) },
-                    GgmlType::BF16 => |w, rb, a, out| unsafe { bf16s(w, rb, a, out) },
+                    GgmlType::BF16 => |w, rb, a, out| unsafe { $bf16(w, rb, a, out) },
                     other => super::super::scalar::dot(other),
                 }
             }
@@ -471,13 +393,96 @@ macro_rules! kernels {
     };
 }
 
-kernels!(avx2, "avx2,fma,f16c", |u, s| {
+kernels!(avx2, "avx2,fma,f16c", super::bf16s_256, |u, s| {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 });
 
-kernels!(vnni, "avx2,fma,f16c,avx512vnni,avx512vl", |u, s| {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-});
+kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    super::bf16s_512,
+    |u, s| { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
+);
+
+/// The sum of the 8 lanes of `v`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// bf16 rows: 16 values (32 bytes) a step, no shuffles. In each 32-bit word
+/// of a row the high half is the odd value and the low half the even one, so
+/// `word & 0xFFFF0000` is the odd value as an f32 and `word << 16` the even
+/// one; they multiply the activations split into even and odd lanes (once per
+/// call). The AVX2 path's; AVX-512 takes [`bf16s_512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16s_256(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = rb / 2;
+    let x = a.x;
+    assert!(w.len() >= out.len() * rb && x.len() >= n);
+    let body = n / 16 * 16;
+    let mut split = vec![0f32; body];
+    for (s, c) in split.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
+        for t in 0..8 {
+            s[t] = c[2 * t];
+            s[8 + t] = c[2 * t + 1];
+        }
+    }
+    let (wp, sp) = (w.as_ptr(), split.as_ptr());
+    let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    let tail = |row: *const u8| tail_dot(GgmlType::BF16, row, body, &x[..n]);
+    let one = |p: *const u8, xe: __m256, xo: __m256, acc: __m256| {
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        _mm256_fmadd_ps(odd, xo, _mm256_fmadd_ps(even, xe, acc))
+    };
+    let mut r = 0;
+    while r + 4 <= out.len() {
+        let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * rb));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < body {
+            let xe = _mm256_loadu_ps(sp.add(i));
+            let xo = _mm256_loadu_ps(sp.add(i + 8));
+            for k in 0..4 {
+                let p = rows[k].add(2 * i);
+                // each cache line, sixteen rows on (four groups ahead)
+                if (2 * i) % 64 == 0 {
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16 * rb) as *const i8);
+                }
+                acc[k] = one(p, xe, xo, acc[k]);
+            }
+            i += 16;
+        }
+        for k in 0..4 {
+            out[r + k] = hsum(acc[k]) + tail(rows[k]);
+        }
+        r += 4;
+    }
+    while r < out.len() {
+        let row = wp.add(r * rb);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < body {
+            acc = one(
+                row.add(2 * i),
+                _mm256_loadu_ps(sp.add(i)),
+                _mm256_loadu_ps(sp.add(i + 8)),
+                acc,
+            );
+            i += 16;
+        }
+        out[r] = hsum(acc) + tail(row);
+        r += 1;
+    }
+}
 
 /// bf16 rows on 512-bit registers (the AVX-512 path): a cache line of a row per load,
 /// otherwise as the 256-bit kernel (even and odd values split by a shift and a mask).
@@ -497,18 +502,7 @@ unsafe fn bf16s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     }
     let (wp, sp) = (w.as_ptr(), split.as_ptr());
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    let tail = |row: *const u8| -> f32 {
-        if body == n {
-            return 0.0;
-        }
-        let mut v = vec![0f32; n - body];
-        dequantize_into(
-            GgmlType::BF16,
-            std::slice::from_raw_parts(row.add(2 * body), 2 * (n - body)),
-            &mut v,
-        );
-        v.iter().zip(&x[body..n]).map(|(a, b)| a * b).sum()
-    };
+    let tail = |row: *const u8| tail_dot(GgmlType::BF16, row, body, &x[..n]);
     let one = |p: *const u8, xe: __m512, xo: __m512, acc: __m512| {
         let v = _mm512_loadu_si512(p as *const _);
         let even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -566,7 +560,6 @@ pub fn avx2_dot(ty: GgmlType) -> DotFn {
 pub fn vnni_dot(ty: GgmlType) -> DotFn {
     match has_vnni() {
         // SAFETY: VNNI, AVX-512VL and AVX2's features were just detected
-        true if ty == GgmlType::BF16 => |w, rb, a, out| unsafe { bf16s_512(w, rb, a, out) },
         true => unsafe { vnni::dot(ty) },
         false => super::scalar::dot(ty),
     }
