@@ -1,7 +1,6 @@
 //! Text ↔ token ids: byte-level (256 ids, the default for training) or a `tokenizer.json`
 //! through the `tokenizers` crate, behind one type.
 
-use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -244,10 +243,6 @@ fn spliced<K: serde::Serialize + std::hash::Hash + Eq>(
         .replacen(&stand_in(MERGES), &merges, 1)
 }
 
-/// A rebuilt merge's order: its token's score, best first, then longer left and right
-/// pieces first.
-type MergeKey = (Reverse<Score>, Reverse<usize>, Reverse<usize>);
-
 /// A GGUF vocabulary on its way to a `tokenizer.json` description.
 struct GgufVocab<'a> {
     tokens: &'a [String],
@@ -424,7 +419,8 @@ fn rebuilt_merges(
             order.push(t);
         }
     }
-    let mut merges: Vec<(MergeKey, &str, &str)> = Vec::new();
+    // (the merged token's score, the pieces' lengths in characters, the pieces)
+    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
     for &t in &order {
         // the score of the token's last occurrence, in its first occurrence's place
         let s = score(vocab[t]);
@@ -433,39 +429,15 @@ fn rebuilt_merges(
             .skip(1)
             .map(|(at, _)| t.split_at(at))
             .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
-            .map(|(l, r)| {
-                let key = (
-                    Reverse(Score(s)),
-                    Reverse(l.chars().count()),
-                    Reverse(r.chars().count()),
-                );
-                (key, l, r)
-            })
+            .map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r))
             .collect();
-        local.sort_by_key(|&(_, l, r)| (vocab[l], vocab[r]));
+        local.sort_by_key(|&(.., l, r)| (vocab[l], vocab[r]));
         merges.extend(local);
     }
-    merges.sort_by_key(|m| m.0);
-    let merges = merges.iter().map(|&(_, l, r)| [l, r]).collect();
+    // best score first, then longer left and right pieces (a stable sort)
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
+    let merges = merges.iter().map(|&(.., l, r)| [l, r]).collect();
     (vocab, merges)
-}
-
-/// A score ordered totally (`f64::total_cmp`).
-#[derive(Clone, Copy, PartialEq)]
-struct Score(f64);
-
-impl Eq for Score {}
-
-impl PartialOrd for Score {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Score {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.total_cmp(&other.0)
-    }
 }
 
 /// The `tokenizer.ggml.*` metadata of a byte-level BPE `tokenizer.json` (the GPT-2 style

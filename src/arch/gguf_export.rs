@@ -173,10 +173,12 @@ fn tokenizer_metadata(src: &Path, vocab_rows: usize) -> Result<Vec<(String, Valu
     if !src.is_dir() || !path.exists() {
         return Ok(Vec::new());
     }
+    let config: serde_json::Value = std::fs::read_to_string(src.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
     let ids = |k: &str| -> Option<u32> {
-        let text = std::fs::read_to_string(src.join("config.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let id = &v[k];
+        let id = &config[k];
         id.as_u64()
             .or_else(|| id.as_array()?.first()?.as_u64())
             .and_then(|i| u32::try_from(i).ok())

@@ -163,6 +163,24 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// `f(a_i, b_i)` for each element of two f32 tensors of one shape, as a new storage.
+fn map2(
+    what: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> CResult<(CpuStorage, Shape)> {
+    let a = f32_slice(s1, l1, what)?;
+    let b = f32_slice(s2, l2, what)?;
+    let mut out = output_buffer(a.len());
+    for_chunks(&mut out, |at, o| {
+        for ((o, &a), &b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+            *o = f(a, b);
+        }
+    });
+    Ok((CpuStorage::F32(out), l1.shape().clone()))
+}
+
 /// Apply `f(offset, out_chunk)` over `out` in chunks, in parallel when the work is large.
 fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     const CHUNK: usize = 1 << 12;
@@ -186,15 +204,7 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let g = f32_slice(s1, l1, "swiglu")?;
-        let u = f32_slice(s2, l2, "swiglu")?;
-        let mut out = output_buffer(g.len());
-        for_chunks(&mut out, |at, o| {
-            for ((o, &g), &u) in o.iter_mut().zip(&g[at..]).zip(&u[at..]) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map2("swiglu", (s1, l1), (s2, l2), |g, u| g * sigmoid(g) * u)
     }
     fn bwd(
         &self,
@@ -328,15 +338,9 @@ impl CustomOp2 for GeluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "gelu bwd")?;
-        let dy = f32_slice(s2, l2, "gelu bwd")?;
-        let mut out = output_buffer(x.len());
-        for_chunks(&mut out, |at, o| {
-            for ((o, &x), &dy) in o.iter_mut().zip(&x[at..]).zip(&dy[at..]) {
-                *o = dy * gelu_tanh_grad(x);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        map2("gelu bwd", (s1, l1), (s2, l2), |x, dy| {
+            dy * gelu_tanh_grad(x)
+        })
     }
 }
 
