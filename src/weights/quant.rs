@@ -116,6 +116,7 @@ impl GgmlType {
 }
 
 /// The little-endian f16 at byte `at` of `b`, as f32.
+#[inline]
 pub(crate) fn half(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
