@@ -36,6 +36,9 @@ pub enum Error {
     Data(String),
     #[error("generate: {0}")]
     Generate(String),
+    /// A chat template that does not compile or refuses a conversation.
+    #[error("chat template: {0}")]
+    Template(String),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
     #[error("plot {path}: {msg}")]

@@ -182,3 +182,103 @@ pub fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Continuous batching's step: sequences of different lengths, each with its own cache, fed
+/// one token each in one batched pass, give the logits and routes of each fed alone.
+#[test]
+fn batched_decoding_equals_each_sequence_alone() {
+    use routelm::model::{Cache, TokenRoute};
+    for v in 0..VARIANTS {
+        let m = model(v, 3);
+        let prompts: [&[u32]; 3] = [&SEQ[..2], &SEQ[3..8], &SEQ[1..4]];
+        let prefill = |caches: &mut Vec<Cache>| {
+            for (p, c) in prompts.iter().zip(caches.iter_mut()) {
+                m.forward(&ids(p, 1), Some(c), true).unwrap();
+            }
+        };
+        let (mut alone, mut batch): (Vec<Cache>, Vec<Cache>) = (
+            prompts.iter().map(|_| m.new_cache()).collect(),
+            prompts.iter().map(|_| m.new_cache()).collect(),
+        );
+        prefill(&mut alone);
+        prefill(&mut batch);
+        let mut saw_route = false;
+        for step in 0..3u32 {
+            let tokens: Vec<u32> = (0..3u32).map(|i| (7 * i + 11 * step + 1) % 40).collect();
+            let mut refs: Vec<&mut Cache> = batch.iter_mut().collect();
+            let (logits, routes) = m.decode_batch(&tokens, &mut refs).unwrap();
+            assert_eq!(logits.dims(), &[3, 40]);
+            for (i, (&t, c)) in tokens.iter().zip(alone.iter_mut()).enumerate() {
+                let out = m.forward(&ids(&[t], 1), Some(c), true).unwrap();
+                let d = max_abs_diff(
+                    &out.logits.reshape((1, 40)).unwrap(),
+                    &logits.i(i..i + 1).unwrap(),
+                );
+                assert!(
+                    d <= 1e-5,
+                    "variant {v}, step {step}, row {i}: batched logits differ by {d}"
+                );
+                let want = TokenRoute::of_row(&out.moe, &out.depth, 0);
+                assert_eq!(
+                    routes[i], want,
+                    "variant {v}, step {step}, row {i}: routes differ"
+                );
+                saw_route |= !want.experts.is_empty() || !want.blocks.is_empty();
+            }
+            for (a, b) in alone.iter().zip(&batch) {
+                assert_eq!(a.pos(), b.pos());
+            }
+        }
+        let routed =
+            m.config.moe_layers().next().is_some() || m.config.depth_layers().next().is_some();
+        assert_eq!(
+            saw_route, routed,
+            "variant {v}: routes reported for a routed model only"
+        );
+    }
+}
+
+/// A chat session's later turn prefills only what it adds, through the cache of the earlier
+/// turns, and gets the logits of a fresh prefill of the whole conversation; a prompt that
+/// parts from what the cache holds goes back to the common prefix (or, for a routed model,
+/// starts over) with the same result.
+#[test]
+fn session_turns_reuse_the_cache_and_equal_a_fresh_prefill() {
+    use routelm::generate::Session;
+    for v in 0..VARIANTS {
+        let m = model(v, 4);
+        if m.config.encoder_layers > 0 {
+            continue;
+        }
+        let fresh = |p: &[u32]| {
+            let l = causal(&m, &ids(p, 1));
+            l.i((.., p.len() - 1, ..)).unwrap()
+        };
+        let mut s = Session::new(&m);
+        let turn1 = &SEQ[..4];
+        let (_, reused) = s.prefill(&m, turn1).unwrap();
+        assert_eq!(reused, 0);
+        // the next turn extends the first
+        let turn2 = &SEQ[..8];
+        let (logits, reused) = s.prefill(&m, turn2).unwrap();
+        assert_eq!(reused, 4, "variant {v}");
+        let d = max_abs_diff(&logits.reshape((1, 40)).unwrap(), &fresh(turn2));
+        assert!(
+            d <= 1e-5,
+            "variant {v}: extended turn differs from a fresh prefill by {d}"
+        );
+        // a turn that parts from the cache after 6 tokens
+        let mut turn3 = SEQ[..10].to_vec();
+        turn3[6] = (turn3[6] + 1) % 40;
+        let (logits, reused) = s.prefill(&m, &turn3).unwrap();
+        let routed = m.config.depth_layers().next().is_some();
+        assert_eq!(reused, if routed { 0 } else { 6 }, "variant {v}");
+        let d = max_abs_diff(&logits.reshape((1, 40)).unwrap(), &fresh(&turn3));
+        assert!(
+            d <= 1e-5,
+            "variant {v}: diverging turn differs from a fresh prefill by {d}"
+        );
+        assert_eq!(s.fed, turn3);
+        assert_eq!(s.cache.pos(), turn3.len());
+    }
+}

@@ -85,6 +85,7 @@ pub fn run(a: Args) -> Result<()> {
         eos: Vec::new(),
         seed: 1,
         top_logits: 0,
+        cancel: None,
     };
     println!("\nsample:");
     print!("{prompt}");

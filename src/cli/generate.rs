@@ -91,6 +91,7 @@ pub fn run(a: Args) -> Result<()> {
         eos: defaults.eos,
         seed: a.seed,
         top_logits: a.top_logits,
+        cancel: None,
     };
     let mut out = std::io::stdout();
     let show_text = !a.ids;

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Cache, Model};
 use crate::rng::Rng;
 use crate::tokenize::Tokenizer;
 
@@ -26,6 +26,8 @@ pub struct GenerateConfig {
     /// Keep this many of the highest logits of each step (0: none) in
     /// [`GenerateStats::top_logits`].
     pub top_logits: usize,
+    /// Stop early when this is set (Ctrl-C in a chat stops the answer, not the program).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +85,6 @@ pub fn generate(
             "prompt token {bad} is out of range for a vocabulary of {vocab}"
         )));
     }
-    let mut rng = Rng::new(cfg.seed);
     let mut cache = model.new_cache();
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
@@ -108,9 +109,112 @@ pub fn generate(
         logits,
         ids,
     };
-    sample_loop(
-        prefill, limit, &cfg.eos, tok, cfg, &mut rng, &mut step, on_text,
-    )
+    sample_loop(prefill, limit, tok, cfg, &mut step, on_text)
+}
+
+/// A conversation's model state kept across turns: the cache and the ids it holds. Each
+/// turn prefills only what its prompt adds to the longest prefix the cache already holds.
+pub struct Session {
+    pub cache: Cache,
+    /// The ids the cache holds, in order.
+    pub fed: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &Model) -> Self {
+        Self {
+            cache: model.new_cache(),
+            fed: Vec::new(),
+        }
+    }
+
+    /// Forget everything (a new conversation).
+    pub fn reset(&mut self, model: &Model) {
+        *self = Self::new(model);
+    }
+
+    /// Feed `prompt` (the whole conversation so far) and return the logits of its last
+    /// token and how many of its tokens came from the cache. The cache keeps the longest
+    /// common prefix of what it held and `prompt` (at least one token is fed, for the
+    /// logits); a model whose cache cannot go back restarts from nothing when the prompt
+    /// does not extend what it held.
+    pub fn prefill(&mut self, model: &Model, prompt: &[u32]) -> Result<(Tensor, usize)> {
+        check_prompt(model, prompt)?;
+        let common = self
+            .fed
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        let keep = if self.cache.truncate(common) {
+            common
+        } else {
+            self.reset(model);
+            0
+        };
+        self.fed.truncate(keep);
+        let input = Tensor::new(&prompt[keep..], model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&input, Some(&mut self.cache), true)?.logits;
+        self.fed.extend_from_slice(&prompt[keep..]);
+        Ok((logits, keep))
+    }
+
+    /// [`generate`] through this session's cache: the prompt reuses what the cache holds,
+    /// and the cache keeps the answer for the next turn.
+    pub fn generate(
+        &mut self,
+        model: &Model,
+        tok: &Tokenizer,
+        prompt: &[u32],
+        cfg: &GenerateConfig,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(GenerateStats, usize)> {
+        if model.config.encoder_layers > 0 {
+            return Err(Error::Generate(
+                "a chat session needs a decoder-only model".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        let (logits, reused) = self.prefill(model, prompt)?;
+        let prefill = Prefilled {
+            prompt_tokens: prompt.len(),
+            prefill_s: t0.elapsed().as_secs_f64(),
+            logits,
+            ids: prompt.to_vec(),
+        };
+        let limit = cfg.max_tokens.min(model.config.max_seq_len - prompt.len());
+        let (cache, fed) = (&mut self.cache, &mut self.fed);
+        let mut step = |next: u32| -> Result<Tensor> {
+            let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;
+            let logits = model.forward(&input, Some(&mut *cache), true)?.logits;
+            fed.push(next);
+            Ok(logits)
+        };
+        let stats = sample_loop(prefill, limit, tok, cfg, &mut step, on_text)?;
+        Ok((stats, reused))
+    }
+}
+
+/// A prompt a decoder can take: not empty, within the context window and the vocabulary.
+fn check_prompt(model: &Model, prompt: &[u32]) -> Result<()> {
+    let ctx = model.config.max_seq_len;
+    if prompt.is_empty() {
+        return Err(Error::Generate("the prompt is empty".into()));
+    }
+    if prompt.len() > ctx {
+        return Err(Error::Generate(format!(
+            "the prompt has {} tokens, more than the model's context window of {ctx}",
+            prompt.len()
+        )));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Generate(format!(
+            "prompt token {bad} is out of range for a vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
 }
 
 /// Where sampling starts: the logits of the first new token, the ids so far (what the
@@ -123,77 +227,181 @@ struct Prefilled {
     ids: Vec<u32>,
 }
 
-/// The sampling loop: sample from the logits, append to the ids, stream
-/// the new text (stop strings cut it), feed the token through `step` for the next logits;
-/// at most `limit` new tokens, and none after one of `eos`.
-#[allow(clippy::too_many_arguments)]
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// The token limit (or the context window).
+    Length,
+    /// Cancelled by its caller.
+    Cancelled,
+}
+
+impl Finish {
+    /// The OpenAI API's `finish_reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length | Finish::Cancelled => "length",
+        }
+    }
+}
+
+/// What one sampled token gave.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    pub id: u32,
+    /// New text to show (may be empty: a partial UTF-8 character is held back, a stop
+    /// string and what follows it are cut).
+    pub text: String,
+    /// Set when the sequence ends with this token (its text still counts).
+    pub finish: Option<Finish>,
+}
+
+/// The sampling state of one sequence: its ids (what the repetition penalty sees), the text
+/// shown so far, its RNG and limits. Feed it each step's logits row; it picks the token,
+/// cuts stop strings, holds back partial characters and says when to stop. `generate`,
+/// `chat` and each request of `serve` run one.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    first_new: usize,
+    emitted: String,
+    limit: usize,
+    rng: Rng,
+    sampler: SamplerConfig,
+    stop: Vec<String>,
+    eos: Vec<u32>,
+}
+
+impl Sequence {
+    /// After `ids` (the prompt), at most `limit` new tokens.
+    pub fn new(ids: Vec<u32>, limit: usize, cfg: &GenerateConfig) -> Self {
+        Self {
+            first_new: ids.len(),
+            ids,
+            emitted: String::new(),
+            limit,
+            rng: Rng::new(cfg.seed),
+            sampler: cfg.sampler,
+            stop: cfg.stop.clone(),
+            eos: cfg.eos.clone(),
+        }
+    }
+
+    /// New tokens so far.
+    pub fn new_tokens(&self) -> usize {
+        self.ids.len() - self.first_new
+    }
+
+    /// The text shown so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+
+    /// Sample the next token from `logits` (one row) and say what it shows.
+    pub fn push(&mut self, logits: &[f32], tok: &Tokenizer) -> Result<Sampled> {
+        let next = sample(logits, &self.ids, &self.sampler, &mut self.rng);
+        self.ids.push(next);
+        let text = tok.decode(&self.ids[self.first_new..])?;
+        // hold back a trailing partial UTF-8 sequence until it completes
+        let stable = text.trim_end_matches('\u{FFFD}');
+        let cut = self
+            .stop
+            .iter()
+            .filter_map(|s| stable.find(s.as_str()))
+            .min();
+        let shown = match cut {
+            Some(pos) => &stable[..pos],
+            None => stable,
+        };
+        let mut piece = String::new();
+        if shown.len() > self.emitted.len() && shown.starts_with(self.emitted.as_str()) {
+            piece = shown[self.emitted.len()..].to_string();
+            self.emitted = shown.to_string();
+        }
+        let finish = if cut.is_some() || self.eos.contains(&next) {
+            Some(Finish::Stop)
+        } else if self.new_tokens() >= self.limit {
+            Some(Finish::Length)
+        } else {
+            None
+        };
+        Ok(Sampled {
+            id: next,
+            text: piece,
+            finish,
+        })
+    }
+}
+
+/// The `n` highest of `row` as `(id, logit)`, best first.
+pub fn top_n(row: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let k = n.min(best.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    best.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+    best.truncate(k);
+    best.sort_by(|a, b| b.1.total_cmp(&a.1));
+    best
+}
+
+/// One logits tensor (any shape with one row of values) as host floats.
+pub fn logits_row(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(logits
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?)
+}
+
+/// The sampling loop: sample from the logits, stream the new text, feed the token through
+/// `step` for the next logits; at most `limit` new tokens, none after an end-of-sequence
+/// token or a stop string, none once `cfg.cancel` is set.
 fn sample_loop(
     prefill: Prefilled,
     limit: usize,
-    eos: &[u32],
     tok: &Tokenizer,
     cfg: &GenerateConfig,
-    rng: &mut Rng,
     step: &mut dyn FnMut(u32) -> Result<Tensor>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateStats> {
     let t0 = Instant::now();
-    let (mut logits, mut ids) = (prefill.logits, prefill.ids);
-    let first_new = ids.len();
-    let mut emitted = String::new();
-    let mut new = 0;
+    let mut logits = prefill.logits;
+    let mut seq = Sequence::new(prefill.ids, limit, cfg);
     let mut top_logits = Vec::new();
-    while new < limit {
-        let row: Vec<f32> = logits
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
+    let cancelled = || {
+        cfg.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    while seq.new_tokens() < limit && !cancelled() {
+        let row = logits_row(&logits)?;
         if cfg.top_logits > 0 {
-            let mut best: Vec<(u32, f32)> = row
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l))
-                .collect();
-            let k = cfg.top_logits.min(best.len());
-            best.select_nth_unstable_by(k.saturating_sub(1), |a, b| b.1.total_cmp(&a.1));
-            best.truncate(k);
-            best.sort_by(|a, b| b.1.total_cmp(&a.1));
-            top_logits.push(best);
+            top_logits.push(top_n(&row, cfg.top_logits));
         }
-        let next = sample(&row, &ids, &cfg.sampler, rng);
-        ids.push(next);
-        new += 1;
-        let text = tok.decode(&ids[first_new..])?;
-        // hold back a trailing partial UTF-8 sequence until it completes
-        let stable = text.trim_end_matches('\u{FFFD}');
-        if let Some(pos) = cfg
-            .stop
-            .iter()
-            .filter_map(|s| stable.find(s.as_str()))
-            .min()
-        {
-            if pos > emitted.len() {
-                on_text(&stable[emitted.len()..pos]);
-            }
-            emitted = stable[..pos].to_string();
+        let s = seq.push(&row, tok)?;
+        if !s.text.is_empty() {
+            on_text(&s.text);
+        }
+        if s.finish.is_some() {
             break;
         }
-        if stable.len() > emitted.len() && stable.starts_with(emitted.as_str()) {
-            on_text(&stable[emitted.len()..]);
-            emitted = stable.to_string();
-        }
-        if new >= limit || eos.contains(&next) {
-            break;
-        }
-        logits = step(next)?;
+        logits = step(s.id)?;
     }
     Ok(GenerateStats {
         prompt_tokens: prefill.prompt_tokens,
-        new_tokens: ids.len() - first_new,
+        new_tokens: seq.new_tokens(),
         prefill_s: prefill.prefill_s,
         decode_s: t0.elapsed().as_secs_f64(),
-        ids,
-        text: emitted,
+        text: seq.emitted,
+        ids: seq.ids,
         top_logits,
     })
 }

@@ -75,21 +75,51 @@ impl Block {
         &self,
         x: &Tensor,
         pos: Positions,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
-        let mut stats = None;
         // decoding through a cache trains nothing: no auxiliary router losses
         let aux = cache.is_none();
+        let cross = cache
+            .as_deref()
+            .and_then(|c| c.cross())
+            .map(|(k, v)| (k.clone(), v.clone()));
+        self.forward_parts(x, move |h| self.attn.forward(h, pos, cache), cross, aux)
+    }
+
+    /// One new token of each of `b` sequences, `x: (b, 1, d)`, each with its own cache and
+    /// position (`rope`: `(b, 1, half)` tables): [`Attention::forward_decode`], then the
+    /// feed-forward on all `b` rows at once.
+    pub fn forward_decode(
+        &self,
+        x: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        caches: &mut [&mut KvCache],
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        self.forward_parts(
+            x,
+            |h| self.attn.forward_decode(h, rope, caches),
+            None,
+            false,
+        )
+    }
+
+    /// The block around its self-attention `attn` (called on the normalised input), with
+    /// the cross-attention keys and values of a decoder block.
+    fn forward_parts(
+        &self,
+        x: &Tensor,
+        attn: impl FnOnce(&Tensor) -> Result<Tensor>,
+        cross: Option<(Tensor, Tensor)>,
+        aux: bool,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        let mut stats = None;
         let h = self.attn_norm.forward(x)?;
-        let a = maybe(
-            &self.attn_out_norm,
-            self.attn.forward(&h, pos, cache.as_deref_mut())?,
-        )?;
+        let a = maybe(&self.attn_out_norm, attn(&h)?)?;
         let y = match (self.kind, &self.ffn_norm) {
             (BlockKind::Sequential, Some(n)) => {
                 let mut x = (x + a)?;
                 if let Some((norm, attn)) = &self.cross {
-                    let Some((k, v)) = cache.as_deref().and_then(|c| c.cross()) else {
+                    let Some((k, v)) = &cross else {
                         candle_core::bail!("cross-attention needs the encoder output in the cache")
                     };
                     x = (&x + attn.cross(&norm.forward(&x)?, k, v)?)?;

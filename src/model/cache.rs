@@ -46,6 +46,23 @@ impl Cache {
         self.pos
     }
 
+    /// Go back to position `len` (forget the later tokens), when every layer holds every
+    /// position: false, and nothing changed, for a routed (Mixture-of-Depths) model, whose
+    /// layers hold only the tokens they processed, or one that keeps its fed ids.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        if len >= self.pos {
+            return len == self.pos;
+        }
+        if !self.fed.is_empty() || self.layers.iter().any(|l| l.len() != self.pos) {
+            return false;
+        }
+        for l in &mut self.layers {
+            l.truncate(len);
+        }
+        self.pos = len;
+        true
+    }
+
     /// Record that `n` more tokens went through the model.
     pub fn advance(&mut self, n: usize) {
         self.pos += n;

@@ -8,4 +8,4 @@ pub mod init;
 pub mod transformer;
 
 pub use cache::{Cache, KvCache};
-pub use transformer::{ForwardOptions, Loss, Model, ModelOutput};
+pub use transformer::{ForwardOptions, Loss, Model, ModelOutput, TokenRoute};

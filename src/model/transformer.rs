@@ -17,6 +17,9 @@ use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeLayer
 use crate::weights::names::{check_params, with_stacks, ParamStack, StackKind};
 use std::sync::Arc;
 
+mod decode;
+pub use decode::TokenRoute;
+
 /// What one forward pass produces.
 #[derive(Debug)]
 pub struct ModelOutput {

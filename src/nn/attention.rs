@@ -166,6 +166,42 @@ impl Attention {
         self.o.forward(&y)
     }
 
+    /// One new token of each of `b` sequences, `x: (b, 1, d_model)`, each at its own
+    /// position (`rope`: `(b, 1, half)` tables) with its own cache: the projections run once
+    /// for all rows (each weight read once per step), attention per sequence over its own
+    /// keys. The same arithmetic as [`Attention::forward`] on each sequence alone.
+    pub fn forward_decode(
+        &self,
+        x: &Tensor,
+        rope: Option<(&Tensor, &Tensor)>,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let Projections::Standard { q, k, v } = &self.proj else {
+            candle_core::bail!("batched decoding takes standard projections")
+        };
+        let (b, t, _) = x.dims3()?;
+        if t != 1 || caches.len() != b {
+            candle_core::bail!(
+                "batched decoding takes one token for each of {b} caches, got {t} for {}",
+                caches.len()
+            )
+        }
+        let (q, k, v) = self.standard(x, q, k, v)?;
+        let (q, k) = match rope {
+            Some((cos, sin)) => (ops::rope(&q, cos, sin)?, ops::rope(&k, cos, sin)?),
+            None => (q, k),
+        };
+        let opts = self.options();
+        let mut ys = Vec::with_capacity(b);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (ki, vi) = cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
+            ys.push(causal_attention(&q.narrow(0, i, 1)?, &ki, &vi, &opts)?);
+        }
+        let y = Tensor::cat(&ys, 0)?;
+        let dv = y.dim(3)?;
+        self.o.forward(&y.reshape((b, 1, self.n_heads * dv))?)
+    }
+
     fn options(&self) -> AttentionOptions {
         AttentionOptions {
             scale: self.scale,

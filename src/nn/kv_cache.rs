@@ -66,6 +66,11 @@ impl KvCache {
         Ok(all)
     }
 
+    /// Forget every position from `len` on (the buffers stay; later appends overwrite).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Keep the cross-attention keys and values of a source.
     pub fn set_cross(&mut self, k: Tensor, v: Tensor) {
         self.cross = Some((k, v));

@@ -27,6 +27,9 @@ pub struct MoeStats {
     pub entropy: f64,
     /// Weighted balancing and z losses, when their coefficients are set.
     pub aux_loss: Option<Tensor>,
+    /// For each token (row), the experts it went to, ascending (no-op experts, numbered
+    /// after the real ones, included; a dropped assignment is not).
+    pub token_experts: Vec<Vec<u32>>,
 }
 
 impl MoeStats {
@@ -55,6 +58,7 @@ impl MoeStats {
             assignments: self.assignments + other.assignments,
             entropy: self.entropy * w1 + other.entropy * w2,
             aux_loss,
+            token_experts: [self.token_experts, other.token_experts].concat(),
         })
     }
 }
@@ -161,6 +165,12 @@ impl MoeLayer {
             out
         };
         let load: Vec<usize> = routing.rows.iter().map(|r| r.len()).collect();
+        let mut token_experts = vec![Vec::new(); n];
+        for (e, rows) in routing.rows.iter().enumerate() {
+            for &r in rows {
+                token_experts[r as usize].push(e as u32);
+            }
+        }
         let entropy = match c.scoring {
             Scoring::SparseMixer { .. } => {
                 let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
@@ -181,6 +191,7 @@ impl MoeLayer {
             assignments,
             entropy,
             aux_loss,
+            token_experts,
         };
         Ok((out.reshape((b, t, d))?, stats))
     }

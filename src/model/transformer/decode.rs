@@ -1,0 +1,206 @@
+//! Batched decoding: one new token for each of several sequences, each with its own cache
+//! and position, in one pass through the layers. Every projection and feed-forward runs
+//! once on all the rows (its weights read once per step, not once per sequence); attention
+//! runs per sequence over its own keys. This is what a server's continuous batching steps.
+
+use candle_core::{Result as CResult, Tensor};
+use serde::Serialize;
+
+use super::{Cache, Model};
+use crate::error::{Error, Result};
+use crate::nn::attention::Projections;
+use crate::nn::{KvCache, RopeTables};
+use crate::routing::{DepthDecision, DepthStats, DepthStep, MoeStats};
+
+/// Where one decoded token went: the experts of each Mixture-of-Experts layer and, for each
+/// routed (Mixture-of-Depths) block, whether the block processed it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TokenRoute {
+    /// `(layer, experts)` for each MoE layer that saw the token (a skipped routed block's
+    /// experts do not run).
+    pub experts: Vec<(usize, Vec<u32>)>,
+    /// `(layer, processed)` for each routed block.
+    pub blocks: Vec<(usize, bool)>,
+}
+
+impl TokenRoute {
+    /// The route of row `row` of one forward pass's router statistics, when each row was
+    /// one token of its own (a decoding step of one sequence).
+    pub fn of_row(moe: &[MoeStats], depth: &[DepthStats], row: usize) -> Self {
+        Self {
+            experts: moe
+                .iter()
+                .filter_map(|m| Some((m.layer, m.token_experts.get(row)?.clone())))
+                .collect(),
+            blocks: depth
+                .iter()
+                .map(|d| (d.layer, d.chosen.get(row).is_some_and(|&c| c == 1)))
+                .collect(),
+        }
+    }
+}
+
+impl Model {
+    /// Feed `tokens[i]` to the sequence of `caches[i]`, every sequence one step at its own
+    /// position, and return the next-token logits `(b, vocab)` and where each token went.
+    /// The result equals feeding each sequence alone through [`Model::forward`] (the same
+    /// arithmetic, rows batched). Models whose layers need a sequence to themselves
+    /// (an encoder-decoder, latent attention, relative positions, LongRoPE's cache restart)
+    /// run the sequences one by one.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut Cache],
+    ) -> Result<(Tensor, Vec<TokenRoute>)> {
+        let b = tokens.len();
+        if b == 0 || caches.len() != b {
+            return Err(Error::Generate(format!(
+                "batched decoding takes one token per cache (got {b} tokens for {} caches)",
+                caches.len()
+            )));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Generate(format!(
+                "token id {bad} is out of range for a vocabulary of {vocab}"
+            )));
+        }
+        let ctx = self.config.max_seq_len;
+        if let Some(c) = caches.iter().find(|c| c.pos() + 1 > ctx) {
+            return Err(Error::Generate(format!(
+                "sequence of {} tokens exceeds the context window of {ctx}",
+                c.pos() + 1
+            )));
+        }
+        let batched = b > 1
+            && self.encoder.is_none()
+            && self.relative.is_none()
+            && self.restart_length().is_none()
+            && self
+                .blocks
+                .iter()
+                .all(|bl| matches!(bl.attn.proj, Projections::Standard { .. }))
+            && !self.config.moe_layers().any(|(_, m)| m.expert_choice);
+        if !batched {
+            let mut logits = Vec::with_capacity(b);
+            let mut routes = Vec::with_capacity(b);
+            for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
+                let ids = Tensor::new(&[t], self.device())?.unsqueeze(0)?;
+                let out = self.forward(&ids, Some(&mut **cache), true)?;
+                routes.push(TokenRoute::of_row(&out.moe, &out.depth, 0));
+                logits.push(out.logits.reshape((1, vocab))?);
+            }
+            return Ok((Tensor::cat(&logits, 0)?, routes));
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.pos()).collect();
+        let out = self.decode_rows(tokens, &starts, caches)?;
+        for c in caches.iter_mut() {
+            c.advance(1);
+        }
+        Ok(out)
+    }
+
+    fn decode_rows(
+        &self,
+        tokens: &[u32],
+        starts: &[usize],
+        caches: &mut [&mut Cache],
+    ) -> CResult<(Tensor, Vec<TokenRoute>)> {
+        let b = tokens.len();
+        let dev = self.device();
+        // each row's embedding at its own position (learned positions differ per row)
+        let rows = tokens
+            .iter()
+            .zip(starts)
+            .map(|(&t, &s)| self.embed_tokens(&Tensor::new(&[[t]], dev)?, 1, 1, s))
+            .collect::<CResult<Vec<_>>>()?;
+        let mut x = Tensor::cat(&rows, 0)?;
+        let tables =
+            |r: Option<&RopeTables>, rows: &[usize]| -> CResult<Option<(Tensor, Tensor)>> {
+                let Some(r) = r else { return Ok(None) };
+                let (mut cos, mut sin) = (Vec::new(), Vec::new());
+                for &i in rows {
+                    let (c, s) = r.range(starts[i], 1)?;
+                    cos.push(c);
+                    sin.push(s);
+                }
+                let half = cos[0].dim(1)?;
+                let n = rows.len();
+                Ok(Some((
+                    Tensor::cat(&cos, 0)?.reshape((n, 1, half))?,
+                    Tensor::cat(&sin, 0)?.reshape((n, 1, half))?,
+                )))
+            };
+        let all: Vec<usize> = (0..b).collect();
+        let mut routes = vec![TokenRoute::default(); b];
+        for (l, block) in self.blocks.iter().enumerate() {
+            let run = |x: &Tensor, rows: &[usize], caches: &mut [&mut Cache]| {
+                let rope = tables(self.rope_of(l), rows)?;
+                let mut layer: Vec<&mut KvCache> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| rows.contains(i))
+                    .map(|(_, c)| &mut c.layers[l])
+                    .collect();
+                block.forward_decode(x, rope.as_ref().map(|(c, s)| (c, s)), &mut layer)
+            };
+            let record = |routes: &mut [TokenRoute], moe: Option<MoeStats>, rows: &[usize]| {
+                if let Some(m) = moe {
+                    for (j, &i) in rows.iter().enumerate() {
+                        if let Some(e) = m.token_experts.get(j) {
+                            routes[i].experts.push((l, e.clone()));
+                        }
+                    }
+                }
+            };
+            let Some(router) = &self.routers[l] else {
+                let (y, moe) =
+                    run(&x, &all, caches).map_err(|e| e.context(format!("layer {l}")))?;
+                record(&mut routes, moe, &all);
+                x = y;
+                continue;
+            };
+            // a routed block: each row decides by itself (as it would alone), the chosen
+            // rows run the block together and add σ(r)·(block(x) − x)
+            let mut chosen = Vec::new();
+            let mut gates = Vec::new();
+            for i in 0..b {
+                let step = DepthStep {
+                    start: starts[i],
+                    decision: DepthDecision::Threshold,
+                    seed: 0,
+                };
+                let choice = router.choose(&x.narrow(0, i, 1)?, step)?;
+                let on = !choice.rows[0].is_empty();
+                routes[i].blocks.push((l, on));
+                if on {
+                    chosen.push(i);
+                    gates.push(choice.logits.reshape(1)?);
+                }
+            }
+            if chosen.is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(
+                chosen
+                    .iter()
+                    .map(|&i| i as u32)
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+                dev,
+            )?;
+            let xs = x.index_select(&idx, 0)?;
+            let (y, moe) =
+                run(&xs, &chosen, caches).map_err(|e| e.context(format!("layer {l}")))?;
+            record(&mut routes, moe, &chosen);
+            let gate = candle_nn::ops::sigmoid(&Tensor::cat(&gates, 0)?)?
+                .to_dtype(x.dtype())?
+                .reshape((chosen.len(), 1, 1))?;
+            let delta = (y - &xs)?.broadcast_mul(&gate)?;
+            x = x.index_add(&idx, &delta, 0)?;
+        }
+        let x = self.norm.forward(&x)?;
+        let logits = self.logits(x)?;
+        Ok((logits.reshape((b, self.config.vocab_size))?, routes))
+    }
+}
