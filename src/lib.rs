@@ -18,6 +18,7 @@ pub mod perplexity;
 pub mod report;
 pub mod rng;
 pub mod routing;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 pub mod verify;

@@ -61,6 +61,15 @@ impl Tokenizer {
         }
     }
 
+    /// The id of a token string (a special token's, e.g. `<|im_end|>`), when the vocabulary
+    /// has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => t.token_to_id(token),
+        }
+    }
+
     /// The token strings of `ids` (`None` where the vocabulary has none).
     pub fn tokens(&self, ids: &[u32]) -> Vec<Option<String>> {
         match self {

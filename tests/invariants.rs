@@ -218,7 +218,7 @@ fn batched_decoding_equals_each_sequence_alone() {
                     d <= 1e-5,
                     "variant {v}, step {step}, row {i}: batched logits differ by {d}"
                 );
-                let want = TokenRoute::of_row(&out.moe, &out.depth, 0);
+                let want = TokenRoute::of_last(&out.moe, &out.depth);
                 assert_eq!(
                     routes[i], want,
                     "variant {v}, step {step}, row {i}: routes differ"

@@ -93,6 +93,10 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    /// Serving throughput: N concurrent streaming clients against `routelm serve` (started
+    /// here) or any OpenAI-compatible server (--url, e.g. llama-server): aggregate tokens/s,
+    /// p50/p95 time to first token, errors, peak resident memory.
+    Serve(super::bench_serve::Args),
     /// Mixture-of-Experts cost: the 8-expert top-2 `moe` preset against the dense
     /// `train-small` with the same active parameters, measured in one run: training step
     /// time ratio and decode tokens/s ratio.
@@ -153,6 +157,7 @@ pub fn run(a: Args) -> Result<()> {
             tokens,
             json,
         } => bench_mod(steps, warm_steps, tokens, json),
+        What::Serve(a) => super::bench_serve::run(a),
     }
 }
 

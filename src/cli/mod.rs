@@ -1,6 +1,8 @@
 //! Subcommands, one file each. Shared here: presets, data loading and progress bars.
 
 mod bench;
+mod bench_serve;
+mod chat;
 mod compare;
 mod demo;
 mod eval;
@@ -10,6 +12,7 @@ mod inspect;
 mod perplexity;
 mod quantize;
 mod route;
+mod serve;
 mod tokenize;
 mod train;
 mod verify;
@@ -41,6 +44,12 @@ enum Command {
     Train(train::Args),
     /// Generate text from a routelm checkpoint or a Hugging Face folder, streaming to stdout.
     Generate(generate::Args),
+    /// Talk to an instruct model in the terminal (its chat template, streamed answers, the
+    /// cache kept across turns).
+    Chat(chat::Args),
+    /// Serve a model with the OpenAI API (continuous batching), metrics and a chat page
+    /// that shows the routers at work.
+    Serve(serve::Args),
     /// Validation loss of a saved model on a text file.
     Eval(eval::Args),
     /// Perplexity of a text, measured as llama.cpp's llama-perplexity measures it.
@@ -73,6 +82,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Quantize(a) => quantize::run(a),

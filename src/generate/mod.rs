@@ -300,6 +300,22 @@ impl Sequence {
         &self.emitted
     }
 
+    /// Length of the longest end of `text` that begins a stop string (held back: the next
+    /// token may complete the stop string, and shown text cannot be taken back).
+    fn stop_prefix(&self, text: &str) -> usize {
+        self.stop
+            .iter()
+            .flat_map(|s| {
+                s.char_indices()
+                    .skip(1)
+                    .map(|(i, _)| &s[..i])
+                    .filter(|p| text.ends_with(p))
+                    .map(str::len)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Sample the next token from `logits` (one row) and say what it shows.
     pub fn push(&mut self, logits: &[f32], tok: &Tokenizer) -> Result<Sampled> {
         let next = sample(logits, &self.ids, &self.sampler, &mut self.rng);
@@ -312,15 +328,6 @@ impl Sequence {
             .iter()
             .filter_map(|s| stable.find(s.as_str()))
             .min();
-        let shown = match cut {
-            Some(pos) => &stable[..pos],
-            None => stable,
-        };
-        let mut piece = String::new();
-        if shown.len() > self.emitted.len() && shown.starts_with(self.emitted.as_str()) {
-            piece = shown[self.emitted.len()..].to_string();
-            self.emitted = shown.to_string();
-        }
         let finish = if cut.is_some() || self.eos.contains(&next) {
             Some(Finish::Stop)
         } else if self.new_tokens() >= self.limit {
@@ -328,6 +335,17 @@ impl Sequence {
         } else {
             None
         };
+        let shown = match cut {
+            Some(pos) => &stable[..pos],
+            // text that may be the start of a stop string waits for the next token
+            None if finish.is_none() => &stable[..stable.len() - self.stop_prefix(stable)],
+            None => stable,
+        };
+        let mut piece = String::new();
+        if shown.len() > self.emitted.len() && shown.starts_with(self.emitted.as_str()) {
+            piece = shown[self.emitted.len()..].to_string();
+            self.emitted = shown.to_string();
+        }
         Ok(Sampled {
             id: next,
             text: piece,
@@ -404,4 +422,50 @@ fn sample_loop(
         ids: seq.ids,
         top_logits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed `text` byte by byte (greedy on one-hot rows) and collect the pieces shown.
+    fn stream(text: &str, stop: &[&str], limit: usize) -> (Vec<String>, Option<Finish>) {
+        let cfg = GenerateConfig {
+            sampler: SamplerConfig::default(),
+            max_tokens: limit,
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            eos: Vec::new(),
+            seed: 0,
+            top_logits: 0,
+            cancel: None,
+        };
+        let mut seq = Sequence::new(vec![1], limit, &cfg);
+        let (mut pieces, mut finish) = (Vec::new(), None);
+        for b in text.bytes() {
+            let mut row = vec![0f32; 256];
+            row[b as usize] = 1.0;
+            let s = seq.push(&row, &Tokenizer::Bytes).unwrap();
+            pieces.push(s.text);
+            if s.finish.is_some() {
+                finish = s.finish;
+                break;
+            }
+        }
+        (pieces, finish)
+    }
+
+    #[test]
+    fn a_stop_string_is_never_shown_even_in_part() {
+        let (pieces, finish) = stream(" the the", &["e "], 20);
+        assert_eq!(pieces.concat(), " th");
+        assert_eq!(finish, Some(Finish::Stop));
+        // "e" waited for the next token, which completed the stop string
+        assert_eq!(pieces[3], "");
+        // a held-back start of a stop string that never completes is shown at the end
+        let (pieces, finish) = stream("abx", &["xyz"], 3);
+        assert_eq!(pieces, ["a", "b", "x"]);
+        assert_eq!(finish, Some(Finish::Length));
+        let (pieces, _) = stream("abxa", &["xyz"], 9);
+        assert_eq!(pieces, ["a", "b", "", "xa"]);
+    }
 }

@@ -24,18 +24,23 @@ pub struct TokenRoute {
 }
 
 impl TokenRoute {
-    /// The route of row `row` of one forward pass's router statistics, when each row was
-    /// one token of its own (a decoding step of one sequence).
-    pub fn of_row(moe: &[MoeStats], depth: &[DepthStats], row: usize) -> Self {
+    /// The route of the last token of a forward pass of one sequence, from its router
+    /// statistics. A routed block's experts ran on the tokens it chose only, so the last
+    /// token, when chosen, is the last of their rows.
+    pub fn of_last(moe: &[MoeStats], depth: &[DepthStats]) -> Self {
+        let processed = |d: &DepthStats| d.chosen.last().is_some_and(|&c| c == 1);
         Self {
             experts: moe
                 .iter()
-                .filter_map(|m| Some((m.layer, m.token_experts.get(row)?.clone())))
+                .filter(|m| {
+                    depth
+                        .iter()
+                        .find(|d| d.layer == m.layer)
+                        .is_none_or(processed)
+                })
+                .filter_map(|m| Some((m.layer, m.token_experts.last()?.clone())))
                 .collect(),
-            blocks: depth
-                .iter()
-                .map(|d| (d.layer, d.chosen.get(row).is_some_and(|&c| c == 1)))
-                .collect(),
+            blocks: depth.iter().map(|d| (d.layer, processed(d))).collect(),
         }
     }
 }
@@ -87,7 +92,7 @@ impl Model {
             for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
                 let ids = Tensor::new(&[t], self.device())?.unsqueeze(0)?;
                 let out = self.forward(&ids, Some(&mut **cache), true)?;
-                routes.push(TokenRoute::of_row(&out.moe, &out.depth, 0));
+                routes.push(TokenRoute::of_last(&out.moe, &out.depth));
                 logits.push(out.logits.reshape((1, vocab))?);
             }
             return Ok((Tensor::cat(&logits, 0)?, routes));

@@ -1,0 +1,120 @@
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use routelm::chat::ChatModel;
+use routelm::serve::{AppState, Engine, Limits, Metrics};
+
+/// Serve a model over HTTP with the OpenAI API (`/v1/chat/completions`, `/v1/completions`,
+/// `/v1/models`), `/health`, Prometheus `/metrics`, and a chat page at `/` that shows which
+/// experts and blocks each token went through. Concurrent requests are decoded together
+/// (continuous batching): each step runs one token of every running request in one
+/// batched forward; new requests join between steps.
+///
+/// Try: curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json'
+///   -d '{"messages": [{"role": "user", "content": "Hello!"}]}'
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder or GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests decoded together at most (the batch).
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// Requests waiting for a slot at most; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// KV-cache memory of the running requests at most, MiB. A request reserves its prompt
+    /// plus max_tokens; one that does not fit waits, one larger than the whole budget gets 400.
+    #[arg(long, default_value_t = 2048)]
+    kv_cache_mb: usize,
+    /// max_tokens when a request gives none (never past the context).
+    #[arg(long, default_value_t = 512)]
+    default_max_tokens: usize,
+    /// Largest request body, KiB (larger: 413).
+    #[arg(long, default_value_t = 1024)]
+    max_body_kb: usize,
+    /// A request that takes longer than this gets 408, seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// The model's name in the API (default: the file or folder name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Compute dtype: f32 (default), bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
+    dtype: candle_core::DType,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    for (v, what) in [
+        (a.parallel, "--parallel"),
+        (a.queue, "--queue"),
+        (a.kv_cache_mb, "--kv-cache-mb"),
+        (a.default_max_tokens, "--default-max-tokens"),
+        (a.max_body_kb, "--max-body-kb"),
+    ] {
+        if v == 0 {
+            bail!("{what} must be at least 1");
+        }
+    }
+    if a.timeout_s == 0 {
+        bail!("--timeout-s must be at least 1");
+    }
+    let path = super::model_dir(&a.model);
+    let cm = Arc::new(ChatModel::load(&path, a.dtype, &super::device())?);
+    if !cm.own_template {
+        eprintln!(
+            "{}: no chat template; chats use plain `role: text` lines",
+            a.model.display()
+        );
+    }
+    // a run's OUT/checkpoint is named after OUT
+    let named = match a.model.file_name() {
+        Some(n) if n == "checkpoint" => a.model.parent().unwrap_or(&a.model),
+        _ => &a.model,
+    };
+    let name = a.name.clone().unwrap_or_else(|| {
+        named
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let limits = Limits {
+        parallel: a.parallel,
+        queue: a.queue,
+        cache_bytes: a.kv_cache_mb << 20,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(cm.clone(), limits, metrics)?;
+    let state = AppState {
+        engine,
+        cm,
+        name: name.clone(),
+        default_max_tokens: a.default_max_tokens,
+    };
+    let addr = format!("{}:{}", a.host, a.port);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let parallel = a.parallel;
+    rt.block_on(routelm::serve::serve(
+        state,
+        &addr,
+        a.max_body_kb << 10,
+        Duration::from_secs(a.timeout_s),
+        |bound| {
+            eprintln!(
+                "routelm serve: {name} on http://{bound} ({parallel} slots); the page is at http://{bound}/"
+            )
+        },
+    ))
+    .map_err(|e| anyhow::anyhow!("{addr}: {e}"))?;
+    Ok(())
+}

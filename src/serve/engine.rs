@@ -1,0 +1,376 @@
+//! Continuous batching. One thread owns the model; requests wait in a bounded queue and
+//! join the running batch between steps (their prompt prefilled on its own), every step
+//! decodes one token of every running request in one batched forward
+//! ([`Model::decode_batch`]), and a request leaves as soon as it finishes or its client goes
+//! away (its receiver dropped). The caches of the running requests together stay under a
+//! memory budget: a request is admitted when its prompt plus its token limit fits.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
+use crate::chat::ChatModel;
+use crate::error::Result;
+use crate::generate::{logits_row, top_n, Finish, GenerateConfig, Sequence};
+use crate::model::{Cache, TokenRoute};
+
+/// One request for the engine.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub cfg: GenerateConfig,
+    /// Log-probabilities of the chosen token and of this many alternatives (`None`: off).
+    pub logprobs: Option<usize>,
+    /// Report each token's route (experts, routed blocks).
+    pub routes: bool,
+    pub events: UnboundedSender<Event>,
+    pub enqueued: Instant,
+}
+
+/// A token's log-probability under the model (raw logits, before sampling settings) and the
+/// most likely alternatives.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the engine tells a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+        /// The path of the step that predicted this token (for the first, the prompt's
+        /// last token's).
+        route: Option<TokenRoute>,
+    },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed: an HTTP status and a message.
+    Error { status: u16, message: String },
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Requests decoded together at most.
+    pub parallel: usize,
+    /// Requests waiting for a slot at most (more are refused).
+    pub queue: usize,
+    /// Bytes of KV cache of the running requests at most.
+    pub cache_bytes: usize,
+}
+
+/// The handle the HTTP side holds.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    pub metrics: Arc<Metrics>,
+    /// Cache bytes one token takes (all layers).
+    pub bytes_per_token: usize,
+    pub limits: Limits,
+}
+
+/// Why a job was not queued.
+pub enum Refused {
+    /// The queue is full (503, retry later).
+    Busy,
+    /// The engine stopped.
+    Stopped,
+}
+
+impl Engine {
+    /// Start the engine thread on `cm`.
+    pub fn start(cm: Arc<ChatModel>, limits: Limits, metrics: Arc<Metrics>) -> Result<Self> {
+        let bytes_per_token = cache_bytes_per_token(&cm)?;
+        metrics
+            .cache_limit_bytes
+            .store(limits.cache_bytes as u64, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(limits.queue);
+        let m = metrics.clone();
+        // The engine loop runs as a worker of a thread pool of its own, as the model's
+        // parallel loops want: started from outside a pool, each loop hands its whole job
+        // to a worker and sleeps until it is done (a decoded token makes a few hundred of
+        // them: SmolLM2 decoded at 47 instead of 124 tokens/s), and the process's global
+        // pool may have workers blocked serving HTTP.
+        let threads = rayon::current_num_threads();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("routelm-engine-{i}"))
+            .build()
+            .map_err(|e| crate::error::Error::Generate(format!("engine threads: {e}")))?;
+        std::thread::Builder::new()
+            .name("routelm-engine".into())
+            .spawn(move || pool.install(|| run(&cm, rx, limits, bytes_per_token, &m)))
+            .map_err(|e| crate::error::Error::Generate(format!("engine thread: {e}")))?;
+        Ok(Self {
+            tx,
+            metrics,
+            bytes_per_token,
+            limits,
+        })
+    }
+
+    /// Queue a job, or say why not.
+    pub fn submit(&self, job: Job) -> std::result::Result<(), Refused> {
+        self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => Refused::Busy,
+                    TrySendError::Disconnected(_) => Refused::Stopped,
+                })
+            }
+        }
+    }
+}
+
+/// KV-cache bytes per token of every layer: one token fed through a fresh cache.
+fn cache_bytes_per_token(cm: &ChatModel) -> Result<usize> {
+    let mut cache = cm.model.new_cache();
+    let ids = Tensor::new(&[[0u32]], cm.model.device())?;
+    cm.model.forward(&ids, Some(&mut cache), true)?;
+    Ok(cache.layers.iter().map(|l| l.bytes_per_token()).sum())
+}
+
+/// A request being decoded.
+struct Running {
+    seq: Sequence,
+    cache: Cache,
+    /// The token to feed next.
+    last: u32,
+    logprobs: Option<usize>,
+    routes: bool,
+    events: UnboundedSender<Event>,
+    prompt_tokens: usize,
+    /// Cache bytes reserved for it.
+    reserved: usize,
+    last_token_at: Instant,
+    done: bool,
+}
+
+impl Running {
+    /// Sample from `row`, tell the client; false when the client is gone.
+    fn emit(
+        &mut self,
+        row: &[f32],
+        route: Option<TokenRoute>,
+        cm: &ChatModel,
+        metrics: &Metrics,
+    ) -> Result<()> {
+        let s = self.seq.push(row, &cm.tok)?;
+        let logprob = self.logprobs.map(|n| logprob_of(row, s.id, n));
+        let now = Instant::now();
+        metrics
+            .token_latency
+            .observe(now.duration_since(self.last_token_at).as_secs_f64());
+        self.last_token_at = now;
+        metrics.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        let sent = self.events.send(Event::Token {
+            id: s.id,
+            text: s.text,
+            logprob,
+            route: if self.routes { route } else { None },
+        });
+        self.last = s.id;
+        if sent.is_err() {
+            self.done = true;
+            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(finish) = s.finish {
+            self.finish(finish);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, finish: Finish) {
+        let _ = self.events.send(Event::Done {
+            finish,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.seq.new_tokens(),
+        });
+        self.done = true;
+    }
+}
+
+/// `log p(id)` under `softmax(row)` and the `n` most likely tokens' log-probabilities.
+fn logprob_of(row: &[f32], id: u32, n: usize) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max
+        + row
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    TokenLogprob {
+        logprob: row.get(id as usize).map_or(f32::NEG_INFINITY, |&v| v - lse),
+        top: top_n(row, n)
+            .into_iter()
+            .map(|(i, l)| (i, l - lse))
+            .collect(),
+    }
+}
+
+fn run(cm: &ChatModel, rx: Receiver<Job>, limits: Limits, bytes_per_token: usize, m: &Metrics) {
+    let mut running: Vec<Running> = Vec::new();
+    // a job that did not fit in the cache budget yet: it goes first when room frees up
+    let mut waiting: Option<Job> = None;
+    loop {
+        // admit: between steps, while slots and cache budget allow
+        while running.len() < limits.parallel {
+            let job = match waiting.take() {
+                Some(j) => j,
+                None if running.is_empty() => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
+                None => match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                },
+            };
+            if job.events.is_closed() {
+                m.queued.fetch_sub(1, Ordering::Relaxed);
+                m.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let ctx = cm.model.config.max_seq_len;
+            let need = (job.prompt.len() + job.cfg.max_tokens).min(ctx) * bytes_per_token;
+            let reserved: usize = running.iter().map(|r| r.reserved).sum();
+            if need > limits.cache_bytes {
+                m.queued.fetch_sub(1, Ordering::Relaxed);
+                m.rejected.fetch_add(1, Ordering::Relaxed);
+                let _ = job.events.send(Event::Error {
+                    status: 400,
+                    message: format!(
+                        "the request needs {} MiB of KV cache (prompt plus max_tokens), more than the server's limit of {} MiB: ask for fewer tokens",
+                        need >> 20,
+                        limits.cache_bytes >> 20
+                    ),
+                });
+                continue;
+            }
+            if reserved + need > limits.cache_bytes {
+                waiting = Some(job);
+                break;
+            }
+            m.queued.fetch_sub(1, Ordering::Relaxed);
+            match catch_unwind(AssertUnwindSafe(|| admit(cm, job, need, m))) {
+                Ok(Some(r)) => running.push(r),
+                Ok(None) => {}
+                Err(_) => {
+                    m.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            };
+        }
+        running.retain(|r| !r.done && !r.events.is_closed());
+        m.running.store(running.len() as u64, Ordering::Relaxed);
+        m.cache_bytes.store(
+            running
+                .iter()
+                .map(|r| (r.cache.pos() * bytes_per_token) as u64)
+                .sum(),
+            Ordering::Relaxed,
+        );
+        if running.is_empty() {
+            continue;
+        }
+        let step = catch_unwind(AssertUnwindSafe(|| step(cm, &mut running, m)));
+        let failure = match step {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("internal error (a panic in the decoding step)".to_string()),
+        };
+        if let Some(message) = failure {
+            // the batch's state is unknown: every running request fails, the engine goes on
+            for r in running.drain(..) {
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = r.events.send(Event::Error {
+                    status: 500,
+                    message: message.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// Prefill a job's prompt and emit its first token; `None` when it failed or already ended.
+fn admit(cm: &ChatModel, job: Job, reserved: usize, m: &Metrics) -> Option<Running> {
+    let model = &cm.model;
+    let mut cache = model.new_cache();
+    let mut prefill = || -> Result<_> {
+        let ids = Tensor::new(job.prompt.as_slice(), model.device())?.unsqueeze(0)?;
+        let out = model.forward(&ids, Some(&mut cache), true)?;
+        let route = job
+            .routes
+            .then(|| TokenRoute::of_last(&out.moe, &out.depth));
+        Ok((logits_row(&out.logits)?, route))
+    };
+    let (row, route) = match prefill() {
+        Ok(x) => x,
+        Err(e) => {
+            m.failed.fetch_add(1, Ordering::Relaxed);
+            let _ = job.events.send(Event::Error {
+                status: 400,
+                message: e.to_string(),
+            });
+            return None;
+        }
+    };
+    m.prompt_tokens
+        .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
+    m.ttft.observe(job.enqueued.elapsed().as_secs_f64());
+    let limit = job
+        .cfg
+        .max_tokens
+        .min(model.config.max_seq_len - job.prompt.len());
+    let mut r = Running {
+        prompt_tokens: job.prompt.len(),
+        seq: Sequence::new(job.prompt, limit, &job.cfg),
+        cache,
+        last: 0,
+        logprobs: job.logprobs,
+        routes: job.routes,
+        events: job.events,
+        reserved,
+        last_token_at: Instant::now(),
+        done: false,
+    };
+    if limit == 0 {
+        r.finish(Finish::Length);
+        return None;
+    }
+    if let Err(e) = r.emit(&row, route, cm, m) {
+        let _ = r.events.send(Event::Error {
+            status: 500,
+            message: e.to_string(),
+        });
+        return None;
+    }
+    (!r.done).then_some(r)
+}
+
+/// One batched decoding step of every running request.
+fn step(cm: &ChatModel, running: &mut [Running], m: &Metrics) -> Result<()> {
+    let tokens: Vec<u32> = running.iter().map(|r| r.last).collect();
+    let mut caches: Vec<&mut Cache> = running.iter_mut().map(|r| &mut r.cache).collect();
+    let (logits, routes) = cm.model.decode_batch(&tokens, &mut caches)?;
+    let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    m.steps.fetch_add(1, Ordering::Relaxed);
+    for ((r, row), route) in running.iter_mut().zip(rows).zip(routes) {
+        r.emit(&row, Some(route), cm, m)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,787 @@
+//! The OpenAI-compatible HTTP API on top of the [`Engine`]: `/v1/chat/completions`,
+//! `/v1/completions` (streamed as server-sent events or whole), `/v1/models`, `/health`,
+//! `/metrics`, and the page at `/`. Errors are OpenAI-style error objects.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event as Sse, Sse as SseBody};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::engine::{Engine, Event, Job, Refused, TokenLogprob};
+use crate::chat::ChatModel;
+use crate::generate::{GenerateConfig, SamplerConfig};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub cm: Arc<ChatModel>,
+    /// The model's name in responses and `/v1/models`.
+    pub name: String,
+    /// `max_tokens` when a request gives none (bounded by the context).
+    pub default_max_tokens: usize,
+}
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            code: None,
+            param: None,
+        }
+    }
+
+    fn param(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::bad(message)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status.as_u16() {
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = json!({"error": {
+            "message": self.message,
+            "type": kind,
+            "param": self.param,
+            "code": self.code,
+        }});
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The router with every route, a body limit of `max_body` bytes.
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/routelm/model", get(model_info))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: "internal error".into(),
+                code: None,
+                param: None,
+            }
+            .into_response()
+        }))
+        .with_state(state)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.engine.metrics.render(),
+    )
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(s): State<AppState>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{
+        "id": s.name, "object": "model", "created": now_s(), "owned_by": "routelm",
+        "max_model_len": s.cm.model.config.max_seq_len,
+    }]}))
+}
+
+/// What the page needs to draw routes: the MoE layers and their experts, the routed blocks.
+async fn model_info(State(s): State<AppState>) -> Json<Value> {
+    let c = &s.cm.model.config;
+    let moe: Vec<Value> = c
+        .moe_layers()
+        .map(|(l, m)| json!({"layer": l, "n_experts": m.n_experts, "noop_experts": m.noop_experts, "top_k": m.top_k}))
+        .collect();
+    let depth: Vec<Value> = c
+        .depth_layers()
+        .map(|(l, d)| json!({"layer": l, "capacity": d.capacity}))
+        .collect();
+    Json(json!({
+        "name": s.name, "n_layers": c.n_layers, "context": c.max_seq_len,
+        "moe_layers": moe, "depth_layers": depth, "own_chat_template": s.cm.own_template,
+        "parallel": s.engine.limits.parallel,
+    }))
+}
+
+/// The request fields both endpoints share.
+struct Params {
+    cfg: GenerateConfig,
+    stream: bool,
+    include_usage: bool,
+    logprobs: Option<usize>,
+    routes: bool,
+}
+
+fn get_f64(v: &Value, key: &'static str, lo: f64, hi: f64) -> ApiResult<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => match x.as_f64() {
+            Some(f) if f.is_finite() && (lo..=hi).contains(&f) => Ok(Some(f)),
+            _ => Err(ApiError::param(
+                key,
+                format!("{key} must be a number from {lo} to {hi}"),
+            )),
+        },
+    }
+}
+
+fn get_uint(v: &Value, key: &'static str) -> ApiResult<Option<u64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::param(key, format!("{key} must be a non-negative integer"))),
+    }
+}
+
+fn get_bool(v: &Value, key: &'static str) -> ApiResult<bool> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        _ => Err(ApiError::param(key, format!("{key} must be true or false"))),
+    }
+}
+
+fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<Params> {
+    let ctx = s.cm.model.config.max_seq_len;
+    if prompt_len == 0 {
+        return Err(ApiError::param("prompt", "the prompt is empty"));
+    }
+    if prompt_len >= ctx {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::bad(format!(
+                "the prompt has {prompt_len} tokens; the model's context is {ctx} tokens, which leaves no room for an answer"
+            ))
+        });
+    }
+    if let Some(n) = get_uint(v, "n")? {
+        if n != 1 {
+            return Err(ApiError::param("n", "only n = 1 is supported"));
+        }
+    }
+    for key in ["presence_penalty", "frequency_penalty"] {
+        if get_f64(v, key, -2.0, 2.0)?.is_some_and(|p| p != 0.0) {
+            return Err(ApiError::bad(format!(
+                "{key} is not supported (use repetition_penalty)"
+            )));
+        }
+    }
+    let max_key = if v.get("max_completion_tokens").is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let room = ctx - prompt_len;
+    let max_tokens = match get_uint(v, max_key)? {
+        Some(0) => {
+            return Err(ApiError::param(
+                max_key,
+                format!("{max_key} must be at least 1"),
+            ))
+        }
+        Some(n) => (n as usize).min(room),
+        None => s.default_max_tokens.min(room),
+    };
+    let stop: Vec<String> = match v.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(t)) => vec![t.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(|x| x.is_string()) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => {
+            return Err(ApiError::param(
+                "stop",
+                "stop must be a string or a list of at most 4 strings",
+            ))
+        }
+    };
+    if stop.iter().any(|t| t.is_empty()) {
+        return Err(ApiError::param("stop", "a stop string must not be empty"));
+    }
+    let sampler: SamplerConfig = s.cm.sampler(
+        get_f64(v, "temperature", 0.0, 2.0)?,
+        get_uint(v, "top_k")?.map(|k| k as usize),
+        get_f64(v, "top_p", 0.0, 1.0)?,
+        get_f64(v, "repetition_penalty", 0.01, 10.0)?,
+    );
+    if sampler.top_p <= 0.0 {
+        return Err(ApiError::param("top_p", "top_p must be above 0"));
+    }
+    let seed = match get_uint(v, "seed")? {
+        Some(s) => s,
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    };
+    let logprobs = if chat {
+        let top = get_uint(v, "top_logprobs")?;
+        if top.is_some_and(|t| t > 20) {
+            return Err(ApiError::param(
+                "top_logprobs",
+                "top_logprobs is at most 20",
+            ));
+        }
+        match (get_bool(v, "logprobs")?, top) {
+            (true, t) => Some(t.unwrap_or(0) as usize),
+            (false, Some(t)) if t > 0 => {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "top_logprobs needs logprobs: true",
+                ))
+            }
+            _ => None,
+        }
+    } else {
+        match v.get("logprobs") {
+            None | Some(Value::Null) => None,
+            Some(x) => match x.as_u64() {
+                Some(n) if n <= 20 => Some(n as usize),
+                _ => {
+                    return Err(ApiError::param(
+                        "logprobs",
+                        "logprobs must be an integer from 0 to 20",
+                    ))
+                }
+            },
+        }
+    };
+    let stream = get_bool(v, "stream")?;
+    let include_usage = v
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    let routes = v
+        .get("routelm")
+        .and_then(|o| o.get("routes"))
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    // `ignore_eos` (as vLLM and llama-server take it): exactly max_tokens, for benchmarks
+    let ignore_eos = get_bool(v, "ignore_eos")?;
+    let mut all_stop = stop;
+    if !ignore_eos {
+        all_stop.extend(s.cm.stop_strings.iter().cloned());
+    }
+    Ok(Params {
+        cfg: GenerateConfig {
+            sampler,
+            max_tokens,
+            stop: all_stop,
+            eos: if ignore_eos {
+                Vec::new()
+            } else {
+                s.cm.stop_ids.clone()
+            },
+            seed,
+            top_logits: 0,
+            cancel: None,
+        },
+        stream,
+        include_usage,
+        logprobs,
+        routes,
+    })
+}
+
+fn parse_body(body: &Bytes) -> ApiResult<Value> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// Messages with their content as text (a list of parts is joined: text parts only).
+fn messages_of(v: &Value) -> ApiResult<Value> {
+    let Some(list) = v.get("messages").and_then(|m| m.as_array()) else {
+        return Err(ApiError::param(
+            "messages",
+            "messages must be a list of {role, content}",
+        ));
+    };
+    if list.is_empty() {
+        return Err(ApiError::param("messages", "messages must not be empty"));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::param(
+                "messages",
+                format!("messages[{i}] must be an object"),
+            ));
+        };
+        if !obj.get("role").is_some_and(|r| r.is_string()) {
+            return Err(ApiError::param(
+                "messages",
+                format!("messages[{i}].role must be a string"),
+            ));
+        }
+        let mut obj = obj.clone();
+        match obj.get("content") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (
+                        p.get("type").and_then(|t| t.as_str()),
+                        p.get("text").and_then(|t| t.as_str()),
+                    ) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::param(
+                                "messages",
+                                format!("messages[{i}].content: only text parts are supported"),
+                            ))
+                        }
+                    }
+                }
+                obj.insert("content".into(), Value::String(text));
+            }
+            Some(_) => {
+                return Err(ApiError::param(
+                    "messages",
+                    format!("messages[{i}].content must be a string or a list of text parts"),
+                ))
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(Value::Array(out))
+}
+
+async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
+    s.engine
+        .metrics
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let run = || -> ApiResult<(Vec<u32>, Params)> {
+        let v = parse_body(&body)?;
+        let messages = messages_of(&v)?;
+        let mut extra = Map::new();
+        if let Some(t) = v.get("tools").filter(|t| !t.is_null()) {
+            extra.insert("tools".into(), t.clone());
+        }
+        if let Some(Value::Object(k)) = v.get("chat_template_kwargs") {
+            extra.extend(k.clone());
+        }
+        let prompt =
+            s.cm.prompt_ids(&messages, &extra)
+                .map_err(|e| ApiError::param("messages", e.to_string()))?;
+        let p = params(&s, &v, prompt.len(), true)?;
+        Ok((prompt, p))
+    };
+    match run() {
+        Ok((prompt, p)) => respond(s, prompt, p, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
+    s.engine
+        .metrics
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let run = || -> ApiResult<(Vec<u32>, Params)> {
+        let v = parse_body(&body)?;
+        let encode = |t: &str| {
+            s.cm.tok
+                .encode(t)
+                .map_err(|e| ApiError::param("prompt", e.to_string()))
+        };
+        let prompt = match v.get("prompt") {
+            Some(Value::String(t)) => encode(t)?,
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                encode(a[0].as_str().unwrap_or_default())?
+            }
+            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
+                let vocab = s.cm.model.config.vocab_size as u64;
+                let ids: Vec<u32> = a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect();
+                if let Some(bad) = a.iter().filter_map(|x| x.as_u64()).find(|&x| x >= vocab) {
+                    return Err(ApiError::param(
+                        "prompt",
+                        format!("token id {bad} is out of range for a vocabulary of {vocab}"),
+                    ));
+                }
+                ids
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "prompt",
+                    "prompt must be a string (or a list of one string, or of token ids)",
+                ))
+            }
+        };
+        if get_bool(&v, "echo")? {
+            return Err(ApiError::param("echo", "echo is not supported"));
+        }
+        let p = params(&s, &v, prompt.len(), false)?;
+        Ok((prompt, p))
+    };
+    match run() {
+        Ok((prompt, p)) => respond(s, prompt, p, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+fn refused(r: Refused) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: match r {
+            Refused::Busy => "the server is busy (its queue is full): retry shortly".into(),
+            Refused::Stopped => "the engine has stopped".into(),
+        },
+        code: None,
+        param: None,
+    }
+}
+
+fn engine_error(status: u16, message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        message,
+        code: None,
+        param: None,
+    }
+}
+
+/// How one response is being assembled: ids, names and the logprob rendering.
+struct Reply {
+    s: AppState,
+    kind: Kind,
+    id: String,
+    created: u64,
+}
+
+impl Reply {
+    fn token_text(&self, id: u32) -> String {
+        self.s.cm.tok.decode(&[id]).unwrap_or_default()
+    }
+
+    /// A chat logprob entry for one token.
+    fn chat_logprob(&self, id: u32, lp: &TokenLogprob) -> Value {
+        let entry = |id: u32, l: f32| {
+            let t = self.token_text(id);
+            json!({"token": t, "logprob": l, "bytes": t.as_bytes()})
+        };
+        let mut e = entry(id, lp.logprob);
+        e["top_logprobs"] = lp.top.iter().map(|&(i, l)| entry(i, l)).collect();
+        e
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>, extra: Option<(&str, Value)>) -> Value {
+        let mut c = match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.s.name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.s.name,
+                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
+                             "logprobs": null, "finish_reason": finish}],
+            }),
+        };
+        if let Some((k, v)) = extra {
+            c[k] = v;
+        }
+        c
+    }
+
+    fn usage(prompt: usize, completion: usize) -> Value {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    }
+}
+
+async fn respond(s: AppState, prompt: Vec<u32>, p: Params, kind: Kind) -> Response {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt,
+        cfg: p.cfg,
+        logprobs: p.logprobs,
+        routes: p.routes,
+        events: tx,
+        enqueued: Instant::now(),
+    };
+    if let Err(r) = s.engine.submit(job) {
+        return refused(r).into_response();
+    }
+    // the first event decides the status: an error before any token is an HTTP error
+    let first = match rx.recv().await {
+        Some(Event::Error { status, message }) => {
+            return engine_error(status, message).into_response()
+        }
+        Some(e) => e,
+        None => return engine_error(500, "the engine dropped the request".into()).into_response(),
+    };
+    let r = Reply {
+        id: format!(
+            "{}-{:x}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        created: now_s(),
+        kind,
+        s,
+    };
+    if p.stream {
+        stream(r, first, rx, p.include_usage).into_response()
+    } else {
+        whole(r, first, rx).await
+    }
+}
+
+/// Server-sent events: a chunk per token (the role first, for chat), the finish reason,
+/// usage when asked, then `[DONE]`. A client that goes away drops the stream, which drops
+/// the engine's receiver: the engine stops its request at the next step.
+fn stream(
+    r: Reply,
+    first: Event,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> impl IntoResponse {
+    let (out, out_rx) = mpsc::channel::<Result<Sse, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |v: Value| Sse::default().data(v.to_string());
+        if r.kind == Kind::Chat
+            && out
+                .send(Ok(send(r.chunk(
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                    None,
+                ))))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut next = Some(first);
+        while let Some(ev) = next.take() {
+            let msg = match ev {
+                Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    route,
+                } => {
+                    if text.is_empty() && logprob.is_none() && route.is_none() {
+                        next = rx.recv().await;
+                        continue;
+                    }
+                    let mut c = r.chunk(json!({"content": text}), None, None);
+                    if let Some(lp) = &logprob {
+                        c["choices"][0]["logprobs"] = match r.kind {
+                            Kind::Chat => json!({"content": [r.chat_logprob(id, lp)]}),
+                            Kind::Completion => completion_logprobs(&r, &[(id, lp.clone())], 0),
+                        };
+                    }
+                    if let Some(route) = route {
+                        c["routelm"] =
+                            json!({"token_id": id, "token": r.token_text(id), "route": route});
+                    }
+                    send(c)
+                }
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let mut chunks = vec![r.chunk(json!({}), Some(finish.reason()), None)];
+                    if include_usage {
+                        let mut u = r.chunk(
+                            json!({}),
+                            None,
+                            Some(("usage", Reply::usage(prompt_tokens, completion_tokens))),
+                        );
+                        u["choices"] = json!([]);
+                        chunks.push(u);
+                    }
+                    for c in chunks {
+                        if out.send(Ok(send(c))).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = out.send(Ok(Sse::default().data("[DONE]"))).await;
+                    return;
+                }
+                Event::Error { status, message } => {
+                    let e = json!({"error": {"message": message, "type": "server_error", "code": status}});
+                    let _ = out.send(Ok(send(e))).await;
+                    let _ = out.send(Ok(Sse::default().data("[DONE]"))).await;
+                    return;
+                }
+            };
+            if out.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            next = rx.recv().await;
+        }
+    });
+    SseBody::new(ReceiverStream::new(out_rx))
+}
+
+/// The legacy completions `logprobs` object for tokens starting at text offset `offset`.
+fn completion_logprobs(r: &Reply, tokens: &[(u32, TokenLogprob)], offset: usize) -> Value {
+    let mut text_offset = Vec::new();
+    let mut at = offset;
+    let texts: Vec<String> = tokens.iter().map(|(id, _)| r.token_text(*id)).collect();
+    for t in &texts {
+        text_offset.push(at);
+        at += t.len();
+    }
+    json!({
+        "tokens": texts,
+        "token_logprobs": tokens.iter().map(|(_, lp)| lp.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|(_, lp)| {
+            lp.top.iter().map(|&(i, l)| (r.token_text(i), json!(l))).collect::<Map<String, Value>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+/// The whole answer in one response.
+async fn whole(r: Reply, first: Event, mut rx: mpsc::UnboundedReceiver<Event>) -> Response {
+    let mut text = String::new();
+    let mut lps: Vec<(u32, TokenLogprob)> = Vec::new();
+    let mut routes = Vec::new();
+    let mut next = Some(first);
+    while let Some(ev) = next.take() {
+        match ev {
+            Event::Token {
+                id,
+                text: t,
+                logprob,
+                route,
+            } => {
+                text.push_str(&t);
+                if let Some(lp) = logprob {
+                    lps.push((id, lp));
+                }
+                if let Some(route) = route {
+                    routes.push(json!({"token_id": id, "token": r.token_text(id), "route": route}));
+                }
+            }
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let logprobs = match (r.kind, lps.is_empty()) {
+                    (_, true) => Value::Null,
+                    (Kind::Chat, false) => {
+                        json!({"content": lps.iter().map(|(id, lp)| r.chat_logprob(*id, lp)).collect::<Vec<_>>()})
+                    }
+                    (Kind::Completion, false) => completion_logprobs(&r, &lps, 0),
+                };
+                let choice = match r.kind {
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                         "logprobs": logprobs, "finish_reason": finish.reason()})
+                    }
+                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": logprobs,
+                                               "finish_reason": finish.reason()}),
+                };
+                let mut body = json!({
+                    "id": r.id,
+                    "object": if r.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+                    "created": r.created, "model": r.s.name, "choices": [choice],
+                    "usage": Reply::usage(prompt_tokens, completion_tokens),
+                });
+                if !routes.is_empty() {
+                    body["routelm"] = json!({"routes": routes});
+                }
+                return Json(body).into_response();
+            }
+            Event::Error { status, message } => {
+                return engine_error(status, message).into_response()
+            }
+        }
+        next = rx.recv().await;
+    }
+    engine_error(500, "the engine dropped the request".into()).into_response()
+}
+
+/// Serve on `addr` until Ctrl-C; `on_ready` is told the bound address.
+pub async fn serve(
+    state: AppState,
+    addr: &str,
+    max_body: usize,
+    timeout: Duration,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    on_ready(listener.local_addr()?);
+    let app = router(state, max_body).layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        timeout,
+    ));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+}
