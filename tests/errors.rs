@@ -325,3 +325,84 @@ fn encoder_decoder_refuses_what_it_cannot_do() {
         .to_string();
     assert!(err.contains("decoder-only"), "{err}");
 }
+
+/// Numbers on the command line are checked before any work: zero counts, negative or NaN
+/// sampling settings, fractions out of range.
+#[test]
+fn numeric_options_are_validated() {
+    let m = "tests/fixtures/hf/llama3";
+    let cases: &[(&[&str], &str)] = &[
+        (&["bench", "train", "--steps", "0"], "at least 1"),
+        (&["bench", "decode", "--tokens", "0"], "at least 1"),
+        (
+            &["bench", "serve", "--model", m, "--clients", "0"],
+            "at least 1",
+        ),
+        (&["train", "--steps", "0"], "at least 1"),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "a",
+                "--max-tokens",
+                "0",
+            ],
+            "at least 1",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "a",
+                "--temperature=-1",
+            ],
+            "0 or more",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "a",
+                "--temperature",
+                "NaN",
+            ],
+            "finite",
+        ),
+        (
+            &["generate", "--model", m, "--prompt", "a", "--top-p", "1.5"],
+            "at most 1",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "a",
+                "--repetition-penalty",
+                "0",
+            ],
+            "above 0",
+        ),
+        (&["chat", "--model", m, "--top-p", "0"], "above 0"),
+        (
+            &["eval", "--model", m, "--val-fraction", "1"],
+            "between 0 and 1",
+        ),
+        (
+            &["perplexity", "--model", m, "--data", "x", "--ctx", "0"],
+            "at least 1",
+        ),
+        (&["serve", "--model", m, "--parallel", "0"], "at least 1"),
+    ];
+    for (args, want) in cases {
+        let err = fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -26,7 +26,7 @@ enum What {
         #[arg(long, default_value = "train-small")]
         config: String,
         /// Timed steps (after 2 warm-up steps); the median is reported.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = super::positive)]
         steps: usize,
         /// Matrix-product precision: f32, or bf16 (mixed: bf16 operands, f32 sums, on CPUs
         /// with AVX512-BF16). Default: bf16 where the CPU has it, else f32. The peak is the
@@ -46,7 +46,7 @@ enum What {
         #[arg(long, default_value = "dense-110m")]
         config: String,
         /// New tokens to decode (after a 32-token prompt).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = super::positive)]
         tokens: usize,
         #[arg(long)]
         json: bool,
@@ -64,10 +64,10 @@ enum What {
         #[arg(long, default_value = "dense-110m")]
         config: String,
         /// Prompt length.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = super::positive)]
         tokens: usize,
         /// Timed passes per model (after one warm-up); medians are reported.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = super::positive)]
         passes: usize,
         #[arg(long)]
         json: bool,
@@ -81,14 +81,14 @@ enum What {
     Mod {
         /// Timed training steps per model, interleaved; the speedup is the median of the
         /// ratios of adjacent steps (this machine's speed drifts; more steps steady it).
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 12, value_parser = super::positive)]
         steps: usize,
         /// Training steps before sampling: the routers' causal deciders need about 150 to
         /// process close to their capacity (after 40, the deeper ones still skip every
         /// token, which would flatter the sampling speedup).
         #[arg(long, default_value_t = 150)]
         warm_steps: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = super::positive)]
         tokens: usize,
         #[arg(long)]
         json: bool,
@@ -103,11 +103,11 @@ enum What {
     Moe {
         /// Timed training steps per model, the two models' steps interleaved; the ratio is
         /// the median of the ratios of adjacent steps, the step times their medians
-        #[arg(long, default_value_t = 12)]
+        #[arg(long, default_value_t = 12, value_parser = super::positive)]
         steps: usize,
         /// Tokens per decode pass; 9 rounds of one pass per model in turn, the ratio the
         /// median of the rounds' ratios, the speeds each model's best
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = super::positive)]
         tokens: usize,
         /// Training precision of both models: f32, or bf16 (mixed, on CPUs with
         /// AVX512-BF16: the dense projections and the experts' grouped products)
@@ -193,9 +193,10 @@ fn copy_bandwidth() -> f64 {
     2.0 * (n * 4) as f64 / best
 }
 
+/// The median (NaN of nothing: the counts are validated at the command line).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The median of `b[i] / a[i]` over measurements taken in pairs, one right after the

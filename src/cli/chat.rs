@@ -22,19 +22,19 @@ pub struct Args {
     #[arg(long)]
     system: Option<String>,
     /// New tokens at most per answer.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::positive)]
     max_tokens: usize,
     /// Sampling temperature (0: greedy). Default: the model's generation_config.json, else 0.8.
-    #[arg(long)]
+    #[arg(long, value_parser = super::non_negative)]
     temperature: Option<f64>,
     /// Sample among the k most likely tokens (0: all). Default: generation_config.json's.
     #[arg(long)]
     top_k: Option<usize>,
     /// Nucleus sampling threshold. Default: generation_config.json's, else 1.0.
-    #[arg(long)]
+    #[arg(long, value_parser = super::probability)]
     top_p: Option<f64>,
     /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive_f64)]
     repetition_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,

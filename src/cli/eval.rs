@@ -15,13 +15,13 @@ pub struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Tokens per window (default: the model's context).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     seq_len: Option<usize>,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::positive)]
     batch_size: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = super::positive)]
     batches: usize,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = super::fraction)]
     val_fraction: f64,
     /// Seed of the evaluation windows.
     #[arg(long, default_value_t = 1337)]

@@ -22,14 +22,14 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
     /// New tokens at most.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = super::positive)]
     max_tokens: usize,
     /// Compute dtype: f32 (default), bf16 or f16 (weights are converted at load).
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
     /// Sampling temperature; 0 is greedy. Default: what the folder's
     /// generation_config.json says (greedy unless it sets do_sample), else 0.8.
-    #[arg(long)]
+    #[arg(long, value_parser = super::non_negative)]
     temperature: Option<f64>,
     /// Sample among the k most likely tokens only (0: all). Default: generation_config.json's,
     /// else 0.
@@ -37,10 +37,10 @@ pub struct Args {
     top_k: Option<usize>,
     /// Nucleus sampling: the smallest set of tokens with this much probability. Default:
     /// generation_config.json's, else 1.0.
-    #[arg(long)]
+    #[arg(long, value_parser = super::probability)]
     top_p: Option<f64>,
     /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive_f64)]
     repetition_penalty: Option<f64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -128,6 +128,13 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!(
             "step {step}: chose [{chosen}]; {}{margin}",
             shown.join(", ")
+        );
+    }
+    let ctx = model.config.max_seq_len;
+    if stats.new_tokens < a.max_tokens && stats.ids.len() >= ctx {
+        eprintln!(
+            "generation stopped at the model's context length ({ctx} tokens), before --max-tokens {}",
+            a.max_tokens
         );
     }
     eprintln!(

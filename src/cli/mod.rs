@@ -234,6 +234,71 @@ pub fn say(pb: &ProgressBar, line: String) {
     }
 }
 
+/// A count that must be at least 1 (steps, tokens, batch sizes…).
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+/// [`positive`] as u64.
+pub fn positive_u64(s: &str) -> std::result::Result<u64, String> {
+    positive(s).map(|n| n as u64)
+}
+
+fn finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a finite number")),
+    }
+}
+
+/// A finite number ≥ 0 (a temperature).
+pub fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| {
+        if v >= 0.0 {
+            Ok(v)
+        } else {
+            Err("must be 0 or more".into())
+        }
+    })
+}
+
+/// A finite number > 0 (a penalty).
+pub fn positive_f64(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| {
+        if v > 0.0 {
+            Ok(v)
+        } else {
+            Err("must be above 0".into())
+        }
+    })
+}
+
+/// A probability in (0, 1] (top-p).
+pub fn probability(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| {
+        if v > 0.0 && v <= 1.0 {
+            Ok(v)
+        } else {
+            Err("must be above 0 and at most 1".into())
+        }
+    })
+}
+
+/// A fraction in (0, 1) (a validation share).
+pub fn fraction(s: &str) -> std::result::Result<f64, String> {
+    finite(s).and_then(|v| {
+        if v > 0.0 && v < 1.0 {
+            Ok(v)
+        } else {
+            Err("must be between 0 and 1".into())
+        }
+    })
+}
+
 /// `--dtype` values.
 pub fn parse_dtype(s: &str) -> std::result::Result<candle_core::DType, String> {
     match s {

@@ -16,10 +16,10 @@ pub struct Args {
     #[arg(long)]
     data: PathBuf,
     /// Tokens per chunk.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::positive)]
     ctx: usize,
     /// Evaluate at most this many chunks (default: all the text holds).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     chunks: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]

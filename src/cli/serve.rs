@@ -1,4 +1,4 @@
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,23 +25,23 @@ pub struct Args {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Requests decoded together at most (the batch).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::positive)]
     parallel: usize,
     /// Requests waiting for a slot at most; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::positive)]
     queue: usize,
     /// KV-cache memory of the running requests at most, MiB. A request reserves its prompt
     /// plus max_tokens; one that does not fit waits, one larger than the whole budget gets 400.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = super::positive)]
     kv_cache_mb: usize,
     /// max_tokens when a request gives none (never past the context).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = super::positive)]
     default_max_tokens: usize,
     /// Largest request body, KiB (larger: 413).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = super::positive)]
     max_body_kb: usize,
     /// A request that takes longer than this gets 408, seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = super::positive_u64)]
     timeout_s: u64,
     /// The model's name in the API (default: the file or folder name).
     #[arg(long)]
@@ -52,20 +52,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    for (v, what) in [
-        (a.parallel, "--parallel"),
-        (a.queue, "--queue"),
-        (a.kv_cache_mb, "--kv-cache-mb"),
-        (a.default_max_tokens, "--default-max-tokens"),
-        (a.max_body_kb, "--max-body-kb"),
-    ] {
-        if v == 0 {
-            bail!("{what} must be at least 1");
-        }
-    }
-    if a.timeout_s == 0 {
-        bail!("--timeout-s must be at least 1");
-    }
     let path = super::model_dir(&a.model);
     let cm = Arc::new(ChatModel::load(&path, a.dtype, &super::device())?);
     if !cm.own_template {

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Override the preset's number of steps.
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     steps: Option<usize>,
     /// Override the preset's seed.
     #[arg(long)]
@@ -36,7 +36,7 @@ pub struct Args {
     #[arg(long)]
     precision: Option<routelm::train::Precision>,
     /// Stop after this step with a checkpoint, as if interrupted (for testing resume).
-    #[arg(long)]
+    #[arg(long, value_parser = super::positive)]
     stop_after: Option<usize>,
     /// Fine-tune: start from the weights in this folder (a Hugging Face checkpoint of a
     /// supported family, or a routelm checkpoint); the model section of --config is ignored,

@@ -128,7 +128,18 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
 
 /// Swap a fully written `tmp` folder in as `dir`. If a crash interrupts the swap, `dir.old`
 /// holds the previous checkpoint and [`find_checkpoint`] falls back to it.
+///
+/// Every file of `tmp` and its entries are flushed to the disk before the first rename, and
+/// the run folder after the last, so a power loss never leaves a renamed folder of empty
+/// files.
 pub fn commit(tmp: &Path, dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(tmp).map_err(|e| Error::io(tmp, e))? {
+        let path = entry.map_err(|e| Error::io(tmp, e))?.path();
+        if path.is_file() {
+            crate::weights::sync_file(&path)?;
+        }
+    }
+    crate::weights::sync_dir(tmp)?;
     let old = dir.with_extension("old");
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -137,6 +148,7 @@ pub fn commit(tmp: &Path, dir: &Path) -> Result<()> {
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
     }
     std::fs::rename(tmp, dir).map_err(|e| Error::io(tmp, e))?;
+    crate::weights::sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }

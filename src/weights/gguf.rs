@@ -476,5 +476,5 @@ pub fn write(
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    super::rename_durably(&tmp, path)
 }

@@ -138,14 +138,51 @@ pub fn save_safetensors(path: &Path, tensors: &Params) -> Result<()> {
         path: path.into(),
         msg: e.to_string(),
     })?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    sync_file(&tmp)?;
+    rename_durably(&tmp, path)
 }
 
-/// Write a text file atomically (temporary file + rename).
+/// Write a text file atomically (temporary file, flushed to disk, then a rename).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, contents).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    sync_file(&tmp)?;
+    rename_durably(&tmp, path)
+}
+
+/// Flush a file's data to the disk (so a rename after it never exposes an empty file
+/// after a power loss).
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Flush a folder's entries (a rename into it) to the disk. Where folders cannot be
+/// opened for that (not Unix), the rename stays as durable as the file system makes it.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(dir, e))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Rename `from` to `to`, then flush the folder holding `to`.
+pub fn rename_durably(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|e| Error::io(to, e))?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
