@@ -47,6 +47,8 @@ struct Client {
     ttft_s: f64,
     total_s: f64,
     tokens: usize,
+    /// When each token's chunk arrived, seconds from the start.
+    arrivals: Vec<f64>,
     error: Option<String>,
 }
 
@@ -175,12 +177,31 @@ fn report(a: &Args, server: &str, clients: &[Client], wall: f64, rss: Option<f64
     let mut ttft: Vec<f64> = ok.iter().map(|c| c.ttft_s).collect();
     let (p50, p95) = (percentile(&mut ttft, 0.5), percentile(&mut ttft, 0.95));
     let agg = tokens as f64 / wall;
+    // decoding with every client in the batch: from the last client's first token to the
+    // first client's last, the tokens that arrived per second
+    let start = ok.iter().map(|c| c.ttft_s).fold(0.0, f64::max);
+    let end = ok
+        .iter()
+        .filter_map(|c| c.arrivals.last().copied())
+        .fold(f64::INFINITY, f64::min);
+    let steady = (end > start).then(|| {
+        let n: usize = ok
+            .iter()
+            .map(|c| {
+                c.arrivals
+                    .iter()
+                    .filter(|&&t| t > start && t <= end)
+                    .count()
+            })
+            .sum();
+        n as f64 / (end - start)
+    });
     if a.json {
         println!(
             "{}",
             json!({"server": server, "clients": a.clients, "tokens_per_client": a.tokens,
                    "completed": ok.len(), "errors": errors.len(), "tokens": tokens, "wall_s": wall,
-                   "aggregate_tokens_per_s": agg,
+                   "aggregate_tokens_per_s": agg, "decode_tokens_per_s": steady,
                    "ttft_p50_s": p50, "ttft_p95_s": p95, "peak_rss_mb": rss})
         );
     } else {
@@ -194,7 +215,18 @@ fn report(a: &Args, server: &str, clients: &[Client], wall: f64, rss: Option<f64
             clients.len(),
             errors.len()
         );
-        println!("aggregate: {tokens} tokens in {wall:.2} s = {agg:.1} tokens/s");
+        println!(
+            "aggregate: {tokens} tokens in {wall:.2} s = {agg:.1} tokens/s (prefills included)"
+        );
+        match steady {
+            Some(r) => println!(
+                "decode with all {} clients running: {r:.1} tokens/s",
+                ok.len()
+            ),
+            None => {
+                println!("decode with all clients running: no such moment (they did not overlap)")
+            }
+        }
         println!(
             "time to first token: p50 {:.1} ms, p95 {:.1} ms",
             p50 * 1e3,
@@ -303,7 +335,9 @@ async fn stream(addr: &str, body: &Value, t0: Instant) -> Result<Client> {
             // a token's chunk, even with no text yet (a partial character held back)
             if v["choices"][0]["text"].is_string() {
                 chunks += 1;
-                first.get_or_insert(t0.elapsed().as_secs_f64());
+                let now = t0.elapsed().as_secs_f64();
+                first.get_or_insert(now);
+                c.arrivals.push(now);
             }
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(n as usize);

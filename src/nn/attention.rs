@@ -4,7 +4,7 @@
 //! and the fused kernel ([`super::causal_attention`]) all work on it, so nothing is
 //! transposed, K/V are never repeated per query head, and no [T × T] mask exists.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::causal_attention::{causal_attention, AttentionOptions};
 use super::KvCache;
@@ -192,12 +192,36 @@ impl Attention {
             None => (q, k),
         };
         let opts = self.options();
-        let mut ys = Vec::with_capacity(b);
+        let mut kvs = Vec::with_capacity(b);
         for (i, cache) in caches.iter_mut().enumerate() {
-            let (ki, vi) = cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-            ys.push(causal_attention(&q.narrow(0, i, 1)?, &ki, &vi, &opts)?);
+            kvs.push(cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?);
         }
-        let y = Tensor::cat(&ys, 0)?;
+        let one_pass = self.softcap.is_none()
+            && self.causal
+            && kvs.iter().all(|(k, v)| {
+                k.dtype() == DType::F32
+                    && v.dtype() == DType::F32
+                    && k.is_contiguous()
+                    && v.is_contiguous()
+            });
+        let y = if one_pass {
+            let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = kvs.into_iter().unzip();
+            super::decode_attention::decode_attention(
+                &q,
+                &ks,
+                &vs,
+                self.scale as f32,
+                self.window,
+                self.alibi,
+            )?
+        } else {
+            let ys = kvs
+                .iter()
+                .enumerate()
+                .map(|(i, (ki, vi))| causal_attention(&q.narrow(0, i, 1)?, ki, vi, &opts))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&ys, 0)?
+        };
         let dv = y.dim(3)?;
         self.o.forward(&y.reshape((b, 1, self.n_heads * dv))?)
     }

@@ -120,27 +120,40 @@ impl Model {
             .map(|(&t, &s)| self.embed_tokens(&Tensor::new(&[[t]], dev)?, 1, 1, s))
             .collect::<CResult<Vec<_>>>()?;
         let mut x = Tensor::cat(&rows, 0)?;
-        let tables =
-            |r: Option<&RopeTables>, rows: &[usize]| -> CResult<Option<(Tensor, Tensor)>> {
-                let Some(r) = r else { return Ok(None) };
-                let (mut cos, mut sin) = (Vec::new(), Vec::new());
-                for &i in rows {
-                    let (c, s) = r.range(starts[i], 1)?;
-                    cos.push(c);
-                    sin.push(s);
-                }
-                let half = cos[0].dim(1)?;
-                let n = rows.len();
-                Ok(Some((
-                    Tensor::cat(&cos, 0)?.reshape((n, 1, half))?,
-                    Tensor::cat(&sin, 0)?.reshape((n, 1, half))?,
-                )))
-            };
+        // each row's rotary tables, once per step for each set of tables (global, local)
+        let tables_of = |r: &RopeTables| -> CResult<(Tensor, Tensor)> {
+            let (mut cos, mut sin) = (Vec::with_capacity(b), Vec::with_capacity(b));
+            for &s in starts {
+                let (c, sn) = r.range(s, 1)?;
+                cos.push(c);
+                sin.push(sn);
+            }
+            let half = cos[0].dim(1)?;
+            Ok((
+                Tensor::cat(&cos, 0)?.reshape((b, 1, half))?,
+                Tensor::cat(&sin, 0)?.reshape((b, 1, half))?,
+            ))
+        };
+        let global = self.rope.as_ref().map(tables_of).transpose()?;
+        let local = self.local_rope.as_ref().map(tables_of).transpose()?;
+        let tables = |l: usize, rows: &[usize]| -> CResult<Option<(Tensor, Tensor)>> {
+            let t = if self.is_local(l) { &local } else { &global };
+            let Some((cos, sin)) = t else { return Ok(None) };
+            if rows.len() == b {
+                return Ok(Some((cos.clone(), sin.clone())));
+            }
+            let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::new(idx.as_slice(), dev)?;
+            Ok(Some((
+                cos.index_select(&idx, 0)?,
+                sin.index_select(&idx, 0)?,
+            )))
+        };
         let all: Vec<usize> = (0..b).collect();
         let mut routes = vec![TokenRoute::default(); b];
         for (l, block) in self.blocks.iter().enumerate() {
             let run = |x: &Tensor, rows: &[usize], caches: &mut [&mut Cache]| {
-                let rope = tables(self.rope_of(l), rows)?;
+                let rope = tables(l, rows)?;
                 let mut layer: Vec<&mut KvCache> = caches
                     .iter_mut()
                     .enumerate()

@@ -226,11 +226,21 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
 /// per row, activations, one output per row)`.
 pub type DotFn = fn(&[u8], usize, ActRow<'_>, &mut [f32]);
 
-/// A named kernel path: the dot product of each weight type on one instruction set.
+/// Products of weight rows with 2 to 8 prepared activation rows at once, each weight block
+/// unpacked once for all of them: `(rows' bytes, bytes per row, activations, out,
+/// stride)`; activation `j`'s product with row `r` goes to `out[j · stride + r]`.
+///
+/// # Safety
+/// `out` must be valid for writes at `j · stride + r` for every activation `j` and row `r`.
+pub type MultiDotFn = unsafe fn(&[u8], usize, &[ActRow<'_>], *mut f32, usize);
+
+/// A named kernel path: the dot product of each weight type on one instruction set, and
+/// its multi-row product where it has one (several sequences decoded together).
 #[derive(Clone, Copy)]
 pub struct Path {
     pub name: &'static str,
     pub dot: fn(GgmlType) -> DotFn,
+    pub multi: fn(GgmlType) -> Option<MultiDotFn>,
 }
 
 /// Every kernel path this CPU can run, the fastest first (chosen at run time: one binary
@@ -243,26 +253,38 @@ pub fn paths() -> Vec<Path> {
             v.push(Path {
                 name: "avx512-vnni",
                 dot: simd::vnni_dot,
+                multi: simd::vnni_multi,
             });
         }
         if simd::has_avx2() {
             v.push(Path {
                 name: "avx2",
                 dot: simd::avx2_dot,
+                multi: simd::avx2_multi,
             });
         }
     }
     v.push(Path {
         name: "portable",
         dot: scalar::dot,
+        multi: |_| None,
     });
     v
 }
 
 /// The fastest path's dot product for `ty`.
 fn best_dot(ty: GgmlType) -> DotFn {
+    (best_path().dot)(ty)
+}
+
+/// The fastest path's multi-row product for `ty`, where it has one.
+fn best_multi(ty: GgmlType) -> Option<MultiDotFn> {
+    (best_path().multi)(ty)
+}
+
+fn best_path() -> Path {
     static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
-    (BEST.get_or_init(|| paths()[0]).dot)(ty)
+    *BEST.get_or_init(|| paths()[0])
 }
 
 /// Rows at most that take the integer dot products; more take dequantized tiles and
@@ -373,11 +395,26 @@ pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
         .collect();
     let mut ys: Vec<Vec<f32>> = pairs.iter().map(|(w, _)| vec![0f32; m * w.rows]).collect();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    // several rows: each weight block unpacked once for all of them, where the type has it
+    let multi: Vec<Option<MultiDotFn>> = pairs
+        .iter()
+        .map(|(w, _)| if m >= 2 { best_multi(w.ty) } else { None })
+        .collect();
+    let act_rows: Vec<Vec<ActRow<'_>>> = acts
+        .iter()
+        .map(|a| (0..m).map(|r| a.row(r)).collect())
+        .collect();
     jobs.par_iter().for_each(|&(j, o0, o1)| {
         let w = pairs[j].0;
-        let dot = best_dot(w.ty);
         let rb = w.row_bytes;
         let rows = &w.data.as_slice()[o0 * rb..o1 * rb];
+        if let Some(f) = multi[j] {
+            // SAFETY: activation r's outputs o0..o1 of matrix j are at r · rows + o0.. of
+            // its m × rows vector, which no other job writes
+            unsafe { f(rows, rb, &act_rows[j], outs[j].at(o0), w.rows) };
+            return;
+        }
+        let dot = best_dot(w.ty);
         for r in 0..m {
             // SAFETY: row r's outputs o0..o1 of matrix j lie inside its m × rows vector,
             // and no other job writes them

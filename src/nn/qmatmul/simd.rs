@@ -12,7 +12,7 @@
 //! 4-6 bit quant), a signed one at most 127 in magnitude, so a 16-bit pair sum is at most
 //! 2 · 128 · 127 < 2^15.
 
-use super::{ActRow, DotFn};
+use super::{ActRow, DotFn, MultiDotFn};
 use crate::weights::quant::scale_min_k4;
 use crate::weights::quant::GgmlType;
 
@@ -147,6 +147,122 @@ macro_rules! kernels {
                         r += 1;
                     }
                 }};
+            }
+
+            /// Dot products of every row of `w` (rows of `rb` bytes) with `M` activation
+            /// rows at once: each weight block is unpacked once (`$unpack`, from the row
+            /// pointer and block index, bound to `$pat`) and multiplied with each activation (`$per`, for
+            /// activation `j`, giving the block's `(scale, i32 sums, extra)` as in
+            /// `rows!`). The same arithmetic per (row, activation) as `rows!`, so the same
+            /// results bit for bit; activation `j`'s product with row `r` goes to
+            /// `out[j · stride + r]`.
+            macro_rules! rows_m {
+                ($M:ident, $w:expr, $rb:expr, $bytes:expr, $out:expr, $stride:expr, $dt:expr, $st:expr,
+                 |$row:ident, $b:ident| let $pat:pat = $unpack:expr; scale $dw:expr, extra $ew:expr;
+                 |$j:ident| $per:expr) => {{
+                    let nb = $rb / $bytes;
+                    let (w, rb, out, stride): (&[u8], usize, *mut f32, usize) = ($w, $rb, $out, $stride);
+                    let (dt, st): (&[f32], &[f32]) = ($dt, $st);
+                    assert!(dt.len() >= 8 * nb && st.len() >= 8 * nb);
+                    let rows = w.len() / rb;
+                    let wp = w.as_ptr();
+                    for r in 0..rows {
+                        let $row = wp.add(r * rb);
+                        let mut acc = [_mm256_setzero_ps(); $M];
+                        let mut extra = _mm256_setzero_ps();
+                        for $b in 0..nb {
+                            // the same block eight rows on, into L2 (as `rows!` does)
+                            let ahead = $row.wrapping_add(8 * rb + $b * $bytes);
+                            for line in 0..($bytes as usize + 95) / 64 {
+                                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(64 * line) as *const i8);
+                            }
+                            let $pat = $unpack;
+                            // every activation's block scale and extra term at once (lane j:
+                            // activation j), the same products `rows!` takes one at a time
+                            let scales = _mm256_mul_ps(_mm256_set1_ps($dw), _mm256_loadu_ps(dt.as_ptr().add(8 * $b)));
+                            extra = _mm256_add_ps(extra, _mm256_mul_ps(_mm256_set1_ps($ew), _mm256_loadu_ps(st.as_ptr().add(8 * $b))));
+                            for $j in 0..$M {
+                                let p: __m256i = $per;
+                                let d = _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32($j as i32));
+                                acc[$j] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[$j]);
+                            }
+                        }
+                        let mut e = [0f32; 8];
+                        _mm256_storeu_ps(e.as_mut_ptr(), extra);
+                        for $j in 0..$M {
+                            *out.add($j * stride + r) = hsum(acc[$j]) + e[$j];
+                        }
+                    }
+                }};
+            }
+
+            /// Each activation's quants as raw pointers (`M` of them), and the scales and
+            /// sums of its blocks transposed, eight lanes a block (lane `j`: activation
+            /// `j`), after checking they cover `nb` blocks of `block` values.
+            #[inline]
+            fn act_ptrs<const M: usize>(acts: &[ActRow<'_>], nb: usize, block: usize, sums: bool) -> ([*const u8; M], Vec<f32>, Vec<f32>) {
+                assert!(acts.len() == M && M <= 8);
+                let mut dt = vec![0f32; 8 * nb];
+                let mut st = vec![0f32; 8 * nb];
+                for (j, a) in acts.iter().enumerate() {
+                    assert!(a.qs.len() >= block * nb && a.d.len() >= nb && (!sums || a.s.len() >= nb));
+                    for b in 0..nb {
+                        dt[8 * b + j] = a.d[b];
+                        if sums {
+                            st[8 * b + j] = a.s[b];
+                        }
+                    }
+                }
+                (std::array::from_fn(|j| acts[j].qs.as_ptr() as *const u8), dt, st)
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q8_0_m<const M: usize>(w: &[u8], rb: usize, acts: &[ActRow<'_>], out: *mut f32, stride: usize) {
+                let (ap, dt, st) = act_ptrs::<M>(acts, rb / 34, 32, false);
+                rows_m!(M, w, rb, 34, out, stride, &dt, &st, |row, b| let (q, qa, qs) = {
+                    let blk = row.add(34 * b);
+                    let q = load(blk.add(2));
+                    (q, _mm256_sign_epi8(q, q), half(blk))
+                }; scale qs, extra 0.0; |j| us8(qa, _mm256_sign_epi8(load(ap[j].add(32 * b)), q)))
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_0_m<const M: usize>(w: &[u8], rb: usize, acts: &[ActRow<'_>], out: *mut f32, stride: usize) {
+                let (ap, dt, st) = act_ptrs::<M>(acts, rb / 18, 32, false);
+                rows_m!(M, w, rb, 18, out, stride, &dt, &st, |row, b| let (q, qa, qs) = {
+                    let blk = row.add(18 * b);
+                    let q = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
+                    (q, _mm256_sign_epi8(q, q), half(blk))
+                }; scale qs, extra 0.0; |j| us8(qa, _mm256_sign_epi8(load(ap[j].add(32 * b)), q)))
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q4_1_m<const M: usize>(w: &[u8], rb: usize, acts: &[ActRow<'_>], out: *mut f32, stride: usize) {
+                let (ap, dt, st) = act_ptrs::<M>(acts, rb / 20, 32, true);
+                rows_m!(M, w, rb, 20, out, stride, &dt, &st, |row, b| let (q, qs, qm) = {
+                    let blk = row.add(20 * b);
+                    (nibbles(blk.add(4)), half(blk), half(blk.add(2)))
+                }; scale qs, extra qm; |j| us8(q, load(ap[j].add(32 * b))))
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_0_m<const M: usize>(w: &[u8], rb: usize, acts: &[ActRow<'_>], out: *mut f32, stride: usize) {
+                let (ap, dt, st) = act_ptrs::<M>(acts, rb / 22, 32, false);
+                rows_m!(M, w, rb, 22, out, stride, &dt, &st, |row, b| let (q, qa, qs) = {
+                    let blk = row.add(22 * b);
+                    let q = _mm256_or_si256(nibbles(blk.add(6)), fifth_bits(blk.add(2)));
+                    let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+                    (q, _mm256_sign_epi8(q, q), half(blk))
+                }; scale qs, extra 0.0; |j| us8(qa, _mm256_sign_epi8(load(ap[j].add(32 * b)), q)))
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn q5_1_m<const M: usize>(w: &[u8], rb: usize, acts: &[ActRow<'_>], out: *mut f32, stride: usize) {
+                let (ap, dt, st) = act_ptrs::<M>(acts, rb / 24, 32, true);
+                rows_m!(M, w, rb, 24, out, stride, &dt, &st, |row, b| let (q, qs, qm) = {
+                    let blk = row.add(24 * b);
+                    (_mm256_or_si256(nibbles(blk.add(8)), fifth_bits(blk.add(4))), half(blk), half(blk.add(2)))
+                }; scale qs, extra qm; |j| us8(q, load(ap[j].add(32 * b))))
             }
 
             #[target_feature(enable = $feat)]
@@ -389,6 +505,38 @@ macro_rules! kernels {
                     other => super::super::scalar::dot(other),
                 }
             }
+
+            /// This instruction set's product of `ty` with several activation rows at
+            /// once ([`MultiDotFn`]), where it has one.
+            ///
+            /// # Safety
+            /// The CPU must have the module's features (the caller detected them).
+            pub unsafe fn multi(ty: GgmlType) -> Option<MultiDotFn> {
+                macro_rules! by_m {
+                    ($f:ident) => {
+                        Some(|w, rb, acts, out, stride| unsafe {
+                            match acts.len() {
+                                2 => $f::<2>(w, rb, acts, out, stride),
+                                3 => $f::<3>(w, rb, acts, out, stride),
+                                4 => $f::<4>(w, rb, acts, out, stride),
+                                5 => $f::<5>(w, rb, acts, out, stride),
+                                6 => $f::<6>(w, rb, acts, out, stride),
+                                7 => $f::<7>(w, rb, acts, out, stride),
+                                8 => $f::<8>(w, rb, acts, out, stride),
+                                m => panic!("multi-row product of {m} rows (2 to 8 are made)"),
+                            }
+                        })
+                    };
+                }
+                match ty {
+                    GgmlType::Q8_0 => by_m!(q8_0_m),
+                    GgmlType::Q4_0 => by_m!(q4_0_m),
+                    GgmlType::Q4_1 => by_m!(q4_1_m),
+                    GgmlType::Q5_0 => by_m!(q5_0_m),
+                    GgmlType::Q5_1 => by_m!(q5_1_m),
+                    _ => None,
+                }
+            }
         }
     };
 }
@@ -553,6 +701,24 @@ pub fn avx2_dot(ty: GgmlType) -> DotFn {
         // SAFETY: AVX2, FMA and F16C were just detected
         true => unsafe { avx2::dot(ty) },
         false => super::scalar::dot(ty),
+    }
+}
+
+/// The AVX2 path's multi-row product of `ty`, where it has one.
+pub fn avx2_multi(ty: GgmlType) -> Option<MultiDotFn> {
+    match has_avx2() {
+        // SAFETY: AVX2, FMA and F16C were just detected
+        true => unsafe { avx2::multi(ty) },
+        false => None,
+    }
+}
+
+/// The AVX-512 VNNI path's multi-row product of `ty`, where it has one.
+pub fn vnni_multi(ty: GgmlType) -> Option<MultiDotFn> {
+    match has_vnni() {
+        // SAFETY: VNNI, AVX-512VL and AVX2's features were just detected
+        true => unsafe { vnni::multi(ty) },
+        false => None,
     }
 }
 
