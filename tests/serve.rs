@@ -15,6 +15,9 @@ use tokio::net::TcpStream;
 
 const MODEL: &str = "tests/fixtures/hf/mixtral";
 
+/// How long the test servers wait for a request's headers.
+const HEADER_TIMEOUT_MS: u64 = 500;
+
 fn load() -> Arc<ChatModel> {
     Arc::new(ChatModel::load(MODEL.as_ref(), DType::F32, &Device::Cpu).unwrap())
 }
@@ -35,7 +38,10 @@ async fn start(limits: Limits) -> (String, Arc<ChatModel>, Arc<Metrics>) {
             state,
             "127.0.0.1:0",
             64 << 10,
-            Duration::from_secs(60),
+            routelm::serve::Timeouts {
+                headers: Duration::from_millis(HEADER_TIMEOUT_MS),
+                request: Duration::from_secs(60),
+            },
             |a| {
                 let _ = tx.send(a);
             },
@@ -356,5 +362,33 @@ fn a_full_queue_refuses_with_busy() {
     assert!(
         busy >= 1,
         "three jobs for one slot and a queue of one: none refused"
+    );
+}
+
+/// A client that sends half a request and stalls (slow loris), or connects and says
+/// nothing, is disconnected after the header timeout; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_disconnected() {
+    let (addr, _, _) = start(LIMITS).await;
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-")
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // served while the two others hold their connections
+    let (status, _, _) = request(&addr, "GET", "/health", "").await;
+    assert_eq!(status, 200);
+    let t0 = Instant::now();
+    for s in [&mut stalled, &mut silent] {
+        let mut buf = Vec::new();
+        // the server closes the connection (a 408 or nothing, then EOF)
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a stalled connection was kept open past 10 s");
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(HEADER_TIMEOUT_MS / 2) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, header timeout {HEADER_TIMEOUT_MS} ms"
     );
 }

@@ -107,7 +107,10 @@ pub fn run(a: Args) -> Result<()> {
                         state,
                         "127.0.0.1:0",
                         1 << 20,
-                        Duration::from_secs(3600),
+                        routelm::serve::Timeouts {
+                            headers: Duration::from_secs(60),
+                            request: Duration::from_secs(3600),
+                        },
                         |b| {
                             let _ = tx.send(b);
                         },

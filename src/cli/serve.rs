@@ -40,6 +40,10 @@ pub struct Args {
     /// Largest request body, KiB (larger: 413).
     #[arg(long, default_value_t = 1024, value_parser = super::positive)]
     max_body_kb: usize,
+    /// A client must send a request's headers within this many seconds (an idle
+    /// keep-alive connection is closed after it too).
+    #[arg(long, default_value_t = 10, value_parser = super::positive_u64)]
+    header_timeout_s: u64,
     /// A request that takes longer than this gets 408, seconds.
     #[arg(long, default_value_t = 600, value_parser = super::positive_u64)]
     timeout_s: u64,
@@ -94,7 +98,10 @@ pub fn run(a: Args) -> Result<()> {
         state,
         &addr,
         a.max_body_kb << 10,
-        Duration::from_secs(a.timeout_s),
+        routelm::serve::Timeouts {
+            headers: Duration::from_secs(a.header_timeout_s),
+            request: Duration::from_secs(a.timeout_s),
+        },
         |bound| {
             eprintln!(
                 "routelm serve: {name} on http://{bound} ({parallel} slots); the page is at http://{bound}/"

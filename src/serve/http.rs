@@ -765,23 +765,51 @@ async fn whole(r: Reply, first: Event, mut rx: mpsc::UnboundedReceiver<Event>) -
     engine_error(500, "the engine dropped the request".into()).into_response()
 }
 
+/// Connection limits: how long a client may take to send a request's headers (an idle
+/// keep-alive connection included: a slow-loris client cannot hold a connection), and to
+/// get its whole answer (408 past it).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub headers: Duration,
+    pub request: Duration,
+}
+
 /// Serve on `addr` until Ctrl-C; `on_ready` is told the bound address.
 pub async fn serve(
     state: AppState,
     addr: &str,
     max_body: usize,
-    timeout: Duration,
+    timeouts: Timeouts,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let listener = tokio::net::TcpListener::bind(addr).await?;
     on_ready(listener.local_addr()?);
     let app = router(state, max_body).layer(tower_http::timeout::TimeoutLayer::with_status_code(
         StatusCode::REQUEST_TIMEOUT,
-        timeout,
+        timeouts.request,
     ));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Some(timeouts.headers));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shutdown = tokio::signal::ctrl_c();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = http.serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    // the answers under way get a few seconds to finish
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
 }

@@ -7,5 +7,5 @@ pub mod http;
 pub mod metrics;
 
 pub use engine::{Engine, Limits};
-pub use http::{router, serve, AppState};
+pub use http::{router, serve, AppState, Timeouts};
 pub use metrics::Metrics;
