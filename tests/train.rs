@@ -290,3 +290,83 @@ fn sharded_batches_take_the_same_steps() {
     assert!(d < 1e-4, "logits after 4 steps differ by {d}");
     assert!(one[3] < one[0], "it trains: {one:?}");
 }
+
+/// A checkpoint write stopped at any point (after each file, after the previous checkpoint
+/// moved aside, after the new one moved in) leaves a checkpoint that loads, and resuming
+/// from it reproduces the uninterrupted run exactly.
+#[test]
+fn a_checkpoint_write_stopped_anywhere_resumes_exactly() {
+    use routelm::train::checkpoint::{inject_fault, WriteStage};
+    let (cfg, train, data) = setup(12);
+    let dev = Device::Cpu;
+    let opts = |out: &std::path::Path, stop: Option<usize>| RunOptions {
+        out: out.to_path_buf(),
+        stop_after: stop,
+    };
+    let a_dir = dir("fault-ref");
+    let mut a = Trainer::new(&cfg, &train, &dev).unwrap();
+    a.run(&data, &opts(&a_dir, None), &mut |_| {}).unwrap();
+    for stage in [
+        WriteStage::Model,
+        WriteStage::Optimizer,
+        WriteStage::State,
+        WriteStage::OldMoved,
+        WriteStage::NewMoved,
+    ] {
+        let d = dir(&format!("fault-{stage:?}"));
+        let mut b = Trainer::new(&cfg, &train, &dev).unwrap();
+        b.run(&data, &opts(&d, Some(5)), &mut |_| {}).unwrap();
+        drop(b);
+        // the next checkpoint write (at a step past 5) stops after `stage`
+        let mut b = Trainer::resume(&d, &dev).unwrap();
+        inject_fault(Some(stage));
+        let err = b.run(&data, &opts(&d, Some(9)), &mut |_| {}).unwrap_err();
+        inject_fault(None);
+        assert!(
+            err.to_string().contains("injected fault"),
+            "{stage:?}: {err}"
+        );
+        let failed_at = b.step;
+        assert!(failed_at > 5, "{stage:?}: the write at step {failed_at}");
+        drop(b);
+        // the files are as a crash at that point leaves them
+        let ck = d.join("checkpoint");
+        let (tmp, old) = (ck.with_extension("tmp"), ck.with_extension("old"));
+        let has = |p: &std::path::Path| p.exists();
+        let left = match stage {
+            WriteStage::Model => {
+                has(&tmp.join("model.safetensors")) && !has(&tmp.join("optimizer.safetensors"))
+            }
+            WriteStage::Optimizer => {
+                has(&tmp.join("optimizer.safetensors")) && !has(&tmp.join("state.json"))
+            }
+            WriteStage::State => has(&tmp.join("state.json")) && has(&ck),
+            WriteStage::OldMoved => has(&old) && !has(&ck) && has(&tmp),
+            WriteStage::NewMoved => has(&old) && has(&ck) && !has(&tmp),
+        };
+        assert!(left, "{stage:?}: unexpected files after the stop");
+        let mut c = Trainer::resume(&d, &dev).unwrap();
+        let want = if stage == WriteStage::NewMoved {
+            failed_at
+        } else {
+            5
+        };
+        assert_eq!(c.step, want, "{stage:?}: resumed from step {}", c.step);
+        c.check_data(&d, &data).unwrap();
+        c.run(&data, &opts(&d, None), &mut |_| {}).unwrap();
+        assert_eq!(a.metrics.len(), c.metrics.len(), "{stage:?}");
+        for (x, y) in a.metrics.iter().zip(&c.metrics) {
+            assert_eq!(x.step, y.step);
+            assert!(
+                (x.train_loss - y.train_loss).abs() <= 1e-6,
+                "{stage:?}, step {}: {} vs {}",
+                x.step,
+                x.train_loss,
+                y.train_loss
+            );
+        }
+        // the next write cleaned up after the crash
+        assert!(!ck.with_extension("tmp").exists() && !ck.with_extension("old").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

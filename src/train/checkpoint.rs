@@ -126,6 +126,39 @@ pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoint")
 }
 
+/// The points of a checkpoint write where a crash may stop it: after each file of the
+/// temporary folder, after the previous checkpoint moved aside, after the new one moved in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStage {
+    Model,
+    Optimizer,
+    State,
+    OldMoved,
+    NewMoved,
+}
+
+thread_local! {
+    static FAULT: std::cell::Cell<Option<WriteStage>> = const { std::cell::Cell::new(None) };
+}
+
+/// Make the next checkpoint write on this thread stop right after `stage`, leaving the
+/// files as a crash there would (the crash-safety test); `None` clears it.
+pub fn inject_fault(stage: Option<WriteStage>) {
+    FAULT.set(stage);
+}
+
+/// A checkpoint write reached `stage`: an error when a fault was injected there.
+pub(crate) fn reached(stage: WriteStage, dir: &Path) -> Result<()> {
+    if FAULT.get() == Some(stage) {
+        FAULT.set(None);
+        return Err(Error::Checkpoint {
+            path: dir.into(),
+            msg: format!("write stopped after {stage:?} (injected fault)"),
+        });
+    }
+    Ok(())
+}
+
 /// Swap a fully written `tmp` folder in as `dir`. If a crash interrupts the swap, `dir.old`
 /// holds the previous checkpoint and [`find_checkpoint`] falls back to it.
 ///
@@ -147,8 +180,10 @@ pub fn commit(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
     }
+    reached(WriteStage::OldMoved, dir)?;
     std::fs::rename(tmp, dir).map_err(|e| Error::io(tmp, e))?;
     crate::weights::sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
+    reached(WriteStage::NewMoved, dir)?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     }

@@ -385,6 +385,7 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         weights::save_model_dir(&tmp, &self.model.config, &self.params()?)?;
+        checkpoint::reached(checkpoint::WriteStage::Model, &tmp)?;
         let mut moments = BTreeMap::new();
         let cpu = Device::Cpu;
         for s in &self.opt.slots {
@@ -400,6 +401,7 @@ impl Trainer {
             }
         }
         weights::save_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+        checkpoint::reached(checkpoint::WriteStage::Optimizer, &tmp)?;
         let state = TrainState {
             step: self.step,
             rng_state: self.rng.state,
@@ -414,6 +416,7 @@ impl Trainer {
         };
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::parse(&tmp, e))?;
         weights::write_atomic(&tmp.join("state.json"), json.as_bytes())?;
+        checkpoint::reached(checkpoint::WriteStage::State, &tmp)?;
         checkpoint::commit(&tmp, &dir)?;
         Ok(dir)
     }
