@@ -291,6 +291,10 @@ fn best_path() -> Path {
 /// the f32 GEMM.
 pub const MAX_DOT_ROWS: usize = 8;
 
+/// Rows at most that take the multi-row products (eight at a time) for the types that
+/// have them, rather than the integer GEMM, which repacks the weights on every call.
+pub const MAX_MULTI_ROWS: usize = 16;
+
 impl QMatrix {
     /// A matrix over `data` (`rows` rows of `cols` values of `ty`); `Err` with the problem
     /// when the sizes do not fit.
@@ -369,7 +373,8 @@ impl QMatrix {
 /// region over blocks of 64 weight rows of all the matrices; more: dequantized tiles
 /// and the f32 GEMM.
 pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
-    if m > MAX_DOT_ROWS {
+    let all_multi = pairs.iter().all(|(w, _)| best_multi(w.ty).is_some());
+    if m > MAX_DOT_ROWS && !(m <= MAX_MULTI_ROWS && all_multi) {
         return pairs
             .iter()
             .map(|(w, x)| match int8_gemm(w.ty) {
@@ -409,9 +414,21 @@ pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
         let rb = w.row_bytes;
         let rows = &w.data.as_slice()[o0 * rb..o1 * rb];
         if let Some(f) = multi[j] {
-            // SAFETY: activation r's outputs o0..o1 of matrix j are at r · rows + o0.. of
-            // its m × rows vector, which no other job writes
-            unsafe { f(rows, rb, &act_rows[j], outs[j].at(o0), w.rows) };
+            // eight activation rows at a time over this job's weight rows (which stay in
+            // cache); a last single row takes the one-row product
+            for r0 in (0..m).step_by(8) {
+                let acts = &act_rows[j][r0..(r0 + 8).min(m)];
+                let out = outs[j].at(r0 * w.rows + o0);
+                if acts.len() == 1 {
+                    // SAFETY: row r0's outputs o0..o1 of matrix j, written by this job alone
+                    let y = unsafe { std::slice::from_raw_parts_mut(out, o1 - o0) };
+                    best_dot(w.ty)(rows, rb, acts[0], y);
+                } else {
+                    // SAFETY: activation r's outputs o0..o1 of matrix j are at r · rows + o0..
+                    // of its m × rows vector, which no other job writes
+                    unsafe { f(rows, rb, acts, out, w.rows) };
+                }
+            }
             return;
         }
         let dot = best_dot(w.ty);
