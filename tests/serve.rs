@@ -96,7 +96,7 @@ fn greedy(cm: &ChatModel, user: &str, max_tokens: usize) -> String {
         )
         .unwrap();
     let cfg = GenerateConfig {
-        sampler: cm.sampler(Some(0.0), None, None, None),
+        sampler: cm.defaults.sampler(Some(0.0), None, None, None),
         max_tokens,
         stop: cm.stop_strings.clone(),
         eos: cm.stop_ids.clone(),
@@ -342,7 +342,7 @@ fn a_full_queue_refuses_with_busy() {
         let job = Job {
             prompt: vec![5, 6, 7],
             cfg: GenerateConfig {
-                sampler: cm.sampler(Some(1.0), None, None, None),
+                sampler: cm.defaults.sampler(Some(1.0), None, None, None),
                 max_tokens: 120,
                 stop: Vec::new(),
                 eos: Vec::new(),

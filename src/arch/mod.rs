@@ -941,6 +941,26 @@ pub struct GenerationDefaults {
     pub repetition_penalty: Option<f64>,
 }
 
+impl GenerationDefaults {
+    /// Sampler settings: each given value, else this file's, else 0.8 / all / 1.0 / 1.0.
+    pub fn sampler(
+        &self,
+        temperature: Option<f64>,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        repetition_penalty: Option<f64>,
+    ) -> crate::generate::SamplerConfig {
+        crate::generate::SamplerConfig {
+            temperature: temperature.or(self.temperature).unwrap_or(0.8),
+            top_k: top_k.or(self.top_k).unwrap_or(0),
+            top_p: top_p.or(self.top_p).unwrap_or(1.0),
+            repetition_penalty: repetition_penalty
+                .or(self.repetition_penalty)
+                .unwrap_or(1.0),
+        }
+    }
+}
+
 /// The [`GenerationDefaults`] of a model folder, with transformers' defaults for keys a
 /// present `generation_config.json` leaves out (greedy, or when sampling: temperature 1,
 /// top-k 50, top-p 1).

@@ -10,7 +10,6 @@ use candle_core::{DType, Device};
 
 use crate::arch::GenerationDefaults;
 use crate::error::Result;
-use crate::generate::SamplerConfig;
 use crate::model::Model;
 use crate::tokenize::Tokenizer;
 
@@ -84,23 +83,5 @@ impl ChatModel {
     ) -> Result<Vec<u32>> {
         let text = self.template.render_json(messages, true, extra)?;
         self.tok.encode_plain(&text)
-    }
-
-    /// The sampler settings: each given value, else the model's generation_config.json,
-    /// else greedy-free defaults (temperature 0.8, no top-k/top-p cut, no penalty).
-    pub fn sampler(
-        &self,
-        temperature: Option<f64>,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        repetition_penalty: Option<f64>,
-    ) -> SamplerConfig {
-        let d = &self.defaults;
-        SamplerConfig {
-            temperature: temperature.or(d.temperature).unwrap_or(0.8),
-            top_k: top_k.or(d.top_k).unwrap_or(0),
-            top_p: top_p.or(d.top_p).unwrap_or(1.0),
-            repetition_penalty: repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0),
-        }
     }
 }

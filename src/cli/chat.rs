@@ -24,20 +24,8 @@ pub struct Args {
     /// New tokens at most per answer.
     #[arg(long, default_value_t = 512, value_parser = super::positive)]
     max_tokens: usize,
-    /// Sampling temperature (0: greedy). Default: the model's generation_config.json, else 0.8.
-    #[arg(long, value_parser = super::non_negative)]
-    temperature: Option<f64>,
-    /// Sample among the k most likely tokens (0: all). Default: generation_config.json's.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Nucleus sampling threshold. Default: generation_config.json's, else 1.0.
-    #[arg(long, value_parser = super::probability)]
-    top_p: Option<f64>,
-    /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
-    #[arg(long, value_parser = super::positive_f64)]
-    repetition_penalty: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::Sampling,
     /// Compute dtype: f32 (default), bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
@@ -72,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
     let fresh = || -> Vec<serde_json::Value> { system.iter().cloned().collect() };
     let mut messages = fresh();
     let mut session = Session::new(&cm.model);
-    let mut seed = a.seed;
+    let mut seed = a.sampling.seed;
     let mut last: Option<(routelm::generate::GenerateStats, usize)> = None;
     let ctx = cm.model.config.max_seq_len;
     eprintln!(
@@ -141,7 +129,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         };
         let cfg = GenerateConfig {
-            sampler: cm.sampler(a.temperature, a.top_k, a.top_p, a.repetition_penalty),
+            sampler: a.sampling.config(&cm.defaults),
             max_tokens: a.max_tokens,
             stop: cm.stop_strings.clone(),
             eos: cm.stop_ids.clone(),

@@ -2,7 +2,7 @@ use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::PathBuf;
 
-use routelm::generate::{generate, GenerateConfig, SamplerConfig};
+use routelm::generate::{generate, GenerateConfig};
 use routelm::Tokenizer;
 
 /// Generate from a model folder (config.json + model.safetensors, e.g. OUT/checkpoint of
@@ -27,23 +27,8 @@ pub struct Args {
     /// Compute dtype: f32 (default), bf16 or f16 (weights are converted at load).
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
-    /// Sampling temperature; 0 is greedy. Default: what the folder's
-    /// generation_config.json says (greedy unless it sets do_sample), else 0.8.
-    #[arg(long, value_parser = super::non_negative)]
-    temperature: Option<f64>,
-    /// Sample among the k most likely tokens only (0: all). Default: generation_config.json's,
-    /// else 0.
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Nucleus sampling: the smallest set of tokens with this much probability. Default:
-    /// generation_config.json's, else 1.0.
-    #[arg(long, value_parser = super::probability)]
-    top_p: Option<f64>,
-    /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
-    #[arg(long, value_parser = super::positive_f64)]
-    repetition_penalty: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::Sampling,
     /// Stop when this string appears (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
@@ -77,19 +62,11 @@ pub fn run(a: Args) -> Result<()> {
     // the command line, else the folder's generation_config.json, else our defaults
     let defaults = routelm::arch::generation_defaults(&model_dir)?;
     let cfg = GenerateConfig {
-        sampler: SamplerConfig {
-            temperature: a.temperature.or(defaults.temperature).unwrap_or(0.8),
-            top_k: a.top_k.or(defaults.top_k).unwrap_or(0),
-            top_p: a.top_p.or(defaults.top_p).unwrap_or(1.0),
-            repetition_penalty: a
-                .repetition_penalty
-                .or(defaults.repetition_penalty)
-                .unwrap_or(1.0),
-        },
+        sampler: a.sampling.config(&defaults),
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
         eos: defaults.eos,
-        seed: a.seed,
+        seed: a.sampling.seed,
         top_logits: a.top_logits,
         cancel: None,
     };

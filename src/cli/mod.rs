@@ -234,6 +234,43 @@ pub fn say(pb: &ProgressBar, line: String) {
     }
 }
 
+/// Sampling options of `generate` and `chat`; a value not given comes from the model's
+/// generation_config.json, else the defaults below.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Sampling {
+    /// Sampling temperature; 0 is greedy. Default: generation_config.json's (greedy unless
+    /// it sets do_sample), else 0.8.
+    #[arg(long, value_parser = non_negative)]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens only (0: all). Default: generation_config.json's,
+    /// else 0.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with this much probability. Default:
+    /// generation_config.json's, else 1.0.
+    #[arg(long, value_parser = probability)]
+    pub top_p: Option<f64>,
+    /// Penalty (>1) on tokens already in the text. Default: generation_config.json's, else 1.0.
+    #[arg(long, value_parser = positive_f64)]
+    pub repetition_penalty: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub fn config(
+        &self,
+        d: &routelm::arch::GenerationDefaults,
+    ) -> routelm::generate::SamplerConfig {
+        d.sampler(
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.repetition_penalty,
+        )
+    }
+}
+
 /// A count that must be at least 1 (steps, tokens, batch sizes…).
 pub fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.parse::<usize>() {

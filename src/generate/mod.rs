@@ -66,25 +66,12 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateStats> {
     let ctx = model.config.max_seq_len;
-    if prompt.is_empty() {
-        return Err(Error::Generate("the prompt is empty".into()));
-    }
     let start = match model.config.decoder_start {
         Some(s) if model.config.encoder_layers > 0 => Some(s),
         _ => None,
     };
-    if start.is_none() && prompt.len() > ctx {
-        return Err(Error::Generate(format!(
-            "the prompt has {} tokens, more than the model's context window of {ctx}",
-            prompt.len()
-        )));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Generate(format!(
-            "prompt token {bad} is out of range for a vocabulary of {vocab}"
-        )));
-    }
+    // an encoder's source may be longer than the decoder's window
+    check_prompt(model, prompt, start.is_none())?;
     let mut cache = model.new_cache();
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
@@ -139,7 +126,7 @@ impl Session {
     /// logits); a model whose cache cannot go back restarts from nothing when the prompt
     /// does not extend what it held.
     pub fn prefill(&mut self, model: &Model, prompt: &[u32]) -> Result<(Tensor, usize)> {
-        check_prompt(model, prompt)?;
+        check_prompt(model, prompt, true)?;
         let common = self
             .fed
             .iter()
@@ -196,13 +183,14 @@ impl Session {
     }
 }
 
-/// A prompt a decoder can take: not empty, within the context window and the vocabulary.
-fn check_prompt(model: &Model, prompt: &[u32]) -> Result<()> {
+/// A prompt a model can take: not empty, within the vocabulary and (`in_window`) within
+/// the context window.
+fn check_prompt(model: &Model, prompt: &[u32], in_window: bool) -> Result<()> {
     let ctx = model.config.max_seq_len;
     if prompt.is_empty() {
         return Err(Error::Generate("the prompt is empty".into()));
     }
-    if prompt.len() > ctx {
+    if in_window && prompt.len() > ctx {
         return Err(Error::Generate(format!(
             "the prompt has {} tokens, more than the model's context window of {ctx}",
             prompt.len()

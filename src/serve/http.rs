@@ -245,7 +245,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
     if stop.iter().any(|t| t.is_empty()) {
         return Err(ApiError::param("stop", "a stop string must not be empty"));
     }
-    let sampler: SamplerConfig = s.cm.sampler(
+    let sampler: SamplerConfig = s.cm.defaults.sampler(
         get_f64(v, "temperature", 0.0, 2.0)?,
         get_uint(v, "top_k")?.map(|k| k as usize),
         get_f64(v, "top_p", 0.0, 1.0)?,
@@ -397,12 +397,24 @@ fn messages_of(v: &Value) -> ApiResult<Value> {
     Ok(Value::Array(out))
 }
 
-async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
+/// Count the request, parse it with `parse`, answer it (or its error).
+async fn handle(
+    s: AppState,
+    kind: Kind,
+    parse: impl FnOnce(&AppState) -> ApiResult<(Vec<u32>, Params)>,
+) -> Response {
     s.engine
         .metrics
         .requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let run = || -> ApiResult<(Vec<u32>, Params)> {
+    match parse(&s) {
+        Ok((prompt, p)) => respond(s, prompt, p, kind).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
+    handle(s, Kind::Chat, |s| {
         let v = parse_body(&body)?;
         let messages = messages_of(&v)?;
         let mut extra = Map::new();
@@ -415,21 +427,14 @@ async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
         let prompt =
             s.cm.prompt_ids(&messages, &extra)
                 .map_err(|e| ApiError::param("messages", e.to_string()))?;
-        let p = params(&s, &v, prompt.len(), true)?;
+        let p = params(s, &v, prompt.len(), true)?;
         Ok((prompt, p))
-    };
-    match run() {
-        Ok((prompt, p)) => respond(s, prompt, p, Kind::Chat).await,
-        Err(e) => e.into_response(),
-    }
+    })
+    .await
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
-    s.engine
-        .metrics
-        .requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let run = || -> ApiResult<(Vec<u32>, Params)> {
+    handle(s, Kind::Completion, |s| {
         let v = parse_body(&body)?;
         let encode = |t: &str| {
             s.cm.tok
@@ -466,13 +471,10 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
         if get_bool(&v, "echo")? {
             return Err(ApiError::param("echo", "echo is not supported"));
         }
-        let p = params(&s, &v, prompt.len(), false)?;
+        let p = params(s, &v, prompt.len(), false)?;
         Ok((prompt, p))
-    };
-    match run() {
-        Ok((prompt, p)) => respond(s, prompt, p, Kind::Completion).await,
-        Err(e) => e.into_response(),
-    }
+    })
+    .await
 }
 
 #[derive(Clone, Copy, PartialEq)]
