@@ -54,6 +54,8 @@ try:
         cell = {"moe": ".moe-cell", "mod": ".mod-cell"}[kind]
         cells = wait(f"{kind} cells", lambda: driver.find_elements(By.CSS_SELECTOR, cell))
         assert cols, "no token columns"
+        summary = {"moe": ".expert-load", "mod": ".depth-share"}[kind]
+        assert driver.find_elements(By.CSS_SELECTOR, summary), f"no {summary} summary"
         print(f"page ({kind}): answer of {len(text)} characters, {len(cols)} token columns, {len(cells)} {kind} cells")
         if kind == "mod":
             hits = driver.find_elements(By.CSS_SELECTOR, ".mod-cell.hit")
