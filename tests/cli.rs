@@ -459,3 +459,57 @@ fn route_shows_mixture_of_depths_decisions() {
         "{err}"
     );
 }
+
+/// `routelm chat` reads turns from stdin: the second turn reuses the cache of the first
+/// (`/stats` says how many prompt tokens came from it), `/reset` starts over, and
+/// end-of-input ends the program.
+#[test]
+fn chat_keeps_the_cache_across_turns() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_routelm"))
+        .args([
+            "chat",
+            "--model",
+            "tests/fixtures/hf/llama3",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "6",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello\n/stats\nagain\n/stats\n/reset\n/stats\nthird\n/stats\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no chat template"), "{err}");
+    let stats: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("from the cache"))
+        .collect();
+    assert_eq!(stats.len(), 4, "{err}");
+    let reused = |l: &str| -> usize {
+        let at = l.find(" from the cache").unwrap();
+        let head = &l[..at];
+        head[head.rfind('(').unwrap() + 1..].parse().unwrap()
+    };
+    // turn 1 prefills everything; turn 2 reuses turn 1 (its prompt and answer, up to where
+    // the re-rendered text parts from the generated ids)
+    assert_eq!(reused(stats[0]), 0);
+    assert!(reused(stats[1]) > 0, "{}", stats[1]);
+    // after /reset, /stats still shows the last turn, with an empty cache; the next turn
+    // starts from nothing
+    let turn = |l: &str| l[l.find("last turn").unwrap()..l.find("; context").unwrap()].to_string();
+    assert_eq!(turn(stats[2]), turn(stats[1]));
+    assert!(stats[2].ends_with("context 0/128"), "{}", stats[2]);
+    assert_eq!(reused(stats[3]), 0, "{}", stats[3]);
+    assert!(err.contains("(new conversation)"));
+}
