@@ -302,8 +302,12 @@ fn mixtral_name(n: &str) -> String {
 
 /// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
 /// `2i + 1` go back to `i` and `i + head_dim/2` (rotate-half layout).
-fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
+fn unpermute(t: &Tensor, heads: usize, path: &Path, name: &str) -> Result<Tensor> {
     let order: Vec<u32> = unpermuted_rows(t.dim(0)?, heads)
+        .map_err(|e| Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: vec![format!("tensor {name}: {e}")],
+        })?
         .into_iter()
         .map(|i| i as u32)
         .collect();
@@ -352,15 +356,20 @@ fn resolve(f: &GgufFile, path: &Path) -> Result<(Option<&'static Family>, ModelC
 }
 
 /// The row order that undoes llama.cpp's interleaving of each head's rows (`unpermute`).
-fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
-    let hd = rows / heads.max(1);
-    (0..rows)
+fn unpermuted_rows(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows are not {heads} heads of an even width (the metadata's head count does not fit the tensor)"
+        ));
+    }
+    let hd = rows / heads;
+    Ok((0..rows)
         .map(|i| {
             let (h, r) = (i / hd, i % hd);
             let (a, b) = (r / (hd / 2), r % (hd / 2));
             h * hd + 2 * b + a
         })
-        .collect()
+        .collect())
 }
 
 /// Load a GGUF file: config from its metadata through the family's adapter, tensors
@@ -430,9 +439,9 @@ fn load_with(
             let mut q = QMatrix::new(t.ty, rows, cols, f.stored(t)).map_err(bad)?;
             if arch == "llama" {
                 if name.ends_with("q_proj.weight") {
-                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_heads));
+                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_heads).map_err(bad)?);
                 } else if name.ends_with("k_proj.weight") {
-                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_kv_heads));
+                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_kv_heads).map_err(bad)?);
                 }
             }
             params.insert(name.clone(), crate::nn::linear::stand_in(rows, cols)?);
@@ -462,9 +471,9 @@ fn load_with(
         let mut x = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?;
         if arch == "llama" {
             if name.ends_with("q_proj.weight") {
-                x = unpermute(&x, cfg.n_heads)?;
+                x = unpermute(&x, cfg.n_heads, path, &t.name)?;
             } else if name.ends_with("k_proj.weight") {
-                x = unpermute(&x, cfg.n_kv_heads)?;
+                x = unpermute(&x, cfg.n_kv_heads, path, &t.name)?;
             }
         }
         if name.ends_with("shared_expert_gate.weight") {
