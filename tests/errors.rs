@@ -406,3 +406,66 @@ fn numeric_options_are_validated() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Randomly damaged Hugging Face folders (flipped bytes, lying numbers and truncations in
+/// the safetensors header and tensor table; flipped bytes and cut text in config.json) load
+/// or give an error, never a panic or a hang: 300 of each, seeded (ROUTELM_DAMAGED_COPIES=N
+/// for a longer hunt).
+#[test]
+fn randomly_damaged_folders_never_panic() {
+    use routelm::rng::Rng;
+    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let src = Path::new("tests/fixtures/hf/mixtral");
+    let weights = std::fs::read(src.join("model.safetensors")).unwrap();
+    let config = std::fs::read(src.join("config.json")).unwrap();
+    let d = dir("damaged-folder");
+    let mut rng = Rng::new(77);
+    let (mut loaded, mut refused) = (0, 0);
+    for i in 0..2 * copies {
+        let (mut w, mut c) = (weights.clone(), config.clone());
+        // the header (its 8-byte length and JSON table) or config.json
+        let target: &mut Vec<u8> = if i % 2 == 0 { &mut w } else { &mut c };
+        let head = if i % 2 == 0 {
+            8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize
+        } else {
+            config.len()
+        };
+        for _ in 0..1 + rng.next_u64() % 3 {
+            let at = (rng.next_u64() as usize) % head.min(target.len());
+            match rng.next_u64() % 4 {
+                0 => target[at] ^= 1 << (rng.next_u64() % 8),
+                1 => target[at] = b"0123456789\"{}[],:-e."[(rng.next_u64() % 20) as usize],
+                2 if at + 8 <= target.len() => {
+                    let v = [u64::MAX, 1 << 40, 1 << 31][(rng.next_u64() % 3) as usize];
+                    target[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                _ => target.truncate(at.max(1)),
+            }
+        }
+        std::fs::write(d.join("model.safetensors"), &w).unwrap();
+        std::fs::write(d.join("config.json"), &c).unwrap();
+        let t0 = std::time::Instant::now();
+        let ok = std::panic::catch_unwind(|| {
+            routelm::arch::load_dir(&d, DType::F32, &Device::Cpu).is_ok()
+        })
+        .unwrap_or_else(|_| panic!("damaged copy {i}: a panic"));
+        assert!(
+            t0.elapsed().as_secs() < 10,
+            "damaged copy {i}: took {:?}",
+            t0.elapsed()
+        );
+        if ok {
+            loaded += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    println!("damaged folders: {loaded} still loaded, {refused} refused with an error");
+    assert!(
+        refused > copies / 2,
+        "too few damaged folders were refused: {refused}"
+    );
+}
