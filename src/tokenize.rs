@@ -14,8 +14,37 @@ pub enum Tokenizer {
 
 impl Tokenizer {
     /// Load a `tokenizer.json`.
+    /// The file's JSON is checked first, and a panic inside the `tokenizers` library on
+    /// content it does not expect (some damaged decoders make it unwrap) is an error naming
+    /// the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::parse(path, e))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| Error::parse(path, format!("not valid JSON: {e}")))?;
+        let t = quietly(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| {
+                Error::parse(
+                    path,
+                    "the tokenizers library could not read this file (it failed on its content)",
+                )
+            })?
+            .map_err(|e| Error::parse(path, e))?;
+        // a post-processor naming a token the vocabulary lacks loads, then panics on every
+        // encode: try one here
+        let trial = quietly(|| {
+            t.encode("Hello, world! 123", true)
+                .map(|e| e.get_ids().to_vec())
+        });
+        match trial {
+            Err(_) => {
+                return Err(Error::parse(
+                    path,
+                    "the tokenizer fails on a short test text (its post-processor or model refers to something it lacks)",
+                ))
+            }
+            Ok(Err(e)) => return Err(Error::parse(path, format!("the tokenizer cannot encode a short test text: {e}"))),
+            Ok(Ok(_)) => {}
+        }
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 
@@ -98,6 +127,17 @@ impl Tokenizer {
                 .map_err(|e| Error::Tokenizer(e.to_string())),
         }
     }
+}
+
+/// Run `f`, a panic in it caught and returned as `Err` without the panic message (the
+/// caller reports its own error). The hook is swapped process-wide for the call: for the
+/// short library calls at load time that a damaged file can make panic.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    out
 }
 
 /// GPT-2's byte → character map: printable bytes stand for themselves, the others take

@@ -469,3 +469,82 @@ fn randomly_damaged_folders_never_panic() {
         "too few damaged folders were refused: {refused}"
     );
 }
+
+/// Randomly damaged tokenizer.json files load or give an error (through the tokenizer's
+/// own checks), never a panic; a loaded one encodes and decodes without one: 300 seeded.
+#[test]
+fn randomly_damaged_tokenizers_never_panic() {
+    use routelm::rng::Rng;
+    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let good = std::fs::read("tests/fixtures/tokenizer/tokenizer.json").unwrap();
+    let d = dir("damaged-tokenizer");
+    let path = d.join("tokenizer.json");
+    let mut rng = Rng::new(5);
+    let mut refused = 0;
+    for i in 0..copies {
+        let mut b = good.clone();
+        for _ in 0..1 + rng.next_u64() % 3 {
+            let at = (rng.next_u64() as usize) % b.len();
+            match rng.next_u64() % 3 {
+                0 => b[at] ^= 1 << (rng.next_u64() % 8),
+                1 => b[at] = b"0123456789\"{}[],:-e.\\u"[(rng.next_u64() % 22) as usize],
+                _ => b.truncate(at.max(1)),
+            }
+        }
+        std::fs::write(&path, &b).unwrap();
+        let outcome = std::panic::catch_unwind(|| match routelm::Tokenizer::from_file(&path) {
+            Ok(t) => {
+                let ids = t.encode("Hello, wörld! 123").unwrap_or_default();
+                let _ = t.decode(&ids);
+                true
+            }
+            Err(_) => false,
+        });
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => refused += 1,
+            Err(_) => panic!("damaged tokenizer copy {i}: a panic"),
+        }
+    }
+    assert!(
+        refused > copies / 2,
+        "too few damaged tokenizers were refused: {refused}"
+    );
+}
+
+/// Found by the damaged-tokenizer hunt: a template post-processor naming a special token it
+/// does not define loads in the tokenizers library, then panics on every encode. routelm
+/// tries one encode at load: an error naming the file, no panic message.
+#[test]
+fn a_tokenizer_whose_template_names_a_missing_token_is_an_error() {
+    let d = dir("template-token");
+    let good = std::fs::read_to_string("tests/fixtures/tokenizer/tokenizer.json").unwrap();
+    let bad = good.replace(r#""special_tokens":{"<s>""#, r#""special_tokens":{"<x>""#);
+    assert_ne!(good, bad);
+    std::fs::write(d.join("tokenizer.json"), bad).unwrap();
+    let err = fails(&[
+        "tokenize",
+        "--model",
+        d.to_str().unwrap(),
+        "--text",
+        "hello",
+    ]);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("test text"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // not JSON at all: said before the library sees it
+    std::fs::write(d.join("tokenizer.json"), &good[..good.len() / 2]).unwrap();
+    let err = fails(&[
+        "tokenize",
+        "--model",
+        d.to_str().unwrap(),
+        "--text",
+        "hello",
+    ]);
+    assert!(err.contains("not valid JSON"), "{err}");
+}
