@@ -392,3 +392,102 @@ async fn slow_clients_are_disconnected() {
         "closed after {waited:?}, header timeout {HEADER_TIMEOUT_MS} ms"
     );
 }
+
+/// Randomly damaged request bodies (flipped bytes, JSON punctuation, truncations, numbers
+/// swapped for extremes) sent to both completion endpoints get an answer or a 4xx error
+/// object, never a 500 (a panic caught) or a hang: 300 seeded (ROUTELM_DAMAGED_COPIES=N
+/// for a longer hunt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_requests_get_answers_or_client_errors() {
+    use axum::body::Body;
+    use routelm::rng::Rng;
+    use tower::ServiceExt;
+    let cm = load();
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::start(cm.clone(), LIMITS, metrics).unwrap();
+    let app = routelm::serve::router(
+        AppState {
+            engine,
+            cm,
+            name: "tiny".into(),
+            default_max_tokens: 4,
+        },
+        64 << 10,
+    );
+    let bodies = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "yo"}]}],
+                   "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "stop": ["x"], "seed": 1,
+                   "logprobs": true, "top_logprobs": 2, "stream": false, "routelm": {"routes": true}})
+            .to_string(),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "abc", "max_tokens": 3, "temperature": 1.0, "logprobs": 1, "stream": true,
+                   "stream_options": {"include_usage": true}, "ignore_eos": true})
+            .to_string(),
+        ),
+    ];
+    let mut rng = Rng::new(99);
+    let (mut answered, mut refused) = (0, 0);
+    // more for a longer hunt: ROUTELM_DAMAGED_COPIES=N
+    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for i in 0..copies {
+        let (path, good) = &bodies[i % 2];
+        let mut b = good.clone().into_bytes();
+        for _ in 0..1 + rng.next_u64() % 3 {
+            let at = (rng.next_u64() as usize) % b.len();
+            match rng.next_u64() % 4 {
+                0 => b[at] ^= 1 << (rng.next_u64() % 7),
+                1 => b[at] = b"0123456789\"{}[],:-e.tn"[(rng.next_u64() % 22) as usize],
+                2 => {
+                    let n = [
+                        "1e308",
+                        "-1",
+                        "99999999999999999999",
+                        "null",
+                        "[]",
+                        "{}",
+                        "\"\"",
+                    ][(rng.next_u64() % 7) as usize];
+                    b.splice(at..at, n.bytes());
+                }
+                _ => b.truncate(at.max(1)),
+            }
+        }
+        let req = axum::http::Request::post(*path)
+            .header("content-type", "application/json")
+            .body(Body::from(b.clone()))
+            .unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(20), app.clone().oneshot(req))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} hung: {}", String::from_utf8_lossy(&b)))
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            status == 200 || (400..500).contains(&status),
+            "request {i}: {status} {text}\nbody: {}",
+            String::from_utf8_lossy(&b)
+        );
+        if status == 200 {
+            answered += 1;
+        } else {
+            let v: Value =
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("request {i}: {text}"));
+            assert!(v["error"]["message"].is_string(), "request {i}: {text}");
+            refused += 1;
+        }
+    }
+    assert!(
+        answered > 10 && refused > 100,
+        "{answered} answered, {refused} refused"
+    );
+}
