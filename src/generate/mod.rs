@@ -55,8 +55,8 @@ impl GenerateStats {
     }
 }
 
-/// Generate from `prompt` (token ids), calling `on_text` with each new piece of text. An
-/// encoder-decoder reads the prompt as its source and decodes from its start token (the
+/// Generate from `prompt` (token ids), calling `on_text` with each new piece of text (a
+/// decoder-only model through a fresh [`Session`]). An encoder-decoder reads the prompt as its source and decodes from its start token (the
 /// `ids` of the result are then the decoder's, the start token first).
 pub fn generate(
     model: &Model,
@@ -65,11 +65,13 @@ pub fn generate(
     cfg: &GenerateConfig,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerateStats> {
+    if model.config.encoder_layers == 0 {
+        return Ok(Session::new(model)
+            .generate(model, tok, prompt, cfg, on_text)?
+            .0);
+    }
     let ctx = model.config.max_seq_len;
-    let start = match model.config.decoder_start {
-        Some(s) if model.config.encoder_layers > 0 => Some(s),
-        _ => None,
-    };
+    let start = model.config.decoder_start;
     // an encoder's source may be longer than the decoder's window
     check_prompt(model, prompt, start.is_none())?;
     let mut cache = model.new_cache();
