@@ -414,10 +414,7 @@ fn numeric_options_are_validated() {
 #[test]
 fn randomly_damaged_folders_never_panic() {
     use routelm::rng::Rng;
-    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let copies = common::damaged_copies(300);
     let src = Path::new("tests/fixtures/hf/mixtral");
     let weights = std::fs::read(src.join("model.safetensors")).unwrap();
     let config = std::fs::read(src.join("config.json")).unwrap();
@@ -475,10 +472,7 @@ fn randomly_damaged_folders_never_panic() {
 #[test]
 fn randomly_damaged_tokenizers_never_panic() {
     use routelm::rng::Rng;
-    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let copies = common::damaged_copies(300);
     let good = std::fs::read("tests/fixtures/tokenizer/tokenizer.json").unwrap();
     let d = dir("damaged-tokenizer");
     let path = d.join("tokenizer.json");

@@ -692,10 +692,7 @@ fn randomly_damaged_files_never_panic() {
     let mut rng = Rng::new(2024);
     let (mut loaded, mut refused) = (0, 0);
     // more copies for a longer hunt: ROUTELM_DAMAGED_COPIES=N
-    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let copies = common::damaged_copies(200);
     for name in ["llama3.q8_0.gguf", "tokenizer-llama-bpe.gguf"] {
         let good = std::fs::read(fixtures().join(name)).unwrap();
         // the header, metadata and tensor table: where a damaged number steers the reader

@@ -2,6 +2,8 @@
 //! `generate`'s, concurrent requests decoded together equal to each alone, errors as
 //! OpenAI-style objects, a client that goes away freeing its slot, a full queue refused.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -432,10 +434,7 @@ async fn damaged_requests_get_answers_or_client_errors() {
     let mut rng = Rng::new(99);
     let (mut answered, mut refused) = (0, 0);
     // more for a longer hunt: ROUTELM_DAMAGED_COPIES=N
-    let copies: usize = std::env::var("ROUTELM_DAMAGED_COPIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let copies = common::damaged_copies(300);
     for i in 0..copies {
         let (path, good) = &bodies[i % 2];
         let mut b = good.clone().into_bytes();

@@ -42,13 +42,17 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad(message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
             code: None,
             param: None,
         }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
     }
 
     fn param(param: &'static str, message: impl Into<String>) -> Self {
@@ -94,13 +98,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/completions", post(completions))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: "internal error".into(),
-                code: None,
-                param: None,
-            }
-            .into_response()
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
         .with_state(state)
 }
@@ -484,24 +482,20 @@ enum Kind {
 }
 
 fn refused(r: Refused) -> ApiError {
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: match r {
-            Refused::Busy => "the server is busy (its queue is full): retry shortly".into(),
-            Refused::Stopped => "the engine has stopped".into(),
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        match r {
+            Refused::Busy => "the server is busy (its queue is full): retry shortly",
+            Refused::Stopped => "the engine has stopped",
         },
-        code: None,
-        param: None,
-    }
+    )
 }
 
 fn engine_error(status: u16, message: String) -> ApiError {
-    ApiError {
-        status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    ApiError::new(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         message,
-        code: None,
-        param: None,
-    }
+    )
 }
 
 /// How one response is being assembled: ids, names and the logprob rendering.

@@ -99,76 +99,78 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &AtomicU64, &str); 7] = [
+        let series: [(&str, &str, &AtomicU64, &str); 11] = [
             (
                 "routelm_requests_total",
+                "counter",
                 &self.requests,
                 "Completion requests received.",
             ),
             (
                 "routelm_requests_rejected_total",
+                "counter",
                 &self.rejected,
                 "Requests refused (queue full or over the cache budget).",
             ),
             (
                 "routelm_requests_failed_total",
+                "counter",
                 &self.failed,
                 "Requests that failed in the engine.",
             ),
             (
                 "routelm_requests_cancelled_total",
+                "counter",
                 &self.cancelled,
                 "Requests whose client went away before the end.",
             ),
             (
                 "routelm_prompt_tokens_total",
+                "counter",
                 &self.prompt_tokens,
                 "Prompt tokens prefilled.",
             ),
             (
                 "routelm_completion_tokens_total",
+                "counter",
                 &self.completion_tokens,
                 "Tokens generated.",
             ),
             (
                 "routelm_decode_steps_total",
+                "counter",
                 &self.steps,
                 "Batched decoding steps.",
             ),
-        ];
-        for (name, v, help) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        let gauges: [(&str, &AtomicU64, &str); 4] = [
             (
                 "routelm_queue_depth",
+                "gauge",
                 &self.queued,
                 "Requests waiting for a slot.",
             ),
             (
                 "routelm_running_requests",
+                "gauge",
                 &self.running,
                 "Requests being decoded.",
             ),
             (
                 "routelm_kv_cache_bytes",
+                "gauge",
                 &self.cache_bytes,
                 "KV-cache bytes held by running requests.",
             ),
             (
                 "routelm_kv_cache_limit_bytes",
+                "gauge",
                 &self.cache_limit_bytes,
                 "KV-cache budget.",
             ),
         ];
-        for (name, v, help) in gauges {
+        for (name, kind, v, help) in series {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 v.load(Ordering::Relaxed)
             );
         }

@@ -319,3 +319,12 @@ pub fn patched_fixture(
     std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     dst
 }
+
+/// How many damaged copies a damaged-input test makes: `default`, or
+/// `ROUTELM_DAMAGED_COPIES` for a longer hunt by hand.
+pub fn damaged_copies(default: usize) -> usize {
+    std::env::var("ROUTELM_DAMAGED_COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -373,8 +373,12 @@ impl QMatrix {
 /// region over blocks of 64 weight rows of all the matrices; more: dequantized tiles
 /// and the f32 GEMM.
 pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
-    let all_multi = pairs.iter().all(|(w, _)| best_multi(w.ty).is_some());
-    if m > MAX_DOT_ROWS && !(m <= MAX_MULTI_ROWS && all_multi) {
+    // several rows: each weight block unpacked once for all of them, where the type has it
+    let multi: Vec<Option<MultiDotFn>> = pairs
+        .iter()
+        .map(|(w, _)| if m >= 2 { best_multi(w.ty) } else { None })
+        .collect();
+    if m > MAX_DOT_ROWS && !(m <= MAX_MULTI_ROWS && multi.iter().all(Option::is_some)) {
         return pairs
             .iter()
             .map(|(w, x)| match int8_gemm(w.ty) {
@@ -400,11 +404,6 @@ pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
         .collect();
     let mut ys: Vec<Vec<f32>> = pairs.iter().map(|(w, _)| vec![0f32; m * w.rows]).collect();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    // several rows: each weight block unpacked once for all of them, where the type has it
-    let multi: Vec<Option<MultiDotFn>> = pairs
-        .iter()
-        .map(|(w, _)| if m >= 2 { best_multi(w.ty) } else { None })
-        .collect();
     let act_rows: Vec<Vec<ActRow<'_>>> = acts
         .iter()
         .map(|a| (0..m).map(|r| a.row(r)).collect())
