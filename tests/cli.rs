@@ -513,3 +513,102 @@ fn chat_keeps_the_cache_across_turns() {
     assert_eq!(reused(stats[3]), 0, "{}", stats[3]);
     assert!(err.contains("(new conversation)"));
 }
+
+/// `routelm serve` as a process: clients that hang up while their answer streams (the
+/// server's next write hits a closed socket) do not end it, and it goes on answering.
+/// The process used to die of SIGPIPE there (exit status 141, seen under load in the soak
+/// script), which in-process tests cannot see: the server ignores SIGPIPE (its signal
+/// mask in /proc says so), so a write to a reset connection is that connection's error.
+#[test]
+fn serve_outlives_clients_that_hang_up() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
+    // the server is killed however the test ends
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_routelm"))
+            .args([
+                "serve",
+                "--model",
+                "tests/fixtures/hf/mixtral",
+                "--port",
+                "0",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut server.0;
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "the server did not start"
+        );
+        if let Some(at) = line.find("http://") {
+            let rest = &line[at + 7..];
+            break rest[..rest.find([' ', '/']).unwrap()].to_string();
+        }
+    };
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(
+        ignored & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "routelm serve does not ignore SIGPIPE"
+    );
+    let body = r#"{"prompt": "abc", "max_tokens": 100, "stream": true, "ignore_eos": true}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for i in 0..10 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        if i % 2 == 1 {
+            let mut first = [0u8; 64];
+            let _ = s.read(&mut first).unwrap();
+        }
+        // hang up before or with the answer under way, with a reset (linger 0), so that
+        // the server's next write fails at once
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and option struct of the size given
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(s);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server died: {:?}",
+        child.try_wait()
+    );
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -360,3 +360,15 @@ pub(crate) fn model_dir(dir: &std::path::Path) -> std::path::PathBuf {
 pub fn device() -> candle_core::Device {
     candle_core::Device::Cpu
 }
+
+/// A server (or a client of one) writes to sockets whose peer may hang up at any moment:
+/// the write must fail with an error for that connection, not kill the process with
+/// SIGPIPE (whose default disposition `main` restores for the commands that print).
+fn ignore_broken_pipes() {
+    // SAFETY: setting a signal's disposition to "ignore" is async-signal-safe and
+    // process-wide; no handler runs
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}

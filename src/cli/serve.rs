@@ -44,6 +44,10 @@ pub struct Args {
     /// keep-alive connection is closed after it too).
     #[arg(long, default_value_t = 10, value_parser = super::positive_u64)]
     header_timeout_s: u64,
+    /// A client must send a request's body within this many seconds after its headers
+    /// (408 past it).
+    #[arg(long, default_value_t = 30, value_parser = super::positive_u64)]
+    body_timeout_s: u64,
     /// A request that takes longer than this gets 408, seconds.
     #[arg(long, default_value_t = 600, value_parser = super::positive_u64)]
     timeout_s: u64,
@@ -56,6 +60,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::ignore_broken_pipes();
     let path = super::model_dir(&a.model);
     let cm = Arc::new(ChatModel::load(&path, a.dtype, &super::device())?);
     if !cm.own_template {
@@ -100,6 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         a.max_body_kb << 10,
         routelm::serve::Timeouts {
             headers: Duration::from_secs(a.header_timeout_s),
+            body: Duration::from_secs(a.body_timeout_s),
             request: Duration::from_secs(a.timeout_s),
         },
         |bound| {
