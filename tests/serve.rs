@@ -42,6 +42,7 @@ async fn start(limits: Limits) -> (String, Arc<ChatModel>, Arc<Metrics>) {
             64 << 10,
             routelm::serve::Timeouts {
                 headers: Duration::from_millis(HEADER_TIMEOUT_MS),
+                body: Duration::from_millis(HEADER_TIMEOUT_MS),
                 request: Duration::from_secs(60),
             },
             |a| {
@@ -367,8 +368,9 @@ fn a_full_queue_refuses_with_busy() {
     );
 }
 
-/// A client that sends half a request and stalls (slow loris), or connects and says
-/// nothing, is disconnected after the header timeout; others are served meanwhile.
+/// A client that sends half its headers and stalls (slow loris), connects and says
+/// nothing, or trickles its body, is disconnected after the header or body timeout (the
+/// last with a 408); others are served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_disconnected() {
     let (addr, _, _) = start(LIMITS).await;
@@ -378,15 +380,31 @@ async fn slow_clients_are_disconnected() {
         .await
         .unwrap();
     let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // whole headers, then 10 of the 100 body bytes they announce
+    let mut trickle = TcpStream::connect(&addr).await.unwrap();
+    trickle
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\":",
+        )
+        .await
+        .unwrap();
     // served while the two others hold their connections
     let (status, _, _) = request(&addr, "GET", "/health", "").await;
     assert_eq!(status, 200);
     let t0 = Instant::now();
-    for s in [&mut stalled, &mut silent] {
+    for (s, answer) in [
+        (&mut stalled, None),
+        (&mut silent, None),
+        (&mut trickle, Some("408")),
+    ] {
         let mut buf = Vec::new();
         // the server closes the connection (a 408 or nothing, then EOF)
         let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "a stalled connection was kept open past 10 s");
+        if let Some(status) = answer {
+            let head = String::from_utf8_lossy(&buf);
+            assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        }
     }
     let waited = t0.elapsed();
     assert!(

@@ -69,6 +69,7 @@ fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::ignore_broken_pipes();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,6 +110,7 @@ pub fn run(a: Args) -> Result<()> {
                         1 << 20,
                         routelm::serve::Timeouts {
                             headers: Duration::from_secs(60),
+                            body: Duration::from_secs(60),
                             request: Duration::from_secs(3600),
                         },
                         |b| {

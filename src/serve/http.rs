@@ -61,6 +61,16 @@ impl ApiError {
             ..Self::bad(message)
         }
     }
+
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -84,7 +94,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub type ApiResult<T> = Result<T, ApiError>;
 
 /// The router with every route, a body limit of `max_body` bytes.
 pub fn router(state: AppState, max_body: usize) -> Router {
@@ -146,7 +156,7 @@ async fn model_info(State(s): State<AppState>) -> Json<Value> {
 }
 
 /// The request fields both endpoints share.
-struct Params {
+pub struct Params {
     cfg: GenerateConfig,
     stream: bool,
     include_usage: bool,
@@ -185,8 +195,14 @@ fn get_bool(v: &Value, key: &'static str) -> ApiResult<bool> {
     }
 }
 
-fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<Params> {
-    let ctx = s.cm.model.config.max_seq_len;
+fn params(
+    cm: &ChatModel,
+    default_max_tokens: usize,
+    v: &Value,
+    prompt_len: usize,
+    chat: bool,
+) -> ApiResult<Params> {
+    let ctx = cm.model.config.max_seq_len;
     if prompt_len == 0 {
         return Err(ApiError::param("prompt", "the prompt is empty"));
     }
@@ -224,7 +240,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
             ))
         }
         Some(n) => (n as usize).min(room),
-        None => s.default_max_tokens.min(room),
+        None => default_max_tokens.min(room),
     };
     let stop: Vec<String> = match v.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -243,7 +259,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
     if stop.iter().any(|t| t.is_empty()) {
         return Err(ApiError::param("stop", "a stop string must not be empty"));
     }
-    let sampler: SamplerConfig = s.cm.defaults.sampler(
+    let sampler: SamplerConfig = cm.defaults.sampler(
         get_f64(v, "temperature", 0.0, 2.0)?,
         get_uint(v, "top_k")?.map(|k| k as usize),
         get_f64(v, "top_p", 0.0, 1.0)?,
@@ -305,7 +321,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
     let ignore_eos = get_bool(v, "ignore_eos")?;
     let mut all_stop = stop;
     if !ignore_eos {
-        all_stop.extend(s.cm.stop_strings.iter().cloned());
+        all_stop.extend(cm.stop_strings.iter().cloned());
     }
     Ok(Params {
         cfg: GenerateConfig {
@@ -315,7 +331,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
             eos: if ignore_eos {
                 Vec::new()
             } else {
-                s.cm.stop_ids.clone()
+                cm.stop_ids.clone()
             },
             seed,
             top_logits: 0,
@@ -328,7 +344,7 @@ fn params(s: &AppState, v: &Value, prompt_len: usize, chat: bool) -> ApiResult<P
     })
 }
 
-fn parse_body(body: &Bytes) -> ApiResult<Value> {
+fn parse_body(body: &[u8]) -> ApiResult<Value> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
     if !v.is_object() {
@@ -413,66 +429,87 @@ async fn handle(
 
 async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
     handle(s, Kind::Chat, |s| {
-        let v = parse_body(&body)?;
-        let messages = messages_of(&v)?;
-        let mut extra = Map::new();
-        if let Some(t) = v.get("tools").filter(|t| !t.is_null()) {
-            extra.insert("tools".into(), t.clone());
-        }
-        if let Some(Value::Object(k)) = v.get("chat_template_kwargs") {
-            extra.extend(k.clone());
-        }
-        let prompt =
-            s.cm.prompt_ids(&messages, &extra)
-                .map_err(|e| ApiError::param("messages", e.to_string()))?;
-        let p = params(s, &v, prompt.len(), true)?;
-        Ok((prompt, p))
+        parse_chat(&s.cm, s.default_max_tokens, &body)
     })
     .await
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
     handle(s, Kind::Completion, |s| {
-        let v = parse_body(&body)?;
-        let encode = |t: &str| {
-            s.cm.tok
-                .encode(t)
-                .map_err(|e| ApiError::param("prompt", e.to_string()))
-        };
-        let prompt = match v.get("prompt") {
-            Some(Value::String(t)) => encode(t)?,
-            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                encode(a[0].as_str().unwrap_or_default())?
-            }
-            Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
-                let vocab = s.cm.model.config.vocab_size as u64;
-                let ids: Vec<u32> = a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect();
-                if let Some(bad) = a.iter().filter_map(|x| x.as_u64()).find(|&x| x >= vocab) {
-                    return Err(ApiError::param(
-                        "prompt",
-                        format!("token id {bad} is out of range for a vocabulary of {vocab}"),
-                    ));
-                }
-                ids
-            }
-            _ => {
-                return Err(ApiError::param(
-                    "prompt",
-                    "prompt must be a string (or a list of one string, or of token ids)",
-                ))
-            }
-        };
-        if get_bool(&v, "echo")? {
-            return Err(ApiError::param("echo", "echo is not supported"));
-        }
-        let p = params(s, &v, prompt.len(), false)?;
-        Ok((prompt, p))
+        parse_completion(&s.cm, s.default_max_tokens, &body)
     })
     .await
+}
+
+/// A `/v1/chat/completions` body to its prompt (the model's chat template applied) and
+/// generation parameters, or the 400 error it deserves. `default_max_tokens` applies when
+/// the body gives none.
+pub fn parse_chat(
+    cm: &ChatModel,
+    default_max_tokens: usize,
+    body: &[u8],
+) -> ApiResult<(Vec<u32>, Params)> {
+    let v = parse_body(body)?;
+    let messages = messages_of(&v)?;
+    let mut extra = Map::new();
+    if let Some(t) = v.get("tools").filter(|t| !t.is_null()) {
+        extra.insert("tools".into(), t.clone());
+    }
+    if let Some(Value::Object(k)) = v.get("chat_template_kwargs") {
+        extra.extend(k.clone());
+    }
+    let prompt = cm
+        .prompt_ids(&messages, &extra)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let p = params(cm, default_max_tokens, &v, prompt.len(), true)?;
+    Ok((prompt, p))
+}
+
+/// A `/v1/completions` body to its prompt tokens and generation parameters, or the 400
+/// error it deserves.
+pub fn parse_completion(
+    cm: &ChatModel,
+    default_max_tokens: usize,
+    body: &[u8],
+) -> ApiResult<(Vec<u32>, Params)> {
+    let v = parse_body(body)?;
+    let encode = |t: &str| {
+        cm.tok
+            .encode(t)
+            .map_err(|e| ApiError::param("prompt", e.to_string()))
+    };
+    let prompt = match v.get("prompt") {
+        Some(Value::String(t)) => encode(t)?,
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            encode(a[0].as_str().unwrap_or_default())?
+        }
+        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
+            let vocab = cm.model.config.vocab_size as u64;
+            let ids: Vec<u32> = a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect();
+            if let Some(bad) = a.iter().filter_map(|x| x.as_u64()).find(|&x| x >= vocab) {
+                return Err(ApiError::param(
+                    "prompt",
+                    format!("token id {bad} is out of range for a vocabulary of {vocab}"),
+                ));
+            }
+            ids
+        }
+        _ => {
+            return Err(ApiError::param(
+                "prompt",
+                "prompt must be a string (or a list of one string, or of token ids)",
+            ))
+        }
+    };
+    if get_bool(&v, "echo")? {
+        return Err(ApiError::param("echo", "echo is not supported"));
+    }
+    let p = params(cm, default_max_tokens, &v, prompt.len(), false)?;
+    Ok((prompt, p))
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -762,12 +799,45 @@ async fn whole(r: Reply, first: Event, mut rx: mpsc::UnboundedReceiver<Event>) -
 }
 
 /// Connection limits: how long a client may take to send a request's headers (an idle
-/// keep-alive connection included: a slow-loris client cannot hold a connection), and to
-/// get its whole answer (408 past it).
+/// keep-alive connection included: a slow-loris client cannot hold a connection), then
+/// its body (408 past it: a client that trickles its body cannot either), and how long it
+/// may take to get its whole answer (408 past it).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub headers: Duration,
+    pub body: Duration,
     pub request: Duration,
+}
+
+/// Read the whole request body, at most `limit` bytes within `within`, before the
+/// handler sees the request: a larger body gets 413, a slower one 408.
+async fn read_body(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    limit: usize,
+    within: Duration,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => {
+            let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(req).await
+        }
+        // over the limit (or a connection gone, when no one reads the answer)
+        Ok(Err(_)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than {} KiB", limit >> 10),
+        )
+        .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                within.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Serve on `addr` until Ctrl-C; `on_ready` is told the bound address.
@@ -781,10 +851,16 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let listener = tokio::net::TcpListener::bind(addr).await?;
     on_ready(listener.local_addr()?);
-    let app = router(state, max_body).layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        StatusCode::REQUEST_TIMEOUT,
-        timeouts.request,
-    ));
+    let app = router(state, max_body)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                read_body(req, next, max_body, timeouts.body)
+            },
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeouts.request,
+        ));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Some(timeouts.headers));
