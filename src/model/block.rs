@@ -142,17 +142,6 @@ impl Block {
     }
 }
 
-/// Positions `(n, k)` → per-token rotary tables `(n, k, half)`.
-fn gather_rope(rope: &RopeTables, pos: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (n, k) = pos.dims2()?;
-    let half = rope.cos.dim(1)?;
-    let flat = pos.flatten_all()?;
-    Ok((
-        rope.cos.index_select(&flat, 0)?.reshape((n, k, half))?,
-        rope.sin.index_select(&flat, 0)?.reshape((n, k, half))?,
-    ))
-}
-
 impl Block {
     /// A Mixture-of-Depths block on the tokens its router chose (Raposo et al., 2024):
     /// the chosen rows of `x: (b, t, d)` run through the block as sequences of their own,
@@ -212,10 +201,7 @@ impl Block {
                 weights,
             };
             let tables = match rope {
-                Some(r) => Some(gather_rope(
-                    r,
-                    &Tensor::from_vec(pos, (n, kk), x.device())?,
-                )?),
+                Some(r) => Some(r.gather(&Tensor::from_vec(pos, (n, kk), x.device())?)?),
                 None => None,
             };
             let cache = cache.as_deref_mut();

@@ -895,19 +895,10 @@ impl Model {
         let tables = match self.rope_of(l) {
             Some(r) => {
                 let idx = Tensor::new(pos.as_slice(), x.device())?;
-                let half = r.cos.dim(1)?;
-                let cos = r
-                    .cos
-                    .index_select(&idx, 0)?
-                    .unsqueeze(0)?
-                    .broadcast_as((b, t, half))?
-                    .contiguous()?;
-                let sin = r
-                    .sin
-                    .index_select(&idx, 0)?
-                    .unsqueeze(0)?
-                    .broadcast_as((b, t, half))?
-                    .contiguous()?;
+                let (cos, sin) = r.gather(&idx)?;
+                let half = cos.dim(1)?;
+                let cos = cos.unsqueeze(0)?.broadcast_as((b, t, half))?.contiguous()?;
+                let sin = sin.unsqueeze(0)?.broadcast_as((b, t, half))?.contiguous()?;
                 Some((cos, sin))
             }
             None => None,

@@ -154,13 +154,20 @@ fn tables(
     Ok((cos, sin))
 }
 
+/// Positions whose tables are computed when the model is built; later ones are computed
+/// when a pass reaches them, so that a context length a file claims (millions of
+/// positions) costs no memory until it is used.
+const PRECOMPUTED: usize = 8192;
+
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    /// (rows, rotary_dim / 2): every position of the context with the frequencies of
-    /// passes that stay within the switch length (up to the switch length only, when the
-    /// scaling has one).
-    pub cos: Tensor,
-    pub sin: Tensor,
+    /// (rows, rotary_dim / 2): the first positions of the context (up to
+    /// [`PRECOMPUTED`], and up to the switch length when the scaling has one) with the
+    /// frequencies of passes that stay within the switch length.
+    cos: Tensor,
+    sin: Tensor,
+    /// The frequencies of those rows.
+    inv_freq: Vec<f64>,
     theta: f64,
     rotary_dim: usize,
     scaling: RopeScaling,
@@ -179,7 +186,8 @@ impl RopeTables {
         // past the switch length, `range` computes the tables it needs
         let rows = scaling
             .switch_length()
-            .map_or(max_seq_len, |s| s.min(max_seq_len));
+            .map_or(max_seq_len, |s| s.min(max_seq_len))
+            .min(PRECOMPUTED);
         let (cos, sin) = tables(
             &inv_freq,
             0,
@@ -191,6 +199,7 @@ impl RopeTables {
         Ok(Self {
             cos,
             sin,
+            inv_freq,
             theta,
             rotary_dim,
             scaling,
@@ -213,10 +222,103 @@ impl RopeTables {
                     self.cos.device(),
                 )
             }
+            _ if start + len > self.cos.dim(0)? => tables(
+                &self.inv_freq,
+                start,
+                len,
+                self.scaling.attention_factor(),
+                self.cos.dtype(),
+                self.cos.device(),
+            ),
             _ => Ok((
                 self.cos.narrow(0, start, len)?,
                 self.sin.narrow(0, start, len)?,
             )),
         }
+    }
+
+    /// The tables of the positions `pos` (any shape, u32), shaped `pos.shape + (half,)`,
+    /// for passes within the switch length.
+    pub fn gather(&self, pos: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut shape = pos.dims().to_vec();
+        shape.push(self.cos.dim(1)?);
+        let flat = pos.flatten_all()?;
+        let rows = self.cos.dim(0)?;
+        let (cos, sin) = if flat.to_vec1::<u32>()?.iter().all(|&p| (p as usize) < rows) {
+            (
+                self.cos.index_select(&flat, 0)?,
+                self.sin.index_select(&flat, 0)?,
+            )
+        } else {
+            // past the precomputed rows: each position's own row
+            let mut cos = Vec::new();
+            let mut sin = Vec::new();
+            for p in flat.to_vec1::<u32>()? {
+                let (c, s) = self.range(p as usize, 1)?;
+                cos.push(c);
+                sin.push(s);
+            }
+            (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?)
+        };
+        Ok((cos.reshape(shape.as_slice())?, sin.reshape(shape)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows past the precomputed ones (a long context claimed, little memory spent) are
+    /// computed when reached, equal to the formula cos/sin(p · θ^(−2i/d)), through both
+    /// `range` (contiguous passes) and `gather` (chosen tokens).
+    #[test]
+    fn positions_past_the_precomputed_rows_are_computed_when_reached() -> Result<()> {
+        let dim = 8;
+        let r = RopeTables::new(
+            10_000.0,
+            dim,
+            RopeScaling::None,
+            1 << 20,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        assert_eq!(
+            r.cos.dim(0)?,
+            PRECOMPUTED,
+            "a 2^20 context is not tabled up front"
+        );
+        let expect = |p: usize, i: usize| {
+            let a = p as f64 * 10_000f64.powf(-2.0 * i as f64 / dim as f64);
+            (a.cos(), a.sin())
+        };
+        let start = PRECOMPUTED - 3;
+        let (cos, sin) = r.range(start, 7)?;
+        let (cos, sin) = (cos.to_vec2::<f32>()?, sin.to_vec2::<f32>()?);
+        for (row, p) in (start..start + 7).enumerate() {
+            for i in 0..dim / 2 {
+                let (c, s) = expect(p, i);
+                assert!((cos[row][i] as f64 - c).abs() < 2e-3, "cos at {p}, {i}");
+                assert!((sin[row][i] as f64 - s).abs() < 2e-3, "sin at {p}, {i}");
+            }
+        }
+        let pos = Tensor::new(
+            &[[3u32, PRECOMPUTED as u32 + 100], [7, 1 << 19]],
+            &Device::Cpu,
+        )?;
+        let (gc, gs) = r.gather(&pos)?;
+        assert_eq!(gc.dims(), &[2, 2, dim / 2]);
+        for (a, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+            let p = pos.get(a)?.get(b)?.to_scalar::<u32>()? as usize;
+            let (rc, rs) = r.range(p, 1)?;
+            assert_eq!(
+                gc.get(a)?.get(b)?.to_vec1::<f32>()?,
+                rc.get(0)?.to_vec1::<f32>()?
+            );
+            assert_eq!(
+                gs.get(a)?.get(b)?.to_vec1::<f32>()?,
+                rs.get(0)?.to_vec1::<f32>()?
+            );
+        }
+        Ok(())
     }
 }
