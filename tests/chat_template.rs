@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use routelm::chat::ChatTemplate;
+use routelm::chat::{ChatTemplate, Message};
 use serde_json::Value;
 
 #[test]
@@ -71,4 +71,23 @@ fn templates_render_as_transformers_renders_them() {
         checked >= 100 && refused >= 10,
         "too few cases ran: {checked} + {refused}"
     );
+}
+
+/// A template that asks `strftime_now` for a format with an unknown directive gets a
+/// template error, not a panic (found by the chat_template fuzz target; its input is in
+/// fuzz/regressions/chat_template/).
+#[test]
+fn a_bad_date_format_is_a_template_error() {
+    let t = ChatTemplate::new(
+        "{{ strftime_now(\"%d %] %Y\") }}{{ messages[0].content }}",
+        Default::default(),
+    )
+    .unwrap();
+    let err = t
+        .render(&[Message::new("user", "hi")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not a date format"), "{err}");
+    let ok = ChatTemplate::new("{{ strftime_now(\"%d %b %Y\") }}", Default::default()).unwrap();
+    assert!(ok.render(&[Message::new("user", "hi")], true).is_ok());
 }

@@ -62,6 +62,9 @@ fn template_error(e: minijinja::Error) -> Error {
     Error::Template(msg)
 }
 
+/// The instructions one rendering may run before it is stopped with an error.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 impl ChatTemplate {
     /// Compile `source` with the special tokens it will see (`bos_token`, `eos_token`, …).
     pub fn new(source: &str, tokens: BTreeMap<String, String>) -> Result<Self> {
@@ -77,6 +80,9 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // a template from a downloaded file must end: a bound on the instructions one
+        // rendering runs (a long tool-calling conversation takes a few thousand)
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -85,10 +91,22 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_function("strftime_now", move |fmt: String| {
-            let now = clock.unwrap_or_else(|| chrono::Local::now().naive_local());
-            now.format(&fmt).to_string()
-        });
+        env.add_function(
+            "strftime_now",
+            move |fmt: String| -> std::result::Result<String, minijinja::Error> {
+                use std::fmt::Write;
+                let now = clock.unwrap_or_else(|| chrono::Local::now().naive_local());
+                // a format with an unknown directive fails to write (to_string would panic)
+                let mut out = String::new();
+                write!(out, "{}", now.format(&fmt)).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("strftime_now: {fmt:?} is not a date format"),
+                    )
+                })?;
+                Ok(out)
+            },
+        );
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(template_error)?;
