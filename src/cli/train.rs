@@ -173,6 +173,9 @@ fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Res
             tok.vocab_size()
         );
     }
+    if let Err(msg) = routelm::model::init::fits_in_memory(&model, 4) {
+        bail!("{}: {msg}", a.config);
+    }
     Ok(match init {
         Some(params) => Trainer::from_params(&model, &train, params, "init")?,
         None => Trainer::new(&model, &train, device)?,
