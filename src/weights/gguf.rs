@@ -98,6 +98,14 @@ pub struct GgufFile {
 const MAX_DIMS: u32 = 8;
 /// Array nesting routelm follows (GGUF files use one level).
 const MAX_DEPTH: usize = 4;
+/// Caps on what the header states, past which a file is refused whatever its size: the
+/// largest published files hold about a thousand tensors, fifty metadata entries, arrays
+/// of a few hundred thousand entries (vocabularies, merges) and strings of a few tens of
+/// kilobytes (chat templates).
+const MAX_TENSORS: usize = 1 << 20;
+const MAX_METADATA: usize = 1 << 16;
+const MAX_ARRAY: usize = 1 << 24;
+const MAX_STRING: usize = 16 << 20;
 
 /// A cursor over the header that checks every read against the file.
 struct Cursor<'a> {
@@ -145,11 +153,16 @@ impl Cursor<'_> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    /// A count that each element of which takes at least `min_bytes`: it cannot exceed
-    /// what the rest of the file could hold, which bounds any allocation it drives.
-    fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize> {
+    /// A count of elements that each take at least `min_bytes`: it cannot exceed what the
+    /// rest of the file could hold, which bounds any allocation it drives, nor `cap`.
+    fn count(&mut self, what: &str, min_bytes: usize, cap: usize) -> Result<usize> {
         let n = self.u64(what)?;
         let room = (self.data.len() - self.at) / min_bytes.max(1);
+        if n > cap as u64 {
+            return Err(self.err(&format!(
+                "{what} is {n}, more than routelm's limit of {cap}"
+            )));
+        }
         usize::try_from(n)
             .ok()
             .filter(|&n| n <= room)
@@ -161,7 +174,7 @@ impl Cursor<'_> {
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
-        let n = self.count(&format!("{what} length"), 1)?;
+        let n = self.count(&format!("{what} length"), 1, MAX_STRING)?;
         let b = self.take(n, what)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.err(&format!("{what} is not UTF-8")))
     }
@@ -186,7 +199,7 @@ impl Cursor<'_> {
                     return Err(self.err(&format!("{what}: arrays nested too deep")));
                 }
                 let inner = self.u32(&format!("{what} element type"))?;
-                let n = self.count(&format!("{what} element count"), 1)?;
+                let n = self.count(&format!("{what} element count"), 1, MAX_ARRAY)?;
                 let mut v = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
                     v.push(self.value(inner, depth + 1, what)?);
@@ -232,8 +245,8 @@ impl GgufFile {
             ));
         }
         // a tensor description takes at least 8 + 4 + 8 + 4 + 8 bytes, a metadata entry 8 + 4 + 1
-        let n_tensors = c.count("tensor count", 32)?;
-        let n_kv = c.count("metadata count", 13)?;
+        let n_tensors = c.count("tensor count", 32, MAX_TENSORS)?;
+        let n_kv = c.count("metadata count", 13, MAX_METADATA)?;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key {i}"))?;
