@@ -61,8 +61,9 @@ start() {
 ref_s=$(python3 -c "import json;print(json.load(open('$work/ref/checkpoint/state.json')).get('elapsed_s', 3))" 2>/dev/null || echo 3)
 for i in $(seq 1 "$kills"); do
   start
-  # a random moment: on average the kills land within the first three quarters of the run
-  delay=$(python3 -c "import random; print(round(random.uniform(0.2, max(0.3, 1.5 * $ref_s / $kills)), 3))")
+  # a random moment: each kill takes on average half of the run's length over the number of
+  # kills, so all of them land while the run is still going
+  delay=$(python3 -c "import random; print(round(random.uniform(0.1, max(0.2, $ref_s / $kills)), 3))")
   sleep "$delay"
   if kill -9 "$pid" 2>/dev/null; then
     wait "$pid" 2>/dev/null || true
@@ -70,7 +71,8 @@ for i in $(seq 1 "$kills"); do
     echo "kill $i after ${delay}s: last checkpoint at step $step"
   else
     wait "$pid" || { echo "the run failed:"; cat "$work/killed.log"; exit 1; }
-    echo "kill $i after ${delay}s: the run had already finished"
+    echo "kill $i after ${delay}s: the run had already finished, so only $((i - 1)) of $kills kills landed"
+    exit 1
   fi
 done
 echo "finishing the killed run"
