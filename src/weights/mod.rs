@@ -120,10 +120,68 @@ pub fn read_header(path: &Path) -> Result<(std::fs::File, usize, safetensors::te
     // SAFETY: the map is read-only and dropped before this function returns; a file
     // truncated underneath us is the same hazard every mmap reader accepts.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-        .map_err(|e| Error::parse(path, format!("not a valid safetensors file ({e})")))?;
+    let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+        let why = explain_bad_header(&mmap).unwrap_or_else(|| e.to_string());
+        Error::parse(path, format!("not a valid safetensors file ({why})"))
+    })?;
     drop(mmap);
     Ok((file, header, meta))
+}
+
+/// What is wrong with a safetensors file whose header the crate refused with a general
+/// message ("invalid shape, data type, or offset", "file not fully covered"): the first
+/// tensor whose shape and dtype do not fill its byte range, or whose range runs past the
+/// file, or the gap between the tensors' data and the file's length. `None` when the
+/// header itself cannot be read (the crate's message says it better then).
+fn explain_bad_header(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    if end > bytes.len() && n <= 100_000_000 {
+        return Some(format!(
+            "the header says it takes {n} bytes, but only {} follow its length (the file is cut short?)",
+            bytes.len() - 8
+        ));
+    }
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    let data = bytes.len() - end;
+    let mut last = 0u64;
+    for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype = t.get("dtype")?.as_str()?;
+        let size: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "F32" | "I32" | "U32" => 4,
+            "F64" | "I64" | "U64" => 8,
+            _ => return Some(format!("tensor {name}: unknown dtype {dtype}")),
+        };
+        let shape: Vec<u64> = t
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()?;
+        let offsets = t.get("data_offsets")?.as_array()?;
+        let (start, stop) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+        let held = stop.checked_sub(start);
+        let needed = shape.iter().try_fold(size, |a, &d| a.checked_mul(d));
+        if needed.is_none() || held != needed {
+            let needed = needed.map_or("more than 2^64".to_string(), |b| b.to_string());
+            return Some(format!(
+                "tensor {name}: shape {shape:?} of {dtype} takes {needed} bytes, but its data_offsets [{start}, {stop}] hold {}",
+                held.map_or("none (the end is before the start)".to_string(), |h| h.to_string())
+            ));
+        }
+        if stop > data as u64 {
+            return Some(format!(
+                "tensor {name}: its data ends at byte {stop} of the data section, which holds only {data} bytes (the file is cut short?)"
+            ));
+        }
+        last = last.max(stop);
+    }
+    (last != data as u64).then(|| {
+        format!("the tensors' data ends at byte {last} of the data section, but the file holds {data} bytes after the header")
+    })
 }
 
 /// Write tensors to `path` atomically: a temporary file in the same folder, then a rename,
