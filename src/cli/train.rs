@@ -44,6 +44,14 @@ pub struct Args {
     /// Face folder, the result is also written in its layout to OUT/hf.
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
+    /// With --init: turn the model's dense feed-forward blocks into Mixture-of-Experts
+    /// layers whose experts start as copies of them (sparse upcycling), e.g.
+    /// `n_experts=8,top_k=2`; also `every=N` (every N-th layer from the first; default 1)
+    /// and `aux=C` (load-balancing loss, default 0.01). The router starts random; the
+    /// chosen experts' weights are renormalised, so the model's outputs at step 0 are the
+    /// dense model's. The result is a routelm checkpoint.
+    #[arg(long, requires = "init")]
+    upcycle: Option<routelm::model::upcycle::Upcycle>,
     /// A tokenizer.json to tokenize the data with (default: bytes, 256 ids). It is copied
     /// into the checkpoint so that generate and eval use it too.
     #[arg(long)]
@@ -70,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(dir) = &a.init {
         // a published checkpoint (not a routelm one) gets its layout written back
-        if routelm::arch::load_config(dir)?.0.is_some() {
+        if a.upcycle.is_none() && routelm::arch::load_config(dir)?.0.is_some() {
             trainer.init_source = Some(std::fs::canonicalize(dir).unwrap_or(dir.clone()));
         }
     }
@@ -153,7 +161,21 @@ fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Res
                 dir.display(),
                 family.unwrap_or("routelm")
             );
-            (cfg, Some(params))
+            match &a.upcycle {
+                Some(u) => {
+                    let seed = preset.train.seed.unwrap_or(0);
+                    let (cfg, params) = routelm::model::upcycle::upcycle(&cfg, params, u, seed)?;
+                    eprintln!(
+                        "upcycled: {} of {} layers now have {} experts (top {}), each a copy of the dense block",
+                        cfg.moe_layers().count(),
+                        cfg.n_layers,
+                        u.n_experts,
+                        u.top_k
+                    );
+                    (cfg, Some(params))
+                }
+                None => (cfg, Some(params)),
+            }
         }
         None => (preset.model.resolve(&a.config)?, None),
     };

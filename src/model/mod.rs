@@ -6,6 +6,7 @@ pub mod block;
 pub mod cache;
 pub mod init;
 pub mod transformer;
+pub mod upcycle;
 
 pub use cache::{Cache, KvCache};
 pub use transformer::{ForwardOptions, Loss, Model, ModelOutput, TokenRoute};
