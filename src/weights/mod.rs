@@ -148,12 +148,9 @@ fn explain_bad_header(bytes: &[u8]) -> Option<String> {
     let mut last = 0u64;
     for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
         let dtype = t.get("dtype")?.as_str()?;
-        let size: u64 = match dtype {
-            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-            "F16" | "BF16" | "I16" | "U16" => 2,
-            "F32" | "I32" | "U32" => 4,
-            "F64" | "I64" | "U64" => 8,
-            _ => return Some(format!("tensor {name}: unknown dtype {dtype}")),
+        // the crate's own dtype table (names and widths, sub-byte ones included)
+        let Ok(dt) = serde_json::from_value::<safetensors::Dtype>(dtype.into()) else {
+            return Some(format!("tensor {name}: unknown dtype {dtype}"));
         };
         let shape: Vec<u64> = t
             .get("shape")?
@@ -164,9 +161,17 @@ fn explain_bad_header(bytes: &[u8]) -> Option<String> {
         let offsets = t.get("data_offsets")?.as_array()?;
         let (start, stop) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
         let held = stop.checked_sub(start);
-        let needed = shape.iter().try_fold(size, |a, &d| a.checked_mul(d));
-        if needed.is_none() || held != needed {
-            let needed = needed.map_or("more than 2^64".to_string(), |b| b.to_string());
+        let bits = shape
+            .iter()
+            .try_fold(dt.bitsize() as u128, |a, &d| a.checked_mul(d as u128));
+        // whole bytes only: a sub-byte dtype must fill its last byte
+        let needed = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
+        if needed.is_none() || held.map(u128::from) != needed {
+            let needed = match bits {
+                None => "more than 2^125".to_string(),
+                Some(b) if b % 8 != 0 => format!("{b} bits, not a whole number of"),
+                Some(b) => (b / 8).to_string(),
+            };
             return Some(format!(
                 "tensor {name}: shape {shape:?} of {dtype} takes {needed} bytes, but its data_offsets [{start}, {stop}] hold {}",
                 held.map_or("none (the end is before the start)".to_string(), |h| h.to_string())
