@@ -7,8 +7,9 @@
 //! table of what routelm answered is printed (`cargo test --test bad_inputs --
 //! --nocapture`) and written to target/bad-inputs.md.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device};
@@ -37,11 +38,7 @@ fn copy_dir(from: &str, name: &str) -> PathBuf {
 /// `routelm ARGS` must fail without a panic, its error mentioning every one of `expect`;
 /// the row goes into the table.
 fn refused(format: &str, class: &str, args: &[&str], expect: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_routelm"))
-        .args(args)
-        .env("ROUTELM_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
+    let out = common::run_routelm(args);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success(),

@@ -3,18 +3,9 @@
 
 use std::process::Command;
 
-fn routelm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_routelm"))
-        .args(args)
-        .env("ROUTELM_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+
+use common::routelm;
 
 #[test]
 fn train_generate_eval_round_trip() {

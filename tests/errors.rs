@@ -6,7 +6,6 @@ mod common;
 use candle_core::{DType, Device};
 use routelm::model::init::init_params;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("routelm-err-{name}-{}", std::process::id()));
@@ -17,13 +16,8 @@ fn dir(name: &str) -> PathBuf {
 
 /// Run `routelm ARGS`, expect failure, return stderr.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_routelm"))
-        .args(args)
-        .env("ROUTELM_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {args:?}");
+    let (ok, _, err) = common::routelm(args);
+    assert!(!ok, "expected failure for {args:?}");
     assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
     err
 }

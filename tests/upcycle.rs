@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{DType, Device};
+use common::routelm;
 use routelm::model::upcycle::{upcycle, Upcycle};
 use routelm::model::Model;
 
@@ -80,19 +80,6 @@ fn every_nth_layer_and_bad_specs() {
         routelm::arch::load_params(&fixture("mixtral"), DType::F32, &Device::Cpu).unwrap();
     let e = upcycle(&mcfg, mparams, &"n_experts=2,top_k=1".parse().unwrap(), 0).unwrap_err();
     assert!(e.to_string().contains("no layer left"), "{e}");
-}
-
-fn routelm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_routelm"))
-        .args(args)
-        .env("ROUTELM_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `train --init DIR --upcycle …`: the experts, equal at the start, differ after training;

@@ -328,3 +328,22 @@ pub fn damaged_copies(default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `routelm ARGS` run to completion, progress bars off.
+pub fn run_routelm(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_routelm"))
+        .args(args)
+        .env("ROUTELM_NO_PROGRESS", "1")
+        .output()
+        .unwrap()
+}
+
+/// `routelm ARGS`: whether it succeeded, its stdout and its stderr.
+pub fn routelm(args: &[&str]) -> (bool, String, String) {
+    let out = run_routelm(args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
