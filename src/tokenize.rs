@@ -61,6 +61,21 @@ impl Tokenizer {
         }
     }
 
+    /// Write the tokenizer as a `tokenizer.json` (a byte-level one has none: nothing is
+    /// written, `Ok(false)`).
+    pub fn save(&self, path: &Path) -> Result<bool> {
+        match self {
+            Tokenizer::Bytes => Ok(false),
+            Tokenizer::Hf(t) => {
+                let json = t
+                    .to_string(false)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+                crate::weights::write_atomic(path, json.as_bytes())?;
+                Ok(true)
+            }
+        }
+    }
+
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Bytes => 256,

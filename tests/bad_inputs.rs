@@ -598,6 +598,7 @@ fn server_requests() {
     use routelm::serve::http::{parse_chat, parse_completion};
     let cm = ChatModel::load(
         "tests/fixtures/hf/mixtral".as_ref(),
+        None,
         DType::F32,
         &Device::Cpu,
     )

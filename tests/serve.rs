@@ -21,7 +21,7 @@ const MODEL: &str = "tests/fixtures/hf/mixtral";
 const HEADER_TIMEOUT_MS: u64 = 500;
 
 fn load() -> Arc<ChatModel> {
-    Arc::new(ChatModel::load(MODEL.as_ref(), DType::F32, &Device::Cpu).unwrap())
+    Arc::new(ChatModel::load(MODEL.as_ref(), None, DType::F32, &Device::Cpu).unwrap())
 }
 
 async fn start(limits: Limits) -> (String, Arc<ChatModel>, Arc<Metrics>) {

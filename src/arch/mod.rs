@@ -670,9 +670,31 @@ pub fn is_gguf(path: &Path) -> bool {
 /// file's size and a bf16 file is read at half the bytes of its f32 upcast. In another
 /// dtype or on another device, or through [`load_params`], every tensor is converted.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
+    load_dir_with(dir, None, dtype, device)
+}
+
+/// [`load_dir`] with a PEFT LoRA adapter folder applied to the model (`adapter`): the
+/// adapters run beside the base weights, which stay in their stored form.
+pub fn load_dir_with(
+    dir: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Loaded> {
+    let adapt = |cfg: ModelConfig, mut params: Params| -> Result<(ModelConfig, Params)> {
+        let Some(a) = adapter else {
+            return Ok((cfg, params));
+        };
+        let (cfg, adapters) = crate::model::lora::load_peft(a, &cfg, &published_modules(dir)?)?;
+        for (name, t) in adapters {
+            params.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+        }
+        Ok((cfg, params))
+    };
     if dtype == DType::F32 && device.is_cpu() {
         if is_gguf(dir) {
             let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
+            let (cfg, params) = adapt(cfg, params)?;
             let origin = dir.display().to_string();
             return Ok(Loaded {
                 family,
@@ -681,18 +703,59 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         }
         let (family, cfg) = load_config(dir)?;
         let (origin, params, stored) = load_safetensors_stored(dir, family, &cfg)?;
+        let (cfg, params) = adapt(cfg, params)?;
         return Ok(Loaded {
             family: family.map(|f| f.name),
             model: Model::from_stored(&cfg, params, stored, &origin.display().to_string())?,
         });
     }
     let (family, cfg, params) = load_params(dir, dtype, device)?;
+    let (cfg, params) = adapt(cfg, params)?;
     // the parameters are checked against the config already
     let origin = dir.join("model.safetensors").display().to_string();
     Ok(Loaded {
         family,
         model: Model::from_owned(&cfg, params, &origin)?,
     })
+}
+
+/// For a Hugging Face folder, each canonical projection's module name in the folder's
+/// own layout (where it is one tensor there, renamed or with its rows reordered); `None`
+/// for a GGUF file or a routelm checkpoint, whose canonical names are the published ones
+/// (transformers' Llama layout). PEFT adapters are named this way.
+pub fn published_modules(dir: &Path) -> Result<crate::model::lora::ModuleNames> {
+    if is_gguf(dir) {
+        return Ok(None);
+    }
+    let (family, cfg) = load_config(dir)?;
+    let Some(family) = family else {
+        return Ok(None);
+    };
+    let (origin, file_params) = read_weights(dir, DType::F32, &Device::Cpu)?;
+    let mut map = TensorMap::new(origin, file_params);
+    (family.tensors)(&cfg, &mut map)?;
+    let mut out = BTreeMap::new();
+    for p in &map.provenance {
+        let rows = match (&p.origin, p.parts.len()) {
+            (Origin::Renamed, 1) => None,
+            (Origin::Rows(order), 1) => Some(order.clone()),
+            _ => continue,
+        };
+        let (Some(canonical), Some(file)) = (
+            p.parts[0].strip_suffix(".weight"),
+            p.file.strip_suffix(".weight"),
+        ) else {
+            continue;
+        };
+        out.insert(
+            canonical.to_string(),
+            crate::model::lora::Published {
+                module: file.to_string(),
+                rows,
+            },
+        );
+    }
+    Ok(Some(out))
 }
 
 /// Whether the model reads `name` (a canonical name) through a layer that takes stored

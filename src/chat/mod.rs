@@ -36,8 +36,8 @@ pub struct ChatModel {
 
 impl ChatModel {
     /// Load a model folder or GGUF file for chatting.
-    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let model = crate::arch::load_dir(path, dtype, device)?.model;
+    pub fn load(path: &Path, lora: Option<&Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let model = crate::arch::load_dir_with(path, lora, dtype, device)?.model;
         let tok = Tokenizer::for_model_dir(path)?;
         let defaults = crate::arch::generation_defaults(path)?;
         let (template, own_template) = match ChatTemplate::for_model(path)? {

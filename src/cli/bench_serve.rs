@@ -87,6 +87,7 @@ pub fn run(a: Args) -> Result<()> {
                 let path = super::model_dir(model);
                 let cm = Arc::new(ChatModel::load(
                     &path,
+                    None,
                     candle_core::DType::F32,
                     &super::device(),
                 )?);

@@ -18,6 +18,10 @@ pub struct Args {
     /// Model folder or GGUF file.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g.
+    /// OUT/adapter of `train --lora`) applied to the model.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// System prompt (the conversation's first message).
     #[arg(long)]
     system: Option<String>,
@@ -33,7 +37,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let path = super::model_dir(&a.model);
-    let cm = ChatModel::load(&path, a.dtype, &super::device())?;
+    let cm = ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device())?;
     if !cm.own_template {
         eprintln!(
             "{}: no chat template; talking with plain `role: text` lines",

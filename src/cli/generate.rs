@@ -15,6 +15,10 @@ pub struct Args {
     /// Model folder.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g.
+    /// OUT/adapter of `train --lora`) applied to the model.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Text prompt (tokenized with DIR/tokenizer.json, or bytes).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -45,7 +49,8 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = routelm::arch::load_dir(&model_dir, a.dtype, &device)?.model;
+    let model =
+        routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
     // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
     let tok = match (
         a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,

@@ -12,6 +12,10 @@ pub struct Args {
     /// Model folder or GGUF file.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g.
+    /// OUT/adapter of `train --lora`) applied to the model.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Text file.
     #[arg(long)]
     data: PathBuf,
@@ -29,7 +33,13 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model;
+    let model = routelm::arch::load_dir_with(
+        &model_dir,
+        a.lora.as_deref(),
+        candle_core::DType::F32,
+        &device,
+    )?
+    .model;
     let tok = Tokenizer::for_model_dir(&model_dir)?;
     let text = std::fs::read_to_string(&a.data)
         .with_context(|| format!("reading {}", a.data.display()))?;

@@ -19,6 +19,10 @@ pub struct Args {
     /// Model folder or GGUF file.
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g.
+    /// OUT/adapter of `train --lora`) applied to the model.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port (0: any free port, printed at start).
@@ -62,7 +66,12 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     super::ignore_broken_pipes();
     let path = super::model_dir(&a.model);
-    let cm = Arc::new(ChatModel::load(&path, a.dtype, &super::device())?);
+    let cm = Arc::new(ChatModel::load(
+        &path,
+        a.lora.as_deref(),
+        a.dtype,
+        &super::device(),
+    )?);
     if !cm.own_template {
         eprintln!(
             "{}: no chat template; chats use plain `role: text` lines",

@@ -52,6 +52,19 @@ pub struct Args {
     /// dense model's. The result is a routelm checkpoint.
     #[arg(long, requires = "init")]
     upcycle: Option<routelm::model::upcycle::Upcycle>,
+    /// With --init: train low-rank adapters (LoRA) on the chosen projections while the
+    /// loaded weights stay frozen (no gradients, no optimizer state for them), e.g.
+    /// `r=16,alpha=32,targets=q,k,v,o,gate,up,down` (targets: q k v o gate up down, or
+    /// module names; default r=8, alpha=2r, targets q,v). OUT/adapter is written as a PEFT
+    /// adapter folder that transformers + peft load; `generate --lora OUT/adapter`
+    /// applies it to the same base.
+    #[arg(long, requires = "init", conflicts_with = "upcycle")]
+    lora: Option<routelm::config::LoraConfig>,
+    /// With --lora (or resuming a LoRA run): also write the adapters folded into the base
+    /// weights to OUT/merged, in the base's layout (a Hugging Face folder's family layout;
+    /// a routelm checkpoint otherwise).
+    #[arg(long)]
+    merge: bool,
     /// A tokenizer.json to tokenize the data with (default: bytes, 256 ids). It is copied
     /// into the checkpoint so that generate and eval use it too.
     #[arg(long)]
@@ -61,9 +74,16 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let tok_path = tokenizer_path(&a)?;
-    let tok = match &tok_path {
-        Some(p) => Tokenizer::from_file(p)?,
-        None => Tokenizer::Bytes,
+    // a GGUF file carries its tokenizer: it is written into the checkpoint as a
+    // tokenizer.json
+    let gguf_init = a
+        .init
+        .as_ref()
+        .filter(|d| tok_path.is_none() && routelm::arch::is_gguf(d));
+    let tok = match (&tok_path, gguf_init) {
+        (Some(p), _) => Tokenizer::from_file(p)?,
+        (None, Some(f)) => Tokenizer::from_gguf(f)?,
+        (None, None) => Tokenizer::Bytes,
     };
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, &device)?,
@@ -77,10 +97,18 @@ pub fn run(a: Args) -> Result<()> {
         trainer.data_source = a.data.clone();
     }
     if let Some(dir) = &a.init {
-        // a published checkpoint (not a routelm one) gets its layout written back
-        if a.upcycle.is_none() && routelm::arch::load_config(dir)?.0.is_some() {
+        // a published checkpoint (not a routelm one) gets its layout written back; adapters
+        // are written for their base, whatever its format
+        let published =
+            !routelm::arch::is_gguf(dir) && routelm::arch::load_config(dir)?.0.is_some();
+        if a.upcycle.is_none() && (published || a.lora.is_some()) {
             trainer.init_source = Some(std::fs::canonicalize(dir).unwrap_or(dir.clone()));
         }
+    }
+    if a.merge && trainer.model.config.lora.is_none() {
+        bail!(
+            "--merge folds LoRA adapters into the base weights: give --lora (or resume a LoRA run)"
+        );
     }
     let tokens = super::load_tokens(trainer.data_source.as_deref(), &tok, trainer.config.seed)?;
     let data = super::dataset(tokens, trainer.config.val_fraction, trainer.config.seq_len)?;
@@ -99,6 +127,15 @@ pub fn run(a: Args) -> Result<()> {
         data.val.len(),
         ledger.train_per_token() / 1e6
     );
+    let (trained, all) = trainer.param_counts();
+    if trained < all {
+        eprintln!(
+            "training {} of {} parameters ({:.3}%): the adapters; the base weights are frozen",
+            trained,
+            all,
+            100.0 * trained as f64 / all as f64
+        );
+    }
     if trainer.model.bf16_matmul() {
         eprintln!("mixed precision: linear products with bf16 operands and f32 sums");
     }
@@ -110,7 +147,11 @@ pub fn run(a: Args) -> Result<()> {
                 .with_context(|| format!("copying {} into the checkpoint", p.display()))?;
         }
     }
-    write_outputs(&trainer, &out, a.stop_after.is_none())?;
+    if gguf_init.is_some() {
+        let dst = routelm::train::checkpoint::checkpoint_dir(&out).join("tokenizer.json");
+        tok.save(&dst)?;
+    }
+    write_outputs(&trainer, &out, a.stop_after.is_none(), a.merge)?;
     eprintln!(
         "done: step {}  val loss {:.4}  wall {:.1}s  {:.1} ms/step  -> {}",
         summary.steps,
@@ -174,7 +215,14 @@ fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Res
                     );
                     (cfg, Some(params))
                 }
-                None => (cfg, Some(params)),
+                None => match &a.lora {
+                    Some(l) => {
+                        let seed = preset.train.seed.unwrap_or(0);
+                        let (cfg, params) = routelm::model::lora::attach(&cfg, params, l, seed)?;
+                        (cfg, Some(params))
+                    }
+                    None => (cfg, Some(params)),
+                },
             }
         }
         None => (preset.model.resolve(&a.config)?, None),
@@ -252,7 +300,7 @@ fn run_with_progress(
 
 /// The run's plots (loss curve, router load), and for a finished fine-tune of published
 /// weights the weights in that family's layout.
-fn write_outputs(trainer: &Trainer, out: &Path, finished: bool) -> Result<()> {
+fn write_outputs(trainer: &Trainer, out: &Path, finished: bool, merge: bool) -> Result<()> {
     let curve = |f: fn(&routelm::train::checkpoint::Metric) -> Option<f64>| -> Vec<(f64, f64)> {
         trainer
             .metrics
@@ -281,6 +329,9 @@ fn write_outputs(trainer: &Trainer, out: &Path, finished: bool) -> Result<()> {
     if super::router_heatmap(out, &trainer.metrics)?.is_some() {
         super::print_router(&trainer.last_router);
     }
+    if trainer.model.config.lora.is_some() {
+        return write_adapters(trainer, out, finished && merge);
+    }
     if let (Some(src), true) = (&trainer.init_source, finished) {
         let dst = out.join("hf");
         routelm::arch::export_dir(src, &dst, &trainer.params()?).with_context(|| {
@@ -295,5 +346,47 @@ fn write_outputs(trainer: &Trainer, out: &Path, finished: bool) -> Result<()> {
             dst.display()
         );
     }
+    Ok(())
+}
+
+/// A LoRA run's outputs: OUT/adapter (PEFT's folder, named after the base's modules), and
+/// with `merge` the adapters folded into the base weights in OUT/merged.
+fn write_adapters(trainer: &Trainer, out: &Path, merge: bool) -> Result<()> {
+    let params = trainer.params()?;
+    let cfg = &trainer.model.config;
+    let base = trainer.init_source.clone();
+    let names = match &base {
+        Some(src) => routelm::arch::published_modules(src)?,
+        None => None,
+    };
+    let dst = out.join("adapter");
+    let base_name = base
+        .as_ref()
+        .map_or(String::new(), |p| p.display().to_string());
+    routelm::model::lora::save_peft(&dst, cfg, &params, &names, &base_name)
+        .with_context(|| format!("writing the PEFT adapter to {}", dst.display()))?;
+    eprintln!("LoRA adapter (PEFT format): {}", dst.display());
+    if !merge {
+        return Ok(());
+    }
+    let (merged_cfg, merged) = routelm::model::lora::merge(cfg, &params)?;
+    let dst = out.join("merged");
+    let published = base
+        .as_ref()
+        .filter(|src| !routelm::arch::is_gguf(src))
+        .filter(|src| routelm::arch::load_config(src).is_ok_and(|(f, _)| f.is_some()));
+    match published {
+        Some(src) => routelm::arch::export_dir(src, &dst, &merged)
+            .with_context(|| format!("writing the merged weights in {}'s layout", src.display()))?,
+        None => {
+            routelm::weights::save_model_dir(&dst, &merged_cfg, &merged)?;
+            let tok = routelm::train::checkpoint::checkpoint_dir(out).join("tokenizer.json");
+            if tok.exists() {
+                std::fs::copy(&tok, dst.join("tokenizer.json"))
+                    .with_context(|| format!("copying {} into {}", tok.display(), dst.display()))?;
+            }
+        }
+    }
+    eprintln!("merged weights: {}", dst.display());
     Ok(())
 }

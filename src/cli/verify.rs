@@ -9,13 +9,25 @@ use std::path::PathBuf;
 pub struct Args {
     /// Checkpoint folder with reference.safetensors.
     dir: PathBuf,
+    /// Apply this PEFT LoRA adapter folder to the model; the reference is then read from
+    /// the adapter folder (its reference.safetensors and meta.json) unless --reference says.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// Folder holding reference.safetensors and meta.json (default: DIR, or the --lora folder).
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let r = routelm::verify::verify_dir(&a.dir)?;
+    let reference = a
+        .reference
+        .clone()
+        .or_else(|| a.lora.clone())
+        .unwrap_or_else(|| a.dir.clone());
+    let r = routelm::verify::verify_with(&a.dir, a.lora.as_deref(), &reference)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

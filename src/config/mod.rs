@@ -3,8 +3,10 @@
 //! [`ModelConfig`] (`model`), validated by [`ModelConfig::problems`] (`validate`).
 
 mod file;
+mod lora;
 mod model;
 mod validate;
 
 pub use file::{parse_resolved, DepthFile, ModelConfigFile, MoeFile};
+pub use lora::{LoraConfig, SHORT_TARGETS};
 pub use model::*;

@@ -3,6 +3,7 @@
 //! description of a network: the model, the initialiser, the weight loader and the FLOP
 //! ledger all read it and nothing else.
 
+use super::LoraConfig;
 use serde::{Deserialize, Serialize};
 
 /// Normalisation layer used before attention, before the FFN and at the end.
@@ -449,6 +450,10 @@ pub struct ModelConfig {
     /// `d_model^-0.5`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_scale: Option<f64>,
+    /// Low-rank adapters on chosen projections ([`LoraConfig`]); their tensors sit beside
+    /// the projections' (`….q_proj.lora_A.weight`, `….q_proj.lora_B.weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for ModelConfig {
@@ -493,6 +498,7 @@ impl Default for ModelConfig {
             encoder_layers: 0,
             decoder_start: None,
             output_scale: None,
+            lora: None,
         }
     }
 }

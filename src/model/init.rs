@@ -29,11 +29,19 @@ pub fn available_memory() -> Option<u64> {
 /// product is not: this is checked before anything is allocated (an allocation of
 /// terabytes fails late, or makes the machine swap).
 pub fn fits_in_memory(cfg: &ModelConfig, copies: u64) -> std::result::Result<(), String> {
-    let params: u128 = param_specs(cfg)
+    // with adapters, only they train: the base weights are held once
+    let specs = param_specs(cfg);
+    let count = |s: &crate::weights::names::ParamSpec| -> u128 {
+        s.shape.iter().map(|&d| d as u128).product::<u128>()
+    };
+    let params: u128 = specs.iter().map(count).sum();
+    let need: u128 = specs
         .iter()
-        .map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>())
+        .map(|s| {
+            let trains = cfg.lora.is_none() || crate::weights::names::is_adapter(&s.name);
+            count(s) * 4 * if trains { copies as u128 } else { 1 }
+        })
         .sum();
-    let need = params * 4 * copies as u128;
     let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
     match available_memory() {
         Some(have) if need > have as u128 => Err(format!(
@@ -62,12 +70,39 @@ pub fn init_params(
         origin: "new model".into(),
         problems: vec![msg],
     })?;
+    draw(param_specs(cfg), seed, dtype, device)
+}
+
+/// Fresh values for the adapters of `cfg.lora` alone (the base weights come from a file),
+/// drawn from `seed`.
+pub fn init_adapters(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let specs = param_specs(cfg)
+        .into_iter()
+        .filter(|s| crate::weights::names::is_adapter(&s.name))
+        .collect();
+    draw(specs, seed, DType::F32, device)
+}
+
+/// Each parameter of `specs` drawn by its initialiser, in order, from one stream.
+fn draw(
+    specs: Vec<crate::weights::names::ParamSpec>,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut rng = Rng::new(seed);
     let mut out = BTreeMap::new();
-    for spec in param_specs(cfg) {
+    for spec in specs {
         let n = spec.numel();
         let data: Vec<f32> = match spec.init {
             Init::Normal(std) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+            Init::Uniform(b) => (0..n)
+                .map(|_| ((2.0 * rng.uniform() - 1.0) * b) as f32)
+                .collect(),
             Init::Ones => vec![1.0; n],
             Init::Zeros => vec![0.0; n],
         };

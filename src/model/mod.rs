@@ -5,6 +5,7 @@
 pub mod block;
 pub mod cache;
 pub mod init;
+pub mod lora;
 pub mod transformer;
 pub mod upcycle;
 

@@ -155,6 +155,16 @@ impl Parts<'_> {
         let name = format!("{prefix}.weight");
         let mut l = Linear::new(self.get(&name)?, self.opt(&format!("{prefix}.bias")));
         l.stored = self.stored.get(&name).cloned();
+        if let Some(lora) = &self.config.lora {
+            // the parameter table holds adapters for exactly the targeted projections
+            if let Some(a) = self.opt(&format!("{prefix}.lora_A.weight")) {
+                l.lora = Some(crate::nn::linear::Lora {
+                    a,
+                    b: self.get(&format!("{prefix}.lora_B.weight"))?,
+                    scale: lora.scale(),
+                });
+            }
+        }
         Ok(l)
     }
 

@@ -290,7 +290,12 @@ impl Attention {
         let rows = Tensor::cat(&[k_rot, c.reshape((b, t, 1, lora))?], 3)?;
         let all = cache.append_latent(&rows)?; // (b, len, 1, rot + lora)
                                                // kv_b's weight per head: (h, nope + dv, lora) = [W_k; W_v]
-        let w = l.kv_b.weight.reshape((h, nope + dv, lora))?;
+                                               // an adapter on kv_b is absorbed with it: W + scale · B A
+        let w = match &l.kv_b.lora {
+            Some(ad) => (&l.kv_b.weight + (ad.b.matmul(&ad.a)? * ad.scale)?)?,
+            None => l.kv_b.weight.clone(),
+        };
+        let w = w.reshape((h, nope + dv, lora))?;
         let (w_k, w_v) = (w.narrow(1, 0, nope)?, w.narrow(1, nope, dv)?);
         // (h, b·t, nope) · (h, nope, lora) → the absorbed queries (b, t, h, lora)
         let per_head = |x: &Tensor, d: usize| x.reshape((b * t, h, d))?.transpose(0, 1);

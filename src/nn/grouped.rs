@@ -252,6 +252,8 @@ impl CustomOp3 for GroupedSwiglu {
         );
         let groups = group_count(&self.offsets);
         let tasks = self.tasks();
+        // frozen weights (a model trained through adapters) get no gradient
+        let weight_grads = gate_up.track_op() || down.track_op();
         let mut dx = output_buffer(n * d);
         let mut dgu_w = output_buffer(groups * 2 * h * d);
         let mut ddown_w = output_buffer(groups * d * h);
@@ -274,9 +276,11 @@ impl CustomOp3 for GroupedSwiglu {
                 let d_e = at(down_w.as_ptr().add(e * d * h), h, 1);
                 product(self.bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
                 // dD_e = dy_eᵀ · h_e
-                let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
-                let hx = at(he.as_ptr(), h, 1);
-                product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+                if weight_grads {
+                    let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
+                    let hx = at(he.as_ptr(), h, 1);
+                    product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+                }
             }
             for ((o, r), dr) in dg
                 .chunks_mut(2 * h.max(1))
@@ -305,6 +309,9 @@ impl CustomOp3 for GroupedSwiglu {
                     gu_e,
                 );
                 // d[G_e; U_e] = [dg | du]ᵀ · x_e
+                if !weight_grads {
+                    return;
+                }
                 let dgx_t = at(dg.as_ptr(), 1, 2 * h);
                 let xe = at(x.as_ptr().add(r0 * d), d, 1);
                 product(
@@ -360,6 +367,9 @@ impl CustomOp3 for GroupedSwiglu {
         let dgu_w = Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?;
         let ddown_w = Tensor::from_vec(ddown_w, (groups * d, h), &dev)?;
         let dx = Some(Tensor::from_vec(dx, (n, d), &dev)?);
+        if !weight_grads {
+            return Ok((dx, None, None));
+        }
         match &self.sink {
             Some(sink) => {
                 sink.put(gate_up, dgu_w)?;

@@ -19,6 +19,16 @@ pub struct Linear {
     /// The weight in its stored form (a GGUF file's quantized blocks), which the products
     /// read in place ([`super::qmatmul`]); inference only.
     pub stored: Option<Arc<QMatrix>>,
+    /// A low-rank adapter added to the product.
+    pub lora: Option<Lora>,
+}
+
+/// A low-rank adapter: `y += scale · (x Aᵀ) Bᵀ`, `A: (r, in)`, `B: (out, r)`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
 /// A stand-in for a weight held in its stored form: the shape, no memory, NaN values.
@@ -33,13 +43,31 @@ impl Linear {
             bias,
             bf16: false,
             stored: None,
+            lora: None,
         }
     }
 
     /// Apply to `x: (.., in)`, giving `(.., out)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        self.add_lora(y, x)
+    }
+
+    /// `y` (this layer's base product of `x`) plus the adapter's product.
+    fn add_lora(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
+        let Some(l) = &self.lora else {
+            return Ok(y);
+        };
+        let x2 = flat_rows(x)?;
+        let low = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+        let low = (low * l.scale)?.reshape(y.shape())?;
+        y + low
+    }
+
+    /// The product without the adapter.
+    fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         if self.stored.is_some() {
-            return Ok(Self::forward_pairs(&[self], &[x])?.remove(0));
+            return Ok(Self::base_pairs(&[self], &[x])?.remove(0));
         }
         if let Some(y) = fused_matmul_t(x, &self.weight, self.bf16)? {
             return match &self.bias {
@@ -72,6 +100,15 @@ impl Linear {
     /// `[l.forward(x) for (l, x) in zip(layers, xs)]`, inputs with the same leading
     /// dimensions; when decoding, the products run in one parallel region.
     pub fn forward_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let ys = Self::base_pairs(layers, xs)?;
+        ys.into_iter()
+            .zip(layers.iter().zip(xs))
+            .map(|(y, (l, x))| l.add_lora(y, x))
+            .collect()
+    }
+
+    /// [`Linear::forward_pairs`] without the adapters.
+    fn base_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
         if layers.iter().any(|l| l.stored.is_some()) {
             return stored_pairs(layers, xs);
         }
@@ -81,7 +118,11 @@ impl Linear {
             .collect::<Result<Vec<_>>>()?;
         let ws: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
         let Some(ys) = super::matvec::skinny_pairs(&x2.iter().collect::<Vec<_>>(), &ws)? else {
-            return layers.iter().zip(xs).map(|(l, x)| l.forward(x)).collect();
+            return layers
+                .iter()
+                .zip(xs)
+                .map(|(l, x)| l.forward_base(x))
+                .collect();
         };
         ys.into_iter()
             .zip(layers.iter().zip(xs))
@@ -118,7 +159,7 @@ fn stored_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
                 flat.push(x2.flatten_all()?.to_vec1::<f32>()?);
                 which.push(i);
             }
-            None => out[i] = Some(l.forward(x)?),
+            None => out[i] = Some(l.forward_base(x)?),
         }
     }
     let m = rows.unwrap_or(0);
@@ -262,8 +303,15 @@ impl CustomOp2 for LinearOp {
             part,
             bf16: self.bf16,
         };
-        let dx = dy.apply_op2_no_bwd(w, &op(Part::Dx))?;
-        let dw = dy.apply_op2_no_bwd(x, &op(Part::Dw))?;
-        Ok((Some(dx), Some(dw)))
+        // a frozen weight (LoRA training) needs no gradient, nor does the model's input
+        let dx = match x.track_op() {
+            true => Some(dy.apply_op2_no_bwd(w, &op(Part::Dx))?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(dy.apply_op2_no_bwd(x, &op(Part::Dw))?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }

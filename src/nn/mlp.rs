@@ -39,7 +39,7 @@ impl Mlp {
         let Some(gate_up) = &self.gate_up else {
             return Ok(None);
         };
-        let plain = |l: &Linear| l.bias.is_none() && l.stored.is_none();
+        let plain = |l: &Linear| l.bias.is_none() && l.stored.is_none() && l.lora.is_none();
         let d = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
         if self.kind != FfnKind::Swiglu

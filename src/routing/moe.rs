@@ -367,7 +367,15 @@ impl MoeLayer {
     /// as one grouped op over the stacks, other kinds one product chain per expert.
     fn run_experts(&self, xs: &Tensor, routing: &Routing) -> Result<Tensor> {
         let out = dispatch(xs, routing, self.experts.len(), |xg, offsets| {
-            if let (Some(gate_up), Some(down)) = (&self.stacked.gate_up, &self.stacked.down) {
+            let adapted = self.experts.iter().any(|m| {
+                m.gate
+                    .iter()
+                    .chain([&m.up, &m.down])
+                    .any(|l| l.lora.is_some())
+            });
+            if let (Some(gate_up), Some(down), false) =
+                (&self.stacked.gate_up, &self.stacked.down, adapted)
+            {
                 // each expert's [gate_e; up_e] as one block: one product of the gathered rows
                 // gives [g | u] per row (x is packed once, its gradient is one product)
                 let bf16 = self.experts.iter().all(|m| m.up.bf16);

@@ -32,6 +32,8 @@ pub struct Trainer {
     pub model: Model,
     pub config: TrainConfig,
     opt: AdamW,
+    /// Parameters that do not train (a base model under adapters).
+    frozen: Params,
     pub rng: Rng,
     pub step: usize,
     pub tokens_seen: u64,
@@ -82,7 +84,7 @@ fn build(
     train: &TrainConfig,
     params: Params,
     origin: &str,
-) -> Result<(Model, AdamW)> {
+) -> Result<(Model, AdamW, Params)> {
     let get = |name: &str| -> Result<Tensor> {
         let t = params.get(name).ok_or_else(|| Error::WeightMismatch {
             path: origin.into(),
@@ -102,8 +104,17 @@ fn build(
     let mut done = vec![false; stacks.len()];
     let mut slots = Vec::new();
     let mut tensors = BTreeMap::new();
+    let mut frozen = Params::new();
     for spec in param_specs(cfg) {
         let decay = spec.decay || (train.decay_embeddings && spec.name.contains("embed"));
+        if cfg.lora.is_some() && !weights::names::is_adapter(&spec.name) {
+            // training through adapters: the base weights are constants (no gradient, no
+            // optimizer state) and stay unstacked
+            let t = get(&spec.name)?;
+            tensors.insert(spec.name.clone(), t.clone());
+            frozen.insert(spec.name, t);
+            continue;
+        }
         let Some(&i) = stack_of.get(spec.name.as_str()) else {
             let var = Var::from_tensor(&get(&spec.name)?)?;
             tensors.insert(spec.name.clone(), var.as_tensor().clone());
@@ -134,7 +145,7 @@ fn build(
         eps: train.eps,
         weight_decay: train.weight_decay,
     };
-    Ok((model, AdamW::new(adam, slots)))
+    Ok((model, AdamW::new(adam, slots), frozen))
 }
 
 impl Trainer {
@@ -159,7 +170,7 @@ impl Trainer {
                 ],
             });
         }
-        let (mut model, opt) = build(cfg, train, params, origin)?;
+        let (mut model, opt, frozen) = build(cfg, train, params, origin)?;
         if train.precision == super::Precision::Bf16 {
             if crate::nn::bf16::available() {
                 model.set_bf16_matmul(true);
@@ -172,6 +183,7 @@ impl Trainer {
             model,
             config: train.clone(),
             opt,
+            frozen,
             rng: Rng::new(train.seed.wrapping_add(1)),
             step: 0,
             tokens_seen: 0,
@@ -241,7 +253,7 @@ impl Trainer {
 
     /// The current parameters by canonical name.
     pub fn params(&self) -> Result<Params> {
-        let mut params = Params::new();
+        let mut params = self.frozen.clone();
         for s in &self.opt.slots {
             params.extend(s.tensors()?);
         }
@@ -370,6 +382,13 @@ impl Trainer {
             }
         }
         Ok(())
+    }
+
+    /// `(trained, all)` parameter counts.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let trained: usize = self.opt.slots.iter().map(|s| s.var.elem_count()).sum();
+        let frozen: usize = self.frozen.values().map(|t| t.elem_count()).sum();
+        (trained, trained + frozen)
     }
 
     /// Mean loss over the fixed validation batches.

@@ -13,6 +13,8 @@ use crate::config::{
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     Normal(f64),
+    /// Uniform on `[-b, b]`.
+    Uniform(f64),
     Ones,
     Zeros,
 }
@@ -276,7 +278,49 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         t.matrix("lm_head.weight".into(), cfg.vocab_size, d, std);
     }
     t.bias("lm_head", cfg.vocab_size, cfg.head_bias);
+    if let Some(lora) = &cfg.lora {
+        let adapters = lora_specs(lora, &t.v);
+        t.v.extend(adapters);
+    }
     t.v
+}
+
+/// The adapters of `lora` on the projections among `base`: for a projection `P.weight`
+/// `(out, in)`, `P.lora_A.weight` `(r, in)` drawn as PEFT draws it (uniform on
+/// `±1/sqrt(in)`) and `P.lora_B.weight` `(out, r)` zero, so that the adapted model starts
+/// equal to the base model.
+fn lora_specs(lora: &crate::config::LoraConfig, base: &[ParamSpec]) -> Vec<ParamSpec> {
+    let mut v = Vec::new();
+    for s in base {
+        let Some(module) = s.name.strip_suffix(".weight") else {
+            continue;
+        };
+        let [out, inp] = s.shape[..] else {
+            continue;
+        };
+        if !module.starts_with("model.") || module.contains("embed") || !lora.targets_module(module)
+        {
+            continue;
+        }
+        v.push(ParamSpec {
+            name: format!("{module}.lora_A.weight"),
+            shape: vec![lora.r, inp],
+            init: Init::Uniform(1.0 / (inp as f64).sqrt()),
+            decay: true,
+        });
+        v.push(ParamSpec {
+            name: format!("{module}.lora_B.weight"),
+            shape: vec![out, lora.r],
+            init: Init::Zeros,
+            decay: true,
+        });
+    }
+    v
+}
+
+/// Whether `name` is an adapter's tensor (`….lora_A.weight`, `….lora_B.weight`).
+pub fn is_adapter(name: &str) -> bool {
+    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
 }
 
 // Parameters that train stacked in one variable: a SwiGLU block's gate and up
