@@ -18,6 +18,9 @@ pub struct Perplexity {
     pub scored: usize,
     /// Sum of their negative log-likelihoods (nats).
     pub nll: f64,
+    /// Over the routed (Mixture-of-Depths) blocks: the token visits they processed, of
+    /// all token visits (0 of 0 for a model without routed blocks).
+    pub routed: (usize, usize),
 }
 
 impl Perplexity {
@@ -56,6 +59,7 @@ pub fn perplexity(
         chunks: 0,
         scored: 0,
         nll: 0.0,
+        routed: (0, 0),
     };
     for c in 0..n {
         let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
@@ -63,7 +67,18 @@ pub fn perplexity(
             chunk[0] = b;
         }
         let ids = Tensor::new(chunk.as_slice(), model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&ids, None, false)?.logits.squeeze(0)?;
+        // routed (Mixture-of-Depths) blocks decide causally, token by token, as when
+        // sampling: a training-time top-k would look at the tokens to come
+        let opts = crate::model::ForwardOptions {
+            depth: Some(crate::routing::DepthDecision::Threshold),
+            ..Default::default()
+        };
+        let out = model.forward_with(&ids, None, opts)?;
+        for d in &out.depth {
+            r.routed.0 += d.selected;
+            r.routed.1 += d.tokens;
+        }
+        let logits = out.logits.squeeze(0)?;
         // positions first..ctx-1 predict the tokens after them
         let scored = ctx - 1 - first;
         let logits = logits.narrow(0, first, scored)?.to_dtype(DType::F32)?;

@@ -159,17 +159,24 @@ fn check_known(
 
 /// Load `dir`, run its reference inputs, compare.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
-    verify_with(dir, None, dir)
+    verify_with(dir, None, dir, false)
 }
 
 /// Load the model `dir` (with the PEFT adapter `lora` applied), run the inputs of
 /// `reference/reference.safetensors`, compare within `reference/meta.json`'s tolerances.
-pub fn verify_with(dir: &Path, lora: Option<&Path>, reference: &Path) -> Result<VerifyReport> {
+/// `dequantize`: a GGUF file's weights as f32 tensors (the reference dequantized them)
+/// rather than read in place by the quantized kernels.
+pub fn verify_with(
+    dir: &Path,
+    lora: Option<&Path>,
+    reference: &Path,
+    dequantize: bool,
+) -> Result<VerifyReport> {
     let device = Device::Cpu;
     let ref_path = reference.join("reference.safetensors");
     let meta_path = reference.join("meta.json");
     let meta = read_meta(reference)?;
-    let loaded = arch::load_dir_with(dir, lora, DType::F32, &device)?;
+    let loaded = arch::load_dir_as(dir, lora, DType::F32, &device, !dequantize)?;
     let model = &loaded.model;
     if model.config.encoder_layers > 0 {
         let family = loaded.family.unwrap_or("routelm");

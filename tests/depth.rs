@@ -27,6 +27,7 @@ fn routed_with(
         aux_loss_coef: 0.1,
         predictor,
         selection,
+        scale: Default::default(),
     };
     c.layers = vec![
         LayerSpec {

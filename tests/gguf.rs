@@ -561,6 +561,7 @@ fn routed_models_are_written_for_routelm() {
         aux_loss_coef: 0.1,
         predictor: 0,
         selection: DepthSelection::Learned,
+        scale: Default::default(),
     };
     cfg.layers = vec![
         LayerSpec {

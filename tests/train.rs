@@ -219,6 +219,7 @@ fn router_scores_stay_bounded_on_a_long_run() {
         aux_loss_coef: 1.0,
         predictor: 0,
         selection: Default::default(),
+        scale: Default::default(),
     };
     cfg.layers = vec![
         routelm::config::LayerSpec {

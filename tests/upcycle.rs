@@ -86,15 +86,12 @@ fn every_nth_layer_and_bad_specs() {
 /// the checkpoint is an MoE model that generates.
 #[test]
 fn train_upcycles_and_the_experts_move_apart() {
-    let d = std::env::temp_dir().join(format!("routelm-upcycle-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("ft.toml"), "[model]\nd_model = 8\nn_layers = 1\nn_heads = 1\n[train]\nsteps = 6\nbatch_size = 4\nseq_len = 32\nlr = 3e-3\neval_every = 6\neval_batches = 1\nlog_every = 3\n").unwrap();
-    std::fs::write(
-        d.join("data.txt"),
-        "upcycling corpus: many tokens, a few experts. ".repeat(200),
-    )
-    .unwrap();
+    let d = common::fine_tune_workspace(
+        "upcycle",
+        6,
+        3e-3,
+        "upcycling corpus: many tokens, a few experts. ",
+    );
     let s = |p: &str| d.join(p).to_str().unwrap().to_string();
     let init = fixture("llama3");
     let (ok, _, err) = routelm(&[

@@ -6,7 +6,7 @@
 
 BASE: a Hugging Face folder or a GGUF file (transformers dequantizes it to float32).
 DATA: a text file, tokenized with the base's tokenizer. The recipe is routelm's: AdamW
-(beta 0.9/0.95, weight decay 0.1 on the adapters), gradients clipped to norm 1.0, batches of
+(betas 0.9/0.99, weight decay 0.1 on the adapters), gradients clipped to norm 1.0, batches of
 random windows, float32 on the CPU. The first two steps are warm-up and not timed; the
 script prints the median step time, tokens/s, trainable parameters and peak resident
 memory.
@@ -67,7 +67,7 @@ def main():
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=a.lr,
-        betas=(0.9, 0.95),
+        betas=(0.9, 0.99),
         weight_decay=0.1,
     )
     gen = torch.Generator().manual_seed(1)

@@ -681,6 +681,19 @@ pub fn load_dir_with(
     dtype: DType,
     device: &Device,
 ) -> Result<Loaded> {
+    load_dir_as(dir, adapter, dtype, device, true)
+}
+
+/// [`load_dir_with`]; `in_place: false` converts every weight to `dtype` tensors (a GGUF
+/// file's dequantized: exact products in f32 instead of the quantized kernels' 8-bit
+/// activations, for comparing with a reference that dequantized the same file).
+pub fn load_dir_as(
+    dir: &Path,
+    adapter: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+    in_place: bool,
+) -> Result<Loaded> {
     let adapt = |cfg: ModelConfig, mut params: Params| -> Result<(ModelConfig, Params)> {
         let Some(a) = adapter else {
             return Ok((cfg, params));
@@ -691,7 +704,7 @@ pub fn load_dir_with(
         }
         Ok((cfg, params))
     };
-    if dtype == DType::F32 && device.is_cpu() {
+    if dtype == DType::F32 && device.is_cpu() && in_place {
         if is_gguf(dir) {
             let (family, cfg, params, stored) = gguf::load_stored(dir, device)?;
             let (cfg, params) = adapt(cfg, params)?;

@@ -57,7 +57,8 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"perplexity": r.value(), "chunks": r.chunks, "ctx": a.ctx,
-                "scored_tokens": r.scored, "text_tokens": tokens.len(), "bos": bos})
+                "scored_tokens": r.scored, "text_tokens": tokens.len(), "bos": bos,
+                "routed_processed": r.routed.0, "routed_visits": r.routed.1})
         );
     } else {
         println!(
@@ -68,6 +69,12 @@ pub fn run(a: Args) -> Result<()> {
             r.scored,
             tokens.len()
         );
+        if r.routed.1 > 0 {
+            println!(
+                "routed blocks processed {:.1}% of the tokens (decided causally, as when sampling)",
+                100.0 * r.routed.0 as f64 / r.routed.1 as f64
+            );
+        }
     }
     Ok(())
 }

@@ -60,6 +60,19 @@ pub struct Args {
     /// applies it to the same base.
     #[arg(long, requires = "init", conflicts_with = "upcycle")]
     lora: Option<routelm::config::LoraConfig>,
+    /// With --init: make the model a Mixture-of-Depths model (a depth retrofit): routers on
+    /// chosen blocks pick the tokens each block processes; the others skip it, which
+    /// sampling turns into skipped compute. `capacity=0.5` (share of tokens processed),
+    /// `every=2` (blocks 1, 3, 5, …) or `layers=3:5:7`, `predictor=H` (a small causal
+    /// predictor; default 0: the router's sign decides), `aux=C` (its loss weight, default
+    /// 0.1). Processed tokens keep the block's full update, so at capacity 1 the model is
+    /// the dense one. Only the routers train unless --lora (routers and adapters) or
+    /// --full (everything).
+    #[arg(long, requires = "init", conflicts_with = "upcycle")]
+    retrofit: Option<routelm::model::retrofit::Retrofit>,
+    /// With --retrofit: train every parameter, not only the routers.
+    #[arg(long, requires = "retrofit")]
+    full: bool,
     /// With --lora (or resuming a LoRA run): also write the adapters folded into the base
     /// weights to OUT/merged, in the base's layout (a Hugging Face folder's family layout;
     /// a routelm checkpoint otherwise).
@@ -101,7 +114,8 @@ pub fn run(a: Args) -> Result<()> {
         // are written for their base, whatever its format
         let published =
             !routelm::arch::is_gguf(dir) && routelm::arch::load_config(dir)?.0.is_some();
-        if a.upcycle.is_none() && (published || a.lora.is_some()) {
+        let changed = a.upcycle.is_some() || a.retrofit.is_some();
+        if (published && !changed) || a.lora.is_some() {
             trainer.init_source = Some(std::fs::canonicalize(dir).unwrap_or(dir.clone()));
         }
     }
@@ -130,7 +144,7 @@ pub fn run(a: Args) -> Result<()> {
     let (trained, all) = trainer.param_counts();
     if trained < all {
         eprintln!(
-            "training {} of {} parameters ({:.3}%): the adapters; the base weights are frozen",
+            "training {} of {} parameters ({:.3}%): what was added (adapters, depth routers); the base weights are frozen",
             trained,
             all,
             100.0 * trained as f64 / all as f64
@@ -215,14 +229,31 @@ fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Res
                     );
                     (cfg, Some(params))
                 }
-                None => match &a.lora {
-                    Some(l) => {
-                        let seed = preset.train.seed.unwrap_or(0);
-                        let (cfg, params) = routelm::model::lora::attach(&cfg, params, l, seed)?;
-                        (cfg, Some(params))
+                None => {
+                    let seed = preset.train.seed.unwrap_or(0);
+                    let (cfg, params) = match &a.retrofit {
+                        Some(r) => {
+                            let (cfg, params) =
+                                routelm::model::retrofit::retrofit(&cfg, params, r, seed)?;
+                            eprintln!(
+                                "depth retrofit: {} of {} blocks routed at capacity {}",
+                                cfg.depth_layers().count(),
+                                cfg.n_layers,
+                                r.capacity
+                            );
+                            (cfg, params)
+                        }
+                        None => (cfg, params),
+                    };
+                    match &a.lora {
+                        Some(l) => {
+                            let (cfg, params) =
+                                routelm::model::lora::attach(&cfg, params, l, seed)?;
+                            (cfg, Some(params))
+                        }
+                        None => (cfg, Some(params)),
                     }
-                    None => (cfg, Some(params)),
-                },
+                }
             }
         }
         None => (preset.model.resolve(&a.config)?, None),
@@ -234,7 +265,9 @@ fn fresh_trainer(a: &Args, tok: &Tokenizer, device: &candle_core::Device) -> Res
                 .min(preset.train.seq_len.unwrap_or(usize::MAX)),
         );
     }
-    let train = preset.train.resolve(model.max_seq_len, &a.config)?;
+    let mut train = preset.train.resolve(model.max_seq_len, &a.config)?;
+    // adapters and a depth retrofit train what they add; the published weights stay
+    train.freeze_base = a.lora.is_some() || (a.retrofit.is_some() && !a.full);
     if model.vocab_size < tok.vocab_size() {
         bail!(
             "{}: vocab_size {} is smaller than the tokenizer's {}",
@@ -371,8 +404,10 @@ fn write_adapters(trainer: &Trainer, out: &Path, merge: bool) -> Result<()> {
     }
     let (merged_cfg, merged) = routelm::model::lora::merge(cfg, &params)?;
     let dst = out.join("merged");
+    // a routed (retrofit) model has no published layout: a routelm checkpoint
     let published = base
         .as_ref()
+        .filter(|_| merged_cfg.depth_layers().next().is_none())
         .filter(|src| !routelm::arch::is_gguf(src))
         .filter(|src| routelm::arch::load_config(src).is_ok_and(|(f, _)| f.is_some()));
     match published {

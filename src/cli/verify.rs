@@ -16,6 +16,11 @@ pub struct Args {
     /// Folder holding reference.safetensors and meta.json (default: DIR, or the --lora folder).
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Dequantize a GGUF file's weights to f32 (as transformers does when it loads one)
+    /// instead of running the quantized kernels, whose 8-bit activations differ from an
+    /// f32 reference by more than its tolerance.
+    #[arg(long)]
+    dequantize: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -27,7 +32,7 @@ pub fn run(a: Args) -> Result<()> {
         .clone()
         .or_else(|| a.lora.clone())
         .unwrap_or_else(|| a.dir.clone());
-    let r = routelm::verify::verify_with(&a.dir, a.lora.as_deref(), &reference)?;
+    let r = routelm::verify::verify_with(&a.dir, a.lora.as_deref(), &reference, a.dequantize)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

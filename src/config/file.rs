@@ -269,6 +269,7 @@ impl ModelConfigFile {
                 aux_loss_coef: df.aux_loss_coef.unwrap_or(1.0),
                 predictor: df.predictor.unwrap_or(0),
                 selection: df.selection.unwrap_or_default(),
+                scale: Default::default(),
             };
             let every = df.every.unwrap_or(2).max(1);
             for (l, spec) in cfg.layers.iter_mut().enumerate() {

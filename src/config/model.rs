@@ -182,6 +182,23 @@ pub struct DepthConfig {
     /// ablation; sampling then processes each token with probability `capacity`).
     #[serde(default)]
     pub selection: DepthSelection,
+    /// What a processed token's update is multiplied by.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scale: DepthScale,
+}
+
+/// The factor on a routed block's update for the tokens it processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthScale {
+    /// `σ(r)`, the router's weight (Mixture-of-Depths as trained from scratch): the router
+    /// learns through the language-model loss.
+    #[default]
+    Router,
+    /// `σ(r) / sg(σ(r))`: exactly 1 in the forward pass, so a processed token gets the
+    /// block's full update, as in the dense model the block came from (a depth retrofit),
+    /// while the router still gets the loss's gradient through `σ(r)`.
+    Unit,
 }
 
 /// How a routed block's tokens are selected in training.

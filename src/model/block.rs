@@ -177,7 +177,7 @@ impl Block {
             (0..b).map(|i| vec![i]).collect()
         };
         let xs = x.reshape((b * t, d))?;
-        let gates = candle_nn::ops::sigmoid(&choice.logits.flatten_all()?)?;
+        let gates = crate::routing::update_scale(&choice.logits.flatten_all()?, choice.scale)?;
         let mut out = xs.clone();
         let mut stats: Option<MoeStats> = None;
         for group in groups {

@@ -6,6 +6,7 @@ pub mod block;
 pub mod cache;
 pub mod init;
 pub mod lora;
+pub mod retrofit;
 pub mod transformer;
 pub mod upcycle;
 

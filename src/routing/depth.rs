@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::config::{DepthConfig, DepthSelection};
+use crate::config::{DepthConfig, DepthScale, DepthSelection};
 use crate::nn::matvec::matmul_t;
 use crate::routing::router::top_k;
 
@@ -93,6 +93,8 @@ pub struct DepthChoice {
     pub logits: Tensor,
     /// Top-k took every token: nothing to route, the block runs as a plain block.
     pub all: bool,
+    /// What the processed tokens' updates are multiplied by.
+    pub scale: DepthScale,
     pub stats: DepthStats,
 }
 
@@ -150,6 +152,7 @@ impl DepthRouter {
             rows,
             logits,
             all: decision == DepthDecision::TopK && k == t,
+            scale: self.config.scale,
             stats,
         })
     }
@@ -220,5 +223,15 @@ impl DepthRouter {
         let softplus = (z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
         let bce = (softplus - (z * target)?)?.mean_all()?;
         bce * self.config.aux_loss_coef
+    }
+}
+
+/// The factors on the processed tokens' updates from their router logits: `σ(r)`, or
+/// with [`DepthScale::Unit`] `σ(r) / sg(σ(r))` (1 in value, the gradient of `σ(r)`).
+pub fn update_scale(logits: &Tensor, scale: DepthScale) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(logits)?;
+    match scale {
+        DepthScale::Router => Ok(s),
+        DepthScale::Unit => s.div(&s.detach()),
     }
 }

@@ -7,7 +7,7 @@ pub mod dispatch;
 pub mod moe;
 pub mod router;
 
-pub use depth::{DepthChoice, DepthDecision, DepthRouter, DepthStats, DepthStep};
+pub use depth::{update_scale, DepthChoice, DepthDecision, DepthRouter, DepthStats, DepthStep};
 pub use dispatch::{dispatch, Routing};
 pub use moe::{update_selection_bias, MoeLayer, MoeStats, StackedExperts};
 pub use router::{choose_experts, top_k, RouterChoice};

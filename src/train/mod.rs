@@ -94,6 +94,11 @@ pub struct TrainConfig {
     /// Matrix-product precision (absent from checkpoints written before it existed: f32).
     #[serde(default)]
     pub precision: Precision,
+    /// Train only what was added to a published model: LoRA adapters and
+    /// Mixture-of-Depths routers (and their predictors); every other parameter is a
+    /// constant (no gradient, no optimizer state).
+    #[serde(default)]
+    pub freeze_base: bool,
 }
 
 /// The file form of [`TrainConfig`] (`[train]` in a preset); every field has a default.
@@ -170,6 +175,7 @@ impl TrainConfigFile {
             val_fraction: self.val_fraction.unwrap_or(0.1),
             seed: self.seed.unwrap_or(1337),
             precision: self.precision.unwrap_or_default(),
+            freeze_base: false,
         };
         let mut p = Vec::new();
         for (name, v) in [

@@ -107,9 +107,9 @@ fn build(
     let mut frozen = Params::new();
     for spec in param_specs(cfg) {
         let decay = spec.decay || (train.decay_embeddings && spec.name.contains("embed"));
-        if cfg.lora.is_some() && !weights::names::is_adapter(&spec.name) {
-            // training through adapters: the base weights are constants (no gradient, no
-            // optimizer state) and stay unstacked
+        if train.freeze_base && !weights::names::is_added(&spec.name) {
+            // training what was added (adapters, depth routers): the base weights are
+            // constants (no gradient, no optimizer state) and stay unstacked
             let t = get(&spec.name)?;
             tensors.insert(spec.name.clone(), t.clone());
             frozen.insert(spec.name, t);

@@ -318,6 +318,12 @@ fn lora_specs(lora: &crate::config::LoraConfig, base: &[ParamSpec]) -> Vec<Param
     v
 }
 
+/// Whether `name` is what a retrofit adds to a published model: an adapter's tensor or
+/// a Mixture-of-Depths router's or predictor's.
+pub fn is_added(name: &str) -> bool {
+    is_adapter(name) || name.contains(".depth_router.") || name.contains(".depth_predictor.")
+}
+
 /// Whether `name` is an adapter's tensor (`….lora_A.weight`, `….lora_B.weight`).
 pub fn is_adapter(name: &str) -> bool {
     name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")

@@ -182,6 +182,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.1,
                 predictor: 0,
                 selection: Default::default(),
+                scale: Default::default(),
             };
             c.layers = vec![
                 LayerSpec::default(),
@@ -199,6 +200,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 aux_loss_coef: 0.1,
                 predictor: 5,
                 selection: Default::default(),
+                scale: Default::default(),
             };
             let moe = MoeConfig {
                 aux_loss_coef: 0.01,
@@ -346,4 +348,19 @@ pub fn routelm(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A fresh folder for a short fine-tuning run from the command line: `ft.toml` (a recipe of
+/// `steps` steps of 4 × 32 tokens at learning rate `lr`, evaluated once at the end) and
+/// `data.txt` (`text` repeated).
+pub fn fine_tune_workspace(tag: &str, steps: usize, lr: f64, text: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("routelm-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let recipe = format!(
+        "[model]\nd_model = 8\nn_layers = 1\nn_heads = 1\n[train]\nsteps = {steps}\nbatch_size = 4\nseq_len = 32\nlr = {lr:e}\neval_every = {steps}\neval_batches = 1\nlog_every = 3\n"
+    );
+    std::fs::write(d.join("ft.toml"), recipe).unwrap();
+    std::fs::write(d.join("data.txt"), text.repeat(200)).unwrap();
+    d
 }

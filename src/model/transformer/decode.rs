@@ -211,7 +211,7 @@ impl Model {
             let (y, moe) =
                 run(&xs, &chosen, caches).map_err(|e| e.context(format!("layer {l}")))?;
             record(&mut routes, moe, &chosen);
-            let gate = candle_nn::ops::sigmoid(&Tensor::cat(&gates, 0)?)?
+            let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
                 .to_dtype(x.dtype())?
                 .reshape((chosen.len(), 1, 1))?;
             let delta = (y - &xs)?.broadcast_mul(&gate)?;

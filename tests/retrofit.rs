@@ -1,0 +1,185 @@
+//! Depth retrofit: a dense model with routers added to some blocks. At capacity 1 it is the
+//! dense model; below it the processed tokens keep their full update while the router
+//! still learns through the loss; training with the base frozen changes only the routers,
+//! and the result samples and evaluates as a Mixture-of-Depths model.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Var};
+use common::{max_abs_diff, routelm};
+use routelm::model::retrofit::{retrofit, Retrofit};
+use routelm::model::Model;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+const SEQ: [u32; 12] = [5, 17, 3, 39, 22, 8, 0, 31, 12, 7, 44, 2];
+
+#[test]
+fn capacity_one_equals_the_base_model() {
+    for name in ["llama3", "qwen3", "phi2", "gpt_neox", "gpt2"] {
+        let (_, cfg, params) =
+            routelm::arch::load_params(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let base = Model::new(&cfg, &params, name).unwrap();
+        let r: Retrofit = "capacity=1,every=1".parse().unwrap();
+        let (rcfg, rparams) = retrofit(&cfg, params.clone(), &r, 5).unwrap();
+        assert_eq!(rcfg.depth_layers().count(), cfg.n_layers, "{name}");
+        let routed = Model::new(&rcfg, &rparams, name).unwrap();
+        let x = common::ids(&SEQ, 2);
+        let a = base.forward(&x, None, false).unwrap();
+        let b = routed.forward(&x, None, false).unwrap();
+        assert_eq!(b.depth.len(), cfg.n_layers, "{name}");
+        let d = max_abs_diff(&a.logits, &b.logits);
+        assert!(d <= 1e-6, "{name}: capacity-1 retrofit differs by {d}");
+    }
+}
+
+/// Below capacity 1, a token the router passes over skips the block (its logits change),
+/// and the router gets a gradient from the language-model loss alone (no auxiliary loss)
+/// although the processed tokens' updates are unscaled.
+#[test]
+fn skipped_tokens_change_the_output_and_the_router_learns_from_the_loss() {
+    let (_, cfg, params) =
+        routelm::arch::load_params(&fixture("llama3"), DType::F32, &Device::Cpu).unwrap();
+    let r: Retrofit = "capacity=0.5,every=1,aux=0".parse().unwrap();
+    let (rcfg, rparams) = retrofit(&cfg, params.clone(), &r, 5).unwrap();
+    let x = common::ids(&SEQ, 2);
+    let y = common::ids(&[17, 3, 39, 22, 8, 0, 31, 12, 7, 44, 2, 9], 2);
+    let base = Model::new(&cfg, &params, "base").unwrap();
+    let router = "model.layers.0.depth_router.weight";
+    let var = Var::from_tensor(&rparams[router]).unwrap();
+    let mut live = rparams.clone();
+    live.insert(router.into(), var.as_tensor().clone());
+    let routed = Model::new(&rcfg, &live, "routed").unwrap();
+    let out = routed.forward(&x, None, false).unwrap();
+    for d in &out.depth {
+        assert_eq!(
+            (d.selected, d.tokens),
+            (6, 12),
+            "half of each of 2 sequences of 6"
+        );
+    }
+    let diff = max_abs_diff(&base.forward(&x, None, false).unwrap().logits, &out.logits);
+    assert!(
+        diff > 1e-3,
+        "skipping half the tokens changed nothing ({diff})"
+    );
+    let loss = routed.loss(&x, &y).unwrap();
+    let g = loss.total.backward().unwrap();
+    let grad = g.get(var.as_tensor()).expect("the router got no gradient");
+    let norm = grad
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(norm > 0.0, "the router's gradient is zero");
+}
+
+#[test]
+fn bad_specs_are_named() {
+    for (spec, want) in [
+        ("capacity=0", "capacity must be"),
+        ("capacity=1.5", "capacity must be"),
+        ("every=0", "every must be"),
+        ("skip=attention", "not built"),
+        ("layers=1:x", "whole number"),
+        ("width=3", "unknown key"),
+    ] {
+        let e = spec.parse::<Retrofit>().unwrap_err();
+        assert!(e.contains(want), "{spec}: {e}");
+    }
+    let (_, cfg, params) =
+        routelm::arch::load_params(&fixture("llama3"), DType::F32, &Device::Cpu).unwrap();
+    let r: Retrofit = "layers=0:9".parse().unwrap();
+    let e = retrofit(&cfg, params, &r, 1).unwrap_err().to_string();
+    assert!(e.contains("block 9 does not exist"), "{e}");
+}
+
+/// `train --init DIR --retrofit …` trains the routers alone (every other weight in the
+/// checkpoint is the loaded one, bit for bit); the checkpoint samples (the causal
+/// decision) and `perplexity` reports how many tokens the routed blocks processed.
+#[test]
+fn train_retrofit_trains_only_the_routers() {
+    let d = common::fine_tune_workspace(
+        "retrofit",
+        6,
+        1e-2,
+        "some tokens can skip a block, others cannot. ",
+    );
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let init = fixture("llama3");
+    let (ok, _, err) = routelm(&[
+        "train",
+        "--init",
+        init.to_str().unwrap(),
+        "--retrofit",
+        "capacity=0.5,every=1",
+        "--config",
+        &s("ft.toml"),
+        "--data",
+        &s("data.txt"),
+        "--out",
+        &s("run"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("depth retrofit: 2 of 2 blocks"), "{err}");
+    let (_, loaded_cfg, loaded) =
+        routelm::arch::load_params(&init, DType::F32, &Device::Cpu).unwrap();
+    let (_, cfg, ckpt) =
+        routelm::arch::load_params(&d.join("run/checkpoint"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(cfg.depth_layers().count(), loaded_cfg.n_layers);
+    for (k, t) in &loaded {
+        assert_eq!(max_abs_diff(t, &ckpt[k]), 0.0, "{k} changed");
+    }
+    let (_, fresh) = retrofit(
+        &loaded_cfg,
+        loaded.clone(),
+        &"capacity=0.5,every=1".parse().unwrap(),
+        1337,
+    )
+    .unwrap();
+    let name = "model.layers.0.depth_router.weight";
+    assert!(
+        max_abs_diff(&fresh[name], &ckpt[name]) > 0.0,
+        "the router did not train"
+    );
+    let (ok, out, err) = routelm(&[
+        "generate",
+        "--model",
+        &s("run/checkpoint"),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ids",
+    ]);
+    assert!(ok, "{out}{err}");
+    std::fs::write(
+        d.join("text.txt"),
+        "some tokens can skip a block. ".repeat(40),
+    )
+    .unwrap();
+    let (ok, out, err) = routelm(&[
+        "perplexity",
+        "--model",
+        &s("run/checkpoint"),
+        "--data",
+        &s("text.txt"),
+        "--ctx",
+        "32",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("routed blocks processed"), "{out}");
+    let (ok, _, err) = routelm(&["train", "--full"]);
+    assert!(!ok && err.contains("--retrofit"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
