@@ -41,6 +41,8 @@ pub enum Error {
     Template(String),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },
+    #[error("training diverged: {0}")]
+    Diverged(String),
     #[error("plot {path}: {msg}")]
     Plot { path: PathBuf, msg: String },
     #[error(transparent)]

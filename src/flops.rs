@@ -210,7 +210,13 @@ impl Ledger<'_> {
             let k = ((dc.capacity * n as f64).ceil() as usize).clamp(1, n.max(1));
             let share = k as f64 / n.max(1) as f64;
             let attn = Self::keys_seen(window, k, true) / Self::keys_seen(window, n, true);
+            let ffn_only = dc.skip == crate::config::DepthSkip::Mlp;
             for e in &mut self.entries[first..] {
+                // skipping the feed-forward only: the attention runs on every token
+                let in_ffn = e.component.contains(".ffn") || e.component.contains(".moe.");
+                if ffn_only && !in_ffn {
+                    continue;
+                }
                 e.flops *= share;
                 if e.component.ends_with("attn.scores") {
                     e.flops *= attn;

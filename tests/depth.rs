@@ -28,6 +28,8 @@ fn routed_with(
         predictor,
         selection,
         scale: Default::default(),
+        keep_first: false,
+        skip: Default::default(),
     };
     c.layers = vec![
         LayerSpec {

@@ -562,6 +562,8 @@ fn routed_models_are_written_for_routelm() {
         predictor: 0,
         selection: DepthSelection::Learned,
         scale: Default::default(),
+        keep_first: false,
+        skip: Default::default(),
     };
     cfg.layers = vec![
         LayerSpec {

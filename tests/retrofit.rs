@@ -183,3 +183,161 @@ fn train_retrofit_trains_only_the_routers() {
     assert!(!ok && err.contains("--retrofit"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// With `keep_first`, a sequence's first token goes through a routed block even when its
+/// router score is the lowest (top-k in training, the causal threshold when sampling);
+/// without it, it is skipped.
+#[test]
+fn keep_first_routes_the_first_token_through() {
+    use candle_core::Tensor;
+    use routelm::config::{DepthConfig, DepthScale, DepthSelection};
+    use routelm::routing::{DepthDecision, DepthRouter, DepthStep};
+    let (t, d) = (6, 4);
+    // feature 0 of token i is i - 2.5: the router's logit rises with the position
+    let x: Vec<f32> = (0..t)
+        .flat_map(|i| [i as f32 - 2.5, 0.0, 0.0, 0.0])
+        .collect();
+    let x = Tensor::from_vec(x, (1, t, d), &Device::Cpu).unwrap();
+    let mut w = vec![0f32; d];
+    w[0] = 1.0;
+    for (keep_first, decision) in [
+        (false, DepthDecision::TopK),
+        (true, DepthDecision::TopK),
+        (false, DepthDecision::Threshold),
+        (true, DepthDecision::Threshold),
+    ] {
+        let router = DepthRouter {
+            layer: 0,
+            weight: Tensor::from_vec(w.clone(), (1, d), &Device::Cpu).unwrap(),
+            predictor: None,
+            config: DepthConfig {
+                capacity: 0.5,
+                aux_loss_coef: 0.0,
+                predictor: 0,
+                selection: DepthSelection::Learned,
+                scale: DepthScale::Unit,
+                keep_first,
+                skip: Default::default(),
+            },
+        };
+        let step = DepthStep {
+            start: 0,
+            decision,
+            seed: 0,
+        };
+        let rows = router.choose(&x, step).unwrap().rows;
+        let want: Vec<u32> = match (keep_first, decision) {
+            (false, _) => vec![3, 4, 5],
+            (true, DepthDecision::TopK) => vec![0, 4, 5],
+            (true, DepthDecision::Threshold) => vec![0, 3, 4, 5],
+        };
+        assert_eq!(rows[0], want, "keep_first {keep_first}, {decision:?}");
+        // a later chunk (a cache of 6 tokens before it) has no first token to keep
+        let later = DepthStep { start: 6, ..step };
+        let rows = router.choose(&x, later).unwrap().rows;
+        assert!(
+            !rows[0].contains(&0),
+            "keep_first {keep_first}, {decision:?}: {rows:?}"
+        );
+    }
+}
+
+/// `skip=mlp`: every token runs the attention and enters the KV cache, the chosen ones
+/// also the feed-forward. Decoding through the cache (alone, and batched with another
+/// sequence) gives the logits of the whole sequence decided causally; the ledger drops
+/// only the feed-forward's share; at capacity 1 the model is the dense one.
+#[test]
+fn skipping_the_feed_forward_alone() {
+    use candle_core::{IndexOp, Tensor};
+    use routelm::model::ForwardOptions;
+    use routelm::routing::DepthDecision;
+    let (_, cfg, params) =
+        routelm::arch::load_params(&fixture("llama3"), DType::F32, &Device::Cpu).unwrap();
+    let base = Model::new(&cfg, &params, "base").unwrap();
+    let x = common::ids(&SEQ, 1);
+    let full1 = retrofit(
+        &cfg,
+        params.clone(),
+        &"capacity=1,every=1,skip=mlp".parse().unwrap(),
+        3,
+    )
+    .unwrap();
+    let m1 = Model::new(&full1.0, &full1.1, "c1").unwrap();
+    let d = max_abs_diff(
+        &base.forward(&x, None, false).unwrap().logits,
+        &m1.forward(&x, None, false).unwrap().logits,
+    );
+    assert!(d <= 1e-6, "capacity 1, skip=mlp: {d}");
+    let (rcfg, rparams) = retrofit(
+        &cfg,
+        params.clone(),
+        &"capacity=0.5,every=1,skip=mlp".parse().unwrap(),
+        3,
+    )
+    .unwrap();
+    let m = Model::new(&rcfg, &rparams, "mlp").unwrap();
+    let opts = ForwardOptions {
+        depth: Some(DepthDecision::Threshold),
+        ..Default::default()
+    };
+    let full = m.forward_with(&x, None, opts).unwrap();
+    assert!(max_abs_diff(&full.logits, &base.forward(&x, None, false).unwrap().logits) > 1e-3);
+    let mut cache = m.new_cache();
+    let mut parts = Vec::new();
+    for t in 0..SEQ.len() {
+        let step = m
+            .forward(&x.i((.., t..t + 1)).unwrap(), Some(&mut cache), false)
+            .unwrap();
+        parts.push(step.logits);
+    }
+    let d = max_abs_diff(&full.logits, &Tensor::cat(&parts, 1).unwrap());
+    assert!(d <= 1e-5, "cached decoding differs by {d}");
+    let mut skipped = 0;
+    for (l, s) in full.depth.iter().enumerate() {
+        assert_eq!(
+            cache.layers[l].len(),
+            SEQ.len(),
+            "layer {l}: every token is cached"
+        );
+        skipped += s.tokens - s.selected;
+    }
+    assert!(skipped > 0, "no token skipped a feed-forward");
+    // batched with another sequence, one token each: as each alone
+    let mut alone = vec![m.new_cache(), m.new_cache()];
+    let mut batch = vec![m.new_cache(), m.new_cache()];
+    for (i, c) in alone.iter_mut().chain(batch.iter_mut()).enumerate() {
+        let p = if i % 2 == 0 { &SEQ[..4] } else { &SEQ[2..9] };
+        m.forward(&common::ids(p, 1), Some(c), true).unwrap();
+    }
+    let tokens = [7u32, 21];
+    let mut refs: Vec<&mut routelm::model::Cache> = batch.iter_mut().collect();
+    let (logits, _) = m.decode_batch(&tokens, &mut refs).unwrap();
+    for (i, c) in alone.iter_mut().enumerate() {
+        let out = m
+            .forward(&common::ids(&[tokens[i]], 1), Some(c), true)
+            .unwrap();
+        let v = out.logits.dim(candle_core::D::Minus1).unwrap();
+        let d = max_abs_diff(
+            &out.logits.reshape((1, v)).unwrap(),
+            &logits.i(i..i + 1).unwrap(),
+        );
+        assert!(d <= 1e-5, "row {i}: batched logits differ by {d}");
+    }
+    // the ledger: the routed feed-forwards at half their cost, the attention in full
+    let ffn = |c: &routelm::ModelConfig| {
+        let l = routelm::FlopLedger::new(c, 64);
+        (l.forward_per_token(), l.dense_forward_per_token())
+    };
+    let (dense, _) = ffn(&cfg);
+    let (mlp, _) = ffn(&rcfg);
+    let block = ffn(
+        &retrofit(&cfg, params, &"capacity=0.5,every=1".parse().unwrap(), 3)
+            .unwrap()
+            .0,
+    )
+    .0;
+    assert!(
+        block < mlp && mlp < dense,
+        "block {block}, mlp {mlp}, dense {dense}"
+    );
+}

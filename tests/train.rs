@@ -220,6 +220,8 @@ fn router_scores_stay_bounded_on_a_long_run() {
         predictor: 0,
         selection: Default::default(),
         scale: Default::default(),
+        keep_first: false,
+        skip: Default::default(),
     };
     cfg.layers = vec![
         routelm::config::LayerSpec {
@@ -370,4 +372,32 @@ fn a_checkpoint_write_stopped_anywhere_resumes_exactly() {
         assert!(!ck.with_extension("tmp").exists() && !ck.with_extension("old").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
+}
+
+/// A step whose loss or gradient is not finite stops training with an error naming the
+/// step, before the optimizer touches any parameter.
+#[test]
+fn a_non_finite_loss_stops_training_before_any_update() {
+    let (cfg, train, data) = setup(3);
+    let mut p =
+        routelm::model::init::init_params(&cfg, 1, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let w = &p["model.norm.weight"];
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    p.insert("model.norm.weight".into(), nan);
+    let mut t = Trainer::from_params(&cfg, &train, p, "test").unwrap();
+    let bits = |t: &Trainer| -> Vec<Vec<u32>> {
+        t.params()
+            .unwrap()
+            .values()
+            .map(|x| {
+                let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            })
+            .collect()
+    };
+    let before = bits(&t);
+    let err = t.train_step(&data).unwrap_err().to_string();
+    assert!(err.contains("diverged") && err.contains("step 1"), "{err}");
+    assert_eq!(t.step, 0);
+    assert!(before == bits(&t), "a parameter changed");
 }

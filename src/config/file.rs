@@ -270,6 +270,8 @@ impl ModelConfigFile {
                 predictor: df.predictor.unwrap_or(0),
                 selection: df.selection.unwrap_or_default(),
                 scale: Default::default(),
+                keep_first: false,
+                skip: Default::default(),
             };
             let every = df.every.unwrap_or(2).max(1);
             for (l, spec) in cfg.layers.iter_mut().enumerate() {

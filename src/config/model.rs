@@ -185,6 +185,27 @@ pub struct DepthConfig {
     /// What a processed token's update is multiplied by.
     #[serde(default, skip_serializing_if = "is_default")]
     pub scale: DepthScale,
+    /// The first token of a sequence always goes through the block (and counts toward its
+    /// capacity): published models park attention on it (an attention sink, often with
+    /// huge activations), and a block whose tokens cannot see it computes garbage.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub keep_first: bool,
+    /// What a token the router passes over skips.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub skip: DepthSkip,
+}
+
+/// What a token skips in a routed block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthSkip {
+    /// The whole block (Mixture-of-Depths): only the chosen tokens run it, attending to
+    /// one another; the block's KV cache holds them alone.
+    #[default]
+    Block,
+    /// The feed-forward sub-block: every token runs the attention (and enters the KV
+    /// cache), the chosen ones also the feed-forward.
+    Mlp,
 }
 
 /// The factor on a routed block's update for the tokens it processes.
@@ -195,7 +216,7 @@ pub enum DepthScale {
     /// learns through the language-model loss.
     #[default]
     Router,
-    /// `σ(r) / sg(σ(r))`: exactly 1 in the forward pass, so a processed token gets the
+    /// `1 + σ(r) − sg(σ(r))`: exactly 1 in the forward pass, so a processed token gets the
     /// block's full update, as in the dense model the block came from (a depth retrofit),
     /// while the router still gets the loss's gradient through `σ(r)`.
     Unit,

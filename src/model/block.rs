@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use crate::config::BlockKind;
+use crate::config::{BlockKind, DepthSkip};
 use crate::nn::{Attention, KvCache, Mlp, Norm, Positions, RopeTables};
 use crate::routing::{dispatch, DepthChoice, MoeLayer, MoeStats, Routing};
 
@@ -34,6 +34,14 @@ impl Ffn {
             }
         }
     }
+}
+
+/// The rows of a block's input (flat indices into its `b·t` rows) that go through its
+/// feed-forward, and the factor on each one's update (a routed block that skips its
+/// feed-forward for the other tokens).
+pub struct FfnRows {
+    pub rows: Tensor,
+    pub scale: Tensor,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +91,13 @@ impl Block {
             .as_deref()
             .and_then(|c| c.cross())
             .map(|(k, v)| (k.clone(), v.clone()));
-        self.forward_parts(x, move |h| self.attn.forward(h, pos, cache), cross, aux)
+        self.forward_parts(
+            x,
+            move |h| self.attn.forward(h, pos, cache),
+            cross,
+            aux,
+            None,
+        )
     }
 
     /// One new token of each of `b` sequences, `x: (b, 1, d)`, each with its own cache and
@@ -94,13 +108,43 @@ impl Block {
         x: &Tensor,
         rope: Option<(&Tensor, &Tensor)>,
         caches: &mut [&mut KvCache],
+        ffn_rows: Option<&FfnRows>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
         self.forward_parts(
             x,
             |h| self.attn.forward_decode(h, rope, caches),
             None,
             false,
+            ffn_rows,
         )
+    }
+
+    /// `base + ffn(u)` (with the sandwich norm on the update), the feed-forward on the rows
+    /// `rows` names alone when given (the others keep `base`), each update scaled.
+    fn add_ffn(
+        &self,
+        base: Tensor,
+        u: &Tensor,
+        rows: Option<&FfnRows>,
+        stats: &mut Option<MoeStats>,
+        aux: bool,
+    ) -> Result<Tensor> {
+        let Some(sel) = rows else {
+            let f = maybe(&self.ffn_out_norm, self.ffn.forward(u, stats, aux)?)?;
+            return base + f;
+        };
+        let (b, t, d) = u.dims3()?;
+        let k = sel.rows.dim(0)?;
+        if k == 0 {
+            return Ok(base);
+        }
+        let us = u.reshape((b * t, d))?.index_select(&sel.rows, 0)?;
+        let f = self.ffn.forward(&us.reshape((1, k, d))?, stats, aux)?;
+        let f = maybe(&self.ffn_out_norm, f)?.reshape((k, d))?;
+        let f = f.broadcast_mul(&sel.scale.reshape((k, 1))?.to_dtype(f.dtype())?)?;
+        base.reshape((b * t, d))?
+            .index_add(&sel.rows, &f, 0)?
+            .reshape((b, t, d))
     }
 
     /// The block around its self-attention `attn` (called on the normalised input), with
@@ -111,6 +155,7 @@ impl Block {
         attn: impl FnOnce(&Tensor) -> Result<Tensor>,
         cross: Option<(Tensor, Tensor)>,
         aux: bool,
+        ffn_rows: Option<&FfnRows>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
         let mut stats = None;
         let h = self.attn_norm.forward(x)?;
@@ -124,17 +169,15 @@ impl Block {
                     };
                     x = (&x + attn.cross(&norm.forward(&x)?, k, v)?)?;
                 }
-                let f = maybe(
-                    &self.ffn_out_norm,
-                    self.ffn.forward(&n.forward(&x)?, &mut stats, aux)?,
-                )?;
-                (x + f)?
+                let u = n.forward(&x)?;
+                self.add_ffn(x, &u, ffn_rows, &mut stats, aux)?
             }
             (BlockKind::Parallel, Some(n)) => {
-                (x + a + self.ffn.forward(&n.forward(x)?, &mut stats, aux)?)?
+                let u = n.forward(x)?;
+                self.add_ffn((x + a)?, &u, ffn_rows, &mut stats, aux)?
             }
             (BlockKind::ParallelSharedNorm, _) => {
-                (x + a + self.ffn.forward(&h, &mut stats, aux)?)?
+                self.add_ffn((x + a)?, &h, ffn_rows, &mut stats, aux)?
             }
             (kind, None) => candle_core::bail!("{kind:?} block needs a pre-FFN norm"),
         };
@@ -169,6 +212,39 @@ impl Block {
                 bias: None,
             };
             return self.forward(x, pos, cache);
+        }
+        if choice.skip == DepthSkip::Mlp {
+            // every token through the attention (and into the cache), the chosen ones
+            // through the feed-forward too
+            let range = rope.map(|r| r.range(start, t)).transpose()?;
+            let pos = Positions {
+                rope: range.as_ref().map(|(c, s)| (c, s)),
+                bias: None,
+            };
+            let flat: Vec<u32> = choice
+                .rows
+                .iter()
+                .enumerate()
+                .flat_map(|(bi, r)| r.iter().map(move |&i| (bi * t) as u32 + i))
+                .collect();
+            let rows = Tensor::new(flat.as_slice(), x.device())?;
+            let logits = choice.logits.flatten_all()?.index_select(&rows, 0)?;
+            let sel = FfnRows {
+                scale: crate::routing::update_scale(&logits, choice.scale)?,
+                rows,
+            };
+            let aux = cache.is_none();
+            let cross = cache
+                .as_deref()
+                .and_then(|c| c.cross())
+                .map(|(k, v)| (k.clone(), v.clone()));
+            return self.forward_parts(
+                x,
+                move |h| self.attn.forward(h, pos, cache),
+                cross,
+                aux,
+                Some(&sel),
+            );
         }
         let rows = &choice.rows;
         let groups: Vec<Vec<usize>> = if rows.iter().all(|r| r.len() == rows[0].len()) {

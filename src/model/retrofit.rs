@@ -9,12 +9,12 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-use crate::config::{DepthConfig, DepthScale, DepthSelection, ModelConfig};
+use crate::config::{DepthConfig, DepthScale, DepthSelection, DepthSkip, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::Params;
 
-/// How to retrofit: `capacity=0.5[,every=2][,layers=1:3:5][,predictor=0][,aux=0.1]`.
+/// How to retrofit: `capacity=0.5[,every=2][,layers=1:3:5][,predictor=0][,aux=0.1][,skip=block|mlp]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retrofit {
     /// Share of a sequence's tokens a routed block processes in training.
@@ -27,6 +27,8 @@ pub struct Retrofit {
     pub predictor: usize,
     /// Weight of the auxiliary loss that teaches the causal decider.
     pub aux_loss_coef: f64,
+    /// What a passed-over token skips: the whole block, or its feed-forward.
+    pub skip: DepthSkip,
 }
 
 impl FromStr for Retrofit {
@@ -39,6 +41,7 @@ impl FromStr for Retrofit {
             layers: None,
             predictor: 0,
             aux_loss_coef: 0.1,
+            skip: DepthSkip::Block,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part
@@ -73,11 +76,16 @@ impl FromStr for Retrofit {
                         .filter(|a| a.is_finite() && *a >= 0.0)
                         .ok_or_else(|| format!("aux must be a number ≥ 0, got {value:?}"))?
                 }
-                "skip" if value == "block" => {}
                 "skip" => {
-                    return Err(format!(
-                        "skip={value}: a skipped token skips its whole block (skip=block); skipping attention or the MLP alone is not built"
-                    ))
+                    r.skip = match value {
+                        "block" => DepthSkip::Block,
+                        "mlp" => DepthSkip::Mlp,
+                        _ => {
+                            return Err(format!(
+                                "skip={value}: a passed-over token skips its whole block (skip=block) or its feed-forward (skip=mlp); skipping the attention alone is not built"
+                            ))
+                        }
+                    }
                 }
                 _ => {
                     return Err(format!(
@@ -145,6 +153,8 @@ pub fn retrofit(
             predictor: r.predictor,
             selection: DepthSelection::Learned,
             scale: DepthScale::Unit,
+            keep_first: true,
+            skip: r.skip,
         });
     }
     let problems = out.problems();

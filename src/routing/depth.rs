@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::config::{DepthConfig, DepthScale, DepthSelection};
+use crate::config::{DepthConfig, DepthScale, DepthSelection, DepthSkip};
 use crate::nn::matvec::matmul_t;
 use crate::routing::router::top_k;
 
@@ -95,6 +95,8 @@ pub struct DepthChoice {
     pub all: bool,
     /// What the processed tokens' updates are multiplied by.
     pub scale: DepthScale,
+    /// What the other tokens skip.
+    pub skip: DepthSkip,
     pub stats: DepthStats,
 }
 
@@ -110,7 +112,13 @@ impl DepthRouter {
         let trains_decider =
             decision == DepthDecision::TopK && self.config.aux_loss_coef > 0.0 && k < t && !random;
         let decider = self.decider(&xs, &logits, trains_decider)?;
-        let host = self.selection_scores(&logits, &decider, step)?;
+        let mut host = self.selection_scores(&logits, &decider, step)?;
+        if self.config.keep_first && step.start == 0 && t > 0 {
+            // the sequence's first token goes through whatever its score
+            for row in &mut host {
+                row[0] = f32::INFINITY;
+            }
+        }
         let mut chosen = vec![0u8; b * t];
         let rows: Vec<Vec<u32>> = host
             .iter()
@@ -153,6 +161,7 @@ impl DepthRouter {
             logits,
             all: decision == DepthDecision::TopK && k == t,
             scale: self.config.scale,
+            skip: self.config.skip,
             stats,
         })
     }
@@ -227,11 +236,12 @@ impl DepthRouter {
 }
 
 /// The factors on the processed tokens' updates from their router logits: `σ(r)`, or
-/// with [`DepthScale::Unit`] `σ(r) / sg(σ(r))` (1 in value, the gradient of `σ(r)`).
+/// with [`DepthScale::Unit`] `1 + σ(r) − sg(σ(r))` (exactly 1 in value, the gradient of
+/// `σ(r)`; a ratio `σ(r) / sg(σ(r))` would be 0/0 where `σ(r)` underflows).
 pub fn update_scale(logits: &Tensor, scale: DepthScale) -> Result<Tensor> {
     let s = candle_nn::ops::sigmoid(logits)?;
     match scale {
         DepthScale::Router => Ok(s),
-        DepthScale::Unit => s.div(&s.detach()),
+        DepthScale::Unit => (&s - s.detach())? + 1.0,
     }
 }

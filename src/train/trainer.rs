@@ -347,6 +347,14 @@ impl Trainer {
             .map(|(g, s)| g.map_or_else(|| s.var.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let norm = AdamW::grad_norm(&grads)?;
+        let loss = loss_sum / c.grad_accum as f64;
+        if !loss.is_finite() || !norm.is_finite() {
+            // a step on a NaN or infinite gradient would ruin every parameter it touches
+            return Err(Error::Diverged(format!(
+                "at step {} the loss is {loss} and the gradient norm {norm}; the parameters were not updated, the last checkpoint is as it was (a lower learning rate, or --resume from it)",
+                self.step + 1
+            )));
+        }
         let scale = if c.grad_clip > 0.0 && norm > c.grad_clip {
             c.grad_clip / (norm + 1e-6)
         } else {
@@ -356,7 +364,6 @@ impl Trainer {
         self.opt.step(&grads, lr, scale)?;
         self.step += 1;
         self.tokens_seen += (c.grad_accum * c.batch_size * c.seq_len) as u64;
-        let loss = loss_sum / c.grad_accum as f64;
         self.last_router = RouterMetric::merge(router_stats);
         self.balance_selection_bias()?;
         Ok((loss, norm, lr))

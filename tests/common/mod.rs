@@ -183,6 +183,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 predictor: 0,
                 selection: Default::default(),
                 scale: Default::default(),
+                keep_first: false,
+                skip: Default::default(),
             };
             c.layers = vec![
                 LayerSpec::default(),
@@ -201,6 +203,8 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 predictor: 5,
                 selection: Default::default(),
                 scale: Default::default(),
+                keep_first: false,
+                skip: Default::default(),
             };
             let moe = MoeConfig {
                 aux_loss_coef: 0.01,

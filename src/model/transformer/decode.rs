@@ -152,7 +152,10 @@ impl Model {
         let all: Vec<usize> = (0..b).collect();
         let mut routes = vec![TokenRoute::default(); b];
         for (l, block) in self.blocks.iter().enumerate() {
-            let run = |x: &Tensor, rows: &[usize], caches: &mut [&mut Cache]| {
+            let run = |x: &Tensor,
+                       rows: &[usize],
+                       caches: &mut [&mut Cache],
+                       ffn_rows: Option<&crate::model::block::FfnRows>| {
                 let rope = tables(l, rows)?;
                 let mut layer: Vec<&mut KvCache> = caches
                     .iter_mut()
@@ -160,7 +163,7 @@ impl Model {
                     .filter(|(i, _)| rows.contains(i))
                     .map(|(_, c)| &mut c.layers[l])
                     .collect();
-                block.forward_decode(x, rope.as_ref().map(|(c, s)| (c, s)), &mut layer)
+                block.forward_decode(x, rope.as_ref().map(|(c, s)| (c, s)), &mut layer, ffn_rows)
             };
             let record = |routes: &mut [TokenRoute], moe: Option<MoeStats>, rows: &[usize]| {
                 if let Some(m) = moe {
@@ -173,7 +176,7 @@ impl Model {
             };
             let Some(router) = &self.routers[l] else {
                 let (y, moe) =
-                    run(&x, &all, caches).map_err(|e| e.context(format!("layer {l}")))?;
+                    run(&x, &all, caches, None).map_err(|e| e.context(format!("layer {l}")))?;
                 record(&mut routes, moe, &all);
                 x = y;
                 continue;
@@ -196,6 +199,26 @@ impl Model {
                     gates.push(choice.logits.reshape(1)?);
                 }
             }
+            if router.config.skip == crate::config::DepthSkip::Mlp {
+                // every row through the attention (and into its cache), the chosen rows
+                // through the feed-forward too
+                let rows: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
+                let scale = match gates.is_empty() {
+                    true => Tensor::zeros(0, x.dtype(), dev)?,
+                    false => {
+                        crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
+                    }
+                };
+                let sel = crate::model::block::FfnRows {
+                    rows: Tensor::new(rows.as_slice(), dev)?,
+                    scale,
+                };
+                let (y, moe) = run(&x, &all, caches, Some(&sel))
+                    .map_err(|e| e.context(format!("layer {l}")))?;
+                record(&mut routes, moe, &chosen);
+                x = y;
+                continue;
+            }
             if chosen.is_empty() {
                 continue;
             }
@@ -209,7 +232,7 @@ impl Model {
             )?;
             let xs = x.index_select(&idx, 0)?;
             let (y, moe) =
-                run(&xs, &chosen, caches).map_err(|e| e.context(format!("layer {l}")))?;
+                run(&xs, &chosen, caches, None).map_err(|e| e.context(format!("layer {l}")))?;
             record(&mut routes, moe, &chosen);
             let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
                 .to_dtype(x.dtype())?
