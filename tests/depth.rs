@@ -30,6 +30,7 @@ fn routed_with(
         scale: Default::default(),
         keep_first: false,
         skip: Default::default(),
+        norm_input: false,
     };
     c.layers = vec![
         LayerSpec {

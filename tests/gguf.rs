@@ -564,6 +564,7 @@ fn routed_models_are_written_for_routelm() {
         scale: Default::default(),
         keep_first: false,
         skip: Default::default(),
+        norm_input: false,
     };
     cfg.layers = vec![
         LayerSpec {

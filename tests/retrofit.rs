@@ -218,6 +218,7 @@ fn keep_first_routes_the_first_token_through() {
                 scale: DepthScale::Unit,
                 keep_first,
                 skip: Default::default(),
+                norm_input: false,
             },
         };
         let step = DepthStep {
@@ -303,8 +304,8 @@ fn skipping_the_feed_forward_alone() {
     }
     assert!(skipped > 0, "no token skipped a feed-forward");
     // batched with another sequence, one token each: as each alone
-    let mut alone = vec![m.new_cache(), m.new_cache()];
-    let mut batch = vec![m.new_cache(), m.new_cache()];
+    let mut alone = [m.new_cache(), m.new_cache()];
+    let mut batch = [m.new_cache(), m.new_cache()];
     for (i, c) in alone.iter_mut().chain(batch.iter_mut()).enumerate() {
         let p = if i % 2 == 0 { &SEQ[..4] } else { &SEQ[2..9] };
         m.forward(&common::ids(p, 1), Some(c), true).unwrap();

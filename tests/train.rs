@@ -222,6 +222,7 @@ fn router_scores_stay_bounded_on_a_long_run() {
         scale: Default::default(),
         keep_first: false,
         skip: Default::default(),
+        norm_input: false,
     };
     cfg.layers = vec![
         routelm::config::LayerSpec {

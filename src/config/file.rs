@@ -272,6 +272,7 @@ impl ModelConfigFile {
                 scale: Default::default(),
                 keep_first: false,
                 skip: Default::default(),
+                norm_input: false,
             };
             let every = df.every.unwrap_or(2).max(1);
             for (l, spec) in cfg.layers.iter_mut().enumerate() {

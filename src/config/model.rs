@@ -193,6 +193,11 @@ pub struct DepthConfig {
     /// What a token the router passes over skips.
     #[serde(default, skip_serializing_if = "is_default")]
     pub skip: DepthSkip,
+    /// The router reads the RMS-normalised block input: a published model's residual
+    /// stream has features thousands of times larger than the rest, which would decide
+    /// every score alone.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub norm_input: bool,
 }
 
 /// What a token skips in a routed block.

@@ -155,6 +155,7 @@ pub fn retrofit(
             scale: DepthScale::Unit,
             keep_first: true,
             skip: r.skip,
+            norm_input: true,
         });
     }
     let problems = out.problems();

@@ -106,6 +106,13 @@ impl DepthRouter {
         let decision = step.decision;
         let (b, t, d) = x.dims3()?;
         let xs = x.reshape((b * t, d))?;
+        let xs = match self.config.norm_input {
+            true => {
+                let ones = Tensor::ones(d, xs.dtype(), xs.device())?;
+                crate::nn::ops::rms_norm(&xs, &ones, 1e-6)?
+            }
+            false => xs,
+        };
         let logits = matmul_t(&xs, &self.weight)?.reshape((b, t))?;
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
         let random = self.config.selection == DepthSelection::Random;

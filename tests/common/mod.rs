@@ -185,6 +185,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 scale: Default::default(),
                 keep_first: false,
                 skip: Default::default(),
+                norm_input: false,
             };
             c.layers = vec![
                 LayerSpec::default(),
@@ -205,6 +206,7 @@ pub fn tiny(variant: usize) -> ModelConfig {
                 scale: Default::default(),
                 keep_first: false,
                 skip: Default::default(),
+                norm_input: false,
             };
             let moe = MoeConfig {
                 aux_loss_coef: 0.01,
