@@ -11,7 +11,7 @@ fn model() -> &'static ChatModel {
     static MODEL: OnceLock<ChatModel> = OnceLock::new();
     MODEL.get_or_init(|| {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf/mixtral");
-        ChatModel::load(dir.as_ref(), DType::F32, &Device::Cpu).expect("the fixture loads")
+        ChatModel::load(dir.as_ref(), None, DType::F32, &Device::Cpu).expect("the fixture loads")
     })
 }
 
