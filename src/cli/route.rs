@@ -8,7 +8,7 @@ use routelm::Tokenizer;
 
 /// Show which tokens each routed (Mixture-of-Depths) block processes for a text: a terminal
 /// rendering (the text, then a marker line per routed block: █ processed, · skipped) and a
-/// PNG heat map (blocks × tokens).
+/// PNG map (a row of cells per routed block, each token's text under its column).
 #[derive(clap::Args)]
 pub struct Args {
     /// Model folder with routed blocks.
@@ -21,7 +21,7 @@ pub struct Args {
     /// training-time choice over the whole text).
     #[arg(long, default_value = "causal")]
     decision: String,
-    /// Where to write the heat map.
+    /// Where to write the routing map (PNG).
     #[arg(long, default_value = "routing.png")]
     png: PathBuf,
 }
@@ -106,14 +106,20 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|d| d.chosen.iter().map(|&c| c as f64).collect())
         .collect();
-    routelm::report::plot::heatmap(
+    let raw: Vec<String> = ids
+        .iter()
+        .map(|&i| tok.decode(&[i]))
+        .collect::<routelm::Result<_>>()?;
+    routelm::report::plot::routing_map(
         &a.png,
-        "tokens each routed block processed",
-        "block",
-        "token",
+        &format!(
+            "tokens each routed block processed ({} decisions; dark: processed)",
+            a.decision
+        ),
         &rows,
         &values,
+        &raw,
     )?;
-    println!("heat map: {}", a.png.display());
+    println!("routing map: {}", a.png.display());
     Ok(())
 }

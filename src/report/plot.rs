@@ -1,6 +1,7 @@
 //! Line plots of training curves.
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -49,6 +50,12 @@ pub fn line_plot(
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
+    // a sweep of a few points is not clipped at the edges
+    if series.iter().all(|s| s.points.len() <= 20) {
+        let xpad = (x1 - x0) * 0.04;
+        x0 -= xpad;
+        x1 += xpad;
+    }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -63,7 +70,14 @@ pub fn line_plot(
         if v.abs() >= 1e5 {
             format!("{v:.1e}")
         } else {
-            format!("{v}")
+            // at most four decimals, without trailing zeros
+            let s = format!("{v:.4}");
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            if s == "-0" {
+                "0".to_string()
+            } else {
+                s.to_string()
+            }
         }
     };
     chart
@@ -81,6 +95,12 @@ pub fn line_plot(
             .copied()
             .filter(|p| p.0.is_finite() && p.1.is_finite())
             .collect();
+        // a few points (a sweep, a lone reference) are marked too
+        if pts.len() <= 20 {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| err(&e))?
@@ -153,6 +173,100 @@ pub fn heatmap(
             })
         }))
         .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// A routing map: one row of cells per routed block (`values[row][token]`, shaded by value,
+/// 1 darkest) and each token's text under its column, so a reader sees which tokens were
+/// chosen. Long texts wrap into strips of 48 tokens. Whitespace is drawn visibly (␣ ⏎ ⇥).
+pub fn routing_map(
+    path: &Path,
+    title: &str,
+    rows: &[String],
+    values: &[Vec<f64>],
+    pieces: &[String],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Plot {
+        path: path.into(),
+        msg: e.to_string(),
+    };
+    let n_cols = pieces.len();
+    if values.is_empty() || n_cols == 0 || values.iter().any(|r| r.len() != n_cols) {
+        return Err(err(&format!(
+            "a routing map needs one value per token in every row ({n_cols} tokens)"
+        )));
+    }
+    let shown: Vec<String> = pieces
+        .iter()
+        .map(|p| {
+            let s: String = p
+                .chars()
+                .map(|c| match c {
+                    ' ' => '␣',
+                    '\n' => '⏎',
+                    '\t' => '⇥',
+                    c if c.is_control() => '·',
+                    c => c,
+                })
+                .take(12)
+                .collect();
+            if s.is_empty() {
+                "∅".into()
+            } else {
+                s
+            }
+        })
+        .collect();
+    let per = n_cols.min(48);
+    let strips = n_cols.div_ceil(per);
+    let (left, top, width) = (100i32, 44i32, 1200i32);
+    let cell_w = (width - left - 10) / per as i32;
+    let cell_h = 18i32;
+    let widest = shown.iter().map(|s| s.chars().count()).max().unwrap_or(1) as i32;
+    // one-character tokens (bytes) stand upright under their column; longer ones turn
+    let upright = widest <= 1;
+    let label_h = if upright { 22 } else { 12 + 9 * widest };
+    let strip_h = values.len() as i32 * cell_h + label_h + 18;
+    let height = top + strips as i32 * strip_h + 10;
+    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let font = |size: f64| ("sans-serif", size).into_font().color(&BLACK);
+    root.draw(&Text::new(title.to_string(), (left, 12), font(20.0)))
+        .map_err(|e| err(&e))?;
+    for s in 0..strips {
+        let y0 = top + s as i32 * strip_h;
+        let cols = s * per..((s + 1) * per).min(n_cols);
+        for (r, (name, row)) in rows.iter().zip(values).enumerate() {
+            let y = y0 + r as i32 * cell_h;
+            root.draw(&Text::new(name.clone(), (8, y + 2), font(13.0)))
+                .map_err(|e| err(&e))?;
+            for (j, c) in cols.clone().enumerate() {
+                let t = row[c].clamp(0.0, 1.0);
+                let shade = |lo: f64, hi: f64| (lo + (hi - lo) * t) as u8;
+                let color = RGBColor(shade(238.0, 8.0), shade(238.0, 48.0), shade(238.0, 107.0));
+                let x = left + j as i32 * cell_w;
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell_w - 2, y + cell_h - 2)],
+                    color.filled(),
+                ))
+                .map_err(|e| err(&e))?;
+            }
+        }
+        let y = y0 + rows.len() as i32 * cell_h + 2;
+        for (j, c) in cols.enumerate() {
+            let x = left + j as i32 * cell_w + cell_w / 2;
+            let style = if upright {
+                font(14.0).pos(Pos::new(HPos::Center, VPos::Top))
+            } else {
+                font(13.0)
+                    .transform(FontTransform::Rotate90)
+                    .pos(Pos::new(HPos::Left, VPos::Center))
+            };
+            root.draw(&Text::new(shown[c].clone(), (x, y), style))
+                .map_err(|e| err(&e))?;
+        }
+    }
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
