@@ -210,11 +210,16 @@ impl Ledger<'_> {
             let k = ((dc.capacity * n as f64).ceil() as usize).clamp(1, n.max(1));
             let share = k as f64 / n.max(1) as f64;
             let attn = Self::keys_seen(window, k, true) / Self::keys_seen(window, n, true);
-            let ffn_only = dc.skip == crate::config::DepthSkip::Mlp;
+            use crate::config::DepthSkip;
             for e in &mut self.entries[first..] {
-                // skipping the feed-forward only: the attention runs on every token
+                // skipping one sub-block: the other runs on every token
                 let in_ffn = e.component.contains(".ffn") || e.component.contains(".moe.");
-                if ffn_only && !in_ffn {
+                let routed = match dc.skip {
+                    DepthSkip::Block => true,
+                    DepthSkip::Mlp => in_ffn,
+                    DepthSkip::Attention => !in_ffn,
+                };
+                if !routed {
                     continue;
                 }
                 e.flops *= share;

@@ -88,7 +88,7 @@ fn bad_specs_are_named() {
         ("capacity=0", "capacity must be"),
         ("capacity=1.5", "capacity must be"),
         ("every=0", "every must be"),
-        ("skip=attention", "not built"),
+        ("skip=heads", "skip=attention"),
         ("layers=1:x", "whole number"),
         ("width=3", "unknown key"),
     ] {
@@ -244,11 +244,22 @@ fn keep_first_routes_the_first_token_through() {
 }
 
 /// `skip=mlp`: every token runs the attention and enters the KV cache, the chosen ones
-/// also the feed-forward. Decoding through the cache (alone, and batched with another
-/// sequence) gives the logits of the whole sequence decided causally; the ledger drops
-/// only the feed-forward's share; at capacity 1 the model is the dense one.
+/// also the feed-forward; `skip=attention`: the chosen tokens run the attention (and
+/// alone enter the KV cache), every token the feed-forward. Decoding through the cache
+/// (alone, and batched with another sequence) gives the logits of the whole sequence
+/// decided causally; the ledger drops only the skipped sub-block's share; at capacity 1
+/// the model is the dense one.
 #[test]
 fn skipping_the_feed_forward_alone() {
+    skipping_one_sub_block("mlp");
+}
+
+#[test]
+fn skipping_the_attention_alone() {
+    skipping_one_sub_block("attention");
+}
+
+fn skipping_one_sub_block(kind: &str) {
     use candle_core::{IndexOp, Tensor};
     use routelm::model::ForwardOptions;
     use routelm::routing::DepthDecision;
@@ -259,7 +270,7 @@ fn skipping_the_feed_forward_alone() {
     let full1 = retrofit(
         &cfg,
         params.clone(),
-        &"capacity=1,every=1,skip=mlp".parse().unwrap(),
+        &format!("capacity=1,every=1,skip={kind}").parse().unwrap(),
         3,
     )
     .unwrap();
@@ -268,15 +279,15 @@ fn skipping_the_feed_forward_alone() {
         &base.forward(&x, None, false).unwrap().logits,
         &m1.forward(&x, None, false).unwrap().logits,
     );
-    assert!(d <= 1e-6, "capacity 1, skip=mlp: {d}");
+    assert!(d <= 1e-6, "capacity 1, skip={kind}: {d}");
     let (rcfg, rparams) = retrofit(
         &cfg,
         params.clone(),
-        &"capacity=0.5,every=1,skip=mlp".parse().unwrap(),
+        &format!("capacity=0.5,every=1,skip={kind}").parse().unwrap(),
         3,
     )
     .unwrap();
-    let m = Model::new(&rcfg, &rparams, "mlp").unwrap();
+    let m = Model::new(&rcfg, &rparams, kind).unwrap();
     let opts = ForwardOptions {
         depth: Some(DepthDecision::Threshold),
         ..Default::default()
@@ -292,17 +303,14 @@ fn skipping_the_feed_forward_alone() {
         parts.push(step.logits);
     }
     let d = max_abs_diff(&full.logits, &Tensor::cat(&parts, 1).unwrap());
-    assert!(d <= 1e-5, "cached decoding differs by {d}");
+    assert!(d <= 1e-5, "skip={kind}: cached decoding differs by {d}");
     let mut skipped = 0;
     for (l, s) in full.depth.iter().enumerate() {
-        assert_eq!(
-            cache.layers[l].len(),
-            SEQ.len(),
-            "layer {l}: every token is cached"
-        );
+        let cached = if kind == "mlp" { SEQ.len() } else { s.selected };
+        assert_eq!(cache.layers[l].len(), cached, "layer {l}: tokens cached");
         skipped += s.tokens - s.selected;
     }
-    assert!(skipped > 0, "no token skipped a feed-forward");
+    assert!(skipped > 0, "no token skipped a sub-block");
     // batched with another sequence, one token each: as each alone
     let mut alone = [m.new_cache(), m.new_cache()];
     let mut batch = [m.new_cache(), m.new_cache()];
@@ -322,15 +330,18 @@ fn skipping_the_feed_forward_alone() {
             &out.logits.reshape((1, v)).unwrap(),
             &logits.i(i..i + 1).unwrap(),
         );
-        assert!(d <= 1e-5, "row {i}: batched logits differ by {d}");
+        assert!(
+            d <= 1e-5,
+            "skip={kind}, row {i}: batched logits differ by {d}"
+        );
     }
-    // the ledger: the routed feed-forwards at half their cost, the attention in full
+    // the ledger: the skipped sub-blocks at half their cost, the other in full
     let ffn = |c: &routelm::ModelConfig| {
         let l = routelm::FlopLedger::new(c, 64);
         (l.forward_per_token(), l.dense_forward_per_token())
     };
     let (dense, _) = ffn(&cfg);
-    let (mlp, _) = ffn(&rcfg);
+    let (sub, _) = ffn(&rcfg);
     let block = ffn(
         &retrofit(&cfg, params, &"capacity=0.5,every=1".parse().unwrap(), 3)
             .unwrap()
@@ -338,7 +349,82 @@ fn skipping_the_feed_forward_alone() {
     )
     .0;
     assert!(
-        block < mlp && mlp < dense,
-        "block {block}, mlp {mlp}, dense {dense}"
+        block < sub && sub < dense,
+        "block {block}, {kind} {sub}, dense {dense}"
     );
+}
+
+/// `compare --init`: the base model and one retrofit per (capacity, skip) setting, each
+/// trained by `routelm train` in a child process, in one table and plot. At capacity 1 a
+/// retrofit processes every token and scores the base model's perplexity; a rerun reuses
+/// the finished settings; a bad skip kind is refused before anything trains.
+#[test]
+fn compare_init_sweeps_the_settings_against_the_base_model() {
+    let d = common::fine_tune_workspace("compare-init", 3, 1e-2, "a token may skip a block. ");
+    std::fs::write(d.join("held.txt"), "a block may skip a token. ".repeat(30)).unwrap();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let init = fixture("llama3");
+    let args = |skips: &str| {
+        vec![
+            "compare".to_string(),
+            "--init".into(),
+            init.to_str().unwrap().into(),
+            "--capacities".into(),
+            "0.5,1".into(),
+            "--skips".into(),
+            skips.into(),
+            "--config".into(),
+            s("ft.toml"),
+            "--data".into(),
+            s("data.txt"),
+            "--eval".into(),
+            s("held.txt"),
+            "--ctx".into(),
+            "32".into(),
+            "--chunks".into(),
+            "2".into(),
+            "--decode-tokens".into(),
+            "4".into(),
+            "--rounds".into(),
+            "1".into(),
+            "--out".into(),
+            s("cmp"),
+        ]
+    };
+    let run = |skips: &str| {
+        let a = args(skips);
+        routelm(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (ok, _, err) = run("heads");
+    assert!(!ok && err.contains("skip=attention"), "{err}");
+    assert!(!d.join("cmp").exists(), "a refused sweep trained something");
+    let (ok, out, err) = run("attention,mlp");
+    assert!(ok, "{out}{err}");
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(d.join("cmp/report.json")).unwrap()).unwrap();
+    assert_eq!(rows.len(), 5, "{rows:?}");
+    let base = &rows[0];
+    assert_eq!(base["name"], "base");
+    assert_eq!(base["trainable"], 0);
+    let ppl = |r: &serde_json::Value| r["perplexity"].as_f64().unwrap();
+    for r in &rows[1..] {
+        assert!(r["trainable"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["decode_tps"].as_f64().unwrap() > 0.0, "{r}");
+        if cfg!(unix) {
+            assert!(r["peak_rss_mb"].as_f64().unwrap() > 0.0, "{r}");
+        }
+        if r["capacity"].as_f64() == Some(1.0) {
+            assert_eq!(r["processed"].as_f64(), Some(1.0), "{r}");
+            let rel = (ppl(r) / ppl(base) - 1.0).abs();
+            assert!(rel < 1e-4, "capacity 1 is the base model: {r} vs {base}");
+        } else {
+            assert!(r["processed"].as_f64().unwrap() < 1.0, "{r}");
+        }
+    }
+    let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
+    assert!(md.contains("| attention-c50 | attention | 50% |"), "{md}");
+    assert!(d.join("cmp/quality_speed.png").exists());
+    let (ok, _, err) = run("attention,mlp");
+    assert!(ok && err.matches("reusing").count() == 4, "{err}");
+    let _ = std::fs::remove_dir_all(&d);
 }

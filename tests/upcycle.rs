@@ -142,3 +142,59 @@ fn train_upcycles_and_the_experts_move_apart() {
     ]);
     assert!(!ok && err.contains("top_k must be"), "{err}");
 }
+
+/// `compare --init M --upcycle …`: the dense model trained on and its upcycled copy, from
+/// the same weights at the same training FLOPs (so the upcycled one, dearer per token,
+/// takes fewer steps), both scored on the held-out text.
+#[test]
+fn compare_upcycled_with_dense_at_equal_flops() {
+    let d = common::fine_tune_workspace("compare-upcycle", 4, 1e-3, "experts copy a block. ");
+    std::fs::write(d.join("held.txt"), "a block copies experts. ".repeat(30)).unwrap();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_string();
+    let (ok, out, err) = routelm(&[
+        "compare",
+        "--init",
+        fixture("llama3").to_str().unwrap(),
+        "--upcycle",
+        "n_experts=4,top_k=2",
+        "--config",
+        &s("ft.toml"),
+        "--data",
+        &s("data.txt"),
+        "--eval",
+        &s("held.txt"),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+        "--base-steps",
+        "6",
+        "--evals",
+        "3",
+        "--out",
+        &s("cmp"),
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        err.contains("held-out perplexity") && err.contains("before training"),
+        "{err}"
+    );
+    let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
+    let row = |name: &str| -> Vec<String> {
+        let line = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row in {md}"));
+        line.split('|').map(|c| c.trim().to_string()).collect()
+    };
+    let (dense, up) = (row("dense"), row("upcycled-4x2"));
+    let steps = |r: &[String]| r[4].parse::<usize>().unwrap();
+    assert_eq!(steps(&dense), 6, "{md}");
+    assert!(steps(&up) < steps(&dense), "{md}");
+    for r in [&dense, &up] {
+        let ppl: f64 = r[11].parse().unwrap();
+        assert!(ppl.is_finite() && ppl > 1.0, "{md}");
+    }
+    assert!(d.join("cmp/loss_vs_flops.png").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

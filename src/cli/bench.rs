@@ -292,21 +292,35 @@ fn decode_passes(
     model: &Model,
     tokens: usize,
     passes: usize,
-    mut before: impl FnMut() -> Result<()>,
+    before: impl FnMut() -> Result<()>,
 ) -> Result<Vec<f64>> {
-    let ctx = model.config.max_seq_len;
-    let n_prompt = 32.min(ctx / 4).max(1);
-    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
+    let n_prompt = 32.min(model.config.max_seq_len / 4).max(1);
     let mut rng = Rng::new(1);
     let prompt: Vec<u32> = (0..n_prompt)
         .map(|_| rng.below(model.config.vocab_size) as u32)
         .collect();
-    routelm::verify::greedy(model, &prompt, 4)?;
+    decode_passes_after(model, &prompt, tokens, passes, before)
+}
+
+/// [`decode_passes`] after the given prompt (a real text's tokens: a routed model's
+/// decisions, and so its speed, depend on the text).
+pub(crate) fn decode_passes_after(
+    model: &Model,
+    prompt: &[u32],
+    tokens: usize,
+    passes: usize,
+    mut before: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    let ctx = model.config.max_seq_len;
+    let prompt = &prompt[..prompt.len().min(ctx / 4).max(1)];
+    let n_prompt = prompt.len();
+    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
+    routelm::verify::greedy(model, prompt, 4)?;
     let mut speeds = Vec::new();
     for _ in 0..passes {
         before()?;
         let mut cache = model.new_cache();
-        let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+        let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
         let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
         let t = Instant::now();
         for _ in 0..tokens {

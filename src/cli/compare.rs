@@ -4,13 +4,21 @@ use std::time::Instant;
 
 use routelm::report::plot::{line_plot, Series};
 use routelm::train::data::Dataset;
+use routelm::train::TrainConfig;
 use routelm::train::{RunOptions, Trainer};
+use routelm::weights::Params;
 use routelm::RunFile;
-use routelm::{FlopLedger, Tokenizer};
+use routelm::{FlopLedger, ModelConfig, Tokenizer};
 
 /// Train several variants (dense, MoE, MoD, …) at the same total training FLOPs and compare
 /// them: OUT/report.md (variant, parameters, FLOPs per forward token, final validation
 /// loss, training time, sampling speed) and OUT/loss_vs_flops.png, OUT/loss_vs_time.png.
+///
+/// With --init MODEL: compare a published dense model with its depth retrofits instead,
+/// one per capacity and skip kind (each trained by `routelm train --init MODEL --retrofit
+/// …` in a child process, OUT/NAME; a rerun reuses finished settings): held-out
+/// perplexity on --eval, greedy decoding speed, trainable parameters, training peak memory,
+/// in OUT/report.md, OUT/report.json and OUT/quality_speed.png.
 #[derive(clap::Args)]
 pub struct Args {
     /// Variants: preset names or files, comma-separated.
@@ -30,6 +38,89 @@ pub struct Args {
     evals: usize,
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
+    /// Compare depth retrofits of this model (Hugging Face folder, routelm checkpoint or
+    /// GGUF file) with the model itself; --data is the training text, --eval the held-out
+    /// text.
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    init: Option<PathBuf>,
+    /// With --init: the held-out text for perplexity and the decoding prompt.
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    eval: Option<PathBuf>,
+    /// With --init: the capacities (share of tokens a routed block processes).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.125,0.25,0.5,0.75",
+        help_heading = "Depth retrofits (--init)"
+    )]
+    capacities: Vec<f64>,
+    /// With --init: what a passed-over token skips: block, attention, mlp.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "block,attention,mlp",
+        help_heading = "Depth retrofits (--init)"
+    )]
+    skips: Vec<String>,
+    /// With --init: the retrofit keys every setting shares (see `train --retrofit`).
+    #[arg(
+        long,
+        default_value = "every=2",
+        help_heading = "Depth retrofits (--init)"
+    )]
+    retrofit: String,
+    /// With --init: train LoRA adapters beside the routers (see `train --lora`).
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    lora: Option<String>,
+    /// With --init: train every weight, not only the routers.
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    full: bool,
+    /// With --init: the training recipe (a preset with [train]; default: `retrofit`, or
+    /// `fine-tune` with --upcycle).
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    config: Option<String>,
+    /// With --init: instead of depth retrofits, compare the model upcycled to experts
+    /// (`n_experts=8,top_k=2`, see `train --upcycle`) with the dense model trained on,
+    /// both from its weights at equal training FLOPs (--base-steps steps of the dense
+    /// model, or --budget-flops): validation curves against FLOPs, and perplexity on --eval
+    /// before and after.
+    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    upcycle: Option<routelm::model::upcycle::Upcycle>,
+    /// With --init: tokens per perplexity chunk.
+    #[arg(long, default_value_t = 512, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    ctx: usize,
+    /// With --init: at most this many perplexity chunks (default: all the text holds).
+    #[arg(long, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    chunks: Option<usize>,
+    /// With --init: tokens decoded per speed measurement.
+    #[arg(long, default_value_t = 128, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    decode_tokens: usize,
+    /// With --init: speed rounds over all models (each model's best is reported).
+    #[arg(long, default_value_t = 3, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    rounds: usize,
+}
+
+/// A held-out text every trained variant is scored on (perplexity in chunks of `ctx`, as
+/// `routelm perplexity` does).
+pub struct HeldOut {
+    pub tokens: Vec<u32>,
+    pub ctx: usize,
+    pub bos: Option<u32>,
+    pub chunks: Option<usize>,
+}
+
+impl HeldOut {
+    fn perplexity(&self, model: &routelm::model::Model) -> Result<f64> {
+        let r = routelm::perplexity::perplexity(
+            model,
+            &self.tokens,
+            self.ctx,
+            self.bos,
+            self.chunks,
+            &mut |_| {},
+        )?;
+        Ok(r.value())
+    }
 }
 
 /// One variant's results.
@@ -51,20 +142,51 @@ pub struct Row {
     pub decider: Option<(f64, f64, f64)>,
     /// MoE: the busiest expert's load over the mean, worst layer.
     pub max_load: Option<f64>,
+    /// Perplexity on the held-out text, when one was given.
+    pub heldout_ppl: Option<f64>,
 }
 
-/// Train each `(name, preset)` for `budget` training FLOPs on `data`; runs go to `out/NAME`.
+/// One model to train in a comparison: its configuration, recipe, and starting weights
+/// (`None`: random).
+pub struct Variant {
+    pub name: String,
+    pub cfg: ModelConfig,
+    pub train: TrainConfig,
+    pub init: Option<Params>,
+}
+
+impl Variant {
+    /// A preset's model and recipe, from random weights.
+    pub fn from_preset(name: &str, preset: &RunFile) -> Result<Self> {
+        let cfg = preset.model.resolve(name)?;
+        let train = preset.train.resolve(cfg.max_seq_len, name)?;
+        Ok(Variant {
+            name: name.to_string(),
+            cfg,
+            train,
+            init: None,
+        })
+    }
+}
+
+/// Train each variant for `budget` training FLOPs on `data`; runs go to `out/NAME`.
 pub fn compare(
-    variants: &[(String, RunFile)],
+    variants: Vec<Variant>,
     data: &Dataset,
     budget: f64,
     evals: usize,
     out: &Path,
+    heldout: Option<&HeldOut>,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for (name, preset) in variants {
-        let cfg = preset.model.resolve(name)?;
-        let mut train = preset.train.resolve(cfg.max_seq_len, name)?;
+    for v in variants {
+        let Variant {
+            name,
+            cfg,
+            mut train,
+            init,
+        } = v;
+        let name = &name;
         let ledger = FlopLedger::new(&cfg, train.seq_len);
         let tokens_per_step = (train.batch_size * train.seq_len * train.grad_accum) as f64;
         let flops_per_step = ledger.train_per_token() * tokens_per_step;
@@ -74,7 +196,10 @@ pub fn compare(
         train.warmup_steps = train.warmup_steps.min(steps / 10);
         train.eval_every = (steps / evals.max(1)).max(1);
         train.log_every = train.eval_every;
-        let mut trainer = Trainer::new(&cfg, &train, &super::device())?;
+        let mut trainer = match init {
+            Some(params) => Trainer::from_params(&cfg, &train, params, "init")?,
+            None => Trainer::new(&cfg, &train, &super::device())?,
+        };
         let pb = super::bar(steps as u64, &format!("{name:>12}"));
         let dir = out.join(name.replace(['/', '.'], "_"));
         let started = Instant::now();
@@ -115,6 +240,7 @@ pub fn compare(
             )
         });
         let max_load = eval.router.iter().map(|r| r.max_over_mean).reduce(f64::max);
+        let heldout_ppl = heldout.map(|h| h.perplexity(&trainer.model)).transpose()?;
         rows.push(Row {
             name: name.clone(),
             total_params: ledger.total_params,
@@ -128,17 +254,32 @@ pub fn compare(
             causal_val: eval.causal_loss,
             decider,
             max_load,
+            heldout_ppl,
         });
     }
     Ok(rows)
+}
+
+/// Training FLOPs of `steps` steps of `v` (from the ledger).
+pub fn budget_of(v: &Variant, steps: usize) -> f64 {
+    let t = &v.train;
+    FlopLedger::new(&v.cfg, t.seq_len).train_per_token()
+        * (t.batch_size * t.seq_len * t.grad_accum * steps) as f64
 }
 
 /// The Markdown table of a comparison.
 pub fn table(rows: &[Row], budget: f64) -> String {
     let mut s =
         format!("Training budget: {budget:.3e} FLOPs per variant (from the FLOP ledger).\n\n");
-    s.push_str("| variant | params (total / active) | FLOPs per forward token | steps | final val loss | val loss, causal decisions | decider accuracy (always-skip) / recall | busiest expert / mean | train time (s) | sampling tok/s |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    let held = rows.iter().any(|r| r.heldout_ppl.is_some());
+    s.push_str("| variant | params (total / active) | FLOPs per forward token | steps | final val loss | val loss, causal decisions | decider accuracy (always-skip) / recall | busiest expert / mean | train time (s) | sampling tok/s |");
+    s.push_str(if held {
+        " held-out perplexity |\n"
+    } else {
+        "\n"
+    });
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|");
+    s.push_str(if held { "---|\n" } else { "\n" });
     let dash = || "–".to_string();
     for r in rows {
         s.push_str(&format!(
@@ -160,6 +301,13 @@ pub fn table(rows: &[Row], budget: f64) -> String {
             r.wall_s,
             r.sample_tps
         ));
+        if held {
+            s.pop();
+            s.push_str(&format!(
+                " {} |\n",
+                r.heldout_ppl.map_or_else(dash, |p| format!("{p:.3}"))
+            ));
+        }
     }
     s.push_str("\nFinal val loss routes Mixture-of-Depths blocks by top-k over each sequence, as in training; the causal column decides each token by itself (the predictor, or the router's sign), as sampling does.\n");
     s
@@ -197,32 +345,154 @@ pub fn write_report(rows: &[Row], budget: f64, out: &Path) -> Result<String> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let variants: Vec<(String, RunFile)> = a
+    if let Some(init) = a.init {
+        let (Some(data), Some(eval)) = (a.data, a.eval) else {
+            anyhow::bail!(
+                "compare --init compares depth retrofits: give --data (the training text) and --eval (the held-out text)"
+            );
+        };
+        if let Some(u) = a.upcycle {
+            let config = a.config.unwrap_or_else(|| "fine-tune".into());
+            let held = Upcycled {
+                init,
+                upcycle: u,
+                config,
+                data,
+                eval,
+                ctx: a.ctx,
+                chunks: a.chunks,
+                base_steps: a.base_steps,
+                budget_flops: a.budget_flops,
+                evals: a.evals,
+                out: a.out,
+            };
+            return upcycled(held);
+        }
+        return super::compare_retrofit::run(super::compare_retrofit::Grid {
+            init,
+            capacities: a.capacities,
+            skips: a.skips,
+            retrofit: a.retrofit,
+            lora: a.lora,
+            full: a.full,
+            config: a.config.unwrap_or_else(|| "retrofit".into()),
+            data,
+            eval,
+            ctx: a.ctx,
+            chunks: a.chunks,
+            decode_tokens: a.decode_tokens,
+            rounds: a.rounds,
+            out: a.out,
+        });
+    }
+    let variants: Vec<Variant> = a
         .variants
         .iter()
-        .map(|v| Ok((v.clone(), super::load_preset(v)?)))
+        .map(|v| Variant::from_preset(v, &super::load_preset(v)?))
         .collect::<Result<_>>()?;
     let first = variants.first().context("no variants")?;
-    let cfg0 = first.1.model.resolve(&first.0)?;
-    let train0 = first.1.train.resolve(cfg0.max_seq_len, &first.0)?;
+    let budget = a
+        .budget_flops
+        .unwrap_or_else(|| budget_of(first, a.base_steps));
+    let tok = Tokenizer::Bytes;
+    let tokens = super::load_tokens(a.data.as_deref(), &tok, first.train.seed)?;
     let seq_len = variants
         .iter()
-        .map(|(n, p)| Ok(p.train.resolve(p.model.resolve(n)?.max_seq_len, n)?.seq_len))
-        .collect::<Result<Vec<_>>>()?;
-    let budget = a.budget_flops.unwrap_or_else(|| {
-        FlopLedger::new(&cfg0, train0.seq_len).train_per_token()
-            * (train0.batch_size * train0.seq_len * train0.grad_accum * a.base_steps) as f64
-    });
-    let tok = Tokenizer::Bytes;
-    let tokens = super::load_tokens(a.data.as_deref(), &tok, train0.seed)?;
-    let data = super::dataset(
-        tokens,
-        train0.val_fraction,
-        seq_len.into_iter().max().unwrap_or(256),
-    )?;
-    let rows = compare(&variants, &data, budget, a.evals, &a.out)?;
+        .map(|v| v.train.seq_len)
+        .max()
+        .unwrap_or(256);
+    let data = super::dataset(tokens, first.train.val_fraction, seq_len)?;
+    let rows = compare(variants, &data, budget, a.evals, &a.out, None)?;
     let md = write_report(&rows, budget, &a.out)?;
     println!("{md}");
     println!("report: {}", a.out.join("report.md").display());
+    Ok(())
+}
+
+/// What `compare --init M --upcycle …` was asked for.
+struct Upcycled {
+    init: PathBuf,
+    upcycle: routelm::model::upcycle::Upcycle,
+    config: String,
+    data: PathBuf,
+    eval: PathBuf,
+    ctx: usize,
+    chunks: Option<usize>,
+    base_steps: usize,
+    budget_flops: Option<f64>,
+    evals: usize,
+    out: PathBuf,
+}
+
+/// The published model trained on as it is and upcycled to experts, from the same weights
+/// at the same training FLOPs, both scored on the held-out text.
+fn upcycled(u: Upcycled) -> Result<()> {
+    let device = super::device();
+    let (family, cfg, params) =
+        routelm::arch::load_params(&u.init, candle_core::DType::F32, &device)?;
+    let tok = Tokenizer::for_model_dir(&u.init)?;
+    let mut preset = super::load_preset(&u.config)?;
+    // the model's context window bounds the sequence length
+    if preset.train.seq_len.is_none_or(|s| s > cfg.max_seq_len) {
+        preset.train.seq_len = Some(
+            cfg.max_seq_len
+                .min(preset.train.seq_len.unwrap_or(usize::MAX)),
+        );
+    }
+    let train = preset.train.resolve(cfg.max_seq_len, &u.config)?;
+    let text = std::fs::read_to_string(&u.eval)
+        .with_context(|| format!("reading {}", u.eval.display()))?;
+    let held = HeldOut {
+        tokens: tok.encode(&text)?,
+        ctx: u.ctx,
+        bos: tok.encode("")?.first().copied(),
+        chunks: u.chunks,
+    };
+    let start = held.perplexity(&routelm::model::Model::new(&cfg, &params, "init")?)?;
+    eprintln!(
+        "{} ({}): held-out perplexity {start:.3} before training",
+        u.init.display(),
+        family.unwrap_or("routelm")
+    );
+    let (ucfg, uparams) =
+        routelm::model::upcycle::upcycle(&cfg, params.clone(), &u.upcycle, train.seed)?;
+    let variants = vec![
+        Variant {
+            name: "dense".into(),
+            cfg,
+            train: train.clone(),
+            init: Some(params),
+        },
+        Variant {
+            name: format!("upcycled-{}x{}", u.upcycle.n_experts, u.upcycle.top_k),
+            cfg: ucfg,
+            train: train.clone(),
+            init: Some(uparams),
+        },
+    ];
+    let budget = u
+        .budget_flops
+        .unwrap_or_else(|| budget_of(&variants[0], u.base_steps));
+    let tokens = super::load_tokens(Some(&u.data), &tok, train.seed)?;
+    let data = super::dataset(tokens, train.val_fraction, train.seq_len)?;
+    let rows = compare(variants, &data, budget, u.evals, &u.out, Some(&held))?;
+    let mut md = write_report(&rows, budget, &u.out)?;
+    md = format!(
+        "`{}` trained on `{}` with `--config {}` from its weights, dense and upcycled (`n_experts={},top_k={},every={},aux={}`); held-out perplexity on `{}` ({} chunks of {} tokens) was {start:.3} before training.\n\n{md}",
+        u.init.display(),
+        u.data.display(),
+        u.config,
+        u.upcycle.n_experts,
+        u.upcycle.top_k,
+        u.upcycle.every,
+        u.upcycle.aux_loss_coef,
+        u.eval.display(),
+        u.chunks.map_or("all".to_string(), |c| c.to_string()),
+        u.ctx,
+    );
+    std::fs::write(u.out.join("report.md"), &md)
+        .with_context(|| format!("writing {}", u.out.join("report.md").display()))?;
+    println!("{md}");
+    println!("report: {}", u.out.join("report.md").display());
     Ok(())
 }

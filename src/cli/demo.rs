@@ -125,20 +125,18 @@ fn compare_variants(
         capacity: Some(0.125),
         ..Default::default()
     });
+    use super::compare::Variant;
     let variants = vec![
-        ("dense".to_string(), dense.clone()),
-        ("moe-8x2".to_string(), moe),
-        ("mod-12.5%".to_string(), mod_),
+        Variant::from_preset("dense", &dense)?,
+        Variant::from_preset("moe-8x2", &moe)?,
+        Variant::from_preset("mod-12.5%", &mod_)?,
     ];
-    let cfg = dense.model.resolve("demo")?;
-    let train = dense.train.resolve(cfg.max_seq_len, "demo")?;
-    let budget = routelm::FlopLedger::new(&cfg, train.seq_len).train_per_token()
-        * (train.batch_size * train.seq_len * steps) as f64;
+    let budget = super::compare::budget_of(&variants[0], steps);
     println!(
         "
 comparing dense, MoE and MoD at equal training FLOPs ({steps} dense steps each):"
     );
-    let rows = super::compare::compare(&variants, data, budget, 4, out)?;
+    let rows = super::compare::compare(variants, data, budget, 4, out, None)?;
     let md = super::compare::write_report(&rows, budget, out)?;
     println!(
         "{md}

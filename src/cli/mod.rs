@@ -4,6 +4,7 @@ mod bench;
 mod bench_serve;
 mod chat;
 mod compare;
+mod compare_retrofit;
 mod demo;
 mod eval;
 mod flops;
@@ -113,6 +114,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("dense-110m", include_str!("../../configs/dense-110m.toml")),
     ("moe-8x", include_str!("../../configs/moe-8x.toml")),
     ("mod", include_str!("../../configs/mod.toml")),
+    ("retrofit", include_str!("../../configs/retrofit.toml")),
+    ("fine-tune", include_str!("../../configs/fine-tune.toml")),
 ];
 
 /// A preset by file path, or by the name of an embedded preset.

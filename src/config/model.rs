@@ -211,6 +211,9 @@ pub enum DepthSkip {
     /// The feed-forward sub-block: every token runs the attention (and enters the KV
     /// cache), the chosen ones also the feed-forward.
     Mlp,
+    /// The attention sub-block: the chosen tokens run the attention, attending to one
+    /// another (the block's KV cache holds them alone); every token runs the feed-forward.
+    Attention,
 }
 
 /// The factor on a routed block's update for the tokens it processes.

@@ -60,6 +60,13 @@ pub struct Block {
     pub cross: Option<(Norm, Attention)>,
 }
 
+/// A decoder block's cross-attention keys and values, held in its cache.
+fn cross_kv(cache: Option<&KvCache>) -> Option<(Tensor, Tensor)> {
+    cache
+        .and_then(|c| c.cross())
+        .map(|(k, v)| (k.clone(), v.clone()))
+}
+
 fn maybe(norm: &Option<Norm>, x: Tensor) -> Result<Tensor> {
     match norm {
         Some(n) => n.forward(&x),
@@ -87,32 +94,61 @@ impl Block {
     ) -> Result<(Tensor, Option<MoeStats>)> {
         // decoding through a cache trains nothing: no auxiliary router losses
         let aux = cache.is_none();
-        let cross = cache
-            .as_deref()
-            .and_then(|c| c.cross())
-            .map(|(k, v)| (k.clone(), v.clone()));
+        let cross = cross_kv(cache.as_deref());
         self.forward_parts(
             x,
-            move |h| self.attn.forward(h, pos, cache),
+            move |h| self.attn_update(h, pos, cache),
             cross,
             aux,
             None,
         )
     }
 
+    /// The attention sub-block's update: attention on the normalised input `h`, then the
+    /// sandwich norm when the block has one.
+    fn attn_update(
+        &self,
+        h: &Tensor,
+        pos: Positions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        maybe(&self.attn_out_norm, self.attn.forward(h, pos, cache)?)
+    }
+
     /// One new token of each of `b` sequences, `x: (b, 1, d)`, each with its own cache and
     /// position (`rope`: `(b, 1, half)` tables): [`Attention::forward_decode`], then the
-    /// feed-forward on all `b` rows at once.
+    /// feed-forward on all `b` rows at once. `attn_rows`: the attention runs on those rows
+    /// alone (`rope` and `caches` are theirs), each update scaled, the others skip it;
+    /// `ffn_rows`: the same for the feed-forward.
     pub fn forward_decode(
         &self,
         x: &Tensor,
         rope: Option<(&Tensor, &Tensor)>,
         caches: &mut [&mut KvCache],
+        attn_rows: Option<&FfnRows>,
         ffn_rows: Option<&FfnRows>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
         self.forward_parts(
             x,
-            |h| self.attn.forward_decode(h, rope, caches),
+            |h| {
+                let Some(sel) = attn_rows else {
+                    return maybe(
+                        &self.attn_out_norm,
+                        self.attn.forward_decode(h, rope, caches)?,
+                    );
+                };
+                let k = sel.rows.dim(0)?;
+                if k == 0 {
+                    return h.zeros_like();
+                }
+                let hs = h.index_select(&sel.rows, 0)?;
+                let a = maybe(
+                    &self.attn_out_norm,
+                    self.attn.forward_decode(&hs, rope, caches)?,
+                )?;
+                let a = a.broadcast_mul(&sel.scale.reshape((k, 1, 1))?.to_dtype(a.dtype())?)?;
+                h.zeros_like()?.index_add(&sel.rows, &a, 0)
+            },
             None,
             false,
             ffn_rows,
@@ -147,8 +183,9 @@ impl Block {
             .reshape((b, t, d))
     }
 
-    /// The block around its self-attention `attn` (called on the normalised input), with
-    /// the cross-attention keys and values of a decoder block.
+    /// The block around its self-attention update `attn` (called on the normalised input,
+    /// sandwich norm included), with the cross-attention keys and values of a decoder
+    /// block.
     fn forward_parts(
         &self,
         x: &Tensor,
@@ -159,7 +196,7 @@ impl Block {
     ) -> Result<(Tensor, Option<MoeStats>)> {
         let mut stats = None;
         let h = self.attn_norm.forward(x)?;
-        let a = maybe(&self.attn_out_norm, attn(&h)?)?;
+        let a = attn(&h)?;
         let y = match (self.kind, &self.ffn_norm) {
             (BlockKind::Sequential, Some(n)) => {
                 let mut x = (x + a)?;
@@ -198,7 +235,7 @@ impl Block {
         choice: &DepthChoice,
         rope: Option<&RopeTables>,
         start: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
         let (b, t, d) = x.dims3()?;
         if cache.is_some() && b > 1 {
@@ -234,71 +271,111 @@ impl Block {
                 rows,
             };
             let aux = cache.is_none();
-            let cross = cache
-                .as_deref()
-                .and_then(|c| c.cross())
-                .map(|(k, v)| (k.clone(), v.clone()));
+            let cross = cross_kv(cache.as_deref());
             return self.forward_parts(
                 x,
-                move |h| self.attn.forward(h, pos, cache),
+                move |h| self.attn_update(h, pos, cache),
                 cross,
                 aux,
                 Some(&sel),
             );
         }
-        let rows = &choice.rows;
-        let groups: Vec<Vec<usize>> = if rows.iter().all(|r| r.len() == rows[0].len()) {
-            vec![(0..b).collect()]
-        } else {
-            (0..b).map(|i| vec![i]).collect()
-        };
-        let xs = x.reshape((b * t, d))?;
-        let gates = crate::routing::update_scale(&choice.logits.flatten_all()?, choice.scale)?;
-        let mut out = xs.clone();
-        let mut stats: Option<MoeStats> = None;
-        for group in groups {
-            let kk = rows[group[0]].len();
-            if kk == 0 {
-                continue;
-            }
-            let flat: Vec<u32> = group
-                .iter()
-                .flat_map(|&bi| rows[bi].iter().map(move |&i| (bi * t) as u32 + i))
-                .collect();
-            let pos: Vec<u32> = group
-                .iter()
-                .flat_map(|&bi| rows[bi].iter().map(|&i| start as u32 + i))
-                .collect();
-            let n = group.len();
-            let weights = gates.index_select(&Tensor::new(flat.as_slice(), x.device())?, 0)?;
-            let routing = Routing {
-                slots: vec![(0..flat.len() as u32).collect()],
-                rows: vec![flat],
-                weights,
-            };
-            let tables = match rope {
-                Some(r) => Some(r.gather(&Tensor::from_vec(pos, (n, kk), x.device())?)?),
-                None => None,
-            };
-            let cache = cache.as_deref_mut();
-            let delta = dispatch(&xs, &routing, 1, |xg, _| {
-                let x_sel = xg.reshape((n, kk, d))?;
-                let pos = Positions {
-                    rope: tables.as_ref().map(|(c, s)| (c, s)),
-                    bias: None,
-                };
-                let (y, moe) = self.forward(&x_sel, pos, cache)?;
-                // every group's router statistics, as one layer's
-                stats = match (stats.take(), moe) {
-                    (Some(a), Some(b)) => Some(a.merge(b)?),
-                    (a, b) => a.or(b),
-                };
-                (y - &x_sel)?.reshape((n * kk, d))
-            })?;
-            if let Some(delta) = delta {
-                out = (out + delta)?;
-            }
+        if choice.skip == DepthSkip::Attention {
+            // the chosen tokens through the attention (at their positions, attending to one
+            // another, into the cache), every token through the feed-forward
+            let aux = cache.is_none();
+            let cross = cross_kv(cache.as_deref());
+            return self.forward_parts(
+                x,
+                move |h| match on_chosen_rows(h, choice, rope, start, cache, |hs, pos, c| {
+                    self.attn_update(hs, pos, c)
+                })? {
+                    Some(a) => a.reshape((b, t, d)),
+                    None => h.zeros_like(),
+                },
+                cross,
+                aux,
+                None,
+            );
         }
-        Ok((out.reshape((b, t, d))?, stats))
+        let mut stats: Option<MoeStats> = None;
+        let delta = on_chosen_rows(x, choice, rope, start, cache, |x_sel, pos, c| {
+            let (y, moe) = self.forward(x_sel, pos, c)?;
+            // every group's router statistics, as one layer's
+            stats = match (stats.take(), moe) {
+                (Some(a), Some(b)) => Some(a.merge(b)?),
+                (a, b) => a.or(b),
+            };
+            y - x_sel
+        })?;
+        let out = match delta {
+            Some(delta) => (x.reshape((b * t, d))? + delta)?.reshape((b, t, d))?,
+            None => x.clone(),
+        };
+        Ok((out, stats))
     }
+}
+
+/// `Σ σ(r)·f(rows)`: the rows of `x: (b, t, d)` that `choice` chose, run through `f` as
+/// sequences of their own at their original positions (`start + i`, for the rotary tables
+/// and the causal order), each output row scaled by its update factor and scattered into
+/// `(b·t, d)` zero rows; `None` when no row was chosen. Sequences that chose different
+/// numbers of tokens run one by one.
+fn on_chosen_rows(
+    x: &Tensor,
+    choice: &DepthChoice,
+    rope: Option<&RopeTables>,
+    start: usize,
+    mut cache: Option<&mut KvCache>,
+    mut f: impl FnMut(&Tensor, Positions, Option<&mut KvCache>) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let (b, t, d) = x.dims3()?;
+    let rows = &choice.rows;
+    let groups: Vec<Vec<usize>> = if rows.iter().all(|r| r.len() == rows[0].len()) {
+        vec![(0..b).collect()]
+    } else {
+        (0..b).map(|i| vec![i]).collect()
+    };
+    let xs = x.reshape((b * t, d))?;
+    let gates = crate::routing::update_scale(&choice.logits.flatten_all()?, choice.scale)?;
+    let mut total: Option<Tensor> = None;
+    for group in groups {
+        let kk = rows[group[0]].len();
+        if kk == 0 {
+            continue;
+        }
+        let flat: Vec<u32> = group
+            .iter()
+            .flat_map(|&bi| rows[bi].iter().map(move |&i| (bi * t) as u32 + i))
+            .collect();
+        let pos: Vec<u32> = group
+            .iter()
+            .flat_map(|&bi| rows[bi].iter().map(|&i| start as u32 + i))
+            .collect();
+        let n = group.len();
+        let weights = gates.index_select(&Tensor::new(flat.as_slice(), x.device())?, 0)?;
+        let routing = Routing {
+            slots: vec![(0..flat.len() as u32).collect()],
+            rows: vec![flat],
+            weights,
+        };
+        let tables = match rope {
+            Some(r) => Some(r.gather(&Tensor::from_vec(pos, (n, kk), x.device())?)?),
+            None => None,
+        };
+        let cache = cache.as_deref_mut();
+        let delta = dispatch(&xs, &routing, 1, |xg, _| {
+            let x_sel = xg.reshape((n, kk, d))?;
+            let pos = Positions {
+                rope: tables.as_ref().map(|(c, s)| (c, s)),
+                bias: None,
+            };
+            f(&x_sel, pos, cache)?.reshape((n * kk, d))
+        })?;
+        total = match (total, delta) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(total)
 }

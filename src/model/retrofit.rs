@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::Params;
 
-/// How to retrofit: `capacity=0.5[,every=2][,layers=1:3:5][,predictor=0][,aux=0.1][,skip=block|mlp]`.
+/// How to retrofit: `capacity=0.5[,every=2][,layers=1:3:5][,predictor=0][,aux=0.1][,skip=block|attention|mlp]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Retrofit {
     /// Share of a sequence's tokens a routed block processes in training.
@@ -80,9 +80,10 @@ impl FromStr for Retrofit {
                     r.skip = match value {
                         "block" => DepthSkip::Block,
                         "mlp" => DepthSkip::Mlp,
+                        "attention" | "attn" => DepthSkip::Attention,
                         _ => {
                             return Err(format!(
-                                "skip={value}: a passed-over token skips its whole block (skip=block) or its feed-forward (skip=mlp); skipping the attention alone is not built"
+                                "skip={value}: a passed-over token skips its whole block (skip=block), its attention (skip=attention) or its feed-forward (skip=mlp)"
                             ))
                         }
                     }

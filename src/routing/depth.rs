@@ -126,6 +126,7 @@ impl DepthRouter {
                 row[0] = f32::INFINITY;
             }
         }
+        let every = self.config.capacity >= 1.0;
         let mut chosen = vec![0u8; b * t];
         let rows: Vec<Vec<u32>> = host
             .iter()
@@ -138,6 +139,8 @@ impl DepthRouter {
                     sel.sort_unstable();
                     sel
                 }
+                // at capacity 1 every token goes through, however it is decided
+                DepthDecision::Threshold if every => (0..t as u32).collect(),
                 DepthDecision::Threshold => {
                     (0..t).filter(|&i| row[i] > 0.0).map(|i| i as u32).collect()
                 }
@@ -166,7 +169,7 @@ impl DepthRouter {
         Ok(DepthChoice {
             rows,
             logits,
-            all: decision == DepthDecision::TopK && k == t,
+            all: (decision == DepthDecision::TopK && k == t) || every,
             scale: self.config.scale,
             skip: self.config.skip,
             stats,

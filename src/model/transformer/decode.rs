@@ -155,6 +155,7 @@ impl Model {
             let run = |x: &Tensor,
                        rows: &[usize],
                        caches: &mut [&mut Cache],
+                       attn_rows: Option<&crate::model::block::FfnRows>,
                        ffn_rows: Option<&crate::model::block::FfnRows>| {
                 let rope = tables(l, rows)?;
                 let mut layer: Vec<&mut KvCache> = caches
@@ -163,7 +164,13 @@ impl Model {
                     .filter(|(i, _)| rows.contains(i))
                     .map(|(_, c)| &mut c.layers[l])
                     .collect();
-                block.forward_decode(x, rope.as_ref().map(|(c, s)| (c, s)), &mut layer, ffn_rows)
+                block.forward_decode(
+                    x,
+                    rope.as_ref().map(|(c, s)| (c, s)),
+                    &mut layer,
+                    attn_rows,
+                    ffn_rows,
+                )
             };
             let record = |routes: &mut [TokenRoute], moe: Option<MoeStats>, rows: &[usize]| {
                 if let Some(m) = moe {
@@ -175,8 +182,8 @@ impl Model {
                 }
             };
             let Some(router) = &self.routers[l] else {
-                let (y, moe) =
-                    run(&x, &all, caches, None).map_err(|e| e.context(format!("layer {l}")))?;
+                let (y, moe) = run(&x, &all, caches, None, None)
+                    .map_err(|e| e.context(format!("layer {l}")))?;
                 record(&mut routes, moe, &all);
                 x = y;
                 continue;
@@ -199,9 +206,8 @@ impl Model {
                     gates.push(choice.logits.reshape(1)?);
                 }
             }
-            if router.config.skip == crate::config::DepthSkip::Mlp {
-                // every row through the attention (and into its cache), the chosen rows
-                // through the feed-forward too
+            let skip = router.config.skip;
+            if skip != crate::config::DepthSkip::Block {
                 let rows: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
                 let scale = match gates.is_empty() {
                     true => Tensor::zeros(0, x.dtype(), dev)?,
@@ -213,9 +219,17 @@ impl Model {
                     rows: Tensor::new(rows.as_slice(), dev)?,
                     scale,
                 };
-                let (y, moe) = run(&x, &all, caches, Some(&sel))
+                // skip=mlp: every row through the attention (and into its cache), the
+                // chosen rows through the feed-forward too; skip=attention: the chosen
+                // rows through the attention (and into their caches), every row through
+                // the feed-forward
+                let (attn, attn_rows, ffn_rows, ffn) = match skip {
+                    crate::config::DepthSkip::Mlp => (&all, None, Some(&sel), &chosen),
+                    _ => (&chosen, Some(&sel), None, &all),
+                };
+                let (y, moe) = run(&x, attn, caches, attn_rows, ffn_rows)
                     .map_err(|e| e.context(format!("layer {l}")))?;
-                record(&mut routes, moe, &chosen);
+                record(&mut routes, moe, ffn);
                 x = y;
                 continue;
             }
@@ -231,8 +245,8 @@ impl Model {
                 dev,
             )?;
             let xs = x.index_select(&idx, 0)?;
-            let (y, moe) =
-                run(&xs, &chosen, caches, None).map_err(|e| e.context(format!("layer {l}")))?;
+            let (y, moe) = run(&xs, &chosen, caches, None, None)
+                .map_err(|e| e.context(format!("layer {l}")))?;
             record(&mut routes, moe, &chosen);
             let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
                 .to_dtype(x.dtype())?
