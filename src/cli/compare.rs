@@ -41,17 +41,23 @@ pub struct Args {
     /// Compare depth retrofits of this model (Hugging Face folder, routelm checkpoint or
     /// GGUF file) with the model itself; --data is the training text, --eval the held-out
     /// text.
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     init: Option<PathBuf>,
     /// With --init: the held-out text for perplexity and the decoding prompt.
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     eval: Option<PathBuf>,
     /// With --init: the capacities (share of tokens a routed block processes).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "0.125,0.25,0.5,0.75",
-        help_heading = "Depth retrofits (--init)"
+        help_heading = "A published model: retrofits, upcycling (--init)"
     )]
     capacities: Vec<f64>,
     /// With --init: what a passed-over token skips: block, attention, mlp.
@@ -59,44 +65,56 @@ pub struct Args {
         long,
         value_delimiter = ',',
         default_value = "block,attention,mlp",
-        help_heading = "Depth retrofits (--init)"
+        help_heading = "A published model: retrofits, upcycling (--init)"
     )]
     skips: Vec<String>,
     /// With --init: the retrofit keys every setting shares (see `train --retrofit`).
     #[arg(
         long,
         default_value = "every=2",
-        help_heading = "Depth retrofits (--init)"
+        help_heading = "A published model: retrofits, upcycling (--init)"
     )]
     retrofit: String,
     /// With --init: train LoRA adapters beside the routers (see `train --lora`).
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     lora: Option<String>,
     /// With --init: train every weight, not only the routers.
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     full: bool,
     /// With --init: the training recipe (a preset with [train]; default: `retrofit`, or
     /// `fine-tune` with --upcycle).
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     config: Option<String>,
     /// With --init: instead of depth retrofits, compare the model upcycled to experts
     /// (`n_experts=8,top_k=2`, see `train --upcycle`) with the dense model trained on,
     /// both from its weights at equal training FLOPs (--base-steps steps of the dense
     /// model, or --budget-flops): validation curves against FLOPs, and perplexity on --eval
     /// before and after.
-    #[arg(long, help_heading = "Depth retrofits (--init)")]
+    #[arg(
+        long,
+        help_heading = "A published model: retrofits, upcycling (--init)"
+    )]
     upcycle: Option<routelm::model::upcycle::Upcycle>,
     /// With --init: tokens per perplexity chunk.
-    #[arg(long, default_value_t = 512, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    #[arg(long, default_value_t = 512, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
     ctx: usize,
     /// With --init: at most this many perplexity chunks (default: all the text holds).
-    #[arg(long, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    #[arg(long, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
     chunks: Option<usize>,
     /// With --init: tokens decoded per speed measurement.
-    #[arg(long, default_value_t = 128, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    #[arg(long, default_value_t = 128, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
     decode_tokens: usize,
     /// With --init: speed rounds over all models (each model's best is reported).
-    #[arg(long, default_value_t = 3, value_parser = super::positive, help_heading = "Depth retrofits (--init)")]
+    #[arg(long, default_value_t = 3, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
     rounds: usize,
 }
 

@@ -49,6 +49,9 @@ struct Row {
     perplexity: f64,
     /// Share of the routed blocks' token visits that ran the block (causal decisions).
     processed: Option<f64>,
+    /// Forward FLOPs per token by the ledger, every routed block at the share processed
+    /// (at `--ctx` tokens of context): the work a perfect kernel would do.
+    ledger_flops: f64,
     decode_tps: f64,
     train_s: Option<f64>,
     peak_rss_mb: Option<f64>,
@@ -96,6 +99,14 @@ pub fn run(g: Grid) -> Result<()> {
         })?;
         pb.finish_and_clear();
         let (trainable, params) = counts(dir, g.full)?;
+        let processed = (r.routed.1 > 0).then(|| r.routed.0 as f64 / r.routed.1 as f64);
+        let mut cfg = model.config.clone();
+        for spec in &mut cfg.layers {
+            if let (Some(d), Some(p)) = (&mut spec.depth, processed) {
+                d.capacity = p;
+            }
+        }
+        let ledger_flops = routelm::FlopLedger::new(&cfg, g.ctx).forward_per_token();
         let setting = i.checked_sub(1).map(|j| &settings[j]);
         let retrofit: Option<Retrofit> = setting
             .map(|(_, s)| s.parse())
@@ -110,7 +121,8 @@ pub fn run(g: Grid) -> Result<()> {
             trainable,
             params,
             perplexity: r.value(),
-            processed: (r.routed.1 > 0).then(|| r.routed.0 as f64 / r.routed.1 as f64),
+            processed,
+            ledger_flops,
             decode_tps: 0.0,
             train_s: t.map(|t| t.wall_s),
             peak_rss_mb: t.and_then(|t| t.peak_rss_mb),
@@ -303,12 +315,12 @@ fn table(g: &Grid, rows: &[Row]) -> String {
         g.lora.as_ref().map_or(String::new(), |l| format!(", with LoRA `{l}`")),
         if g.full { ", every weight trained" } else { "" },
     );
-    s.push_str("| setting | skip | capacity | processed | trainable params | perplexity | vs base | decode tok/s | speed-up | train time (s) | training peak RSS (MB) |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| setting | skip | capacity | processed | trainable params | perplexity | vs base | decode tok/s | speed-up | ledger speed-up | train time (s) | training peak RSS (MB) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let dash = || "–".to_string();
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:+.1}% | {:.1} | {:.2}× | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:+.1}% | {:.1} | {:.2}× | {:.2}× | {} | {} |\n",
             r.name,
             r.skip.clone().unwrap_or_else(dash),
             r.capacity.map_or_else(dash, |c| format!("{}%", c * 100.0)),
@@ -319,11 +331,14 @@ fn table(g: &Grid, rows: &[Row]) -> String {
             100.0 * (r.perplexity / base.perplexity - 1.0),
             r.decode_tps,
             r.decode_tps / base.decode_tps,
+            base.ledger_flops / r.ledger_flops,
             r.train_s.map_or_else(dash, |t| format!("{t:.0}")),
             r.peak_rss_mb.map_or_else(dash, |m| format!("{m:.0}")),
         ));
     }
-    s.push_str("\n`capacity` is the share of tokens a routed block takes in training (top-k over each sequence); `processed` is the share the causal decisions sent through when scoring the held-out text.\n");
+    s.push_str(&format!("\n`capacity` is the share of tokens a routed block takes in training (top-k over each sequence); `processed` is the share the causal decisions sent through when scoring the held-out text; `ledger speed-up` is the base model's forward FLOPs per token over the retrofit's with every routed block at that share (from the FLOP ledger, at {} tokens of context): the speed-up if time followed FLOPs.\n",
+        g.ctx
+    ));
     s
 }
 
