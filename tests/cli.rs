@@ -408,6 +408,70 @@ fn compare_writes_a_report_at_equal_flops() {
     assert_eq!(steps.len(), 2, "{out}");
     assert_eq!(steps[0], 8);
     assert!(steps[1] > steps[0], "{out}");
+    // run again: both variants are read back, not trained again
+    let args = [
+        "compare",
+        "--variants",
+        &variants,
+        "--data",
+        &s("data.txt"),
+        "--base-steps",
+        "8",
+        "--evals",
+        "2",
+        "--out",
+        &s("cmp"),
+    ];
+    let (ok, again, err) = routelm(&args);
+    assert!(ok && err.matches("reusing").count() == 2, "{err}");
+    let losses = |o: &str| -> Vec<String> {
+        o.lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+            .map(|l| l.split('|').nth(5).unwrap().trim().to_string())
+            .collect()
+    };
+    assert_eq!(losses(&out), losses(&again));
+    // seeds: each variant trained per seed, then its mean and spread
+    let dense = s("dense.toml");
+    let (ok, out, err) = routelm(&[
+        "compare",
+        "--variants",
+        &dense,
+        "--data",
+        &s("data.txt"),
+        "--base-steps",
+        "4",
+        "--evals",
+        "1",
+        "--seeds",
+        "2",
+        "--out",
+        &s("seeds"),
+    ]);
+    assert!(ok, "{err}");
+    let per_seed = losses(out.split("Over 2 seeds").next().unwrap());
+    assert_eq!(per_seed.len(), 2, "{out}");
+    assert_ne!(per_seed[0], per_seed[1], "two seeds trained alike: {out}");
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with(&format!("| {dense} |")))
+        .unwrap_or_else(|| panic!("no seed summary: {out}"));
+    let mean: f64 = summary
+        .split('|')
+        .nth(2)
+        .unwrap()
+        .split('±')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = per_seed
+        .iter()
+        .map(|v| v.parse::<f64>().unwrap())
+        .sum::<f64>()
+        / 2.0;
+    assert!((mean - want).abs() < 1e-3, "{summary} vs {per_seed:?}");
 }
 
 /// `route` renders which tokens each routed block processes and writes the heat map.

@@ -38,18 +38,22 @@ pub struct Args {
     evals: usize,
     #[arg(long, default_value = "runs/compare")]
     out: PathBuf,
+    /// Train each variant with this many seeds (the preset's seed, +1, +2, …) and add a
+    /// table of each variant's mean and spread.
+    #[arg(long, default_value_t = 1, value_parser = super::positive)]
+    seeds: usize,
     /// Compare depth retrofits of this model (Hugging Face folder, routelm checkpoint or
     /// GGUF file) with the model itself; --data is the training text, --eval the held-out
     /// text.
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     init: Option<PathBuf>,
     /// With --init: the held-out text for perplexity and the decoding prompt.
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     eval: Option<PathBuf>,
     /// With --init: the capacities (share of tokens a routed block processes).
@@ -57,7 +61,7 @@ pub struct Args {
         long,
         value_delimiter = ',',
         default_value = "0.125,0.25,0.5,0.75",
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     capacities: Vec<f64>,
     /// With --init: what a passed-over token skips: block, attention, mlp.
@@ -65,33 +69,33 @@ pub struct Args {
         long,
         value_delimiter = ',',
         default_value = "block,attention,mlp",
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     skips: Vec<String>,
     /// With --init: the retrofit keys every setting shares (see `train --retrofit`).
     #[arg(
         long,
         default_value = "every=2",
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     retrofit: String,
     /// With --init: train LoRA adapters beside the routers (see `train --lora`).
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     lora: Option<String>,
     /// With --init: train every weight, not only the routers.
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     full: bool,
     /// With --init: the training recipe (a preset with [train]; default: `retrofit`, or
     /// `fine-tune` with --upcycle).
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     config: Option<String>,
     /// With --init: instead of depth retrofits, compare the model upcycled to experts
@@ -101,22 +105,24 @@ pub struct Args {
     /// before and after.
     #[arg(
         long,
-        help_heading = "A published model: retrofits, upcycling (--init)"
+        help_heading = INIT
     )]
     upcycle: Option<routelm::model::upcycle::Upcycle>,
     /// With --init: tokens per perplexity chunk.
-    #[arg(long, default_value_t = 512, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
+    #[arg(long, default_value_t = 512, value_parser = super::positive, help_heading = INIT)]
     ctx: usize,
     /// With --init: at most this many perplexity chunks (default: all the text holds).
-    #[arg(long, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
+    #[arg(long, value_parser = super::positive, help_heading = INIT)]
     chunks: Option<usize>,
     /// With --init: tokens decoded per speed measurement.
-    #[arg(long, default_value_t = 128, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
+    #[arg(long, default_value_t = 128, value_parser = super::positive, help_heading = INIT)]
     decode_tokens: usize,
     /// With --init: speed rounds over all models (each model's best is reported).
-    #[arg(long, default_value_t = 3, value_parser = super::positive, help_heading = "A published model: retrofits, upcycling (--init)")]
+    #[arg(long, default_value_t = 3, value_parser = super::positive, help_heading = INIT)]
     rounds: usize,
 }
+
+const INIT: &str = "A published model: retrofits, upcycling (--init)";
 
 /// A held-out text every trained variant is scored on (perplexity in chunks of `ctx`, as
 /// `routelm perplexity` does).
@@ -142,6 +148,7 @@ impl HeldOut {
 }
 
 /// One variant's results.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub name: String,
     pub total_params: usize,
@@ -166,6 +173,7 @@ pub struct Row {
 
 /// One model to train in a comparison: its configuration, recipe, and starting weights
 /// (`None`: random).
+#[derive(Clone)]
 pub struct Variant {
     pub name: String,
     pub cfg: ModelConfig,
@@ -205,6 +213,21 @@ pub fn compare(
             init,
         } = v;
         let name = &name;
+        let dir = out.join(name.replace(['/', '.'], "_"));
+        // a variant this comparison already trained (same model, recipe and budget) is
+        // read back, so that a long sweep continues where it stopped
+        let key = serde_json::to_string(&(&cfg, &train, budget, init.is_some()))?;
+        let record = dir.join("row.json");
+        if let Some(row) = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| serde_json::from_str::<(String, Row)>(&t).ok())
+            .filter(|(k, _)| *k == key)
+            .map(|(_, r)| r)
+        {
+            eprintln!("{name}: reusing {}", dir.display());
+            rows.push(row);
+            continue;
+        }
         let ledger = FlopLedger::new(&cfg, train.seq_len);
         let tokens_per_step = (train.batch_size * train.seq_len * train.grad_accum) as f64;
         let flops_per_step = ledger.train_per_token() * tokens_per_step;
@@ -219,12 +242,11 @@ pub fn compare(
             None => Trainer::new(&cfg, &train, &super::device())?,
         };
         let pb = super::bar(steps as u64, &format!("{name:>12}"));
-        let dir = out.join(name.replace(['/', '.'], "_"));
         let started = Instant::now();
         let summary = trainer.run(
             data,
             &RunOptions {
-                out: dir,
+                out: dir.clone(),
                 stop_after: None,
             },
             &mut |e| {
@@ -274,8 +296,43 @@ pub fn compare(
             max_load,
             heldout_ppl,
         });
+        let row = rows.last().expect("just pushed");
+        std::fs::write(&record, serde_json::to_string(&(&key, row))?)
+            .with_context(|| format!("writing {}", record.display()))?;
     }
     Ok(rows)
+}
+
+/// Each variant over its seeds (rows in groups of `seeds`): the final validation loss (and
+/// the causal one) as mean ± sample standard deviation, with the lowest and highest.
+fn seed_table(rows: &[Row], seeds: usize) -> String {
+    let stats = |v: &[f64]| {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let sd = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), &x| (l.min(x), h.max(x)));
+        format!("{mean:.4} ± {sd:.4} ({lo:.4}–{hi:.4})")
+    };
+    let mut s = format!(
+        "\nOver {seeds} seeds (mean ± standard deviation, lowest–highest):\n\n| variant | final val loss | val loss, causal decisions |\n|---|---|---|\n"
+    );
+    for group in rows.chunks(seeds) {
+        let name = group[0].name.split('@').next().unwrap_or_default();
+        let finals: Vec<f64> = group.iter().map(|r| r.final_val).collect();
+        let causal: Vec<f64> = group.iter().filter_map(|r| r.causal_val).collect();
+        s.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            stats(&finals),
+            if causal.len() == group.len() {
+                stats(&causal)
+            } else {
+                "–".into()
+            }
+        ));
+    }
+    s
 }
 
 /// Training FLOPs of `steps` steps of `v` (from the ledger).
@@ -403,11 +460,25 @@ pub fn run(a: Args) -> Result<()> {
             out: a.out,
         });
     }
-    let variants: Vec<Variant> = a
+    let presets: Vec<Variant> = a
         .variants
         .iter()
         .map(|v| Variant::from_preset(v, &super::load_preset(v)?))
         .collect::<Result<_>>()?;
+    let variants: Vec<Variant> = match a.seeds {
+        1 => presets,
+        n => presets
+            .iter()
+            .flat_map(|v| {
+                (0..n as u64).map(move |s| {
+                    let mut v = v.clone();
+                    v.train.seed += s;
+                    v.name = format!("{}@seed{}", v.name, v.train.seed);
+                    v
+                })
+            })
+            .collect(),
+    };
     let first = variants.first().context("no variants")?;
     let budget = a
         .budget_flops
@@ -421,7 +492,12 @@ pub fn run(a: Args) -> Result<()> {
         .unwrap_or(256);
     let data = super::dataset(tokens, first.train.val_fraction, seq_len)?;
     let rows = compare(variants, &data, budget, a.evals, &a.out, None)?;
-    let md = write_report(&rows, budget, &a.out)?;
+    let mut md = write_report(&rows, budget, &a.out)?;
+    if a.seeds > 1 {
+        md.push_str(&seed_table(&rows, a.seeds));
+        std::fs::write(a.out.join("report.md"), &md)
+            .with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
+    }
     println!("{md}");
     println!("report: {}", a.out.join("report.md").display());
     Ok(())
