@@ -7,19 +7,19 @@ use common::max_abs_diff as max_diff;
 
 use candle_core::Var;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use routelm::config::{DepthConfig, DepthSelection, LayerSpec};
+use routelm::config::{DepthConfig, LayerSpec, Selection};
 use routelm::model::{init::init_params, ForwardOptions, Model};
 use routelm::routing::DepthDecision;
 use routelm::weights::Params;
 
 fn routed(capacity: f64) -> (routelm::ModelConfig, Params) {
-    routed_with(capacity, 0, DepthSelection::Learned)
+    routed_with(capacity, 0, Selection::Learned)
 }
 
 fn routed_with(
     capacity: f64,
     predictor: usize,
-    selection: DepthSelection,
+    selection: Selection,
 ) -> (routelm::ModelConfig, Params) {
     let mut c = common::tiny(0);
     let depth = DepthConfig {
@@ -168,7 +168,7 @@ fn routed_kv_cache_holds_processed_tokens_only() {
 }
 
 fn routed_kv_cache_case(predictor: usize) {
-    let (c, p) = routed_with(0.5, predictor, DepthSelection::Learned);
+    let (c, p) = routed_with(0.5, predictor, Selection::Learned);
     let m = Model::new(&c, &p, "t").unwrap();
     let x = common::ids(&SEQ, 1);
     let opts = ForwardOptions {
@@ -208,7 +208,7 @@ fn decider_trains_alone_on_per_sequence_targets() {
 }
 
 fn decider_case(predictor: usize, decider: &str) {
-    let (c, p) = routed_with(0.3, predictor, DepthSelection::Learned);
+    let (c, p) = routed_with(0.3, predictor, Selection::Learned);
     let vars: std::collections::BTreeMap<String, Var> = p
         .iter()
         .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap()))
@@ -257,7 +257,7 @@ fn decider_case(predictor: usize, decider: &str) {
 /// state), and trains no decider.
 #[test]
 fn random_selection_keeps_capacity() {
-    let (c, p) = routed_with(0.3, 0, DepthSelection::Random);
+    let (c, p) = routed_with(0.3, 0, Selection::Random);
     let m = Model::new(&c, &p, "t").unwrap();
     let x = common::ids(&[SEQ, SEQ].concat(), 2);
     let chosen = |m: &Model, seed: u64| {

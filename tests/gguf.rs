@@ -553,14 +553,14 @@ fn qwen_files_are_written_for_llama_cpp() {
 #[test]
 fn routed_models_are_written_for_routelm() {
     use routelm::arch::gguf_export::{quantize_model, Scheme};
-    use routelm::config::{DepthConfig, DepthSelection, LayerSpec};
+    use routelm::config::{DepthConfig, LayerSpec, Selection};
     let tmp = std::env::temp_dir().join(format!("routelm-quantize-mod-{}", std::process::id()));
     let mut cfg = common::tiny(0);
     let depth = DepthConfig {
         capacity: 0.5,
         aux_loss_coef: 0.1,
         predictor: 0,
-        selection: DepthSelection::Learned,
+        selection: Selection::Learned,
         scale: Default::default(),
         keep_first: false,
         skip: Default::default(),

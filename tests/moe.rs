@@ -750,3 +750,52 @@ fn gradient_sink_collects_the_fused_ops_weight_gradients() {
     );
     assert!(max_diff(a, b) < 1e-6);
 }
+
+/// Random selection (the ablation of learned routing): each token goes to `top_k` distinct
+/// experts drawn at random, each weighted `routed_scale / top_k`, whatever the router
+/// says; the draws change from one forward pass to the next and spread evenly; no
+/// auxiliary loss; the output is the chosen experts' weighted sum (checked token by token).
+#[test]
+fn random_selection_ignores_the_router() {
+    use routelm::config::Selection;
+    let c = MoeConfig {
+        selection: Selection::Random,
+        routed_scale: 1.5,
+        aux_loss_coef: 0.01,
+        ..base()
+    };
+    let m = layer(c, 7);
+    let mut rng = Rng::new(3);
+    let x = randn(&[1, 96, D], 1.0, &mut rng);
+    let (y, stats) = m.forward(&x).unwrap();
+    assert!(stats.aux_loss.is_none());
+    let xs = x.reshape((96, D)).unwrap();
+    let mut load = [0usize; 6];
+    for (t, experts) in stats.token_experts.iter().enumerate() {
+        assert_eq!(experts.len(), 2, "token {t}: {experts:?}");
+        assert_ne!(experts[0], experts[1], "token {t}: {experts:?}");
+        let xt = xs.i(t..t + 1).unwrap();
+        let mut want = Tensor::zeros((1, D), DType::F32, &Device::Cpu).unwrap();
+        for &e in experts {
+            load[e as usize] += 1;
+            let f = m.experts[e as usize].forward(&xt).unwrap();
+            want = (want + (f * (1.5 / 2.0)).unwrap()).unwrap();
+        }
+        let got = y.i((0, t..t + 1)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "token {t}");
+    }
+    // 192 assignments over 6 experts: 32 each expected
+    assert!(load.iter().all(|&l| (12..=56).contains(&l)), "{load:?}");
+    // the learned router would pick the same experts every time; random draws do not
+    let (_, again) = m.forward(&x).unwrap();
+    assert_ne!(stats.token_experts, again.token_experts);
+    // a token decoded alone goes through the same arithmetic
+    let (y1, s1) = m.forward_with(&x.i((.., 0..1)).unwrap(), false).unwrap();
+    let e = &s1.token_experts[0];
+    let x0 = xs.i(0..1).unwrap();
+    let want = e.iter().fold(
+        Tensor::zeros((1, D), DType::F32, &Device::Cpu).unwrap(),
+        |acc, &e| (acc + (m.experts[e as usize].forward(&x0).unwrap() * 0.75).unwrap()).unwrap(),
+    );
+    assert!(max_diff(&y1.reshape((1, D)).unwrap(), &want) < 1e-5);
+}

@@ -190,7 +190,7 @@ fn train_retrofit_trains_only_the_routers() {
 #[test]
 fn keep_first_routes_the_first_token_through() {
     use candle_core::Tensor;
-    use routelm::config::{DepthConfig, DepthScale, DepthSelection};
+    use routelm::config::{DepthConfig, DepthScale, Selection};
     use routelm::routing::{DepthDecision, DepthRouter, DepthStep};
     let (t, d) = (6, 4);
     // feature 0 of token i is i - 2.5: the router's logit rises with the position
@@ -214,7 +214,7 @@ fn keep_first_routes_the_first_token_through() {
                 capacity: 0.5,
                 aux_loss_coef: 0.0,
                 predictor: 0,
-                selection: DepthSelection::Learned,
+                selection: Selection::Learned,
                 scale: DepthScale::Unit,
                 keep_first,
                 skip: Default::default(),

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BlockKind, DepthConfig, DepthSelection, FfnKind, LayerSpec, ModelConfig, MoeConfig, NormKind,
-    Position, QkNorm, RopeScaling, Scoring,
+    BlockKind, DepthConfig, FfnKind, LayerSpec, ModelConfig, MoeConfig, NormKind, Position, QkNorm,
+    RopeScaling, Scoring, Selection,
 };
 use crate::error::{Error, Result};
 
@@ -71,7 +71,7 @@ pub struct DepthFile {
     /// router's own score decides at sampling time).
     pub predictor: Option<usize>,
     /// `learned` (default) or `random` (ablation).
-    pub selection: Option<DepthSelection>,
+    pub selection: Option<Selection>,
     /// Route every `every`-th block, the last of each group (default 2: blocks 1, 3, 5, …),
     /// unless `layers` lists them.
     pub every: Option<usize>,
@@ -114,6 +114,8 @@ pub struct MoeFile {
     pub noop_experts: Option<usize>,
     /// Expert-choice routing (default false: token choice); not causal, so no sampling.
     pub expert_choice: Option<bool>,
+    /// `learned` (default) or `random` (ablation: each token's experts drawn at random).
+    pub selection: Option<Selection>,
     /// MoE in every `every`-th layer (default 1) after the first `first_dense` (default 0),
     /// unless `layers` lists them explicitly. (Layers with different MoE settings are
     /// written in the resolved form, `config.json`'s per-layer `layers`.)
@@ -146,6 +148,7 @@ impl MoeFile {
             capacity_factor: self.capacity_factor,
             noop_experts: self.noop_experts.unwrap_or(0),
             expert_choice: self.expert_choice.unwrap_or(false),
+            selection: self.selection.unwrap_or_default(),
         };
         let (every, first) = (
             self.every.unwrap_or(1).max(1),

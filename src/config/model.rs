@@ -181,7 +181,7 @@ pub struct DepthConfig {
     /// How training picks the tokens: the router's top-k (learned) or k at random (an
     /// ablation; sampling then processes each token with probability `capacity`).
     #[serde(default)]
-    pub selection: DepthSelection,
+    pub selection: Selection,
     /// What a processed token's update is multiplied by.
     #[serde(default, skip_serializing_if = "is_default")]
     pub scale: DepthScale,
@@ -230,12 +230,16 @@ pub enum DepthScale {
     Unit,
 }
 
-/// How a routed block's tokens are selected in training.
+/// How a router's choices are made: a routed block's tokens, a Mixture-of-Experts layer's
+/// experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DepthSelection {
+pub enum Selection {
+    /// By the learned router.
     #[default]
     Learned,
+    /// At random, whatever the router says (an ablation: does learned routing earn its
+    /// keep?).
     Random,
 }
 
@@ -330,6 +334,11 @@ pub struct MoeConfig {
     /// train and evaluate but do not sample.
     #[serde(default)]
     pub expert_choice: bool,
+    /// `random`: each token's `top_k` experts drawn uniformly at random (fresh draws every
+    /// forward pass, in training and sampling alike), each weighted `routed_scale / top_k`;
+    /// the router is not used and no auxiliary loss applies (an ablation).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub selection: Selection,
 }
 
 impl MoeConfig {
@@ -355,6 +364,7 @@ impl MoeConfig {
             noop_experts: 0,
             expert_choice: false,
             bias_update_rate: 0.0,
+            selection: Selection::Learned,
         }
     }
 

@@ -111,6 +111,11 @@ impl ModelConfig {
             {
                 p.push("moe: expert choice takes softmax or sigmoid scores, without no-op experts, groups or a selection bias".into());
             }
+            if m.selection == crate::config::Selection::Random
+                && (m.expert_choice || m.noop_experts > 0 || m.n_groups > 1 || m.selection_bias)
+            {
+                p.push("moe: random selection draws each token's experts among the routed ones: no expert choice, no-op experts, groups or selection bias".into());
+            }
             if m.noop_experts > 0 && m.n_groups > 1 {
                 p.push("moe: no-op experts do not combine with group-limited routing".into());
             }

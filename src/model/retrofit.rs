@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-use crate::config::{DepthConfig, DepthScale, DepthSelection, DepthSkip, ModelConfig};
+use crate::config::{DepthConfig, DepthScale, DepthSkip, ModelConfig, Selection};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::Params;
@@ -152,7 +152,7 @@ pub fn retrofit(
             capacity: r.capacity,
             aux_loss_coef: r.aux_loss_coef,
             predictor: r.predictor,
-            selection: DepthSelection::Learned,
+            selection: Selection::Learned,
             scale: DepthScale::Unit,
             keep_first: true,
             skip: r.skip,

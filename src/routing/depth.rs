@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::config::{DepthConfig, DepthScale, DepthSelection, DepthSkip};
+use crate::config::{DepthConfig, DepthScale, DepthSkip, Selection};
 use crate::nn::matvec::matmul_t;
 use crate::routing::router::top_k;
 
@@ -80,7 +80,7 @@ pub struct DepthStep {
     /// Position of the first token (a cache's length).
     pub start: usize,
     pub decision: DepthDecision,
-    /// Seed of random selection's draws ([`DepthSelection::Random`]).
+    /// Seed of random selection's draws ([`Selection::Random`]).
     pub seed: u64,
 }
 
@@ -115,7 +115,7 @@ impl DepthRouter {
         };
         let logits = matmul_t(&xs, &self.weight)?.reshape((b, t))?;
         let k = ((self.config.capacity * t as f64).ceil() as usize).clamp(1, t);
-        let random = self.config.selection == DepthSelection::Random;
+        let random = self.config.selection == Selection::Random;
         let trains_decider =
             decision == DepthDecision::TopK && self.config.aux_loss_coef > 0.0 && k < t && !random;
         let decider = self.decider(&xs, &logits, trains_decider)?;
@@ -207,7 +207,7 @@ impl DepthRouter {
         step: DepthStep,
     ) -> Result<Vec<Vec<f32>>> {
         let (b, t) = logits.dims2()?;
-        if self.config.selection != DepthSelection::Random {
+        if self.config.selection != Selection::Random {
             return match step.decision {
                 DepthDecision::TopK => logits,
                 DepthDecision::Threshold => decider,

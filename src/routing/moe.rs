@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::dispatch::{dispatch, Routing};
 use super::router::{choose_experts, top_k};
-use crate::config::{MoeConfig, Scoring};
+use crate::config::{MoeConfig, Scoring, Selection};
 use crate::nn::grouped::{grouped_swiglu, weighted_scatter};
 use crate::nn::ops::{sigmoid, softmax_in_place};
 use crate::nn::{Linear, Mlp};
@@ -60,6 +60,38 @@ impl MoeStats {
             aux_loss,
             token_experts: [self.token_experts, other.token_experts].concat(),
         })
+    }
+}
+
+/// Draws of random routing so far: each forward pass of each layer gets its own.
+static RANDOM_DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Random routing: `k` distinct experts of `n_experts` for each of `n` tokens, uniformly,
+/// from a stream seeded by the layer and the draw count (reproducible within a process
+/// that makes the same calls in the same order).
+fn random_experts(
+    n: usize,
+    n_experts: usize,
+    k: usize,
+    layer: usize,
+) -> super::router::RouterChoice {
+    let draw = RANDOM_DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut rng = crate::rng::Rng::new(((layer as u64) << 40) ^ draw ^ 0x5EED);
+    let mut pool: Vec<u32> = (0..n_experts as u32).collect();
+    let mut experts = Vec::with_capacity(n * k);
+    for _ in 0..n {
+        for j in 0..k {
+            let r = j + rng.below(n_experts - j);
+            pool.swap(j, r);
+        }
+        let mut chosen = pool[..k].to_vec();
+        chosen.sort_unstable();
+        experts.extend(chosen);
+    }
+    super::router::RouterChoice {
+        n_tokens: n,
+        k,
+        experts,
     }
 }
 
@@ -180,6 +212,8 @@ impl MoeLayer {
             s => mean_entropy(&host, e_count, s),
         };
         let aux_loss = match (aux, &scores) {
+            // nothing to balance or keep small: the router is not used
+            _ if c.selection == Selection::Random => None,
             (true, Some(s)) => self.aux_loss(&logits, s, &load, n)?,
             _ => None,
         };
@@ -248,14 +282,18 @@ impl MoeLayer {
             Some(bt) => Some(bt.to_dtype(DType::F32)?.to_vec1()?),
             None => None,
         };
-        let choice = choose_experts(
-            host,
-            e_count,
-            c.top_k,
-            bias.as_deref(),
-            c.n_groups,
-            c.topk_groups,
-        );
+        let random = c.selection == Selection::Random;
+        let choice = match random {
+            true => random_experts(n, c.n_experts, c.top_k, self.layer),
+            false => choose_experts(
+                host,
+                e_count,
+                c.top_k,
+                bias.as_deref(),
+                c.n_groups,
+                c.topk_groups,
+            ),
+        };
 
         // weights from the unbiased scores, gathered from the tensor so the router learns
         let flat: Vec<u32> = (0..n * c.top_k)
@@ -263,7 +301,12 @@ impl MoeLayer {
             .collect();
         // the epsilon keeps renormalised weights finite when every chosen score underflows
         const NORM_EPS: f64 = 1e-20;
-        let w = if let Some(scores) = scores {
+        let w = if random {
+            // the router has no say: every chosen expert weighs the same
+            let each = (c.routed_scale / c.top_k as f64) as f32;
+            Tensor::from_vec(vec![each; n * c.top_k], n * c.top_k, device)?
+                .to_dtype(logits.dtype())?
+        } else if let Some(scores) = scores {
             let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
             let mut w = match c.scoring {
                 Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
