@@ -274,9 +274,13 @@ fn wait_with_peak(mut child: std::process::Child) -> Result<(bool, Option<f64>)>
     Ok((child.wait()?.success(), None))
 }
 
+/// The model in `dir` with f32 weights: a GGUF base is dequantized, as `train --init`
+/// dequantizes it for the retrofits, so that the base and its retrofits run the same
+/// arithmetic.
 fn load(dir: &Path) -> Result<routelm::model::Model> {
+    let dev = super::device();
     Ok(
-        routelm::arch::load_dir(dir, candle_core::DType::F32, &super::device())
+        routelm::arch::load_dir_as(dir, None, candle_core::DType::F32, &dev, false)
             .with_context(|| format!("loading {}", dir.display()))?
             .model,
     )
