@@ -423,7 +423,7 @@ fn compare_init_sweeps_the_settings_against_the_base_model() {
     }
     let md = std::fs::read_to_string(d.join("cmp/report.md")).unwrap();
     assert!(md.contains("| attention-c50 | attention | 50% |"), "{md}");
-    assert!(d.join("cmp/quality_speed.png").exists());
+    assert!(d.join("cmp/quality_speed.png").exists() && d.join("cmp/quality_flops.png").exists());
     let (ok, _, err) = run("attention,mlp");
     assert!(ok && err.matches("reusing").count() == 4, "{err}");
     let _ = std::fs::remove_dir_all(&d);

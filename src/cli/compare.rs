@@ -18,7 +18,8 @@ use routelm::{FlopLedger, ModelConfig, Tokenizer};
 /// one per capacity and skip kind (each trained by `routelm train --init MODEL --retrofit
 /// …` in a child process, OUT/NAME; a rerun reuses finished settings): held-out
 /// perplexity on --eval, greedy decoding speed, trainable parameters, training peak memory,
-/// in OUT/report.md, OUT/report.json and OUT/quality_speed.png.
+/// in OUT/report.md, OUT/report.json, OUT/quality_speed.png (measured speed) and
+/// OUT/quality_flops.png (the ledger's).
 #[derive(clap::Args)]
 pub struct Args {
     /// Variants: preset names or files, comma-separated.

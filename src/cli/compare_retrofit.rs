@@ -147,12 +147,11 @@ pub fn run(g: Grid) -> Result<()> {
         serde_json::to_string_pretty(&rows)?,
     )
     .with_context(|| format!("writing {}", g.out.join("report.json").display()))?;
-    plot(&g.out.join("quality_speed.png"), &rows)?;
+    plot(&g.out, &rows)?;
     println!("{md}");
     println!(
-        "report: {}, plot: {}",
-        g.out.join("report.md").display(),
-        g.out.join("quality_speed.png").display()
+        "report: {}; plots: quality_speed.png, quality_flops.png beside it",
+        g.out.join("report.md").display()
     );
     Ok(())
 }
@@ -346,34 +345,47 @@ fn table(g: &Grid, rows: &[Row]) -> String {
     s
 }
 
-/// Perplexity against sampling speed-up: a line per skip kind through its capacities, and
-/// the base model's point.
-fn plot(path: &Path, rows: &[Row]) -> Result<()> {
+/// Perplexity against speed-up, measured (OUT/quality_speed.png) and by the ledger
+/// (OUT/quality_flops.png): a line per skip kind through its capacities in order, and the
+/// base model's point.
+fn plot(out: &Path, rows: &[Row]) -> Result<()> {
     let base = &rows[0];
-    let mut series = vec![Series {
-        name: "base model".into(),
-        points: vec![(1.0, base.perplexity.ln())],
-    }];
     let mut kinds: Vec<&str> = rows.iter().filter_map(|r| r.skip.as_deref()).collect();
     kinds.dedup();
-    for kind in kinds {
-        let mut points: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|r| r.skip.as_deref() == Some(kind))
-            .map(|r| (r.decode_tps / base.decode_tps, r.perplexity.ln()))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        series.push(Series {
-            name: format!("skip {kind}"),
-            points,
-        });
-    }
+    let series = |speed: &dyn Fn(&Row) -> f64| -> Vec<Series> {
+        let mut v = vec![Series {
+            name: "base model".into(),
+            points: vec![(1.0, base.perplexity.ln())],
+        }];
+        for kind in &kinds {
+            let mut by_capacity: Vec<&Row> = rows
+                .iter()
+                .filter(|r| r.skip.as_deref() == Some(*kind))
+                .collect();
+            by_capacity.sort_by(|a, b| a.capacity.partial_cmp(&b.capacity).unwrap());
+            v.push(Series {
+                name: format!("skip {kind} (capacity rising)"),
+                points: by_capacity
+                    .iter()
+                    .map(|r| (speed(r), r.perplexity.ln()))
+                    .collect(),
+            });
+        }
+        v
+    };
     line_plot(
-        path,
-        "depth retrofit: quality against sampling speed",
-        "decoding speed-up over the base model",
+        &out.join("quality_speed.png"),
+        "depth retrofit: quality against measured decoding speed",
+        "decoding speed-up over the base model (measured)",
         "ln(held-out perplexity)",
-        &series,
+        &series(&|r| r.decode_tps / base.decode_tps),
+    )?;
+    line_plot(
+        &out.join("quality_flops.png"),
+        "depth retrofit: quality against forward FLOPs (ledger)",
+        "base FLOPs per token / retrofit FLOPs per token",
+        "ln(held-out perplexity)",
+        &series(&|r| base.ledger_flops / r.ledger_flops),
     )?;
     Ok(())
 }
