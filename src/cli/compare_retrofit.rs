@@ -74,7 +74,7 @@ pub fn run(g: Grid) -> Result<()> {
     }
     std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
     let mut trained = Vec::new();
-    for (i, (name, spec)) in settings.iter().enumerate() {
+    for (i, (name, spec, _)) in settings.iter().enumerate() {
         eprintln!("[{}/{}] retrofit {spec}", i + 1, settings.len());
         trained.push(train(&g, name, spec)?);
     }
@@ -85,7 +85,7 @@ pub fn run(g: Grid) -> Result<()> {
     models.extend(
         settings
             .iter()
-            .map(|(name, _)| (name.clone(), g.out.join(name).join("checkpoint"))),
+            .map(|(name, _, _)| (name.clone(), g.out.join(name).join("checkpoint"))),
     );
     let mut rows = Vec::new();
     for (i, (name, dir)) in models.iter().enumerate() {
@@ -107,17 +107,13 @@ pub fn run(g: Grid) -> Result<()> {
             }
         }
         let ledger_flops = routelm::FlopLedger::new(&cfg, g.ctx).forward_per_token();
-        let setting = i.checked_sub(1).map(|j| &settings[j]);
-        let retrofit: Option<Retrofit> = setting
-            .map(|(_, s)| s.parse())
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+        let retrofit = i.checked_sub(1).map(|j| &settings[j].2);
         let t = i.checked_sub(1).map(|j| &trained[j]);
         eprintln!("{name}: perplexity {:.4}", r.value());
         rows.push(Row {
             name: name.clone(),
-            skip: retrofit.as_ref().map(|r| skip_name(r).to_string()),
-            capacity: retrofit.as_ref().map(|r| r.capacity),
+            skip: retrofit.map(|r| skip_name(r).to_string()),
+            capacity: retrofit.map(|r| r.capacity),
             trainable,
             params,
             perplexity: r.value(),
@@ -156,9 +152,9 @@ pub fn run(g: Grid) -> Result<()> {
     Ok(())
 }
 
-/// Every (capacity, skip) setting as (folder name, retrofit spec), each spec checked before
-/// anything trains.
-fn settings(g: &Grid) -> Result<Vec<(String, String)>> {
+/// Every (capacity, skip) setting as (folder name, retrofit spec, the spec parsed), each
+/// checked before anything trains.
+fn settings(g: &Grid) -> Result<Vec<(String, String, Retrofit)>> {
     let mut v = Vec::new();
     for skip in &g.skips {
         for &c in &g.capacities {
@@ -169,7 +165,7 @@ fn settings(g: &Grid) -> Result<Vec<(String, String)>> {
             let r: Retrofit = spec
                 .parse()
                 .map_err(|e: String| anyhow::anyhow!("retrofit setting {spec:?}: {e}"))?;
-            v.push((format!("{}-c{}", skip_name(&r), c * 100.0), spec));
+            v.push((format!("{}-c{}", skip_name(&r), c * 100.0), spec, r));
         }
     }
     if v.is_empty() {
