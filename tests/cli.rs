@@ -431,12 +431,11 @@ fn compare_writes_a_report_at_equal_flops() {
             .collect()
     };
     assert_eq!(losses(&out), losses(&again));
-    // seeds: each variant trained per seed, then its mean and spread
-    let dense = s("dense.toml");
+    // seeds: each variant trained per seed, seed by seed, then its mean and spread
     let (ok, out, err) = routelm(&[
         "compare",
         "--variants",
-        &dense,
+        &variants,
         "--data",
         &s("data.txt"),
         "--base-steps",
@@ -449,29 +448,43 @@ fn compare_writes_a_report_at_equal_flops() {
         &s("seeds"),
     ]);
     assert!(ok, "{err}");
-    let per_seed = losses(out.split("Over 2 seeds").next().unwrap());
-    assert_eq!(per_seed.len(), 2, "{out}");
-    assert_ne!(per_seed[0], per_seed[1], "two seeds trained alike: {out}");
-    let summary = out
+    let runs = out.split("Over 2 seeds").next().unwrap();
+    let names: Vec<String> = runs
         .lines()
-        .find(|l| l.starts_with(&format!("| {dense} |")))
-        .unwrap_or_else(|| panic!("no seed summary: {out}"));
-    let mean: f64 = summary
-        .split('|')
-        .nth(2)
-        .unwrap()
-        .split('±')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let want = per_seed
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+        .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
+        .collect();
+    let (dense, moded) = (s("dense.toml"), s("mod.toml"));
+    let want: Vec<String> = ["1337", "1337", "1338", "1338"]
         .iter()
-        .map(|v| v.parse::<f64>().unwrap())
-        .sum::<f64>()
-        / 2.0;
-    assert!((mean - want).abs() < 1e-3, "{summary} vs {per_seed:?}");
+        .zip([&dense, &moded, &dense, &moded])
+        .map(|(seed, v)| format!("{v}@seed{seed}"))
+        .collect();
+    assert_eq!(names, want, "{out}");
+    let per_seed = losses(runs);
+    assert_ne!(per_seed[0], per_seed[2], "two seeds trained alike: {out}");
+    for (v, rows) in [(&dense, [0, 2]), (&moded, [1, 3])] {
+        let summary = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| {v} |")))
+            .unwrap_or_else(|| panic!("no seed summary for {v}: {out}"));
+        let mean: f64 = summary
+            .split('|')
+            .nth(2)
+            .unwrap()
+            .split('±')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let want = rows
+            .iter()
+            .map(|&i| per_seed[i].parse::<f64>().unwrap())
+            .sum::<f64>()
+            / 2.0;
+        assert!((mean - want).abs() < 1e-3, "{summary} vs {per_seed:?}");
+    }
 }
 
 /// `route` renders which tokens each routed block processes and writes the heat map.

@@ -304,8 +304,9 @@ pub fn compare(
     Ok(rows)
 }
 
-/// Each variant over its seeds (rows in groups of `seeds`): the final validation loss (and
-/// the causal one) as mean ± sample standard deviation, with the lowest and highest.
+/// Each variant over its seeds (rows named `NAME@seedS`, grouped by `NAME` in the order
+/// they first appear): the final validation loss (and the causal one) as mean ± sample
+/// standard deviation, with the lowest and highest.
 fn seed_table(rows: &[Row], seeds: usize) -> String {
     let stats = |v: &[f64]| {
         let n = v.len() as f64;
@@ -319,8 +320,15 @@ fn seed_table(rows: &[Row], seeds: usize) -> String {
     let mut s = format!(
         "\nOver {seeds} seeds (mean ± standard deviation, lowest–highest):\n\n| variant | final val loss | val loss, causal decisions |\n|---|---|---|\n"
     );
-    for group in rows.chunks(seeds) {
-        let name = group[0].name.split('@').next().unwrap_or_default();
+    let base = |r: &Row| r.name.split('@').next().unwrap_or_default().to_string();
+    let mut names: Vec<String> = Vec::new();
+    for r in rows {
+        if !names.contains(&base(r)) {
+            names.push(base(r));
+        }
+    }
+    for name in names {
+        let group: Vec<&Row> = rows.iter().filter(|r| base(r) == name).collect();
         let finals: Vec<f64> = group.iter().map(|r| r.final_val).collect();
         let causal: Vec<f64> = group.iter().filter_map(|r| r.causal_val).collect();
         s.push_str(&format!(
@@ -468,10 +476,10 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let variants: Vec<Variant> = match a.seeds {
         1 => presets,
-        n => presets
-            .iter()
-            .flat_map(|v| {
-                (0..n as u64).map(move |s| {
+        // seed by seed, so that a sweep cut short still compares every variant
+        n => (0..n as u64)
+            .flat_map(|s| {
+                presets.iter().map(move |v| {
                     let mut v = v.clone();
                     v.train.seed += s;
                     v.name = format!("{}@seed{}", v.name, v.train.seed);
