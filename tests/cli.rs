@@ -431,6 +431,20 @@ fn compare_writes_a_report_at_equal_flops() {
             .collect()
     };
     assert_eq!(losses(&out), losses(&again));
+    // a row scored on other windows (an older run's) is scored again from its checkpoint
+    let record = std::fs::read_dir(d.join("cmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("row.json"))
+        .find(|p| p.exists())
+        .expect("a row.json");
+    let (key, mut row): (String, serde_json::Value) =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    row["final_val"] = 9.99.into();
+    row.as_object_mut().unwrap().remove("scored_seed");
+    std::fs::write(&record, serde_json::to_string(&(key, row)).unwrap()).unwrap();
+    let (ok, rescored, err) = routelm(&args);
+    assert!(ok, "{err}");
+    assert_eq!(losses(&out), losses(&rescored));
     // seeds: each variant trained per seed, seed by seed, then its mean and spread
     let (ok, out, err) = routelm(&[
         "compare",

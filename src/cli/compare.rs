@@ -1,4 +1,5 @@
 use anyhow::{Context, Result};
+use candle_core::DType;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -170,6 +171,59 @@ pub struct Row {
     pub max_load: Option<f64>,
     /// Perplexity on the held-out text, when one was given.
     pub heldout_ppl: Option<f64>,
+    /// Seed of the validation windows `final_val`, `causal_val`, `decider` and `max_load`
+    /// were measured on: the same for every row of a comparison (the first variant's seed),
+    /// so that rows trained with different seeds are scored on the same text.
+    #[serde(default)]
+    pub scored_seed: Option<u64>,
+}
+
+/// The final scores of a trained model on the validation windows drawn with `seed`.
+struct Scores {
+    final_val: f64,
+    causal_val: Option<f64>,
+    decider: Option<(f64, f64, f64)>,
+    max_load: Option<f64>,
+}
+
+fn score(
+    model: &routelm::model::Model,
+    data: &Dataset,
+    train: &TrainConfig,
+    seed: u64,
+) -> Result<Scores> {
+    let windows = TrainConfig {
+        seed,
+        ..train.clone()
+    };
+    let eval = routelm::train::trainer::evaluate_full(model, data, &windows)?;
+    let n = eval.depth.len() as f64;
+    let decider = (n > 0.0).then(|| {
+        let mean = |f: fn(&routelm::train::trainer::DepthMetric) -> f64| {
+            eval.depth.iter().map(f).sum::<f64>() / n
+        };
+        (
+            mean(|d| d.accuracy),
+            mean(|d| d.baseline),
+            mean(|d| d.recall),
+        )
+    });
+    Ok(Scores {
+        final_val: eval.loss,
+        causal_val: eval.causal_loss,
+        decider,
+        max_load: eval.router.iter().map(|r| r.max_over_mean).reduce(f64::max),
+    })
+}
+
+impl Row {
+    fn set_scores(&mut self, s: Scores, seed: u64) {
+        self.final_val = s.final_val;
+        self.causal_val = s.causal_val;
+        self.decider = s.decider;
+        self.max_load = s.max_load;
+        self.scored_seed = Some(seed);
+    }
 }
 
 /// One model to train in a comparison: its configuration, recipe, and starting weights
@@ -206,6 +260,7 @@ pub fn compare(
     heldout: Option<&HeldOut>,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let seed = variants.first().map_or(0, |v| v.train.seed);
     for v in variants {
         let Variant {
             name,
@@ -219,13 +274,23 @@ pub fn compare(
         // read back, so that a long sweep continues where it stopped
         let key = serde_json::to_string(&(&cfg, &train, budget, init.is_some()))?;
         let record = dir.join("row.json");
-        if let Some(row) = std::fs::read_to_string(&record)
+        if let Some(mut row) = std::fs::read_to_string(&record)
             .ok()
             .and_then(|t| serde_json::from_str::<(String, Row)>(&t).ok())
             .filter(|(k, _)| *k == key)
             .map(|(_, r)| r)
         {
             eprintln!("{name}: reusing {}", dir.display());
+            if row.scored_seed != Some(seed) {
+                // scored on other windows: score the saved model again on this comparison's
+                let saved = dir.join("checkpoint");
+                let model = routelm::arch::load_dir(&saved, DType::F32, &super::device())
+                    .with_context(|| format!("scoring {} again", saved.display()))?
+                    .model;
+                row.set_scores(score(&model, data, &train, seed)?, seed);
+                std::fs::write(&record, serde_json::to_string(&(&key, &row))?)
+                    .with_context(|| format!("writing {}", record.display()))?;
+            }
             rows.push(row);
             continue;
         }
@@ -268,21 +333,8 @@ pub fn compare(
             })
             .collect();
         let sample_tps = super::bench::decode_speed(&trainer.model, 64)?;
-        let eval = routelm::train::trainer::evaluate_full(&trainer.model, data, &train)?;
-        let n = eval.depth.len() as f64;
-        let decider = (n > 0.0).then(|| {
-            let mean = |f: fn(&routelm::train::trainer::DepthMetric) -> f64| {
-                eval.depth.iter().map(f).sum::<f64>() / n
-            };
-            (
-                mean(|d| d.accuracy),
-                mean(|d| d.baseline),
-                mean(|d| d.recall),
-            )
-        });
-        let max_load = eval.router.iter().map(|r| r.max_over_mean).reduce(f64::max);
         let heldout_ppl = heldout.map(|h| h.perplexity(&trainer.model)).transpose()?;
-        rows.push(Row {
+        let mut row = Row {
             name: name.clone(),
             total_params: ledger.total_params,
             active_params: ledger.active_params,
@@ -292,11 +344,14 @@ pub fn compare(
             wall_s,
             sample_tps,
             curve,
-            causal_val: eval.causal_loss,
-            decider,
-            max_load,
+            causal_val: None,
+            decider: None,
+            max_load: None,
             heldout_ppl,
-        });
+            scored_seed: None,
+        };
+        row.set_scores(score(&trainer.model, data, &train, seed)?, seed);
+        rows.push(row);
         let row = rows.last().expect("just pushed");
         std::fs::write(&record, serde_json::to_string(&(&key, row))?)
             .with_context(|| format!("writing {}", record.display()))?;
@@ -393,7 +448,7 @@ pub fn table(rows: &[Row], budget: f64) -> String {
             ));
         }
     }
-    s.push_str("\nFinal val loss routes Mixture-of-Depths blocks by top-k over each sequence, as in training; the causal column decides each token by itself (the predictor, or the router's sign), as sampling does.\n");
+    s.push_str("\nFinal val loss: every row on the same validation windows (drawn with the first variant's seed). It routes Mixture-of-Depths blocks by top-k over each sequence, as in training; the causal column decides each token by itself (the predictor, or the router's sign), as sampling does.\n");
     s
 }
 
