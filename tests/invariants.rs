@@ -183,25 +183,34 @@ pub fn tempdir(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// Continuous batching's step: sequences of different lengths, each with its own cache, fed
-/// one token each in one batched pass, give the logits and routes of each fed alone.
+/// Continuous batching: prompts of different lengths prefilled together (right-padded),
+/// then fed one token each per batched pass, each sequence with its own cache, give the
+/// logits and routes of each sequence fed alone.
 #[test]
 fn batched_decoding_equals_each_sequence_alone() {
     use routelm::model::{Cache, TokenRoute};
     for v in 0..VARIANTS {
         let m = model(v, 3);
         let prompts: [&[u32]; 3] = [&SEQ[..2], &SEQ[3..8], &SEQ[1..4]];
-        let prefill = |caches: &mut Vec<Cache>| {
-            for (p, c) in prompts.iter().zip(caches.iter_mut()) {
-                m.forward(&ids(p, 1), Some(c), true).unwrap();
-            }
-        };
-        let (mut alone, mut batch): (Vec<Cache>, Vec<Cache>) = (
-            prompts.iter().map(|_| m.new_cache()).collect(),
-            prompts.iter().map(|_| m.new_cache()).collect(),
-        );
-        prefill(&mut alone);
-        prefill(&mut batch);
+        let mut alone: Vec<Cache> = prompts.iter().map(|_| m.new_cache()).collect();
+        let firsts: Vec<_> = prompts
+            .iter()
+            .zip(alone.iter_mut())
+            .map(|(p, c)| m.forward(&ids(p, 1), Some(c), true).unwrap())
+            .collect();
+        let (mut batch, logits, routes) = m.prefill_batch(&prompts).unwrap();
+        for (i, (out, p)) in firsts.iter().zip(&prompts).enumerate() {
+            let d = max_abs_diff(
+                &out.logits.reshape((1, 40)).unwrap(),
+                &logits.i(i..i + 1).unwrap(),
+            );
+            assert!(
+                d <= 1e-5,
+                "variant {v}, prompt {i}: prefilled logits differ by {d}"
+            );
+            assert_eq!(routes[i], TokenRoute::of_last(&out.moe, &out.depth));
+            assert_eq!(batch[i].pos(), p.len());
+        }
         let mut saw_route = false;
         for step in 0..3u32 {
             let tokens: Vec<u32> = (0..3u32).map(|i| (7 * i + 11 * step + 1) % 40).collect();

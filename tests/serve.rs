@@ -209,6 +209,8 @@ async fn concurrent_streams_decode_together_and_equal_each_alone() {
         steps < tokens,
         "{steps} steps for {tokens} tokens: nothing was batched"
     );
+    let prefills = metrics.prefills.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{} prompts in {prefills} prefill passes", prompts.len());
 }
 
 async fn futures_join<T: Send + 'static>(hs: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -63,6 +63,29 @@ impl Cache {
         true
     }
 
+    /// A batched cache's sequences as caches of their own, sequence `i` at position
+    /// `lens[i]` (right-padded prompts forget their padding). Only for a cache whose
+    /// layers hold every position and that keeps no fed ids.
+    pub fn split(&self, lens: &[usize]) -> Result<Vec<Cache>> {
+        if !self.fed.is_empty() || self.layers.iter().any(|l| l.len() != self.pos) {
+            candle_core::bail!("a cache whose layers skip positions cannot be split");
+        }
+        let mut out: Vec<Cache> = lens
+            .iter()
+            .map(|&len| Cache {
+                layers: Vec::with_capacity(self.layers.len()),
+                pos: len.min(self.pos),
+                fed: Vec::new(),
+            })
+            .collect();
+        for layer in &self.layers {
+            for (c, l) in out.iter_mut().zip(layer.split(lens)?) {
+                c.layers.push(l);
+            }
+        }
+        Ok(out)
+    }
+
     /// Record that `n` more tokens went through the model.
     pub fn advance(&mut self, n: usize) {
         self.pos += n;

@@ -580,7 +580,7 @@ impl Model {
         mut cache: Option<&mut Cache>,
         opts: ForwardOptions,
     ) -> Result<ModelOutput> {
-        let (b, t) = ids.dims2()?;
+        let t = ids.dim(1)?;
         if cache.is_some() && self.config.moe_layers().any(|(_, m)| m.expert_choice) {
             return Err(Error::Generate(
                 "this model routes by expert choice, which picks tokens by looking at the whole \
@@ -614,7 +614,7 @@ impl Model {
                     .into(),
             ));
         }
-        let out = self.forward_inner(ids, b, t, start, &mut cache, opts)?;
+        let out = self.forward_inner(ids, start, &mut cache, opts, None)?;
         if let Some(c) = cache {
             c.advance(t);
         }
@@ -660,12 +660,14 @@ impl Model {
     fn forward_inner(
         &self,
         ids: &Tensor,
-        b: usize,
-        t: usize,
         start: usize,
         cache: &mut Option<&mut Cache>,
         opts: ForwardOptions,
+        // the head only at these positions, one per sequence (a batch of right-padded
+        // prompts): logits `(b, 1, vocab)`
+        heads_at: Option<&[usize]>,
     ) -> CResult<ModelOutput> {
+        let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens(ids, b, t, start)?;
         let mut out = ModelOutput {
             logits: x.clone(),
@@ -716,10 +718,17 @@ impl Model {
             out.moe.extend(moe);
             out.depth.extend(depth);
         }
-        let x = if opts.last_only {
-            x.narrow(1, t - 1, 1)?
-        } else {
-            x
+        let x = match heads_at {
+            Some(at) => {
+                let rows = at
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| x.narrow(0, i, 1)?.narrow(1, p, 1))
+                    .collect::<CResult<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+            None if opts.last_only => x.narrow(1, t - 1, 1)?,
+            None => x,
         };
         let x = self.norm.forward(&x)?;
         if opts.hidden_states {

@@ -71,6 +71,28 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A batched cache's sequences as caches of their own: sequence `i` keeps its first
+    /// `lens[i]` positions, copied out of the shared buffers.
+    pub fn split(&self, lens: &[usize]) -> Result<Vec<KvCache>> {
+        let part = |buf: &Option<Tensor>, i: usize, len: usize| -> Result<Option<Tensor>> {
+            buf.as_ref()
+                .map(|t| t.narrow(0, i, 1)?.narrow(1, 0, len)?.copy())
+                .transpose()
+        };
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let len = len.min(self.len);
+                Ok(KvCache {
+                    k: part(&self.k, i, len)?,
+                    v: part(&self.v, i, len)?,
+                    len,
+                    cross: None,
+                })
+            })
+            .collect()
+    }
+
     /// Keep the cross-attention keys and values of a source.
     pub fn set_cross(&mut self, k: Tensor, v: Tensor) {
         self.cross = Some((k, v));

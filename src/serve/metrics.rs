@@ -65,6 +65,8 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     /// Batched decoding steps.
     pub steps: AtomicU64,
+    /// Prefill passes (one per group of prompts prefilled together).
+    pub prefills: AtomicU64,
     pub queued: AtomicU64,
     pub running: AtomicU64,
     pub cache_bytes: AtomicU64,
@@ -85,6 +87,7 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             steps: AtomicU64::new(0),
+            prefills: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             running: AtomicU64::new(0),
             cache_bytes: AtomicU64::new(0),
@@ -99,7 +102,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let series: [(&str, &str, &AtomicU64, &str); 11] = [
+        let series: [(&str, &str, &AtomicU64, &str); 12] = [
             (
                 "routelm_requests_total",
                 "counter",
@@ -141,6 +144,12 @@ impl Metrics {
                 "counter",
                 &self.steps,
                 "Batched decoding steps.",
+            ),
+            (
+                "routelm_prefills_total",
+                "counter",
+                &self.prefills,
+                "Prefill passes; prompts that arrive together are prefilled in one.",
             ),
             (
                 "routelm_queue_depth",

@@ -77,16 +77,7 @@ impl Model {
                 c.pos() + 1
             )));
         }
-        let batched = b > 1
-            && self.encoder.is_none()
-            && self.relative.is_none()
-            && self.restart_length().is_none()
-            && self
-                .blocks
-                .iter()
-                .all(|bl| matches!(bl.attn.proj, Projections::Standard { .. }))
-            && !self.config.moe_layers().any(|(_, m)| m.expert_choice);
-        if !batched {
+        if b == 1 || !self.batches_sequences() {
             let mut logits = Vec::with_capacity(b);
             let mut routes = Vec::with_capacity(b);
             for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
@@ -103,6 +94,95 @@ impl Model {
             c.advance(1);
         }
         Ok(out)
+    }
+
+    /// Whether several sequences' rows can run through the layers together: not for an
+    /// encoder-decoder, latent attention, relative positions, LongRoPE's cache restart or
+    /// expert-choice routing.
+    fn batches_sequences(&self) -> bool {
+        self.encoder.is_none()
+            && self.relative.is_none()
+            && self.restart_length().is_none()
+            && self
+                .blocks
+                .iter()
+                .all(|bl| matches!(bl.attn.proj, Projections::Standard { .. }))
+            && !self.config.moe_layers().any(|(_, m)| m.expert_choice)
+    }
+
+    /// Prefill each prompt into a fresh cache of its own: the caches, the next-token logits
+    /// `(n, vocab)` after each prompt and where each prompt's last token went, as
+    /// [`Model::forward`] on each prompt alone gives them.
+    ///
+    /// The prompts run in one pass, right-padded to the longest (a token sees only the
+    /// tokens before it, so padding changes nothing before it; each cache then forgets its
+    /// padding), so every projection and expert reads its weights once for all the rows.
+    /// Models that cannot run sequences together ([`Model::decode_batch`]'s), or whose
+    /// padding would change the prompts' tokens (routed blocks, whose top-k or caches see
+    /// it; experts with a capacity, where it takes slots), prefill one prompt at a time.
+    pub fn prefill_batch(
+        &self,
+        prompts: &[&[u32]],
+    ) -> Result<(Vec<Cache>, Tensor, Vec<TokenRoute>)> {
+        let n = prompts.len();
+        let ctx = self.config.max_seq_len;
+        if let Some(p) = prompts.iter().find(|p| p.is_empty() || p.len() > ctx) {
+            return Err(Error::Generate(format!(
+                "a prompt of {} tokens: prompts take 1 to {ctx} tokens (the context window)",
+                p.len()
+            )));
+        }
+        let padded = n > 1
+            && self.batches_sequences()
+            && self.config.depth_layers().next().is_none()
+            && !self
+                .config
+                .moe_layers()
+                .any(|(_, m)| m.capacity_factor.is_some());
+        if !padded {
+            let (mut caches, mut logits, mut routes) = (Vec::new(), Vec::new(), Vec::new());
+            for p in prompts {
+                let mut cache = self.new_cache();
+                let ids = Tensor::new(*p, self.device())?.unsqueeze(0)?;
+                let out = self.forward(&ids, Some(&mut cache), true)?;
+                routes.push(TokenRoute::of_last(&out.moe, &out.depth));
+                logits.push(out.logits.reshape((1, self.config.vocab_size))?);
+                caches.push(cache);
+            }
+            return Ok((caches, Tensor::cat(&logits, 0)?, routes));
+        }
+        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(n * t);
+        for p in prompts {
+            flat.extend_from_slice(p);
+            // any id of the vocabulary pads; the prompt's own last one is such an id
+            flat.extend(std::iter::repeat_n(p[p.len() - 1], t - p.len()));
+        }
+        let ids = Tensor::from_vec(flat, (n, t), self.device())?;
+        self.check_ids(&ids)?;
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let last: Vec<usize> = lens.iter().map(|l| l - 1).collect();
+        let mut cache = self.new_cache();
+        let out = self.forward_inner(
+            &ids,
+            0,
+            &mut Some(&mut cache),
+            super::ForwardOptions::default(),
+            Some(&last),
+        )?;
+        cache.advance(t);
+        let routes = (0..n)
+            .map(|i| TokenRoute {
+                experts: out
+                    .moe
+                    .iter()
+                    .filter_map(|m| Some((m.layer, m.token_experts.get(i * t + last[i])?.clone())))
+                    .collect(),
+                blocks: Vec::new(),
+            })
+            .collect();
+        let logits = out.logits.reshape((n, self.config.vocab_size))?;
+        Ok((cache.split(&lens)?, logits, routes))
     }
 
     fn decode_rows(
