@@ -540,6 +540,35 @@ fn route_shows_mixture_of_depths_decisions() {
         !ok && err.contains("no routed (Mixture-of-Depths) blocks"),
         "{err}"
     );
+    // eval's routing ablations: other choices or another share change the loss; the same
+    // choices given explicitly do not
+    let run = s("run/checkpoint");
+    let loss = |extra: &[&str]| -> String {
+        let mut args = vec!["eval", "--model", &run, "--batches", "2"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = routelm(&args);
+        assert!(ok, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("val_loss "))
+            .unwrap_or_else(|| panic!("no loss: {out}"))
+            .to_string()
+    };
+    let trained = loss(&[]);
+    assert_eq!(loss(&["--depth-selection", "learned"]), trained);
+    assert_eq!(loss(&["--depth-capacity", "0.25"]), trained);
+    assert_ne!(loss(&["--depth-selection", "random"]), trained);
+    assert_ne!(loss(&["--depth-capacity", "1"]), trained);
+    let (ok, _, err) = routelm(&[
+        "eval",
+        "--model",
+        "tests/fixtures/hf/llama3",
+        "--depth-capacity",
+        "0.5",
+    ]);
+    assert!(
+        !ok && err.contains("no routed (Mixture-of-Depths) blocks"),
+        "{err}"
+    );
 }
 
 /// `routelm chat` reads turns from stdin: the second turn reuses the cache of the first

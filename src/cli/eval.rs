@@ -26,12 +26,57 @@ pub struct Args {
     /// Seed of the evaluation windows.
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Routed (Mixture-of-Depths) blocks choose their tokens this way instead of as
+    /// trained: `random` draws them uniformly whatever the router says (do the router's
+    /// choices matter to this model?), `learned` by the router's top-k.
+    #[arg(long, value_parser = ["learned", "random"])]
+    depth_selection: Option<String>,
+    /// Routed blocks process this share of each sequence instead of their trained
+    /// capacity (a tiny share such as 0.001 keeps one token per sequence: what are the
+    /// routed blocks worth?).
+    #[arg(long, value_parser = capacity)]
+    depth_capacity: Option<f64>,
+}
+
+fn capacity(s: &str) -> std::result::Result<f64, String> {
+    super::finite(s).and_then(|v| match v > 0.0 && v <= 1.0 {
+        true => Ok(v),
+        false => Err("must be more than 0 and at most 1".into()),
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model;
+    let model = match (&a.depth_selection, a.depth_capacity) {
+        (None, None) => {
+            routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model
+        }
+        (selection, capacity) => {
+            let (_, mut cfg, params) =
+                routelm::arch::load_params(&model_dir, candle_core::DType::F32, &device)?;
+            let mut routed = 0;
+            for d in cfg.layers.iter_mut().filter_map(|l| l.depth.as_mut()) {
+                routed += 1;
+                if let Some(s) = selection {
+                    d.selection = match s.as_str() {
+                        "random" => routelm::config::Selection::Random,
+                        _ => routelm::config::Selection::Learned,
+                    };
+                }
+                if let Some(c) = capacity {
+                    d.capacity = c;
+                }
+            }
+            if routed == 0 {
+                anyhow::bail!(
+                    "{}: the model has no routed (Mixture-of-Depths) blocks for --depth-selection or --depth-capacity",
+                    model_dir.display()
+                );
+            }
+            routelm::model::Model::new(&cfg, &params, &model_dir.display().to_string())?
+        }
+    };
     let tok = Tokenizer::for_model_dir(&model_dir)?;
     let train = TrainConfigFile {
         seq_len: a.seq_len,

@@ -288,7 +288,7 @@ pub fn positive_u64(s: &str) -> std::result::Result<u64, String> {
     positive(s).map(|n| n as u64)
 }
 
-fn finite(s: &str) -> std::result::Result<f64, String> {
+pub fn finite(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),
         _ => Err(format!("{s:?} is not a finite number")),
