@@ -501,6 +501,18 @@ fn compare_writes_a_report_at_equal_flops() {
     }
 }
 
+/// The `val_loss` line of `routelm eval` on `model` (2 batches) with `extra` options.
+fn eval_loss(model: &str, extra: &[&str]) -> String {
+    let mut args = vec!["eval", "--model", model, "--batches", "2"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = routelm(&args);
+    assert!(ok, "{err}");
+    out.lines()
+        .find(|l| l.starts_with("val_loss "))
+        .unwrap_or_else(|| panic!("no loss: {out}"))
+        .to_string()
+}
+
 /// `route` renders which tokens each routed block processes and writes the heat map.
 #[test]
 fn route_shows_mixture_of_depths_decisions() {
@@ -543,16 +555,7 @@ fn route_shows_mixture_of_depths_decisions() {
     // eval's routing ablations: other choices or another share change the loss; the same
     // choices given explicitly do not
     let run = s("run/checkpoint");
-    let loss = |extra: &[&str]| -> String {
-        let mut args = vec!["eval", "--model", &run, "--batches", "2"];
-        args.extend_from_slice(extra);
-        let (ok, out, err) = routelm(&args);
-        assert!(ok, "{err}");
-        out.lines()
-            .find(|l| l.starts_with("val_loss "))
-            .unwrap_or_else(|| panic!("no loss: {out}"))
-            .to_string()
-    };
+    let loss = |extra: &[&str]| eval_loss(&run, extra);
     let trained = loss(&[]);
     assert_eq!(loss(&["--depth-selection", "learned"]), trained);
     assert_eq!(loss(&["--depth-capacity", "0.25"]), trained);
@@ -569,6 +572,17 @@ fn route_shows_mixture_of_depths_decisions() {
         !ok && err.contains("no routed (Mixture-of-Depths) blocks"),
         "{err}"
     );
+    let (ok, _, err) = routelm(&["eval", "--model", &run, "--moe-selection", "random"]);
+    assert!(!ok && err.contains("no Mixture-of-Experts layers"), "{err}");
+    // and the experts' choice
+    std::fs::write(d.join("moe.toml"), "[model]\nd_model = 32\nn_layers = 2\nn_heads = 4\nmax_seq_len = 64\n[model.moe]\nn_experts = 4\ntop_k = 1\n[train]\nsteps = 6\nbatch_size = 4\neval_every = 6\neval_batches = 1\n").unwrap();
+    let (ok, _, err) = routelm(&["train", "--config", &s("moe.toml"), "--out", &s("moe")]);
+    assert!(ok, "{err}");
+    let moe = s("moe/checkpoint");
+    let loss = |extra: &[&str]| eval_loss(&moe, extra);
+    let trained = loss(&[]);
+    assert_eq!(loss(&["--moe-selection", "learned"]), trained);
+    assert_ne!(loss(&["--moe-selection", "random"]), trained);
 }
 
 /// `routelm chat` reads turns from stdin: the second turn reuses the cache of the first

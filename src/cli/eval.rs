@@ -36,6 +36,18 @@ pub struct Args {
     /// routed blocks worth?).
     #[arg(long, value_parser = capacity)]
     depth_capacity: Option<f64>,
+    /// Mixture-of-Experts layers send each token to experts chosen this way instead of as
+    /// trained: `random` draws top_k of them uniformly (weights equal), whatever the
+    /// router says (does this model depend on which experts a token meets?).
+    #[arg(long, value_parser = ["learned", "random"])]
+    moe_selection: Option<String>,
+}
+
+fn selection(s: &str) -> routelm::config::Selection {
+    match s {
+        "random" => routelm::config::Selection::Random,
+        _ => routelm::config::Selection::Learned,
+    }
 }
 
 fn capacity(s: &str) -> std::result::Result<f64, String> {
@@ -48,30 +60,48 @@ fn capacity(s: &str) -> std::result::Result<f64, String> {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = match (&a.depth_selection, a.depth_capacity) {
-        (None, None) => {
+    let depth = a.depth_selection.is_some() || a.depth_capacity.is_some();
+    let model = match (depth, &a.moe_selection) {
+        (false, None) => {
             routelm::arch::load_dir(&model_dir, candle_core::DType::F32, &device)?.model
         }
-        (selection, capacity) => {
+        (_, moe) => {
             let (_, mut cfg, params) =
                 routelm::arch::load_params(&model_dir, candle_core::DType::F32, &device)?;
-            let mut routed = 0;
-            for d in cfg.layers.iter_mut().filter_map(|l| l.depth.as_mut()) {
-                routed += 1;
-                if let Some(s) = selection {
-                    d.selection = match s.as_str() {
-                        "random" => routelm::config::Selection::Random,
-                        _ => routelm::config::Selection::Learned,
-                    };
+            let (mut routed, mut experts) = (0, 0);
+            for layer in &mut cfg.layers {
+                if let (true, Some(d)) = (depth, layer.depth.as_mut()) {
+                    routed += 1;
+                    if let Some(s) = &a.depth_selection {
+                        d.selection = selection(s);
+                    }
+                    if let Some(c) = a.depth_capacity {
+                        d.capacity = c;
+                    }
                 }
-                if let Some(c) = capacity {
-                    d.capacity = c;
+                if let (Some(s), Some(m)) = (moe, layer.moe.as_mut()) {
+                    experts += 1;
+                    m.selection = selection(s);
                 }
             }
-            if routed == 0 {
+            if depth && routed == 0 {
                 anyhow::bail!(
                     "{}: the model has no routed (Mixture-of-Depths) blocks for --depth-selection or --depth-capacity",
                     model_dir.display()
+                );
+            }
+            if moe.is_some() && experts == 0 {
+                anyhow::bail!(
+                    "{}: the model has no Mixture-of-Experts layers for --moe-selection",
+                    model_dir.display()
+                );
+            }
+            let problems = cfg.problems();
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "{}: the routing asked for does not fit this model: {}",
+                    model_dir.display(),
+                    problems.join("; ")
                 );
             }
             routelm::model::Model::new(&cfg, &params, &model_dir.display().to_string())?
