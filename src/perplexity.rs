@@ -29,6 +29,67 @@ impl Perplexity {
     }
 }
 
+/// A held-out text to score models on: its tokens, the tokenizer's BOS (what an empty text
+/// encodes to, if anything) and how it is cut.
+#[derive(Debug, Clone)]
+pub struct HeldOut {
+    pub tokens: Vec<u32>,
+    pub bos: Option<u32>,
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// At most this many chunks (default: all the text holds).
+    pub chunks: Option<usize>,
+}
+
+impl HeldOut {
+    /// The text of `path` through `tok`, cut into chunks of `ctx`; an error naming the file
+    /// when it cannot be read or does not fill one chunk.
+    pub fn read(
+        path: &std::path::Path,
+        tok: &crate::Tokenizer,
+        ctx: usize,
+        chunks: Option<usize>,
+    ) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let tokens = tok.encode(&text)?;
+        if tokens.len() < ctx {
+            return Err(Error::Data(format!(
+                "{}: {} tokens do not fill one chunk of {ctx}",
+                path.display(),
+                tokens.len()
+            )));
+        }
+        Ok(Self {
+            tokens,
+            bos: tok.encode("")?.first().copied(),
+            ctx,
+            chunks,
+        })
+    }
+
+    /// The chunks that will be scored.
+    pub fn n_chunks(&self) -> usize {
+        let all = self.tokens.len() / self.ctx.max(1);
+        self.chunks.map_or(all, |c| c.min(all))
+    }
+
+    /// [`perplexity`] of `model` on this text.
+    pub fn score(
+        &self,
+        model: &Model,
+        on_chunk: &mut dyn FnMut(&Perplexity),
+    ) -> Result<Perplexity> {
+        perplexity(
+            model,
+            &self.tokens,
+            self.ctx,
+            self.bos,
+            self.chunks,
+            on_chunk,
+        )
+    }
+}
+
 /// The perplexity of `model` on `tokens` in chunks of `ctx`, at most `max_chunks` of them;
 /// `bos` replaces each chunk's first token. `on_chunk` sees the running result after
 /// each chunk.

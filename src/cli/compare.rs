@@ -3,6 +3,7 @@ use candle_core::DType;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use routelm::perplexity::HeldOut;
 use routelm::report::plot::{line_plot, Series};
 use routelm::train::data::Dataset;
 use routelm::train::TrainConfig;
@@ -125,29 +126,6 @@ pub struct Args {
 }
 
 const INIT: &str = "A published model: retrofits, upcycling (--init)";
-
-/// A held-out text every trained variant is scored on (perplexity in chunks of `ctx`, as
-/// `routelm perplexity` does).
-pub struct HeldOut {
-    pub tokens: Vec<u32>,
-    pub ctx: usize,
-    pub bos: Option<u32>,
-    pub chunks: Option<usize>,
-}
-
-impl HeldOut {
-    fn perplexity(&self, model: &routelm::model::Model) -> Result<f64> {
-        let r = routelm::perplexity::perplexity(
-            model,
-            &self.tokens,
-            self.ctx,
-            self.bos,
-            self.chunks,
-            &mut |_| {},
-        )?;
-        Ok(r.value())
-    }
-}
 
 /// One variant's results.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -333,7 +311,9 @@ pub fn compare(
             })
             .collect();
         let sample_tps = super::bench::decode_speed(&trainer.model, 64)?;
-        let heldout_ppl = heldout.map(|h| h.perplexity(&trainer.model)).transpose()?;
+        let heldout_ppl = heldout
+            .map(|h| h.score(&trainer.model, &mut |_| {}).map(|r| r.value()))
+            .transpose()?;
         let mut row = Row {
             name: name.clone(),
             total_params: ledger.total_params,
@@ -598,15 +578,13 @@ fn upcycled(u: Upcycled) -> Result<()> {
         );
     }
     let train = preset.train.resolve(cfg.max_seq_len, &u.config)?;
-    let text = std::fs::read_to_string(&u.eval)
-        .with_context(|| format!("reading {}", u.eval.display()))?;
-    let held = HeldOut {
-        tokens: tok.encode(&text)?,
-        ctx: u.ctx,
-        bos: tok.encode("")?.first().copied(),
-        chunks: u.chunks,
-    };
-    let start = held.perplexity(&routelm::model::Model::new(&cfg, &params, "init")?)?;
+    let held = HeldOut::read(&u.eval, &tok, u.ctx, u.chunks)?;
+    let start = held
+        .score(
+            &routelm::model::Model::new(&cfg, &params, "init")?,
+            &mut |_| {},
+        )?
+        .value();
     eprintln!(
         "{} ({}): held-out perplexity {start:.3} before training",
         u.init.display(),

@@ -60,18 +60,7 @@ struct Row {
 pub fn run(g: Grid) -> Result<()> {
     let settings = settings(&g)?;
     let tok = Tokenizer::for_model_dir(&g.init)?;
-    let text = std::fs::read_to_string(&g.eval)
-        .with_context(|| format!("reading {}", g.eval.display()))?;
-    let tokens = tok.encode(&text)?;
-    let bos = tok.encode("")?.first().copied();
-    if tokens.len() < g.ctx {
-        bail!(
-            "{}: {} tokens do not fill one perplexity chunk of {} (--ctx)",
-            g.eval.display(),
-            tokens.len(),
-            g.ctx
-        );
-    }
+    let held = routelm::perplexity::HeldOut::read(&g.eval, &tok, g.ctx, g.chunks)?;
     std::fs::create_dir_all(&g.out).with_context(|| format!("creating {}", g.out.display()))?;
     let mut trained = Vec::new();
     for (i, (name, spec, _)) in settings.iter().enumerate() {
@@ -90,13 +79,8 @@ pub fn run(g: Grid) -> Result<()> {
     let mut rows = Vec::new();
     for (i, (name, dir)) in models.iter().enumerate() {
         let model = load(dir)?;
-        let pb = super::bar(
-            g.chunks.unwrap_or(tokens.len() / g.ctx) as u64,
-            &format!("perplexity {name}"),
-        );
-        let r = routelm::perplexity::perplexity(&model, &tokens, g.ctx, bos, g.chunks, &mut |r| {
-            pb.set_position(r.chunks as u64);
-        })?;
+        let pb = super::bar(held.n_chunks() as u64, &format!("perplexity {name}"));
+        let r = held.score(&model, &mut |r| pb.set_position(r.chunks as u64))?;
         pb.finish_and_clear();
         let (trainable, params) = counts(dir, g.full)?;
         let processed = (r.routed.1 > 0).then(|| r.routed.0 as f64 / r.routed.1 as f64);
@@ -124,7 +108,7 @@ pub fn run(g: Grid) -> Result<()> {
             peak_rss_mb: t.and_then(|t| t.peak_rss_mb),
         });
     }
-    let prompt = &tokens[..tokens.len().min(32)];
+    let prompt = &held.tokens[..held.tokens.len().min(32)];
     for round in 0..g.rounds {
         for (row, (name, dir)) in rows.iter_mut().zip(&models) {
             let model = load(dir)?;

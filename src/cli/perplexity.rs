@@ -1,7 +1,7 @@
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
-use routelm::perplexity::perplexity;
+use routelm::perplexity::HeldOut;
 use routelm::Tokenizer;
 
 /// Perplexity of a text as llama.cpp's `llama-perplexity` measures it (chunks of `--ctx`
@@ -41,14 +41,9 @@ pub fn run(a: Args) -> Result<()> {
     )?
     .model;
     let tok = Tokenizer::for_model_dir(&model_dir)?;
-    let text = std::fs::read_to_string(&a.data)
-        .with_context(|| format!("reading {}", a.data.display()))?;
-    let tokens = tok.encode(&text)?;
-    // the tokenizer's BOS, if it adds one: what an empty text encodes to
-    let bos = tok.encode("")?.first().copied();
-    let total = (tokens.len() / a.ctx.max(1)).min(a.chunks.unwrap_or(usize::MAX));
-    let pb = super::bar(total as u64, "perplexity");
-    let r = perplexity(&model, &tokens, a.ctx, bos, a.chunks, &mut |r| {
+    let text = HeldOut::read(&a.data, &tok, a.ctx, a.chunks)?;
+    let pb = super::bar(text.n_chunks() as u64, "perplexity");
+    let r = text.score(&model, &mut |r| {
         pb.set_position(r.chunks as u64);
         pb.set_message(format!("PPL {:.4}", r.value()));
     })?;
@@ -57,7 +52,7 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"perplexity": r.value(), "chunks": r.chunks, "ctx": a.ctx,
-                "scored_tokens": r.scored, "text_tokens": tokens.len(), "bos": bos,
+                "scored_tokens": r.scored, "text_tokens": text.tokens.len(), "bos": text.bos,
                 "routed_processed": r.routed.0, "routed_visits": r.routed.1})
         );
     } else {
@@ -67,7 +62,7 @@ pub fn run(a: Args) -> Result<()> {
             r.chunks,
             a.ctx,
             r.scored,
-            tokens.len()
+            text.tokens.len()
         );
         if r.routed.1 > 0 {
             println!(
