@@ -63,23 +63,26 @@ impl MoeStats {
     }
 }
 
-/// Draws of random routing so far: each forward pass of each layer gets its own.
-static RANDOM_DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Random routing: `k` distinct experts of `n_experts` for each of `n` tokens, uniformly,
-/// from a stream seeded by the layer and the draw count (reproducible within a process
-/// that makes the same calls in the same order).
+/// drawn from a hash of the layer and the token's router scores (`host`, `(n, slots)`):
+/// a pure function of the pass's inputs, so a run reproduces from its seed and resumes
+/// exactly, and unrelated to which experts the scores favour (a hash of their bits, not
+/// their order).
 fn random_experts(
+    host: &[f32],
     n: usize,
     n_experts: usize,
     k: usize,
     layer: usize,
 ) -> super::router::RouterChoice {
-    let draw = RANDOM_DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut rng = crate::rng::Rng::new(((layer as u64) << 40) ^ draw ^ 0x5EED);
+    let slots = host.len() / n.max(1);
     let mut pool: Vec<u32> = (0..n_experts as u32).collect();
     let mut experts = Vec::with_capacity(n * k);
-    for _ in 0..n {
+    for row in host.chunks(slots.max(1)).take(n) {
+        let seed = row.iter().fold(0x5EED ^ ((layer as u64) << 40), |h, v| {
+            crate::rng::Rng::new(h ^ v.to_bits() as u64).next_u64()
+        });
+        let mut rng = crate::rng::Rng::new(seed);
         for j in 0..k {
             let r = j + rng.below(n_experts - j);
             pool.swap(j, r);
@@ -284,7 +287,7 @@ impl MoeLayer {
         };
         let random = c.selection == Selection::Random;
         let choice = match random {
-            true => random_experts(n, c.n_experts, c.top_k, self.layer),
+            true => random_experts(host, n, c.n_experts, c.top_k, self.layer),
             false => choose_experts(
                 host,
                 e_count,
