@@ -78,15 +78,8 @@ impl Model {
             )));
         }
         if b == 1 || !self.batches_sequences() {
-            let mut logits = Vec::with_capacity(b);
-            let mut routes = Vec::with_capacity(b);
-            for (&t, cache) in tokens.iter().zip(caches.iter_mut()) {
-                let ids = Tensor::new(&[t], self.device())?.unsqueeze(0)?;
-                let out = self.forward(&ids, Some(&mut **cache), true)?;
-                routes.push(TokenRoute::of_last(&out.moe, &out.depth));
-                logits.push(out.logits.reshape((1, vocab))?);
-            }
-            return Ok((Tensor::cat(&logits, 0)?, routes));
+            let seqs: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+            return self.feed_each(&seqs, caches);
         }
         let starts: Vec<usize> = caches.iter().map(|c| c.pos()).collect();
         let out = self.decode_rows(tokens, &starts, caches)?;
@@ -94,6 +87,24 @@ impl Model {
             c.advance(1);
         }
         Ok(out)
+    }
+
+    /// Feed `seqs[i]` to the sequence of `caches[i]`, one sequence at a time: the next-token
+    /// logits `(n, vocab)` after each and where each one's last token went.
+    fn feed_each(
+        &self,
+        seqs: &[&[u32]],
+        caches: &mut [&mut Cache],
+    ) -> Result<(Tensor, Vec<TokenRoute>)> {
+        let mut logits = Vec::with_capacity(seqs.len());
+        let mut routes = Vec::with_capacity(seqs.len());
+        for (seq, cache) in seqs.iter().zip(caches.iter_mut()) {
+            let ids = Tensor::new(*seq, self.device())?.unsqueeze(0)?;
+            let out = self.forward(&ids, Some(&mut **cache), true)?;
+            routes.push(TokenRoute::of_last(&out.moe, &out.depth));
+            logits.push(out.logits.reshape((1, self.config.vocab_size))?);
+        }
+        Ok((Tensor::cat(&logits, 0)?, routes))
     }
 
     /// Whether several sequences' rows can run through the layers together: not for an
@@ -140,16 +151,10 @@ impl Model {
                 .moe_layers()
                 .any(|(_, m)| m.capacity_factor.is_some());
         if !padded {
-            let (mut caches, mut logits, mut routes) = (Vec::new(), Vec::new(), Vec::new());
-            for p in prompts {
-                let mut cache = self.new_cache();
-                let ids = Tensor::new(*p, self.device())?.unsqueeze(0)?;
-                let out = self.forward(&ids, Some(&mut cache), true)?;
-                routes.push(TokenRoute::of_last(&out.moe, &out.depth));
-                logits.push(out.logits.reshape((1, self.config.vocab_size))?);
-                caches.push(cache);
-            }
-            return Ok((caches, Tensor::cat(&logits, 0)?, routes));
+            let mut caches: Vec<Cache> = prompts.iter().map(|_| self.new_cache()).collect();
+            let (logits, routes) =
+                self.feed_each(prompts, &mut caches.iter_mut().collect::<Vec<_>>())?;
+            return Ok((caches, logits, routes));
         }
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut flat = Vec::with_capacity(n * t);
