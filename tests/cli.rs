@@ -499,6 +499,35 @@ fn compare_writes_a_report_at_equal_flops() {
             / 2.0;
         assert!((mean - want).abs() < 1e-3, "{summary} vs {per_seed:?}");
     }
+    // the second seed alone (a sweep split in two) trains and scores its rows as the
+    // whole sweep did: same names, same losses on the first seed's windows
+    let (ok, part, err) = routelm(&[
+        "compare",
+        "--variants",
+        &variants,
+        "--data",
+        &s("data.txt"),
+        "--base-steps",
+        "4",
+        "--evals",
+        "1",
+        "--seeds",
+        "2",
+        "--skip-seeds",
+        "1",
+        "--out",
+        &s("seeds-part"),
+    ]);
+    assert!(ok, "{err}");
+    let part_names: Vec<String> = part
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+        .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
+        .collect();
+    assert_eq!(part_names, want[2..], "{part}");
+    assert_eq!(losses(&part), per_seed[2..], "{part}");
+    let (ok, _, err) = routelm(&["compare", "--seeds", "2", "--skip-seeds", "2"]);
+    assert!(!ok && err.contains("--skip-seeds 2"), "{err}");
 }
 
 /// The `val_loss` line of `routelm eval` on `model` (2 batches) with `extra` options.

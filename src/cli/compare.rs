@@ -45,6 +45,11 @@ pub struct Args {
     /// table of each variant's mean and spread.
     #[arg(long, default_value_t = 1, value_parser = super::positive)]
     seeds: usize,
+    /// Leave out the first K of those seeds, to split a long sweep across machines or
+    /// sessions; every row is still scored on the first seed's validation windows, so the
+    /// parts compare.
+    #[arg(long, default_value_t = 0)]
+    skip_seeds: usize,
     /// Compare depth retrofits of this model (Hugging Face folder, routelm checkpoint or
     /// GGUF file) with the model itself; --data is the training text, --eval the held-out
     /// text.
@@ -228,7 +233,8 @@ impl Variant {
     }
 }
 
-/// Train each variant for `budget` training FLOPs on `data`; runs go to `out/NAME`.
+/// Train each variant for `budget` training FLOPs on `data`; runs go to `out/NAME`. Every
+/// row is scored on the validation windows drawn with `seed`.
 pub fn compare(
     variants: Vec<Variant>,
     data: &Dataset,
@@ -236,9 +242,9 @@ pub fn compare(
     evals: usize,
     out: &Path,
     heldout: Option<&HeldOut>,
+    seed: u64,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let seed = variants.first().map_or(0, |v| v.train.seed);
     for v in variants {
         let Variant {
             name,
@@ -509,10 +515,18 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|v| Variant::from_preset(v, &super::load_preset(v)?))
         .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        a.skip_seeds < a.seeds,
+        "--skip-seeds {} leaves none of --seeds {}",
+        a.skip_seeds,
+        a.seeds
+    );
+    // the first preset's own seed draws the validation windows, skipped or not
+    let windows = presets.first().context("no variants")?.train.seed;
     let variants: Vec<Variant> = match a.seeds {
         1 => presets,
         // seed by seed, so that a sweep cut short still compares every variant
-        n => (0..n as u64)
+        n => (a.skip_seeds as u64..n as u64)
             .flat_map(|s| {
                 presets.iter().map(move |v| {
                     let mut v = v.clone();
@@ -528,17 +542,17 @@ pub fn run(a: Args) -> Result<()> {
         .budget_flops
         .unwrap_or_else(|| budget_of(first, a.base_steps));
     let tok = Tokenizer::Bytes;
-    let tokens = super::load_tokens(a.data.as_deref(), &tok, first.train.seed)?;
+    let tokens = super::load_tokens(a.data.as_deref(), &tok, windows)?;
     let seq_len = variants
         .iter()
         .map(|v| v.train.seq_len)
         .max()
         .unwrap_or(256);
     let data = super::dataset(tokens, first.train.val_fraction, seq_len)?;
-    let rows = compare(variants, &data, budget, a.evals, &a.out, None)?;
+    let rows = compare(variants, &data, budget, a.evals, &a.out, None, windows)?;
     let mut md = write_report(&rows, budget, &a.out)?;
-    if a.seeds > 1 {
-        md.push_str(&seed_table(&rows, a.seeds));
+    if a.seeds - a.skip_seeds > 1 {
+        md.push_str(&seed_table(&rows, a.seeds - a.skip_seeds));
         std::fs::write(a.out.join("report.md"), &md)
             .with_context(|| format!("writing {}", a.out.join("report.md").display()))?;
     }
@@ -611,7 +625,15 @@ fn upcycled(u: Upcycled) -> Result<()> {
         .unwrap_or_else(|| budget_of(&variants[0], u.base_steps));
     let tokens = super::load_tokens(Some(&u.data), &tok, train.seed)?;
     let data = super::dataset(tokens, train.val_fraction, train.seq_len)?;
-    let rows = compare(variants, &data, budget, u.evals, &u.out, Some(&held))?;
+    let rows = compare(
+        variants,
+        &data,
+        budget,
+        u.evals,
+        &u.out,
+        Some(&held),
+        train.seed,
+    )?;
     let mut md = write_report(&rows, budget, &u.out)?;
     md = format!(
         "`{}` trained on `{}` with `--config {}` from its weights, dense and upcycled (`n_experts={},top_k={},every={},aux={}`); held-out perplexity on `{}` ({} chunks of {} tokens) was {start:.3} before training.\n\n{md}",

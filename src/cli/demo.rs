@@ -136,7 +136,8 @@ fn compare_variants(
         "
 comparing dense, MoE and MoD at equal training FLOPs ({steps} dense steps each):"
     );
-    let rows = super::compare::compare(variants, data, budget, 4, out, None)?;
+    let seed = variants[0].train.seed;
+    let rows = super::compare::compare(variants, data, budget, 4, out, None, seed)?;
     let md = super::compare::write_report(&rows, budget, out)?;
     println!(
         "{md}
