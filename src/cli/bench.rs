@@ -48,6 +48,11 @@ enum What {
         /// New tokens to decode (after a 32-token prompt).
         #[arg(long, default_value_t = 128, value_parser = super::positive)]
         tokens: usize,
+        /// Also decode this many sequences together (each its own prompt and cache, one
+        /// batched forward per step, as the server's continuous batching does): their
+        /// aggregate tokens/s and its ratio to one sequence's.
+        #[arg(long, default_value_t = 1, value_parser = super::positive)]
+        batch: usize,
         #[arg(long)]
         json: bool,
     },
@@ -136,8 +141,9 @@ pub fn run(a: Args) -> Result<()> {
             model,
             config,
             tokens,
+            batch,
             json,
-        } => bench_decode(model, &config, tokens, json),
+        } => bench_decode(model, &config, tokens, batch, json),
         What::Prefill {
             model,
             config,
@@ -377,6 +383,7 @@ fn bench_decode(
     model_dir: Option<std::path::PathBuf>,
     name: &str,
     tokens: usize,
+    batch: usize,
     json: bool,
 ) -> Result<()> {
     let model = match &model_dir {
@@ -414,12 +421,23 @@ fn bench_decode(
         .collect();
     let (tps, bandwidth, ratio) = (median(speeds), median(bandwidths), median(ratios));
     let bound = bandwidth / bytes;
+    let batched = if batch > 1 {
+        let passes = (0..3)
+            .map(|_| batched_decode_speed(&model, batch, tokens))
+            .collect::<Result<Vec<_>>>()?;
+        Some(median(passes))
+    } else {
+        None
+    };
     let what = model_dir.map_or(name.to_string(), |d| d.display().to_string());
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "model": what, "tokens_per_s": tps, "bound_tokens_per_s": bound, "ratio": ratio, "copy_gb_per_s": bandwidth / 1e9, "weight_mb_per_token": bytes / 1e6 })
-        );
+        let mut j = serde_json::json!({ "model": what, "tokens_per_s": tps, "bound_tokens_per_s": bound, "ratio": ratio, "copy_gb_per_s": bandwidth / 1e9, "weight_mb_per_token": bytes / 1e6 });
+        if let Some(b) = batched {
+            j["batch"] = batch.into();
+            j["batch_tokens_per_s"] = b.into();
+            j["batch_over_one"] = (b / tps).into();
+        }
+        println!("{j}");
     } else {
         let form = match stored_bytes {
             0 => "f32",
@@ -437,8 +455,43 @@ fn bench_decode(
         println!("  weights read per token: {:.1} MB", bytes / 1e6);
         println!("  bandwidth bound:        {bound:.1} tokens/s");
         println!("  decode / bound:         {ratio:.3} (median of the 3 paired ratios)");
+        if let Some(b) = batched {
+            println!(
+                "  {batch} sequences together: {b:.1} tokens/s in all, {:.2}× one sequence's (median of 3 passes)",
+                b / tps
+            );
+        }
     }
     Ok(())
+}
+
+/// Aggregate decode speed (tokens/s) of `b` sequences stepped together by
+/// [`Model::decode_batch`], each after its own prompt of up to 32 random tokens, greedy;
+/// prompt and decode are shortened to fit the context window.
+fn batched_decode_speed(model: &Model, b: usize, tokens: usize) -> Result<f64> {
+    let ctx = model.config.max_seq_len;
+    let n_prompt = 32.min(ctx / 4).max(1);
+    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
+    let mut rng = Rng::new(1);
+    let mut caches = Vec::with_capacity(b);
+    let mut next = Vec::with_capacity(b);
+    for _ in 0..b {
+        let prompt: Vec<u32> = (0..n_prompt)
+            .map(|_| rng.below(model.config.vocab_size) as u32)
+            .collect();
+        let mut cache = model.new_cache();
+        let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+        let logits = model.forward(&input, Some(&mut cache), true)?.logits;
+        next.push(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);
+        caches.push(cache);
+    }
+    let t = Instant::now();
+    for _ in 0..tokens {
+        let mut refs: Vec<&mut routelm::model::Cache> = caches.iter_mut().collect();
+        let (logits, _) = model.decode_batch(&next, &mut refs)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok((b * tokens) as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Seconds of one prefill pass of `prompt` through a fresh cache (last logits only).
