@@ -369,3 +369,53 @@ fn multi_row_products_equal_one_row_products() {
         );
     }
 }
+
+/// Interleaved weights (AVX-512 VNNI only) give each activation row the dequantized
+/// weights' product with its quantized values (integer sums exact, f32 scaling), and the
+/// same bits whether the row is multiplied alone, beside one other or among a prompt's
+/// 70; matrices whose rows are not whole octets keep their stored layout.
+#[test]
+fn interleaved_products_are_exact_and_the_same_for_any_rows() {
+    if !interleaving() {
+        println!("interleaved weights: SKIPPED, this CPU lacks AVX-512 VNNI");
+        return;
+    }
+    let mut rng = Rng::new(12);
+    let (rows, cols) = (24, 256);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        assert!(random_matrix(ty, 13, cols, &mut rng)
+            .interleaved()
+            .is_none());
+        let w = random_matrix(ty, rows, cols, &mut rng);
+        assert!(w.interleaved().is_some(), "{ty:?} not interleaved");
+        let wf = dequantized(&w);
+        let m = 70;
+        let x = random_x(m * cols, &mut rng);
+        let all = products(&[(&w, &x)], m).pop().unwrap();
+        let act = QAct::of_kind(ActKind::Q8, &x, cols);
+        for r in 0..m {
+            let seen = as_seen(&act, r, cols);
+            for o in 0..rows {
+                let (exact, mag) = exact_and_magnitude(&wf[o * cols..(o + 1) * cols], &seen);
+                let got = all[r * rows + o] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                    "{ty:?} row {r} out {o}: {got} vs {exact} ({mag})"
+                );
+            }
+            let xr = &x[r * cols..(r + 1) * cols];
+            let alone = products(&[(&w, xr)], 1).pop().unwrap();
+            assert_eq!(
+                &all[r * rows..(r + 1) * rows],
+                &alone[..],
+                "{ty:?} row {r} alone"
+            );
+        }
+        // two rows together, and the same input twice in one call (q, k and v share it)
+        let two = products(&[(&w, &x[..2 * cols]), (&w, &x[..2 * cols])], 2);
+        for y in &two {
+            assert_eq!(&y[..], &all[..2 * rows], "{ty:?}: two rows");
+        }
+    }
+    println!("interleaved weights: checked on avx512-vnni (Q4_0, Q4_1, Q8_0)");
+}

@@ -1,0 +1,191 @@
+//! Weights of the 32-value types Q4_0, Q4_1 and Q8_0 with eight rows interleaved, for
+//! CPUs with AVX-512 VNNI: in each block of 32 columns, four bytes of each of the eight
+//! rows in turn, so that one `vpdpbusd` of 32 weight bytes with four activation bytes
+//! broadcast adds four products to each of the eight rows' sums. A block's integer sums
+//! are exact; they then take the block's scales in f32, eight rows at once.
+//!
+//! The layout keeps the file's size (four-bit codes stay four bits, scales stay f16) and
+//! is built once per matrix. Every activation row runs through the same instructions
+//! whatever the number of rows next to it, so one sequence decoded alone, several decoded
+//! together and a prompt's rows get the same results bit for bit; and no product has to
+//! unpack or repack its weights for the next row.
+//!
+//! Per octet of rows and block of 32 columns:
+//! * Q4_0 / Q4_1: 128 bytes of codes: for `g` in 0..4, bytes `4g..4g+4` of each row's 16
+//!   (their low nibbles are values `4g..4g+4`, their high nibbles values `16+4g..`);
+//! * Q8_0: 256 bytes: for `g` in 0..8, values `4g..4g+4` of each row, plus 128 (unsigned);
+//! * each row's f16 scale (8 of them) and, for Q4_1, its f16 minimum.
+//!
+//! In codes `c` (0..15, or 0..255 for Q8_0) a weight is `d · c + o`, with `o` the Q4_1
+//! minimum, `−8 d` (Q4_0) or `−128 d` (Q8_0); a block's part of a dot product with
+//! 8-bit activations `a` (scale `d_a`, `s_a = d_a · Σ a`) is `d · d_a · Σ c a + o · s_a`.
+
+use crate::weights::quant::GgmlType;
+
+/// Rows interleaved together.
+pub const ROWS: usize = 8;
+
+/// Whether [`Interleaved::new`] takes weights of `ty`.
+pub fn supports(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// A matrix's rows interleaved eight at a time (see the module's text).
+#[derive(Debug)]
+pub struct Interleaved {
+    ty: GgmlType,
+    cols: usize,
+    /// Codes: octet after octet, block after block, `code_bytes` a block.
+    codes: Vec<u8>,
+    /// f16 scales: octet, block, row (8).
+    scales: Vec<u16>,
+    /// f16 minimums (Q4_1), as the scales.
+    mins: Vec<u16>,
+}
+
+impl Interleaved {
+    /// `rows` rows (a multiple of [`ROWS`]) of `cols` values of `ty` (a type [`supports`]
+    /// takes), `row_bytes` each, from `data`.
+    pub fn new(ty: GgmlType, data: &[u8], rows: usize, cols: usize, row_bytes: usize) -> Self {
+        assert!(supports(ty) && rows.is_multiple_of(ROWS) && cols.is_multiple_of(32));
+        let nb = cols / 32;
+        let (block_bytes, at, code_bytes) = match ty {
+            GgmlType::Q4_0 => (18, 2, 128),
+            GgmlType::Q4_1 => (20, 4, 128),
+            _ => (34, 2, 256),
+        };
+        assert_eq!(row_bytes, nb * block_bytes);
+        let octets = rows / ROWS;
+        let mut codes = vec![0u8; octets * nb * code_bytes];
+        let mut scales = vec![0u16; octets * nb * ROWS];
+        let mut mins = match ty {
+            GgmlType::Q4_1 => vec![0u16; octets * nb * ROWS],
+            _ => Vec::new(),
+        };
+        let h = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        for o in 0..octets {
+            for k in 0..ROWS {
+                let row = &data[(o * ROWS + k) * row_bytes..][..row_bytes];
+                for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
+                    let ob = o * nb + b;
+                    scales[ob * ROWS + k] = h(blk, 0);
+                    if ty == GgmlType::Q4_1 {
+                        mins[ob * ROWS + k] = h(blk, 2);
+                    }
+                    let q = &blk[at..];
+                    let out = &mut codes[ob * code_bytes..][..code_bytes];
+                    for g in 0..code_bytes / 32 {
+                        for i in 0..4 {
+                            out[32 * g + 4 * k + i] = match ty {
+                                GgmlType::Q8_0 => q[4 * g + i] ^ 0x80,
+                                _ => q[4 * g + i],
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            ty,
+            cols,
+            codes,
+            scales,
+            mins,
+        }
+    }
+
+    /// Octets of rows.
+    pub fn octets(&self) -> usize {
+        self.scales.len() / (ROWS * (self.cols / 32)).max(1)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 2 * (self.scales.len() + self.mins.len())
+    }
+
+    /// The dot products of octet `o`'s eight rows with each of the `m` activation rows of
+    /// `qs` (int8, `cols` per row; block scales `d` and sums `s` as [`super::QAct`] holds
+    /// them): activation `r`'s eight go to `y + r · stride`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
+    /// `y + r · stride` has 8 writable values for each `r < m`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn octet(
+        &self,
+        o: usize,
+        qs: &[i8],
+        d: &[f32],
+        s: &[f32],
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (cols, nb) = (self.cols, self.cols / 32);
+        assert!(o < self.octets());
+        assert!(qs.len() >= m * cols && d.len() >= m * nb && s.len() >= m * nb);
+        let code_bytes = if self.ty == GgmlType::Q8_0 { 256 } else { 128 };
+        let codes = self.codes.as_ptr().add(o * nb * code_bytes);
+        let scales = self.scales.as_ptr().add(o * nb * ROWS);
+        let mins = self.mins.as_ptr().wrapping_add(o * nb * ROWS);
+        let ap = qs.as_ptr() as *const u8;
+        let low = _mm256_set1_epi8(0x0F);
+        let mut r = 0;
+        while r < m {
+            let n = (m - r).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..nb {
+                let w = codes.add(b * code_bytes);
+                let load = |g: usize| _mm256_loadu_si256(w.add(32 * g) as *const __m256i);
+                let wv: [__m256i; 8] = if code_bytes == 256 {
+                    std::array::from_fn(load)
+                } else {
+                    let v: [__m256i; 4] = std::array::from_fn(load);
+                    std::array::from_fn(|g| match g {
+                        0..4 => _mm256_and_si256(v[g], low),
+                        _ => _mm256_and_si256(_mm256_srli_epi16(v[g - 4], 4), low),
+                    })
+                };
+                // nibble codes: group g < 4 holds values 4g.., group g ≥ 4 values 16 + 4(g−4)..
+                let at = |g: usize| match (code_bytes, g) {
+                    (256, _) | (_, 0..4) => 4 * g,
+                    _ => 16 + 4 * (g - 4),
+                };
+                let sc = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROWS) as *const __m128i));
+                let off = match self.ty {
+                    GgmlType::Q4_1 => {
+                        _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS) as *const __m128i))
+                    }
+                    GgmlType::Q4_0 => _mm256_mul_ps(sc, _mm256_set1_ps(-8.0)),
+                    _ => _mm256_mul_ps(sc, _mm256_set1_ps(-128.0)),
+                };
+                for (k, acc) in acc.iter_mut().enumerate().take(n) {
+                    let row = r + k;
+                    let a = ap.add(row * cols + 32 * b);
+                    let bcast =
+                        |g: usize| _mm256_set1_epi32((a.add(at(g)) as *const i32).read_unaligned());
+                    // two chains of four, so the products overlap
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_dpbusd_epi32(s0, wv[g], bcast(g));
+                        s1 = _mm256_dpbusd_epi32(s1, wv[g + 1], bcast(g + 1));
+                    }
+                    let sum = _mm256_add_epi32(s0, s1);
+                    let da = _mm256_set1_ps(*d.get_unchecked(row * nb + b));
+                    let sa = _mm256_set1_ps(*s.get_unchecked(row * nb + b));
+                    *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, da), _mm256_cvtepi32_ps(sum), *acc);
+                    *acc = _mm256_fmadd_ps(off, sa, *acc);
+                }
+            }
+            for (k, a) in acc.iter().enumerate().take(n) {
+                _mm256_storeu_ps(y.add((r + k) * stride), *a);
+            }
+            r += n;
+        }
+    }
+}
