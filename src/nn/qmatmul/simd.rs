@@ -23,6 +23,12 @@ pub fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// AVX-512F (512-bit registers), with AVX2's features.
+pub fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("avx512f"))
+}
+
 /// AVX-512 VNNI on 256-bit registers (AVX-512VL), with AVX2's features.
 pub fn has_vnni() -> bool {
     has_avx2()

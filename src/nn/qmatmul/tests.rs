@@ -419,3 +419,34 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
     }
     println!("interleaved weights: checked on avx512-vnni (Q4_0, Q4_1, Q8_0)");
 }
+
+/// The AVX-512 block quantizer gives the portable one's scale, values and sum bit for bit:
+/// random blocks, a block of zeros, blocks with ties at half a step, large and tiny values.
+#[test]
+fn avx512_quantizer_equals_the_portable_one() {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() {
+        let mut rng = Rng::new(5);
+        let mut blocks: Vec<Vec<f32>> = (0..500).map(|_| random_x(32, &mut rng)).collect();
+        blocks.push(vec![0.0; 32]);
+        // max 127 → d = 1: values at k + 0.5 are ties
+        blocks.push(
+            (0..32)
+                .map(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 })
+                .collect(),
+        );
+        blocks.push((0..32).map(|i| (i as f32 - 16.0) * 1e30).collect());
+        blocks.push((0..32).map(|i| (i as f32 - 16.0) * 1e-30).collect());
+        for x in &blocks {
+            let (mut qa, mut qb) = (vec![0i8; 32], vec![0i8; 32]);
+            // SAFETY: AVX-512F detected; 32 values each
+            let a = unsafe { quantize_block_avx512(x, &mut qa) };
+            let b = quantize_block_portable(x, &mut qb);
+            assert_eq!((a.0.to_bits(), a.1), (b.0.to_bits(), b.1), "{x:?}");
+            assert_eq!(qa, qb, "{x:?}");
+        }
+        println!("avx512 quantizer: checked on {} blocks", blocks.len());
+        return;
+    }
+    println!("avx512 quantizer: SKIPPED, this CPU lacks AVX-512F");
+}
