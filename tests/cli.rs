@@ -445,36 +445,44 @@ fn compare_writes_a_report_at_equal_flops() {
     let (ok, rescored, err) = routelm(&args);
     assert!(ok, "{err}");
     assert_eq!(losses(&out), losses(&rescored));
+    let names = |o: &str| -> Vec<String> {
+        o.lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
+            .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
+            .collect()
+    };
+    // two seeds, skipping the first `skip`, into folder `out`
+    let seeds = |skip: &str, out: &str| {
+        routelm(&[
+            "compare",
+            "--variants",
+            &variants,
+            "--data",
+            &s("data.txt"),
+            "--base-steps",
+            "4",
+            "--evals",
+            "1",
+            "--seeds",
+            "2",
+            "--skip-seeds",
+            skip,
+            "--out",
+            &s(out),
+        ])
+    };
     // seeds: each variant trained per seed, seed by seed, then its mean and spread
-    let (ok, out, err) = routelm(&[
-        "compare",
-        "--variants",
-        &variants,
-        "--data",
-        &s("data.txt"),
-        "--base-steps",
-        "4",
-        "--evals",
-        "1",
-        "--seeds",
-        "2",
-        "--out",
-        &s("seeds"),
-    ]);
+    let (ok, out, err) = seeds("0", "seeds");
     assert!(ok, "{err}");
     let runs = out.split("Over 2 seeds").next().unwrap();
-    let names: Vec<String> = runs
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
-        .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
-        .collect();
+    let names_run = names(runs);
     let (dense, moded) = (s("dense.toml"), s("mod.toml"));
     let want: Vec<String> = ["1337", "1337", "1338", "1338"]
         .iter()
         .zip([&dense, &moded, &dense, &moded])
         .map(|(seed, v)| format!("{v}@seed{seed}"))
         .collect();
-    assert_eq!(names, want, "{out}");
+    assert_eq!(names_run, want, "{out}");
     let per_seed = losses(runs);
     assert_ne!(per_seed[0], per_seed[2], "two seeds trained alike: {out}");
     for (v, rows) in [(&dense, [0, 2]), (&moded, [1, 3])] {
@@ -501,30 +509,9 @@ fn compare_writes_a_report_at_equal_flops() {
     }
     // the second seed alone (a sweep split in two) trains and scores its rows as the
     // whole sweep did: same names, same losses on the first seed's windows
-    let (ok, part, err) = routelm(&[
-        "compare",
-        "--variants",
-        &variants,
-        "--data",
-        &s("data.txt"),
-        "--base-steps",
-        "4",
-        "--evals",
-        "1",
-        "--seeds",
-        "2",
-        "--skip-seeds",
-        "1",
-        "--out",
-        &s("seeds-part"),
-    ]);
+    let (ok, part, err) = seeds("1", "seeds-part");
     assert!(ok, "{err}");
-    let part_names: Vec<String> = part
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
-        .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
-        .collect();
-    assert_eq!(part_names, want[2..], "{part}");
+    assert_eq!(names(&part), want[2..], "{part}");
     assert_eq!(losses(&part), per_seed[2..], "{part}");
     let (ok, _, err) = routelm(&["compare", "--seeds", "2", "--skip-seeds", "2"]);
     assert!(!ok && err.contains("--skip-seeds 2"), "{err}");

@@ -300,12 +300,17 @@ fn decode_passes(
     passes: usize,
     before: impl FnMut() -> Result<()>,
 ) -> Result<Vec<f64>> {
-    let n_prompt = 32.min(model.config.max_seq_len / 4).max(1);
-    let mut rng = Rng::new(1);
-    let prompt: Vec<u32> = (0..n_prompt)
-        .map(|_| rng.below(model.config.vocab_size) as u32)
-        .collect();
+    let prompt = random_prompt(model, &mut Rng::new(1));
     decode_passes_after(model, &prompt, tokens, passes, before)
+}
+
+/// Random token ids for a decode benchmark's prompt: 32, or a quarter of the context
+/// window where that is shorter.
+fn random_prompt(model: &Model, rng: &mut Rng) -> Vec<u32> {
+    let n = 32.min(model.config.max_seq_len / 4).max(1);
+    (0..n)
+        .map(|_| rng.below(model.config.vocab_size) as u32)
+        .collect()
 }
 
 /// [`decode_passes`] after the given prompt (a real text's tokens: a routed model's
@@ -469,16 +474,19 @@ fn bench_decode(
 /// [`Model::decode_batch`], each after its own prompt of up to 32 random tokens, greedy;
 /// prompt and decode are shortened to fit the context window.
 fn batched_decode_speed(model: &Model, b: usize, tokens: usize) -> Result<f64> {
-    let ctx = model.config.max_seq_len;
-    let n_prompt = 32.min(ctx / 4).max(1);
-    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
     let mut rng = Rng::new(1);
+    let prompts: Vec<Vec<u32>> = (0..b).map(|_| random_prompt(model, &mut rng)).collect();
+    let tokens = tokens
+        .min(
+            model
+                .config
+                .max_seq_len
+                .saturating_sub(prompts[0].len() + 1),
+        )
+        .max(1);
     let mut caches = Vec::with_capacity(b);
     let mut next = Vec::with_capacity(b);
-    for _ in 0..b {
-        let prompt: Vec<u32> = (0..n_prompt)
-            .map(|_| rng.below(model.config.vocab_size) as u32)
-            .collect();
+    for prompt in &prompts {
         let mut cache = model.new_cache();
         let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
         let logits = model.forward(&input, Some(&mut cache), true)?.logits;

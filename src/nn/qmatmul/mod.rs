@@ -385,7 +385,7 @@ impl QMatrix {
     pub fn interleaved(&self) -> Option<&Interleaved> {
         self.interleaved
             .get_or_init(|| {
-                (interleaving()
+                (vnni()
                     && interleave::supports(self.ty)
                     && self.rows.is_multiple_of(interleave::ROWS))
                 .then(|| {
@@ -489,8 +489,9 @@ pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
     products_in_place(pairs, m)
 }
 
-/// Whether this CPU takes interleaved weights ([`interleave`]): AVX-512 VNNI.
-fn interleaving() -> bool {
+/// Whether this CPU has AVX-512 VNNI (detected once): what the interleaved weights
+/// ([`interleave`]) and the integer GEMM ([`gemm`]) need.
+fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -654,8 +655,7 @@ impl OutPtr {
 fn int8_gemm(ty: GgmlType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VNNI.get_or_init(simd::has_vnni) && gemm::supports(ty)
+        vnni() && gemm::supports(ty)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

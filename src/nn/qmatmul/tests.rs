@@ -376,7 +376,7 @@ fn multi_row_products_equal_one_row_products() {
 /// 70; matrices whose rows are not whole octets keep their stored layout.
 #[test]
 fn interleaved_products_are_exact_and_the_same_for_any_rows() {
-    if !interleaving() {
+    if !vnni() {
         println!("interleaved weights: SKIPPED, this CPU lacks AVX-512 VNNI");
         return;
     }
