@@ -25,6 +25,9 @@ use crate::weights::quant::GgmlType;
 /// Rows interleaved together.
 pub const ROWS: usize = 8;
 
+/// How far ahead of the block being multiplied its weights are prefetched, in bytes.
+const AHEAD: usize = 1024;
+
 /// Whether [`Interleaved::new`] takes weights of `ty`.
 pub fn supports(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
@@ -106,7 +109,10 @@ impl Interleaved {
 
     /// The dot products of octet `o`'s eight rows with each of the `m` activation rows of
     /// `qs` (int8, `cols` per row; block scales `d` and sums `s` as [`super::QAct`] holds
-    /// them): activation `r`'s eight go to `y + r · stride`.
+    /// them): activation `r`'s eight go to `y + r · stride`. Up to eight activation rows
+    /// share one pass over the octet's weights (each weight vector loaded and unpacked
+    /// once for all of them), so a decoding batch of eight streams the weights once while
+    /// it computes; each row runs the same instructions whatever is beside it.
     ///
     /// # Safety
     /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
@@ -124,68 +130,107 @@ impl Interleaved {
         y: *mut f32,
         stride: usize,
     ) {
-        use std::arch::x86_64::*;
         let (cols, nb) = (self.cols, self.cols / 32);
         assert!(o < self.octets());
         assert!(qs.len() >= m * cols && d.len() >= m * nb && s.len() >= m * nb);
-        let code_bytes = if self.ty == GgmlType::Q8_0 { 256 } else { 128 };
+        let mut r = 0;
+        while r < m {
+            let n = (m - r).min(8);
+            let (qs, d, s) = (&qs[r * cols..], &d[r * nb..], &s[r * nb..]);
+            let y = y.add(r * stride);
+            // SAFETY (all arms): the caller's guarantees, for rows r..r + n
+            match n {
+                8 => self.pass::<8>(o, qs, d, s, y, stride),
+                7 => self.pass::<7>(o, qs, d, s, y, stride),
+                6 => self.pass::<6>(o, qs, d, s, y, stride),
+                5 => self.pass::<5>(o, qs, d, s, y, stride),
+                4 => self.pass::<4>(o, qs, d, s, y, stride),
+                3 => self.pass::<3>(o, qs, d, s, y, stride),
+                2 => self.pass::<2>(o, qs, d, s, y, stride),
+                _ => self.pass::<1>(o, qs, d, s, y, stride),
+            }
+            r += n;
+        }
+    }
+
+    /// [`Interleaved::octet`] for `N` activation rows (the lengths checked by the caller).
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s, with `m = N`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn pass<const N: usize>(
+        &self,
+        o: usize,
+        qs: &[i8],
+        d: &[f32],
+        s: &[f32],
+        y: *mut f32,
+        stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (cols, nb) = (self.cols, self.cols / 32);
+        let q8 = self.ty == GgmlType::Q8_0;
+        let code_bytes = if q8 { 256 } else { 128 };
         let codes = self.codes.as_ptr().add(o * nb * code_bytes);
         let scales = self.scales.as_ptr().add(o * nb * ROWS);
         let mins = self.mins.as_ptr().wrapping_add(o * nb * ROWS);
         let ap = qs.as_ptr() as *const u8;
         let low = _mm256_set1_epi8(0x0F);
-        let mut r = 0;
-        while r < m {
-            let n = (m - r).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..nb {
-                let w = codes.add(b * code_bytes);
-                let load = |g: usize| _mm256_loadu_si256(w.add(32 * g) as *const __m256i);
-                let wv: [__m256i; 8] = if code_bytes == 256 {
-                    std::array::from_fn(load)
-                } else {
-                    let v: [__m256i; 4] = std::array::from_fn(load);
-                    std::array::from_fn(|g| match g {
-                        0..4 => _mm256_and_si256(v[g], low),
-                        _ => _mm256_and_si256(_mm256_srli_epi16(v[g - 4], 4), low),
-                    })
-                };
-                // nibble codes: group g < 4 holds values 4g.., group g ≥ 4 values 16 + 4(g−4)..
-                let at = |g: usize| match (code_bytes, g) {
-                    (256, _) | (_, 0..4) => 4 * g,
-                    _ => 16 + 4 * (g - 4),
-                };
-                let sc = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROWS) as *const __m128i));
-                let off = match self.ty {
-                    GgmlType::Q4_1 => {
-                        _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS) as *const __m128i))
-                    }
-                    GgmlType::Q4_0 => _mm256_mul_ps(sc, _mm256_set1_ps(-8.0)),
-                    _ => _mm256_mul_ps(sc, _mm256_set1_ps(-128.0)),
-                };
-                for (k, acc) in acc.iter_mut().enumerate().take(n) {
-                    let row = r + k;
-                    let a = ap.add(row * cols + 32 * b);
-                    let bcast =
-                        |g: usize| _mm256_set1_epi32((a.add(at(g)) as *const i32).read_unaligned());
-                    // two chains of four, so the products overlap
-                    let mut s0 = _mm256_setzero_si256();
-                    let mut s1 = _mm256_setzero_si256();
-                    for g in (0..8).step_by(2) {
-                        s0 = _mm256_dpbusd_epi32(s0, wv[g], bcast(g));
-                        s1 = _mm256_dpbusd_epi32(s1, wv[g + 1], bcast(g + 1));
-                    }
-                    let sum = _mm256_add_epi32(s0, s1);
-                    let da = _mm256_set1_ps(*d.get_unchecked(row * nb + b));
-                    let sa = _mm256_set1_ps(*s.get_unchecked(row * nb + b));
-                    *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, da), _mm256_cvtepi32_ps(sum), *acc);
-                    *acc = _mm256_fmadd_ps(off, sa, *acc);
+        // where group g's four activation bytes start in a block: nibble codes' group
+        // g < 4 holds values 4g.., group g ≥ 4 values 16 + 4(g − 4)..
+        let mut at = [0usize; 8];
+        for (g, a) in at.iter_mut().enumerate() {
+            *a = if q8 || g < 4 { 4 * g } else { 16 + 4 * (g - 4) };
+        }
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            let w = codes.add(b * code_bytes);
+            // the weights a few blocks on (past the octet's end: the next octet's), so
+            // the stream from memory keeps ahead of the products
+            for l in (0..code_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(AHEAD + l) as *const i8);
+            }
+            let mut wv = [_mm256_setzero_si256(); 8];
+            if q8 {
+                for (g, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_si256(w.add(32 * g) as *const __m256i);
+                }
+            } else {
+                for g in 0..4 {
+                    let v = _mm256_loadu_si256(w.add(32 * g) as *const __m256i);
+                    wv[g] = _mm256_and_si256(v, low);
+                    wv[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 }
             }
-            for (k, a) in acc.iter().enumerate().take(n) {
-                _mm256_storeu_ps(y.add((r + k) * stride), *a);
+            let sc = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(b * ROWS) as *const __m128i));
+            let off = match self.ty {
+                GgmlType::Q4_1 => {
+                    _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS) as *const __m128i))
+                }
+                GgmlType::Q4_0 => _mm256_mul_ps(sc, _mm256_set1_ps(-8.0)),
+                _ => _mm256_mul_ps(sc, _mm256_set1_ps(-128.0)),
+            };
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let a = ap.add(k * cols + 32 * b);
+                // two chains of four, so the products overlap
+                let mut s0 = _mm256_setzero_si256();
+                let mut s1 = _mm256_setzero_si256();
+                for g in (0..8).step_by(2) {
+                    let a0 = _mm256_set1_epi32((a.add(at[g]) as *const i32).read_unaligned());
+                    let a1 = _mm256_set1_epi32((a.add(at[g + 1]) as *const i32).read_unaligned());
+                    s0 = _mm256_dpbusd_epi32(s0, wv[g], a0);
+                    s1 = _mm256_dpbusd_epi32(s1, wv[g + 1], a1);
+                }
+                let sum = _mm256_add_epi32(s0, s1);
+                let da = _mm256_set1_ps(*d.get_unchecked(k * nb + b));
+                let sa = _mm256_set1_ps(*s.get_unchecked(k * nb + b));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, da), _mm256_cvtepi32_ps(sum), *acc);
+                *acc = _mm256_fmadd_ps(off, sa, *acc);
             }
-            r += n;
+        }
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(k * stride), *a);
         }
     }
 }
