@@ -62,12 +62,82 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]
     }
 }
 
-/// Run `f(row_index, out_row)` over rows of width `w`, in parallel when the work is large.
+/// Run `f(row_index, out_row)` over rows of width `w`, in parallel when the work is large,
+/// each row's loops compiled for the widest vectors this CPU has ([`widest`]).
 fn for_rows(out: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o));
+        out.par_chunks_mut(w)
+            .enumerate()
+            .for_each(|(r, o)| widest(|| f(r, o)));
     } else {
-        out.chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o));
+        widest(|| out.chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o)));
+    }
+}
+
+/// The widest vector instructions this CPU has, detected once.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Width {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Width {
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static WIDTH: std::sync::OnceLock<Width> = std::sync::OnceLock::new();
+            *WIDTH.get_or_init(|| {
+                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+                if avx2 && is_x86_feature_detected!("avx512f") {
+                    Width::Avx512
+                } else if avx2 {
+                    Width::Avx2
+                } else {
+                    Width::Baseline
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Width::Baseline
+    }
+}
+
+/// `body()` compiled for the widest vector instructions this CPU has: its loops (with the
+/// closures they call inlined) vectorise to 512 or 256 bits instead of baseline x86-64's
+/// 128. Elementwise arithmetic gives the same bits at every width (no operation is fused
+/// or reordered), so results do not depend on the machine.
+#[inline(always)]
+pub(crate) fn widest<R>(body: impl FnOnce() -> R) -> R {
+    on(Width::detect(), body)
+}
+
+/// `body()` compiled for `width` (which this CPU must have).
+#[inline(always)]
+pub(crate) fn on<R>(width: Width, body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        match width {
+            // SAFETY: Width::detect found these features on this CPU
+            Width::Avx512 => unsafe { avx512(body) },
+            Width::Avx2 => unsafe { avx2(body) },
+            Width::Baseline => body(),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = width;
+        body()
     }
 }
 
@@ -143,6 +213,7 @@ pub fn max_of(v: &[f32]) -> f32 {
 }
 
 /// `v ← softmax(scale · v)` in place (max subtracted first).
+#[inline]
 pub(crate) fn softmax_in_place(v: &mut [f32], scale: f32) {
     let max = max_of(v);
     for x in v.iter_mut() {
@@ -181,15 +252,16 @@ fn map2(
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
-/// Apply `f(offset, out_chunk)` over `out` in chunks, in parallel when the work is large.
+/// Apply `f(offset, out_chunk)` over `out` in chunks, in parallel when the work is large,
+/// compiled for the widest vectors this CPU has ([`widest`]).
 fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     const CHUNK: usize = 1 << 12;
     if out.len() >= PAR_MIN {
         out.par_chunks_mut(CHUNK)
             .enumerate()
-            .for_each(|(i, o)| f(i * CHUNK, o));
+            .for_each(|(i, o)| widest(|| f(i * CHUNK, o)));
     } else {
-        f(0, out);
+        widest(|| f(0, out));
     }
 }
 
@@ -755,5 +827,73 @@ mod exp_tests {
             let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(super::max_of(&v), max, "max of {n}");
         }
+    }
+}
+
+#[cfg(test)]
+mod width_tests {
+    use super::*;
+
+    /// The loops of the fused ops give the same bits compiled for every vector width this
+    /// CPU has (SwiGLU, GELU, RMS scaling, softmax): nothing is fused or reordered.
+    #[test]
+    fn every_width_gives_the_same_bits() {
+        let n = 4099;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let u: Vec<f32> = (0..n)
+            .map(|i| ((i * 104729) % 997) as f32 / 300.0 - 1.5)
+            .collect();
+        let run = |width: Width| -> Vec<f32> {
+            on(width, || {
+                let mut out: Vec<f32> = x
+                    .iter()
+                    .zip(&u)
+                    .map(|(&g, &u)| g * sigmoid(g) * u + gelu_tanh(u) + gelu_tanh_grad(g))
+                    .collect();
+                let r = rstd(&x, 1e-6);
+                out.iter_mut().zip(&x).for_each(|(o, &v)| *o += v * r);
+                softmax_in_place(&mut out[..1000], 0.5);
+                out
+            })
+        };
+        let want = run(Width::Baseline);
+        let mut ran = vec!["baseline"];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            for (width, have, name) in [
+                (Width::Avx2, avx2, "avx2"),
+                (
+                    Width::Avx512,
+                    avx2 && is_x86_feature_detected!("avx512f"),
+                    "avx512",
+                ),
+            ] {
+                if !have {
+                    println!("vector width {name}: SKIPPED (this CPU lacks it)");
+                    continue;
+                }
+                let got = run(width);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{name}, value {i}: {a} vs {b}");
+                }
+                ran.push(name);
+            }
+        }
+        println!("vector widths run: {}", ran.join(", "));
+        assert_eq!(Width::detect(), {
+            #[cfg(target_arch = "x86_64")]
+            {
+                match ran.last() {
+                    Some(&"avx512") => Width::Avx512,
+                    Some(&"avx2") => Width::Avx2,
+                    _ => Width::Baseline,
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Width::Baseline
+        });
     }
 }
