@@ -185,12 +185,13 @@ pub fn tempdir(name: &str) -> std::path::PathBuf {
 
 /// Continuous batching: prompts of different lengths prefilled together (right-padded),
 /// then fed one token each per batched pass, each sequence with its own cache, give the
-/// logits and routes of each sequence fed alone.
+/// logits and routes of each sequence fed alone; with caches in the compute type and in f16.
 #[test]
 fn batched_decoding_equals_each_sequence_alone() {
     use routelm::model::{Cache, TokenRoute};
-    for v in 0..VARIANTS {
-        let m = model(v, 3);
+    for (v, kv) in (0..VARIANTS).flat_map(|v| [(v, None), (v, Some(DType::F16))]) {
+        let mut m = model(v, 3);
+        m.set_kv_cache_dtype(kv);
         let prompts: [&[u32]; 3] = [&SEQ[..2], &SEQ[3..8], &SEQ[1..4]];
         let mut alone: Vec<Cache> = prompts.iter().map(|_| m.new_cache()).collect();
         let firsts: Vec<_> = prompts
@@ -206,7 +207,7 @@ fn batched_decoding_equals_each_sequence_alone() {
             );
             assert!(
                 d <= 1e-5,
-                "variant {v}, prompt {i}: prefilled logits differ by {d}"
+                "variant {v} (cache {kv:?}), prompt {i}: prefilled logits differ by {d}"
             );
             assert_eq!(routes[i], TokenRoute::of_last(&out.moe, &out.depth));
             assert_eq!(batch[i].pos(), p.len());
@@ -225,12 +226,12 @@ fn batched_decoding_equals_each_sequence_alone() {
                 );
                 assert!(
                     d <= 1e-5,
-                    "variant {v}, step {step}, row {i}: batched logits differ by {d}"
+                    "variant {v} (cache {kv:?}), step {step}, row {i}: batched logits differ by {d}"
                 );
                 let want = TokenRoute::of_last(&out.moe, &out.depth);
                 assert_eq!(
                     routes[i], want,
-                    "variant {v}, step {step}, row {i}: routes differ"
+                    "variant {v} (cache {kv:?}), step {step}, row {i}: routes differ"
                 );
                 saw_route |= !want.experts.is_empty() || !want.blocks.is_empty();
             }
@@ -242,8 +243,55 @@ fn batched_decoding_equals_each_sequence_alone() {
             m.config.moe_layers().next().is_some() || m.config.depth_layers().next().is_some();
         assert_eq!(
             saw_route, routed,
-            "variant {v}: routes reported for a routed model only"
+            "variant {v} (cache {kv:?}): routes reported for a routed model only"
         );
+    }
+}
+
+/// Caches holding keys and values in f16: half the bytes a token costs; decoding token by
+/// token stays within f16's rounding of the uncached forward (and is not bit-equal to the
+/// f32 cache's, so the cache really holds f16). (Batched against alone with f16 caches:
+/// `batched_decoding_equals_each_sequence_alone`.)
+#[test]
+fn f16_caches_decode_within_rounding() {
+    use routelm::model::Cache;
+    for v in 0..VARIANTS {
+        let mut m = model(v, 5);
+        if m.config.encoder_layers > 0 {
+            continue;
+        }
+        let full = causal(&m, &ids(&SEQ[..6], 1));
+        let step_by_step = |m: &Model| -> (Tensor, Cache) {
+            let mut c = m.new_cache();
+            let rows: Vec<Tensor> = SEQ[..6]
+                .iter()
+                .map(|&t| {
+                    let out = m.forward(&ids(&[t], 1), Some(&mut c), true).unwrap();
+                    out.logits.reshape((1, 40)).unwrap()
+                })
+                .collect();
+            (Tensor::cat(&rows, 0).unwrap(), c)
+        };
+        let (f32_steps, f32_cache) = step_by_step(&m);
+        m.set_kv_cache_dtype(Some(DType::F16));
+        let (f16_steps, f16_cache) = step_by_step(&m);
+        let full = full.reshape((6, 40)).unwrap();
+        let scale = 1.0 + max_abs_diff(&full, &full.zeros_like().unwrap());
+        let (d32, d16) = (
+            max_abs_diff(&f32_steps, &full),
+            max_abs_diff(&f16_steps, &full),
+        );
+        assert!(d32 <= 1e-4 * scale, "variant {v}: f32 cache off by {d32}");
+        assert!(
+            d16 <= 1.5e-3 * scale,
+            "variant {v}: f16 cache off by {d16} (logits up to {scale})"
+        );
+        let held = |c: &Cache| c.layers.iter().map(|l| l.bytes_per_token()).sum::<usize>();
+        // (latent attention keeps its latent rows as computed)
+        if m.config.mla.is_none() {
+            assert_eq!(held(&f16_cache) * 2, held(&f32_cache), "variant {v}");
+            assert!(d16 != d32, "variant {v}: the f16 cache changed nothing");
+        }
     }
 }
 

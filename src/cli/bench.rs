@@ -55,6 +55,8 @@ enum What {
         batch: usize,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        kv: super::KvCacheArg,
     },
     /// Prefill speed: one forward pass over a prompt of `--tokens` random tokens through an
     /// empty KV cache, logits for the last position only (what sampling does before its
@@ -143,7 +145,8 @@ pub fn run(a: Args) -> Result<()> {
             tokens,
             batch,
             json,
-        } => bench_decode(model, &config, tokens, batch, json),
+            kv,
+        } => bench_decode(model, &config, tokens, batch, json, kv),
         What::Prefill {
             model,
             config,
@@ -390,13 +393,15 @@ fn bench_decode(
     tokens: usize,
     batch: usize,
     json: bool,
+    kv: super::KvCacheArg,
 ) -> Result<()> {
-    let model = match &model_dir {
+    let mut model = match &model_dir {
         Some(d) => {
             routelm::arch::load_dir(&super::model_dir(d), DType::F32, &super::device())?.model
         }
         None => random_model(&preset(name)?.0)?,
     };
+    kv.apply(&mut model);
     let cfg = &model.config;
     let ledger = FlopLedger::new(cfg, 64);
     // weights read per token: every active parameter, but only one row of an untied
@@ -435,8 +440,9 @@ fn bench_decode(
         None
     };
     let what = model_dir.map_or(name.to_string(), |d| d.display().to_string());
+    let kv_cache = format!("{:?}", model.kv_cache_dtype().unwrap_or(DType::F32)).to_lowercase();
     if json {
-        let mut j = serde_json::json!({ "model": what, "tokens_per_s": tps, "bound_tokens_per_s": bound, "ratio": ratio, "copy_gb_per_s": bandwidth / 1e9, "weight_mb_per_token": bytes / 1e6 });
+        let mut j = serde_json::json!({ "model": what, "tokens_per_s": tps, "bound_tokens_per_s": bound, "ratio": ratio, "copy_gb_per_s": bandwidth / 1e9, "weight_mb_per_token": bytes / 1e6, "kv_cache": kv_cache });
         if let Some(b) = batched {
             j["batch"] = batch.into();
             j["batch_tokens_per_s"] = b.into();
@@ -449,7 +455,7 @@ fn bench_decode(
             _ => "stored weights read in place",
         };
         println!(
-            "bench decode ({what}, {:.1}M params, {form})",
+            "bench decode ({what}, {:.1}M params, {form}, {kv_cache} KV cache)",
             ledger.total_params as f64 / 1e6
         );
         println!("  decode:                 {tps:.1} tokens/s ({tokens} new tokens after 32; median of 3 passes)");

@@ -39,6 +39,8 @@ pub struct Args {
     prompt_words: usize,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    kv: super::KvCacheArg,
 }
 
 /// One client's measurements.
@@ -85,12 +87,10 @@ pub fn run(a: Args) -> Result<()> {
             }
             (None, Some(model)) => {
                 let path = super::model_dir(model);
-                let cm = Arc::new(ChatModel::load(
-                    &path,
-                    None,
-                    candle_core::DType::F32,
-                    &super::device(),
-                )?);
+                let mut cm =
+                    ChatModel::load(&path, None, candle_core::DType::F32, &super::device())?;
+                a.kv.apply(&mut cm.model);
+                let cm = Arc::new(cm);
                 let limits = Limits {
                     parallel: a.parallel.unwrap_or(a.clients),
                     queue: a.clients.max(1),

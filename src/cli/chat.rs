@@ -30,6 +30,8 @@ pub struct Args {
     max_tokens: usize,
     #[command(flatten)]
     sampling: super::Sampling,
+    #[command(flatten)]
+    kv: super::KvCacheArg,
     /// Compute dtype: f32 (default), bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
@@ -37,7 +39,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let path = super::model_dir(&a.model);
-    let cm = ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device())?;
+    let mut cm = ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device())?;
+    a.kv.apply(&mut cm.model);
     if !cm.own_template {
         eprintln!(
             "{}: no chat template; talking with plain `role: text` lines",

@@ -33,6 +33,8 @@ pub struct Args {
     dtype: candle_core::DType,
     #[command(flatten)]
     sampling: super::Sampling,
+    #[command(flatten)]
+    kv: super::KvCacheArg,
     /// Stop when this string appears (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
@@ -49,8 +51,9 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model =
+    let mut model =
         routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
+    a.kv.apply(&mut model);
     // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
     let tok = match (
         a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,

@@ -237,6 +237,33 @@ pub fn say(pb: &ProgressBar, line: String) {
     }
 }
 
+/// `--kv-cache`: the type a decoding cache holds keys and values in.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct KvCacheArg {
+    /// Type the KV cache holds keys and values in: compute (the compute dtype, exact) or
+    /// f16 (half the memory per cached token and half the bytes each step reads of it, as
+    /// llama.cpp's default cache; keys and values are rounded to f16, attention still
+    /// computes in f32).
+    #[arg(long = "kv-cache", value_enum, default_value_t = KvCacheType::Compute)]
+    kv_cache: KvCacheType,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheType {
+    Compute,
+    F16,
+}
+
+impl KvCacheArg {
+    /// Set the model's cache type.
+    pub fn apply(self, model: &mut routelm::Model) {
+        model.set_kv_cache_dtype(match self.kv_cache {
+            KvCacheType::Compute => None,
+            KvCacheType::F16 => Some(candle_core::DType::F16),
+        });
+    }
+}
+
 /// Sampling options of `generate` and `chat`; a value not given comes from the model's
 /// generation_config.json, else the defaults below.
 #[derive(clap::Args, Debug, Clone)]

@@ -61,17 +61,16 @@ pub struct Args {
     /// Compute dtype: f32 (default), bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = super::parse_dtype)]
     dtype: candle_core::DType,
+    #[command(flatten)]
+    kv: super::KvCacheArg,
 }
 
 pub fn run(a: Args) -> Result<()> {
     super::ignore_broken_pipes();
     let path = super::model_dir(&a.model);
-    let cm = Arc::new(ChatModel::load(
-        &path,
-        a.lora.as_deref(),
-        a.dtype,
-        &super::device(),
-    )?);
+    let mut cm = ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device())?;
+    a.kv.apply(&mut cm.model);
+    let cm = Arc::new(cm);
     if !cm.own_template {
         eprintln!(
             "{}: no chat template; chats use plain `role: text` lines",

@@ -1,7 +1,7 @@
 //! The cache of a whole model for incremental decoding: one [`KvCache`] per layer, the next
 //! position, and what a restart needs.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 pub use crate::nn::kv_cache::KvCache;
 
@@ -18,9 +18,11 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(n_layers: usize) -> Self {
+    /// An empty cache of `n_layers` layers, keys and values held in `dtype` (`None`: in
+    /// the type they are computed in).
+    pub fn new(n_layers: usize, dtype: Option<DType>) -> Self {
         Self {
-            layers: vec![KvCache::default(); n_layers],
+            layers: vec![KvCache::with_dtype(dtype); n_layers],
             pos: 0,
             fed: Vec::new(),
         }

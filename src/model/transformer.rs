@@ -2,7 +2,7 @@
 //! implementation for every configuration: the options in [`ModelConfig`] select norms,
 //! positions, block wiring and attention variants; nothing here knows model families.
 
-use candle_core::{Device, Result as CResult, Tensor};
+use candle_core::{DType, Device, Result as CResult, Tensor};
 use std::collections::BTreeMap;
 
 use super::block::{Block, Ffn};
@@ -93,6 +93,8 @@ pub struct Model {
     /// `(values, bytes)` of the stored weights a decoded token reads (every stored
     /// matrix but an untied embedding table, of which it reads one row).
     stored_read: (usize, usize),
+    /// The type decoding caches hold keys and values in; `None`: the compute type.
+    kv_dtype: Option<DType>,
     positions: Option<Tensor>,
     blocks: Vec<Block>,
     norm: Norm,
@@ -522,6 +524,7 @@ impl Model {
             norm: parts.norm("model.norm")?,
             embed_stored,
             stored_read: (0, 0),
+            kv_dtype: None,
             head,
             rope,
             local_rope,
@@ -930,6 +933,18 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> Cache {
-        Cache::new(self.blocks.len())
+        Cache::new(self.blocks.len(), self.kv_dtype)
+    }
+
+    /// Hold the keys and values of the caches made from now on in `dtype` (`None`: the
+    /// compute type). f16 halves a cached token's memory and what each step reads of it;
+    /// attention still computes in f32. A model starts with caches of its compute type.
+    pub fn set_kv_cache_dtype(&mut self, dtype: Option<DType>) {
+        self.kv_dtype = dtype;
+    }
+
+    /// The type caches hold keys and values in (`None`: the compute type).
+    pub fn kv_cache_dtype(&self) -> Option<DType> {
+        self.kv_dtype
     }
 }

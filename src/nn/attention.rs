@@ -152,6 +152,7 @@ impl Attention {
                 (q, k, v)
             }
         };
+        let cached = cache.is_some();
         let (k, v) = match cache {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
@@ -159,6 +160,32 @@ impl Attention {
         let opts = AttentionOptions {
             bias: pos.bias.cloned(),
             ..self.options()
+        };
+        if cached && t == 1 && pos.bias.is_none() && self.decodes_in_one_pass(&q, &k, &v) {
+            // one new token over its cache: the decoding loops (which read an f16 cache
+            // as it is)
+            let keys = (0..b)
+                .map(|i| k.narrow(0, i, 1))
+                .collect::<Result<Vec<_>>>()?;
+            let values = (0..b)
+                .map(|i| v.narrow(0, i, 1))
+                .collect::<Result<Vec<_>>>()?;
+            let y = super::decode_attention::decode_attention(
+                &q,
+                &keys,
+                &values,
+                self.scale as f32,
+                self.window,
+                self.alibi,
+            )?;
+            let dv = y.dim(3)?;
+            return self.o.forward(&y.reshape((b, t, h * dv))?);
+        }
+        // a cache held narrower than the queries is widened for the prompt's attention
+        let (k, v) = if k.dtype() != q.dtype() {
+            (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?)
+        } else {
+            (k, v)
         };
         let y = causal_attention(&q, &k, &v, &opts)?; // (b, t, h, dv)
         let dv = y.dim(3)?;
@@ -196,14 +223,7 @@ impl Attention {
         for (i, cache) in caches.iter_mut().enumerate() {
             kvs.push(cache.append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?);
         }
-        let one_pass = self.softcap.is_none()
-            && self.causal
-            && kvs.iter().all(|(k, v)| {
-                k.dtype() == DType::F32
-                    && v.dtype() == DType::F32
-                    && k.is_contiguous()
-                    && v.is_contiguous()
-            });
+        let one_pass = kvs.iter().all(|(k, v)| self.decodes_in_one_pass(&q, k, v));
         let y = if one_pass {
             let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = kvs.into_iter().unzip();
             super::decode_attention::decode_attention(
@@ -218,12 +238,31 @@ impl Attention {
             let ys = kvs
                 .iter()
                 .enumerate()
-                .map(|(i, (ki, vi))| causal_attention(&q.narrow(0, i, 1)?, ki, vi, &opts))
+                .map(|(i, (ki, vi))| {
+                    let (ki, vi) = (ki.to_dtype(q.dtype())?, vi.to_dtype(q.dtype())?);
+                    causal_attention(&q.narrow(0, i, 1)?, &ki, &vi, &opts)
+                })
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&ys, 0)?
         };
         let dv = y.dim(3)?;
         self.o.forward(&y.reshape((b, 1, self.n_heads * dv))?)
+    }
+
+    /// Whether queries `q` (one token each) over cached keys `k` and values `v` take
+    /// [`decode_attention`](super::decode_attention::decode_attention)'s loops: f32
+    /// queries, an f32 or f16 cache, causal attention without a soft-cap.
+    fn decodes_in_one_pass(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+        self.softcap.is_none()
+            && self.causal
+            && q.dtype() == DType::F32
+            && k.dtype() == v.dtype()
+            && matches!(k.dtype(), DType::F32 | DType::F16)
+            && q.device().is_cpu()
+            && (0..k.dim(0).unwrap_or(0)).all(|i| {
+                let one = |t: &Tensor| t.narrow(0, i, 1).is_ok_and(|t| t.is_contiguous());
+                one(k) && one(v)
+            })
     }
 
     fn options(&self) -> AttentionOptions {

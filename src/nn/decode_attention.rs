@@ -2,24 +2,68 @@
 //! values, in one parallel region over (sequence, key-value head) pairs: what a batched
 //! decoding step needs, where each sequence's cache has its own length. Scores, softmax
 //! and the weighted sum of values are plain loops over the cached rows (a single query row
-//! gains nothing from a GEMM, whose set-up cost dominated per-sequence calls).
+//! gains nothing from a GEMM, whose set-up cost dominated per-sequence calls). Caches
+//! may hold their keys and values in f32 or f16; f16 values are widened as they are read.
 
 use candle_core::{DType, Result, Storage, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use super::causal_attention::alibi_slopes;
 
-/// Where an operand's values are: a contiguous f32 CPU tensor (keys and values one
+/// Where an operand's values are: a contiguous CPU tensor of `dtype` (keys and values one
 /// sequence's, `(1, len, h_kv, d)`).
-fn view(t: &Tensor, what: &str, one: bool) -> Result<(usize, usize)> {
+fn view(t: &Tensor, what: &str, one: bool, dtype: DType) -> Result<(usize, usize)> {
     let (n, _, _, _) = t.dims4()?;
-    if (one && n != 1) || t.dtype() != DType::F32 || !t.is_contiguous() || !t.device().is_cpu() {
+    if (one && n != 1) || t.dtype() != dtype || !t.is_contiguous() || !t.device().is_cpu() {
         candle_core::bail!(
-            "decode attention: {what} must be a contiguous f32 CPU tensor of one sequence"
+            "decode attention: {what} must be a contiguous {dtype:?} CPU tensor of one sequence"
         )
     }
     let (_, layout) = t.storage_and_layout();
     Ok((layout.start_offset(), t.elem_count()))
+}
+
+/// A type cached keys and values are held in: f32, or f16 widened as it is read.
+pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
+    /// `row` as f32: itself, or converted into `buf` (at least as long).
+    fn as_f32<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+    /// Sixteen values from `p` as f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `p` has sixteen readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn as_f32<'a>(row: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        row
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn as_f32<'a>(row: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let out = &mut buf[..row.len()];
+        row.convert_to_f32_slice(out);
+        out
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
 }
 
 /// `q: (b, 1, h, d)` against `keys[i], values[i]: (1, len_i, h_kv, d|dv)` (sequence `i`'s
@@ -68,63 +112,93 @@ fn attention_on(
             )
         }
     }
+    let shape = Shape {
+        h,
+        hkv,
+        d,
+        dv,
+        scale,
+        window,
+        alibi,
+    };
+    let out = match keys[0].dtype() {
+        DType::F16 => attend_all::<f16>(simd, &q, keys, values, &shape)?,
+        _ => attend_all::<f32>(simd, &q, keys, values, &shape)?,
+    };
+    Tensor::from_vec(out, (b, 1, h, dv), q.device())
+}
+
+/// One call's shape and options.
+struct Shape {
+    h: usize,
+    hkv: usize,
+    d: usize,
+    dv: usize,
+    scale: f32,
+    window: Option<usize>,
+    alibi: bool,
+}
+
+/// The outputs `(b, h, dv)` of [`attention_on`] for caches holding `E`.
+fn attend_all<E: Elem>(
+    simd: Simd,
+    q: &Tensor,
+    keys: &[Tensor],
+    values: &[Tensor],
+    sh: &Shape,
+) -> Result<Vec<f32>> {
+    let b = keys.len();
+    let (h, dv) = (sh.h, sh.dv);
     // hold every operand's storage while the raw slices are read
     let guards: Vec<_> = keys
         .iter()
         .chain(values)
-        .chain(std::iter::once(&q))
         .map(|t| t.storage_and_layout())
         .collect();
-    let mut slices = Vec::with_capacity(guards.len());
+    let mut slices: Vec<&[E]> = Vec::with_capacity(guards.len());
     for (i, (g, _)) in guards.iter().enumerate() {
         let Storage::Cpu(s) = &**g else {
             candle_core::bail!("decode attention: operands must be on the CPU")
         };
-        let t = if i < b {
-            &keys[i]
-        } else if i < 2 * b {
-            &values[i - b]
-        } else {
-            &q
-        };
         let (start, n) = match i {
-            _ if i < b => view(t, "keys", true)?,
-            _ if i < 2 * b => view(t, "values", true)?,
-            _ => view(t, "queries", false)?,
+            _ if i < b => view(&keys[i], "keys", true, E::DTYPE)?,
+            _ => view(&values[i - b], "values", true, E::DTYPE)?,
         };
-        slices.push(&s.as_slice::<f32>()?[start..start + n]);
+        slices.push(&s.as_slice::<E>()?[start..start + n]);
     }
-    let (ks, rest) = slices.split_at(b);
-    let (vs, qs) = rest.split_at(b);
-    let qs = qs[0];
-    let slopes = alibi.then(|| alibi_slopes(h));
-    let group = h / hkv;
+    let (qg, _) = q.storage_and_layout();
+    let Storage::Cpu(qs) = &*qg else {
+        candle_core::bail!("decode attention: operands must be on the CPU")
+    };
+    let (start, n) = view(q, "queries", false, DType::F32)?;
+    let qs = &qs.as_slice::<f32>()?[start..start + n];
+    let (ks, vs) = slices.split_at(b);
+    let slopes = sh.alibi.then(|| alibi_slopes(h));
+    let group = h / sh.hkv;
     let mut out = vec![0f32; b * h * dv];
     let heads = Heads {
         ks,
         vs,
         qs,
-        hkv,
-        d,
+        hkv: sh.hkv,
+        d: sh.d,
         dv,
         group,
         h,
-        scale,
-        window,
+        scale: sh.scale,
+        window: sh.window,
         slopes: slopes.as_deref(),
     };
     out.par_chunks_mut(group * dv)
         .enumerate()
         .for_each(|(task, o)| simd.run(&heads, task, o));
-    drop(slices);
-    drop(guards);
-    Tensor::from_vec(out, (b, 1, h, dv), q.device())
+    Ok(out)
 }
 
 /// One call's operands and shape, shared by the tasks.
-struct Heads<'a> {
-    ks: &'a [&'a [f32]],
-    vs: &'a [&'a [f32]],
+struct Heads<'a, E> {
+    ks: &'a [&'a [E]],
+    vs: &'a [&'a [E]],
     qs: &'a [f32],
     hkv: usize,
     d: usize,
@@ -161,7 +235,7 @@ impl Simd {
     }
 
     /// Task `task` (a sequence and key-value head): its query heads' outputs into `o`.
-    fn run(self, x: &Heads, task: usize, o: &mut [f32]) {
+    fn run<E: Elem>(self, x: &Heads<E>, task: usize, o: &mut [f32]) {
         match self {
             Simd::Portable => attend(x, task, o),
             // SAFETY: the features were detected at run time
@@ -175,7 +249,7 @@ impl Simd {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(x: &Heads, task: usize, o: &mut [f32]) {
+unsafe fn attend_avx2<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
     attend(x, task, o)
 }
 
@@ -185,25 +259,25 @@ unsafe fn attend_avx2(x: &Heads, task: usize, o: &mut [f32]) {
 /// are not a multiple of 16, or groups of more than 8 heads, take the compiled loops.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Heads;
+    use super::{Elem, Heads};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn attend(x: &Heads, task: usize, o: &mut [f32]) {
+    pub(super) unsafe fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
         if !x.d.is_multiple_of(16) || !x.dv.is_multiple_of(16) {
             return super::attend(x, task, o);
         }
         // SAFETY (all arms): the caller checked avx512f
         unsafe {
             match x.group {
-                1 => grouped::<1>(x, task, o),
-                2 => grouped::<2>(x, task, o),
-                3 => grouped::<3>(x, task, o),
-                4 => grouped::<4>(x, task, o),
-                5 => grouped::<5>(x, task, o),
-                6 => grouped::<6>(x, task, o),
-                7 => grouped::<7>(x, task, o),
-                8 => grouped::<8>(x, task, o),
+                1 => grouped::<E, 1>(x, task, o),
+                2 => grouped::<E, 2>(x, task, o),
+                3 => grouped::<E, 3>(x, task, o),
+                4 => grouped::<E, 4>(x, task, o),
+                5 => grouped::<E, 5>(x, task, o),
+                6 => grouped::<E, 6>(x, task, o),
+                7 => grouped::<E, 7>(x, task, o),
+                8 => grouped::<E, 8>(x, task, o),
                 _ => super::attend(x, task, o),
             }
         }
@@ -241,7 +315,7 @@ mod avx512 {
 
     /// `G` query heads sharing one key-value head; `d` and `dv` multiples of 16.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn grouped<const G: usize>(x: &Heads, task: usize, o: &mut [f32]) {
+    unsafe fn grouped<E: Elem, const G: usize>(x: &Heads<E>, task: usize, o: &mut [f32]) {
         let (hkv, d, dv) = (x.hkv, x.d, x.dv);
         let (i, kv) = (task / hkv, task % hkv);
         let (k, v) = (x.ks[i], x.vs[i]);
@@ -264,7 +338,16 @@ mod avx512 {
         // instructions a key instead of a whole 16-lane reduction each
         let row = |j: usize| (((lo + j) * hkv + kv) * d, ((lo + j) * hkv + kv + 1) * d);
         let mut j = 0;
+        // rows this far ahead are fetched while the current ones are multiplied
+        const AHEAD: usize = 16;
+        let line = 64 / std::mem::size_of::<E>();
         while j + 8 <= n {
+            for t in 0..8 {
+                let at = row(j + t + AHEAD).0.min(k.len() - 1);
+                for c in (0..d).step_by(line) {
+                    _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().wrapping_add(at + c) as *const i8);
+                }
+            }
             for g in 0..G {
                 let mut acc = [_mm512_setzero_ps(); 8];
                 for c in (0..d).step_by(16) {
@@ -272,7 +355,7 @@ mod avx512 {
                     let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
                     for (t, a) in acc.iter_mut().enumerate() {
                         let kr = &k[row(j + t).0..row(j + t).1];
-                        let kc = unsafe { _mm512_loadu_ps(kr.as_ptr().add(c)) };
+                        let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
                         *a = _mm512_fmadd_ps(qc, kc, *a);
                     }
                 }
@@ -290,7 +373,7 @@ mod avx512 {
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..d).step_by(16) {
                 // SAFETY: c + 16 <= d, the length of kr and of each query row
-                let kc = unsafe { _mm512_loadu_ps(kr.as_ptr().add(c)) };
+                let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
                 for (g, a) in acc.iter_mut().enumerate() {
                     let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
                     *a = _mm512_fmadd_ps(qc, kc, *a);
@@ -310,15 +393,18 @@ mod avx512 {
             let mut acc = [[_mm512_setzero_ps(); 4]; G];
             for j in 0..n {
                 let pos = lo + j;
+                let ahead = ((pos + AHEAD) * hkv + kv) * dv + c;
+                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_add(ahead + line) as *const i8);
                 // SAFETY: c + 64 (or c + 16) <= dv, the length of the value row
                 let vr = unsafe { v.as_ptr().add((pos * hkv + kv) * dv + c) };
                 if wide {
                     let vc = unsafe {
                         [
-                            _mm512_loadu_ps(vr),
-                            _mm512_loadu_ps(vr.add(16)),
-                            _mm512_loadu_ps(vr.add(32)),
-                            _mm512_loadu_ps(vr.add(48)),
+                            E::load16(vr),
+                            E::load16(vr.add(16)),
+                            E::load16(vr.add(32)),
+                            E::load16(vr.add(48)),
                         ]
                     };
                     for (g, a) in acc.iter_mut().enumerate() {
@@ -328,7 +414,7 @@ mod avx512 {
                         }
                     }
                 } else {
-                    let vc = unsafe { _mm512_loadu_ps(vr) };
+                    let vc = unsafe { E::load16(vr) };
                     for (g, a) in acc.iter_mut().enumerate() {
                         a[0] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * n + j]), vc, a[0]);
                     }
@@ -349,7 +435,7 @@ mod avx512 {
 /// Scores of the task's query heads over the visible keys, softmax, weighted values
 /// (inlined into each instruction set's wrapper, which vectorises its loops).
 #[inline(always)]
-fn attend(x: &Heads, task: usize, o: &mut [f32]) {
+fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
     let (hkv, d, dv) = (x.hkv, x.d, x.dv);
     let (i, kv) = (task / hkv, task % hkv);
     let (k, v) = (x.ks[i], x.vs[i]);
@@ -359,12 +445,13 @@ fn attend(x: &Heads, task: usize, o: &mut [f32]) {
     let group = x.group;
     // each cached key and value row is read once for all the query heads that share it
     let mut p = vec![0f32; group * n];
+    let mut buf = vec![0f32; d.max(dv)];
     let first = kv * group;
     let q0 = (i * x.h + first) * d;
     let qs = &x.qs[q0..q0 + group * d];
     for j in 0..n {
         let pos = lo + j;
-        let kr = &k[(pos * hkv + kv) * d..(pos * hkv + kv + 1) * d];
+        let kr = E::as_f32(&k[(pos * hkv + kv) * d..(pos * hkv + kv + 1) * d], &mut buf);
         for g in 0..group {
             let mut s = dot(&qs[g * d..(g + 1) * d], kr) * x.scale;
             if let Some(sl) = x.slopes {
@@ -378,7 +465,10 @@ fn attend(x: &Heads, task: usize, o: &mut [f32]) {
     }
     for j in 0..n {
         let pos = lo + j;
-        let vr = &v[(pos * hkv + kv) * dv..(pos * hkv + kv + 1) * dv];
+        let vr = E::as_f32(
+            &v[(pos * hkv + kv) * dv..(pos * hkv + kv + 1) * dv],
+            &mut buf,
+        );
         for g in 0..group {
             let w = p[g * n + j];
             for (a, &b) in o[g * dv..(g + 1) * dv].iter_mut().zip(vr) {
@@ -467,8 +557,9 @@ mod tests {
 
     /// Every instruction set the machine has, on grouped and plain heads, widths that are
     /// and are not multiples of 16 (the 512-bit loops' 64- and 16-column steps and their
-    /// fallback), groups up to 8 and beyond, windows and ALiBi, caches of several lengths:
-    /// within 1e-5 of the f64 definition.
+    /// fallback), groups up to 8 and beyond, windows and ALiBi, caches of several lengths,
+    /// held in f32 and in f16: within 1e-5 of the f64 definition on the values the cache
+    /// holds (f16 keys and values rounded first).
     #[test]
     fn every_path_equals_the_definition() {
         let dev = Device::Cpu;
@@ -501,17 +592,32 @@ mod tests {
                 continue;
             }
             ran.push(format!("{simd:?}"));
-            for &(h, hkv, d, dv) in &shapes {
+            for (&(h, hkv, d, dv), dtype) in shapes
+                .iter()
+                .flat_map(|s| [(s, DType::F32), (s, DType::F16)])
+            {
+                // the values a cache of `dtype` holds
+                let held = |x: Vec<f32>| -> Vec<f32> {
+                    match dtype {
+                        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                        _ => x,
+                    }
+                };
                 for (window, alibi) in [(None, false), (Some(5), false), (None, true)] {
                     let b = lens.len();
                     let qv = rand(b * h * d);
                     let q = Tensor::from_vec(qv.clone(), (b, 1, h, d), &dev).unwrap();
                     let (mut ks, mut vs, mut kv_data) = (Vec::new(), Vec::new(), Vec::new());
                     for &len in &lens {
-                        let k = rand(len * hkv * d);
-                        let v = rand(len * hkv * dv);
-                        ks.push(Tensor::from_vec(k.clone(), (1, len, hkv, d), &dev).unwrap());
-                        vs.push(Tensor::from_vec(v.clone(), (1, len, hkv, dv), &dev).unwrap());
+                        let k = held(rand(len * hkv * d));
+                        let v = held(rand(len * hkv * dv));
+                        let cached = |x: &[f32], w: usize| {
+                            Tensor::from_vec(x.to_vec(), (1, len, hkv, w), &dev)
+                                .and_then(|t| t.to_dtype(dtype))
+                                .unwrap()
+                        };
+                        ks.push(cached(&k, d));
+                        vs.push(cached(&v, dv));
                         kv_data.push((k, v));
                     }
                     let scale = 1.0 / (d as f32).sqrt();
@@ -540,7 +646,7 @@ mod tests {
                         {
                             assert!(
                                 (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                "{simd:?}, heads {h}/{hkv}, widths {d}/{dv}, window {window:?}, alibi {alibi}, sequence {i} (length {len}), output {c}: {g} against {w}"
+                                "{simd:?}, {dtype:?} cache, heads {h}/{hkv}, widths {d}/{dv}, window {window:?}, alibi {alibi}, sequence {i} (length {len}), output {c}: {g} against {w}"
                             );
                         }
                     }

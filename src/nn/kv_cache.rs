@@ -3,8 +3,12 @@
 //! steady-state decoding does not reallocate; capacity doubles when a sequence outgrows it.
 //! Latent attention keeps one buffer of latent rows instead of keys and values; a decoder
 //! layer of an encoder-decoder also keeps its cross-attention keys and values.
+//!
+//! Keys and values may be held in a narrower type than they are computed in (f16, as
+//! llama.cpp keeps its cache): half the memory a token costs and half the bytes every later
+//! step reads; attention converts them back to f32 as it reads them.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// One layer's cache: keys and values, or (latent attention) one latent row per token
 /// from which both are read.
@@ -16,6 +20,8 @@ pub struct KvCache {
     /// A decoder layer's cross-attention keys and values of the encoder output, computed
     /// once per source.
     cross: Option<(Tensor, Tensor)>,
+    /// The type keys and values are held in; `None`: the type they come in.
+    dtype: Option<DType>,
 }
 
 /// Write `x: (b, t, h, d)` at positions `len..len + t` of `buf`, growing it (capacity
@@ -39,6 +45,14 @@ fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize) -> Result<Tensor> {
 }
 
 impl KvCache {
+    /// An empty cache holding keys and values in `dtype` (`None`: as they come).
+    pub fn with_dtype(dtype: Option<DType>) -> Self {
+        Self {
+            dtype,
+            ..Self::default()
+        }
+    }
+
     /// Number of positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -49,10 +63,16 @@ impl KvCache {
     }
 
     /// Append `k, v: (b, t, h_kv, d)` and return views `(b, len, h_kv, d)` of everything held.
+    /// In the cache's type, when it has one.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let held = |x: &Tensor| match self.dtype {
+            Some(d) if d != x.dtype() => x.to_dtype(d),
+            _ => Ok(x.clone()),
+        };
+        let (k, v) = (held(k)?, held(v)?);
         let kv = (
-            write(&mut self.k, k, self.len)?,
-            write(&mut self.v, v, self.len)?,
+            write(&mut self.k, &k, self.len)?,
+            write(&mut self.v, &v, self.len)?,
         );
         self.len += k.dim(1)?;
         Ok(kv)
@@ -88,6 +108,7 @@ impl KvCache {
                     v: part(&self.v, i, len)?,
                     len,
                     cross: None,
+                    dtype: self.dtype,
                 })
             })
             .collect()
