@@ -88,6 +88,13 @@ impl Cache {
         Ok(out)
     }
 
+    /// Make room in every layer for `positions` positions in all ([`KvCache::reserve`]).
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.reserve(positions))
+    }
+
     /// Record that `n` more tokens went through the model.
     pub fn advance(&mut self, n: usize) {
         self.pos += n;

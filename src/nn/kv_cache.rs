@@ -86,6 +86,26 @@ impl KvCache {
         Ok(all)
     }
 
+    /// Make room for `positions` positions in all (keeping those held), so that appends up
+    /// to there neither reallocate nor copy: a server that knows a request's prompt and
+    /// token limit allocates its cache once instead of doubling it several times.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        let len = self.len;
+        for buf in [&mut self.k, &mut self.v] {
+            let Some(old) = buf.as_ref() else { continue };
+            let (b, cap, h, d) = old.dims4()?;
+            if cap >= positions {
+                continue;
+            }
+            let grown = Tensor::zeros((b, positions, h, d), old.dtype(), old.device())?;
+            if len > 0 {
+                grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+            *buf = Some(grown);
+        }
+        Ok(())
+    }
+
     /// Forget every position from `len` on (the buffers stay; later appends overwrite).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -131,5 +151,43 @@ impl KvCache {
             .flatten()
             .map(|t| t.dims()[2..].iter().product::<usize>() * t.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rows(t: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..t * 2 * 4).map(|i| seed + i as f32).collect();
+        Tensor::from_vec(v, (1, t, 2, 4), &Device::Cpu).unwrap()
+    }
+
+    /// A reserved cache holds what it held, takes appends up to its reservation without
+    /// reallocating, and holds what an unreserved cache holds.
+    #[test]
+    fn reserve_keeps_the_rows_and_stops_regrowing() {
+        let (mut a, mut b) = (KvCache::default(), KvCache::default());
+        for c in [&mut a, &mut b] {
+            c.append(&rows(3, 0.0), &rows(3, 100.0)).unwrap();
+        }
+        a.reserve(40).unwrap();
+        let cap = |c: &KvCache| c.k.as_ref().unwrap().dim(1).unwrap();
+        assert_eq!(cap(&a), 40);
+        for step in 0..37 {
+            let (k, v) = (rows(1, step as f32), rows(1, 50.0 + step as f32));
+            let (ka, va) = a.append(&k, &v).unwrap();
+            let (kb, vb) = b.append(&k, &v).unwrap();
+            for (x, y) in [(ka, kb), (va, vb)] {
+                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
+            }
+            assert_eq!(cap(&a), 40, "step {step}: the reserved cache regrew");
+        }
+        assert!(cap(&b) >= 40);
+        // a reservation below the capacity changes nothing
+        a.reserve(10).unwrap();
+        assert_eq!(cap(&a), 40);
     }
 }

@@ -400,7 +400,15 @@ fn admit(cm: &ChatModel, jobs: Vec<(Job, usize)>, m: &Metrics) -> Vec<Running> {
             .collect(),
     };
     let mut started = Vec::new();
+    let ctx = cm.model.config.max_seq_len;
     for ((job, reserved), outcome) in jobs.into_iter().zip(outcomes) {
+        // the cache takes the request's whole length now, once, instead of doubling
+        // (and copying itself) as it grows
+        let whole = (job.prompt.len() + job.cfg.max_tokens).min(ctx);
+        let outcome = outcome.and_then(|(mut c, r, t)| {
+            c.reserve(whole)?;
+            Ok((c, r, t))
+        });
         let (cache, row, route) = match outcome {
             Ok(x) => x,
             Err(e) => {
