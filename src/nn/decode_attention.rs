@@ -348,22 +348,51 @@ mod avx512 {
                     _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().wrapping_add(at + c) as *const i8);
                 }
             }
-            for g in 0..G {
-                let mut acc = [_mm512_setzero_ps(); 8];
+            if G <= 3 {
+                // each key chunk loaded (and widened) once for all the group's heads: their
+                // 8 · G sums fit in the registers
+                let mut acc = [[_mm512_setzero_ps(); 8]; G];
                 for c in (0..d).step_by(16) {
-                    // SAFETY: c + 16 <= d, the length of each key row and query row
-                    let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
-                    for (t, a) in acc.iter_mut().enumerate() {
+                    let mut qc = [_mm512_setzero_ps(); G];
+                    for (g, q) in qc.iter_mut().enumerate() {
+                        // SAFETY: c + 16 <= d, the length of each query row
+                        *q = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
+                    }
+                    for t in 0..8 {
                         let kr = &k[row(j + t).0..row(j + t).1];
+                        // SAFETY: c + 16 <= d, the length of each key row
                         let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
-                        *a = _mm512_fmadd_ps(qc, kc, *a);
+                        for (a, q) in acc.iter_mut().zip(&qc) {
+                            a[t] = _mm512_fmadd_ps(*q, kc, a[t]);
+                        }
                     }
                 }
-                let mut dots = [0f32; 8];
-                // SAFETY: the caller checked avx512f (and with it AVX)
-                unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum8(&acc)) };
-                for (t, dot) in dots.iter().enumerate() {
-                    p[g * n + j + t] = score(g, j + t, *dot);
+                for (g, acc) in acc.iter().enumerate() {
+                    let mut dots = [0f32; 8];
+                    // SAFETY: the caller checked avx512f (and with it AVX)
+                    unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum8(acc)) };
+                    for (t, dot) in dots.iter().enumerate() {
+                        p[g * n + j + t] = score(g, j + t, *dot);
+                    }
+                }
+            } else {
+                for g in 0..G {
+                    let mut acc = [_mm512_setzero_ps(); 8];
+                    for c in (0..d).step_by(16) {
+                        // SAFETY: c + 16 <= d, the length of each key row and query row
+                        let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let kr = &k[row(j + t).0..row(j + t).1];
+                            let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
+                            *a = _mm512_fmadd_ps(qc, kc, *a);
+                        }
+                    }
+                    let mut dots = [0f32; 8];
+                    // SAFETY: the caller checked avx512f (and with it AVX)
+                    unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum8(&acc)) };
+                    for (t, dot) in dots.iter().enumerate() {
+                        p[g * n + j + t] = score(g, j + t, *dot);
+                    }
                 }
             }
             j += 8;
@@ -394,8 +423,10 @@ mod avx512 {
             for j in 0..n {
                 let pos = lo + j;
                 let ahead = ((pos + AHEAD) * hkv + kv) * dv + c;
-                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_add(ahead) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().wrapping_add(ahead + line) as *const i8);
+                for l in (0..if wide { 64 } else { 16 }).step_by(line) {
+                    let at = v.as_ptr().wrapping_add(ahead + l);
+                    _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+                }
                 // SAFETY: c + 64 (or c + 16) <= dv, the length of the value row
                 let vr = unsafe { v.as_ptr().add((pos * hkv + kv) * dv + c) };
                 if wide {
