@@ -29,6 +29,20 @@ impl Default for SamplerConfig {
 
 /// Choose the next token.
 pub fn sample(logits: &[f32], history: &[u32], cfg: &SamplerConfig, rng: &mut Rng) -> u32 {
+    if cfg.temperature <= 0.0 && cfg.repetition_penalty == 1.0 {
+        // greedy on the logits as they are (the first of equal maxima, as below)
+        return logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                if v > b.1 {
+                    (i, v)
+                } else {
+                    b
+                }
+            })
+            .0 as u32;
+    }
     let mut z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
     if cfg.repetition_penalty != 1.0 {
         let mut seen = vec![false; z.len()];
@@ -104,6 +118,29 @@ pub fn sample(logits: &[f32], history: &[u32], cfg: &SamplerConfig, rng: &mut Rn
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Greedy decoding without a penalty (read straight from the logits) picks what the
+    /// general path picks: the first of equal maxima, NaN never.
+    #[test]
+    fn greedy_shortcut_equals_the_general_path() {
+        let mut rng = Rng::new(0);
+        let general = SamplerConfig {
+            repetition_penalty: 1.5,
+            ..Default::default()
+        };
+        for logits in [
+            vec![2.0f32, 5.0, 5.0, f32::NAN, f32::NEG_INFINITY],
+            vec![f32::NAN, -1.0, -1.0],
+            vec![-3.0, 0.5, 7.25, 7.0],
+        ] {
+            // no history: the penalty changes nothing, so only the path differs
+            let want = sample(&logits, &[], &general, &mut rng);
+            assert_eq!(
+                sample(&logits, &[], &SamplerConfig::default(), &mut rng),
+                want
+            );
+        }
+    }
 
     #[test]
     fn greedy_top_k_top_p_and_penalty() {
