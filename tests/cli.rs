@@ -382,33 +382,6 @@ fn compare_writes_a_report_at_equal_flops() {
     .unwrap();
     let s = |p: &str| d.join(p).to_str().unwrap().to_string();
     let variants = format!("{},{}", s("dense.toml"), s("mod.toml"));
-    let (ok, out, err) = routelm(&[
-        "compare",
-        "--variants",
-        &variants,
-        "--data",
-        &s("data.txt"),
-        "--base-steps",
-        "8",
-        "--evals",
-        "2",
-        "--out",
-        &s("cmp"),
-    ]);
-    assert!(ok, "{err}");
-    for f in ["report.md", "loss_vs_flops.png", "loss_vs_time.png"] {
-        assert!(d.join("cmp").join(f).exists(), "{f} missing");
-    }
-    // equal budget: the MoD variant costs fewer FLOPs per token, so it takes more steps
-    let steps: Vec<usize> = out
-        .lines()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
-        .map(|l| l.split('|').nth(4).unwrap().trim().parse().unwrap())
-        .collect();
-    assert_eq!(steps.len(), 2, "{out}");
-    assert_eq!(steps[0], 8);
-    assert!(steps[1] > steps[0], "{out}");
-    // run again: both variants are read back, not trained again
     let args = [
         "compare",
         "--variants",
@@ -422,14 +395,27 @@ fn compare_writes_a_report_at_equal_flops() {
         "--out",
         &s("cmp"),
     ];
-    let (ok, again, err) = routelm(&args);
-    assert!(ok && err.matches("reusing").count() == 2, "{err}");
-    let losses = |o: &str| -> Vec<String> {
+    let (ok, out, err) = routelm(&args);
+    assert!(ok, "{err}");
+    // column `i` of the report's table rows
+    let column = |o: &str, i: usize| -> Vec<String> {
         o.lines()
             .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
-            .map(|l| l.split('|').nth(5).unwrap().trim().to_string())
+            .map(|l| l.split('|').nth(i).unwrap().trim().to_string())
             .collect()
     };
+    for f in ["report.md", "loss_vs_flops.png", "loss_vs_time.png"] {
+        assert!(d.join("cmp").join(f).exists(), "{f} missing");
+    }
+    // equal budget: the MoD variant costs fewer FLOPs per token, so it takes more steps
+    let steps: Vec<usize> = column(&out, 4).iter().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(steps.len(), 2, "{out}");
+    assert_eq!(steps[0], 8);
+    assert!(steps[1] > steps[0], "{out}");
+    // run again: both variants are read back, not trained again
+    let (ok, again, err) = routelm(&args);
+    assert!(ok && err.matches("reusing").count() == 2, "{err}");
+    let losses = |o: &str| column(o, 5);
     assert_eq!(losses(&out), losses(&again));
     // a row scored on other windows (an older run's) is scored again from its checkpoint
     let record = std::fs::read_dir(d.join("cmp"))
@@ -445,12 +431,7 @@ fn compare_writes_a_report_at_equal_flops() {
     let (ok, rescored, err) = routelm(&args);
     assert!(ok, "{err}");
     assert_eq!(losses(&out), losses(&rescored));
-    let names = |o: &str| -> Vec<String> {
-        o.lines()
-            .filter(|l| l.starts_with("| ") && !l.starts_with("| variant"))
-            .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
-            .collect()
-    };
+    let names = |o: &str| column(o, 1);
     // two seeds, skipping the first `skip`, into folder `out`
     let seeds = |skip: &str, out: &str| {
         routelm(&[
