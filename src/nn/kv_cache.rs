@@ -27,21 +27,31 @@ pub struct KvCache {
 /// Write `x: (b, t, h, d)` at positions `len..len + t` of `buf`, growing it (capacity
 /// doubles) when it is too short; returns the view of positions `0..len + t`.
 fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize) -> Result<Tensor> {
-    let (b, t, h, d) = x.dims4()?;
+    let (_, t, _, _) = x.dims4()?;
     let need = len + t;
     let cap = buf.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
     if need > cap {
-        let grown = Tensor::zeros((b, need.max(2 * cap).max(16), h, d), x.dtype(), x.device())?;
-        if let Some(old) = buf.as_ref() {
-            grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-        }
-        *buf = Some(grown);
+        grow(buf, x, need.max(2 * cap).max(16), len)?;
     }
     let Some(buf) = buf.as_ref() else {
         candle_core::bail!("kv cache: buffer missing")
     };
     buf.slice_set(&x.contiguous()?, 1, len)?;
     buf.narrow(1, 0, need)
+}
+
+/// Replace `buf` with a buffer of `cap` positions shaped and typed as `like` (`(b, _, h,
+/// d)`), holding `buf`'s first `len` positions.
+fn grow(buf: &mut Option<Tensor>, like: &Tensor, cap: usize, len: usize) -> Result<()> {
+    let (b, _, h, d) = like.dims4()?;
+    let grown = Tensor::zeros((b, cap, h, d), like.dtype(), like.device())?;
+    if let Some(old) = buf.as_ref() {
+        if len > 0 {
+            grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+    }
+    *buf = Some(grown);
+    Ok(())
 }
 
 impl KvCache {
@@ -90,18 +100,11 @@ impl KvCache {
     /// to there neither reallocate nor copy: a server that knows a request's prompt and
     /// token limit allocates its cache once instead of doubling it several times.
     pub fn reserve(&mut self, positions: usize) -> Result<()> {
-        let len = self.len;
         for buf in [&mut self.k, &mut self.v] {
-            let Some(old) = buf.as_ref() else { continue };
-            let (b, cap, h, d) = old.dims4()?;
-            if cap >= positions {
-                continue;
+            let Some(old) = buf.clone() else { continue };
+            if old.dim(1)? < positions {
+                grow(buf, &old, positions, self.len)?;
             }
-            let grown = Tensor::zeros((b, positions, h, d), old.dtype(), old.device())?;
-            if len > 0 {
-                grown.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-            }
-            *buf = Some(grown);
         }
         Ok(())
     }

@@ -33,6 +33,14 @@ pub struct Job {
     pub enqueued: Instant,
 }
 
+impl Job {
+    /// Positions the request's cache may hold: its prompt plus `max_tokens`, within the
+    /// context window of `ctx`.
+    fn positions(&self, ctx: usize) -> usize {
+        (self.prompt.len() + self.cfg.max_tokens).min(ctx)
+    }
+}
+
 /// A token's log-probability under the model (raw logits, before sampling settings) and the
 /// most likely alternatives.
 #[derive(Debug, Clone)]
@@ -248,8 +256,7 @@ fn run(cm: &ChatModel, rx: Receiver<Job>, limits: Limits, bytes_per_token: usize
                 m.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let ctx = cm.model.config.max_seq_len;
-            let need = (job.prompt.len() + job.cfg.max_tokens).min(ctx) * bytes_per_token;
+            let need = job.positions(cm.model.config.max_seq_len) * bytes_per_token;
             let reserved: usize = running.iter().map(|r| r.reserved).sum::<usize>()
                 + admitted.iter().map(|(_, need)| need).sum::<usize>();
             if need > limits.cache_bytes {
@@ -404,9 +411,8 @@ fn admit(cm: &ChatModel, jobs: Vec<(Job, usize)>, m: &Metrics) -> Vec<Running> {
     for ((job, reserved), outcome) in jobs.into_iter().zip(outcomes) {
         // the cache takes the request's whole length now, once, instead of doubling
         // (and copying itself) as it grows
-        let whole = (job.prompt.len() + job.cfg.max_tokens).min(ctx);
         let outcome = outcome.and_then(|(mut c, r, t)| {
-            c.reserve(whole)?;
+            c.reserve(job.positions(ctx))?;
             Ok((c, r, t))
         });
         let (cache, row, route) = match outcome {
