@@ -170,14 +170,7 @@ impl Attention {
             let values = (0..b)
                 .map(|i| v.narrow(0, i, 1))
                 .collect::<Result<Vec<_>>>()?;
-            let y = super::decode_attention::decode_attention(
-                &q,
-                &keys,
-                &values,
-                self.scale as f32,
-                self.window,
-                self.alibi,
-            )?;
+            let y = self.decode_attention(&q, &keys, &values)?;
             let dv = y.dim(3)?;
             return self.o.forward(&y.reshape((b, t, h * dv))?);
         }
@@ -226,14 +219,7 @@ impl Attention {
         let one_pass = kvs.iter().all(|(k, v)| self.decodes_in_one_pass(&q, k, v));
         let y = if one_pass {
             let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = kvs.into_iter().unzip();
-            super::decode_attention::decode_attention(
-                &q,
-                &ks,
-                &vs,
-                self.scale as f32,
-                self.window,
-                self.alibi,
-            )?
+            self.decode_attention(&q, &ks, &vs)?
         } else {
             let ys = kvs
                 .iter()
@@ -263,6 +249,19 @@ impl Attention {
                 let one = |t: &Tensor| t.narrow(0, i, 1).is_ok_and(|t| t.is_contiguous());
                 one(k) && one(v)
             })
+    }
+
+    /// One token of each sequence, `q: (b, 1, h, d)`, over sequence `i`'s cached `keys[i]`
+    /// and `values[i]`, with this layer's scale, window and ALiBi.
+    fn decode_attention(&self, q: &Tensor, keys: &[Tensor], values: &[Tensor]) -> Result<Tensor> {
+        super::decode_attention::decode_attention(
+            q,
+            keys,
+            values,
+            self.scale as f32,
+            self.window,
+            self.alibi,
+        )
     }
 
     fn options(&self) -> AttentionOptions {

@@ -10,6 +10,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::causal_attention::alibi_slopes;
+use super::ops::Width;
 
 /// Where an operand's values are: a contiguous CPU tensor of `dtype` (keys and values one
 /// sequence's, `(1, len, h_kv, d)`).
@@ -78,12 +79,12 @@ pub fn decode_attention(
     window: Option<usize>,
     alibi: bool,
 ) -> Result<Tensor> {
-    attention_on(Simd::detect(), q, keys, values, scale, window, alibi)
+    attention_on(Width::detect(), q, keys, values, scale, window, alibi)
 }
 
 /// [`decode_attention`] on a given instruction set.
 fn attention_on(
-    simd: Simd,
+    width: Width,
     q: &Tensor,
     keys: &[Tensor],
     values: &[Tensor],
@@ -122,8 +123,8 @@ fn attention_on(
         alibi,
     };
     let out = match keys[0].dtype() {
-        DType::F16 => attend_all::<f16>(simd, &q, keys, values, &shape)?,
-        _ => attend_all::<f32>(simd, &q, keys, values, &shape)?,
+        DType::F16 => attend_all::<f16>(width, &q, keys, values, &shape)?,
+        _ => attend_all::<f32>(width, &q, keys, values, &shape)?,
     };
     Tensor::from_vec(out, (b, 1, h, dv), q.device())
 }
@@ -141,7 +142,7 @@ struct Shape {
 
 /// The outputs `(b, h, dv)` of [`attention_on`] for caches holding `E`.
 fn attend_all<E: Elem>(
-    simd: Simd,
+    width: Width,
     q: &Tensor,
     keys: &[Tensor],
     values: &[Tensor],
@@ -191,7 +192,7 @@ fn attend_all<E: Elem>(
     };
     out.par_chunks_mut(group * dv)
         .enumerate()
-        .for_each(|(task, o)| simd.run(&heads, task, o));
+        .for_each(|(task, o)| run(width, &heads, task, o));
     Ok(out)
 }
 
@@ -210,47 +211,15 @@ struct Heads<'a, E> {
     slopes: Option<&'a [f32]>,
 }
 
-/// The instruction set the loops are compiled for, chosen at run time.
-#[derive(Clone, Copy, Debug)]
-enum Simd {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Simd {
-    fn detect() -> Self {
+/// Task `task` (a sequence and key-value head) on the loops compiled for `width`: its query
+/// heads' outputs into `o`.
+fn run<E: Elem>(width: Width, x: &Heads<E>, task: usize, o: &mut [f32]) {
+    match width {
+        // SAFETY: Width::detect found AVX-512F on this CPU
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Simd::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Simd::Avx2;
-            }
-        }
-        Simd::Portable
+        Width::Avx512 => unsafe { avx512::attend(x, task, o) },
+        w => super::ops::on(w, || attend(x, task, o)),
     }
-
-    /// Task `task` (a sequence and key-value head): its query heads' outputs into `o`.
-    fn run<E: Elem>(self, x: &Heads<E>, task: usize, o: &mut [f32]) {
-        match self {
-            Simd::Portable => attend(x, task, o),
-            // SAFETY: the features were detected at run time
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => unsafe { attend_avx2(x, task, o) },
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { avx512::attend(x, task, o) },
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
-    attend(x, task, o)
 }
 
 /// The 512-bit loops, written out: a key row is loaded once for every query head of its
@@ -572,18 +541,18 @@ mod tests {
         out
     }
 
-    fn paths() -> Vec<(Simd, bool)> {
+    fn paths() -> Vec<(Width, bool)> {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             vec![
-                (Simd::Portable, true),
-                (Simd::Avx2, avx2),
-                (Simd::Avx512, avx2 && is_x86_feature_detected!("avx512f")),
+                (Width::Baseline, true),
+                (Width::Avx2, avx2),
+                (Width::Avx512, avx2 && is_x86_feature_detected!("avx512f")),
             ]
         }
         #[cfg(not(target_arch = "x86_64"))]
-        vec![(Simd::Portable, true)]
+        vec![(Width::Baseline, true)]
     }
 
     /// Every instruction set the machine has, on grouped and plain heads, widths that are
