@@ -307,6 +307,14 @@ fn decode_passes(
     decode_passes_after(model, &prompt, tokens, passes, before)
 }
 
+/// New tokens to decode after a prompt of `n_prompt`: `tokens`, or what the context window
+/// leaves (at least one).
+fn fitting(model: &Model, n_prompt: usize, tokens: usize) -> usize {
+    tokens
+        .min(model.config.max_seq_len.saturating_sub(n_prompt + 1))
+        .max(1)
+}
+
 /// Random token ids for a decode benchmark's prompt: 32, or a quarter of the context
 /// window where that is shorter.
 fn random_prompt(model: &Model, rng: &mut Rng) -> Vec<u32> {
@@ -327,8 +335,7 @@ pub(crate) fn decode_passes_after(
 ) -> Result<Vec<f64>> {
     let ctx = model.config.max_seq_len;
     let prompt = &prompt[..prompt.len().min(ctx / 4).max(1)];
-    let n_prompt = prompt.len();
-    let tokens = tokens.min(ctx.saturating_sub(n_prompt + 1)).max(1);
+    let tokens = fitting(model, prompt.len(), tokens);
     routelm::verify::greedy(model, prompt, 4)?;
     let mut speeds = Vec::new();
     for _ in 0..passes {
@@ -482,14 +489,7 @@ fn bench_decode(
 fn batched_decode_speed(model: &Model, b: usize, tokens: usize) -> Result<f64> {
     let mut rng = Rng::new(1);
     let prompts: Vec<Vec<u32>> = (0..b).map(|_| random_prompt(model, &mut rng)).collect();
-    let tokens = tokens
-        .min(
-            model
-                .config
-                .max_seq_len
-                .saturating_sub(prompts[0].len() + 1),
-        )
-        .max(1);
+    let tokens = fitting(model, prompts[0].len(), tokens);
     let mut caches = Vec::with_capacity(b);
     let mut next = Vec::with_capacity(b);
     for prompt in &prompts {
