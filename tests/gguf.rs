@@ -220,7 +220,11 @@ fn damaged_headers_are_clear_errors() {
 /// Gemma's norms as `1 + w`), on the fixture's reference input.
 fn twin_diff(gguf: &str, hf: &str, patch: serde_json::Value) -> (f64, f64) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let tmp = std::env::temp_dir().join(format!("routelm-twin-{}-{gguf}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!(
+        "routelm-twin-{}-{}",
+        std::process::id(),
+        gguf.replace('/', "-")
+    ));
     std::fs::create_dir_all(&tmp).unwrap();
     let hf_dir =
         common::patched_fixture(&root.join("hf").join(hf), patch.as_object().unwrap(), &tmp);
@@ -350,6 +354,52 @@ fn gguf_twins_match_their_safetensors_models() {
             d > 0.0 && d <= 0.05 * scale,
             "{family} q8_0: {d} of {scale}"
         );
+    }
+    // files llama.cpp's own converter wrote (scripts/convert_fixtures_llamacpp.py): fused
+    // q/k/v as consecutive row blocks (GPT-NeoX's and BLOOM's per-head interleaving undone,
+    // GPT-2's Conv1D transposed), Phi-2's separate projections, DeepSeek's latent attention
+    // split into `attn_k_b` / `attn_v_b` and its stacked experts
+    for (file, family, bound) in [
+        ("gpt_neox.f32.gguf", "gpt_neox", 1e-5),
+        ("bloom.f32.gguf", "bloom", 1e-5),
+        ("gpt2.f32.gguf", "gpt2", 1e-5),
+        ("phi2.f32.gguf", "phi2", 1e-5),
+        ("deepseek_v3.f32.gguf", "deepseek_v3", 1e-5),
+        ("gpt_neox.q8_0.gguf", "gpt_neox", 0.05),
+        ("gpt2.q8_0.gguf", "gpt2", 0.05),
+        ("phi2.q8_0.gguf", "phi2", 0.05),
+    ] {
+        let (d, scale) = twin_diff(&format!("converter/{file}"), family, serde_json::json!({}));
+        println!("{file} (llama.cpp's converter): max |Δlogit| {d:.2e} of {scale:.2}");
+        assert!(d <= bound * scale.max(1.0), "{file}: {d} of {scale}");
+        if bound > 1e-5 {
+            assert!(d > 0.0, "{file}: the quantized weights were not read");
+        }
+    }
+    // the quantized fused q/k/v is read in place, cut into three row blocks: every
+    // projection and the (tied) head are stored weights
+    for (file, values) in [
+        // 2 layers of 192·64 + 64·64 + 2·256·64, the head 256·64
+        (
+            "gpt2.q8_0.gguf",
+            2 * (192 * 64 + 64 * 64 + 2 * 256 * 64) + 256 * 64,
+        ),
+        // 2 layers of (64 + 2·32)·64 + 64·64 + 2·128·64, the head 320·64
+        (
+            "phi2.q8_0.gguf",
+            2 * (128 * 64 + 64 * 64 + 2 * 128 * 64) + 320 * 64,
+        ),
+    ] {
+        let m = routelm::arch::load_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/gguf/converter")
+                .join(file),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .model;
+        assert_eq!(m.stored_read().0, values, "{file}");
     }
     let phi3 = routelm::arch::load_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/phi3.q8_0.gguf"),

@@ -9,7 +9,10 @@
 //! Layouts llama.cpp's converter changes: `llama` stores the q and k projections with each
 //! head's rows interleaved for its pairwise rotary (undone here; Qwen's rotary already
 //! takes halves, so its rows are as published); Gemma (1, 2 and 3) stores its norms as
-//! `1 + w` (the model then takes them as they are).
+//! `1 + w` (the model then takes them as they are); GPT-NeoX, BLOOM and GPT-2 get one fused
+//! q/k/v of consecutive row blocks (read straight into canonical names, [`DIRECT`]);
+//! DeepSeek's `kv_b_proj` is split per head into `attn_k_b` (transposed) and `attn_v_b`
+//! (joined back here).
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value as Json};
@@ -35,7 +38,19 @@ const ARCHITECTURES: &[(&str, &str, &str)] = &[
     ("qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("qwen2moe", "qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("gptneox", "gpt_neox", "GPTNeoXForCausalLM"),
+    ("bloom", "bloom", "BloomForCausalLM"),
+    ("gpt2", "gpt2", "GPT2LMHeadModel"),
+    ("phi2", "phi", "PhiForCausalLM"),
+    ("deepseek2", "deepseek_v3", "DeepseekV3ForCausalLM"),
 ];
+
+/// The architectures whose tensors llama.cpp's converter writes in routelm's own layout
+/// up to their names: LayerNorm models with one fused `attn_qkv` holding q, k and v as
+/// consecutive row blocks (the converter already undid GPT-NeoX's and BLOOM's per-head
+/// interleaving, and GPT-2's `[in, out]` storage). Their tensors map straight to canonical
+/// names ([`direct_name`]), so a quantized fused projection is cut into q, k and v views.
+const DIRECT: &[&str] = &["gptneox", "bloom", "gpt2", "phi2"];
 
 /// The metadata value `arch.key`.
 fn meta<'a>(f: &'a GgufFile, arch: &str, key: &str) -> Option<&'a Value> {
@@ -115,7 +130,13 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
             ))
         }
     }
-    moe_keys(f, arch, &mut c)?;
+    if DIRECT.contains(&arch) {
+        direct_keys(f, arch, &mut c)?;
+    } else if arch == "deepseek2" {
+        deepseek2_keys(f, &mut c)?;
+    } else {
+        moe_keys(f, arch, &mut c)?;
+    }
     match arch {
         "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" | "olmoe" => {
             c["hidden_act"] = "silu".into()
@@ -188,6 +209,158 @@ fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
         _ => {}
     }
     Ok((arch.to_string(), c))
+}
+
+/// The rows of `name` (its first dimension), when the file holds it as a matrix.
+fn rows_of(f: &GgufFile, name: &str) -> Option<u64> {
+    f.tensor(name)
+        .filter(|t| t.shape.len() == 2)
+        .map(|t| t.shape[0] as u64)
+}
+
+/// The `config.json` keys of the [`DIRECT`] architectures. The FFN width and the key/value
+/// heads are read off the tensors: the converter writes `4 · embedding_length` and `head_count`
+/// for Phi-2 whatever the checkpoint had. None of them stores its activation, so each gets
+/// the one its published models use.
+fn direct_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
+    let heads = need_u64(f, arch, "attention.head_count")?;
+    let d_model = need_u64(f, arch, "embedding_length")?;
+    let head_dim = d_model / heads.max(1);
+    if let Some(ff) = rows_of(f, "blk.0.ffn_up.weight") {
+        c["intermediate_size"] = ff.into();
+    }
+    if let Some(k) = rows_of(f, "blk.0.attn_k.weight") {
+        c["num_key_value_heads"] = (k / head_dim.max(1)).into();
+    }
+    let eps = meta(f, arch, "attention.layer_norm_epsilon")
+        .and_then(Value::as_f64)
+        .unwrap_or(1e-5);
+    // the key each family's config class names
+    let eps_key = if matches!(arch, "gptneox" | "phi2") {
+        "layer_norm_eps"
+    } else {
+        "layer_norm_epsilon"
+    };
+    c[eps_key] = eps.into();
+    let rotary = || {
+        meta(f, arch, "rope.dimension_count")
+            .and_then(Value::as_u64)
+            .map(|r| r as f64 / head_dim.max(1) as f64)
+            .unwrap_or(1.0)
+    };
+    let theta = meta(f, arch, "rope.freq_base")
+        .and_then(Value::as_f64)
+        .unwrap_or(10_000.0);
+    match arch {
+        "gptneox" => {
+            c["rotary_pct"] = rotary().into();
+            c["rotary_emb_base"] = theta.into();
+            c["use_parallel_residual"] = meta(f, arch, "use_parallel_residual")
+                .and_then(Value::as_bool)
+                .unwrap_or(true)
+                .into();
+            c["hidden_act"] = "gelu".into();
+        }
+        "phi2" => {
+            c["partial_rotary_factor"] = rotary().into();
+            c["rope_theta"] = theta.into();
+            c["hidden_act"] = "gelu_new".into();
+        }
+        "gpt2" => {
+            c["n_positions"] = c["max_position_embeddings"].clone();
+            c["n_inner"] = c["intermediate_size"].clone();
+            c["activation_function"] = "gelu_new".into();
+        }
+        // BLOOM: ALiBi, so the context only bounds the cache
+        _ => c["seq_length"] = c["max_position_embeddings"].clone(),
+    }
+    // keys the family's config class does not have (its adapter refuses unknown keys)
+    let foreign: &[&str] = match arch {
+        "gpt2" => &["rms_norm_eps", "num_key_value_heads", "intermediate_size"],
+        "bloom" => &["rms_norm_eps", "num_key_value_heads", "intermediate_size"],
+        _ => &["rms_norm_eps"],
+    };
+    if let Some(o) = c.as_object_mut() {
+        for k in foreign {
+            o.remove(*k);
+        }
+    }
+    Ok(())
+}
+
+/// DeepSeek-V2/V3 (`deepseek2`): latent attention and the routed experts, as llama.cpp
+/// reads them. Its converter writes the latent attention as one key/value head of width
+/// `kv_lora_rank + rope` (`key_length`); the per-head widths are the `_mla` keys. Without
+/// `expert_gating_func` llama.cpp scores experts by softmax (the V2 files), and so does
+/// this reading.
+fn deepseek2_keys(f: &GgufFile, c: &mut Json) -> Result<()> {
+    let arch = "deepseek2";
+    let get = |key: &str| meta(f, arch, key).and_then(Value::as_u64);
+    let rope = need_u64(f, arch, "rope.dimension_count")?;
+    // files written before the split `attn_k_b`/`attn_v_b` keep per-head widths in key_length
+    let split = f.tensor("blk.0.attn_k_b.weight").is_some();
+    let (k_len, v_len) = if split {
+        (
+            get("attention.key_length_mla"),
+            get("attention.value_length_mla"),
+        )
+    } else {
+        (get("attention.key_length"), get("attention.value_length"))
+    };
+    let (Some(k_len), Some(v_len)) = (k_len, v_len) else {
+        return Err(Error::parse(
+            &f.path,
+            "metadata deepseek2.attention.key_length_mla / value_length_mla is missing",
+        ));
+    };
+    if k_len <= rope {
+        return Err(Error::parse(
+            &f.path,
+            format!("deepseek2 key width {k_len} is not above its rotary width {rope}"),
+        ));
+    }
+    c["num_key_value_heads"] = c["num_attention_heads"].clone();
+    c["head_dim"] = k_len.into();
+    c["qk_head_dim"] = k_len.into();
+    c["qk_rope_head_dim"] = rope.into();
+    c["qk_nope_head_dim"] = (k_len - rope).into();
+    c["v_head_dim"] = v_len.into();
+    c["kv_lora_rank"] = need_u64(f, arch, "attention.kv_lora_rank")?.into();
+    if let Some(q) = get("attention.q_lora_rank").filter(|&q| q > 0) {
+        c["q_lora_rank"] = q.into();
+    } else {
+        c["q_lora_rank"] = Json::Null;
+    }
+    c["rope_interleave"] = true.into();
+    c["hidden_act"] = "silu".into();
+    c["n_routed_experts"] = need_u64(f, arch, "expert_count")?.into();
+    c["num_experts_per_tok"] = need_u64(f, arch, "expert_used_count")?.into();
+    c["moe_intermediate_size"] = need_u64(f, arch, "expert_feed_forward_length")?.into();
+    c["n_shared_experts"] = get("expert_shared_count").unwrap_or(0).into();
+    c["first_k_dense_replace"] = get("leading_dense_block_count").unwrap_or(0).into();
+    c["n_group"] = get("expert_group_count").unwrap_or(1).into();
+    c["topk_group"] = get("expert_group_used_count").unwrap_or(1).into();
+    c["routed_scaling_factor"] = meta(f, arch, "expert_weights_scale")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0)
+        .into();
+    c["norm_topk_prob"] = meta(f, arch, "expert_weights_norm")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        .into();
+    c["scoring_func"] =
+        match get("expert_gating_func") {
+            None | Some(1) => "softmax",
+            Some(2) => "sigmoid",
+            Some(other) => return Err(Error::parse(
+                &f.path,
+                format!(
+                    "deepseek2.expert_gating_func {other} is not supported (1 softmax, 2 sigmoid)"
+                ),
+            )),
+        }
+        .into();
+    Ok(())
 }
 
 /// The Mixture-of-Experts keys of the `config.json` equivalent, when the file has experts.
@@ -300,6 +473,85 @@ fn mixtral_name(n: &str) -> String {
         .replace(".down_proj.weight", ".w2.weight")
 }
 
+/// The canonical names of a [`DIRECT`] architecture's tensor: three (q, k, v) for the fused
+/// `attn_qkv`, one otherwise.
+fn direct_name(gguf: &str) -> Option<Vec<String>> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "position_embd.weight" => Some("model.embed_positions.weight"),
+        "token_embd_norm.weight" => Some("model.embed_norm.weight"),
+        "token_embd_norm.bias" => Some("model.embed_norm.bias"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output_norm.bias" => Some("model.norm.bias"),
+        "output.weight" => Some("lm_head.weight"),
+        "output.bias" => Some("lm_head.bias"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(vec![n.to_string()]);
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = part.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let p = format!("model.layers.{layer}");
+    let one = |m: &str| Some(vec![format!("{p}.{m}.{kind}")]);
+    match module {
+        "attn_qkv" => Some(
+            ["q_proj", "k_proj", "v_proj"]
+                .map(|n| format!("{p}.self_attn.{n}.{kind}"))
+                .to_vec(),
+        ),
+        "attn_q" => one("self_attn.q_proj"),
+        "attn_k" => one("self_attn.k_proj"),
+        "attn_v" => one("self_attn.v_proj"),
+        "attn_output" => one("self_attn.o_proj"),
+        "attn_norm" => one("input_layernorm"),
+        "ffn_norm" => one("post_attention_layernorm"),
+        "ffn_up" => one("mlp.up_proj"),
+        "ffn_down" => one("mlp.down_proj"),
+        _ => None,
+    }
+}
+
+/// DeepSeek's (`deepseek2`) latent-attention and router names; the rest as [`hf_name`].
+/// `attn_k_b` and `attn_v_b` are joined back into `kv_b_proj` ([`join_kv_b`]).
+fn deepseek2_name(gguf: &str) -> Option<String> {
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return hf_name(gguf);
+    };
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_q_a.weight" => "self_attn.q_a_proj.weight",
+        "attn_q_a_norm.weight" => "self_attn.q_a_layernorm.weight",
+        "attn_q_b.weight" => "self_attn.q_b_proj.weight",
+        "attn_kv_a_mqa.weight" => "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_norm.weight" => "self_attn.kv_a_layernorm.weight",
+        "attn_kv_b.weight" => "self_attn.kv_b_proj.weight",
+        "exp_probs_b.bias" => "mlp.gate.e_score_correction_bias",
+        _ => return hf_name(gguf),
+    };
+    Some(format!("model.layers.{layer}.{part}"))
+}
+
+/// DeepSeek's `kv_b_proj` (`[h · (nope + v), kv_lora_rank]`, each head's key rows then its
+/// value rows) from the converter's split: `attn_k_b` `[h, kv_lora_rank, nope]` (each
+/// head's key part transposed) and `attn_v_b` `[h, v, kv_lora_rank]`.
+fn join_kv_b(k_b: &Tensor, v_b: &Tensor, cfg: &ModelConfig) -> candle_core::Result<Tensor> {
+    let h = cfg.n_heads;
+    let (lora, nope, v_dim) = match cfg.mla {
+        Some(a) => (a.kv_lora_rank, a.qk_nope_dim, a.v_head_dim),
+        None => (0, 0, 0),
+    };
+    let k = k_b.reshape((h, lora, nope))?.transpose(1, 2)?;
+    let v = v_b.reshape((h, v_dim, lora))?;
+    Tensor::cat(&[k, v], 1)?.reshape((h * (nope + v_dim), lora))
+}
+
 /// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
 /// `2i + 1` go back to `i` and `i + head_dim/2` (rotate-half layout).
 fn unpermute(t: &Tensor, heads: usize, path: &Path, name: &str) -> Result<Tensor> {
@@ -409,14 +661,43 @@ fn load_with(
     // Gemma 2 and 3 name their sandwich norms apart (Gemma's `ffn_norm` is Llama's)
     let gemma = arch == "gemma2" || arch == "gemma3";
     let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
+    let direct = DIRECT.contains(&arch);
+    let deepseek = arch == "deepseek2";
     let mut params = Params::new();
     let mut stored = StoredWeights::new();
     let mut unknown = Vec::new();
+    // DeepSeek's split latent key/value expansions, joined after the loop
+    let mut latent: std::collections::BTreeMap<(usize, bool), Tensor> = Default::default();
     for t in &f.tensors {
+        if direct {
+            let mapped = load_direct(&f, t, &cfg, keep, dtype, device, &mut params, &mut stored)
+                .map_err(|problem| Error::WeightMismatch {
+                    path: path.to_path_buf(),
+                    problems: vec![format!("tensor {}: {problem}", t.name)],
+                })?;
+            if !mapped {
+                unknown.push(t.name.clone());
+            }
+            continue;
+        }
+        if deepseek {
+            let split = t
+                .name
+                .strip_prefix("blk.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(l, part)| Some((l.parse::<usize>().ok()?, part)));
+            if let Some((l, part @ ("attn_k_b.weight" | "attn_v_b.weight"))) = split {
+                let x = Tensor::from_vec(f.dequantize(t), t.shape.as_slice(), &Device::Cpu)?;
+                latent.insert((l, part == "attn_v_b.weight"), x);
+                continue;
+            }
+        }
         let name = if own {
             Some(t.name.clone())
         } else if gemma {
             gemma_name(&t.name)
+        } else if deepseek {
+            deepseek2_name(&t.name)
         } else {
             hf_name(&t.name)
         };
@@ -430,7 +711,10 @@ fn load_with(
         } else {
             name
         };
-        if keep && t.shape.len() == 2 && super::storable_file_name(&name) {
+        // DeepSeek's query projection (without a low-rank query) has its rotary rows
+        // reordered by the family's rules, which a stored weight cannot follow
+        let reordered = deepseek && name.ends_with(".q_proj.weight");
+        if keep && t.shape.len() == 2 && super::storable_file_name(&name) && !reordered {
             let (rows, cols) = (t.shape[0], t.shape[1]);
             let bad = |problem: String| Error::WeightMismatch {
                 path: path.to_path_buf(),
@@ -492,6 +776,9 @@ fn load_with(
             params.insert(name, x.to_dtype(dtype)?.to_device(device)?);
         }
     }
+    if deepseek {
+        join_latent(latent, &cfg, dtype, device, &mut params, path)?;
+    }
     if !unknown.is_empty() {
         return Err(Error::WeightMismatch {
             path: path.to_path_buf(),
@@ -502,13 +789,13 @@ fn load_with(
         });
     }
     let canonical = match family {
-        Some(family) => {
+        Some(family) if !direct => {
             let (canonical, provenance) =
                 super::canonical_params_traced(family, &cfg, params, path.to_path_buf())?;
             stored = super::rekey_stored(stored, &provenance, &canonical, path)?;
             canonical
         }
-        None => {
+        _ => {
             let problems = crate::weights::names::check_params(&cfg, &params);
             if !problems.is_empty() {
                 return Err(Error::WeightMismatch {
@@ -521,6 +808,102 @@ fn load_with(
     };
     super::check_stored(&stored, &canonical, path)?;
     Ok((family.map(|f| f.name), cfg, canonical, stored))
+}
+
+/// One tensor of a [`DIRECT`] architecture under its canonical name(s): a fused q/k/v cut
+/// into its three row blocks (views of the stored rows when kept stored). `Ok(false)` for a
+/// name routelm does not map; `Err` for a tensor that does not fit the config.
+#[allow(clippy::too_many_arguments)]
+fn load_direct(
+    f: &GgufFile,
+    t: &crate::weights::gguf::TensorInfo,
+    cfg: &ModelConfig,
+    keep: bool,
+    dtype: DType,
+    device: &Device,
+    params: &mut Params,
+    stored: &mut StoredWeights,
+) -> std::result::Result<bool, String> {
+    let Some(names) = direct_name(&t.name) else {
+        return Ok(false);
+    };
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let sizes = if names.len() == 3 {
+        let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        if q + 2 * kv != rows {
+            return Err(format!(
+                "{rows} rows, but {} query and 2 × {} key/value heads of width {} are {}",
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                q + 2 * kv
+            ));
+        }
+        vec![q, kv, kv]
+    } else {
+        vec![rows]
+    };
+    if keep && t.shape.len() == 2 && super::takes_stored(&names[0]) {
+        let cols = t.shape[1];
+        let q = QMatrix::new(t.ty, rows, cols, f.stored(t))?;
+        let mut at = 0;
+        for (name, n) in names.into_iter().zip(sizes) {
+            let stand_in = crate::nn::linear::stand_in(n, cols).map_err(|e| e.to_string())?;
+            params.insert(name.clone(), stand_in);
+            stored.insert(name, Arc::new(q.rows_range(at, at + n)));
+            at += n;
+        }
+        return Ok(true);
+    }
+    let x = Tensor::from_vec(f.dequantize(t), t.shape.as_slice(), &Device::Cpu)
+        .and_then(|x| x.to_dtype(dtype)?.to_device(device))
+        .map_err(|e| e.to_string())?;
+    let parts = super::split(&x, 0, &sizes).map_err(|e| e.to_string())?;
+    for (name, part) in names.into_iter().zip(parts) {
+        params.insert(name, part);
+    }
+    Ok(true)
+}
+
+/// DeepSeek's `kv_b_proj` of every layer from its `attn_k_b` and `attn_v_b`; and, for a
+/// file without the selection bias (`exp_probs_b`, DeepSeek-V2), a zero bias (the same
+/// choice) for each expert layer.
+fn join_latent(
+    latent: std::collections::BTreeMap<(usize, bool), Tensor>,
+    cfg: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+    params: &mut Params,
+    path: &Path,
+) -> Result<()> {
+    for ((l, is_v), k_b) in &latent {
+        if *is_v {
+            continue;
+        }
+        let name = format!("model.layers.{l}.self_attn.kv_b_proj.weight");
+        let v_b = latent
+            .get(&(*l, true))
+            .ok_or_else(|| Error::WeightMismatch {
+                path: path.to_path_buf(),
+                problems: vec![format!(
+                    "blk.{l}.attn_k_b.weight has no blk.{l}.attn_v_b.weight"
+                )],
+            })?;
+        let joined = join_kv_b(k_b, v_b, cfg).map_err(|e| Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: vec![format!(
+                "blk.{l}.attn_k_b / attn_v_b: {e} (the metadata's latent widths do not fit)"
+            )],
+        })?;
+        params.insert(name, joined.to_dtype(dtype)?.to_device(device)?);
+    }
+    for (l, moe) in cfg.moe_layers() {
+        let name = format!("model.layers.{l}.mlp.gate.e_score_correction_bias");
+        if let std::collections::btree_map::Entry::Vacant(e) = params.entry(name) {
+            e.insert(Tensor::zeros(moe.n_experts, dtype, device)?);
+        }
+    }
+    Ok(())
 }
 
 /// Texts of the control tokens that end a turn in the vocabularies llama.cpp reads (it
