@@ -213,6 +213,15 @@ impl Tokenizer {
                 _ => Err(bad(format!("no {key} array"))),
             }
         };
+        // a file without a vocabulary (`none`, or no tokenizer keys at all: a model
+        // trained on bytes, as `quantize` writes one) reads bytes, as a folder without
+        // tokenizer.json does
+        let model = f.get("tokenizer.ggml.model").and_then(Value::as_str);
+        let no_vocab = matches!(model, Some("none" | "no_vocab"))
+            || (model.is_none() && f.get("tokenizer.ggml.tokens").is_none());
+        if no_vocab {
+            return Ok(Tokenizer::Bytes);
+        }
         let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<u64> = match f.get("tokenizer.ggml.token_type") {
             Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),

@@ -532,6 +532,17 @@ fn quantized_files_read_back_as_their_models() {
             )
             .unwrap();
             assert_eq!(w.arch, "llama", "{fixture} {scheme}: {:?}", w.not_llama);
+            // the folder has no tokenizer.json: the file says it has no vocabulary (so
+            // llama.cpp loads it rather than refuse it) and reads back with bytes
+            let f = routelm::weights::gguf::GgufFile::open(&out).unwrap();
+            assert_eq!(
+                f.get("tokenizer.ggml.model").and_then(|v| v.as_str()),
+                Some("none")
+            );
+            assert!(matches!(
+                routelm::tokenize::Tokenizer::for_model_dir(&out).unwrap(),
+                routelm::tokenize::Tokenizer::Bytes
+            ));
             // the experts too are read in place: a token reads top_k / n_experts of them
             let back = routelm::arch::load_dir(&out, candle_core::DType::F32, &Device::Cpu)
                 .unwrap()

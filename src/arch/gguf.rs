@@ -348,18 +348,19 @@ fn deepseek2_keys(f: &GgufFile, c: &mut Json) -> Result<()> {
         .and_then(Value::as_bool)
         .unwrap_or(false)
         .into();
-    c["scoring_func"] =
-        match get("expert_gating_func") {
-            None | Some(1) => "softmax",
-            Some(2) => "sigmoid",
-            Some(other) => return Err(Error::parse(
+    c["scoring_func"] = match get("expert_gating_func") {
+        None | Some(1) => "softmax",
+        Some(2) => "sigmoid",
+        Some(other) => {
+            return Err(Error::parse(
                 &f.path,
                 format!(
                     "deepseek2.expert_gating_func {other} is not supported (1 softmax, 2 sigmoid)"
                 ),
-            )),
+            ))
         }
-        .into();
+    }
+    .into();
     Ok(())
 }
 

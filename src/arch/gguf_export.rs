@@ -157,21 +157,30 @@ fn key(k: &str, v: Value) -> (String, Value) {
 }
 
 /// The tokenizer of `src` as GGUF metadata: a GGUF file's `tokenizer.*` keys as they are
-/// (chat template included), a folder's `tokenizer.json` converted; none when the folder
-/// has no tokenizer file.
+/// (chat template included), a folder's `tokenizer.json` converted. Without either,
+/// `tokenizer.ggml.model = none`: llama.cpp then loads the file as a model without a
+/// vocabulary (token ids in, logits out) instead of refusing it, and routelm reads it with
+/// the byte tokenizer a folder without tokenizer.json gets.
 fn tokenizer_metadata(src: &Path, vocab_rows: usize) -> Result<Vec<(String, Value)>> {
+    let none = || {
+        vec![(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("none".into()),
+        )]
+    };
     if super::is_gguf(src) {
         let f = crate::weights::gguf::GgufFile::open(src)?;
-        return Ok(f
+        let keys: Vec<(String, Value)> = f
             .metadata
             .iter()
             .filter(|(k, _)| k.starts_with("tokenizer."))
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect());
+            .collect();
+        return Ok(if keys.is_empty() { none() } else { keys });
     }
     let path = src.join("tokenizer.json");
     if !src.is_dir() || !path.exists() {
-        return Ok(Vec::new());
+        return Ok(none());
     }
     let config: serde_json::Value = std::fs::read_to_string(src.join("config.json"))
         .ok()
