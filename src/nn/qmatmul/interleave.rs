@@ -1,4 +1,4 @@
-//! Weights of the 32-value types Q4_0, Q4_1 and Q8_0 with eight rows interleaved, for
+//! Weights of the 32-value types Q4_0, Q4_1 and Q8_0 (and of Q4_K) with eight rows interleaved, for
 //! CPUs with AVX-512 VNNI: in each block of 32 columns, four bytes of each of the eight
 //! rows in turn, so that one `vpdpbusd` of 32 weight bytes with four activation bytes
 //! broadcast adds four products to each of the eight rows' sums. A block's integer sums
@@ -19,6 +19,15 @@
 //! In codes `c` (0..15, or 0..255 for Q8_0) a weight is `d · c + o`, with `o` the Q4_1
 //! minimum, `−8 d` (Q4_0) or `−128 d` (Q8_0); a block's part of a dot product with
 //! 8-bit activations `a` (scale `d_a`, `s_a = d_a · Σ a`) is `d · d_a · Σ c a + o · s_a`.
+//!
+//! Q4_K, per octet and super-block of 256 columns: 1024 bytes of codes, for chunk `c` in
+//! 0..4 and `g` in 0..8, bytes `32c + 4g..+4` of each row's 128 (their low nibbles are
+//! values `64c + 4g..` of sub-block `2c`, their high nibbles the same of sub-block `2c + 1`);
+//! the eight 6-bit scales `s_j` and minimums `m_j` unpacked to a byte each (sub-block, row);
+//! each row's f16 `d` and `dmin`. A weight is `d · s_j · c − dmin · m_j`; with 8-bit
+//! activations of the super-block's scale `d_a` and sums `A_j` of sub-block `j`, the
+//! super-block's part is `d · d_a · Σ_j s_j Σ c a − dmin · d_a · Σ_j m_j A_j`, both sums
+//! in integers. The layout is 1184 bytes per octet and super-block, against 1152 stored.
 
 use crate::weights::quant::GgmlType;
 
@@ -30,7 +39,19 @@ const AHEAD: usize = 1024;
 
 /// Whether [`Interleaved::new`] takes weights of `ty`.
 pub fn supports(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K
+    )
+}
+
+/// Columns of one block of `ty` in the layout (a super-block for Q4_K).
+fn block_cols(ty: GgmlType) -> usize {
+    if ty == GgmlType::Q4K {
+        256
+    } else {
+        32
+    }
 }
 
 /// A matrix's rows interleaved eight at a time (see the module's text).
@@ -42,8 +63,12 @@ pub struct Interleaved {
     codes: Vec<u8>,
     /// f16 scales: octet, block, row (8).
     scales: Vec<u16>,
-    /// f16 minimums (Q4_1), as the scales.
+    /// f16 minimums (Q4_1; Q4_K's `dmin`), as the scales.
     mins: Vec<u16>,
+    /// Q4_K's 6-bit sub-block scales and minimums, a byte each: octet, super-block,
+    /// sub-block (8), row (8).
+    k_scales: Vec<u8>,
+    k_mins: Vec<u8>,
 }
 
 impl Interleaved {
@@ -51,6 +76,9 @@ impl Interleaved {
     /// takes), `row_bytes` each, from `data`.
     pub fn new(ty: GgmlType, data: &[u8], rows: usize, cols: usize, row_bytes: usize) -> Self {
         assert!(supports(ty) && rows.is_multiple_of(ROWS) && cols.is_multiple_of(32));
+        if ty == GgmlType::Q4K {
+            return Self::new_q4_k(data, rows, cols, row_bytes);
+        }
         let nb = cols / 32;
         let (block_bytes, at, code_bytes) = match ty {
             GgmlType::Q4_0 => (18, 2, 128),
@@ -94,17 +122,75 @@ impl Interleaved {
             codes,
             scales,
             mins,
+            k_scales: Vec::new(),
+            k_mins: Vec::new(),
         }
+    }
+
+    /// [`Interleaved::new`] for Q4_K (see the module's text).
+    fn new_q4_k(data: &[u8], rows: usize, cols: usize, row_bytes: usize) -> Self {
+        assert!(cols.is_multiple_of(256));
+        let nsb = cols / 256;
+        assert_eq!(row_bytes, nsb * 144);
+        let octets = rows / ROWS;
+        let mut codes = vec![0u8; octets * nsb * 1024];
+        let mut scales = vec![0u16; octets * nsb * ROWS];
+        let mut mins = vec![0u16; octets * nsb * ROWS];
+        let mut k_scales = vec![0u8; octets * nsb * 64];
+        let mut k_mins = vec![0u8; octets * nsb * 64];
+        let h = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        for o in 0..octets {
+            for k in 0..ROWS {
+                let row = &data[(o * ROWS + k) * row_bytes..][..row_bytes];
+                for (sb, blk) in row.chunks_exact(144).enumerate() {
+                    let at = o * nsb + sb;
+                    scales[at * ROWS + k] = h(blk, 0);
+                    mins[at * ROWS + k] = h(blk, 2);
+                    let (sc, mn) = crate::weights::quant::scale_min_k4(&blk[4..16]);
+                    for j in 0..8 {
+                        k_scales[at * 64 + 8 * j + k] = sc[j];
+                        k_mins[at * 64 + 8 * j + k] = mn[j];
+                    }
+                    let q = &blk[16..];
+                    let out = &mut codes[at * 1024..][..1024];
+                    for c in 0..4 {
+                        for g in 0..8 {
+                            for i in 0..4 {
+                                out[256 * c + 32 * g + 4 * k + i] = q[32 * c + 4 * g + i];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Self {
+            ty: GgmlType::Q4K,
+            cols,
+            codes,
+            scales,
+            mins,
+            k_scales,
+            k_mins,
+        }
+    }
+
+    /// Whether the activations this layout takes are quantized in super-blocks of 256
+    /// with sums of each 16 ([`super::QAct`]'s K kind) rather than blocks of 32.
+    pub fn takes_k_activations(&self) -> bool {
+        self.ty == GgmlType::Q4K
     }
 
     /// Octets of rows.
     pub fn octets(&self) -> usize {
-        self.scales.len() / (ROWS * (self.cols / 32)).max(1)
+        self.scales.len() / (ROWS * (self.cols / block_cols(self.ty))).max(1)
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 2 * (self.scales.len() + self.mins.len())
+        self.codes.len()
+            + 2 * (self.scales.len() + self.mins.len())
+            + self.k_scales.len()
+            + self.k_mins.len()
     }
 
     /// The dot products of octet `o`'s eight rows with each of the `m` activation rows of
@@ -117,6 +203,9 @@ impl Interleaved {
     /// # Safety
     /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
     /// `y + r · stride` has 8 writable values for each `r < m`.
+    /// For Q4_K ([`Interleaved::takes_k_activations`]) `d` holds a scale per 256 values,
+    /// `bsums` the sums of each 16 and `s` is not read; the other types read `s` and not
+    /// `bsums`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
     #[allow(clippy::too_many_arguments)]
@@ -126,10 +215,14 @@ impl Interleaved {
         qs: &[i8],
         d: &[f32],
         s: &[f32],
+        bsums: &[i32],
         m: usize,
         y: *mut f32,
         stride: usize,
     ) {
+        if self.ty == GgmlType::Q4K {
+            return self.octet_k(o, qs, d, bsums, m, y, stride);
+        }
         let (cols, nb) = (self.cols, self.cols / 32);
         assert!(o < self.octets());
         assert!(qs.len() >= m * cols && d.len() >= m * nb && s.len() >= m * nb);
@@ -227,6 +320,135 @@ impl Interleaved {
                 let sa = _mm256_set1_ps(*s.get_unchecked(k * nb + b));
                 *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, da), _mm256_cvtepi32_ps(sum), *acc);
                 *acc = _mm256_fmadd_ps(off, sa, *acc);
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(k * stride), *a);
+        }
+    }
+
+    /// [`Interleaved::octet`] for Q4_K.
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn octet_k(
+        &self,
+        o: usize,
+        qs: &[i8],
+        d: &[f32],
+        bsums: &[i32],
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        let (cols, nsb) = (self.cols, self.cols / 256);
+        assert!(o < self.octets());
+        assert!(qs.len() >= m * cols && d.len() >= m * nsb && bsums.len() >= m * cols / 16);
+        let mut r = 0;
+        while r < m {
+            let n = (m - r).min(8);
+            let (qs, d, b) = (&qs[r * cols..], &d[r * nsb..], &bsums[r * cols / 16..]);
+            let y = y.add(r * stride);
+            // SAFETY (all arms): the caller's guarantees, for rows r..r + n
+            match n {
+                8 => self.pass_k::<8>(o, qs, d, b, y, stride),
+                7 => self.pass_k::<7>(o, qs, d, b, y, stride),
+                6 => self.pass_k::<6>(o, qs, d, b, y, stride),
+                5 => self.pass_k::<5>(o, qs, d, b, y, stride),
+                4 => self.pass_k::<4>(o, qs, d, b, y, stride),
+                3 => self.pass_k::<3>(o, qs, d, b, y, stride),
+                2 => self.pass_k::<2>(o, qs, d, b, y, stride),
+                _ => self.pass_k::<1>(o, qs, d, b, y, stride),
+            }
+            r += n;
+        }
+    }
+
+    /// [`Interleaved::octet_k`] for `N` activation rows: per super-block, each chunk's
+    /// 32-byte code vectors unpacked once for all `N` rows; each row's integer sums over
+    /// the eight sub-blocks take their scales in integers, then the super-block's f32
+    /// scaling.
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s, with `m = N`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn pass_k<const N: usize>(
+        &self,
+        o: usize,
+        qs: &[i8],
+        d: &[f32],
+        bsums: &[i32],
+        y: *mut f32,
+        stride: usize,
+    ) {
+        use std::arch::x86_64::*;
+        let (cols, nsb) = (self.cols, self.cols / 256);
+        let codes = self.codes.as_ptr().add(o * nsb * 1024);
+        let dd = self.scales.as_ptr().add(o * nsb * ROWS);
+        let dm = self.mins.as_ptr().add(o * nsb * ROWS);
+        let ks = self.k_scales.as_ptr().add(o * nsb * 64);
+        let km = self.k_mins.as_ptr().add(o * nsb * 64);
+        let ap = qs.as_ptr() as *const u8;
+        let low = _mm256_set1_epi8(0x0F);
+        let bytes8 = |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let mut acc = [_mm256_setzero_ps(); N];
+        for sb in 0..nsb {
+            let w = codes.add(sb * 1024);
+            for l in (0..1024).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(AHEAD + l) as *const i8);
+            }
+            let mut isum = [_mm256_setzero_si256(); N];
+            for c in 0..4 {
+                let wc = w.add(256 * c);
+                let mut lo = [_mm256_setzero_si256(); 8];
+                let mut hi = [_mm256_setzero_si256(); 8];
+                for g in 0..8 {
+                    let v = _mm256_loadu_si256(wc.add(32 * g) as *const __m256i);
+                    lo[g] = _mm256_and_si256(v, low);
+                    hi[g] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                }
+                let sc_lo = bytes8(ks.add(sb * 64 + 8 * (2 * c)));
+                let sc_hi = bytes8(ks.add(sb * 64 + 8 * (2 * c + 1)));
+                for (k, isum) in isum.iter_mut().enumerate() {
+                    let a = ap.add(k * cols + 256 * sb + 64 * c);
+                    let at =
+                        |i: usize| _mm256_set1_epi32((a.add(i) as *const i32).read_unaligned());
+                    // four chains of four, so the products overlap
+                    let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    let (mut s2, mut s3) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for g in (0..8).step_by(2) {
+                        s0 = _mm256_dpbusd_epi32(s0, lo[g], at(4 * g));
+                        s1 = _mm256_dpbusd_epi32(s1, lo[g + 1], at(4 * g + 4));
+                        s2 = _mm256_dpbusd_epi32(s2, hi[g], at(32 + 4 * g));
+                        s3 = _mm256_dpbusd_epi32(s3, hi[g + 1], at(36 + 4 * g));
+                    }
+                    let part = _mm256_add_epi32(
+                        _mm256_mullo_epi32(_mm256_add_epi32(s0, s1), sc_lo),
+                        _mm256_mullo_epi32(_mm256_add_epi32(s2, s3), sc_hi),
+                    );
+                    *isum = _mm256_add_epi32(*isum, part);
+                }
+            }
+            let dv = _mm256_cvtph_ps(_mm_loadu_si128(dd.add(sb * ROWS) as *const __m128i));
+            let dmv = _mm256_cvtph_ps(_mm_loadu_si128(dm.add(sb * ROWS) as *const __m128i));
+            let mut mins = [_mm256_setzero_si256(); 8];
+            for (j, v) in mins.iter_mut().enumerate() {
+                *v = bytes8(km.add(sb * 64 + 8 * j));
+            }
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let b = bsums.as_ptr().add(k * cols / 16 + 16 * sb);
+                let mut msum = _mm256_setzero_si256();
+                for (j, v) in mins.iter().enumerate() {
+                    let a_j = _mm256_set1_epi32(*b.add(2 * j) + *b.add(2 * j + 1));
+                    msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(*v, a_j));
+                }
+                let da = _mm256_set1_ps(*d.get_unchecked(k * nsb + sb));
+                *acc = _mm256_fmadd_ps(_mm256_mul_ps(dv, da), _mm256_cvtepi32_ps(isum[k]), *acc);
+                *acc = _mm256_fnmadd_ps(_mm256_mul_ps(dmv, da), _mm256_cvtepi32_ps(msum), *acc);
             }
         }
         for (k, a) in acc.iter().enumerate() {

@@ -381,7 +381,7 @@ impl QMatrix {
     }
 
     /// The rows interleaved eight at a time ([`interleave`]), made on the first call, where
-    /// this CPU and type take them: AVX-512 VNNI, Q4_0, Q4_1 or Q8_0, whole octets of rows.
+    /// this CPU and type take them: AVX-512 VNNI, Q4_0, Q4_1, Q8_0 or Q4_K, whole octets of rows.
     pub fn interleaved(&self) -> Option<&Interleaved> {
         self.interleaved
             .get_or_init(|| {
@@ -507,14 +507,18 @@ fn vnni() -> bool {
 fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) -> Vec<Vec<f32>> {
     let mut acts: Vec<QAct> = Vec::new();
     let mut of_pair = Vec::with_capacity(pairs.len());
-    for (j, (w, _, x)) in pairs.iter().enumerate() {
+    let kind = |p: &Interleaved| match p.takes_k_activations() {
+        true => ActKind::Q8K,
+        false => ActKind::Q8,
+    };
+    for (j, (w, p, x)) in pairs.iter().enumerate() {
         let same = pairs[..j]
             .iter()
-            .position(|(v, _, y)| v.cols == w.cols && std::ptr::eq(*x, *y));
+            .position(|(v, q, y)| v.cols == w.cols && std::ptr::eq(*x, *y) && kind(q) == kind(p));
         of_pair.push(match same {
             Some(i) => of_pair[i],
             None => {
-                acts.push(QAct::of_kind(ActKind::Q8, x, w.cols));
+                acts.push(QAct::of_kind(kind(p), x, w.cols));
                 acts.len() - 1
             }
         });
@@ -537,7 +541,13 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
     let run = |&(j, o0, o1): &(usize, usize, usize)| {
         let (w, p, _) = pairs[j];
         let a = &acts[of_pair[j]];
-        let (cols, nb) = (w.cols, w.cols / 32);
+        let cols = w.cols;
+        // scales per block (32) or super-block (256); block sums or sums of each 16
+        let nb = cols / if a.kind_k { 256 } else { 32 };
+        let (nsum, sums) = match a.kind_k {
+            true => (cols / 16, &a.bsums),
+            false => (0, &Vec::new()),
+        };
         for r0 in (0..m).step_by(64) {
             let n = (m - r0).min(64);
             for o in o0..o1 {
@@ -550,14 +560,15 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
                         o,
                         &a.qs[r0 * cols..],
                         &a.d[r0 * nb..],
-                        &a.s[r0 * nb..],
+                        a.s.get(r0 * nb..).unwrap_or(&[]),
+                        &sums[r0 * nsum..],
                         n,
                         outs[j].at(r0 * w.rows + interleave::ROWS * o),
                         w.rows,
                     );
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = (p, a, cols, nb, n, o);
+                let _ = (p, a, cols, nb, n, o, nsum, sums);
             }
         }
     };

@@ -382,7 +382,12 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
     }
     let mut rng = Rng::new(12);
     let (rows, cols) = (24, 256);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+    ] {
         assert!(random_matrix(ty, 13, cols, &mut rng)
             .interleaved()
             .is_none());
@@ -392,7 +397,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
         let m = 70;
         let x = random_x(m * cols, &mut rng);
         let all = products(&[(&w, &x)], m).pop().unwrap();
-        let act = QAct::of_kind(ActKind::Q8, &x, cols);
+        let act = QAct::new(ty, &x, cols);
         for r in 0..m {
             let seen = as_seen(&act, r, cols);
             for o in 0..rows {
@@ -417,7 +422,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
             assert_eq!(&y[..], &all[..2 * rows], "{ty:?}: two rows");
         }
     }
-    println!("interleaved weights: checked on avx512-vnni (Q4_0, Q4_1, Q8_0)");
+    println!("interleaved weights: checked on avx512-vnni (Q4_0, Q4_1, Q8_0, Q4_K)");
 }
 
 /// The AVX-512 block quantizer gives the portable one's scale, values and sum bit for bit:
