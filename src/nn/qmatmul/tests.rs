@@ -381,7 +381,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
         return;
     }
     let mut rng = Rng::new(12);
-    let (rows, cols) = (24, 256);
+    let (rows, cols) = (24, 512);
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
