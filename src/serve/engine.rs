@@ -102,6 +102,8 @@ impl Engine {
     /// Start the engine thread on `cm`.
     pub fn start(cm: Arc<ChatModel>, limits: Limits, metrics: Arc<Metrics>) -> Result<Self> {
         let bytes_per_token = cache_bytes_per_token(&cm)?;
+        // every weight's product layout before the first request, not during it
+        cm.model.prepare_products();
         metrics
             .cache_limit_bytes
             .store(limits.cache_bytes as u64, Ordering::Relaxed);
