@@ -194,8 +194,10 @@ impl Interleaved {
     }
 
     /// The dot products of octet `o`'s eight rows with each of the `m` activation rows of
-    /// `qs` (int8, `cols` per row; block scales `d` and sums `s` as [`super::QAct`] holds
-    /// them): activation `r`'s eight go to `y + r · stride`. Up to eight activation rows
+    /// `a` (as [`super::QAct`] prepares them for this layout's type: int8 values, `cols`
+    /// per row, a scale per block of 32 and the block's sum, or for Q4_K
+    /// ([`Interleaved::takes_k_activations`]) a scale per 256 values and the sums of each
+    /// 16): activation `r`'s eight go to `y + r · stride`. Up to eight activation rows
     /// share one pass over the octet's weights (each weight vector loaded and unpacked
     /// once for all of them), so a decoding batch of eight streams the weights once while
     /// it computes; each row runs the same instructions whatever is beside it.
@@ -203,46 +205,66 @@ impl Interleaved {
     /// # Safety
     /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
     /// `y + r · stride` has 8 writable values for each `r < m`.
-    /// For Q4_K ([`Interleaved::takes_k_activations`]) `d` holds a scale per 256 values,
-    /// `bsums` the sums of each 16 and `s` is not read; the other types read `s` and not
-    /// `bsums`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    pub unsafe fn octet(
+        &self,
+        o: usize,
+        a: super::ActRow<'_>,
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        let cols = self.cols;
+        // per activation row: scales, block sums and sums of each 16
+        let (nd, ns, nbs) = match self.takes_k_activations() {
+            true => (cols / 256, 0, cols / 16),
+            false => (cols / 32, cols / 32, 0),
+        };
+        assert!(o < self.octets());
+        assert!(a.qs.len() >= m * cols && a.d.len() >= m * nd);
+        assert!(a.s.len() >= m * ns && a.bsums.len() >= m * nbs);
+        let mut r = 0;
+        while r < m {
+            let n = (m - r).min(8);
+            let (qs, d) = (&a.qs[r * cols..], &a.d[r * nd..]);
+            let (s, b) = (&a.s[r * ns..], &a.bsums[r * nbs..]);
+            let y = y.add(r * stride);
+            // SAFETY (all arms): the caller's guarantees, for rows r..r + n
+            match n {
+                8 => self.rows_of::<8>(o, qs, d, s, b, y, stride),
+                7 => self.rows_of::<7>(o, qs, d, s, b, y, stride),
+                6 => self.rows_of::<6>(o, qs, d, s, b, y, stride),
+                5 => self.rows_of::<5>(o, qs, d, s, b, y, stride),
+                4 => self.rows_of::<4>(o, qs, d, s, b, y, stride),
+                3 => self.rows_of::<3>(o, qs, d, s, b, y, stride),
+                2 => self.rows_of::<2>(o, qs, d, s, b, y, stride),
+                _ => self.rows_of::<1>(o, qs, d, s, b, y, stride),
+            }
+            r += n;
+        }
+    }
+
+    /// `N` activation rows through the pass of this layout's type.
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s, with `m = N`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn octet(
+    unsafe fn rows_of<const N: usize>(
         &self,
         o: usize,
         qs: &[i8],
         d: &[f32],
         s: &[f32],
         bsums: &[i32],
-        m: usize,
         y: *mut f32,
         stride: usize,
     ) {
-        if self.ty == GgmlType::Q4K {
-            return self.octet_k(o, qs, d, bsums, m, y, stride);
-        }
-        let (cols, nb) = (self.cols, self.cols / 32);
-        assert!(o < self.octets());
-        assert!(qs.len() >= m * cols && d.len() >= m * nb && s.len() >= m * nb);
-        let mut r = 0;
-        while r < m {
-            let n = (m - r).min(8);
-            let (qs, d, s) = (&qs[r * cols..], &d[r * nb..], &s[r * nb..]);
-            let y = y.add(r * stride);
-            // SAFETY (all arms): the caller's guarantees, for rows r..r + n
-            match n {
-                8 => self.pass::<8>(o, qs, d, s, y, stride),
-                7 => self.pass::<7>(o, qs, d, s, y, stride),
-                6 => self.pass::<6>(o, qs, d, s, y, stride),
-                5 => self.pass::<5>(o, qs, d, s, y, stride),
-                4 => self.pass::<4>(o, qs, d, s, y, stride),
-                3 => self.pass::<3>(o, qs, d, s, y, stride),
-                2 => self.pass::<2>(o, qs, d, s, y, stride),
-                _ => self.pass::<1>(o, qs, d, s, y, stride),
-            }
-            r += n;
+        match self.takes_k_activations() {
+            true => self.pass_k::<N>(o, qs, d, bsums, y, stride),
+            false => self.pass::<N>(o, qs, d, s, y, stride),
         }
     }
 
@@ -327,47 +349,7 @@ impl Interleaved {
         }
     }
 
-    /// [`Interleaved::octet`] for Q4_K.
-    ///
-    /// # Safety
-    /// As [`Interleaved::octet`]'s.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn octet_k(
-        &self,
-        o: usize,
-        qs: &[i8],
-        d: &[f32],
-        bsums: &[i32],
-        m: usize,
-        y: *mut f32,
-        stride: usize,
-    ) {
-        let (cols, nsb) = (self.cols, self.cols / 256);
-        assert!(o < self.octets());
-        assert!(qs.len() >= m * cols && d.len() >= m * nsb && bsums.len() >= m * cols / 16);
-        let mut r = 0;
-        while r < m {
-            let n = (m - r).min(8);
-            let (qs, d, b) = (&qs[r * cols..], &d[r * nsb..], &bsums[r * cols / 16..]);
-            let y = y.add(r * stride);
-            // SAFETY (all arms): the caller's guarantees, for rows r..r + n
-            match n {
-                8 => self.pass_k::<8>(o, qs, d, b, y, stride),
-                7 => self.pass_k::<7>(o, qs, d, b, y, stride),
-                6 => self.pass_k::<6>(o, qs, d, b, y, stride),
-                5 => self.pass_k::<5>(o, qs, d, b, y, stride),
-                4 => self.pass_k::<4>(o, qs, d, b, y, stride),
-                3 => self.pass_k::<3>(o, qs, d, b, y, stride),
-                2 => self.pass_k::<2>(o, qs, d, b, y, stride),
-                _ => self.pass_k::<1>(o, qs, d, b, y, stride),
-            }
-            r += n;
-        }
-    }
-
-    /// [`Interleaved::octet_k`] for `N` activation rows: per super-block, each chunk's
+    /// [`Interleaved::octet`] for Q4_K and `N` activation rows: per super-block, each chunk's
     /// 32-byte code vectors unpacked once for all `N` rows; each row's integer sums over
     /// the eight sub-blocks take their scales in integers, then the super-block's f32
     /// scaling.

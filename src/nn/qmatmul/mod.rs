@@ -205,6 +205,11 @@ impl QAct {
 
     /// Row `r`.
     pub fn row(&self, r: usize) -> ActRow<'_> {
+        self.rows(r, r + 1)
+    }
+
+    /// Rows `r0..r1`, each field's values of those rows one after another.
+    pub fn rows(&self, r0: usize, r1: usize) -> ActRow<'_> {
         let c = self.cols;
         if !self.x.is_empty() {
             return ActRow {
@@ -212,17 +217,17 @@ impl QAct {
                 d: &[],
                 s: &[],
                 bsums: &[],
-                x: &self.x[r * c..(r + 1) * c],
+                x: &self.x[r0 * c..r1 * c],
             };
         }
         let nb = c / if self.kind_k { 256 } else { 32 };
-        let d = &self.d[r * nb..(r + 1) * nb];
+        let d = &self.d[r0 * nb..r1 * nb];
         let (s, bsums) = match self.kind_k {
-            true => (&[][..], &self.bsums[r * c / 16..(r + 1) * c / 16]),
-            false => (&self.s[r * nb..(r + 1) * nb], &[][..]),
+            true => (&[][..], &self.bsums[r0 * c / 16..r1 * c / 16]),
+            false => (&self.s[r0 * nb..r1 * nb], &[][..]),
         };
         ActRow {
-            qs: &self.qs[r * c..(r + 1) * c],
+            qs: &self.qs[r0 * c..r1 * c],
             d,
             s,
             bsums,
@@ -541,15 +546,9 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
     let run = |&(j, o0, o1): &(usize, usize, usize)| {
         let (w, p, _) = pairs[j];
         let a = &acts[of_pair[j]];
-        let cols = w.cols;
-        // scales per block (32) or super-block (256); block sums or sums of each 16
-        let nb = cols / if a.kind_k { 256 } else { 32 };
-        let (nsum, sums) = match a.kind_k {
-            true => (cols / 16, &a.bsums),
-            false => (0, &Vec::new()),
-        };
         for r0 in (0..m).step_by(64) {
             let n = (m - r0).min(64);
+            let rows = a.rows(r0, r0 + n);
             for o in o0..o1 {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: interleaved() made `p` on a CPU with VNNI only; activation rows
@@ -558,17 +557,14 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
                 unsafe {
                     p.octet(
                         o,
-                        &a.qs[r0 * cols..],
-                        &a.d[r0 * nb..],
-                        a.s.get(r0 * nb..).unwrap_or(&[]),
-                        &sums[r0 * nsum..],
+                        rows,
                         n,
                         outs[j].at(r0 * w.rows + interleave::ROWS * o),
                         w.rows,
                     );
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = (p, a, cols, nb, n, o, nsum, sums);
+                let _ = (p, rows, n, o);
             }
         }
     };
