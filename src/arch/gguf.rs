@@ -276,8 +276,7 @@ fn direct_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
     }
     // keys the family's config class does not have (its adapter refuses unknown keys)
     let foreign: &[&str] = match arch {
-        "gpt2" => &["rms_norm_eps", "num_key_value_heads", "intermediate_size"],
-        "bloom" => &["rms_norm_eps", "num_key_value_heads", "intermediate_size"],
+        "gpt2" | "bloom" => &["rms_norm_eps", "num_key_value_heads", "intermediate_size"],
         _ => &["rms_norm_eps"],
     };
     if let Some(o) = c.as_object_mut() {
@@ -409,6 +408,12 @@ fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
     Ok(())
 }
 
+/// A layer tensor's name `blk.N.PART` as `(N, PART)`.
+fn layer_part(gguf: &str) -> Option<(usize, &str)> {
+    let (layer, part) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    Some((layer.parse().ok()?, part))
+}
+
 /// llama.cpp's tensor name → the family's (Hugging Face) name, for one layer's part.
 fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
@@ -420,9 +425,7 @@ fn hf_name(gguf: &str) -> Option<String> {
     if let Some(n) = fixed {
         return Some(n.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let (layer, part) = layer_part(gguf)?;
     let part = match part {
         "attn_norm.weight" => "input_layernorm.weight",
         "attn_q.weight" => "self_attn.q_proj.weight",
@@ -491,9 +494,7 @@ fn direct_name(gguf: &str) -> Option<Vec<String>> {
     if let Some(n) = fixed {
         return Some(vec![n.to_string()]);
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let (layer, part) = layer_part(gguf)?;
     let (module, kind) = part.rsplit_once('.')?;
     if kind != "weight" && kind != "bias" {
         return None;
@@ -521,11 +522,9 @@ fn direct_name(gguf: &str) -> Option<Vec<String>> {
 /// DeepSeek's (`deepseek2`) latent-attention and router names; the rest as [`hf_name`].
 /// `attn_k_b` and `attn_v_b` are joined back into `kv_b_proj` ([`join_kv_b`]).
 fn deepseek2_name(gguf: &str) -> Option<String> {
-    let Some(rest) = gguf.strip_prefix("blk.") else {
+    let Some((layer, part)) = layer_part(gguf) else {
         return hf_name(gguf);
     };
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
     let part = match part {
         "attn_q_a.weight" => "self_attn.q_a_proj.weight",
         "attn_q_a_norm.weight" => "self_attn.q_a_layernorm.weight",
@@ -682,12 +681,7 @@ fn load_with(
             continue;
         }
         if deepseek {
-            let split = t
-                .name
-                .strip_prefix("blk.")
-                .and_then(|r| r.split_once('.'))
-                .and_then(|(l, part)| Some((l.parse::<usize>().ok()?, part)));
-            if let Some((l, part @ ("attn_k_b.weight" | "attn_v_b.weight"))) = split {
+            if let Some((l, part @ ("attn_k_b.weight" | "attn_v_b.weight"))) = layer_part(&t.name) {
                 let x = Tensor::from_vec(f.dequantize(t), t.shape.as_slice(), &Device::Cpu)?;
                 latent.insert((l, part == "attn_v_b.weight"), x);
                 continue;
