@@ -13,7 +13,7 @@
 //!   multiply-add per block or sub-block ([`dot`]). The instruction set is chosen at run
 //!   time ([`paths`]): AVX-512 VNNI, AVX2, or the portable loop.
 //! * **More rows (prefill)**: on CPUs with AVX-512 VNNI, for the types whose scales are
-//!   per 32 values, an integer GEMM ([`gemm`]): the rows quantized to 8 bits once, the
+//!   per 32 values and Q6_K, an integer GEMM ([`gemm`]): the rows quantized to 8 bits once, the
 //!   weights repacked eight rows at a time. Otherwise tiles of weight rows are dequantized
 //!   into a small f32 buffer and multiplied by all rows at once with the f32 GEMM. Either
 //!   way each weight is decoded once per forward pass, not once per row.
@@ -671,12 +671,26 @@ fn int8_gemm(ty: GgmlType) -> bool {
     }
 }
 
+/// How the integer GEMM ([`gemm`]) quantizes the activations for weights of `ty`: per 256
+/// for Q6_K (its integer sums run over a super-block), per 32 for the others.
+fn gemm_activations(ty: GgmlType) -> ActKind {
+    match ty {
+        GgmlType::Q6K => ActKind::Q8K,
+        _ => ActKind::Q8,
+    }
+}
+
 /// `x (m × cols) · wᵀ` for many rows on integers: the rows quantized to 8 bits once, the
 /// weights repacked eight rows at a time ([`gemm`]), runs of such tiles in parallel.
 #[cfg(target_arch = "x86_64")]
 fn int8_tiles(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
-    let act = QAct::of_kind(ActKind::Q8, x, k);
+    let act = QAct::of_kind(gemm_activations(w.ty), x, k);
+    // Q6_K's signed codes take the activations as unsigned bytes, q + 128
+    let unsigned: Vec<u8> = match w.ty {
+        GgmlType::Q6K => act.qs.iter().map(|&q| q as u8 ^ 0x80).collect(),
+        _ => Vec::new(),
+    };
     let tiles = n.div_ceil(gemm::ROWS);
     let per = (tiles / (4 * rayon::current_num_threads())).max(1);
     let mut y = vec![0f32; m * n];
@@ -688,20 +702,33 @@ fn int8_tiles(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
             for t in job * per..((job + 1) * per).min(tiles) {
                 let r0 = t * gemm::ROWS;
                 gemm::repack(w.ty, data, w.row_bytes, n, k, r0, packed);
+                let valid = gemm::ROWS.min(n - r0);
                 // SAFETY: int8_gemm checked the CPU; columns r0..r0 + valid of each of the
                 // m output rows (stride n) belong to this tile alone
                 unsafe {
-                    gemm::kernel(
-                        packed,
-                        &act.qs,
-                        &act.d,
-                        &act.s,
-                        m,
-                        k,
-                        out.at(r0),
-                        n,
-                        gemm::ROWS.min(n - r0),
-                    );
+                    match w.ty {
+                        GgmlType::Q6K => gemm::kernel_signed(
+                            packed,
+                            &unsigned,
+                            &act.d,
+                            m,
+                            k,
+                            out.at(r0),
+                            n,
+                            valid,
+                        ),
+                        _ => gemm::kernel(
+                            packed,
+                            &act.qs,
+                            &act.d,
+                            &act.s,
+                            m,
+                            k,
+                            out.at(r0),
+                            n,
+                            valid,
+                        ),
+                    }
                 }
             }
         });

@@ -285,6 +285,7 @@ fn integer_gemm_equals_the_quantized_product() {
         GgmlType::Q5_1,
         GgmlType::Q4K,
         GgmlType::Q5K,
+        GgmlType::Q6K,
     ];
     if !any.iter().any(|&t| int8_gemm(t)) {
         println!("integer GEMM: SKIPPED, this CPU lacks AVX-512 VNNI");
@@ -292,14 +293,14 @@ fn integer_gemm_equals_the_quantized_product() {
     }
     println!("integer GEMM: runs (AVX-512 VNNI)");
     let mut rng = Rng::new(17);
-    let (rows, cols, m) = (21, 512, 13);
+    let (rows, cols, m) = (21, 768, 13);
     for ty in any {
         assert!(int8_gemm(ty), "{}", ty.name());
         let w = random_matrix(ty, rows, cols, &mut rng);
         let wf = dequantized(&w);
         let x = random_x(m * cols, &mut rng);
         let y = int8_tiles(&w, &x, m);
-        let act = QAct::of_kind(ActKind::Q8, &x, cols);
+        let act = QAct::of_kind(gemm_activations(ty), &x, cols);
         for r in 0..m {
             let seen = as_seen(&act, r, cols);
             for o in 0..rows {
