@@ -190,14 +190,32 @@ impl QAct {
             ActKind::Q8K => {
                 a.kind_k = true;
                 a.qs = vec![0; x.len()];
-                for (xb, qb) in x.chunks_exact(256).zip(a.qs.chunks_exact_mut(256)) {
-                    let (d, _) = quantize_block(xb, qb);
-                    a.d.push(d);
-                    a.bsums.extend(
-                        qb.chunks_exact(16)
-                            .map(|c| c.iter().map(|&q| q as i32).sum::<i32>()),
-                    );
-                }
+                a.d = vec![0.0; x.len() / 256];
+                a.bsums = vec![0; x.len() / 16];
+                // as above: a prompt's rows in parallel, runs of 8 super-blocks
+                let run = 8 * 256;
+                let threads = if x.len() > 8 * run {
+                    rayon::current_num_threads()
+                } else {
+                    1
+                };
+                x.par_chunks(run)
+                    .with_min_len(x.len().div_ceil(run * threads))
+                    .zip(a.qs.par_chunks_mut(run))
+                    .zip(a.d.par_chunks_mut(8).zip(a.bsums.par_chunks_mut(8 * 16)))
+                    .for_each(|((xr, qr), (dr, br))| {
+                        for (((xb, qb), d), bs) in xr
+                            .chunks_exact(256)
+                            .zip(qr.chunks_exact_mut(256))
+                            .zip(dr.iter_mut())
+                            .zip(br.chunks_exact_mut(16))
+                        {
+                            *d = quantize_block(xb, qb).0;
+                            for (b, c) in bs.iter_mut().zip(qb.chunks_exact(16)) {
+                                *b = c.iter().map(|&q| q as i32).sum();
+                            }
+                        }
+                    });
             }
         }
         a
@@ -240,8 +258,8 @@ impl QAct {
 /// (ties to even); returns `d` and `Σ q`.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if x.len() == 32 && q.len() == 32 && simd::has_avx512() {
-        // SAFETY: AVX-512F was detected; both blocks hold 32 values
+    if x.len().is_multiple_of(32) && q.len() == x.len() && simd::has_avx512() {
+        // SAFETY: AVX-512F was detected; both blocks hold the same multiple of 32 values
         return unsafe { quantize_block_avx512(x, q) };
     }
     quantize_block_portable(x, q)
@@ -262,29 +280,42 @@ fn quantize_block_portable(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (d, q.iter().map(|&v| v as i32).sum())
 }
 
-/// [`quantize_block`] of 32 values in two 512-bit registers: the same scale and, rounding
-/// to nearest even as the portable code does, the same values bit for bit.
+/// [`quantize_block`] of a multiple of 32 values, 32 at a time in two 512-bit registers:
+/// the same scale and, rounding to nearest even as the portable code does, the same values
+/// bit for bit.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `x` and `q` hold 32 values.
+/// The CPU has AVX-512F; `x` and `q` hold the same multiple of 32 values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     use std::arch::x86_64::*;
-    let a = _mm512_loadu_ps(x.as_ptr());
-    let b = _mm512_loadu_ps(x.as_ptr().add(16));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    let d = amax / 127.0;
+    debug_assert!(x.len().is_multiple_of(32) && q.len() == x.len());
+    let pair = |i: usize| {
+        (
+            _mm512_loadu_ps(x.as_ptr().add(i)),
+            _mm512_loadu_ps(x.as_ptr().add(i + 16)),
+        )
+    };
+    let mut m = _mm512_setzero_ps();
+    for i in (0..x.len()).step_by(32) {
+        let (a, b) = pair(i);
+        m = _mm512_max_ps(m, _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    }
+    let d = _mm512_reduce_max_ps(m) / 127.0;
     let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-    // |x · id| ≤ 127 (and a hair), so the saturating narrowing never saturates
-    let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
-    let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
-    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(qa));
-    _mm_storeu_si128(
-        q.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtsepi32_epi8(qb),
-    );
-    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb)))
+    let mut sum = _mm512_setzero_si512();
+    for i in (0..x.len()).step_by(32) {
+        let (a, b) = pair(i);
+        // |x · id| ≤ 127 (and a hair), so the saturating narrowing never saturates
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+        let out = q.as_mut_ptr().add(i) as *mut __m128i;
+        _mm_storeu_si128(out, _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128(out.add(1), _mm512_cvtsepi32_epi8(qb));
+        sum = _mm512_add_epi32(sum, _mm512_add_epi32(qa, qb));
+    }
+    (d, _mm512_reduce_add_epi32(sum))
 }
 
 /// Dot products of weight rows with one prepared activation row: `(rows' bytes, bytes

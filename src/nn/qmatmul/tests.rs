@@ -443,9 +443,16 @@ fn avx512_quantizer_equals_the_portable_one() {
         );
         blocks.push((0..32).map(|i| (i as f32 - 16.0) * 1e30).collect());
         blocks.push((0..32).map(|i| (i as f32 - 16.0) * 1e-30).collect());
+        // super-blocks of 256 (the K-quants' activations), their maximum in any part
+        for at in [0, 100, 255] {
+            let mut x = random_x(256, &mut rng);
+            x[at] = 9.0;
+            blocks.push(x);
+        }
         for x in &blocks {
-            let (mut qa, mut qb) = (vec![0i8; 32], vec![0i8; 32]);
-            // SAFETY: AVX-512F detected; 32 values each
+            let n = x.len();
+            let (mut qa, mut qb) = (vec![0i8; n], vec![0i8; n]);
+            // SAFETY: AVX-512F detected; the same multiple of 32 values each
             let a = unsafe { quantize_block_avx512(x, &mut qa) };
             let b = quantize_block_portable(x, &mut qb);
             assert_eq!((a.0.to_bits(), a.1), (b.0.to_bits(), b.1), "{x:?}");
