@@ -259,25 +259,53 @@ unsafe fn probs(
         k.st,
         1.0,
     );
-    for r in 0..bl {
-        let row = &mut p[r * g.tk..r * g.tk + nk];
-        let n = i0 + r + off + 1;
-        let lo = n.saturating_sub(g.window);
-        // with ALiBi, scale and bias first; otherwise the scale goes into the exponent
-        let s = match slope {
+    // at the widest vectors this CPU has (the same bits at every width)
+    let rows = Rows {
+        n0: i0 + off + 1,
+        nk,
+        window: g.window,
+        scale,
+        slope,
+    };
+    super::ops::widest(
+        #[inline(always)]
+        || softmax_rows(&rows, &mut p[..bl * g.tk], g.tk),
+    );
+    nk
+}
+
+/// What [`softmax_rows`] needs of a row block: row `r` sees keys `..n0 + r` (the last
+/// `window` of them) among the block's `nk` columns.
+struct Rows {
+    n0: usize,
+    nk: usize,
+    window: usize,
+    scale: f32,
+    slope: Option<f32>,
+}
+
+/// Each row of `p` (stride `tk`) softmaxed over the keys it sees, zero elsewhere; with
+/// ALiBi, scale and bias first, otherwise the scale goes into the exponent. Inlined into
+/// [`super::ops::widest`]'s loops.
+#[inline(always)]
+fn softmax_rows(x: &Rows, p: &mut [f32], tk: usize) {
+    for (r, row) in p.chunks_exact_mut(tk).enumerate() {
+        let row = &mut row[..x.nk];
+        let n = x.n0 + r;
+        let lo = n.saturating_sub(x.window);
+        let s = match x.slope {
             Some(m) => {
-                for (j, x) in row[lo..n].iter_mut().enumerate() {
-                    *x = *x * scale + m * ((lo + j) as f32 - (n - 1) as f32);
+                for (j, v) in row[lo..n].iter_mut().enumerate() {
+                    *v = *v * x.scale + m * ((lo + j) as f32 - (n - 1) as f32);
                 }
                 1.0
             }
-            None => scale,
+            None => x.scale,
         };
         super::ops::softmax_in_place(&mut row[lo..n], s);
-        row[..lo].iter_mut().for_each(|x| *x = 0.0);
-        row[n..].iter_mut().for_each(|x| *x = 0.0);
+        row[..lo].iter_mut().for_each(|v| *v = 0.0);
+        row[n..].iter_mut().for_each(|v| *v = 0.0);
     }
-    nk
 }
 
 pub(crate) struct CausalAttention {

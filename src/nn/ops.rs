@@ -186,6 +186,7 @@ pub fn exp(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// Sum of `v`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
 pub fn sum_of(v: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = v.chunks_exact(LANES);
@@ -198,6 +199,7 @@ pub fn sum_of(v: &[f32]) -> f32 {
 }
 
 /// Maximum of `v` (−∞ when empty; NaNs are skipped as by `f32::max`).
+#[inline(always)]
 pub fn max_of(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = v.chunks_exact(LANES);
@@ -212,8 +214,9 @@ pub fn max_of(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `v ← softmax(scale · v)` in place (max subtracted first).
-#[inline]
+/// `v ← softmax(scale · v)` in place (max subtracted first); inlined, so that it takes the
+/// caller's vector width ([`widest`]).
+#[inline(always)]
 pub(crate) fn softmax_in_place(v: &mut [f32], scale: f32) {
     let max = max_of(v);
     for x in v.iter_mut() {
