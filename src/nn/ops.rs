@@ -66,11 +66,21 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> CResult<&'a [u32]
 /// each row's loops compiled for the widest vectors this CPU has ([`widest`]).
 fn for_rows(out: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(w)
-            .enumerate()
-            .for_each(|(r, o)| widest(|| f(r, o)));
+        out.par_chunks_mut(w).enumerate().for_each(|(r, o)| {
+            widest(
+                #[inline(always)]
+                || f(r, o),
+            )
+        });
     } else {
-        widest(|| out.chunks_mut(w).enumerate().for_each(|(r, o)| f(r, o)));
+        widest(
+            #[inline(always)]
+            || {
+                for (r, o) in out.chunks_mut(w).enumerate() {
+                    f(r, o)
+                }
+            },
+        );
     }
 }
 
@@ -109,6 +119,10 @@ impl Width {
 /// closures they call inlined) vectorise to 512 or 256 bits instead of baseline x86-64's
 /// 128. Elementwise arithmetic gives the same bits at every width (no operation is fused
 /// or reordered), so results do not depend on the machine.
+///
+/// `body` and the closures it calls must be inlined into each width's wrapper, or they
+/// stay one baseline copy: mark them `#[inline(always)]` (a large closure called from
+/// three wrappers is otherwise left out of line).
 #[inline(always)]
 pub(crate) fn widest<R>(body: impl FnOnce() -> R) -> R {
     on(Width::detect(), body)
@@ -247,11 +261,15 @@ fn map2(
     let a = f32_slice(s1, l1, what)?;
     let b = f32_slice(s2, l2, what)?;
     let mut out = output_buffer(a.len());
-    for_chunks(&mut out, |at, o| {
-        for ((o, &a), &b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
-            *o = f(a, b);
-        }
-    });
+    for_chunks(
+        &mut out,
+        #[inline(always)]
+        |at, o| {
+            for ((o, &a), &b) in o.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                *o = f(a, b);
+            }
+        },
+    );
     Ok((CpuStorage::F32(out), l1.shape().clone()))
 }
 
@@ -260,11 +278,17 @@ fn map2(
 fn for_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     const CHUNK: usize = 1 << 12;
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, o)| widest(|| f(i * CHUNK, o)));
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            widest(
+                #[inline(always)]
+                || f(i * CHUNK, o),
+            )
+        });
     } else {
-        widest(|| f(0, out));
+        widest(
+            #[inline(always)]
+            || f(0, out),
+        );
     }
 }
 
@@ -279,7 +303,13 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        map2("swiglu", (s1, l1), (s2, l2), |g, u| g * sigmoid(g) * u)
+        map2(
+            "swiglu",
+            (s1, l1),
+            (s2, l2),
+            #[inline(always)]
+            |g, u| g * sigmoid(g) * u,
+        )
     }
     fn bwd(
         &self,
@@ -318,16 +348,26 @@ impl CustomOp3 for SwiGluBwd {
         let n = g.len();
         let mut out = output_buffer(2 * n);
         let (dg, du) = out.split_at_mut(n);
-        for_chunks(dg, |at, o| {
-            for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..]) {
-                *o = swiglu_grads(g, u, dy).0;
-            }
-        });
-        for_chunks(du, |at, o| {
-            for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..]) {
-                *o = swiglu_grads(g, u, dy).1;
-            }
-        });
+        for_chunks(
+            dg,
+            #[inline(always)]
+            |at, o| {
+                for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..])
+                {
+                    *o = swiglu_grads(g, u, dy).0;
+                }
+            },
+        );
+        for_chunks(
+            du,
+            #[inline(always)]
+            |at, o| {
+                for (((o, &g), &u), &dy) in o.iter_mut().zip(&g[at..]).zip(&u[at..]).zip(&dy[at..])
+                {
+                    *o = swiglu_grads(g, u, dy).1;
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
     }
 }
@@ -388,11 +428,15 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut out = output_buffer(x.len());
-        for_chunks(&mut out, |at, o| {
-            for (o, &x) in o.iter_mut().zip(&x[at..]) {
-                *o = gelu_tanh(x);
-            }
-        });
+        for_chunks(
+            &mut out,
+            #[inline(always)]
+            |at, o| {
+                for (o, &x) in o.iter_mut().zip(&x[at..]) {
+                    *o = gelu_tanh(x);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<Option<Tensor>> {
@@ -413,9 +457,13 @@ impl CustomOp2 for GeluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        map2("gelu bwd", (s1, l1), (s2, l2), |x, dy| {
-            dy * gelu_tanh_grad(x)
-        })
+        map2(
+            "gelu bwd",
+            (s1, l1),
+            (s2, l2),
+            #[inline(always)]
+            |x, dy| dy * gelu_tanh_grad(x),
+        )
     }
 }
 
@@ -452,13 +500,18 @@ impl CustomOp2 for RmsNorm {
         let w = f32_slice(s2, l2, "rms_norm")?;
         let d = w.len();
         let mut out = output_buffer(x.len());
-        for_rows(&mut out, d, |r, o| {
-            let xr = &x[r * d..(r + 1) * d];
-            let s = rstd(xr, self.eps);
-            for i in 0..d {
-                o[i] = xr[i] * s * w[i];
-            }
-        });
+        for_rows(
+            &mut out,
+            d,
+            #[inline(always)]
+            |r, o| {
+                let xr = &x[r * d..(r + 1) * d];
+                let s = rstd(xr, self.eps);
+                for i in 0..d {
+                    o[i] = xr[i] * s * w[i];
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -498,20 +551,25 @@ impl CustomOp3 for RmsNormBwdX {
         let dy = f32_slice(s3, l3, "rms_norm bwd")?;
         let d = w.len();
         let mut out = output_buffer(x.len());
-        for_rows(&mut out, d, |r, o| {
-            let xr = &x[r * d..(r + 1) * d];
-            let g = &dy[r * d..(r + 1) * d];
-            let s = rstd(xr, self.eps);
-            // dx = s * (g*w - xhat * mean(g*w*xhat)), xhat = x*s
-            let mut dot = 0f32;
-            for i in 0..d {
-                dot += g[i] * w[i] * xr[i] * s;
-            }
-            let m = dot / d as f32;
-            for i in 0..d {
-                o[i] = s * (g[i] * w[i] - xr[i] * s * m);
-            }
-        });
+        for_rows(
+            &mut out,
+            d,
+            #[inline(always)]
+            |r, o| {
+                let xr = &x[r * d..(r + 1) * d];
+                let g = &dy[r * d..(r + 1) * d];
+                let s = rstd(xr, self.eps);
+                // dx = s * (g*w - xhat * mean(g*w*xhat)), xhat = x*s
+                let mut dot = 0f32;
+                for i in 0..d {
+                    dot += g[i] * w[i] * xr[i] * s;
+                }
+                let m = dot / d as f32;
+                for i in 0..d {
+                    o[i] = s * (g[i] * w[i] - xr[i] * s * m);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -633,22 +691,27 @@ impl CustomOp3 for Rope {
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut out = x.to_vec();
         // one (batch, position) per chunk: h heads of width d
-        for_rows(&mut out, h * d, |bt, o| {
-            let (bi, ti) = (bt / t, bt % t);
-            let row = if per_batch { bi * t + ti } else { ti };
-            let c = &cos[row * half..(row + 1) * half];
-            let s = &sin[row * half..(row + 1) * half];
-            let xr = &x[bt * h * d..(bt + 1) * h * d];
-            for hh in 0..h {
-                let base = hh * d;
-                for i in 0..half {
-                    let (x1, x2) = (xr[base + i], xr[base + i + half]);
-                    let si = sign * s[i];
-                    o[base + i] = x1 * c[i] - x2 * si;
-                    o[base + i + half] = x2 * c[i] + x1 * si;
+        for_rows(
+            &mut out,
+            h * d,
+            #[inline(always)]
+            |bt, o| {
+                let (bi, ti) = (bt / t, bt % t);
+                let row = if per_batch { bi * t + ti } else { ti };
+                let c = &cos[row * half..(row + 1) * half];
+                let s = &sin[row * half..(row + 1) * half];
+                let xr = &x[bt * h * d..(bt + 1) * h * d];
+                for hh in 0..h {
+                    let base = hh * d;
+                    for i in 0..half {
+                        let (x1, x2) = (xr[base + i], xr[base + i + half]);
+                        let si = sign * s[i];
+                        o[base + i] = x1 * c[i] - x2 * si;
+                        o[base + i + half] = x2 * c[i] + x1 * si;
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -769,14 +832,19 @@ impl CustomOp3 for CrossEntropyBwd {
         let g = f32_slice(s3, l3, "cross_entropy bwd")?;
         let v = l1.shape().dims2()?.1;
         let mut out = output_buffer(z.len());
-        for_rows(&mut out, v, |r, o| {
-            let zr = &z[r * v..(r + 1) * v];
-            let lse = logsumexp(zr);
-            for j in 0..v {
-                o[j] = exp(zr[j] - lse) * g[r];
-            }
-            o[y[r] as usize] -= g[r];
-        });
+        for_rows(
+            &mut out,
+            v,
+            #[inline(always)]
+            |r, o| {
+                let zr = &z[r * v..(r + 1) * v];
+                let lse = logsumexp(zr);
+                for j in 0..v {
+                    o[j] = exp(zr[j] - lse) * g[r];
+                }
+                o[y[r] as usize] -= g[r];
+            },
+        );
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
