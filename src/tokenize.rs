@@ -289,31 +289,85 @@ impl Tokenizer {
                 )))
             }
         };
-        let t = tokenizers::Tokenizer::from_bytes(spec)
-            .map_err(|e| bad(format!("building the tokenizer: {e}")))?;
+        let t = spec.map_err(|e| bad(format!("building the tokenizer: {e}")))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 }
 
-/// Stand-ins for the vocabulary and merges in a `tokenizer.json` description, replaced
-/// by their text in [`spliced`].
-const VOCAB: &str = "\u{0}routelm-vocab\u{0}";
-const MERGES: &str = "\u{0}routelm-merges\u{0}";
+/// A tokenizer built from GGUF metadata, or why it could not be.
+type Built = std::result::Result<tokenizers::Tokenizer, String>;
 
-/// The text of `spec` with the vocabulary and merges written in place of their stand-ins,
-/// straight from the maps: a JSON value tree of a 262k-token vocabulary and half a
-/// million merges would take several hundred MB on its way to text.
-fn spliced<K: serde::Serialize + std::hash::Hash + Eq>(
+/// A tokenizer from a `tokenizer.json` description (`spec`) whose BPE model's vocabulary
+/// and merges are given apart, built through the library's builders: the library's own
+/// reading of a description takes its model through generic buffers, several copies of a
+/// large vocabulary (~90 MB at the peak for a 49k-token one, which the allocator then
+/// keeps). The model's options, the normalizer, pre-tokenizer, post-processor, decoder and
+/// added tokens are read from `spec` as that reading takes them.
+fn assembled<K: AsRef<str>>(
     spec: &serde_json::Value,
     vocab: &HashMap<K, usize>,
     merges: &[[&str; 2]],
-) -> String {
-    let text = spec.to_string();
-    let stand_in = |s: &str| serde_json::Value::String(s.to_string()).to_string();
-    let vocab = serde_json::to_string(vocab).unwrap_or_default();
-    let merges = serde_json::to_string(merges).unwrap_or_default();
-    text.replacen(&stand_in(VOCAB), &vocab, 1)
-        .replacen(&stand_in(MERGES), &merges, 1)
+) -> Built {
+    use serde::de::DeserializeOwned;
+    use tokenizers::models::bpe::{Vocab, BPE};
+    let m = &spec["model"];
+    let text = |k: &str| m[k].as_str().map(str::to_string);
+    let flag = |k: &str| m[k].as_bool();
+    let vocab: Vocab = vocab
+        .iter()
+        .map(|(t, &id)| (t.as_ref().to_string(), id as u32))
+        .collect();
+    let merges = merges
+        .iter()
+        .map(|[a, b]| (a.to_string(), b.to_string()))
+        .collect();
+    let mut b = BPE::builder().vocab_and_merges(vocab, merges);
+    if let Some(d) = m["dropout"].as_f64() {
+        b = b.dropout(d as f32);
+    }
+    if let Some(u) = text("unk_token") {
+        b = b.unk_token(u);
+    }
+    if let Some(p) = text("continuing_subword_prefix") {
+        b = b.continuing_subword_prefix(p);
+    }
+    if let Some(s) = text("end_of_word_suffix") {
+        b = b.end_of_word_suffix(s);
+    }
+    if let Some(f) = flag("fuse_unk") {
+        b = b.fuse_unk(f);
+    }
+    if let Some(f) = flag("byte_fallback") {
+        b = b.byte_fallback(f);
+    }
+    if let Some(f) = flag("ignore_merges") {
+        b = b.ignore_merges(f);
+    }
+    let mut t = tokenizers::Tokenizer::new(b.build().map_err(|e| e.to_string())?);
+    fn part<T: DeserializeOwned>(
+        spec: &serde_json::Value,
+        key: &str,
+    ) -> std::result::Result<Option<T>, String> {
+        match &spec[key] {
+            serde_json::Value::Null => Ok(None),
+            v => T::deserialize(v)
+                .map(Some)
+                .map_err(|e| format!("{key}: {e}")),
+        }
+    }
+    t.with_normalizer(part::<tokenizers::NormalizerWrapper>(spec, "normalizer")?);
+    t.with_pre_tokenizer(part::<tokenizers::PreTokenizerWrapper>(
+        spec,
+        "pre_tokenizer",
+    )?);
+    t.with_post_processor(part::<tokenizers::PostProcessorWrapper>(
+        spec,
+        "post_processor",
+    )?);
+    t.with_decoder(part::<tokenizers::DecoderWrapper>(spec, "decoder")?);
+    let added: Vec<tokenizers::AddedToken> = part(spec, "added_tokens")?.unwrap_or_default();
+    t.add_tokens(&added);
+    Ok(t)
 }
 
 /// A GGUF vocabulary on its way to a `tokenizer.json` description.
@@ -357,7 +411,7 @@ impl GgufVocab<'_> {
 
     /// Byte-level BPE: tokens spelled in GPT-2's byte alphabet (any other spelling is
     /// respelled from its UTF-8 bytes), the file's merges, GPT-2's split or `split`.
-    fn byte_level(&self, merges: &[String], split: Option<&str>) -> String {
+    fn byte_level(&self, merges: &[String], split: Option<&str>) -> Built {
         use serde_json::json;
         let alphabet = byte_alphabet();
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
@@ -396,15 +450,15 @@ impl GgufVocab<'_> {
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
-                "byte_fallback": false, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+                "byte_fallback": false, "ignore_merges": false},
         });
-        spliced(&spec, &vocab, &merges)
+        assembled(&spec, &vocab, &merges)
     }
 
     /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
     /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
     /// are every split of a token into two tokens, best (earliest) token first.
-    fn gemma(&self) -> String {
+    fn gemma(&self) -> Built {
         use serde_json::json;
         let spelled: Vec<String> = self
             .tokens
@@ -432,16 +486,16 @@ impl GgufVocab<'_> {
                 {"type": "ByteFallback"}, {"type": "Fuse"}]},
             "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                "byte_fallback": true, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+                "byte_fallback": true, "ignore_merges": false},
         });
-        spliced(&spec, &vocab, &merges)
+        assembled(&spec, &vocab, &merges)
     }
 
     /// SentencePiece-style BPE as transformers' `LlamaTokenizer` builds it from a GGUF
     /// file: merges rebuilt from the vocabulary, best score first; a `▁` in front of the
     /// text and for each space (by `Metaspace`, or for Phi-3 by a normalizer, which also
     /// marks a leading space); byte fallback; the unknown, BOS and EOS tokens special.
-    fn sentencepiece(&self, scores: &[f32], named: &[&str], phi3: bool) -> String {
+    fn sentencepiece(&self, scores: &[f32], named: &[&str], phi3: bool) -> Built {
         use serde_json::json;
         let (vocab, merges) = rebuilt_merges(self.tokens, |id| scores[id] as f64);
         let (normalizer, pre_tokenizer) = if phi3 {
@@ -470,9 +524,9 @@ impl GgufVocab<'_> {
                 {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
             "model": {"type": "BPE", "dropout": null, "unk_token": null,
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                "byte_fallback": true, "ignore_merges": false, "vocab": VOCAB, "merges": MERGES},
+                "byte_fallback": true, "ignore_merges": false},
         });
-        spliced(&spec, &vocab, &merges)
+        assembled(&spec, &vocab, &merges)
     }
 }
 
