@@ -37,6 +37,11 @@ pub const ROWS: usize = 8;
 /// How far ahead of the block being multiplied its weights are prefetched, in bytes.
 const AHEAD: usize = 1024;
 
+/// Bytes of the stored matrix read between two reports of [`Interleaved::new`]'s progress
+/// (after which the caller hands those pages back, so a large matrix is not resident
+/// twice while it is interleaved).
+const DONE_BYTES: usize = 4 << 20;
+
 /// Whether [`Interleaved::new`] takes weights of `ty`.
 pub fn supports(ty: GgmlType) -> bool {
     matches!(
@@ -73,11 +78,26 @@ pub struct Interleaved {
 
 impl Interleaved {
     /// `rows` rows (a multiple of [`ROWS`]) of `cols` values of `ty` (a type [`supports`]
-    /// takes), `row_bytes` each, from `data`.
-    pub fn new(ty: GgmlType, data: &[u8], rows: usize, cols: usize, row_bytes: usize) -> Self {
+    /// takes), `row_bytes` each, from `data`; `done(n)` is told, every few MB and at the
+    /// end, that the first `n` bytes of `data` have been read for the last time.
+    pub fn new(
+        ty: GgmlType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        row_bytes: usize,
+        done: &mut dyn FnMut(usize),
+    ) -> Self {
         assert!(supports(ty) && rows.is_multiple_of(ROWS) && cols.is_multiple_of(32));
+        // octets read between two calls of `done`
+        let every = (DONE_BYTES / (ROWS * row_bytes).max(1)).max(1);
+        let mut progress = |o: usize| {
+            if (o + 1).is_multiple_of(every) || o + 1 == rows / ROWS {
+                done((o + 1) * ROWS * row_bytes);
+            }
+        };
         if ty == GgmlType::Q4K {
-            return Self::new_q4_k(data, rows, cols, row_bytes);
+            return Self::new_q4_k(data, rows, cols, row_bytes, &mut progress);
         }
         let nb = cols / 32;
         let (block_bytes, at, code_bytes) = match ty {
@@ -115,6 +135,7 @@ impl Interleaved {
                     }
                 }
             }
+            progress(o);
         }
         Self {
             ty,
@@ -128,7 +149,13 @@ impl Interleaved {
     }
 
     /// [`Interleaved::new`] for Q4_K (see the module's text).
-    fn new_q4_k(data: &[u8], rows: usize, cols: usize, row_bytes: usize) -> Self {
+    fn new_q4_k(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        row_bytes: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Self {
         assert!(cols.is_multiple_of(256));
         let nsb = cols / 256;
         assert_eq!(row_bytes, nsb * 144);
@@ -162,6 +189,7 @@ impl Interleaved {
                     }
                 }
             }
+            progress(o);
         }
         Self {
             ty: GgmlType::Q4K,

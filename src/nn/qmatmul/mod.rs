@@ -60,19 +60,30 @@ impl QBytes {
         }
     }
 
-    /// Hand a mapped file's pages back to the system (their copy elsewhere is what the
-    /// products read now): resident memory then holds the model once. A later read, of
-    /// an embedding row say, faults the pages it needs back in from the file.
-    fn release(&self) {
+    /// Hand bytes `from..to` of a mapped file's pages back to the system (their copy
+    /// elsewhere is what the products read now): resident memory then holds the model
+    /// once. A later read, of an embedding row say, faults the pages it needs back in from
+    /// the file.
+    fn release(&self, from: usize, to: usize) {
         #[cfg(unix)]
         if let Self::Mapped { map, start, len } = self {
+            let to = to.min(*len);
+            if from >= to {
+                return;
+            }
             // SAFETY: the map is a read-only mapping of the file, never written through,
             // so the pages dropped read back from the file unchanged; `madvise` widens the
             // range to whole pages, neighbours included, which read back the same way
             let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start + from,
+                    to - from,
+                )
             };
         }
+        #[cfg(not(unix))]
+        let _ = (from, to);
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -425,14 +436,20 @@ impl QMatrix {
                     && interleave::supports(self.ty)
                     && self.rows.is_multiple_of(interleave::ROWS))
                 .then(|| {
+                    // the file's pages handed back as they are read, so a large matrix
+                    // (a tied embedding) is not resident twice on its way
+                    let mut released = 0;
                     let packed = Interleaved::new(
                         self.ty,
                         self.data.as_slice(),
                         self.rows,
                         self.cols,
                         self.row_bytes,
+                        &mut |read| {
+                            self.data.release(released, read);
+                            released = read;
+                        },
                     );
-                    self.data.release();
                     Arc::new(packed)
                 })
             })
