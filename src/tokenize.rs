@@ -201,13 +201,18 @@ impl Tokenizer {
     /// `add_bos_token` says so (a SentencePiece vocabulary adds it unless told otherwise).
     pub fn from_gguf(path: &Path) -> Result<Self> {
         use crate::weights::gguf::{GgufFile, Value};
-        let f = GgufFile::open(path)?;
+        let mut f = GgufFile::open(path)?;
         let bad = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match f.get(key) {
+        // the large arrays are moved out of the metadata, not copied: a 262k-token
+        // vocabulary's values weigh tens of MB
+        let strings = |f: &mut GgufFile, key: &str| -> Result<Vec<String>> {
+            match f.metadata.remove(key) {
                 Some(Value::Array(v)) => v
-                    .iter()
-                    .map(|x| x.as_str().map(str::to_string))
+                    .into_iter()
+                    .map(|x| match x {
+                        Value::String(s) => Some(s),
+                        _ => None,
+                    })
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| bad(format!("{key} holds a non-string"))),
                 _ => Err(bad(format!("no {key} array"))),
@@ -216,50 +221,56 @@ impl Tokenizer {
         // a file without a vocabulary (`none`, or no tokenizer keys at all: a model
         // trained on bytes, as `quantize` writes one) reads bytes, as a folder without
         // tokenizer.json does
-        let model = f.get("tokenizer.ggml.model").and_then(Value::as_str);
-        let no_vocab = matches!(model, Some("none" | "no_vocab"))
+        let text = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_str).map(str::to_string);
+        let model = text(&f, "tokenizer.ggml.model");
+        let no_vocab = matches!(model.as_deref(), Some("none" | "no_vocab"))
             || (model.is_none() && f.get("tokenizer.ggml.tokens").is_none());
         if no_vocab {
             return Ok(Tokenizer::Bytes);
         }
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let types: Vec<u64> = match f.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
-            _ => vec![1; tokens.len()],
-        };
-        let model = f
-            .get("tokenizer.ggml.model")
-            .and_then(Value::as_str)
-            .unwrap_or("none");
-        let arch = f
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("none");
+        let model = model.unwrap_or_else(|| "none".into());
+        let arch = text(&f, "general.architecture").unwrap_or_else(|| "none".into());
+        let pre = text(&f, "tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
         let add_bos = match f.get("tokenizer.ggml.add_bos_token") {
             Some(Value::Bool(b)) => *b,
             _ => model == "llama",
         };
-        let bos = f
-            .get("tokenizer.ggml.bos_token_id")
-            .and_then(Value::as_u64)
-            .and_then(|b| tokens.get(b as usize).map(|t| (b, t.clone())));
+        let id = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_u64);
+        let bos_id = id(&f, "tokenizer.ggml.bos_token_id");
+        let named_ids: Vec<u64> = ["unknown", "bos", "eos"]
+            .iter()
+            .filter_map(|k| id(&f, &format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        let types: Vec<u64> = match f.metadata.remove("tokenizer.ggml.token_type") {
+            Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
+            _ => Vec::new(),
+        };
+        let scores = f.metadata.remove("tokenizer.ggml.scores");
+        let tokens = strings(&mut f, "tokenizer.ggml.tokens")?;
+        let merges = match model.as_str() {
+            "gpt2" => strings(&mut f, "tokenizer.ggml.merges")?,
+            _ => Vec::new(),
+        };
+        drop(f);
+        let types = match types.is_empty() {
+            true => vec![1; tokens.len()],
+            false => types,
+        };
         let parts = GgufVocab {
             tokens: &tokens,
             types: &types,
-            bos: if add_bos { bos } else { None },
+            bos: bos_id
+                .filter(|_| add_bos)
+                .and_then(|b| tokens.get(b as usize).map(|t| (b, t.clone()))),
         };
-        let spec = match (model, arch) {
+        let bpe = match (model.as_str(), arch.as_str()) {
             ("gpt2", _) => {
-                let pre = f
-                    .get("tokenizer.ggml.pre")
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
-                let split = gguf_split(pre).map_err(bad)?;
-                parts.byte_level(&strings("tokenizer.ggml.merges")?, split)
+                let split = gguf_split(&pre).map_err(bad)?;
+                parts.byte_level(&merges, split)
             }
             ("llama", "gemma" | "gemma2" | "gemma3") => parts.gemma(),
             ("llama", arch) => {
-                let scores: Vec<f32> = match f.get("tokenizer.ggml.scores") {
+                let scores: Vec<f32> = match scores {
                     Some(Value::Array(v)) => v
                         .iter()
                         .map(|x| x.as_f64().map(|v| v as f32))
@@ -274,11 +285,9 @@ impl Tokenizer {
                         tokens.len()
                     )));
                 }
-                let named: Vec<&str> = ["unknown", "bos", "eos"]
+                let named: Vec<&str> = named_ids
                     .iter()
-                    .filter_map(|k| f.get(&format!("tokenizer.ggml.{k}_token_id")))
-                    .filter_map(Value::as_u64)
-                    .filter_map(|i| tokens.get(i as usize).map(String::as_str))
+                    .filter_map(|&i| tokens.get(i as usize).map(String::as_str))
                     .collect();
                 parts.sentencepiece(&scores, &named, arch == "phi3")
             }
@@ -289,38 +298,58 @@ impl Tokenizer {
                 )))
             }
         };
-        let t = spec.map_err(|e| bad(format!("building the tokenizer: {e}")))?;
+        // only the description and the owned vocabulary and merges go on into the build
+        drop((tokens, merges, types));
+        let t = assembled(bpe).map_err(|e| bad(format!("building the tokenizer: {e}")))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 }
 
-/// A tokenizer built from GGUF metadata, or why it could not be.
-type Built = std::result::Result<tokenizers::Tokenizer, String>;
+/// A BPE tokenizer on its way from GGUF metadata: a `tokenizer.json` description (`spec`)
+/// without its model's vocabulary and merges, which are held apart, owned, in the form
+/// the library's builder takes.
+struct BpeParts {
+    spec: serde_json::Value,
+    vocab: tokenizers::models::bpe::Vocab,
+    merges: tokenizers::models::bpe::Merges,
+}
 
-/// A tokenizer from a `tokenizer.json` description (`spec`) whose BPE model's vocabulary
-/// and merges are given apart, built through the library's builders: the library's own
-/// reading of a description takes its model through generic buffers, several copies of a
-/// large vocabulary (~90 MB at the peak for a 49k-token one, which the allocator then
-/// keeps). The model's options, the normalizer, pre-tokenizer, post-processor, decoder and
-/// added tokens are read from `spec` as that reading takes them.
-fn assembled<K: AsRef<str>>(
-    spec: &serde_json::Value,
-    vocab: &HashMap<K, usize>,
-    merges: &[[&str; 2]],
-) -> Built {
+impl BpeParts {
+    fn new<K: AsRef<str>>(
+        spec: serde_json::Value,
+        vocab: &HashMap<K, usize>,
+        merges: &[[&str; 2]],
+    ) -> Self {
+        Self {
+            spec,
+            vocab: vocab
+                .iter()
+                .map(|(t, &id)| (t.as_ref().to_string(), id as u32))
+                .collect(),
+            merges: merges
+                .iter()
+                .map(|[a, b]| (a.to_string(), b.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// The tokenizer of `parts`, built through the library's builders: its own reading of a
+/// description takes the model through generic buffers, several copies of a large
+/// vocabulary (~90 MB at the peak for a 49k-token one, which the allocator then keeps).
+/// The model's options, the normalizer, pre-tokenizer, post-processor, decoder and added
+/// tokens are read from the description as that reading takes them.
+fn assembled(parts: BpeParts) -> std::result::Result<tokenizers::Tokenizer, String> {
     use serde::de::DeserializeOwned;
-    use tokenizers::models::bpe::{Vocab, BPE};
+    use tokenizers::models::bpe::BPE;
+    let BpeParts {
+        spec,
+        vocab,
+        merges,
+    } = parts;
     let m = &spec["model"];
     let text = |k: &str| m[k].as_str().map(str::to_string);
     let flag = |k: &str| m[k].as_bool();
-    let vocab: Vocab = vocab
-        .iter()
-        .map(|(t, &id)| (t.as_ref().to_string(), id as u32))
-        .collect();
-    let merges = merges
-        .iter()
-        .map(|[a, b]| (a.to_string(), b.to_string()))
-        .collect();
     let mut b = BPE::builder().vocab_and_merges(vocab, merges);
     if let Some(d) = m["dropout"].as_f64() {
         b = b.dropout(d as f32);
@@ -355,17 +384,17 @@ fn assembled<K: AsRef<str>>(
                 .map_err(|e| format!("{key}: {e}")),
         }
     }
-    t.with_normalizer(part::<tokenizers::NormalizerWrapper>(spec, "normalizer")?);
+    t.with_normalizer(part::<tokenizers::NormalizerWrapper>(&spec, "normalizer")?);
     t.with_pre_tokenizer(part::<tokenizers::PreTokenizerWrapper>(
-        spec,
+        &spec,
         "pre_tokenizer",
     )?);
     t.with_post_processor(part::<tokenizers::PostProcessorWrapper>(
-        spec,
+        &spec,
         "post_processor",
     )?);
-    t.with_decoder(part::<tokenizers::DecoderWrapper>(spec, "decoder")?);
-    let added: Vec<tokenizers::AddedToken> = part(spec, "added_tokens")?.unwrap_or_default();
+    t.with_decoder(part::<tokenizers::DecoderWrapper>(&spec, "decoder")?);
+    let added: Vec<tokenizers::AddedToken> = part(&spec, "added_tokens")?.unwrap_or_default();
     t.add_tokens(&added);
     Ok(t)
 }
@@ -411,7 +440,7 @@ impl GgufVocab<'_> {
 
     /// Byte-level BPE: tokens spelled in GPT-2's byte alphabet (any other spelling is
     /// respelled from its UTF-8 bytes), the file's merges, GPT-2's split or `split`.
-    fn byte_level(&self, merges: &[String], split: Option<&str>) -> Built {
+    fn byte_level(&self, merges: &[String], split: Option<&str>) -> BpeParts {
         use serde_json::json;
         let alphabet = byte_alphabet();
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
@@ -452,13 +481,13 @@ impl GgufVocab<'_> {
                 "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
                 "byte_fallback": false, "ignore_merges": false},
         });
-        assembled(&spec, &vocab, &merges)
+        BpeParts::new(spec, &vocab, &merges)
     }
 
     /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
     /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
     /// are every split of a token into two tokens, best (earliest) token first.
-    fn gemma(&self) -> Built {
+    fn gemma(&self) -> BpeParts {
         use serde_json::json;
         let spelled: Vec<String> = self
             .tokens
@@ -488,14 +517,14 @@ impl GgufVocab<'_> {
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
                 "byte_fallback": true, "ignore_merges": false},
         });
-        assembled(&spec, &vocab, &merges)
+        BpeParts::new(spec, &vocab, &merges)
     }
 
     /// SentencePiece-style BPE as transformers' `LlamaTokenizer` builds it from a GGUF
     /// file: merges rebuilt from the vocabulary, best score first; a `▁` in front of the
     /// text and for each space (by `Metaspace`, or for Phi-3 by a normalizer, which also
     /// marks a leading space); byte fallback; the unknown, BOS and EOS tokens special.
-    fn sentencepiece(&self, scores: &[f32], named: &[&str], phi3: bool) -> Built {
+    fn sentencepiece(&self, scores: &[f32], named: &[&str], phi3: bool) -> BpeParts {
         use serde_json::json;
         let (vocab, merges) = rebuilt_merges(self.tokens, |id| scores[id] as f64);
         let (normalizer, pre_tokenizer) = if phi3 {
@@ -526,7 +555,7 @@ impl GgufVocab<'_> {
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
                 "byte_fallback": true, "ignore_merges": false},
         });
-        assembled(&spec, &vocab, &merges)
+        BpeParts::new(spec, &vocab, &merges)
     }
 }
 
