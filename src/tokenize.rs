@@ -19,16 +19,21 @@ impl Tokenizer {
     /// the file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str::<serde_json::Value>(&text)
+        let mut spec = serde_json::from_str::<serde_json::Value>(&text)
             .map_err(|e| Error::parse(path, format!("not valid JSON: {e}")))?;
-        let t = quietly(|| text.parse::<tokenizers::Tokenizer>())
-            .map_err(|_| {
-                Error::parse(
-                    path,
-                    "the tokenizers library could not read this file (it failed on its content)",
-                )
-            })?
-            .map_err(|e| Error::parse(path, e))?;
+        // a BPE model is built from its vocabulary and merges through the builders (see
+        // [`assembled`]); anything else as the library reads a description
+        let t = quietly(|| match BpeParts::take_from(&mut spec) {
+            Some(parts) => assembled(parts).map_err(tokenizers::Error::from),
+            None => text.parse::<tokenizers::Tokenizer>(),
+        })
+        .map_err(|_| {
+            Error::parse(
+                path,
+                "the tokenizers library could not read this file (it failed on its content)",
+            )
+        })?
+        .map_err(|e| Error::parse(path, e))?;
         // a post-processor naming a token the vocabulary lacks loads, then panics on every
         // encode: try one here
         let trial = quietly(|| {
@@ -315,6 +320,57 @@ struct BpeParts {
 }
 
 impl BpeParts {
+    /// The parts of a `tokenizer.json` description whose model is BPE with a vocabulary
+    /// map and merges (as pairs or as "a b" text), moved out of `spec`; `None` (and `spec`
+    /// untouched) for anything else, and for a description that truncates or pads, which
+    /// the library's own reading sets up.
+    fn take_from(spec: &mut serde_json::Value) -> Option<Self> {
+        use serde_json::Value;
+        let model = spec.get("model")?;
+        let bpe = model.get("type").is_none_or(|t| t == "BPE");
+        let plain = ["truncation", "padding"]
+            .iter()
+            .all(|k| spec.get(k).is_none_or(Value::is_null));
+        let vocab = model.get("vocab")?.as_object()?;
+        let merges = model.get("merges")?.as_array()?;
+        fn pair(m: &Value) -> Option<(&str, &str)> {
+            match m {
+                Value::String(t) => t.split_once(' ').filter(|(_, b)| !b.contains(' ')),
+                Value::Array(p) => match p.as_slice() {
+                    [Value::String(a), Value::String(b)] => Some((a.as_str(), b.as_str())),
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+        if !bpe
+            || !plain
+            || !vocab
+                .values()
+                .all(|v| v.as_u64().is_some_and(|id| id <= u32::MAX as u64))
+            || !merges.iter().all(|m| pair(m).is_some())
+        {
+            return None;
+        }
+        let vocab = vocab
+            .iter()
+            .map(|(t, id)| (t.clone(), id.as_u64().unwrap_or_default() as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .filter_map(pair)
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let mut spec = std::mem::take(spec);
+        spec["model"]["vocab"] = Value::Null;
+        spec["model"]["merges"] = Value::Null;
+        Some(Self {
+            spec,
+            vocab,
+            merges,
+        })
+    }
+
     fn new<K: AsRef<str>>(
         spec: serde_json::Value,
         vocab: &HashMap<K, usize>,
