@@ -65,11 +65,12 @@ pub fn dot_paths() -> Vec<DotPath> {
     let mut v: Vec<DotPath> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        use crate::nn::cpu::{allows, Level};
+        if allows(Level::Avx512) && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F was just detected
             v.push(("avx512f", |a, b| unsafe { dot_avx512(a, b) }));
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if allows(Level::Avx2) && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 was just detected
             v.push(("avx2", |a, b| unsafe { dot_avx2(a, b) }));
         }

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod causal_attention;
+pub mod cpu;
 pub mod decode_attention;
 pub mod grouped;
 pub mod kv_cache;

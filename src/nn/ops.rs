@@ -100,8 +100,11 @@ impl Width {
         {
             static WIDTH: std::sync::OnceLock<Width> = std::sync::OnceLock::new();
             *WIDTH.get_or_init(|| {
-                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-                if avx2 && is_x86_feature_detected!("avx512f") {
+                use crate::nn::cpu::{allows, Level};
+                let avx2 = allows(Level::Avx2)
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma");
+                if avx2 && allows(Level::Avx512) && is_x86_feature_detected!("avx512f") {
                     Width::Avx512
                 } else if avx2 {
                     Width::Avx2

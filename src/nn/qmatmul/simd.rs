@@ -18,7 +18,8 @@ use crate::weights::quant::GgmlType;
 
 /// AVX2 with FMA and F16C (every AVX2 CPU since Haswell has the three).
 pub fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2")
+    crate::nn::cpu::allows(crate::nn::cpu::Level::Avx2)
+        && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
 }
@@ -26,15 +27,16 @@ pub fn has_avx2() -> bool {
 /// AVX-512F (512-bit registers), with AVX2's features.
 pub fn has_avx512() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("avx512f"))
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && crate::nn::cpu::allows(crate::nn::cpu::Level::Avx512)
+            && is_x86_feature_detected!("avx512f")
+    })
 }
 
 /// AVX-512 VNNI on 256-bit registers (AVX-512VL), with AVX2's features.
 pub fn has_vnni() -> bool {
-    has_avx2()
-        && is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512vl")
+    has_avx512() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
 /// The dot product of a float row's values from `body` on with `x[body..]` (`x` as long

@@ -121,7 +121,7 @@ fn every_path_equals_the_dequantized_product() {
     println!("qmatmul paths run on this CPU: {}", names.join(", "));
     for missing in ["avx512-vnni", "avx2"] {
         if !names.contains(&missing) {
-            println!("qmatmul path {missing}: SKIPPED, this CPU lacks it");
+            println!("qmatmul path {missing}: SKIPPED, this CPU lacks it (or ROUTELM_CPU caps it)");
         }
     }
     let (rows, cols) = (3, 768);
@@ -288,7 +288,7 @@ fn integer_gemm_equals_the_quantized_product() {
         GgmlType::Q6K,
     ];
     if !any.iter().any(|&t| int8_gemm(t)) {
-        println!("integer GEMM: SKIPPED, this CPU lacks AVX-512 VNNI");
+        println!("integer GEMM: SKIPPED, this CPU lacks AVX-512 VNNI (or ROUTELM_CPU caps it)");
         return;
     }
     println!("integer GEMM: runs (AVX-512 VNNI)");
@@ -378,7 +378,9 @@ fn multi_row_products_equal_one_row_products() {
 #[test]
 fn interleaved_products_are_exact_and_the_same_for_any_rows() {
     if !vnni() {
-        println!("interleaved weights: SKIPPED, this CPU lacks AVX-512 VNNI");
+        println!(
+            "interleaved weights: SKIPPED, this CPU lacks AVX-512 VNNI (or ROUTELM_CPU caps it)"
+        );
         return;
     }
     let mut rng = Rng::new(12);
@@ -461,5 +463,5 @@ fn avx512_quantizer_equals_the_portable_one() {
         println!("avx512 quantizer: checked on {} blocks", blocks.len());
         return;
     }
-    println!("avx512 quantizer: SKIPPED, this CPU lacks AVX-512F");
+    println!("avx512 quantizer: SKIPPED, this CPU lacks AVX-512F (or ROUTELM_CPU caps it)");
 }
