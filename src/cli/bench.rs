@@ -341,6 +341,8 @@ pub(crate) fn decode_passes_after(
     for _ in 0..passes {
         before()?;
         let mut cache = model.new_cache();
+        // sized once, as the server sizes a request's cache
+        cache.reserve(prompt.len() + tokens)?;
         let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
         let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
         let t = Instant::now();
@@ -494,6 +496,7 @@ fn batched_decode_speed(model: &Model, b: usize, tokens: usize) -> Result<f64> {
     let mut next = Vec::with_capacity(b);
     for prompt in &prompts {
         let mut cache = model.new_cache();
+        cache.reserve(prompt.len() + tokens)?;
         let input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
         let logits = model.forward(&input, Some(&mut cache), true)?.logits;
         next.push(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);

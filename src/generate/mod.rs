@@ -75,6 +75,11 @@ pub fn generate(
     // an encoder's source may be longer than the decoder's window
     check_prompt(model, prompt, start.is_none())?;
     let mut cache = model.new_cache();
+    if start.is_none() {
+        // sized once for the prompt and the most tokens it may be given, as the server
+        // sizes a request's cache (growing it copies every layer's keys and values)
+        cache.reserve(prompt.len() + cfg.max_tokens.min(ctx.saturating_sub(prompt.len())))?;
+    }
     let t0 = Instant::now();
     let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
     let ids = match start {
