@@ -936,17 +936,22 @@ mod width_tests {
         let mut ran = vec!["baseline"];
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            use crate::nn::cpu::{allows, Level};
+            let avx2 = allows(Level::Avx2)
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma");
             for (width, have, name) in [
                 (Width::Avx2, avx2, "avx2"),
                 (
                     Width::Avx512,
-                    avx2 && is_x86_feature_detected!("avx512f"),
+                    avx2 && allows(Level::Avx512) && is_x86_feature_detected!("avx512f"),
                     "avx512",
                 ),
             ] {
                 if !have {
-                    println!("vector width {name}: SKIPPED (this CPU lacks it)");
+                    println!(
+                        "vector width {name}: SKIPPED (this CPU lacks it, or ROUTELM_CPU caps it)"
+                    );
                     continue;
                 }
                 let got = run(width);
