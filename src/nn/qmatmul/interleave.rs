@@ -1,8 +1,9 @@
 //! Weights of the 32-value types Q4_0, Q4_1 and Q8_0 (and of Q4_K) with eight rows interleaved, for
-//! CPUs with AVX-512 VNNI: in each block of 32 columns, four bytes of each of the eight
-//! rows in turn, so that one `vpdpbusd` of 32 weight bytes with four activation bytes
-//! broadcast adds four products to each of the eight rows' sums. A block's integer sums
-//! are exact; they then take the block's scales in f32, eight rows at once.
+//! CPUs with AVX-512 VNNI or AVX2: in each block of 32 columns, four bytes of each of the
+//! eight rows in turn, so that one `vpdpbusd` (on AVX2, `vpmaddubsw` then `vpmaddwd`; see
+//! [`Kernel`]) of 32 weight bytes with four activation bytes broadcast adds four products
+//! to each of the eight rows' sums. A block's integer sums are exact; they then take the
+//! block's scales in f32, eight rows at once.
 //!
 //! The layout keeps the file's size (four-bit codes stay four bits, scales stay f16) and
 //! is built once per matrix. Every activation row runs through the same instructions
@@ -50,6 +51,121 @@ pub fn supports(ty: GgmlType) -> bool {
     )
 }
 
+/// The instructions an interleaved layout's products run on: AVX-512 VNNI (`vpdpbusd` adds
+/// four byte products to each of eight rows' sums), or AVX2 (`vpmaddubsw` then `vpmaddwd`
+/// do the same in two steps; Q8_0's codes are taken signed there, their magnitudes against
+/// the activations with the codes' signs, so that no pair of products overflows 16 bits).
+/// The same layout serves both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Vnni,
+    Avx2,
+}
+
+impl Kernel {
+    /// The best kernel this CPU runs, if any ([`super::simd`]'s detection, so
+    /// `ROUTELM_CPU` caps it too).
+    pub fn available() -> Vec<Kernel> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::simd::has_vnni() {
+                v.push(Kernel::Vnni);
+            }
+            if super::simd::has_avx2() {
+                v.push(Kernel::Avx2);
+            }
+        }
+        v
+    }
+
+    fn best() -> Kernel {
+        Self::available().first().copied().unwrap_or(Kernel::Avx2)
+    }
+
+    /// Activation rows at most per pass over an octet's weights (AVX2 has 16 vector
+    /// registers, AVX-512 VL 32: eight rows' sums and the weights fit there only).
+    fn rows(self) -> usize {
+        match self {
+            Kernel::Vnni => 8,
+            Kernel::Avx2 => 4,
+        }
+    }
+}
+
+/// Four-byte dot products into eight 32-bit lanes, per kernel (see [`Kernel`]).
+#[cfg(target_arch = "x86_64")]
+trait Dot4 {
+    /// Whether Q8_0's codes are taken signed (`q`, no offset) rather than as `q + 128`.
+    const SIGNED_Q8: bool;
+    /// `acc + Σ₄ w·a` per lane: `w` unsigned codes, `a` signed activations.
+    unsafe fn dot(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i;
+    /// The same with signed codes `w` (Q8_0 where [`Dot4::SIGNED_Q8`]).
+    unsafe fn dot_signed(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i;
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Vnni;
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Dot4 for Vnni {
+    const SIGNED_Q8: bool = false;
+    #[inline(always)]
+    unsafe fn dot(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        std::arch::x86_64::_mm256_dpbusd_epi32(acc, w, a)
+    }
+    #[inline(always)]
+    unsafe fn dot_signed(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        Self::dot(acc, w, a)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Dot4 for Avx2 {
+    const SIGNED_Q8: bool = true;
+    #[inline(always)]
+    unsafe fn dot(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // codes ≤ 15 (the nibble types): a pair of products stays within 16 bits
+        let pairs = _mm256_maddubs_epi16(w, a);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+    #[inline(always)]
+    unsafe fn dot_signed(
+        acc: std::arch::x86_64::__m256i,
+        w: std::arch::x86_64::__m256i,
+        a: std::arch::x86_64::__m256i,
+    ) -> std::arch::x86_64::__m256i {
+        use std::arch::x86_64::*;
+        // |w| (≤ 128, read unsigned) against a with w's sign (|a| ≤ 127): a pair of
+        // products stays within 2 · 128 · 127 < 2^15, for every code −128..127
+        let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
 /// Columns of one block of `ty` in the layout (a super-block for Q4_K).
 fn block_cols(ty: GgmlType) -> usize {
     if ty == GgmlType::Q4K {
@@ -64,6 +180,8 @@ fn block_cols(ty: GgmlType) -> usize {
 pub struct Interleaved {
     ty: GgmlType,
     cols: usize,
+    /// The instructions its products run on.
+    kernel: Kernel,
     /// Codes: octet after octet, block after block, `code_bytes` a block.
     codes: Vec<u8>,
     /// f16 scales: octet, block, row (8).
@@ -140,6 +258,7 @@ impl Interleaved {
         Self {
             ty,
             cols,
+            kernel: Kernel::best(),
             codes,
             scales,
             mins,
@@ -194,12 +313,19 @@ impl Interleaved {
         Self {
             ty: GgmlType::Q4K,
             cols,
+            kernel: Kernel::best(),
             codes,
             scales,
             mins,
             k_scales,
             k_mins,
         }
+    }
+
+    /// This layout with its products on `kernel` (which the CPU must run).
+    pub fn on(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// Whether the activations this layout takes are quantized in super-blocks of 256
@@ -234,8 +360,61 @@ impl Interleaved {
     /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
     /// `y + r · stride` has 8 writable values for each `r < m`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
     pub unsafe fn octet(
+        &self,
+        o: usize,
+        a: super::ActRow<'_>,
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        // SAFETY (both): the caller's guarantees; the kernel was chosen from the CPU's
+        // features ([`Kernel::available`])
+        match self.kernel {
+            Kernel::Vnni => self.octet_vnni(o, a, m, y, stride),
+            Kernel::Avx2 => self.octet_avx2(o, a, m, y, stride),
+        }
+    }
+
+    /// [`Interleaved::octet`] on AVX-512 VNNI.
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    unsafe fn octet_vnni(
+        &self,
+        o: usize,
+        a: super::ActRow<'_>,
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        self.octet_on::<Vnni>(o, a, m, y, stride)
+    }
+
+    /// [`Interleaved::octet`] on AVX2.
+    ///
+    /// # Safety
+    /// As [`Interleaved::octet`]'s, on a CPU with AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn octet_avx2(
+        &self,
+        o: usize,
+        a: super::ActRow<'_>,
+        m: usize,
+        y: *mut f32,
+        stride: usize,
+    ) {
+        self.octet_on::<Avx2>(o, a, m, y, stride)
+    }
+
+    /// [`Interleaved::octet`]'s loop over runs of activation rows, inlined into each
+    /// kernel's wrapper.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn octet_on<D: Dot4>(
         &self,
         o: usize,
         a: super::ActRow<'_>,
@@ -254,20 +433,20 @@ impl Interleaved {
         assert!(a.s.len() >= m * ns && a.bsums.len() >= m * nbs);
         let mut r = 0;
         while r < m {
-            let n = (m - r).min(8);
+            let n = (m - r).min(self.kernel.rows());
             let (qs, d) = (&a.qs[r * cols..], &a.d[r * nd..]);
             let (s, b) = (&a.s[r * ns..], &a.bsums[r * nbs..]);
             let y = y.add(r * stride);
             // SAFETY (all arms): the caller's guarantees, for rows r..r + n
             match n {
-                8 => self.rows_of::<8>(o, qs, d, s, b, y, stride),
-                7 => self.rows_of::<7>(o, qs, d, s, b, y, stride),
-                6 => self.rows_of::<6>(o, qs, d, s, b, y, stride),
-                5 => self.rows_of::<5>(o, qs, d, s, b, y, stride),
-                4 => self.rows_of::<4>(o, qs, d, s, b, y, stride),
-                3 => self.rows_of::<3>(o, qs, d, s, b, y, stride),
-                2 => self.rows_of::<2>(o, qs, d, s, b, y, stride),
-                _ => self.rows_of::<1>(o, qs, d, s, b, y, stride),
+                8 => self.rows_of::<8, D>(o, qs, d, s, b, y, stride),
+                7 => self.rows_of::<7, D>(o, qs, d, s, b, y, stride),
+                6 => self.rows_of::<6, D>(o, qs, d, s, b, y, stride),
+                5 => self.rows_of::<5, D>(o, qs, d, s, b, y, stride),
+                4 => self.rows_of::<4, D>(o, qs, d, s, b, y, stride),
+                3 => self.rows_of::<3, D>(o, qs, d, s, b, y, stride),
+                2 => self.rows_of::<2, D>(o, qs, d, s, b, y, stride),
+                _ => self.rows_of::<1, D>(o, qs, d, s, b, y, stride),
             }
             r += n;
         }
@@ -278,9 +457,9 @@ impl Interleaved {
     /// # Safety
     /// As [`Interleaved::octet`]'s, with `m = N`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_of<const N: usize>(
+    unsafe fn rows_of<const N: usize, D: Dot4>(
         &self,
         o: usize,
         qs: &[i8],
@@ -291,8 +470,8 @@ impl Interleaved {
         stride: usize,
     ) {
         match self.takes_k_activations() {
-            true => self.pass_k::<N>(o, qs, d, bsums, y, stride),
-            false => self.pass::<N>(o, qs, d, s, y, stride),
+            true => self.pass_k::<N, D>(o, qs, d, bsums, y, stride),
+            false => self.pass::<N, D>(o, qs, d, s, y, stride),
         }
     }
 
@@ -301,8 +480,8 @@ impl Interleaved {
     /// # Safety
     /// As [`Interleaved::octet`]'s, with `m = N`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-    unsafe fn pass<const N: usize>(
+    #[inline(always)]
+    unsafe fn pass<const N: usize, D: Dot4>(
         &self,
         o: usize,
         qs: &[i8],
@@ -320,6 +499,9 @@ impl Interleaved {
         let mins = self.mins.as_ptr().wrapping_add(o * nb * ROWS);
         let ap = qs.as_ptr() as *const u8;
         let low = _mm256_set1_epi8(0x0F);
+        // Q8_0's codes signed (`q`, from the stored `q + 128`) where the kernel takes them so
+        let signed = q8 && D::SIGNED_Q8;
+        let flip = _mm256_set1_epi8(0x80u8 as i8);
         // where group g's four activation bytes start in a block: nibble codes' group
         // g < 4 holds values 4g.., group g ≥ 4 values 16 + 4(g − 4)..
         let mut at = [0usize; 8];
@@ -338,6 +520,9 @@ impl Interleaved {
             if q8 {
                 for (g, v) in wv.iter_mut().enumerate() {
                     *v = _mm256_loadu_si256(w.add(32 * g) as *const __m256i);
+                    if signed {
+                        *v = _mm256_xor_si256(*v, flip);
+                    }
                 }
             } else {
                 for g in 0..4 {
@@ -352,6 +537,7 @@ impl Interleaved {
                     _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS) as *const __m128i))
                 }
                 GgmlType::Q4_0 => _mm256_mul_ps(sc, _mm256_set1_ps(-8.0)),
+                _ if signed => _mm256_setzero_ps(),
                 _ => _mm256_mul_ps(sc, _mm256_set1_ps(-128.0)),
             };
             for (k, acc) in acc.iter_mut().enumerate() {
@@ -362,8 +548,13 @@ impl Interleaved {
                 for g in (0..8).step_by(2) {
                     let a0 = _mm256_set1_epi32((a.add(at[g]) as *const i32).read_unaligned());
                     let a1 = _mm256_set1_epi32((a.add(at[g + 1]) as *const i32).read_unaligned());
-                    s0 = _mm256_dpbusd_epi32(s0, wv[g], a0);
-                    s1 = _mm256_dpbusd_epi32(s1, wv[g + 1], a1);
+                    if signed {
+                        s0 = D::dot_signed(s0, wv[g], a0);
+                        s1 = D::dot_signed(s1, wv[g + 1], a1);
+                    } else {
+                        s0 = D::dot(s0, wv[g], a0);
+                        s1 = D::dot(s1, wv[g + 1], a1);
+                    }
                 }
                 let sum = _mm256_add_epi32(s0, s1);
                 let da = _mm256_set1_ps(*d.get_unchecked(k * nb + b));
@@ -385,8 +576,8 @@ impl Interleaved {
     /// # Safety
     /// As [`Interleaved::octet`]'s, with `m = N`.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vnni,avx512vl")]
-    unsafe fn pass_k<const N: usize>(
+    #[inline(always)]
+    unsafe fn pass_k<const N: usize, D: Dot4>(
         &self,
         o: usize,
         qs: &[i8],
@@ -431,10 +622,10 @@ impl Interleaved {
                     let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                     let (mut s2, mut s3) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                     for g in (0..8).step_by(2) {
-                        s0 = _mm256_dpbusd_epi32(s0, lo[g], at(4 * g));
-                        s1 = _mm256_dpbusd_epi32(s1, lo[g + 1], at(4 * g + 4));
-                        s2 = _mm256_dpbusd_epi32(s2, hi[g], at(32 + 4 * g));
-                        s3 = _mm256_dpbusd_epi32(s3, hi[g + 1], at(36 + 4 * g));
+                        s0 = D::dot(s0, lo[g], at(4 * g));
+                        s1 = D::dot(s1, lo[g + 1], at(4 * g + 4));
+                        s2 = D::dot(s2, hi[g], at(32 + 4 * g));
+                        s3 = D::dot(s3, hi[g + 1], at(36 + 4 * g));
                     }
                     let part = _mm256_add_epi32(
                         _mm256_mullo_epi32(_mm256_add_epi32(s0, s1), sc_lo),

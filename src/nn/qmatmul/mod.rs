@@ -2,7 +2,7 @@
 //! bf16 values), read in place by the kernels: a model keeps the file's bytes, not an f32
 //! copy, so resident memory is about the file's size.
 //!
-//! * **Q4_0, Q4_1 and Q8_0 on CPUs with AVX-512 VNNI, any number of rows**: the weights
+//! * **Q4_0, Q4_1, Q8_0 and Q4_K on CPUs with AVX-512 VNNI or AVX2, any number of rows**: the weights
 //!   are interleaved eight rows at a time on first use ([`interleave`]; the file's mapped
 //!   pages are then handed back, so the model is resident once), and each activation row
 //!   takes exact integer block sums for eight weight rows per instruction: one sequence
@@ -428,32 +428,42 @@ impl QMatrix {
     }
 
     /// The rows interleaved eight at a time ([`interleave`]), made on the first call, where
-    /// this CPU and type take them: AVX-512 VNNI, Q4_0, Q4_1, Q8_0 or Q4_K, whole octets of rows.
+    /// this CPU and type take them: AVX-512 VNNI or AVX2, Q4_0, Q4_1, Q8_0 or Q4_K, whole
+    /// octets of rows.
     pub fn interleaved(&self) -> Option<&Interleaved> {
         self.interleaved
-            .get_or_init(|| {
-                (vnni()
-                    && interleave::supports(self.ty)
-                    && self.rows.is_multiple_of(interleave::ROWS))
-                .then(|| {
-                    // the file's pages handed back as they are read, so a large matrix
-                    // (a tied embedding) is not resident twice on its way
-                    let mut released = 0;
-                    let packed = Interleaved::new(
-                        self.ty,
-                        self.data.as_slice(),
-                        self.rows,
-                        self.cols,
-                        self.row_bytes,
-                        &mut |read| {
-                            self.data.release(released, read);
-                            released = read;
-                        },
-                    );
-                    Arc::new(packed)
-                })
-            })
+            .get_or_init(|| self.interleave(interleave::Kernel::available().first().copied()))
             .as_deref()
+    }
+
+    /// The rows interleaved for `kernel` (`None`: not interleaved), where the type takes it.
+    fn interleave(&self, kernel: Option<interleave::Kernel>) -> Option<Arc<Interleaved>> {
+        let kernel = kernel?;
+        (interleave::supports(self.ty) && self.rows.is_multiple_of(interleave::ROWS)).then(|| {
+            // the file's pages handed back as they are read, so a large matrix
+            // (a tied embedding) is not resident twice on its way
+            let mut released = 0;
+            let packed = Interleaved::new(
+                self.ty,
+                self.data.as_slice(),
+                self.rows,
+                self.cols,
+                self.row_bytes,
+                &mut |read| {
+                    self.data.release(released, read);
+                    released = read;
+                },
+            );
+            Arc::new(packed.on(kernel))
+        })
+    }
+
+    /// This matrix with its rows interleaved for `kernel` (before any product made them for
+    /// the best one): to test each kernel the CPU has.
+    #[cfg(test)]
+    fn interleaved_for(self, kernel: interleave::Kernel) -> Self {
+        let _ = self.interleaved.set(self.interleave(Some(kernel)));
+        self
     }
 
     /// Bytes of one row.
@@ -599,7 +609,7 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
             let rows = a.rows(r0, r0 + n);
             for o in o0..o1 {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: interleaved() made `p` on a CPU with VNNI only; activation rows
+                // SAFETY: interleaved() made `p` for a kernel this CPU runs; activation rows
                 // r0..r0 + n take outputs 8o..8o + 8 of their rows of matrix j's m × rows
                 // vector, which no other job writes
                 unsafe {

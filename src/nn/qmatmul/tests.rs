@@ -371,31 +371,39 @@ fn multi_row_products_equal_one_row_products() {
     }
 }
 
-/// Interleaved weights (AVX-512 VNNI only) give each activation row the dequantized
-/// weights' product with its quantized values (integer sums exact, f32 scaling), and the
-/// same bits whether the row is multiplied alone, beside one other or among a prompt's
-/// 70; matrices whose rows are not whole octets keep their stored layout.
+/// Interleaved weights, on each kernel this CPU runs (AVX-512 VNNI, AVX2), give each
+/// activation row the dequantized weights' product with its quantized values (integer sums
+/// exact, f32 scaling), and the same bits whether the row is multiplied alone, beside one
+/// other or among a prompt's 70; matrices whose rows are not whole octets keep their
+/// stored layout.
 #[test]
 fn interleaved_products_are_exact_and_the_same_for_any_rows() {
-    if !vnni() {
-        println!(
-            "interleaved weights: SKIPPED, this CPU lacks AVX-512 VNNI (or ROUTELM_CPU caps it)"
-        );
-        return;
+    use super::interleave::Kernel;
+    let kernels = Kernel::available();
+    for missing in [Kernel::Vnni, Kernel::Avx2] {
+        if !kernels.contains(&missing) {
+            println!(
+                "interleaved weights on {missing:?}: SKIPPED, this CPU lacks it (or ROUTELM_CPU caps it)"
+            );
+        }
     }
     let mut rng = Rng::new(12);
     let (rows, cols) = (24, 512);
-    for ty in [
+    let types = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
-    ] {
+    ];
+    for (kernel, ty) in kernels.iter().flat_map(|&k| types.map(|t| (k, t))) {
         assert!(random_matrix(ty, 13, cols, &mut rng)
             .interleaved()
             .is_none());
-        let w = random_matrix(ty, rows, cols, &mut rng);
-        assert!(w.interleaved().is_some(), "{ty:?} not interleaved");
+        let w = random_matrix(ty, rows, cols, &mut rng).interleaved_for(kernel);
+        assert!(
+            w.interleaved().is_some(),
+            "{kernel:?} {ty:?} not interleaved"
+        );
         let wf = dequantized(&w);
         let m = 70;
         let x = random_x(m * cols, &mut rng);
@@ -408,7 +416,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
                 let got = all[r * rows + o] as f64;
                 assert!(
                     (got - exact).abs() <= 1e-5 * mag + 1e-6,
-                    "{ty:?} row {r} out {o}: {got} vs {exact} ({mag})"
+                    "{kernel:?} {ty:?} row {r} out {o}: {got} vs {exact} ({mag})"
                 );
             }
             let xr = &x[r * cols..(r + 1) * cols];
@@ -416,16 +424,16 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
             assert_eq!(
                 &all[r * rows..(r + 1) * rows],
                 &alone[..],
-                "{ty:?} row {r} alone"
+                "{kernel:?} {ty:?} row {r} alone"
             );
         }
         // two rows together, and the same input twice in one call (q, k and v share it)
         let two = products(&[(&w, &x[..2 * cols]), (&w, &x[..2 * cols])], 2);
         for y in &two {
-            assert_eq!(&y[..], &all[..2 * rows], "{ty:?}: two rows");
+            assert_eq!(&y[..], &all[..2 * rows], "{kernel:?} {ty:?}: two rows");
         }
     }
-    println!("interleaved weights: checked on avx512-vnni (Q4_0, Q4_1, Q8_0, Q4_K)");
+    println!("interleaved weights: checked on {kernels:?} (Q4_0, Q4_1, Q8_0, Q4_K)");
 }
 
 /// The AVX-512 block quantizer gives the portable one's scale, values and sum bit for bit:
