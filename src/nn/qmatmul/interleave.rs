@@ -63,7 +63,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The best kernel this CPU runs, if any ([`super::simd`]'s detection, so
+    /// The kernels this CPU runs, the best first ([`super::simd`]'s detection, so
     /// `ROUTELM_CPU` caps it too).
     pub fn available() -> Vec<Kernel> {
         let mut v = Vec::new();
@@ -77,10 +77,6 @@ impl Kernel {
             }
         }
         v
-    }
-
-    fn best() -> Kernel {
-        Self::available().first().copied().unwrap_or(Kernel::Avx2)
     }
 
     /// Activation rows at most per pass over an octet's weights (AVX2 has 16 vector
@@ -196,9 +192,11 @@ pub struct Interleaved {
 
 impl Interleaved {
     /// `rows` rows (a multiple of [`ROWS`]) of `cols` values of `ty` (a type [`supports`]
-    /// takes), `row_bytes` each, from `data`; `done(n)` is told, every few MB and at the
-    /// end, that the first `n` bytes of `data` have been read for the last time.
+    /// takes), `row_bytes` each, from `data`, for products on `kernel` (which the CPU must
+    /// run); `done(n)` is told, every few MB and at the end, that the first `n` bytes of
+    /// `data` have been read for the last time.
     pub fn new(
+        kernel: Kernel,
         ty: GgmlType,
         data: &[u8],
         rows: usize,
@@ -215,7 +213,7 @@ impl Interleaved {
             }
         };
         if ty == GgmlType::Q4K {
-            return Self::new_q4_k(data, rows, cols, row_bytes, &mut progress);
+            return Self::new_q4_k(kernel, data, rows, cols, row_bytes, &mut progress);
         }
         let nb = cols / 32;
         let (block_bytes, at, code_bytes) = match ty {
@@ -258,7 +256,7 @@ impl Interleaved {
         Self {
             ty,
             cols,
-            kernel: Kernel::best(),
+            kernel,
             codes,
             scales,
             mins,
@@ -269,6 +267,7 @@ impl Interleaved {
 
     /// [`Interleaved::new`] for Q4_K (see the module's text).
     fn new_q4_k(
+        kernel: Kernel,
         data: &[u8],
         rows: usize,
         cols: usize,
@@ -313,19 +312,13 @@ impl Interleaved {
         Self {
             ty: GgmlType::Q4K,
             cols,
-            kernel: Kernel::best(),
+            kernel,
             codes,
             scales,
             mins,
             k_scales,
             k_mins,
         }
-    }
-
-    /// This layout with its products on `kernel` (which the CPU must run).
-    pub fn on(mut self, kernel: Kernel) -> Self {
-        self.kernel = kernel;
-        self
     }
 
     /// Whether the activations this layout takes are quantized in super-blocks of 256

@@ -444,6 +444,7 @@ impl QMatrix {
             // (a tied embedding) is not resident twice on its way
             let mut released = 0;
             let packed = Interleaved::new(
+                kernel,
                 self.ty,
                 self.data.as_slice(),
                 self.rows,
@@ -454,7 +455,7 @@ impl QMatrix {
                     released = read;
                 },
             );
-            Arc::new(packed.on(kernel))
+            Arc::new(packed)
         })
     }
 
