@@ -173,60 +173,20 @@ impl QAct {
                 a.qs = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 32];
                 a.s = vec![0.0; x.len() / 32];
-                // a prompt's rows in parallel, runs of 64 blocks (a decode step's few
-                // rows on the calling thread)
-                let run = 64 * 32;
-                let threads = if x.len() > 8 * run {
-                    rayon::current_num_threads()
-                } else {
-                    1
-                };
-                x.par_chunks(run)
-                    .with_min_len(x.len().div_ceil(run * threads))
-                    .zip(a.qs.par_chunks_mut(run))
-                    .zip(a.d.par_chunks_mut(64).zip(a.s.par_chunks_mut(64)))
-                    .for_each(|((xr, qr), (dr, sr))| {
-                        for (((xb, qb), d), s) in xr
-                            .chunks_exact(32)
-                            .zip(qr.chunks_exact_mut(32))
-                            .zip(dr.iter_mut())
-                            .zip(sr.iter_mut())
-                        {
-                            let (scale, sum) = quantize_block(xb, qb);
-                            *d = scale;
-                            *s = scale * sum as f32;
-                        }
-                    });
+                quantize_blocks(x, 32, &mut a.qs, &mut a.d, &mut a.s, |_, d, sum, s| {
+                    s[0] = d * sum as f32
+                });
             }
             ActKind::Q8K => {
                 a.kind_k = true;
                 a.qs = vec![0; x.len()];
                 a.d = vec![0.0; x.len() / 256];
                 a.bsums = vec![0; x.len() / 16];
-                // as above: a prompt's rows in parallel, runs of 8 super-blocks
-                let run = 8 * 256;
-                let threads = if x.len() > 8 * run {
-                    rayon::current_num_threads()
-                } else {
-                    1
-                };
-                x.par_chunks(run)
-                    .with_min_len(x.len().div_ceil(run * threads))
-                    .zip(a.qs.par_chunks_mut(run))
-                    .zip(a.d.par_chunks_mut(8).zip(a.bsums.par_chunks_mut(8 * 16)))
-                    .for_each(|((xr, qr), (dr, br))| {
-                        for (((xb, qb), d), bs) in xr
-                            .chunks_exact(256)
-                            .zip(qr.chunks_exact_mut(256))
-                            .zip(dr.iter_mut())
-                            .zip(br.chunks_exact_mut(16))
-                        {
-                            *d = quantize_block(xb, qb).0;
-                            for (b, c) in bs.iter_mut().zip(qb.chunks_exact(16)) {
-                                *b = c.iter().map(|&q| q as i32).sum();
-                            }
-                        }
-                    });
+                quantize_blocks(x, 256, &mut a.qs, &mut a.d, &mut a.bsums, |q, _, _, b| {
+                    for (b, c) in b.iter_mut().zip(q.chunks_exact(16)) {
+                        *b = c.iter().map(|&q| q as i32).sum();
+                    }
+                });
             }
         }
         a
@@ -263,6 +223,49 @@ impl QAct {
             x: &[],
         }
     }
+}
+
+/// `x` quantized in blocks of `block` values ([`quantize_block`]) into `qs`, a scale per
+/// block into `d`, and `side.len() / d.len()` values per block into `side`, which
+/// `fill(block's codes, scale, Σ codes, its side values)` writes. A prompt's rows in
+/// parallel, in runs of 2048 values; a decode step's few rows on the calling thread.
+fn quantize_blocks<T: Send>(
+    x: &[f32],
+    block: usize,
+    qs: &mut [i8],
+    d: &mut [f32],
+    side: &mut [T],
+    fill: impl Fn(&[i8], f32, i32, &mut [T]) + Sync,
+) {
+    const RUN: usize = 2048;
+    if d.is_empty() {
+        return;
+    }
+    let (blocks, per) = (RUN / block, side.len() / d.len());
+    let threads = if x.len() > 8 * RUN {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    x.par_chunks(RUN)
+        .with_min_len(x.len().div_ceil(RUN * threads))
+        .zip(qs.par_chunks_mut(RUN))
+        .zip(
+            d.par_chunks_mut(blocks)
+                .zip(side.par_chunks_mut(blocks * per)),
+        )
+        .for_each(|((xr, qr), (dr, sr))| {
+            for (((xb, qb), d), s) in xr
+                .chunks_exact(block)
+                .zip(qr.chunks_exact_mut(block))
+                .zip(dr.iter_mut())
+                .zip(sr.chunks_exact_mut(per))
+            {
+                let (scale, sum) = quantize_block(xb, qb);
+                *d = scale;
+                fill(qb, scale, sum, s);
+            }
+        });
 }
 
 /// Symmetric 8-bit quantization of one block: `q = round(x / d)` with `d = max|x| / 127`
