@@ -310,9 +310,9 @@ impl Tokenizer {
     }
 }
 
-/// A BPE tokenizer on its way from GGUF metadata: a `tokenizer.json` description (`spec`)
-/// without its model's vocabulary and merges, which are held apart, owned, in the form
-/// the library's builder takes.
+/// A BPE tokenizer on its way from GGUF metadata or a `tokenizer.json`: a description
+/// (`spec`) without its model's vocabulary and merges, which are held apart, owned, in the
+/// form the library's builder takes.
 struct BpeParts {
     spec: serde_json::Value,
     vocab: tokenizers::models::bpe::Vocab,
@@ -352,18 +352,28 @@ impl BpeParts {
         {
             return None;
         }
+        // checked: now moved out, leaving nulls in the description
+        let mut spec = std::mem::take(spec);
+        let (Value::Object(vocab), Value::Array(merges)) = (
+            spec["model"]["vocab"].take(),
+            spec["model"]["merges"].take(),
+        ) else {
+            unreachable!("checked above");
+        };
         let vocab = vocab
-            .iter()
-            .map(|(t, id)| (t.clone(), id.as_u64().unwrap_or_default() as u32))
+            .into_iter()
+            .map(|(t, id)| (t, id.as_u64().unwrap_or_default() as u32))
             .collect();
         let merges = merges
-            .iter()
-            .filter_map(pair)
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .into_iter()
+            .filter_map(|m| match m {
+                Value::Array(p) => match <[Value; 2]>::try_from(p) {
+                    Ok([Value::String(a), Value::String(b)]) => Some((a, b)),
+                    _ => None,
+                },
+                m => pair(&m).map(|(a, b)| (a.to_string(), b.to_string())),
+            })
             .collect();
-        let mut spec = std::mem::take(spec);
-        spec["model"]["vocab"] = Value::Null;
-        spec["model"]["merges"] = Value::Null;
         Some(Self {
             spec,
             vocab,
