@@ -30,6 +30,7 @@
 //! super-block's part is `d · d_a · Σ_j s_j Σ c a − dmin · d_a · Σ_j m_j A_j`, both sums
 //! in integers. The layout is 1184 bytes per octet and super-block, against 1152 stored.
 
+use super::pages::PageVec;
 use crate::weights::quant::GgmlType;
 
 /// Rows interleaved together.
@@ -179,41 +180,45 @@ pub struct Interleaved {
     /// The instructions its products run on.
     kernel: Kernel,
     /// Codes: octet after octet, block after block, `code_bytes` a block.
-    codes: Vec<u8>,
+    codes: PageVec<u8>,
     /// f16 scales: octet, block, row (8).
-    scales: Vec<u16>,
+    scales: PageVec<u16>,
     /// f16 minimums (Q4_1; Q4_K's `dmin`), as the scales.
-    mins: Vec<u16>,
+    mins: PageVec<u16>,
     /// Q4_K's 6-bit sub-block scales and minimums, a byte each: octet, super-block,
     /// sub-block (8), row (8).
-    k_scales: Vec<u8>,
-    k_mins: Vec<u8>,
+    k_scales: PageVec<u8>,
+    k_mins: PageVec<u8>,
 }
 
 impl Interleaved {
-    /// `rows` rows (a multiple of [`ROWS`]) of `cols` values of `ty` (a type [`supports`]
-    /// takes), `row_bytes` each, from `data`, for products on `kernel` (which the CPU must
-    /// run); `done(n)` is told, every few MB and at the end, that the first `n` bytes of
-    /// `data` have been read for the last time.
+    /// The rows of `data` (`row_bytes` each, `cols` values of `ty`, a type [`supports`]
+    /// takes), or where `order` is given, rows `order[0]`, `order[1]`… of it; a multiple of
+    /// [`ROWS`] rows, for products on `kernel` (which the CPU must run). `done(n)` is told,
+    /// every few MB (rows in order) or only at the end (out of order), that the first `n`
+    /// bytes of `data` have been read for the last time.
     pub fn new(
         kernel: Kernel,
         ty: GgmlType,
         data: &[u8],
-        rows: usize,
+        order: Option<&[usize]>,
         cols: usize,
         row_bytes: usize,
         done: &mut dyn FnMut(usize),
     ) -> Self {
+        let rows = order.map_or(data.len() / row_bytes.max(1), <[usize]>::len);
         assert!(supports(ty) && rows.is_multiple_of(ROWS) && cols.is_multiple_of(32));
+        // row `r` of the matrix (stored row `order[r]`)
+        let row = |r: usize| &data[order.map_or(r, |o| o[r]) * row_bytes..][..row_bytes];
         // octets read between two calls of `done`
         let every = (DONE_BYTES / (ROWS * row_bytes).max(1)).max(1);
         let mut progress = |o: usize| {
-            if (o + 1).is_multiple_of(every) || o + 1 == rows / ROWS {
+            if (order.is_none() && (o + 1).is_multiple_of(every)) || o + 1 == rows / ROWS {
                 done((o + 1) * ROWS * row_bytes);
             }
         };
         if ty == GgmlType::Q4K {
-            return Self::new_q4_k(kernel, data, rows, cols, row_bytes, &mut progress);
+            return Self::new_q4_k(kernel, &row, rows, cols, row_bytes, &mut progress);
         }
         let nb = cols / 32;
         let (block_bytes, at, code_bytes) = match ty {
@@ -223,16 +228,16 @@ impl Interleaved {
         };
         assert_eq!(row_bytes, nb * block_bytes);
         let octets = rows / ROWS;
-        let mut codes = vec![0u8; octets * nb * code_bytes];
-        let mut scales = vec![0u16; octets * nb * ROWS];
+        let mut codes = PageVec::zeroed(octets * nb * code_bytes);
+        let mut scales = PageVec::zeroed(octets * nb * ROWS);
         let mut mins = match ty {
-            GgmlType::Q4_1 => vec![0u16; octets * nb * ROWS],
-            _ => Vec::new(),
+            GgmlType::Q4_1 => PageVec::zeroed(octets * nb * ROWS),
+            _ => PageVec::default(),
         };
         let h = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         for o in 0..octets {
             for k in 0..ROWS {
-                let row = &data[(o * ROWS + k) * row_bytes..][..row_bytes];
+                let row = row(o * ROWS + k);
                 for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
                     let ob = o * nb + b;
                     scales[ob * ROWS + k] = h(blk, 0);
@@ -260,15 +265,15 @@ impl Interleaved {
             codes,
             scales,
             mins,
-            k_scales: Vec::new(),
-            k_mins: Vec::new(),
+            k_scales: PageVec::default(),
+            k_mins: PageVec::default(),
         }
     }
 
     /// [`Interleaved::new`] for Q4_K (see the module's text).
-    fn new_q4_k(
+    fn new_q4_k<'a>(
         kernel: Kernel,
-        data: &[u8],
+        row: &dyn Fn(usize) -> &'a [u8],
         rows: usize,
         cols: usize,
         row_bytes: usize,
@@ -278,15 +283,15 @@ impl Interleaved {
         let nsb = cols / 256;
         assert_eq!(row_bytes, nsb * 144);
         let octets = rows / ROWS;
-        let mut codes = vec![0u8; octets * nsb * 1024];
-        let mut scales = vec![0u16; octets * nsb * ROWS];
-        let mut mins = vec![0u16; octets * nsb * ROWS];
-        let mut k_scales = vec![0u8; octets * nsb * 64];
-        let mut k_mins = vec![0u8; octets * nsb * 64];
+        let mut codes = PageVec::zeroed(octets * nsb * 1024);
+        let mut scales = PageVec::zeroed(octets * nsb * ROWS);
+        let mut mins = PageVec::zeroed(octets * nsb * ROWS);
+        let mut k_scales = PageVec::zeroed(octets * nsb * 64);
+        let mut k_mins = PageVec::zeroed(octets * nsb * 64);
         let h = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         for o in 0..octets {
             for k in 0..ROWS {
-                let row = &data[(o * ROWS + k) * row_bytes..][..row_bytes];
+                let row = row(o * ROWS + k);
                 for (sb, blk) in row.chunks_exact(144).enumerate() {
                     let at = o * nsb + sb;
                     scales[at * ROWS + k] = h(blk, 0);

@@ -21,6 +21,7 @@
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 pub mod interleave;
+mod pages;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -64,22 +65,31 @@ impl QBytes {
     /// elsewhere is what the products read now): resident memory then holds the model
     /// once. A later read, of an embedding row say, faults the pages it needs back in from
     /// the file.
+    ///
+    /// A fault maps the cached pages around it too (Linux maps up to 64 KiB around), so
+    /// the range's first and last pieces take that much of their neighbours along: tensors
+    /// released before this one was read would otherwise keep those pages resident.
     fn release(&self, from: usize, to: usize) {
         #[cfg(unix)]
         if let Self::Mapped { map, start, len } = self {
+            const AROUND: usize = 64 << 10;
             let to = to.min(*len);
             if from >= to {
                 return;
             }
+            let first = match from {
+                0 => start.saturating_sub(AROUND),
+                _ => start + from,
+            };
+            let last = match to == *len {
+                true => (start + to + AROUND).min(map.len()),
+                false => start + to,
+            };
             // SAFETY: the map is a read-only mapping of the file, never written through,
             // so the pages dropped read back from the file unchanged; `madvise` widens the
             // range to whole pages, neighbours included, which read back the same way
             let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start + from,
-                    to - from,
-                )
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
             };
         }
         #[cfg(not(unix))]
@@ -103,6 +113,12 @@ pub struct QMatrix {
     pub cols: usize,
     row_bytes: usize,
     data: QBytes,
+    /// Where the rows are stored in another order (row `i` is stored row `order[i]`:
+    /// [`QMatrix::permute_rows`]).
+    order: Option<Arc<[usize]>>,
+    /// The stored rows gathered into the matrix's order, by the first path that reads them
+    /// as one run of bytes (interleaving reads them through `order` instead).
+    gathered: std::sync::OnceLock<Vec<u8>>,
     /// The rows interleaved eight at a time, made by the first product that can use them.
     interleaved: std::sync::OnceLock<Option<Arc<Interleaved>>>,
 }
@@ -426,6 +442,8 @@ impl QMatrix {
             cols,
             row_bytes,
             data,
+            order: None,
+            gathered: Default::default(),
             interleaved: Default::default(),
         })
     }
@@ -450,7 +468,7 @@ impl QMatrix {
                 kernel,
                 self.ty,
                 self.data.as_slice(),
-                self.rows,
+                self.order.as_deref(),
                 self.cols,
                 self.row_bytes,
                 &mut |read| {
@@ -480,42 +498,73 @@ impl QMatrix {
         self.row_bytes * self.rows
     }
 
+    /// The rows in order, one after another (gathered on the first call where the
+    /// stored order differs).
+    fn in_order(&self) -> &[u8] {
+        let Some(order) = &self.order else {
+            return self.data.as_slice();
+        };
+        self.gathered.get_or_init(|| {
+            let stored = self.data.as_slice();
+            let mut v = Vec::with_capacity(order.len() * self.row_bytes);
+            for &o in order.iter() {
+                v.extend_from_slice(&stored[o * self.row_bytes..][..self.row_bytes]);
+            }
+            self.data.release(0, stored.len());
+            v
+        })
+    }
+
+    #[cfg(test)]
     fn row(&self, r: usize) -> &[u8] {
-        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+        &self.in_order()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
     /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) × cols`).
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let b = &self.data.as_slice()[r0 * self.row_bytes..r1 * self.row_bytes];
+        let b = &self.in_order()[r0 * self.row_bytes..r1 * self.row_bytes];
         dequantize_into(self.ty, b, out);
     }
 
     /// Rows `r0..r1` as a matrix of their own (a view of the same bytes).
     pub fn rows_range(&self, r0: usize, r1: usize) -> Self {
+        let (start, len) = (r0 * self.row_bytes, (r1 - r0) * self.row_bytes);
+        let data = match &self.order {
+            None => self.data.slice(start, len),
+            Some(_) => QBytes::Owned(self.in_order()[start..start + len].to_vec()),
+        };
         Self {
             ty: self.ty,
             rows: r1 - r0,
             cols: self.cols,
             row_bytes: self.row_bytes,
-            data: self
-                .data
-                .slice(r0 * self.row_bytes, (r1 - r0) * self.row_bytes),
+            data,
+            order: None,
+            gathered: Default::default(),
             interleaved: Default::default(),
         }
     }
 
-    /// The matrix with its rows in `order` (row `i` of the result is row `order[i]`).
+    /// The matrix with its rows in `order` (row `i` of the result is row `order[i]`), a
+    /// view of the same bytes: products over interleaved rows read them in this order
+    /// and the others gather them on first use.
     pub fn permute_rows(&self, order: &[usize]) -> Self {
-        let mut v = Vec::with_capacity(order.len() * self.row_bytes);
-        for &o in order {
-            v.extend_from_slice(self.row(o));
-        }
+        assert!(
+            order.iter().all(|&o| o < self.rows),
+            "row order out of range"
+        );
+        let order: Arc<[usize]> = match &self.order {
+            None => order.into(),
+            Some(inner) => order.iter().map(|&o| inner[o]).collect(),
+        };
         Self {
             ty: self.ty,
             rows: order.len(),
             cols: self.cols,
             row_bytes: self.row_bytes,
-            data: QBytes::Owned(v),
+            data: self.data.clone(),
+            order: Some(order),
+            gathered: Default::default(),
             interleaved: Default::default(),
         }
     }
@@ -674,7 +723,7 @@ fn products_in_place(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
     jobs.par_iter().for_each(|&(j, o0, o1)| {
         let w = pairs[j].0;
         let rb = w.row_bytes;
-        let rows = &w.data.as_slice()[o0 * rb..o1 * rb];
+        let rows = &w.in_order()[o0 * rb..o1 * rb];
         if let Some(f) = multi[j] {
             // eight activation rows at a time over this job's weight rows (which stay in
             // cache); a last single row takes the one-row product
@@ -757,7 +806,7 @@ fn int8_tiles(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
     let per = (tiles / (4 * rayon::current_num_threads())).max(1);
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
-    let data = w.data.as_slice();
+    let data = w.in_order();
     (0..tiles.div_ceil(per))
         .into_par_iter()
         .for_each_init(gemm::Packed::default, |packed, job| {
@@ -818,7 +867,7 @@ fn tiled(w: &QMatrix, x: &[f32], m: usize) -> Vec<f32> {
             let cols = o1 - o0;
             // f32 rows in place where they are aligned (a memory-mapped file's are
             // wherever the writer aligned them); anything else decoded into the tile
-            let at = &w.data.as_slice()[o0 * w.row_bytes..];
+            let at = &w.in_order()[o0 * w.row_bytes..];
             let b = if w.ty == GgmlType::F32 && at.as_ptr().align_offset(4) == 0 {
                 at.as_ptr().cast::<f32>()
             } else {

@@ -242,6 +242,53 @@ fn permuted_rows_are_the_rows() {
     }
 }
 
+/// A matrix whose rows are stored in another order (llama.cpp's query and key rows) is
+/// read through that order: interleaved on each kernel this CPU has, and gathered for the
+/// types and products that read rows in place; each output is the stored row's, bit for bit.
+#[test]
+fn rows_in_another_order_are_read_in_that_order() {
+    use super::interleave::Kernel;
+    let mut rng = Rng::new(21);
+    let (rows, cols) = (16, 256);
+    let order: Vec<usize> = (0..rows).map(|i| (i * 5 + 3) % rows).collect();
+    let mut kernels: Vec<Option<Kernel>> = Kernel::available().into_iter().map(Some).collect();
+    kernels.push(None);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4K, GgmlType::Q6K] {
+        for &kernel in &kernels {
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            let p = w.permute_rows(&order);
+            let (w, p) = match kernel {
+                Some(k) if interleave::supports(ty) => (w.interleaved_for(k), p.interleaved_for(k)),
+                Some(_) => continue,
+                None => {
+                    // kept as stored: products read the rows in place (or gathered)
+                    let _ = (w.interleaved.set(None), p.interleaved.set(None));
+                    (w, p)
+                }
+            };
+            for m in [1, 3, 40] {
+                let x = random_x(m * cols, &mut rng);
+                let yw = products(&[(&w, &x)], m).pop().unwrap();
+                let yp = products(&[(&p, &x)], m).pop().unwrap();
+                for r in 0..m {
+                    for (i, &o) in order.iter().enumerate() {
+                        assert_eq!(
+                            yp[r * rows + i].to_bits(),
+                            yw[r * rows + o].to_bits(),
+                            "{ty:?} {kernel:?} m {m} row {r} out {i}"
+                        );
+                    }
+                }
+            }
+            // an order of an order composes
+            let back: Vec<usize> = (0..rows)
+                .map(|i| order.iter().position(|&o| o == i).unwrap())
+                .collect();
+            assert_eq!(dequantized(&p.permute_rows(&back)), dequantized(&w));
+        }
+    }
+}
+
 /// f32, f16 and bf16 rows whose length is not a multiple of the vector width (the last
 /// values go one at a time, never read past the row): every path equals the f64 product
 /// of the widened weights, four rows together and the rest alone.
