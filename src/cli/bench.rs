@@ -406,7 +406,10 @@ fn bench_decode(
 ) -> Result<()> {
     let mut model = match &model_dir {
         Some(d) => {
-            routelm::arch::load_dir(&super::model_dir(d), DType::F32, &super::device())?.model
+            super::loading(|| {
+                routelm::arch::load_dir(&super::model_dir(d), DType::F32, &super::device())
+            })?
+            .model
         }
         None => random_model(&preset(name)?.0)?,
     };
@@ -568,7 +571,8 @@ fn bench_prefill(
     let (model, what) = match &model_dir {
         Some(d) => {
             let dir = super::model_dir(d);
-            let m = routelm::arch::load_dir(&dir, DType::F32, &super::device())?.model;
+            let m = super::loading(|| routelm::arch::load_dir(&dir, DType::F32, &super::device()))?
+                .model;
             (m, d.display().to_string())
         }
         None => (random_model(&preset(name)?.0)?, name.to_string()),

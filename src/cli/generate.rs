@@ -51,17 +51,20 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let mut model =
-        routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
+    let (mut model, tok) = super::loading(|| -> Result<_> {
+        let model =
+            routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
+        // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
+        let tok = match (
+            a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,
+            routelm::arch::is_gguf(&model_dir),
+        ) {
+            (true, true) => Tokenizer::Bytes,
+            _ => Tokenizer::for_model_dir(&model_dir)?,
+        };
+        Ok((model, tok))
+    })?;
     a.kv.apply(&mut model);
-    // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
-    let tok = match (
-        a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,
-        routelm::arch::is_gguf(&model_dir),
-    ) {
-        (true, true) => Tokenizer::Bytes,
-        _ => Tokenizer::for_model_dir(&model_dir)?,
-    };
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
         (None, Some(ids)) => ids.clone(),

@@ -33,14 +33,16 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let model = routelm::arch::load_dir_with(
-        &model_dir,
-        a.lora.as_deref(),
-        candle_core::DType::F32,
-        &device,
-    )?
-    .model;
-    let tok = Tokenizer::for_model_dir(&model_dir)?;
+    let (model, tok) = super::loading(|| -> Result<_> {
+        let model = routelm::arch::load_dir_with(
+            &model_dir,
+            a.lora.as_deref(),
+            candle_core::DType::F32,
+            &device,
+        )?
+        .model;
+        Ok((model, Tokenizer::for_model_dir(&model_dir)?))
+    })?;
     let text = HeldOut::read(&a.data, &tok, a.ctx, a.chunks)?;
     let pb = super::bar(text.n_chunks() as u64, "perplexity");
     let r = text.score(&model, &mut |r| {

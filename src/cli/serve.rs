@@ -68,7 +68,8 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     super::ignore_broken_pipes();
     let path = super::model_dir(&a.model);
-    let mut cm = ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device())?;
+    let mut cm =
+        super::loading(|| ChatModel::load(&path, a.lora.as_deref(), a.dtype, &super::device()))?;
     a.kv.apply(&mut cm.model);
     let cm = Arc::new(cm);
     if !cm.own_template {
