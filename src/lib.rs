@@ -28,5 +28,5 @@ pub use config::{ModelConfig, ModelConfigFile};
 pub use error::{Error, Result};
 pub use flops::FlopLedger;
 pub use model::{Model, ModelOutput};
-pub use tokenize::Tokenizer;
+pub use tokenize::{Build as TokenizerBuild, Tokenizer};
 pub use train::{RunFile, TrainConfig, TrainConfigFile, Trainer};

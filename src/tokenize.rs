@@ -1,8 +1,10 @@
 //! Text ↔ token ids: byte-level (256 ids, the default for training) or a `tokenizer.json`
 //! through the `tokenizers` crate, behind one type.
 
+mod spm;
+
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -10,6 +12,9 @@ pub enum Tokenizer {
     /// Each byte is a token id (0..256).
     Bytes,
     Hf(Box<tokenizers::Tokenizer>),
+    /// Gemma's SentencePiece-style BPE from a GGUF file (the file, to write it out as a
+    /// `tokenizer.json`).
+    Spm(Box<spm::SpmBpe>, PathBuf),
 }
 
 impl Tokenizer {
@@ -71,6 +76,7 @@ impl Tokenizer {
     pub fn save(&self, path: &Path) -> Result<bool> {
         match self {
             Tokenizer::Bytes => Ok(false),
+            Tokenizer::Spm(_, file) => Self::from_gguf_as(file, Build::Library)?.save(path),
             Tokenizer::Hf(t) => {
                 let json = t
                     .to_string(false)
@@ -85,6 +91,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => 256,
             Tokenizer::Hf(t) => t.get_vocab_size(true),
+            Tokenizer::Spm(t, _) => t.vocab_size(),
         }
     }
 
@@ -107,6 +114,7 @@ impl Tokenizer {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
+            Tokenizer::Spm(t, _) => Ok(t.encode(text, special)),
         }
     }
 
@@ -116,6 +124,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => None,
             Tokenizer::Hf(t) => t.token_to_id(token),
+            Tokenizer::Spm(t, _) => t.id(token),
         }
     }
 
@@ -131,6 +140,10 @@ impl Tokenizer {
                 })
                 .collect(),
             Tokenizer::Hf(t) => ids.iter().map(|&i| t.id_to_token(i)).collect(),
+            Tokenizer::Spm(t, _) => ids
+                .iter()
+                .map(|&i| t.token(i).map(str::to_string))
+                .collect(),
         }
     }
 
@@ -145,6 +158,7 @@ impl Tokenizer {
             Tokenizer::Hf(t) => t
                 .decode(ids, true)
                 .map_err(|e| Error::Tokenizer(e.to_string())),
+            Tokenizer::Spm(t, _) => Ok(t.decode(ids)),
         }
     }
 }
@@ -205,6 +219,11 @@ impl Tokenizer {
     /// Control tokens are special, user-defined ones are matched whole; BOS is added when
     /// `add_bos_token` says so (a SentencePiece vocabulary adds it unless told otherwise).
     pub fn from_gguf(path: &Path) -> Result<Self> {
+        Self::from_gguf_as(path, Build::Own)
+    }
+
+    /// [`Tokenizer::from_gguf`], built as `build` says where there is a choice.
+    pub fn from_gguf_as(path: &Path, build: Build) -> Result<Self> {
         use crate::weights::gguf::{GgufFile, Value};
         let mut f = GgufFile::open(path)?;
         let bad = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
@@ -273,6 +292,10 @@ impl Tokenizer {
                 let split = gguf_split(&pre).map_err(bad)?;
                 parts.byte_level(&merges, split)
             }
+            ("llama", "gemma" | "gemma2" | "gemma3") if build == Build::Own => {
+                let t = parts.gemma_own().map_err(bad)?;
+                return Ok(Tokenizer::Spm(Box::new(t), path.to_path_buf()));
+            }
             ("llama", "gemma" | "gemma2" | "gemma3") => parts.gemma(),
             ("llama", arch) => {
                 let scores: Vec<f32> = match scores {
@@ -308,6 +331,15 @@ impl Tokenizer {
         let t = assembled(bpe).map_err(|e| bad(format!("building the tokenizer: {e}")))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
+}
+
+/// How a GGUF file's tokenizer is built where there is a choice: Gemma's by [`spm`]
+/// (a few MB), or by the tokenizers library (~100 MB for Gemma 3; to write a
+/// `tokenizer.json`, and to check the first against).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Build {
+    Own,
+    Library,
 }
 
 /// A BPE tokenizer on its way from GGUF metadata or a `tokenizer.json`: a description
@@ -550,13 +582,10 @@ impl GgufVocab<'_> {
         BpeParts::new(spec, &vocab, &merges)
     }
 
-    /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
-    /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
-    /// are every split of a token into two tokens, best (earliest) token first.
-    fn gemma(&self) -> BpeParts {
-        use serde_json::json;
-        let spelled: Vec<String> = self
-            .tokens
+    /// Gemma's tokens as the model spells them: a token of plain whitespace with a space
+    /// in it is looked up as that many `▁`.
+    fn gemma_spelled(&self) -> Vec<String> {
+        self.tokens
             .iter()
             .map(|t| {
                 if t.contains(' ') && t.trim().is_empty() {
@@ -565,7 +594,39 @@ impl GgufVocab<'_> {
                     t.clone()
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Gemma's tokens that are split on first: control tokens and the named ones
+    /// (special), user-defined ones (not special).
+    fn gemma_added(&self) -> Vec<(&str, u32, bool)> {
+        const NAMED: [&str; 5] = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
+        (self.tokens.iter().enumerate())
+            .filter_map(|(id, t)| {
+                let kind = self.types.get(id).copied().unwrap_or(1);
+                let special = kind == 3 || NAMED.contains(&t.as_str());
+                (special || kind == 4).then_some((t.as_str(), id as u32, special))
+            })
+            .collect()
+    }
+
+    /// [`GgufVocab::gemma`] as [`spm::SpmBpe`] builds it.
+    fn gemma_own(&self) -> std::result::Result<spm::SpmBpe, String> {
+        let bos = self.bos.as_ref().map(|(id, _)| *id as u32);
+        spm::SpmBpe::new(
+            &self.gemma_spelled(),
+            &self.gemma_added(),
+            Some("<unk>"),
+            bos,
+        )
+    }
+
+    /// Gemma's SentencePiece-style BPE: spaces written `▁`, byte fallback, `<unk>`; a token
+    /// of plain whitespace with a space in it is looked up as that many `▁`; the merges
+    /// are every split of a token into two tokens, best (earliest) token first.
+    fn gemma(&self) -> BpeParts {
+        use serde_json::json;
+        let spelled = self.gemma_spelled();
         // the earliest token first: its rank is its score
         let (vocab, merges) = rebuilt_merges(&spelled, |id| -(id as f64));
         let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];

@@ -474,6 +474,64 @@ fn gguf_tokenizers_match_transformers() {
     }
 }
 
+/// Gemma's tokenizer as routelm builds it from a GGUF vocabulary (a few MB) equals the
+/// tokenizers library's build of the same file (~100 MB for Gemma 3's): ids with and
+/// without special tokens, decoding every id alone and in runs, token texts and ids.
+#[test]
+fn gemma_tokenizer_equals_the_library_build() {
+    use routelm::TokenizerBuild;
+    let path = fixtures().join("tokenizer-gemma.gguf");
+    let own = routelm::Tokenizer::from_gguf_as(&path, TokenizerBuild::Own).unwrap();
+    let lib = routelm::Tokenizer::from_gguf_as(&path, TokenizerBuild::Library).unwrap();
+    assert!(
+        matches!(own, routelm::Tokenizer::Spm(..)),
+        "not routelm's own build"
+    );
+    assert_eq!(own.vocab_size(), lib.vocab_size());
+    let texts = [
+        "Hello, world! The year 2024 had 366 days; π ≈ 3.14159.",
+        "   leading spaces and\ttabs\tand trailing   ",
+        "naïve café, 日本語のテキスト, 한국어, русский, 🤖🚀👍🏽 e\u{301}",
+        "def f(x):\n    return x ** 2  # comment\n\n\n",
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+        "<bos><eos><pad><unk><mask> 1234567890 0.5 -3e10 1,000,000",
+        "",
+        " ",
+        "\u{2581}already\u{2581}marked",
+    ];
+    for t in texts {
+        let (a, b) = (own.encode(t).unwrap(), lib.encode(t).unwrap());
+        assert_eq!(a, b, "{t:?}");
+        assert_eq!(
+            own.encode_plain(t).unwrap(),
+            lib.encode_plain(t).unwrap(),
+            "{t:?}"
+        );
+        assert_eq!(own.decode(&b).unwrap(), lib.decode(&b).unwrap(), "{t:?}");
+        assert_eq!(own.tokens(&b), lib.tokens(&b), "{t:?}");
+    }
+    let n = lib.vocab_size() as u32 + 3;
+    for id in 0..n {
+        assert_eq!(
+            own.decode(&[id]).unwrap(),
+            lib.decode(&[id]).unwrap(),
+            "id {id}"
+        );
+        assert_eq!(own.tokens(&[id]), lib.tokens(&[id]), "id {id}");
+        if let Some(Some(t)) = lib.tokens(&[id]).pop() {
+            assert_eq!(own.token_id(&t), lib.token_id(&t), "{t:?}");
+        }
+    }
+    let ids: Vec<u32> = (0..n).collect();
+    for run in ids.chunks(5) {
+        assert_eq!(
+            own.decode(run).unwrap(),
+            lib.decode(run).unwrap(),
+            "{run:?}"
+        );
+    }
+}
+
 /// A GGUF file's end-of-generation ids: its EOS, and the control tokens that end a turn
 /// (the Gemma-style file names `<eos>` only; its chat turns end with `<end_of_turn>`).
 #[test]
