@@ -51,7 +51,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let (mut model, tok) = super::loading(|| -> Result<_> {
+    let (mut model, tok, defaults) = super::loading(|| -> Result<_> {
         let model =
             routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
         // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
@@ -62,7 +62,9 @@ pub fn run(a: Args) -> Result<()> {
             (true, true) => Tokenizer::Bytes,
             _ => Tokenizer::for_model_dir(&model_dir)?,
         };
-        Ok((model, tok))
+        // the command line, else the folder's generation_config.json, else our defaults
+        let defaults = routelm::arch::generation_defaults(&model_dir)?;
+        Ok((model, tok, defaults))
     })?;
     a.kv.apply(&mut model);
     let prompt = match (&a.prompt, &a.prompt_ids) {
@@ -70,8 +72,6 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    // the command line, else the folder's generation_config.json, else our defaults
-    let defaults = routelm::arch::generation_defaults(&model_dir)?;
     let cfg = GenerateConfig {
         sampler: a.sampling.config(&defaults),
         max_tokens: a.max_tokens,

@@ -396,6 +396,8 @@ pub fn loading<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: sets a process-wide allocator option (an atomic in mimalloc)
     unsafe { libmimalloc_sys::mi_option_set(crate::MI_OPTION_PURGE_DELAY, 0) };
     let out = f();
+    // SAFETY: asks the allocator to return its emptied pages (purged at once, as set above)
+    unsafe { libmimalloc_sys::mi_collect(true) };
     // SAFETY: as above
     unsafe { libmimalloc_sys::mi_option_set(crate::MI_OPTION_PURGE_DELAY, -1) };
     out

@@ -155,9 +155,11 @@ fn tables(
 }
 
 /// Positions whose tables are computed when the model is built; later ones are computed
-/// when a pass reaches them, so that a context length a file claims (millions of
-/// positions) costs no memory until it is used.
-const PRECOMPUTED: usize = 8192;
+/// when a pass reaches them (once a pass, shared by its layers: a row of a decode step,
+/// ~10 ms for a 4096-token prompt), so that a context length a file claims (millions of
+/// positions) costs no memory until it is used. 8192 rows held Gemma 3's four tables at
+/// 17 MB, 6% of its model's resident memory.
+const PRECOMPUTED: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct RopeTables {

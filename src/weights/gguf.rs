@@ -230,6 +230,16 @@ impl GgufFile {
         // mmap reader accepts (the sizes were checked against the length at open)
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (version, metadata, tensors) = Self::parse(&map, path)?;
+        // the header and metadata have been copied out (a large vocabulary's strings are
+        // megabytes): their pages go back to the system
+        #[cfg(unix)]
+        {
+            let head = tensors.iter().map(|t| t.start).min().unwrap_or(map.len());
+            // SAFETY: a read-only map of the file, never written through: dropped pages
+            // read back from the file unchanged
+            let _ =
+                unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, head) };
+        }
         Ok(Self {
             path: path.to_path_buf(),
             version,

@@ -326,6 +326,62 @@ impl Interleaved {
         }
     }
 
+    /// Row `r`'s blocks as the file stores them (`out`: the row's bytes), read back from
+    /// this layout: so an embedding tied to the head looks its rows up here, and the
+    /// file's pages, handed back when the rows were interleaved, are not read again.
+    pub fn stored_row(&self, r: usize, out: &mut [u8]) {
+        let (o, k) = (r / ROWS, r % ROWS);
+        let h = |v: u16| v.to_le_bytes();
+        if self.ty == GgmlType::Q4K {
+            let nsb = self.cols / 256;
+            for (sb, blk) in out.chunks_exact_mut(144).enumerate().take(nsb) {
+                let at = o * nsb + sb;
+                blk[0..2].copy_from_slice(&h(self.scales[at * ROWS + k]));
+                blk[2..4].copy_from_slice(&h(self.mins[at * ROWS + k]));
+                let sc = |j: usize| self.k_scales[at * 64 + 8 * j + k];
+                let mn = |j: usize| self.k_mins[at * 64 + 8 * j + k];
+                // the 6-bit scales and minimums packed back into 12 bytes
+                for j in 0..4 {
+                    blk[4 + j] = sc(j) | ((sc(j + 4) >> 4) << 6);
+                    blk[8 + j] = mn(j) | ((mn(j + 4) >> 4) << 6);
+                    blk[12 + j] = (sc(j + 4) & 0x0F) | ((mn(j + 4) & 0x0F) << 4);
+                }
+                let codes = &self.codes[at * 1024..][..1024];
+                for c in 0..4 {
+                    for g in 0..8 {
+                        for i in 0..4 {
+                            blk[16 + 32 * c + 4 * g + i] = codes[256 * c + 32 * g + 4 * k + i];
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let nb = self.cols / 32;
+        let (block_bytes, at, code_bytes) = match self.ty {
+            GgmlType::Q4_0 => (18, 2, 128),
+            GgmlType::Q4_1 => (20, 4, 128),
+            _ => (34, 2, 256),
+        };
+        for (b, blk) in out.chunks_exact_mut(block_bytes).enumerate().take(nb) {
+            let ob = o * nb + b;
+            blk[0..2].copy_from_slice(&h(self.scales[ob * ROWS + k]));
+            if self.ty == GgmlType::Q4_1 {
+                blk[2..4].copy_from_slice(&h(self.mins[ob * ROWS + k]));
+            }
+            let codes = &self.codes[ob * code_bytes..][..code_bytes];
+            for g in 0..code_bytes / 32 {
+                for i in 0..4 {
+                    let c = codes[32 * g + 4 * k + i];
+                    blk[at + 4 * g + i] = match self.ty {
+                        GgmlType::Q8_0 => c ^ 0x80,
+                        _ => c,
+                    };
+                }
+            }
+        }
+    }
+
     /// Whether the activations this layout takes are quantized in super-blocks of 256
     /// with sums of each 16 ([`super::QAct`]'s K kind) rather than blocks of 32.
     pub fn takes_k_activations(&self) -> bool {

@@ -520,8 +520,17 @@ impl QMatrix {
         &self.in_order()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) × cols`).
+    /// Rows `r0..r1` dequantized into `out` (`(r1 − r0) × cols`); from the interleaved
+    /// rows where they have been made (a tied embedding's lookups leave the file alone).
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        if let Some(Some(packed)) = self.interleaved.get() {
+            let mut row = vec![0u8; self.row_bytes];
+            for (r, out) in (r0..r1).zip(out.chunks_exact_mut(self.cols)) {
+                packed.stored_row(r, &mut row);
+                dequantize_into(self.ty, &row, out);
+            }
+            return;
+        }
         let b = &self.in_order()[r0 * self.row_bytes..r1 * self.row_bytes];
         dequantize_into(self.ty, b, out);
     }

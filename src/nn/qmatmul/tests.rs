@@ -242,6 +242,47 @@ fn permuted_rows_are_the_rows() {
     }
 }
 
+/// Rows read back from the interleaved layout (a tied embedding's lookups) are the
+/// stored rows, bit for bit, on each kernel this CPU has, in any order.
+#[test]
+fn interleaved_rows_read_back_as_stored() {
+    use super::interleave::Kernel;
+    let mut rng = Rng::new(22);
+    let (rows, cols) = (16, 512);
+    let order: Vec<usize> = (0..rows).map(|i| (i * 7 + 5) % rows).collect();
+    for kernel in Kernel::available() {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+        ] {
+            let w = random_matrix(ty, rows, cols, &mut rng);
+            let want = dequantized(&w);
+            let p = w.clone().permute_rows(&order).interleaved_for(kernel);
+            let w = w.interleaved_for(kernel);
+            assert!(w.interleaved.get().is_some_and(Option::is_some));
+            for r in 0..rows {
+                let mut row = vec![0u8; w.row_bytes()];
+                w.interleaved().unwrap().stored_row(r, &mut row);
+                assert_eq!(
+                    row,
+                    w.data.as_slice()[r * w.row_bytes()..][..w.row_bytes()],
+                    "{kernel:?} {ty:?} row {r}"
+                );
+            }
+            assert_eq!(dequantized(&w), want, "{kernel:?} {ty:?}");
+            let got = dequantized(&p);
+            for (i, &o) in order.iter().enumerate() {
+                assert_eq!(
+                    got[i * cols..(i + 1) * cols],
+                    want[o * cols..(o + 1) * cols]
+                );
+            }
+        }
+    }
+}
+
 /// A matrix whose rows are stored in another order (llama.cpp's query and key rows) is
 /// read through that order: interleaved on each kernel this CPU has, and gathered for the
 /// types and products that read rows in place; each output is the stored row's, bit for bit.
