@@ -91,3 +91,55 @@ fn a_bad_date_format_is_a_template_error() {
     let ok = ChatTemplate::new("{{ strftime_now(\"%d %b %Y\") }}", Default::default()).unwrap();
     assert!(ok.render(&[Message::new("user", "hi")], true).is_ok());
 }
+
+/// A GGUF file without a template whose vocabulary has Gemma's turn tokens (as the
+/// published Gemma 3 270M file) chats in Gemma's format: the fixture's Gemma vocabulary
+/// picks it, and it renders the conversations Gemma 3's own template accepts as
+/// transformers renders them with that template (the ones it refuses, two users in a row
+/// or an assistant first, are not checked: this format does not enforce the alternation).
+#[test]
+fn a_gguf_without_a_template_takes_the_turn_format_its_vocabulary_marks() {
+    use routelm::chat::template::{turn_format, TURN_FORMATS};
+    let gguf = std::path::Path::new("tests/fixtures/gguf/tokenizer-gemma.gguf");
+    let picked = ChatTemplate::for_model(gguf).unwrap().expect("a template");
+    assert_eq!(turn_format(&picked.source), Some("Gemma"));
+    let text = std::fs::read_to_string("tests/fixtures/chat/templates.json").unwrap();
+    let templates: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let gemma3 = templates.iter().find(|t| t["name"] == "gemma3").unwrap();
+    let mut tokens = BTreeMap::new();
+    tokens.insert(
+        "bos_token".to_string(),
+        gemma3["bos_token"].as_str().unwrap().to_string(),
+    );
+    let source = TURN_FORMATS.iter().find(|f| f.0 == "Gemma").unwrap().2;
+    let tmpl = ChatTemplate::new(source, tokens).unwrap();
+    let mut checked = 0;
+    for case in gemma3["cases"].as_array().unwrap() {
+        let Some(want) = case["expected"].as_str() else {
+            continue;
+        };
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let got = tmpl
+            .render_json(&case["messages"], gen, &serde_json::Map::new())
+            .unwrap();
+        assert_eq!(got, want, "{}", case["id"]);
+        checked += 1;
+    }
+    assert_eq!(checked, 8);
+    // ChatML's markers pick ChatML; a vocabulary without turn tokens has no template
+    let chatml = std::path::Path::new("tests/fixtures/gguf/tokenizer-default.gguf");
+    let t = ChatTemplate::for_model(chatml)
+        .unwrap()
+        .expect("a template");
+    assert_eq!(turn_format(&t.source), Some("ChatML"));
+    let msgs = [
+        Message::new("system", "Be brief."),
+        Message::new("user", "Hi"),
+    ];
+    assert_eq!(
+        t.render(&msgs, true).unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let plain = std::path::Path::new("tests/fixtures/gguf/tokenizer-llama-spm.gguf");
+    assert!(ChatTemplate::for_model(plain).unwrap().is_none());
+}

@@ -62,6 +62,36 @@ fn template_error(e: minijinja::Error) -> Error {
     Error::Template(msg)
 }
 
+/// Turn formats known by the control tokens that mark them, for a GGUF file that has no
+/// template of its own (Gemma 3 270M's published file has none): its name, those tokens,
+/// and a template writing it as the family's own template does.
+pub const TURN_FORMATS: &[(&str, [&str; 2], &str)] = &[
+    (
+        "Gemma",
+        ["<start_of_turn>", "<end_of_turn>"],
+        // a system message opens the first user turn; the assistant's turns are `model`
+        "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}\
+         {% if m.role == 'system' %}{% set ns.system = m.content ~ '\n\n' %}{% else %}\
+         <start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n\
+         {{ ns.system ~ m.content | trim }}<end_of_turn>\n{% set ns.system = '' %}\
+         {% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    ),
+    (
+        "ChatML",
+        ["<|im_start|>", "<|im_end|>"],
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+         {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    ),
+];
+
+/// The name of the turn format `source` is, when it is one of [`TURN_FORMATS`].
+pub fn turn_format(source: &str) -> Option<&'static str> {
+    TURN_FORMATS
+        .iter()
+        .find(|(_, _, s)| *s == source)
+        .map(|(name, ..)| *name)
+}
+
 /// The instructions one rendering may run before it is stopped with an error.
 const TEMPLATE_FUEL: u64 = 2_000_000;
 
@@ -173,12 +203,22 @@ impl ChatTemplate {
     fn from_gguf(path: &Path) -> Result<Option<Self>> {
         use crate::weights::gguf::{GgufFile, Value as G};
         let f = GgufFile::open(path)?;
-        let Some(source) = f.get("tokenizer.chat_template").and_then(|v| v.as_str()) else {
-            return Ok(None);
-        };
         let vocab = match f.get("tokenizer.ggml.tokens") {
             Some(G::Array(a)) => a.as_slice(),
             _ => &[],
+        };
+        // a file without a template whose vocabulary marks turns as a known format
+        // has (some published GGUF files carry none), that format
+        let has = |t: &str| vocab.iter().any(|v| v.as_str() == Some(t));
+        let source = match f.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(s) => s,
+            None => match TURN_FORMATS
+                .iter()
+                .find(|(_, marks, _)| marks.iter().all(|m| has(m)))
+            {
+                Some((_, _, source)) => source,
+                None => return Ok(None),
+            },
         };
         let mut tokens = BTreeMap::new();
         for (key, name) in [

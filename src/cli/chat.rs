@@ -48,6 +48,12 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         );
     }
+    if let Some(name) = routelm::chat::template::turn_format(&cm.template.source) {
+        eprintln!(
+            "{}: no chat template in the file; its vocabulary marks turns as {name}'s: using that format",
+            a.model.display()
+        );
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     let answering = Arc::new(AtomicBool::new(false));
     {
