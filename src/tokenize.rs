@@ -497,6 +497,9 @@ fn assembled(parts: BpeParts) -> std::result::Result<tokenizers::Tokenizer, Stri
     Ok(t)
 }
 
+/// The tokens a Gemma vocabulary's tokenizer treats as special besides its control tokens.
+const GEMMA_NAMED: [&str; 5] = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
+
 /// A GGUF vocabulary on its way to a `tokenizer.json` description.
 struct GgufVocab<'a> {
     tokens: &'a [String],
@@ -511,18 +514,25 @@ impl GgufVocab<'_> {
     /// ones matched whole but not special; each only when `keep(token, special)` accepts
     /// it (a user-defined token is kept only as the vocabulary spells it).
     fn added(&self, named: &[&str], keep: impl Fn(&str, bool) -> bool) -> Vec<serde_json::Value> {
-        let mut out = Vec::new();
-        for (id, t) in self.tokens.iter().enumerate() {
-            let kind = self.types.get(id).copied().unwrap_or(1);
-            let special = kind == 3 || named.contains(&t.as_str());
-            if (special || kind == 4) && keep(t, special) {
-                out.push(
-                    serde_json::json!({"id": id, "content": t, "single_word": false,
-                    "lstrip": false, "rstrip": false, "normalized": false, "special": special}),
-                );
-            }
-        }
-        out
+        (self.added_tokens(named).into_iter())
+            .filter(|&(t, _, special)| keep(t, special))
+            .map(|(t, id, special)| {
+                serde_json::json!({"id": id, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+            })
+            .collect()
+    }
+
+    /// The tokens that may be added (text, id, special): control tokens and `named` ones
+    /// (special), user-defined ones (not special).
+    fn added_tokens(&self, named: &[&str]) -> Vec<(&str, u32, bool)> {
+        (self.tokens.iter().enumerate())
+            .filter_map(|(id, t)| {
+                let kind = self.types.get(id).copied().unwrap_or(1);
+                let special = kind == 3 || named.contains(&t.as_str());
+                (special || kind == 4).then_some((t.as_str(), id as u32, special))
+            })
+            .collect()
     }
 
     fn post_processor(&self) -> serde_json::Value {
@@ -597,25 +607,12 @@ impl GgufVocab<'_> {
             .collect()
     }
 
-    /// Gemma's tokens that are split on first: control tokens and the named ones
-    /// (special), user-defined ones (not special).
-    fn gemma_added(&self) -> Vec<(&str, u32, bool)> {
-        const NAMED: [&str; 5] = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
-        (self.tokens.iter().enumerate())
-            .filter_map(|(id, t)| {
-                let kind = self.types.get(id).copied().unwrap_or(1);
-                let special = kind == 3 || NAMED.contains(&t.as_str());
-                (special || kind == 4).then_some((t.as_str(), id as u32, special))
-            })
-            .collect()
-    }
-
     /// [`GgufVocab::gemma`] as [`spm::SpmBpe`] builds it.
     fn gemma_own(&self) -> std::result::Result<spm::SpmBpe, String> {
         let bos = self.bos.as_ref().map(|(id, _)| *id as u32);
         spm::SpmBpe::new(
             &self.gemma_spelled(),
-            &self.gemma_added(),
+            &self.added_tokens(&GEMMA_NAMED),
             Some("<unk>"),
             bos,
         )
@@ -629,10 +626,9 @@ impl GgufVocab<'_> {
         let spelled = self.gemma_spelled();
         // the earliest token first: its rank is its score
         let (vocab, merges) = rebuilt_merges(&spelled, |id| -(id as f64));
-        let named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"];
         let spec = json!({
             "version": "1.0", "truncation": null, "padding": null,
-            "added_tokens": self.added(&named, |t, special| special || vocab.contains_key(t)),
+            "added_tokens": self.added(&GEMMA_NAMED, |t, special| special || vocab.contains_key(t)),
             "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
             "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},
                 "behavior": "MergedWithPrevious", "invert": false},
