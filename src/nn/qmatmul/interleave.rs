@@ -191,6 +191,25 @@ pub struct Interleaved {
     k_mins: PageVec<u8>,
 }
 
+/// For Q4_0, Q4_1 and Q8_0: bytes of a stored block of 32, where its codes start in it,
+/// and bytes of one block's codes for an octet of rows here.
+fn block_layout(ty: GgmlType) -> (usize, usize, usize) {
+    match ty {
+        GgmlType::Q4_0 => (18, 2, 128),
+        GgmlType::Q4_1 => (20, 4, 128),
+        _ => (34, 2, 256),
+    }
+}
+
+/// A code byte as this layout holds it from as the file stores it, and back: Q8_0's
+/// signed codes are held as `q + 128` (the sign bit flipped), the others as they are.
+fn flip(ty: GgmlType, c: u8) -> u8 {
+    match ty {
+        GgmlType::Q8_0 => c ^ 0x80,
+        _ => c,
+    }
+}
+
 impl Interleaved {
     /// The rows of `data` (`row_bytes` each, `cols` values of `ty`, a type [`supports`]
     /// takes), or where `order` is given, rows `order[0]`, `order[1]`… of it; a multiple of
@@ -221,11 +240,7 @@ impl Interleaved {
             return Self::new_q4_k(kernel, &row, rows, cols, row_bytes, &mut progress);
         }
         let nb = cols / 32;
-        let (block_bytes, at, code_bytes) = match ty {
-            GgmlType::Q4_0 => (18, 2, 128),
-            GgmlType::Q4_1 => (20, 4, 128),
-            _ => (34, 2, 256),
-        };
+        let (block_bytes, at, code_bytes) = block_layout(ty);
         assert_eq!(row_bytes, nb * block_bytes);
         let octets = rows / ROWS;
         let mut codes = PageVec::zeroed(octets * nb * code_bytes);
@@ -248,10 +263,7 @@ impl Interleaved {
                     let out = &mut codes[ob * code_bytes..][..code_bytes];
                     for g in 0..code_bytes / 32 {
                         for i in 0..4 {
-                            out[32 * g + 4 * k + i] = match ty {
-                                GgmlType::Q8_0 => q[4 * g + i] ^ 0x80,
-                                _ => q[4 * g + i],
-                            };
+                            out[32 * g + 4 * k + i] = flip(ty, q[4 * g + i]);
                         }
                     }
                 }
@@ -358,11 +370,7 @@ impl Interleaved {
             return;
         }
         let nb = self.cols / 32;
-        let (block_bytes, at, code_bytes) = match self.ty {
-            GgmlType::Q4_0 => (18, 2, 128),
-            GgmlType::Q4_1 => (20, 4, 128),
-            _ => (34, 2, 256),
-        };
+        let (block_bytes, at, code_bytes) = block_layout(self.ty);
         for (b, blk) in out.chunks_exact_mut(block_bytes).enumerate().take(nb) {
             let ob = o * nb + b;
             blk[0..2].copy_from_slice(&h(self.scales[ob * ROWS + k]));
@@ -372,11 +380,7 @@ impl Interleaved {
             let codes = &self.codes[ob * code_bytes..][..code_bytes];
             for g in 0..code_bytes / 32 {
                 for i in 0..4 {
-                    let c = codes[32 * g + 4 * k + i];
-                    blk[at + 4 * g + i] = match self.ty {
-                        GgmlType::Q8_0 => c ^ 0x80,
-                        _ => c,
-                    };
+                    blk[at + 4 * g + i] = flip(self.ty, codes[32 * g + 4 * k + i]);
                 }
             }
         }
