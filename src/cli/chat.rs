@@ -48,12 +48,7 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         );
     }
-    if let Some(name) = routelm::chat::template::turn_format(&cm.template.source) {
-        eprintln!(
-            "{}: no chat template in the file; its vocabulary marks turns as {name}'s: using that format",
-            a.model.display()
-        );
-    }
+    super::say_inferred_template(&cm, &a.model);
     let cancel = Arc::new(AtomicBool::new(false));
     let answering = Arc::new(AtomicBool::new(false));
     {

@@ -403,6 +403,17 @@ pub fn loading<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Say on stderr when a model's chat template is a turn format inferred from its
+/// vocabulary (a GGUF file without a template of its own).
+pub fn say_inferred_template(cm: &routelm::chat::ChatModel, model: &std::path::Path) {
+    if let Some(name) = routelm::chat::template::turn_format(&cm.template.source) {
+        eprintln!(
+            "{}: no chat template in the file; its vocabulary marks turns as {name}'s: using that format",
+            model.display()
+        );
+    }
+}
+
 pub fn device() -> candle_core::Device {
     candle_core::Device::Cpu
 }

@@ -78,12 +78,7 @@ pub fn run(a: Args) -> Result<()> {
             a.model.display()
         );
     }
-    if let Some(name) = routelm::chat::template::turn_format(&cm.template.source) {
-        eprintln!(
-            "{}: no chat template in the file; its vocabulary marks turns as {name}'s: using that format",
-            a.model.display()
-        );
-    }
+    super::say_inferred_template(&cm, &a.model);
     // a run's OUT/checkpoint is named after OUT
     let named = match a.model.file_name() {
         Some(n) if n == "checkpoint" => a.model.parent().unwrap_or(&a.model),
