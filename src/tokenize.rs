@@ -1,7 +1,13 @@
-//! Text ↔ token ids: byte-level (256 ids, the default for training) or a `tokenizer.json`
-//! through the `tokenizers` crate, behind one type.
+//! Text ↔ token ids: byte-level (256 ids, the default for training), a `tokenizer.json`
+//! through the `tokenizers` crate, or a GGUF file's vocabulary built by routelm, behind one
+//! type.
 
+mod bpe;
+mod bytelevel;
 mod spm;
+
+use bytelevel::byte_alphabet;
+pub use bytelevel::Split;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +21,9 @@ pub enum Tokenizer {
     /// Gemma's SentencePiece-style BPE from a GGUF file (the file, to write it out as a
     /// `tokenizer.json`).
     Spm(Box<spm::SpmBpe>, PathBuf),
+    /// Byte-level BPE from a GGUF file (GGUF's `gpt2`: SmolLM2, Llama 3, Qwen 2), built by
+    /// routelm (the file, to write it out as a `tokenizer.json`).
+    ByteLevel(Box<bytelevel::ByteBpe>, PathBuf),
 }
 
 impl Tokenizer {
@@ -76,7 +85,9 @@ impl Tokenizer {
     pub fn save(&self, path: &Path) -> Result<bool> {
         match self {
             Tokenizer::Bytes => Ok(false),
-            Tokenizer::Spm(_, file) => Self::from_gguf_as(file, Build::Library)?.save(path),
+            Tokenizer::Spm(_, file) | Tokenizer::ByteLevel(_, file) => {
+                Self::from_gguf_as(file, Build::Library)?.save(path)
+            }
             Tokenizer::Hf(t) => {
                 let json = t
                     .to_string(false)
@@ -91,7 +102,8 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => 256,
             Tokenizer::Hf(t) => t.get_vocab_size(true),
-            Tokenizer::Spm(t, _) => t.vocab_size(),
+            Tokenizer::Spm(t, _) => t.table.size(),
+            Tokenizer::ByteLevel(t, _) => t.table.size(),
         }
     }
 
@@ -115,6 +127,7 @@ impl Tokenizer {
                 .get_ids()
                 .to_vec()),
             Tokenizer::Spm(t, _) => Ok(t.encode(text, special)),
+            Tokenizer::ByteLevel(t, _) => Ok(t.encode(text, special)),
         }
     }
 
@@ -124,7 +137,8 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => None,
             Tokenizer::Hf(t) => t.token_to_id(token),
-            Tokenizer::Spm(t, _) => t.id(token),
+            Tokenizer::Spm(t, _) => t.table.id(token),
+            Tokenizer::ByteLevel(t, _) => t.table.id(token),
         }
     }
 
@@ -142,7 +156,11 @@ impl Tokenizer {
             Tokenizer::Hf(t) => ids.iter().map(|&i| t.id_to_token(i)).collect(),
             Tokenizer::Spm(t, _) => ids
                 .iter()
-                .map(|&i| t.token(i).map(str::to_string))
+                .map(|&i| t.table.token(i).map(str::to_string))
+                .collect(),
+            Tokenizer::ByteLevel(t, _) => ids
+                .iter()
+                .map(|&i| t.table.token(i).map(str::to_string))
                 .collect(),
         }
     }
@@ -159,6 +177,7 @@ impl Tokenizer {
                 .decode(ids, true)
                 .map_err(|e| Error::Tokenizer(e.to_string())),
             Tokenizer::Spm(t, _) => Ok(t.decode(ids)),
+            Tokenizer::ByteLevel(t, _) => Ok(t.decode(ids)),
         }
     }
 }
@@ -172,41 +191,6 @@ fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
     out
-}
-
-/// GPT-2's byte → character map: printable bytes stand for themselves, the others take
-/// the characters from U+0100 on, in byte order (so a byte-level vocabulary is text).
-fn byte_alphabet() -> [char; 256] {
-    let mut map = ['\0'; 256];
-    let mut next = 256u32;
-    for b in 0..=255u8 {
-        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-        map[b as usize] = if printable {
-            b as char
-        } else {
-            let c = char::from_u32(next).unwrap_or('?');
-            next += 1;
-            c
-        };
-    }
-    map
-}
-
-/// The split before byte-level BPE that a GGUF `tokenizer.ggml.pre` names; `None` for
-/// GPT-2's own (the byte-level pre-tokenizer's built-in pattern).
-fn gguf_split(pre: &str) -> std::result::Result<Option<&'static str>, String> {
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    Ok(match pre {
-        "default" | "gpt2" | "gpt-2" | "smollm" => None,
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "smaug-bpe" | "dbrx" => Some(LLAMA3),
-        "qwen2" | "deepseek-r1-qwen" => Some(QWEN2),
-        other => {
-            return Err(format!(
-                "pre-tokenizer '{other}' is not supported (default, gpt-2, smollm, llama-bpe/llama3, qwen2)"
-            ))
-        }
-    })
 }
 
 impl Tokenizer {
@@ -289,8 +273,15 @@ impl Tokenizer {
         };
         let bpe = match (model.as_str(), arch.as_str()) {
             ("gpt2", _) => {
-                let split = gguf_split(&pre).map_err(bad)?;
-                parts.byte_level(&merges, split)
+                let split = Split::of_gguf(&pre).map_err(bad)?;
+                if build == Build::Own {
+                    let bos = parts.bos.as_ref().map(|(id, _)| *id as u32);
+                    let added = parts.added_tokens(&[]);
+                    let t = bytelevel::ByteBpe::new(&tokens, &merges, &added, split, bos)
+                        .map_err(bad)?;
+                    return Ok(Tokenizer::ByteLevel(Box::new(t), path.to_path_buf()));
+                }
+                parts.byte_level(&merges, split.pattern())
             }
             ("llama", "gemma" | "gemma2" | "gemma3") if build == Build::Own => {
                 let t = parts.gemma_own().map_err(bad)?;
@@ -333,9 +324,10 @@ impl Tokenizer {
     }
 }
 
-/// How a GGUF file's tokenizer is built where there is a choice: Gemma's by [`spm`]
-/// (a few MB), or by the tokenizers library (~100 MB for Gemma 3; to write a
-/// `tokenizer.json`, and to check the first against).
+/// How a GGUF file's tokenizer is built where there is a choice: by routelm (Gemma's by
+/// [`spm`], byte-level BPE by [`bytelevel`]; a few MB), or by the tokenizers library
+/// (~100 MB for Gemma 3, ~10 MB for SmolLM2; to write a `tokenizer.json`, and to check the
+/// first against).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Build {
     Own,
@@ -753,7 +745,7 @@ pub fn gguf_metadata(
         };
         match ["llama-bpe", "qwen2"]
             .into_iter()
-            .find(|n| gguf_split(n).ok().flatten() == Some(split.as_str()))
+            .find(|n| Split::of_gguf(n).ok().and_then(Split::pattern) == Some(split.as_str()))
         {
             Some(n) => n,
             None => {

@@ -474,52 +474,69 @@ fn gguf_tokenizers_match_transformers() {
     }
 }
 
-/// Gemma's tokenizer as routelm builds it from a GGUF vocabulary (a few MB) equals the
-/// tokenizers library's build of the same file (~100 MB for Gemma 3's): ids with and
-/// without special tokens, decoding every id alone and in runs, token texts and ids.
+/// The tokenizers routelm builds from GGUF vocabularies (a few MB), Gemma's
+/// SentencePiece-style one and byte-level BPE with GPT-2's and Llama 3's splits, equal the
+/// tokenizers library's build of the same file (~100 MB for Gemma 3's, ~10 MB for
+/// SmolLM2's): ids with and without special tokens, decoding every id alone and in runs,
+/// token texts and ids.
 #[test]
-fn gemma_tokenizer_equals_the_library_build() {
+fn own_tokenizers_equal_the_library_build() {
+    for name in ["gemma", "default", "llama-bpe"] {
+        own_tokenizer_equals_the_library_build(name);
+    }
+}
+
+fn own_tokenizer_equals_the_library_build(name: &str) {
     use routelm::TokenizerBuild;
-    let path = fixtures().join("tokenizer-gemma.gguf");
+    let path = fixtures().join(format!("tokenizer-{name}.gguf"));
     let own = routelm::Tokenizer::from_gguf_as(&path, TokenizerBuild::Own).unwrap();
     let lib = routelm::Tokenizer::from_gguf_as(&path, TokenizerBuild::Library).unwrap();
     assert!(
-        matches!(own, routelm::Tokenizer::Spm(..)),
-        "not routelm's own build"
+        matches!(
+            own,
+            routelm::Tokenizer::Spm(..) | routelm::Tokenizer::ByteLevel(..)
+        ),
+        "{name}: not routelm's own build"
     );
-    assert_eq!(own.vocab_size(), lib.vocab_size());
+    assert_eq!(own.vocab_size(), lib.vocab_size(), "{name}");
     let texts = [
         "Hello, world! The year 2024 had 366 days; π ≈ 3.14159.",
         "   leading spaces and\ttabs\tand trailing   ",
         "naïve café, 日本語のテキスト, 한국어, русский, 🤖🚀👍🏽 e\u{301}",
         "def f(x):\n    return x ** 2  # comment\n\n\n",
         "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+        "<|im_start|>user\nHi!<|im_end|>\n<|endoftext|>",
         "<bos><eos><pad><unk><mask> 1234567890 0.5 -3e10 1,000,000",
+        "I'm sure they'LL say we'VE won; it'ſ 'd 're\r\n\r\n \u{a0}\u{3000}x",
         "",
         " ",
         "\u{2581}already\u{2581}marked",
     ];
     for t in texts {
         let (a, b) = (own.encode(t).unwrap(), lib.encode(t).unwrap());
-        assert_eq!(a, b, "{t:?}");
+        assert_eq!(a, b, "{name}: {t:?}");
         assert_eq!(
             own.encode_plain(t).unwrap(),
             lib.encode_plain(t).unwrap(),
-            "{t:?}"
+            "{name}: {t:?}"
         );
-        assert_eq!(own.decode(&b).unwrap(), lib.decode(&b).unwrap(), "{t:?}");
-        assert_eq!(own.tokens(&b), lib.tokens(&b), "{t:?}");
+        assert_eq!(
+            own.decode(&b).unwrap(),
+            lib.decode(&b).unwrap(),
+            "{name}: {t:?}"
+        );
+        assert_eq!(own.tokens(&b), lib.tokens(&b), "{name}: {t:?}");
     }
     let n = lib.vocab_size() as u32 + 3;
     for id in 0..n {
         assert_eq!(
             own.decode(&[id]).unwrap(),
             lib.decode(&[id]).unwrap(),
-            "id {id}"
+            "{name}: id {id}"
         );
-        assert_eq!(own.tokens(&[id]), lib.tokens(&[id]), "id {id}");
+        assert_eq!(own.tokens(&[id]), lib.tokens(&[id]), "{name}: id {id}");
         if let Some(Some(t)) = lib.tokens(&[id]).pop() {
-            assert_eq!(own.token_id(&t), lib.token_id(&t), "{t:?}");
+            assert_eq!(own.token_id(&t), lib.token_id(&t), "{name}: {t:?}");
         }
     }
     let ids: Vec<u32> = (0..n).collect();
@@ -527,7 +544,7 @@ fn gemma_tokenizer_equals_the_library_build() {
         assert_eq!(
             own.decode(run).unwrap(),
             lib.decode(run).unwrap(),
-            "{run:?}"
+            "{name}: {run:?}"
         );
     }
 }
@@ -771,10 +788,11 @@ fn tokenizers_written_to_gguf_read_back_as_themselves() {
     let tmp = std::env::temp_dir().join(format!("routelm-tok-out-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     for pre in ["default", "llama-bpe"] {
-        let routelm::Tokenizer::Hf(source) =
-            routelm::Tokenizer::from_gguf(&fixtures().join(format!("tokenizer-{pre}.gguf")))
-                .unwrap()
-        else {
+        let routelm::Tokenizer::Hf(source) = routelm::Tokenizer::from_gguf_as(
+            &fixtures().join(format!("tokenizer-{pre}.gguf")),
+            routelm::TokenizerBuild::Library,
+        )
+        .unwrap() else {
             panic!("{pre}: not a tokenizer.json tokenizer");
         };
         let json = tmp.join(format!("{pre}.json"));
