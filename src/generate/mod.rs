@@ -133,6 +133,17 @@ impl Session {
     /// logits); a model whose cache cannot go back restarts from nothing when the prompt
     /// does not extend what it held.
     pub fn prefill(&mut self, model: &Model, prompt: &[u32]) -> Result<(Tensor, usize)> {
+        self.prefill_for(model, prompt, 0)
+    }
+
+    /// [`Session::prefill`], the cache made room for `room` positions in all (the prompt
+    /// and the tokens it may be given) before the prompt goes in.
+    fn prefill_for(
+        &mut self,
+        model: &Model,
+        prompt: &[u32],
+        room: usize,
+    ) -> Result<(Tensor, usize)> {
         check_prompt(model, prompt, true)?;
         let common = self
             .fed
@@ -148,6 +159,7 @@ impl Session {
             0
         };
         self.fed.truncate(keep);
+        self.cache.reserve(room)?;
         let input = Tensor::new(&prompt[keep..], model.device())?.unsqueeze(0)?;
         let logits = model.forward(&input, Some(&mut self.cache), true)?.logits;
         self.fed.extend_from_slice(&prompt[keep..]);
@@ -170,14 +182,18 @@ impl Session {
             ));
         }
         let t0 = Instant::now();
-        let (logits, reused) = self.prefill(model, prompt)?;
+        let limit = cfg
+            .max_tokens
+            .min(model.config.max_seq_len.saturating_sub(prompt.len()));
+        // the cache sized once for the prompt and its token limit: doubling it copies every
+        // layer's keys and values, and the allocator keeps the buffers it leaves
+        let (logits, reused) = self.prefill_for(model, prompt, prompt.len() + limit)?;
         let prefill = Prefilled {
             prompt_tokens: prompt.len(),
             prefill_s: t0.elapsed().as_secs_f64(),
             logits,
             ids: prompt.to_vec(),
         };
-        let limit = cfg.max_tokens.min(model.config.max_seq_len - prompt.len());
         let (cache, fed) = (&mut self.cache, &mut self.fed);
         let mut step = |next: u32| -> Result<Tensor> {
             let input = Tensor::new(&[next], model.device())?.unsqueeze(0)?;

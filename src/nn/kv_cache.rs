@@ -22,16 +22,20 @@ pub struct KvCache {
     cross: Option<(Tensor, Tensor)>,
     /// The type keys and values are held in; `None`: the type they come in.
     dtype: Option<DType>,
+    /// Positions the first buffers are made for (a reservation made while empty).
+    reserved: usize,
 }
 
 /// Write `x: (b, t, h, d)` at positions `len..len + t` of `buf`, growing it (capacity
-/// doubles) when it is too short; returns the view of positions `0..len + t`.
-fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize) -> Result<Tensor> {
+/// doubles) when it is too short; a first buffer takes `reserved` positions if more are
+/// needed than that. Returns the view of positions `0..len + t`.
+fn write(buf: &mut Option<Tensor>, x: &Tensor, len: usize, reserved: usize) -> Result<Tensor> {
     let (_, t, _, _) = x.dims4()?;
     let need = len + t;
     let cap = buf.as_ref().map(|k| k.dim(1)).transpose()?.unwrap_or(0);
     if need > cap {
-        grow(buf, x, need.max(2 * cap).max(16), len)?;
+        let first = if cap == 0 { reserved } else { 0 };
+        grow(buf, x, need.max(2 * cap).max(first).max(16), len)?;
     }
     let Some(buf) = buf.as_ref() else {
         candle_core::bail!("kv cache: buffer missing")
@@ -81,8 +85,8 @@ impl KvCache {
         };
         let (k, v) = (held(k)?, held(v)?);
         let kv = (
-            write(&mut self.k, &k, self.len)?,
-            write(&mut self.v, &v, self.len)?,
+            write(&mut self.k, &k, self.len, self.reserved)?,
+            write(&mut self.v, &v, self.len, self.reserved)?,
         );
         self.len += k.dim(1)?;
         Ok(kv)
@@ -91,15 +95,18 @@ impl KvCache {
     /// Append latent rows `(b, t, 1, d)` (latent attention: each token's compressed key and
     /// value and its rotary key part) and return the view `(b, len, 1, d)` of every row held.
     pub fn append_latent(&mut self, rows: &Tensor) -> Result<Tensor> {
-        let all = write(&mut self.k, rows, self.len)?;
+        let all = write(&mut self.k, rows, self.len, self.reserved)?;
         self.len += rows.dim(1)?;
         Ok(all)
     }
 
     /// Make room for `positions` positions in all (keeping those held), so that appends up
     /// to there neither reallocate nor copy: a server that knows a request's prompt and
-    /// token limit allocates its cache once instead of doubling it several times.
+    /// token limit allocates its cache once instead of doubling it several times (each
+    /// doubling copies the cache, and the allocator keeps the buffers it leaves). An empty
+    /// cache makes its first buffers that long.
     pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.reserved = self.reserved.max(positions);
         for buf in [&mut self.k, &mut self.v] {
             let Some(old) = buf.clone() else { continue };
             if old.dim(1)? < positions {
@@ -132,6 +139,7 @@ impl KvCache {
                     len,
                     cross: None,
                     dtype: self.dtype,
+                    reserved: 0,
                 })
             })
             .collect()
@@ -192,5 +200,19 @@ mod tests {
         // a reservation below the capacity changes nothing
         a.reserve(10).unwrap();
         assert_eq!(cap(&a), 40);
+        // an empty cache's first buffers take the reservation, and hold the same rows
+        let mut e = KvCache::default();
+        e.reserve(40).unwrap();
+        let mut f = KvCache::default();
+        for step in 0..40 {
+            let (k, v) = (rows(1, step as f32), rows(1, 50.0 + step as f32));
+            let (ke, ve) = e.append(&k, &v).unwrap();
+            let (kf, vf) = f.append(&k, &v).unwrap();
+            for (x, y) in [(ke, kf), (ve, vf)] {
+                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
+            }
+            assert_eq!(cap(&e), 40, "step {step}: the reserved empty cache grew");
+        }
     }
 }
