@@ -384,7 +384,12 @@ fn admit(cm: &ChatModel, jobs: Vec<(Job, usize)>, m: &Metrics) -> Vec<Running> {
         1 => None,
         _ => prefill(&prompts).ok(),
     };
-    let passes = together.as_ref().map_or(prompts.len(), |_| 1);
+    // one pass for the group (failed or not), then one per prompt when it failed
+    let passes = match (prompts.len(), &together) {
+        (_, Some(_)) => 1,
+        (1, None) => 1,
+        (n, None) => n + 1,
+    };
     m.prefills.fetch_add(passes as u64, Ordering::Relaxed);
     let outcomes: Vec<Result<(Cache, Vec<f32>, TokenRoute)>> = match together {
         Some((caches, rows, routes)) => caches
