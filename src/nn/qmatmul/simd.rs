@@ -503,7 +503,7 @@ kernels!(
     vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl",
     super::f32s_512,
-    super::f16s_512,
+    super::f16s_256,
     super::bf16s_512,
     |u, s| { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
 );
@@ -594,8 +594,8 @@ unsafe fn bf16s_256(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
 
 /// Dot products of f32 or f16 rows (`$size` bytes a value) with f32 activations on the
 /// AVX2 path, four rows at a time sharing each activation load; `$load(p)` widens the 8
-/// values at `p` to f32 (exactly: every f16 is an f32). AVX-512 takes
-/// [`float_rows_512`].
+/// values at `p` to f32 (exactly: every f16 is an f32). AVX-512 takes [`f32s_512`] for
+/// f32 rows and this for f16 rows.
 macro_rules! float_rows_256 {
     ($w:expr, $rb:expr, $a:expr, $out:expr, $ty:expr, $size:expr, |$p:ident| $load:expr) => {{
         use std::arch::x86_64::*;
@@ -660,74 +660,66 @@ unsafe fn f16s_256(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     ))
 }
 
-/// f32 or f16 rows on 512-bit registers (the AVX-512 path): four rows at a time, each
-/// with two sums over 32 values a step; the last rows alone. Measured on decode-shaped
-/// products (Zen 4, 2 threads, 438 MB of f32 rows per pass): 34-38 GB/s against 27-30 for
-/// the 256-bit kernel with one sum per row (whose software prefetch gains nothing here).
-macro_rules! float_rows_512 {
-    ($w:expr, $rb:expr, $a:expr, $out:expr, $ty:expr, $size:expr, |$p:ident| $load:expr) => {{
-        use std::arch::x86_64::*;
-        let (w, rb, out, x): (&[u8], usize, &mut [f32], &[f32]) = ($w, $rb, $out, $a.x);
-        let n = rb / $size;
-        assert!(w.len() >= out.len() * rb && x.len() >= n);
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let body = n / 32 * 32;
-        // no call for rows of whole steps (a call per row costs ~10% of a decode-sized product)
-        let tail = |row: *const u8| match body == n {
-            true => 0.0,
-            false => tail_dot($ty, row, body, &x[..n]),
-        };
-        let mut r = 0;
-        while r + 4 <= out.len() {
-            let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * rb));
-            let mut acc = [_mm512_setzero_ps(); 8];
-            let mut i = 0;
-            while i < body {
-                let x0 = _mm512_loadu_ps(xp.add(i));
-                let x1 = _mm512_loadu_ps(xp.add(i + 16));
-                for k in 0..4 {
-                    let $p = rows[k].add($size * i);
-                    acc[2 * k] = _mm512_fmadd_ps($load, x0, acc[2 * k]);
-                    let $p = rows[k].add($size * (i + 16));
-                    acc[2 * k + 1] = _mm512_fmadd_ps($load, x1, acc[2 * k + 1]);
-                }
-                i += 32;
-            }
-            for k in 0..4 {
-                let sum = _mm512_add_ps(acc[2 * k], acc[2 * k + 1]);
-                out[r + k] = _mm512_reduce_add_ps(sum) + tail(rows[k]);
-            }
-            r += 4;
-        }
-        while r < out.len() {
-            let row = wp.add(r * rb);
-            let mut acc = [_mm512_setzero_ps(); 2];
-            let mut i = 0;
-            while i < body {
-                let $p = row.add($size * i);
-                acc[0] = _mm512_fmadd_ps($load, _mm512_loadu_ps(xp.add(i)), acc[0]);
-                let $p = row.add($size * (i + 16));
-                acc[1] = _mm512_fmadd_ps($load, _mm512_loadu_ps(xp.add(i + 16)), acc[1]);
-                i += 32;
-            }
-            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail(row);
-            r += 1;
-        }
-    }};
-}
-
+/// f32 rows on 512-bit registers (the AVX-512 path): four rows at a time, each with two
+/// sums over 32 values a step; the last rows alone. Measured on decode-shaped products
+/// (Zen 4, 2 threads, 438 MB of f32 rows per pass): 34-38 GB/s against 27-30 for the
+/// 256-bit kernel with one sum per row (whose software prefetch gains nothing here). f16
+/// rows stay on the 256-bit kernel: widened 16 at a time they decoded slower (110-131
+/// against 141-154 tokens/s, dense-110m f16).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn f32s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
-    float_rows_512!(w, rb, a, out, GgmlType::F32, 4, |p| _mm512_loadu_ps(
-        p as *const f32
-    ))
-}
-
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
-    float_rows_512!(w, rb, a, out, GgmlType::F16, 2, |p| _mm512_cvtph_ps(
-        _mm256_loadu_si256(p as *const __m256i)
-    ))
+    use std::arch::x86_64::*;
+    let x = a.x;
+    let n = rb / 4;
+    assert!(w.len() >= out.len() * rb && x.len() >= n);
+    let (wp, xp) = (w.as_ptr() as *const f32, x.as_ptr());
+    let body = n / 32 * 32;
+    // no call for rows of whole steps (a call per row costs ~10% of a decode-sized product)
+    let tail = |r: usize| match body == n {
+        true => 0.0,
+        false => tail_dot(GgmlType::F32, wp.add(r * n) as *const u8, body, &x[..n]),
+    };
+    let mut r = 0;
+    while r + 4 <= out.len() {
+        let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * n));
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut i = 0;
+        while i < body {
+            let x0 = _mm512_loadu_ps(xp.add(i));
+            let x1 = _mm512_loadu_ps(xp.add(i + 16));
+            for k in 0..4 {
+                acc[2 * k] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[k].add(i)), x0, acc[2 * k]);
+                acc[2 * k + 1] =
+                    _mm512_fmadd_ps(_mm512_loadu_ps(rows[k].add(i + 16)), x1, acc[2 * k + 1]);
+            }
+            i += 32;
+        }
+        for k in 0..4 {
+            let sum = _mm512_add_ps(acc[2 * k], acc[2 * k + 1]);
+            out[r + k] = _mm512_reduce_add_ps(sum) + tail(r + k);
+        }
+        r += 4;
+    }
+    while r < out.len() {
+        let row = wp.add(r * n);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut i = 0;
+        while i < body {
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(row.add(i)),
+                _mm512_loadu_ps(xp.add(i)),
+                acc[0],
+            );
+            acc[1] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(row.add(i + 16)),
+                _mm512_loadu_ps(xp.add(i + 16)),
+                acc[1],
+            );
+            i += 32;
+        }
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail(r);
+        r += 1;
+    }
 }
 
 /// bf16 rows on 512-bit registers (the AVX-512 path): a cache line of a row per load,

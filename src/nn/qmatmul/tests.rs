@@ -330,14 +330,14 @@ fn rows_in_another_order_are_read_in_that_order() {
     }
 }
 
-/// f32, f16 and bf16 rows whose length is not a multiple of the vector width (the last
+/// f32, f16 and bf16 rows whose length is a multiple of the vector width or not (the last
 /// values go one at a time, never read past the row): every path equals the f64 product
 /// of the widened weights, four rows together and the rest alone.
 #[test]
 fn float_rows_of_any_length_match_the_reference() {
     let mut rng = Rng::new(13);
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
-        for cols in [5, 8, 771] {
+        for cols in [5, 8, 64, 771] {
             let w = random_matrix(ty, 6, cols, &mut rng);
             let x = random_x(cols, &mut rng);
             let want = reference(&w, &x, 1);
