@@ -175,8 +175,32 @@ mod tests {
         Tensor::from_vec(v, (1, t, 2, 4), &Device::Cpu).unwrap()
     }
 
+    fn cap(c: &KvCache) -> usize {
+        c.k.as_ref().unwrap().dim(1).unwrap()
+    }
+
+    /// Append `steps` one-position rows to both caches: `reserved` returns the same keys
+    /// and values as `plain` after every step, and keeps its capacity of `cap` positions.
+    fn append_alike(reserved: &mut KvCache, plain: &mut KvCache, steps: usize, cap: usize) {
+        for step in 0..steps {
+            let (k, v) = (rows(1, step as f32), rows(1, 50.0 + step as f32));
+            let (kr, vr) = reserved.append(&k, &v).unwrap();
+            let (kp, vp) = plain.append(&k, &v).unwrap();
+            for (x, y) in [(kr, kp), (vr, vp)] {
+                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
+            }
+            assert_eq!(
+                self::cap(reserved),
+                cap,
+                "step {step}: the reserved cache regrew"
+            );
+        }
+    }
+
     /// A reserved cache holds what it held, takes appends up to its reservation without
-    /// reallocating, and holds what an unreserved cache holds.
+    /// reallocating, and holds what an unreserved cache holds; so does a cache reserved
+    /// while empty.
     #[test]
     fn reserve_keeps_the_rows_and_stops_regrowing() {
         let (mut a, mut b) = (KvCache::default(), KvCache::default());
@@ -184,35 +208,15 @@ mod tests {
             c.append(&rows(3, 0.0), &rows(3, 100.0)).unwrap();
         }
         a.reserve(40).unwrap();
-        let cap = |c: &KvCache| c.k.as_ref().unwrap().dim(1).unwrap();
         assert_eq!(cap(&a), 40);
-        for step in 0..37 {
-            let (k, v) = (rows(1, step as f32), rows(1, 50.0 + step as f32));
-            let (ka, va) = a.append(&k, &v).unwrap();
-            let (kb, vb) = b.append(&k, &v).unwrap();
-            for (x, y) in [(ka, kb), (va, vb)] {
-                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
-                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
-            }
-            assert_eq!(cap(&a), 40, "step {step}: the reserved cache regrew");
-        }
+        append_alike(&mut a, &mut b, 37, 40);
         assert!(cap(&b) >= 40);
         // a reservation below the capacity changes nothing
         a.reserve(10).unwrap();
         assert_eq!(cap(&a), 40);
-        // an empty cache's first buffers take the reservation, and hold the same rows
-        let mut e = KvCache::default();
+        // an empty cache's first buffers take the reservation
+        let (mut e, mut f) = (KvCache::default(), KvCache::default());
         e.reserve(40).unwrap();
-        let mut f = KvCache::default();
-        for step in 0..40 {
-            let (k, v) = (rows(1, step as f32), rows(1, 50.0 + step as f32));
-            let (ke, ve) = e.append(&k, &v).unwrap();
-            let (kf, vf) = f.append(&k, &v).unwrap();
-            for (x, y) in [(ke, kf), (ve, vf)] {
-                let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
-                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "step {step}");
-            }
-            assert_eq!(cap(&e), 40, "step {step}: the reserved empty cache grew");
-        }
+        append_alike(&mut e, &mut f, 40, 40);
     }
 }
