@@ -180,15 +180,34 @@ pub(super) struct Table {
     pub(super) added: AddedTokens,
     /// Distinct token texts, the vocabulary's and the added ones.
     size: usize,
+    /// Put in front of a text when special tokens are asked for.
+    bos: Option<u32>,
 }
 
 impl Table {
-    pub(super) fn new(vocab: Vocab, added: AddedTokens) -> Self {
+    pub(super) fn new(vocab: Vocab, added: AddedTokens, bos: Option<u32>) -> Self {
         Self {
             size: vocab.distinct() + added.apart(),
             vocab,
             added,
+            bos,
         }
+    }
+
+    /// Ids of `text`: the BOS in front when `special` asks for it, then the added tokens
+    /// split off, each piece between them encoded by `piece`.
+    pub(super) fn encode(
+        &self,
+        text: &str,
+        special: bool,
+        piece: impl FnMut(&str, &mut Vec<u32>),
+    ) -> Vec<u32> {
+        let mut ids = Vec::new();
+        if special {
+            ids.extend(self.bos);
+        }
+        self.added.split(text, &mut ids, piece);
+        ids
     }
 
     /// The text of `id`: an added token's, else the vocabulary's where `id` is the id its

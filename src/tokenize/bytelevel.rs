@@ -308,8 +308,6 @@ pub struct ByteBpe {
     byte_ids: [Option<u32>; 256],
     /// The byte of each alphabet character (they all lie below U+0144), -1 for none.
     char_bytes: Vec<i16>,
-    /// Put in front of a text when special tokens are asked for.
-    bos: Option<u32>,
 }
 
 impl ByteBpe {
@@ -371,31 +369,25 @@ impl ByteBpe {
             *id = vocab.id(alphabet[b].encode_utf8(&mut [0; 4]));
         }
         Ok(Self {
-            table: Table::new(vocab, added),
+            table: Table::new(vocab, added, bos),
             merges: pairs,
             split,
             classes: Classes::new()?,
             byte_ids,
             char_bytes,
-            bos,
         })
     }
 
     /// Ids of `text`, the BOS in front when `special` asks for it.
     pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
-        let mut ids = Vec::new();
-        if special {
-            ids.extend(self.bos);
-        }
-        self.table.added.split(text, &mut ids, |piece, ids| {
+        self.table.encode(text, special, |piece, ids| {
             let mut i = 0;
             while i < piece.len() {
                 let j = word_end(piece, i, self.split, &self.classes);
                 self.encode_word(&piece[i..j], ids);
                 i = j;
             }
-        });
-        ids
+        })
     }
 
     /// One word: its bytes as their alphabet characters' tokens (a byte the vocabulary

@@ -18,8 +18,6 @@ pub struct SpmBpe {
     /// `<0xXX>` by byte, where the vocabulary has it.
     bytes: [Option<u32>; 256],
     unk: Option<u32>,
-    /// Put in front of a text when special tokens are asked for.
-    bos: Option<u32>,
 }
 
 impl SpmBpe {
@@ -41,23 +39,16 @@ impl SpmBpe {
         let unk = unk.and_then(|u| vocab.id(u));
         let added = AddedTokens::new(added, &vocab)?;
         Ok(Self {
-            table: Table::new(vocab, added),
+            table: Table::new(vocab, added, bos),
             bytes,
             unk,
-            bos,
         })
     }
 
     /// Ids of `text`, the BOS in front when `special` asks for it.
     pub fn encode(&self, text: &str, special: bool) -> Vec<u32> {
-        let mut ids = Vec::new();
-        if special {
-            ids.extend(self.bos);
-        }
         self.table
-            .added
-            .split(text, &mut ids, |piece, ids| self.encode_piece(piece, ids));
-        ids
+            .encode(text, special, |piece, ids| self.encode_piece(piece, ids))
     }
 
     /// A piece between added tokens: spaces written `▁`, then merged as one word.
