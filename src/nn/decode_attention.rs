@@ -384,50 +384,97 @@ mod avx512 {
         for row in p.chunks_exact_mut(n) {
             super::super::ops::softmax_in_place(row, 1.0);
         }
-        // the group's outputs, 64 columns at a time (16 for the last < 64)
+        // the group's outputs, up to 64 columns at a time
+        let rows = Rows {
+            v,
+            n,
+            lo,
+            hkv,
+            kv,
+            dv,
+        };
         let mut c = 0;
         while c < dv {
-            let wide = dv - c >= 64;
-            let mut acc = [[_mm512_setzero_ps(); 4]; G];
-            for j in 0..n {
-                let pos = lo + j;
-                let ahead = ((pos + AHEAD) * hkv + kv) * dv + c;
-                for l in (0..if wide { 64 } else { 16 }).step_by(line) {
-                    let at = v.as_ptr().wrapping_add(ahead + l);
-                    _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-                }
-                // SAFETY: c + 64 (or c + 16) <= dv, the length of the value row
-                let vr = unsafe { v.as_ptr().add((pos * hkv + kv) * dv + c) };
-                if wide {
-                    let vc = unsafe {
-                        [
-                            E::load16(vr),
-                            E::load16(vr.add(16)),
-                            E::load16(vr.add(32)),
-                            E::load16(vr.add(48)),
-                        ]
-                    };
-                    for (g, a) in acc.iter_mut().enumerate() {
-                        let w = _mm512_set1_ps(p[g * n + j]);
-                        for (a, &vc) in a.iter_mut().zip(&vc) {
-                            *a = _mm512_fmadd_ps(w, vc, *a);
-                        }
-                    }
-                } else {
-                    let vc = unsafe { E::load16(vr) };
-                    for (g, a) in acc.iter_mut().enumerate() {
-                        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * n + j]), vc, a[0]);
-                    }
+            let nv = ((dv - c) / 16).min(4);
+            // SAFETY (all arms): the caller checked avx512f; c + 16 · nv <= dv
+            unsafe {
+                match nv {
+                    4 => weighted::<E, G, 4>(&rows, &p, c, o),
+                    3 => weighted::<E, G, 3>(&rows, &p, c, o),
+                    2 => weighted::<E, G, 2>(&rows, &p, c, o),
+                    _ => weighted::<E, G, 1>(&rows, &p, c, o),
                 }
             }
-            let width = if wide { 64 } else { 16 };
-            for (g, a) in acc.iter().enumerate() {
-                for (r, a) in a.iter().take(width / 16).enumerate() {
-                    // SAFETY: g * dv + c + 16 * (r + 1) <= G * dv, the length of o
-                    unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(g * dv + c + 16 * r), *a) };
+            c += 16 * nv;
+        }
+    }
+
+    /// One task's cached value rows: `n` visible from position `lo`, key-value head `kv` of
+    /// `hkv`, `dv` wide.
+    struct Rows<'a, E> {
+        v: &'a [E],
+        n: usize,
+        lo: usize,
+        hkv: usize,
+        kv: usize,
+        dv: usize,
+    }
+
+    /// Columns `c..c + 16 · NV` of the `G` heads' outputs: the value rows weighted by the
+    /// softmaxed scores `p` (`G` rows of `n`). The `G · NV` sums stay in registers while the
+    /// rows stream past, each loaded once; where they are fewer than four, consecutive
+    /// rows go to four sets of sums (added at the end), so each addition does not wait
+    /// for the one before.
+    ///
+    /// # Safety
+    /// avx512f; `c + 16 · NV <= dv`, `p` holds `G · n` scores, `o` `G · dv` outputs.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn weighted<E: Elem, const G: usize, const NV: usize>(
+        x: &Rows<'_, E>,
+        p: &[f32],
+        c: usize,
+        o: &mut [f32],
+    ) {
+        const AHEAD: usize = 16;
+        let line = 64 / std::mem::size_of::<E>();
+        let (v, n, dv) = (x.v, x.n, x.dv);
+        let sets = if G * NV < 4 { 4 } else { 1 };
+        let at = |j: usize| ((x.lo + j) * x.hkv + x.kv) * dv + c;
+        let mut acc = [[[_mm512_setzero_ps(); NV]; G]; 4];
+        let add = |acc: &mut [[__m512; NV]; G], j: usize| {
+            for l in (0..16 * NV).step_by(line) {
+                let ahead = v.as_ptr().wrapping_add(at(j + AHEAD) + l);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+            // SAFETY: row j's columns c..c + 16 · NV lie in the cache (c + 16 · NV <= dv)
+            let vc: [__m512; NV] =
+                std::array::from_fn(|r| unsafe { E::load16(v.as_ptr().add(at(j) + 16 * r)) });
+            for (g, a) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(p[g * n + j]);
+                for (a, &vc) in a.iter_mut().zip(&vc) {
+                    *a = _mm512_fmadd_ps(w, vc, *a);
                 }
             }
-            c += width;
+        };
+        let mut j = 0;
+        while j + sets <= n {
+            for (t, acc) in acc.iter_mut().take(sets).enumerate() {
+                add(acc, j + t);
+            }
+            j += sets;
+        }
+        for j in j..n {
+            add(&mut acc[0], j);
+        }
+        for g in 0..G {
+            for r in 0..NV {
+                let mut sum = acc[0][g][r];
+                for set in acc.iter().take(sets).skip(1) {
+                    sum = _mm512_add_ps(sum, set[g][r]);
+                }
+                // SAFETY: g · dv + c + 16 · (r + 1) <= G · dv, the length of o
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(g * dv + c + 16 * r), sum) };
+            }
         }
     }
 }
@@ -556,8 +603,8 @@ mod tests {
     }
 
     /// Every instruction set the machine has, on grouped and plain heads, widths that are
-    /// and are not multiples of 16 (the 512-bit loops' 64- and 16-column steps and their
-    /// fallback), groups up to 8 and beyond, windows and ALiBi, caches of several lengths,
+    /// and are not multiples of 16 (the 512-bit loops' steps of 16 to 64 columns, with one
+    /// or four sets of sums, and their fallback), groups up to 8 and beyond, windows and ALiBi, caches of several lengths,
     /// held in f32 and in f16: within 1e-5 of the f64 definition on the values the cache
     /// holds (f16 keys and values rounded first).
     #[test]
@@ -572,6 +619,8 @@ mod tests {
             (6, 2, 32, 48),
             (4, 2, 24, 24),
             (16, 2, 128, 128),
+            (8, 8, 32, 32),
+            (4, 2, 16, 16),
         ];
         let lens = [1usize, 17, 70];
         let mut seed = 7u64;
