@@ -53,13 +53,14 @@ impl FromStr for LoraConfig {
         let mut alpha = None;
         let mut targets: Option<Vec<String>> = None;
         let mut in_targets = false;
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let Some((key, value)) = part.split_once('=') else {
-                if in_targets {
+        for pair in super::options::pairs(s) {
+            let (key, value) = match pair {
+                Ok(kv) => kv,
+                Err(part) if in_targets => {
                     targets.get_or_insert_with(Vec::new).push(part.to_string());
                     continue;
                 }
-                return Err(format!("{part:?} is not KEY=VALUE"));
+                Err(part) => return Err(super::options::not_pair(part)),
             };
             in_targets = false;
             match key.trim() {

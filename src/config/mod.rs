@@ -5,6 +5,7 @@
 mod file;
 mod lora;
 mod model;
+pub mod options;
 mod validate;
 
 pub use file::{parse_resolved, DepthFile, ModelConfigFile, MoeFile};

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-use crate::config::{DepthConfig, DepthScale, DepthSkip, ModelConfig, Selection};
+use crate::config::{options, DepthConfig, DepthScale, DepthSkip, ModelConfig, Selection};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::Params;
@@ -43,14 +43,9 @@ impl FromStr for Retrofit {
             aux_loss_coef: 0.1,
             skip: DepthSkip::Block,
         };
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not KEY=VALUE"))?;
-            let count = |v: &str| {
-                v.parse::<usize>()
-                    .map_err(|_| format!("{key} must be a whole number, got {v:?}"))
-            };
+        for pair in options::key_values(s) {
+            let (key, value) = pair?;
+            let count = |v: &str| options::whole(key, v);
             match key {
                 "capacity" => {
                     r.capacity = value
@@ -69,13 +64,7 @@ impl FromStr for Retrofit {
                     r.layers = Some(value.split(':').map(count).collect::<std::result::Result<_, _>>()?)
                 }
                 "predictor" => r.predictor = count(value)?,
-                "aux" => {
-                    r.aux_loss_coef = value
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|a| a.is_finite() && *a >= 0.0)
-                        .ok_or_else(|| format!("aux must be a number ≥ 0, got {value:?}"))?
-                }
+                "aux" => r.aux_loss_coef = options::non_negative(key, value)?,
                 "skip" => {
                     r.skip = match value {
                         "block" => DepthSkip::Block,

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use candle_core::Tensor;
 
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{options, ModelConfig, MoeConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::Params;
@@ -37,26 +37,14 @@ impl FromStr for Upcycle {
             every: 1,
             aux_loss_coef: 0.01,
         };
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not KEY=VALUE"))?;
-            let count = || {
-                value
-                    .parse::<usize>()
-                    .map_err(|_| format!("{key} must be a whole number, got {value:?}"))
-            };
+        for pair in options::key_values(s) {
+            let (key, value) = pair?;
+            let count = || options::whole(key, value);
             match key {
                 "n_experts" => u.n_experts = count()?,
                 "top_k" => u.top_k = count()?,
                 "every" => u.every = count()?,
-                "aux" => {
-                    u.aux_loss_coef = value
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|a| a.is_finite() && *a >= 0.0)
-                        .ok_or_else(|| format!("aux must be a number ≥ 0, got {value:?}"))?
-                }
+                "aux" => u.aux_loss_coef = options::non_negative(key, value)?,
                 _ => {
                     return Err(format!(
                         "unknown key {key:?} (known: n_experts, top_k, every, aux)"
