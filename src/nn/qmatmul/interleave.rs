@@ -527,19 +527,24 @@ impl Interleaved {
         y: *mut f32,
         stride: usize,
     ) {
-        match self.takes_k_activations() {
-            true => self.pass_k::<N, D>(o, qs, d, bsums, y, stride),
-            false => self.pass::<N, D>(o, qs, d, s, y, stride),
+        // Q8_0's signed codes have no offset: their pass skips its product
+        let signed_q8 = self.ty == GgmlType::Q8_0 && D::SIGNED_Q8;
+        match (self.takes_k_activations(), signed_q8) {
+            (true, _) => self.pass_k::<N, D>(o, qs, d, bsums, y, stride),
+            (false, true) => self.pass::<N, D, false>(o, qs, d, s, y, stride),
+            (false, false) => self.pass::<N, D, true>(o, qs, d, s, y, stride),
         }
     }
 
-    /// [`Interleaved::octet`] for `N` activation rows (the lengths checked by the caller).
+    /// [`Interleaved::octet`] for `N` activation rows (the lengths checked by the caller);
+    /// `OFFSET`: whether the codes have an offset (all but Q8_0 taken signed), whose
+    /// product with each block's activation sum is added.
     ///
     /// # Safety
     /// As [`Interleaved::octet`]'s, with `m = N`.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn pass<const N: usize, D: Dot4>(
+    unsafe fn pass<const N: usize, D: Dot4, const OFFSET: bool>(
         &self,
         o: usize,
         qs: &[i8],
@@ -558,7 +563,7 @@ impl Interleaved {
         let ap = qs.as_ptr() as *const u8;
         let low = _mm256_set1_epi8(0x0F);
         // Q8_0's codes signed (`q`, from the stored `q + 128`) where the kernel takes them so
-        let signed = q8 && D::SIGNED_Q8;
+        let signed = !OFFSET;
         let flip = _mm256_set1_epi8(0x80u8 as i8);
         // where group g's four activation bytes start in a block: nibble codes' group
         // g < 4 holds values 4g.., group g ≥ 4 values 16 + 4(g − 4)..
@@ -616,9 +621,11 @@ impl Interleaved {
                 }
                 let sum = _mm256_add_epi32(s0, s1);
                 let da = _mm256_set1_ps(*d.get_unchecked(k * nb + b));
-                let sa = _mm256_set1_ps(*s.get_unchecked(k * nb + b));
                 *acc = _mm256_fmadd_ps(_mm256_mul_ps(sc, da), _mm256_cvtepi32_ps(sum), *acc);
-                *acc = _mm256_fmadd_ps(off, sa, *acc);
+                if OFFSET {
+                    let sa = _mm256_set1_ps(*s.get_unchecked(k * nb + b));
+                    *acc = _mm256_fmadd_ps(off, sa, *acc);
+                }
             }
         }
         for (k, a) in acc.iter().enumerate() {
