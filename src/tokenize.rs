@@ -325,7 +325,7 @@ impl Tokenizer {
 }
 
 /// How a GGUF file's tokenizer is built where there is a choice: by routelm (Gemma's by
-/// [`spm`], byte-level BPE by [`bytelevel`]; a few MB), or by the tokenizers library
+/// `spm`, byte-level BPE by `bytelevel`; a few MB), or by the tokenizers library
 /// (~100 MB for Gemma 3, ~10 MB for SmolLM2; to write a `tokenizer.json`, and to check the
 /// first against).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

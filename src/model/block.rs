@@ -226,7 +226,7 @@ impl Block {
     /// A Mixture-of-Depths block on the tokens its router chose (Raposo et al., 2024):
     /// the chosen rows of `x: (b, t, d)` run through the block as sequences of their own,
     /// at their original positions (`start + i`, for the rotary tables and the causal
-    /// order), and `σ(r)·(block(x) − x)` is added back to them ([`dispatch`]); the other
+    /// order), and `σ(r)·(block(x) − x)` is added back to them ([`dispatch()`]); the other
     /// tokens pass unchanged. Sequences that chose different numbers of tokens run one by
     /// one. Every token chosen: the plain block.
     pub fn forward_routed(

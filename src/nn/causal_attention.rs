@@ -5,7 +5,7 @@
 //! and the output is `(b, t, h, d)`: no transposes, no `repeat_kv`, no [T × T] mask.
 //! Queries are the last `t` of the `t_k` positions (a KV cache), query `i` sees keys
 //! `j <= i + t_k - t`. Work is split over (batch, KV head) pairs; each runs its query heads
-//! in row blocks of [`BLOCK`] and multiplies only the key columns the block can see, with
+//! in row blocks of `BLOCK` and multiplies only the key columns the block can see, with
 //! single-threaded `gemm` calls. The backward recomputes the probabilities (no T × T tensor
 //! is kept between the passes) and returns dq, dk, dv from one pass.
 //! Reference: [`attention_reference`] (composed ops), checked in `tests/gradcheck.rs`.

@@ -202,7 +202,7 @@ pub fn exp(x: f32) -> f32 {
 /// let the compiler vectorise a reduction it must otherwise keep in order.
 const LANES: usize = 16;
 
-/// Sum of `v`, in [`LANES`] interleaved partial sums.
+/// Sum of `v`, in `LANES` interleaved partial sums.
 #[inline(always)]
 pub fn sum_of(v: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -736,7 +736,7 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// Apply rotary embedding to `x: (b, t, h, d)`; see [`Rope`].
+/// Apply rotary embedding to `x: (b, t, h, d)`; see `Rope`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> CResult<Tensor> {
     if fused(x) {
         x.contiguous()?.apply_op3(cos, sin, Rope { inverse: false })

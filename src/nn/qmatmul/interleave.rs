@@ -64,7 +64,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The kernels this CPU runs, the best first ([`super::simd`]'s detection, so
+    /// The kernels this CPU runs, the best first (`super::simd`'s detection, so
     /// `ROUTELM_CPU` caps it too).
     pub fn available() -> Vec<Kernel> {
         let mut v = Vec::new();
@@ -415,7 +415,7 @@ impl Interleaved {
     /// it computes; each row runs the same instructions whatever is beside it.
     ///
     /// # Safety
-    /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C ([`super::simd::has_vnni`]);
+    /// The CPU has AVX-512 VNNI and VL with AVX2, FMA and F16C (`super::simd::has_vnni`);
     /// `y + r · stride` has 8 writable values for each `r < m`.
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn octet(

@@ -10,10 +10,10 @@
 //! * **A few rows (decoding)**, other types or CPUs: the activations are quantized to 8 bits (blocks of 32
 //!   with an f32 scale for the 32-element types, super-blocks of 256 with sums of 16 for
 //!   the K-quants), and each weight row's dot product is taken on integers, one f32
-//!   multiply-add per block or sub-block ([`dot`]). The instruction set is chosen at run
+//!   multiply-add per block or sub-block (`dot`). The instruction set is chosen at run
 //!   time ([`paths`]): AVX-512 VNNI, AVX2, or the portable loop.
 //! * **More rows (prefill)**: on CPUs with AVX-512 VNNI, for the types whose scales are
-//!   per 32 values and Q6_K, an integer GEMM ([`gemm`]): the rows quantized to 8 bits once, the
+//!   per 32 values and Q6_K, an integer GEMM (`gemm`): the rows quantized to 8 bits once, the
 //!   weights repacked eight rows at a time. Otherwise tiles of weight rows are dequantized
 //!   into a small f32 buffer and multiplied by all rows at once with the f32 GEMM. Either
 //!   way each weight is decoded once per forward pass, not once per row.
