@@ -2,8 +2,8 @@
 //! join the running batch between steps (the prompts that arrived meanwhile prefilled
 //! together, [`crate::Model::prefill_batch`], in groups of similar length), every step
 //! decodes one token of every running request in one batched forward
-//! ([`crate::Model::decode_batch`]), and a request leaves as soon as it finishes or its client goes
-//! away (its receiver dropped). The caches of the running requests together stay under a
+//! ([`crate::Model::decode_batch`]), and a request leaves as soon as it finishes or its
+//! client goes away (its receiver dropped). The caches of the running requests together stay under a
 //! memory budget: a request is admitted when its prompt plus its token limit fits.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
