@@ -1,3 +1,7 @@
+#[cfg(target_arch = "x86_64")]
+use super::act::quantize_block_avx512;
+use super::act::quantize_block_portable;
+use super::product::{gemm_activations, int8_gemm, int8_tiles};
 use super::*;
 use crate::rng::Rng;
 use half::{bf16, f16};
