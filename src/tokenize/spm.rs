@@ -156,7 +156,7 @@ mod tests {
                 let len = 2 + rng.below(4);
                 tokens.push((0..len).map(|_| letters[rng.below(4)]).collect());
             }
-            let (vocab, merges) = super::super::rebuilt_merges(&tokens, |id| -(id as f64));
+            let (vocab, merges) = super::super::gguf::rebuilt_merges(&tokens, |id| -(id as f64));
             let lib = tokenizers::models::bpe::BPE::builder()
                 .vocab_and_merges(
                     (vocab.iter())
