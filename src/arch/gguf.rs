@@ -22,7 +22,7 @@ use super::{Family, RawConfig};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::nn::qmatmul::{QMatrix, StoredWeights};
-use crate::weights::gguf::{GgufFile, Value};
+use crate::weights::gguf::{GgufFile, TensorInfo, Value};
 use crate::weights::Params;
 
 mod meta;
@@ -164,6 +164,8 @@ pub fn load_stored(
     load_with(path, DType::F32, device, true)
 }
 
+/// [`load`] and [`load_stored`]: `keep` holds the weights the kernels read in place in
+/// their stored form.
 fn load_with(
     path: &Path,
     dtype: DType,
@@ -172,29 +174,29 @@ fn load_with(
 ) -> Result<(Option<&'static str>, ModelConfig, Params, StoredWeights)> {
     let f = GgufFile::open(path)?;
     let (family, cfg) = resolve(&f, path)?;
-    let own = family.is_none();
     let arch = f
         .get("general.architecture")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    // Gemma 2 and 3 name their sandwich norms apart (Gemma's `ffn_norm` is Llama's)
-    let gemma = arch == "gemma2" || arch == "gemma3";
-    let mixtral = arch == "llama" && cfg.moe_layers().next().is_some();
     let direct = DIRECT.contains(&arch);
     let deepseek = arch == "deepseek2";
-    let mut params = Params::new();
-    let mut stored = StoredWeights::new();
+    let mut r = Reader {
+        f: &f,
+        path,
+        cfg: &cfg,
+        arch,
+        keep,
+        dtype,
+        device,
+        params: Params::new(),
+        stored: StoredWeights::new(),
+    };
     let mut unknown = Vec::new();
     // DeepSeek's split latent key/value expansions, joined after the loop
     let mut latent: std::collections::BTreeMap<(usize, bool), Tensor> = Default::default();
     for t in &f.tensors {
         if direct {
-            let mapped = load_direct(&f, t, &cfg, keep, dtype, device, &mut params, &mut stored)
-                .map_err(|problem| Error::WeightMismatch {
-                    path: path.to_path_buf(),
-                    problems: vec![format!("tensor {}: {problem}", t.name)],
-                })?;
-            if !mapped {
+            if !r.direct(t).map_err(|problem| r.bad(&t.name, problem))? {
                 unknown.push(t.name.clone());
             }
             continue;
@@ -206,72 +208,167 @@ fn load_with(
                 continue;
             }
         }
-        let name = if own {
-            Some(t.name.clone())
-        } else if gemma {
-            gemma_name(&t.name)
-        } else if deepseek {
-            deepseek2_name(&t.name)
-        } else {
-            hf_name(&t.name)
-        };
-        let Some(name) = name else {
+        let Some(name) = r.name_of(&t.name, family.is_none()) else {
             unknown.push(t.name.clone());
             continue;
-        };
-        // Phi-3's fused projections: `ffn_up` holds [gate; up]
-        let name = if arch == "phi3" {
-            name.replace(".mlp.up_proj.weight", ".mlp.gate_up_proj.weight")
-        } else {
-            name
         };
         // DeepSeek's query projection (without a low-rank query) has its rotary rows
         // reordered by the family's rules, which a stored weight cannot follow
         let reordered = deepseek && name.ends_with(".q_proj.weight");
         if keep && t.shape.len() == 2 && super::storable_file_name(&name) && !reordered {
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let bad = |problem: String| Error::WeightMismatch {
-                path: path.to_path_buf(),
-                problems: vec![format!("tensor {}: {problem}", t.name)],
-            };
-            let mut q = QMatrix::new(t.ty, rows, cols, f.stored(t)).map_err(bad)?;
-            if arch == "llama" {
-                if name.ends_with("q_proj.weight") {
-                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_heads).map_err(bad)?);
-                } else if name.ends_with("k_proj.weight") {
-                    q = q.permute_rows(&unpermuted_rows(rows, cfg.n_kv_heads).map_err(bad)?);
-                }
-            }
-            params.insert(name.clone(), crate::nn::linear::stand_in(rows, cols)?);
-            stored.insert(name, Arc::new(q));
-            continue;
+            r.keep_matrix(t, name)?;
+        } else if keep && t.shape.len() == 3 && name.contains(".experts.*.") {
+            r.keep_experts(t, &name)?;
+        } else {
+            r.dequantized(t, name)?;
         }
-        if keep && t.shape.len() == 3 && name.contains(".experts.*.") {
-            // each expert's rows are a run of the stacked tensor's bytes
-            let (experts, rows, cols) = (t.shape[0], t.shape[1], t.shape[2]);
-            let size = t.len / experts.max(1);
-            let all = f.stored(t);
-            for e in 0..experts {
-                let q = QMatrix::new(t.ty, rows, cols, all.slice(e * size, size)).map_err(|p| {
-                    Error::WeightMismatch {
-                        path: path.to_path_buf(),
-                        problems: vec![format!("tensor {} expert {e}: {p}", t.name)],
-                    }
-                })?;
-                let part = name.replace('*', &e.to_string());
-                let part = if mixtral { mixtral_name(&part) } else { part };
-                params.insert(part.clone(), crate::nn::linear::stand_in(rows, cols)?);
-                stored.insert(part, Arc::new(q));
-            }
-            continue;
+    }
+    let Reader {
+        mut params, stored, ..
+    } = r;
+    if deepseek {
+        join_latent(latent, &cfg, dtype, device, &mut params, path)?;
+    }
+    if !unknown.is_empty() {
+        return Err(Error::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: unknown
+                .into_iter()
+                .map(|n| format!("tensor {n}: not a name routelm maps for {arch}"))
+                .collect(),
+        });
+    }
+    let (canonical, stored) = canonical(family.filter(|_| !direct), &cfg, params, stored, path)?;
+    Ok((family.map(|f| f.name), cfg, canonical, stored))
+}
+
+/// The parameters under canonical names: by the family's rules, the stored weights rekeyed
+/// after them; or, for a file whose names already are canonical (routelm's own, and the
+/// [`DIRECT`] architectures, `family` `None`), as read, checked against the config. The
+/// stored weights are then checked against the parameters.
+fn canonical(
+    family: Option<&'static Family>,
+    cfg: &ModelConfig,
+    params: Params,
+    stored: StoredWeights,
+    path: &Path,
+) -> Result<(Params, StoredWeights)> {
+    let (canonical, stored) = match family {
+        Some(family) => {
+            let (canonical, provenance) =
+                super::canonical_params_traced(family, cfg, params, path.to_path_buf())?;
+            let stored = super::rekey_stored(stored, &provenance, &canonical, path)?;
+            (canonical, stored)
         }
-        let values = f.dequantize(t);
-        let mut x = Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)?;
-        if arch == "llama" {
+        None => {
+            let problems = crate::weights::names::check_params(cfg, &params);
+            if !problems.is_empty() {
+                return Err(Error::WeightMismatch {
+                    path: path.to_path_buf(),
+                    problems,
+                });
+            }
+            (params, stored)
+        }
+    };
+    super::check_stored(&stored, &canonical, path)?;
+    Ok((canonical, stored))
+}
+
+/// A GGUF file's tensors on their way to parameters: the file, what its names and layouts
+/// ask for, and what has been read so far.
+struct Reader<'a> {
+    f: &'a GgufFile,
+    path: &'a Path,
+    cfg: &'a ModelConfig,
+    /// `general.architecture`.
+    arch: &'a str,
+    /// Keep the weights the kernels read in place in their stored form.
+    keep: bool,
+    dtype: DType,
+    device: &'a Device,
+    params: Params,
+    stored: StoredWeights,
+}
+
+impl Reader<'_> {
+    /// The error for tensor `what` of the file.
+    fn bad(&self, what: &str, problem: impl std::fmt::Display) -> Error {
+        Error::WeightMismatch {
+            path: self.path.to_path_buf(),
+            problems: vec![format!("tensor {what}: {problem}")],
+        }
+    }
+
+    /// Whether the file is a Mixtral (llama with experts), whose expert names differ.
+    fn mixtral(&self) -> bool {
+        self.arch == "llama" && self.cfg.moe_layers().next().is_some()
+    }
+
+    /// The family's (Hugging Face) name of llama.cpp's tensor `gguf`, or the name itself in
+    /// routelm's `own` files; `None` for a name routelm does not map.
+    fn name_of(&self, gguf: &str, own: bool) -> Option<String> {
+        let name = match self.arch {
+            _ if own => Some(gguf.to_string()),
+            // Gemma 2 and 3 name their sandwich norms apart (Gemma's `ffn_norm` is Llama's)
+            "gemma2" | "gemma3" => gemma_name(gguf),
+            "deepseek2" => deepseek2_name(gguf),
+            _ => hf_name(gguf),
+        }?;
+        // Phi-3's fused projections: `ffn_up` holds [gate; up]
+        Some(match self.arch {
+            "phi3" => name.replace(".mlp.up_proj.weight", ".mlp.gate_up_proj.weight"),
+            _ => name,
+        })
+    }
+
+    /// A matrix kept in its stored form under `name` (llama's q and k rows put back in
+    /// the family's order), a stand-in of its shape among the parameters.
+    fn keep_matrix(&mut self, t: &TensorInfo, name: String) -> Result<()> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let bad = |problem: String| self.bad(&t.name, problem);
+        let mut q = QMatrix::new(t.ty, rows, cols, self.f.stored(t)).map_err(bad)?;
+        if self.arch == "llama" {
             if name.ends_with("q_proj.weight") {
-                x = unpermute(&x, cfg.n_heads, path, &t.name)?;
+                q = q.permute_rows(&unpermuted_rows(rows, self.cfg.n_heads).map_err(bad)?);
             } else if name.ends_with("k_proj.weight") {
-                x = unpermute(&x, cfg.n_kv_heads, path, &t.name)?;
+                q = q.permute_rows(&unpermuted_rows(rows, self.cfg.n_kv_heads).map_err(bad)?);
+            }
+        }
+        self.params
+            .insert(name.clone(), crate::nn::linear::stand_in(rows, cols)?);
+        self.stored.insert(name, Arc::new(q));
+        Ok(())
+    }
+
+    /// A stack of experts kept in its stored form, one matrix per expert (each expert's
+    /// rows are a run of the stack's bytes), under `name` with `*` the expert.
+    fn keep_experts(&mut self, t: &TensorInfo, name: &str) -> Result<()> {
+        let (experts, rows, cols) = (t.shape[0], t.shape[1], t.shape[2]);
+        let size = t.len / experts.max(1);
+        let all = self.f.stored(t);
+        let mixtral = self.mixtral();
+        for e in 0..experts {
+            let q = QMatrix::new(t.ty, rows, cols, all.slice(e * size, size))
+                .map_err(|p| self.bad(&format!("{} expert {e}", t.name), p))?;
+            let part = name.replace('*', &e.to_string());
+            let part = if mixtral { mixtral_name(&part) } else { part };
+            self.params
+                .insert(part.clone(), crate::nn::linear::stand_in(rows, cols)?);
+            self.stored.insert(part, Arc::new(q));
+        }
+        Ok(())
+    }
+
+    /// A tensor dequantized to the load's dtype under `name` (llama's q and k rows put back
+    /// in the family's order; a stack of experts split into one tensor per expert).
+    fn dequantized(&mut self, t: &TensorInfo, name: String) -> Result<()> {
+        let mut x = Tensor::from_vec(self.f.dequantize(t), t.shape.as_slice(), &Device::Cpu)?;
+        if self.arch == "llama" {
+            if name.ends_with("q_proj.weight") {
+                x = unpermute(&x, self.cfg.n_heads, self.path, &t.name)?;
+            } else if name.ends_with("k_proj.weight") {
+                x = unpermute(&x, self.cfg.n_kv_heads, self.path, &t.name)?;
             }
         }
         if name.ends_with("shared_expert_gate.weight") {
@@ -285,98 +382,61 @@ fn load_with(
         } else {
             vec![(name, x)]
         };
+        let mixtral = self.mixtral();
         for (name, x) in pieces {
             let name = if mixtral { mixtral_name(&name) } else { name };
-            params.insert(name, x.to_dtype(dtype)?.to_device(device)?);
+            let x = x.to_dtype(self.dtype)?.to_device(self.device)?;
+            self.params.insert(name, x);
         }
+        Ok(())
     }
-    if deepseek {
-        join_latent(latent, &cfg, dtype, device, &mut params, path)?;
-    }
-    if !unknown.is_empty() {
-        return Err(Error::WeightMismatch {
-            path: path.to_path_buf(),
-            problems: unknown
-                .into_iter()
-                .map(|n| format!("tensor {n}: not a name routelm maps for {arch}"))
-                .collect(),
-        });
-    }
-    let canonical = match family {
-        Some(family) if !direct => {
-            let (canonical, provenance) =
-                super::canonical_params_traced(family, &cfg, params, path.to_path_buf())?;
-            stored = super::rekey_stored(stored, &provenance, &canonical, path)?;
-            canonical
-        }
-        _ => {
-            let problems = crate::weights::names::check_params(&cfg, &params);
-            if !problems.is_empty() {
-                return Err(Error::WeightMismatch {
-                    path: path.to_path_buf(),
-                    problems,
-                });
-            }
-            params
-        }
-    };
-    super::check_stored(&stored, &canonical, path)?;
-    Ok((family.map(|f| f.name), cfg, canonical, stored))
-}
 
-/// One tensor of a [`DIRECT`] architecture under its canonical name(s): a fused q/k/v cut
-/// into its three row blocks (views of the stored rows when kept stored). `Ok(false)` for a
-/// name routelm does not map; `Err` for a tensor that does not fit the config.
-#[allow(clippy::too_many_arguments)]
-fn load_direct(
-    f: &GgufFile,
-    t: &crate::weights::gguf::TensorInfo,
-    cfg: &ModelConfig,
-    keep: bool,
-    dtype: DType,
-    device: &Device,
-    params: &mut Params,
-    stored: &mut StoredWeights,
-) -> std::result::Result<bool, String> {
-    let Some(names) = direct_name(&t.name) else {
-        return Ok(false);
-    };
-    let rows = t.shape.first().copied().unwrap_or(0);
-    let sizes = if names.len() == 3 {
-        let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
-        if q + 2 * kv != rows {
-            return Err(format!(
-                "{rows} rows, but {} query and 2 × {} key/value heads of width {} are {}",
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                cfg.head_dim,
-                q + 2 * kv
-            ));
+    /// One tensor of a [`DIRECT`] architecture under its canonical name(s): a fused q/k/v
+    /// cut into its three row blocks (views of the stored rows when kept stored).
+    /// `Ok(false)` for a name routelm does not map; `Err` for a tensor that does not fit
+    /// the config.
+    fn direct(&mut self, t: &TensorInfo) -> std::result::Result<bool, String> {
+        let Some(names) = direct_name(&t.name) else {
+            return Ok(false);
+        };
+        let cfg = self.cfg;
+        let rows = t.shape.first().copied().unwrap_or(0);
+        let sizes = if names.len() == 3 {
+            let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+            if q + 2 * kv != rows {
+                return Err(format!(
+                    "{rows} rows, but {} query and 2 × {} key/value heads of width {} are {}",
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.head_dim,
+                    q + 2 * kv
+                ));
+            }
+            vec![q, kv, kv]
+        } else {
+            vec![rows]
+        };
+        if self.keep && t.shape.len() == 2 && super::takes_stored(&names[0]) {
+            let cols = t.shape[1];
+            let q = QMatrix::new(t.ty, rows, cols, self.f.stored(t))?;
+            let mut at = 0;
+            for (name, n) in names.into_iter().zip(sizes) {
+                let stand_in = crate::nn::linear::stand_in(n, cols).map_err(|e| e.to_string())?;
+                self.params.insert(name.clone(), stand_in);
+                self.stored.insert(name, Arc::new(q.rows_range(at, at + n)));
+                at += n;
+            }
+            return Ok(true);
         }
-        vec![q, kv, kv]
-    } else {
-        vec![rows]
-    };
-    if keep && t.shape.len() == 2 && super::takes_stored(&names[0]) {
-        let cols = t.shape[1];
-        let q = QMatrix::new(t.ty, rows, cols, f.stored(t))?;
-        let mut at = 0;
-        for (name, n) in names.into_iter().zip(sizes) {
-            let stand_in = crate::nn::linear::stand_in(n, cols).map_err(|e| e.to_string())?;
-            params.insert(name.clone(), stand_in);
-            stored.insert(name, Arc::new(q.rows_range(at, at + n)));
-            at += n;
+        let x = Tensor::from_vec(self.f.dequantize(t), t.shape.as_slice(), &Device::Cpu)
+            .and_then(|x| x.to_dtype(self.dtype)?.to_device(self.device))
+            .map_err(|e| e.to_string())?;
+        let parts = super::split(&x, 0, &sizes).map_err(|e| e.to_string())?;
+        for (name, part) in names.into_iter().zip(parts) {
+            self.params.insert(name, part);
         }
-        return Ok(true);
+        Ok(true)
     }
-    let x = Tensor::from_vec(f.dequantize(t), t.shape.as_slice(), &Device::Cpu)
-        .and_then(|x| x.to_dtype(dtype)?.to_device(device))
-        .map_err(|e| e.to_string())?;
-    let parts = super::split(&x, 0, &sizes).map_err(|e| e.to_string())?;
-    for (name, part) in names.into_iter().zip(parts) {
-        params.insert(name, part);
-    }
-    Ok(true)
 }
 
 /// DeepSeek's `kv_b_proj` of every layer from its `attn_k_b` and `attn_v_b`; and, for a
