@@ -58,62 +58,10 @@ fn params(
     chat: bool,
 ) -> ApiResult<Params> {
     let ctx = cm.model.config.max_seq_len;
-    if prompt_len == 0 {
-        return Err(ApiError::param("prompt", "the prompt is empty"));
-    }
-    if prompt_len >= ctx {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::bad(format!(
-                "the prompt has {prompt_len} tokens; the model's context is {ctx} tokens, which leaves no room for an answer"
-            ))
-        });
-    }
-    if let Some(n) = get_uint(v, "n")? {
-        if n != 1 {
-            return Err(ApiError::param("n", "only n = 1 is supported"));
-        }
-    }
-    for key in ["presence_penalty", "frequency_penalty"] {
-        if get_f64(v, key, -2.0, 2.0)?.is_some_and(|p| p != 0.0) {
-            return Err(ApiError::bad(format!(
-                "{key} is not supported (use repetition_penalty)"
-            )));
-        }
-    }
-    let max_key = if v.get("max_completion_tokens").is_some() {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
-    let room = ctx - prompt_len;
-    let max_tokens = match get_uint(v, max_key)? {
-        Some(0) => {
-            return Err(ApiError::param(
-                max_key,
-                format!("{max_key} must be at least 1"),
-            ))
-        }
-        Some(n) => (n as usize).min(room),
-        None => default_max_tokens.min(room),
-    };
-    let stop: Vec<String> = match v.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(t)) => vec![t.clone()],
-        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(|x| x.is_string()) => a
-            .iter()
-            .filter_map(|x| x.as_str().map(String::from))
-            .collect(),
-        _ => {
-            return Err(ApiError::param(
-                "stop",
-                "stop must be a string or a list of at most 4 strings",
-            ))
-        }
-    };
-    if stop.iter().any(|t| t.is_empty()) {
-        return Err(ApiError::param("stop", "a stop string must not be empty"));
-    }
+    check_prompt(prompt_len, ctx)?;
+    refuse_unsupported(v)?;
+    let max_tokens = max_tokens_of(v, default_max_tokens, ctx - prompt_len)?;
+    let stop = stop_of(v)?;
     let sampler: SamplerConfig = cm.defaults.sampler(
         get_f64(v, "temperature", 0.0, 2.0)?,
         get_uint(v, "top_k")?.map(|k| k as usize),
@@ -129,38 +77,7 @@ fn params(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     };
-    let logprobs = if chat {
-        let top = get_uint(v, "top_logprobs")?;
-        if top.is_some_and(|t| t > 20) {
-            return Err(ApiError::param(
-                "top_logprobs",
-                "top_logprobs is at most 20",
-            ));
-        }
-        match (get_bool(v, "logprobs")?, top) {
-            (true, t) => Some(t.unwrap_or(0) as usize),
-            (false, Some(t)) if t > 0 => {
-                return Err(ApiError::param(
-                    "top_logprobs",
-                    "top_logprobs needs logprobs: true",
-                ))
-            }
-            _ => None,
-        }
-    } else {
-        match v.get("logprobs") {
-            None | Some(Value::Null) => None,
-            Some(x) => match x.as_u64() {
-                Some(n) if n <= 20 => Some(n as usize),
-                _ => {
-                    return Err(ApiError::param(
-                        "logprobs",
-                        "logprobs must be an integer from 0 to 20",
-                    ))
-                }
-            },
-        }
-    };
+    let logprobs = logprobs_of(v, chat)?;
     let stream = get_bool(v, "stream")?;
     let include_usage = v
         .get("stream_options")
@@ -197,6 +114,110 @@ fn params(
         logprobs,
         routes,
     })
+}
+
+/// A prompt of `prompt_len` tokens fits a context of `ctx` with room for an answer.
+fn check_prompt(prompt_len: usize, ctx: usize) -> ApiResult<()> {
+    if prompt_len == 0 {
+        return Err(ApiError::param("prompt", "the prompt is empty"));
+    }
+    if prompt_len >= ctx {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::bad(format!(
+                "the prompt has {prompt_len} tokens; the model's context is {ctx} tokens, which leaves no room for an answer"
+            ))
+        });
+    }
+    Ok(())
+}
+
+/// The fields a request may not set to anything but their default: `n` (one answer) and
+/// the presence and frequency penalties.
+fn refuse_unsupported(v: &Value) -> ApiResult<()> {
+    if let Some(n) = get_uint(v, "n")? {
+        if n != 1 {
+            return Err(ApiError::param("n", "only n = 1 is supported"));
+        }
+    }
+    for key in ["presence_penalty", "frequency_penalty"] {
+        if get_f64(v, key, -2.0, 2.0)?.is_some_and(|p| p != 0.0) {
+            return Err(ApiError::bad(format!(
+                "{key} is not supported (use repetition_penalty)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `max_completion_tokens` (or the older `max_tokens`), at least 1, `default` when absent,
+/// at most the `room` the context leaves.
+fn max_tokens_of(v: &Value, default: usize, room: usize) -> ApiResult<usize> {
+    let key = if v.get("max_completion_tokens").is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    match get_uint(v, key)? {
+        Some(0) => Err(ApiError::param(key, format!("{key} must be at least 1"))),
+        Some(n) => Ok((n as usize).min(room)),
+        None => Ok(default.min(room)),
+    }
+}
+
+/// `stop`: a string or up to 4, none empty.
+fn stop_of(v: &Value) -> ApiResult<Vec<String>> {
+    let stop: Vec<String> = match v.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(t)) => vec![t.clone()],
+        Some(Value::Array(a)) if a.len() <= 4 && a.iter().all(|x| x.is_string()) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        _ => {
+            return Err(ApiError::param(
+                "stop",
+                "stop must be a string or a list of at most 4 strings",
+            ))
+        }
+    };
+    if stop.iter().any(|t| t.is_empty()) {
+        return Err(ApiError::param("stop", "a stop string must not be empty"));
+    }
+    Ok(stop)
+}
+
+/// How many alternatives to report with each token's log-probability (`None`: no
+/// log-probabilities): a chat request's `logprobs` (bool) and `top_logprobs` (up to 20),
+/// a completion's `logprobs` (0 to 20).
+fn logprobs_of(v: &Value, chat: bool) -> ApiResult<Option<usize>> {
+    if !chat {
+        return match v.get("logprobs") {
+            None | Some(Value::Null) => Ok(None),
+            Some(x) => match x.as_u64() {
+                Some(n) if n <= 20 => Ok(Some(n as usize)),
+                _ => Err(ApiError::param(
+                    "logprobs",
+                    "logprobs must be an integer from 0 to 20",
+                )),
+            },
+        };
+    }
+    let top = get_uint(v, "top_logprobs")?;
+    if top.is_some_and(|t| t > 20) {
+        return Err(ApiError::param(
+            "top_logprobs",
+            "top_logprobs is at most 20",
+        ));
+    }
+    match (get_bool(v, "logprobs")?, top) {
+        (true, t) => Ok(Some(t.unwrap_or(0) as usize)),
+        (false, Some(t)) if t > 0 => Err(ApiError::param(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+        _ => Ok(None),
+    }
 }
 
 fn parse_body(body: &[u8]) -> ApiResult<Value> {
