@@ -10,7 +10,7 @@ use super::{Cache, Model};
 use crate::error::{Error, Result};
 use crate::nn::attention::Projections;
 use crate::nn::{KvCache, RopeTables};
-use crate::routing::{DepthDecision, DepthStats, DepthStep, MoeStats};
+use crate::routing::{DepthDecision, DepthRouter, DepthStats, DepthStep, MoeStats};
 
 /// Where one decoded token went: the experts of each Mixture-of-Experts layer and, for each
 /// routed (Mixture-of-Depths) block, whether the block processed it.
@@ -205,35 +205,7 @@ impl Model {
             .map(|(&t, &s)| self.embed_tokens(&Tensor::new(&[[t]], dev)?, 1, 1, s))
             .collect::<CResult<Vec<_>>>()?;
         let mut x = Tensor::cat(&rows, 0)?;
-        // each row's rotary tables, once per step for each set of tables (global, local)
-        let tables_of = |r: &RopeTables| -> CResult<(Tensor, Tensor)> {
-            let (mut cos, mut sin) = (Vec::with_capacity(b), Vec::with_capacity(b));
-            for &s in starts {
-                let (c, sn) = r.range(s, 1)?;
-                cos.push(c);
-                sin.push(sn);
-            }
-            let half = cos[0].dim(1)?;
-            Ok((
-                Tensor::cat(&cos, 0)?.reshape((b, 1, half))?,
-                Tensor::cat(&sin, 0)?.reshape((b, 1, half))?,
-            ))
-        };
-        let global = self.rope.as_ref().map(tables_of).transpose()?;
-        let local = self.local_rope.as_ref().map(tables_of).transpose()?;
-        let tables = |l: usize, rows: &[usize]| -> CResult<Option<(Tensor, Tensor)>> {
-            let t = if self.is_local(l) { &local } else { &global };
-            let Some((cos, sin)) = t else { return Ok(None) };
-            if rows.len() == b {
-                return Ok(Some((cos.clone(), sin.clone())));
-            }
-            let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
-            let idx = Tensor::new(idx.as_slice(), dev)?;
-            Ok(Some((
-                cos.index_select(&idx, 0)?,
-                sin.index_select(&idx, 0)?,
-            )))
-        };
+        let rope = StepRope::new(self, starts)?;
         let all: Vec<usize> = (0..b).collect();
         let mut routes = vec![TokenRoute::default(); b];
         for (l, block) in self.blocks.iter().enumerate() {
@@ -242,7 +214,7 @@ impl Model {
                        caches: &mut [&mut Cache],
                        attn_rows: Option<&crate::model::block::FfnRows>,
                        ffn_rows: Option<&crate::model::block::FfnRows>| {
-                let rope = tables(l, rows)?;
+                let rope = rope.of_rows(self.is_local(l), rows)?;
                 let mut layer: Vec<&mut KvCache> = caches
                     .iter_mut()
                     .enumerate()
@@ -275,21 +247,9 @@ impl Model {
             };
             // a routed block: each row decides by itself (as it would alone), the chosen
             // rows run the block together and add σ(r)·(block(x) − x)
-            let mut chosen = Vec::new();
-            let mut gates = Vec::new();
-            for i in 0..b {
-                let step = DepthStep {
-                    start: starts[i],
-                    decision: DepthDecision::Threshold,
-                    seed: 0,
-                };
-                let choice = router.choose(&x.narrow(0, i, 1)?, step)?;
-                let on = !choice.rows[0].is_empty();
-                routes[i].blocks.push((l, on));
-                if on {
-                    chosen.push(i);
-                    gates.push(choice.logits.reshape(1)?);
-                }
+            let (chosen, gates) = depth_choices(router, &x, starts)?;
+            for (i, route) in routes.iter_mut().enumerate() {
+                route.blocks.push((l, chosen.contains(&i)));
             }
             let skip = router.config.skip;
             if skip != crate::config::DepthSkip::Block {
@@ -342,5 +302,77 @@ impl Model {
         let x = self.norm.forward(&x)?;
         let logits = self.logits(x)?;
         Ok((logits.reshape((b, self.config.vocab_size))?, routes))
+    }
+}
+
+/// Which rows of `x` (one token of each sequence, at positions `starts`) a routed block
+/// processes, each row deciding by itself as it would alone, and the router logit of each
+/// chosen row.
+fn depth_choices(
+    router: &DepthRouter,
+    x: &Tensor,
+    starts: &[usize],
+) -> CResult<(Vec<usize>, Vec<Tensor>)> {
+    let mut chosen = Vec::new();
+    let mut gates = Vec::new();
+    for (i, &start) in starts.iter().enumerate() {
+        let step = DepthStep {
+            start,
+            decision: DepthDecision::Threshold,
+            seed: 0,
+        };
+        let choice = router.choose(&x.narrow(0, i, 1)?, step)?;
+        if !choice.rows[0].is_empty() {
+            chosen.push(i);
+            gates.push(choice.logits.reshape(1)?);
+        }
+    }
+    Ok((chosen, gates))
+}
+
+/// A decoding step's rotary tables: each row's cos and sin at its own position, made once
+/// per step for each set of tables the model has (global; local for sliding-window
+/// layers), `(b, 1, r/2)`.
+struct StepRope {
+    global: Option<(Tensor, Tensor)>,
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl StepRope {
+    fn new(model: &Model, starts: &[usize]) -> CResult<Self> {
+        let b = starts.len();
+        let of = |r: &RopeTables| -> CResult<(Tensor, Tensor)> {
+            let (mut cos, mut sin) = (Vec::with_capacity(b), Vec::with_capacity(b));
+            for &s in starts {
+                let (c, sn) = r.range(s, 1)?;
+                cos.push(c);
+                sin.push(sn);
+            }
+            let half = cos[0].dim(1)?;
+            Ok((
+                Tensor::cat(&cos, 0)?.reshape((b, 1, half))?,
+                Tensor::cat(&sin, 0)?.reshape((b, 1, half))?,
+            ))
+        };
+        Ok(Self {
+            global: model.rope.as_ref().map(of).transpose()?,
+            local: model.local_rope.as_ref().map(of).transpose()?,
+        })
+    }
+
+    /// The tables of `rows` (all of them, or a subset) for a `local` or global layer;
+    /// `None` for a model without rotary positions.
+    fn of_rows(&self, local: bool, rows: &[usize]) -> CResult<Option<(Tensor, Tensor)>> {
+        let t = if local { &self.local } else { &self.global };
+        let Some((cos, sin)) = t else { return Ok(None) };
+        if rows.len() == cos.dim(0)? {
+            return Ok(Some((cos.clone(), sin.clone())));
+        }
+        let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), cos.device())?;
+        Ok(Some((
+            cos.index_select(&idx, 0)?,
+            sin.index_select(&idx, 0)?,
+        )))
     }
 }
