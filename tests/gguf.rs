@@ -910,3 +910,37 @@ fn a_head_count_that_does_not_fit_the_rows_is_an_error() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+/// A file that claims no attention heads is refused with the config's error, for the
+/// families whose missing head width is derived from the head count (Phi-3, Gemma 2 and
+/// 3 divided by it and panicked).
+#[test]
+fn no_attention_heads_is_an_error() {
+    for (file, arch) in [
+        ("gemma3.f32.gguf", "gemma3"),
+        ("gemma2.f32.gguf", "gemma2"),
+        ("phi3.q8_0.gguf", "phi3"),
+        ("llama3.q8_0.gguf", "llama"),
+    ] {
+        let good = std::fs::read(fixtures().join(file)).unwrap();
+        let key = format!("{arch}.attention.head_count\x04\x00\x00\x00");
+        let at = good
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap_or_else(|| panic!("{file}: no {arch}.attention.head_count"))
+            + key.len();
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
+        let path = std::env::temp_dir().join(format!(
+            "routelm-no-heads-{arch}-{}.gguf",
+            std::process::id()
+        ));
+        std::fs::write(&path, &b).unwrap();
+        let err = routelm::arch::load_dir(&path, candle_core::DType::F32, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{file}: no heads was accepted"))
+            .to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains("n_heads must be positive"), "{file}: {err}");
+    }
+}

@@ -40,18 +40,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     };
     let heads = need_u64(f, arch, "attention.head_count")?;
     let d_model = need_u64(f, arch, "embedding_length")?;
-    let vocab = match meta(f, arch, "vocab_size").and_then(Value::as_u64) {
-        Some(v) => v,
-        None => match f.get("tokenizer.ggml.tokens") {
-            Some(Value::Array(t)) => t.len() as u64,
-            _ => {
-                let embd = f.tensor("token_embd.weight").ok_or_else(|| {
-                    Error::parse(&f.path, "no vocabulary size and no token_embd.weight")
-                })?;
-                embd.shape[0] as u64
-            }
-        },
-    };
+    let vocab = vocab_size(f, arch)?;
     let mut c = json!({
         "model_type": model_type,
         "architectures": [class],
@@ -70,22 +59,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     if let Some(k) = meta(f, arch, "attention.key_length").and_then(Value::as_u64) {
         c["head_dim"] = k.into();
     }
-    if let Some(t) = meta(f, arch, "rope.freq_base").and_then(Value::as_f64) {
-        c["rope_theta"] = t.into();
-    }
-    match meta(f, arch, "rope.scaling.type").and_then(Value::as_str) {
-        None | Some("none") => {}
-        Some("linear") => {
-            let factor = meta(f, arch, "rope.scaling.factor").and_then(Value::as_f64);
-            c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
-        }
-        Some(other) => {
-            return Err(Error::parse(
-                &f.path,
-                format!("{arch}.rope.scaling.type '{other}' is not supported yet"),
-            ))
-        }
-    }
+    rope_keys(f, arch, &mut c)?;
     if DIRECT.contains(&arch) {
         direct_keys(f, arch, &mut c)?;
     } else if arch == "deepseek2" {
@@ -93,6 +67,52 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     } else {
         moe_keys(f, arch, &mut c)?;
     }
+    // no heads: width 0 here (not a division by zero); the config check refuses the file
+    family_keys(f, arch, d_model.checked_div(heads).unwrap_or(0), &mut c)?;
+    Ok((arch.to_string(), c))
+}
+
+/// The vocabulary's size: the metadata's, else the tokenizer's token count, else the
+/// embedding's rows.
+fn vocab_size(f: &GgufFile, arch: &str) -> Result<u64> {
+    if let Some(v) = meta(f, arch, "vocab_size").and_then(Value::as_u64) {
+        return Ok(v);
+    }
+    match f.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(t)) => Ok(t.len() as u64),
+        _ => {
+            let embd = f.tensor("token_embd.weight").ok_or_else(|| {
+                Error::parse(&f.path, "no vocabulary size and no token_embd.weight")
+            })?;
+            Ok(embd.shape[0] as u64)
+        }
+    }
+}
+
+/// The rotary base and scaling (linear only; another type is refused by name).
+fn rope_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
+    if let Some(t) = meta(f, arch, "rope.freq_base").and_then(Value::as_f64) {
+        c["rope_theta"] = t.into();
+    }
+    match meta(f, arch, "rope.scaling.type").and_then(Value::as_str) {
+        None | Some("none") => Ok(()),
+        Some("linear") => {
+            let factor = meta(f, arch, "rope.scaling.factor").and_then(Value::as_f64);
+            c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+            Ok(())
+        }
+        Some(other) => Err(Error::parse(
+            &f.path,
+            format!("{arch}.rope.scaling.type '{other}' is not supported yet"),
+        )),
+    }
+}
+
+/// The keys one family needs that the metadata leaves implicit (activations, Phi-3's
+/// partial rotary, Gemma 2's and 3's query scale, windows and soft caps), with llama.cpp's
+/// defaults where the file is silent. `width`: `d_model / heads`, the head width when the
+/// file gives none.
+fn family_keys(f: &GgufFile, arch: &str, width: u64, c: &mut Json) -> Result<()> {
     match arch {
         "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" | "olmoe" => {
             c["hidden_act"] = "silu".into()
@@ -108,29 +128,18 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
                     "Phi-3 with LongRoPE factors (the 128k-context models) is not supported yet",
                 ));
             }
-            let head_dim = c
-                .get("head_dim")
-                .and_then(Json::as_u64)
-                .unwrap_or(d_model / heads);
+            let head_dim = c.get("head_dim").and_then(Json::as_u64).unwrap_or(width);
             if let Some(rot) = meta(f, arch, "rope.dimension_count").and_then(Value::as_u64) {
                 c["partial_rotary_factor"] = (rot as f64 / head_dim as f64).into();
             }
         }
         "gemma2" => {
-            let head_dim = c
-                .get("head_dim")
-                .and_then(Json::as_u64)
-                .unwrap_or(d_model / heads);
+            let head_dim = c.get("head_dim").and_then(Json::as_u64).unwrap_or(width);
             let layers = need_u64(f, arch, "block_count")?;
             c["hidden_activation"] = "gelu_pytorch_tanh".into();
             // llama.cpp scales queries by the head width, the 46-layer (27B) model by
             // d_model / heads; sliding windows on even layers, 4096 unless the file says
-            c["query_pre_attn_scalar"] = if layers == 46 {
-                d_model / heads
-            } else {
-                head_dim
-            }
-            .into();
+            c["query_pre_attn_scalar"] = if layers == 46 { width } else { head_dim }.into();
             c["sliding_window"] = meta(f, arch, "attention.sliding_window")
                 .and_then(Value::as_u64)
                 .unwrap_or(4096)
@@ -147,10 +156,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
             }
         }
         "gemma3" => {
-            let head_dim = c
-                .get("head_dim")
-                .cloned()
-                .unwrap_or((d_model / heads).into());
+            let head_dim = c.get("head_dim").cloned().unwrap_or(width.into());
             c["hidden_activation"] = "gelu_pytorch_tanh".into();
             c["query_pre_attn_scalar"] = head_dim;
             // llama.cpp's Gemma 3 settings: every sixth layer global (unless the file says),
@@ -164,7 +170,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
         }
         _ => {}
     }
-    Ok((arch.to_string(), c))
+    Ok(())
 }
 
 /// The rows of `name` (its first dimension), when the file holds it as a matrix.
