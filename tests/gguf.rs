@@ -944,3 +944,77 @@ fn no_attention_heads_is_an_error() {
         assert!(err.contains("n_heads must be positive"), "{file}: {err}");
     }
 }
+
+/// Every number a model fixture's metadata holds, replaced in turn by an extreme (0, 1 and
+/// the type's largest for integers; 0, −1, NaN and ∞ for floats): loading gives a model
+/// or an error, never a panic.
+#[test]
+fn lying_metadata_numbers_never_panic() {
+    let models = [
+        "gemma.f32.gguf",
+        "gemma2.f32.gguf",
+        "gemma3.f32.gguf",
+        "llama3.q8_0.gguf",
+        "mixtral.f32.gguf",
+        "olmoe.q8_0.gguf",
+        "phi3.q8_0.gguf",
+        "qwen2.f32.gguf",
+        "qwen2_moe.f32.gguf",
+        "qwen3.f32.gguf",
+        "qwen3_moe.f32.gguf",
+    ];
+    let path = std::env::temp_dir().join(format!("routelm-lying-{}.gguf", std::process::id()));
+    let (mut tried, mut panics) = (0, Vec::new());
+    for file in models {
+        let good = std::fs::read(fixtures().join(file)).unwrap();
+        let meta = GgufFile::open(&fixtures().join(file)).unwrap().metadata;
+        for (key, value) in &meta {
+            let (code, bytes): (u32, Vec<Vec<u8>>) = match value {
+                Value::U32(_) => (
+                    4,
+                    [0u32, 1, u32::MAX].map(|v| v.to_le_bytes().to_vec()).into(),
+                ),
+                Value::U64(_) => (
+                    10,
+                    [0u64, 1, u64::MAX].map(|v| v.to_le_bytes().to_vec()).into(),
+                ),
+                Value::F32(_) => (
+                    6,
+                    [0f32, -1.0, f32::NAN, f32::INFINITY]
+                        .map(|v| v.to_le_bytes().to_vec())
+                        .into(),
+                ),
+                _ => continue,
+            };
+            // the key as stored: its length, its bytes, then the value's type
+            let mut stored = (key.len() as u64).to_le_bytes().to_vec();
+            stored.extend(key.as_bytes());
+            stored.extend(code.to_le_bytes());
+            let at = good
+                .windows(stored.len())
+                .position(|w| w == stored.as_slice())
+                .unwrap_or_else(|| panic!("{file}: {key} not found"))
+                + stored.len();
+            for v in bytes {
+                let mut b = good.clone();
+                b[at..at + v.len()].copy_from_slice(&v);
+                std::fs::write(&path, &b).unwrap();
+                tried += 1;
+                let load = std::panic::catch_unwind(|| {
+                    let _ = routelm::arch::load_dir(&path, candle_core::DType::F32, &Device::Cpu);
+                });
+                if load.is_err() {
+                    panics.push(format!("{file}: {key} = {v:?}"));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    println!("lying metadata: {tried} files loaded");
+    assert!(tried > 100, "only {tried} variants tried");
+    assert!(
+        panics.is_empty(),
+        "loading panicked on:\n{}",
+        panics.join("\n")
+    );
+}

@@ -18,7 +18,7 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
     ModelConfig {
         vocab_size: raw.usize(&["vocab_size"]),
         d_model,
-        n_layers: raw.usize(&["n_layer", "num_hidden_layers"]),
+        n_layers: raw.layers(&["n_layer", "num_hidden_layers"]),
         n_heads,
         n_kv_heads: n_heads,
         head_dim: d_model.checked_div(n_heads).unwrap_or(0),

@@ -10,7 +10,7 @@ use crate::weights::Params;
 pub fn config(raw: &RawConfig) -> ModelConfig {
     let d_model = raw.usize(&["n_embd", "hidden_size"]);
     let n_heads = raw.usize(&["n_head", "num_attention_heads"]);
-    let n_layers = raw.usize(&["n_layer", "num_hidden_layers"]);
+    let n_layers = raw.layers(&["n_layer", "num_hidden_layers"]);
     let c = ModelConfig {
         vocab_size: raw.usize(&["vocab_size"]),
         d_model,

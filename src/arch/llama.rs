@@ -110,7 +110,7 @@ pub(crate) fn context(raw: &RawConfig, scaling: &RopeScaling) -> usize {
 /// The Llama-layout config every Llama-shaped family starts from.
 pub(crate) fn base(raw: &RawConfig) -> ModelConfig {
     let d_model = raw.usize(&["hidden_size"]);
-    let n_layers = raw.usize(&["num_hidden_layers"]);
+    let n_layers = raw.layers(&["num_hidden_layers"]);
     let n_heads = raw.usize(&["num_attention_heads"]);
     let head_dim = raw
         .opt_usize(&["head_dim"])

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::config::{ModelConfig, RopeScaling};
+use crate::config::{ModelConfig, RopeScaling, MAX_LAYERS};
 use crate::error::{Error, Result};
 
 /// YaRN's attention temperature for a context stretched by `scale` (Peng et al., 2023;
@@ -237,6 +237,30 @@ impl RawConfig {
             self.problem(format!("{} is required", keys.join(" / ")));
             0
         })
+    }
+
+    /// A required layer count under any of `keys`, at most [`MAX_LAYERS`] (a larger one is
+    /// a problem, and 0 is returned, so that nothing is built per layer from it).
+    pub fn layers(&self, keys: &[&str]) -> usize {
+        let n = self.usize(keys);
+        self.bounded(keys, n)
+    }
+
+    /// [`RawConfig::layers`] for a count that may be absent.
+    pub fn opt_layers(&self, keys: &[&str]) -> Option<usize> {
+        self.opt_usize(keys).map(|n| self.bounded(keys, n))
+    }
+
+    /// `n` when at most [`MAX_LAYERS`], else 0 and a problem naming `keys[0]`.
+    fn bounded(&self, keys: &[&str], n: usize) -> usize {
+        if n <= MAX_LAYERS {
+            return n;
+        }
+        self.problem(format!(
+            "{} ({n}) is absurdly large (at most {MAX_LAYERS})",
+            keys[0]
+        ));
+        0
     }
 
     pub fn opt_usize(&self, keys: &[&str]) -> Option<usize> {

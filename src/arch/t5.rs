@@ -41,12 +41,12 @@ pub fn config(raw: &RawConfig) -> ModelConfig {
         .map(|names| names.contains("lm_head.weight"));
     let d_model = raw.usize(&["d_model"]);
     let n_heads = raw.usize(&["num_heads"]);
-    let encoder_layers = raw.usize(&["num_layers"]);
+    let encoder_layers = raw.layers(&["num_layers"]);
     ModelConfig {
         vocab_size: raw.usize(&["vocab_size"]),
         d_model,
         n_layers: raw
-            .opt_usize(&["num_decoder_layers"])
+            .opt_layers(&["num_decoder_layers"])
             .unwrap_or(encoder_layers),
         n_heads,
         n_kv_heads: n_heads,

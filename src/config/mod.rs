@@ -11,3 +11,4 @@ mod validate;
 pub use file::{parse_resolved, DepthFile, ModelConfigFile, MoeFile};
 pub use lora::{LoraConfig, SHORT_TARGETS};
 pub use model::*;
+pub use validate::MAX_LAYERS;

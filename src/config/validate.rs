@@ -6,6 +6,9 @@ use super::{BlockKind, ModelConfig, MoeConfig, Position, QkNorm, RopeScaling, Sc
 /// Upper bounds that catch absurd files before anything is allocated.
 const MAX_DIM: usize = 1 << 20;
 const MAX_VOCAB: usize = 1 << 24;
+/// The most layers a model may have (adapters read layer counts against it before they
+/// build anything per layer).
+pub const MAX_LAYERS: usize = 1024;
 
 impl ModelConfig {
     /// Every problem with this configuration, empty when it is valid.
@@ -51,7 +54,7 @@ impl ModelConfig {
                 self.vocab_size
             ));
         }
-        if self.n_layers > 1024 || self.n_heads > 4096 || self.max_seq_len > 1 << 22 {
+        if self.n_layers > MAX_LAYERS || self.n_heads > 4096 || self.max_seq_len > 1 << 22 {
             p.push("n_layers, n_heads or max_seq_len is absurdly large".into());
         }
         if self.n_kv_heads > 0 && !self.n_heads.is_multiple_of(self.n_kv_heads) {

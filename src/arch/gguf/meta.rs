@@ -5,6 +5,7 @@
 use serde_json::{json, Value as Json};
 
 use super::{ARCHITECTURES, DIRECT};
+use crate::config::MAX_LAYERS;
 use crate::error::{Error, Result};
 use crate::weights::gguf::{GgufFile, Value};
 
@@ -46,7 +47,7 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
         "architectures": [class],
         "vocab_size": vocab,
         "hidden_size": d_model,
-        "num_hidden_layers": need_u64(f, arch, "block_count")?,
+        "num_hidden_layers": block_count(f, arch)?,
         "num_attention_heads": heads,
         "num_key_value_heads": meta(f, arch, "attention.head_count_kv")
             .and_then(Value::as_u64).unwrap_or(heads),
@@ -70,6 +71,18 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     // no heads: width 0 here (not a division by zero); the config check refuses the file
     family_keys(f, arch, d_model.checked_div(heads).unwrap_or(0), &mut c)?;
     Ok((arch.to_string(), c))
+}
+
+/// `arch.block_count`, refused past [`MAX_LAYERS`] before anything counts through it.
+fn block_count(f: &GgufFile, arch: &str) -> Result<u64> {
+    let n = need_u64(f, arch, "block_count")?;
+    if n > MAX_LAYERS as u64 {
+        return Err(Error::parse(
+            &f.path,
+            format!("{arch}.block_count ({n}) is absurdly large (at most {MAX_LAYERS})"),
+        ));
+    }
+    Ok(n)
 }
 
 /// The vocabulary's size: the metadata's, else the tokenizer's token count, else the
@@ -135,7 +148,7 @@ fn family_keys(f: &GgufFile, arch: &str, width: u64, c: &mut Json) -> Result<()>
         }
         "gemma2" => {
             let head_dim = c.get("head_dim").and_then(Json::as_u64).unwrap_or(width);
-            let layers = need_u64(f, arch, "block_count")?;
+            let layers = block_count(f, arch)?;
             c["hidden_activation"] = "gelu_pytorch_tanh".into();
             // llama.cpp scales queries by the head width, the 46-layer (27B) model by
             // d_model / heads; sliding windows on even layers, 4096 unless the file says
@@ -334,7 +347,7 @@ fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
         .filter(|&e| e > 0)
     {
         let used = need_u64(f, arch, "expert_used_count")?;
-        let layers = need_u64(f, arch, "block_count")?;
+        let layers = block_count(f, arch)?;
         let dense: Vec<u64> = (0..layers)
             .filter(|l| f.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none())
             .collect();
