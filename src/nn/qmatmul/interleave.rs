@@ -600,7 +600,7 @@ impl Interleaved {
                     _mm256_cvtph_ps(_mm_loadu_si128(mins.add(b * ROWS) as *const __m128i))
                 }
                 GgmlType::Q4_0 => _mm256_mul_ps(sc, _mm256_set1_ps(-8.0)),
-                _ if signed => _mm256_setzero_ps(),
+                // Q8_0 read as `q + 128` (signed codes have no offset: `OFFSET` is false)
                 _ => _mm256_mul_ps(sc, _mm256_set1_ps(-128.0)),
             };
             for (k, acc) in acc.iter_mut().enumerate() {
