@@ -71,21 +71,6 @@ fn join_kv_b(k_b: &Tensor, v_b: &Tensor, cfg: &ModelConfig) -> candle_core::Resu
     Tensor::cat(&[k, v], 1)?.reshape((h * (nope + v_dim), lora))
 }
 
-/// Undo llama.cpp's q/k row order for pairwise rotary: within each head, rows `2i` and
-/// `2i + 1` go back to `i` and `i + head_dim/2` (rotate-half layout).
-fn unpermute(t: &Tensor, heads: usize, path: &Path, name: &str) -> Result<Tensor> {
-    let order: Vec<u32> = unpermuted_rows(t.dim(0)?, heads)
-        .map_err(|e| Error::WeightMismatch {
-            path: path.to_path_buf(),
-            problems: vec![format!("tensor {name}: {e}")],
-        })?
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    let order = Tensor::from_vec(order, t.dim(0)?, t.device())?;
-    Ok(t.index_select(&order, 0)?)
-}
-
 /// The family (`None` for routelm's own architecture) and resolved config of a GGUF
 /// file, from its metadata alone.
 pub fn config(path: &Path) -> Result<(Option<&'static Family>, ModelConfig)> {
@@ -126,7 +111,9 @@ fn resolve(f: &GgufFile, path: &Path) -> Result<(Option<&'static Family>, ModelC
     Ok((Some(family), cfg))
 }
 
-/// The row order that undoes llama.cpp's interleaving of each head's rows (`unpermute`).
+/// The row order that undoes llama.cpp's interleaving of each head's rows for pairwise
+/// rotary: within each head, rows `2i` and `2i + 1` go back to `i` and `i + head_dim/2`
+/// (rotate-half layout).
 fn unpermuted_rows(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!(
@@ -305,6 +292,29 @@ impl Reader<'_> {
         self.arch == "llama" && self.cfg.moe_layers().next().is_some()
     }
 
+    /// The heads whose rows llama.cpp's converter interleaved for its pairwise rotary in
+    /// the tensor named `name` (a llama file's q projection: every head; its k projection:
+    /// the key-value heads); `None` for any other tensor.
+    fn interleaved_heads(&self, name: &str) -> Option<usize> {
+        match self.arch {
+            "llama" if name.ends_with("q_proj.weight") => Some(self.cfg.n_heads),
+            "llama" if name.ends_with("k_proj.weight") => Some(self.cfg.n_kv_heads),
+            _ => None,
+        }
+    }
+
+    /// `x` (tensor `t` of the file) with its `heads` heads' rows put back in the family's
+    /// order ([`unpermuted_rows`]).
+    fn unpermuted(&self, x: &Tensor, heads: usize, t: &TensorInfo) -> Result<Tensor> {
+        let order: Vec<u32> = unpermuted_rows(x.dim(0)?, heads)
+            .map_err(|e| self.bad(&t.name, e))?
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let order = Tensor::from_vec(order, x.dim(0)?, x.device())?;
+        Ok(x.index_select(&order, 0)?)
+    }
+
     /// The family's (Hugging Face) name of llama.cpp's tensor `gguf`, or the name itself in
     /// routelm's `own` files; `None` for a name routelm does not map.
     fn name_of(&self, gguf: &str, own: bool) -> Option<String> {
@@ -328,12 +338,8 @@ impl Reader<'_> {
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let bad = |problem: String| self.bad(&t.name, problem);
         let mut q = QMatrix::new(t.ty, rows, cols, self.f.stored(t)).map_err(bad)?;
-        if self.arch == "llama" {
-            if name.ends_with("q_proj.weight") {
-                q = q.permute_rows(&unpermuted_rows(rows, self.cfg.n_heads).map_err(bad)?);
-            } else if name.ends_with("k_proj.weight") {
-                q = q.permute_rows(&unpermuted_rows(rows, self.cfg.n_kv_heads).map_err(bad)?);
-            }
+        if let Some(heads) = self.interleaved_heads(&name) {
+            q = q.permute_rows(&unpermuted_rows(rows, heads).map_err(bad)?);
         }
         self.params
             .insert(name.clone(), crate::nn::linear::stand_in(rows, cols)?);
@@ -364,12 +370,8 @@ impl Reader<'_> {
     /// in the family's order; a stack of experts split into one tensor per expert).
     fn dequantized(&mut self, t: &TensorInfo, name: String) -> Result<()> {
         let mut x = Tensor::from_vec(self.f.dequantize(t), t.shape.as_slice(), &Device::Cpu)?;
-        if self.arch == "llama" {
-            if name.ends_with("q_proj.weight") {
-                x = unpermute(&x, self.cfg.n_heads, self.path, &t.name)?;
-            } else if name.ends_with("k_proj.weight") {
-                x = unpermute(&x, self.cfg.n_kv_heads, self.path, &t.name)?;
-            }
+        if let Some(heads) = self.interleaved_heads(&name) {
+            x = self.unpermuted(&x, heads, t)?;
         }
         if name.ends_with("shared_expert_gate.weight") {
             x = x.reshape((1, x.elem_count()))?;

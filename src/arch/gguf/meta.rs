@@ -42,12 +42,13 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     let heads = need_u64(f, arch, "attention.head_count")?;
     let d_model = need_u64(f, arch, "embedding_length")?;
     let vocab = vocab_size(f, arch)?;
+    let layers = block_count(f, arch)?;
     let mut c = json!({
         "model_type": model_type,
         "architectures": [class],
         "vocab_size": vocab,
         "hidden_size": d_model,
-        "num_hidden_layers": block_count(f, arch)?,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": meta(f, arch, "attention.head_count_kv")
             .and_then(Value::as_u64).unwrap_or(heads),
@@ -66,10 +67,16 @@ pub(super) fn hf_config(f: &GgufFile) -> Result<(String, Json)> {
     } else if arch == "deepseek2" {
         deepseek2_keys(f, &mut c)?;
     } else {
-        moe_keys(f, arch, &mut c)?;
+        moe_keys(f, arch, layers, &mut c)?;
     }
     // no heads: width 0 here (not a division by zero); the config check refuses the file
-    family_keys(f, arch, d_model.checked_div(heads).unwrap_or(0), &mut c)?;
+    family_keys(
+        f,
+        arch,
+        layers,
+        d_model.checked_div(heads).unwrap_or(0),
+        &mut c,
+    )?;
     Ok((arch.to_string(), c))
 }
 
@@ -123,9 +130,9 @@ fn rope_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
 
 /// The keys one family needs that the metadata leaves implicit (activations, Phi-3's
 /// partial rotary, Gemma 2's and 3's query scale, windows and soft caps), with llama.cpp's
-/// defaults where the file is silent. `width`: `d_model / heads`, the head width when the
-/// file gives none.
-fn family_keys(f: &GgufFile, arch: &str, width: u64, c: &mut Json) -> Result<()> {
+/// defaults where the file is silent. `layers`: the block count; `width`: `d_model /
+/// heads`, the head width when the file gives none.
+fn family_keys(f: &GgufFile, arch: &str, layers: u64, width: u64, c: &mut Json) -> Result<()> {
     match arch {
         "llama" | "qwen2" | "qwen3" | "qwen2moe" | "qwen3moe" | "olmoe" => {
             c["hidden_act"] = "silu".into()
@@ -148,7 +155,6 @@ fn family_keys(f: &GgufFile, arch: &str, width: u64, c: &mut Json) -> Result<()>
         }
         "gemma2" => {
             let head_dim = c.get("head_dim").and_then(Json::as_u64).unwrap_or(width);
-            let layers = block_count(f, arch)?;
             c["hidden_activation"] = "gelu_pytorch_tanh".into();
             // llama.cpp scales queries by the head width, the 46-layer (27B) model by
             // d_model / heads; sliding windows on even layers, 4096 unless the file says
@@ -338,8 +344,9 @@ fn deepseek2_keys(f: &GgufFile, c: &mut Json) -> Result<()> {
     Ok(())
 }
 
-/// The Mixture-of-Experts keys of the `config.json` equivalent, when the file has experts.
-fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
+/// The Mixture-of-Experts keys of the `config.json` equivalent, when the file has experts
+/// (`layers`: the block count).
+fn moe_keys(f: &GgufFile, arch: &str, layers: u64, c: &mut Json) -> Result<()> {
     // llama.cpp's `llama` with experts is Mixtral; a layer without a router
     // (`ffn_gate_inp`) is dense
     if let Some(experts) = meta(f, arch, "expert_count")
@@ -347,7 +354,6 @@ fn moe_keys(f: &GgufFile, arch: &str, c: &mut Json) -> Result<()> {
         .filter(|&e| e > 0)
     {
         let used = need_u64(f, arch, "expert_used_count")?;
-        let layers = block_count(f, arch)?;
         let dense: Vec<u64> = (0..layers)
             .filter(|l| f.tensor(&format!("blk.{l}.ffn_gate_inp.weight")).is_none())
             .collect();
