@@ -313,6 +313,62 @@ fn stored_weights_decode_like_their_dequantized_copy() {
     }
 }
 
+/// A quantized Mixture-of-Experts model (OLMoE, Q8_0 experts read in place) decoding three
+/// sequences in one batched step per token, each expert on its own rows, gives the logits
+/// and routes of each sequence decoded alone.
+#[test]
+fn stored_experts_decode_batched_like_each_sequence_alone() {
+    use routelm::model::{Cache, TokenRoute};
+    let path = fixtures().join("olmoe.q8_0.gguf");
+    let dev = Device::Cpu;
+    let m = routelm::arch::load_dir(&path, candle_core::DType::F32, &dev)
+        .unwrap()
+        .model;
+    m.prepare_products();
+    let (values, bytes) = m.stored_read();
+    assert!(
+        values > 0 && bytes * 3 < values * 4,
+        "{values} values, {bytes} bytes"
+    );
+    let vocab = m.config.vocab_size as u32;
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| {
+            (0..3 + 2 * i)
+                .map(|j| (i * 31 + j * 17 + 3) % vocab)
+                .collect()
+        })
+        .collect();
+    let ids = |t: &[u32]| Tensor::new(t, &dev).unwrap().unsqueeze(0).unwrap();
+    let mut alone: Vec<Cache> = prompts.iter().map(|_| m.new_cache()).collect();
+    for (p, c) in prompts.iter().zip(alone.iter_mut()) {
+        m.forward(&ids(p), Some(c), true).unwrap();
+    }
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let (mut batch, _, _) = m.prefill_batch(&refs).unwrap();
+    let mut experts_seen = 0;
+    for step in 0..4u32 {
+        let tokens: Vec<u32> = (0..3u32).map(|i| (7 * i + 11 * step + 1) % vocab).collect();
+        let mut caches: Vec<&mut Cache> = batch.iter_mut().collect();
+        let (logits, routes) = m.decode_batch(&tokens, &mut caches).unwrap();
+        for (i, (&t, c)) in tokens.iter().zip(alone.iter_mut()).enumerate() {
+            let out = m.forward(&ids(&[t]), Some(c), true).unwrap();
+            let want = out.logits.flatten_all().unwrap();
+            let got = logits.get(i).unwrap();
+            let d = common::max_abs_diff(&want, &got);
+            let scale = common::max_abs_diff(&want, &want.zeros_like().unwrap());
+            println!("step {step}, sequence {i}: max |Δlogit| {d:.2e} of {scale:.2}");
+            assert!(
+                d <= 1e-5 * scale,
+                "step {step}, sequence {i}: {d} of {scale}"
+            );
+            let route = TokenRoute::of_last(&out.moe, &out.depth);
+            assert_eq!(routes[i], route, "step {step}, sequence {i}");
+            experts_seen += route.experts.iter().map(|(_, e)| e.len()).sum::<usize>();
+        }
+    }
+    assert!(experts_seen > 0, "no expert was reported");
+}
+
 /// Unquantized GGUF twins give the safetensors model's logits (to f32 rounding), the
 /// Mixture-of-Experts ones too (experts stacked in the file, one layer of Qwen2-MoE's dense). A Q8_0
 /// twin's weights are each within half a quantization step of the f32 twin's (a step is

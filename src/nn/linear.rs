@@ -97,8 +97,9 @@ impl Linear {
             .map_err(|_| candle_core::Error::Msg(format!("expected {N} outputs")))
     }
 
-    /// `[l.forward(x) for (l, x) in zip(layers, xs)]`, inputs with the same leading
-    /// dimensions; when decoding, the products run in one parallel region.
+    /// `[l.forward(x) for (l, x) in zip(layers, xs)]`; when decoding, the products run in
+    /// one parallel region (stored weights take inputs of any rows each, f32 weights
+    /// inputs with the same leading dimensions).
     pub fn forward_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
         let ys = Self::base_pairs(layers, xs)?;
         ys.into_iter()
@@ -133,21 +134,19 @@ impl Linear {
 
 /// [`Linear::forward_pairs`] where some layers hold stored weights: those products in
 /// one call of [`super::qmatmul::products`] (one parallel region when decoding), the
-/// others one by one.
+/// others one by one. An input given to several layers is read out (and quantized) once.
 fn stored_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
     let mut out: Vec<Option<Tensor>> = vec![None; layers.len()];
-    let mut flat = Vec::new();
+    // the distinct inputs' values, and which of them each stored layer takes
+    let mut flat: Vec<(candle_core::TensorId, Vec<f32>)> = Vec::new();
     let mut which = Vec::new();
-    let mut rows = None;
     for (i, (l, x)) in layers.iter().zip(xs).enumerate() {
         match &l.stored {
             Some(q) => {
                 if x.track_op() {
                     candle_core::bail!("a layer with stored (quantized) weights cannot be trained")
                 }
-                let x2 = flat_rows(x)?.to_dtype(DType::F32)?;
-                let r = x2.dim(0)?;
-                if x2.dim(1)? != q.cols || rows.is_some_and(|m| m != r) {
+                if x.dim(D::Minus1)? != q.cols {
                     candle_core::bail!(
                         "stored product: input {:?} for a {} × {} weight",
                         x.shape(),
@@ -155,22 +154,31 @@ fn stored_pairs(layers: &[&Linear], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
                         q.cols
                     )
                 }
-                rows = Some(r);
-                flat.push(x2.flatten_all()?.to_vec1::<f32>()?);
-                which.push(i);
+                let at = match flat.iter().position(|(id, _)| *id == x.id()) {
+                    Some(at) => at,
+                    None => {
+                        let v = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                        flat.push((x.id(), v));
+                        flat.len() - 1
+                    }
+                };
+                which.push((i, at));
             }
             None => out[i] = Some(l.forward_base(x)?),
         }
     }
-    let m = rows.unwrap_or(0);
     let pairs: Vec<(&QMatrix, &[f32])> = which
         .iter()
-        .zip(&flat)
-        .filter_map(|(&i, x)| layers[i].stored.as_deref().map(|q| (q, x.as_slice())))
+        .filter_map(|&(i, at)| {
+            layers[i]
+                .stored
+                .as_deref()
+                .map(|q| (q, flat[at].1.as_slice()))
+        })
         .collect();
-    let ys = super::qmatmul::products(&pairs, m);
-    for ((&i, y), (q, _)) in which.iter().zip(ys).zip(&pairs) {
-        let y = Tensor::from_vec(y, (m, q.rows), xs[i].device())?;
+    let ys = super::qmatmul::products(&pairs);
+    for ((&(i, _), y), (q, x)) in which.iter().zip(ys).zip(&pairs) {
+        let y = Tensor::from_vec(y, (x.len() / q.cols, q.rows), xs[i].device())?;
         out[i] = Some(layers[i].finish(y, xs[i])?);
     }
     out.into_iter()

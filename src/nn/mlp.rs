@@ -64,17 +64,30 @@ impl Mlp {
     /// decoding, the input projections of all of them run in one parallel region and the
     /// output projections in another.
     pub fn forward_many(mlps: &[&Mlp], x: &Tensor) -> Result<Vec<Tensor>> {
+        Self::forward_each(mlps, &vec![x; mlps.len()])
+    }
+
+    /// `[m.forward(x) for (m, x) in zip(mlps, xs)]` (a decoding step's experts, each on its
+    /// own tokens) in two parallel regions as [`Mlp::forward_many`].
+    pub fn forward_each(mlps: &[&Mlp], xs: &[&Tensor]) -> Result<Vec<Tensor>> {
         let mut ins: Vec<&Linear> = Vec::new();
-        for m in mlps {
+        let mut inputs: Vec<&Tensor> = Vec::new();
+        for (m, &x) in mlps.iter().zip(xs) {
             match (m.kind.is_gated(), &m.gate) {
-                (true, Some(g)) => ins.extend([g, &m.up]),
+                (true, Some(g)) => {
+                    ins.extend([g, &m.up]);
+                    inputs.extend([x, x]);
+                }
                 (true, None) => {
                     candle_core::bail!("{:?} feed-forward needs a gate projection", m.kind)
                 }
-                (false, _) => ins.push(&m.up),
+                (false, _) => {
+                    ins.push(&m.up);
+                    inputs.push(x);
+                }
             }
         }
-        let mut ys = Linear::forward_pairs(&ins, &vec![x; ins.len()])?.into_iter();
+        let mut ys = Linear::forward_pairs(&ins, &inputs)?.into_iter();
         let mut hs = Vec::with_capacity(mlps.len());
         for m in mlps {
             let mut next = || {

@@ -427,13 +427,24 @@ impl MoeLayer {
                 let bf16 = self.experts.iter().all(|m| m.up.bf16);
                 return grouped_swiglu(xg, gate_up, down, offsets, bf16);
             }
-            let mut outs = Vec::with_capacity(self.experts.len());
+            let mut mlps = Vec::with_capacity(self.experts.len());
+            let mut inputs = Vec::with_capacity(self.experts.len());
             for (e, expert) in self.experts.iter().enumerate() {
                 let rows = offsets[e + 1] - offsets[e];
                 if rows > 0 {
-                    outs.push(expert.forward(&xg.narrow(0, offsets[e], rows)?)?);
+                    mlps.push(expert);
+                    inputs.push(xg.narrow(0, offsets[e], rows)?);
                 }
             }
+            // decoding: all the experts' products in two parallel regions
+            let outs = if xs.dim(0)? <= crate::nn::matvec::MAX_ROWS && !xs.track_op() {
+                Mlp::forward_each(&mlps, &inputs.iter().collect::<Vec<_>>())?
+            } else {
+                mlps.iter()
+                    .zip(&inputs)
+                    .map(|(m, x)| m.forward(x))
+                    .collect::<Result<Vec<_>>>()?
+            };
             Tensor::cat(&outs, 0)
         })?;
         out.map_or_else(|| xs.zeros_like(), Ok)

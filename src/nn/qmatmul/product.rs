@@ -12,11 +12,12 @@ use super::{
 use super::{gemm, simd};
 use crate::weights::quant::GgmlType;
 
-/// For each pair `(w_j, x_j)` with `x_j: (m, w_j.cols)` row-major, `x_j · w_jᵀ` as an
-/// `(m, w_j.rows)` row-major vector. Few rows: integer dot products in one parallel
+/// For each pair `(w_j, x_j)` with `x_j: (m_j, w_j.cols)` row-major, `x_j · w_jᵀ` as an
+/// `(m_j, w_j.rows)` row-major vector; the pairs may differ in rows (a decoding step's
+/// experts, each on its own tokens). Few rows: integer dot products in one parallel
 /// region over blocks of 64 weight rows of all the matrices; more: dequantized tiles
-/// and the f32 GEMM.
-pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
+/// and the f32 GEMM, matrix by matrix.
+pub fn products(pairs: &[(&QMatrix, &[f32])]) -> Vec<Vec<f32>> {
     // interleaved weights take any number of rows; the others as below
     let packed: Vec<Option<&Interleaved>> = pairs.iter().map(|(w, _)| w.interleaved()).collect();
     if packed.iter().any(Option::is_some) {
@@ -34,17 +35,22 @@ pub fn products(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
             }
         }
         let mut ys = vec![Vec::new(); pairs.len()];
-        for (i, y) in inter_at.into_iter().zip(interleaved_products(&inter, m)) {
+        for (i, y) in inter_at.into_iter().zip(interleaved_products(&inter)) {
             ys[i] = y;
         }
         if !rest.is_empty() {
-            for (i, y) in rest_at.into_iter().zip(products_in_place(&rest, m)) {
+            for (i, y) in rest_at.into_iter().zip(products_in_place(&rest)) {
                 ys[i] = y;
             }
         }
         return ys;
     }
-    products_in_place(pairs, m)
+    products_in_place(pairs)
+}
+
+/// The rows of `x` as the input of `w`.
+fn rows_of(w: &QMatrix, x: &[f32]) -> usize {
+    x.len() / w.cols.max(1)
 }
 
 /// Whether this CPU has AVX-512 VNNI (detected once): what the interleaved weights
@@ -62,7 +68,7 @@ fn vnni() -> bool {
 /// [`products`] of interleaved weights, for any number of rows: each distinct input
 /// quantized once (q, k and v share theirs), then runs of octets of rows in parallel,
 /// taking the activation rows 64 at a time so that a run's weights stay in cache.
-fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) -> Vec<Vec<f32>> {
+fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])]) -> Vec<Vec<f32>> {
     let mut acts: Vec<QAct> = Vec::new();
     let mut of_pair = Vec::with_capacity(pairs.len());
     let kind = |p: &Interleaved| match p.takes_k_activations() {
@@ -93,11 +99,12 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
         .collect();
     let mut ys: Vec<Vec<f32>> = pairs
         .iter()
-        .map(|(w, _, _)| vec![0f32; m * w.rows])
+        .map(|(w, _, x)| vec![0f32; x.len() / w.cols * w.rows])
         .collect();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
     let run = |&(j, o0, o1): &(usize, usize, usize)| {
-        let (w, p, _) = pairs[j];
+        let (w, p, x) = pairs[j];
+        let m = rows_of(w, x);
         let a = &acts[of_pair[j]];
         for r0 in (0..m).step_by(64) {
             let n = (m - r0).min(64);
@@ -126,44 +133,58 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])], m: usize) ->
 }
 
 /// [`products`] of weights read in their stored layout.
-fn products_in_place(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
+fn products_in_place(pairs: &[(&QMatrix, &[f32])]) -> Vec<Vec<f32>> {
+    let rows: Vec<usize> = pairs.iter().map(|(w, x)| rows_of(w, x)).collect();
     // several rows: each weight block unpacked once for all of them, where the type has it
     let multi: Vec<Option<MultiDotFn>> = pairs
         .iter()
-        .map(|(w, _)| if m >= 2 { best_multi(w.ty) } else { None })
+        .zip(&rows)
+        .map(|((w, _), &m)| if m >= 2 { best_multi(w.ty) } else { None })
         .collect();
-    if m > MAX_DOT_ROWS && !(m <= MAX_MULTI_ROWS && multi.iter().all(Option::is_some)) {
-        return pairs
-            .iter()
-            .map(|(w, x)| match int8_gemm(w.ty) {
-                true => int8_tiles(w, x, m),
-                false => tiled(w, x, m),
-            })
-            .collect();
+    // many rows: a GEMM per matrix; the others' dot products in one parallel region
+    let gemm = |j: usize| {
+        let m = rows[j];
+        m > MAX_DOT_ROWS && !(m <= MAX_MULTI_ROWS && multi[j].is_some())
+    };
+    let mut ys: Vec<Vec<f32>> = vec![Vec::new(); pairs.len()];
+    for (j, &(w, x)) in pairs.iter().enumerate().filter(|&(j, _)| gemm(j)) {
+        ys[j] = match int8_gemm(w.ty) {
+            true => int8_tiles(w, x, rows[j]),
+            false => tiled(w, x, rows[j]),
+        };
     }
-    let acts: Vec<QAct> = pairs
+    let dots: Vec<usize> = (0..pairs.len()).filter(|&j| !gemm(j)).collect();
+    if dots.is_empty() {
+        return ys;
+    }
+    let acts: Vec<Option<QAct>> = pairs
         .iter()
-        .map(|(w, x)| QAct::new(w.ty, x, w.cols))
+        .enumerate()
+        .map(|(j, (w, x))| (!gemm(j)).then(|| QAct::new(w.ty, x, w.cols)))
         .collect();
     // a few jobs per thread, each a run of at least 64 rows (a job costs about a
     // microsecond to hand out, as long as reading 20-60 kB of weights)
-    let total: usize = pairs.iter().map(|(w, _)| w.rows).sum();
+    let total: usize = dots.iter().map(|&j| pairs[j].0.rows).sum();
     let chunk = (total / (4 * rayon::current_num_threads())).max(64);
-    let jobs: Vec<(usize, usize, usize)> = pairs
+    let jobs: Vec<(usize, usize, usize)> = dots
         .iter()
-        .enumerate()
-        .flat_map(|(j, (w, _))| {
-            (0..w.rows.div_ceil(chunk)).map(move |c| (j, c * chunk, ((c + 1) * chunk).min(w.rows)))
+        .flat_map(|&j| {
+            let n = pairs[j].0.rows;
+            (0..n.div_ceil(chunk)).map(move |c| (j, c * chunk, ((c + 1) * chunk).min(n)))
         })
         .collect();
-    let mut ys: Vec<Vec<f32>> = pairs.iter().map(|(w, _)| vec![0f32; m * w.rows]).collect();
+    for &j in &dots {
+        ys[j] = vec![0f32; rows[j] * pairs[j].0.rows];
+    }
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
     let act_rows: Vec<Vec<ActRow<'_>>> = acts
         .iter()
-        .map(|a| (0..m).map(|r| a.row(r)).collect())
+        .zip(&rows)
+        .map(|(a, &m)| a.iter().flat_map(|a| (0..m).map(|r| a.row(r))).collect())
         .collect();
     jobs.par_iter().for_each(|&(j, o0, o1)| {
         let w = pairs[j].0;
+        let m = rows[j];
         let rb = w.row_bytes;
         let rows = &w.in_order()[o0 * rb..o1 * rb];
         if let Some(f) = multi[j] {
@@ -185,12 +206,12 @@ fn products_in_place(pairs: &[(&QMatrix, &[f32])], m: usize) -> Vec<Vec<f32>> {
             return;
         }
         let dot = best_dot(w.ty);
-        for r in 0..m {
+        for (r, &a) in act_rows[j].iter().enumerate() {
             // SAFETY: row r's outputs o0..o1 of matrix j lie inside its m × rows vector,
             // and no other job writes them
             let y =
                 unsafe { std::slice::from_raw_parts_mut(outs[j].0.add(r * w.rows + o0), o1 - o0) };
-            dot(rows, rb, acts[j].row(r), y);
+            dot(rows, rb, a, y);
         }
     });
     ys

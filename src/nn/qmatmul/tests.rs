@@ -209,7 +209,7 @@ fn products_and_tiles_match_the_reference() {
         let xd = random_x(m * 40, &mut rng);
         let all = [(&a, &xa), (&b, &xb), (&c, &xc), (&d, &xd)];
         let pairs: Vec<(&QMatrix, &[f32])> = all.iter().map(|(w, x)| (*w, x.as_slice())).collect();
-        let ys = products(&pairs, m);
+        let ys = products(&pairs);
         for ((w, x), y) in all.into_iter().zip(&ys) {
             let want = reference(w, x, m);
             assert_eq!(y.len(), want.len());
@@ -313,8 +313,8 @@ fn rows_in_another_order_are_read_in_that_order() {
             };
             for m in [1, 3, 40] {
                 let x = random_x(m * cols, &mut rng);
-                let yw = products(&[(&w, &x)], m).pop().unwrap();
-                let yp = products(&[(&p, &x)], m).pop().unwrap();
+                let yw = products(&[(&w, &x)]).pop().unwrap();
+                let yp = products(&[(&p, &x)]).pop().unwrap();
                 for r in 0..m {
                     for (i, &o) in order.iter().enumerate() {
                         assert_eq!(
@@ -463,6 +463,32 @@ fn multi_row_products_equal_one_row_products() {
     }
 }
 
+/// Pairs with different row counts in one call of [`products`] (a decoding step's experts,
+/// each on its own tokens: one row, a few, more than the dot products take) give each pair
+/// what it gets alone, bit for bit, for types with and without multi-row products.
+#[test]
+fn pairs_of_different_row_counts_equal_each_pair_alone() {
+    let mut rng = Rng::new(13);
+    let (rows, cols) = (72, 256);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0] {
+        let ws: Vec<QMatrix> = (0..4)
+            .map(|_| random_matrix(ty, rows, cols, &mut rng))
+            .collect();
+        let xs: Vec<Vec<f32>> = [1, 3, 8, 12]
+            .iter()
+            .map(|m| random_x(m * cols, &mut rng))
+            .collect();
+        let pairs: Vec<(&QMatrix, &[f32])> =
+            ws.iter().zip(&xs).map(|(w, x)| (w, x.as_slice())).collect();
+        let together = products(&pairs);
+        for (j, (y, pair)) in together.iter().zip(&pairs).enumerate() {
+            let alone = products(std::slice::from_ref(pair)).pop().unwrap();
+            assert_eq!(y.len(), pair.1.len() / cols * rows, "{ty:?} pair {j}: size");
+            assert_eq!(y, &alone, "{ty:?} pair {j}: differs from its product alone");
+        }
+    }
+}
+
 /// Interleaved weights, on each kernel this CPU runs (AVX-512 VNNI, AVX2), give each
 /// activation row the dequantized weights' product with its quantized values (integer sums
 /// exact, f32 scaling), and the same bits whether the row is multiplied alone, beside one
@@ -499,7 +525,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
         let wf = dequantized(&w);
         let m = 70;
         let x = random_x(m * cols, &mut rng);
-        let all = products(&[(&w, &x)], m).pop().unwrap();
+        let all = products(&[(&w, &x)]).pop().unwrap();
         let act = QAct::new(ty, &x, cols);
         for r in 0..m {
             let seen = as_seen(&act, r, cols);
@@ -512,7 +538,7 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
                 );
             }
             let xr = &x[r * cols..(r + 1) * cols];
-            let alone = products(&[(&w, xr)], 1).pop().unwrap();
+            let alone = products(&[(&w, xr)]).pop().unwrap();
             assert_eq!(
                 &all[r * rows..(r + 1) * rows],
                 &alone[..],
@@ -520,9 +546,22 @@ fn interleaved_products_are_exact_and_the_same_for_any_rows() {
             );
         }
         // two rows together, and the same input twice in one call (q, k and v share it)
-        let two = products(&[(&w, &x[..2 * cols]), (&w, &x[..2 * cols])], 2);
+        let two = products(&[(&w, &x[..2 * cols]), (&w, &x[..2 * cols])]);
         for y in &two {
             assert_eq!(&y[..], &all[..2 * rows], "{kernel:?} {ty:?}: two rows");
+        }
+        // pairs of different row counts in one call (a decoding step's experts)
+        let spans = [(0, 3), (3, 8), (8, 9)];
+        let pairs: Vec<(&QMatrix, &[f32])> = spans
+            .iter()
+            .map(|&(a, b)| (&w, &x[a * cols..b * cols]))
+            .collect();
+        for (y, &(a, b)) in products(&pairs).iter().zip(&spans) {
+            assert_eq!(
+                &y[..],
+                &all[a * rows..b * rows],
+                "{kernel:?} {ty:?}: rows {a}..{b}"
+            );
         }
     }
     println!("interleaved weights: checked on {kernels:?} (Q4_0, Q4_1, Q8_0, Q4_K)");
