@@ -18,7 +18,33 @@
 //!   into a small f32 buffer and multiplied by all rows at once with the f32 GEMM. Either
 //!   way each weight is decoded once per forward pass, not once per row.
 
+/// A [`MultiDotFn`] calling `f::<M>` for the number `M` of activation rows it is given (2
+/// to 8), `f` being a kernel of the caller's instruction set.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_rows {
+    ($f:ident) => {
+        |w, rb, acts, out, stride| {
+            // SAFETY (each arm): the MultiDotFn's contract, on a CPU with `f`'s features
+            // (whoever hands out the function detected them)
+            unsafe {
+                match acts.len() {
+                    2 => $f::<2>(w, rb, acts, out, stride),
+                    3 => $f::<3>(w, rb, acts, out, stride),
+                    4 => $f::<4>(w, rb, acts, out, stride),
+                    5 => $f::<5>(w, rb, acts, out, stride),
+                    6 => $f::<6>(w, rb, acts, out, stride),
+                    7 => $f::<7>(w, rb, acts, out, stride),
+                    8 => $f::<8>(w, rb, acts, out, stride),
+                    m => panic!("multi-row product of {m} rows (2 to 8 are made)"),
+                }
+            }
+        }
+    };
+}
+
 mod act;
+#[cfg(target_arch = "x86_64")]
+mod float_multi;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 pub mod interleave;

@@ -49,7 +49,7 @@ pub fn has_vnni() -> bool {
 /// # Safety
 /// `row` points at a row of `x.len()` values of `ty` (f32, f16 or bf16).
 #[inline(always)]
-unsafe fn tail_dot(ty: GgmlType, row: *const u8, body: usize, x: &[f32]) -> f32 {
+pub(super) unsafe fn tail_dot(ty: GgmlType, row: *const u8, body: usize, x: &[f32]) -> f32 {
     if body == x.len() {
         return 0.0;
     }
@@ -468,28 +468,12 @@ macro_rules! kernels {
             /// # Safety
             /// The CPU must have the module's features (the caller detected them).
             pub unsafe fn multi(ty: GgmlType) -> Option<MultiDotFn> {
-                macro_rules! by_m {
-                    ($f:ident) => {
-                        Some(|w, rb, acts, out, stride| unsafe {
-                            match acts.len() {
-                                2 => $f::<2>(w, rb, acts, out, stride),
-                                3 => $f::<3>(w, rb, acts, out, stride),
-                                4 => $f::<4>(w, rb, acts, out, stride),
-                                5 => $f::<5>(w, rb, acts, out, stride),
-                                6 => $f::<6>(w, rb, acts, out, stride),
-                                7 => $f::<7>(w, rb, acts, out, stride),
-                                8 => $f::<8>(w, rb, acts, out, stride),
-                                m => panic!("multi-row product of {m} rows (2 to 8 are made)"),
-                            }
-                        })
-                    };
-                }
                 match ty {
-                    GgmlType::Q8_0 => by_m!(q8_0_m),
-                    GgmlType::Q4_0 => by_m!(q4_0_m),
-                    GgmlType::Q4_1 => by_m!(q4_1_m),
-                    GgmlType::Q5_0 => by_m!(q5_0_m),
-                    GgmlType::Q5_1 => by_m!(q5_1_m),
+                    GgmlType::Q8_0 => Some(by_rows!(q8_0_m)),
+                    GgmlType::Q4_0 => Some(by_rows!(q4_0_m)),
+                    GgmlType::Q4_1 => Some(by_rows!(q4_1_m)),
+                    GgmlType::Q5_0 => Some(by_rows!(q5_0_m)),
+                    GgmlType::Q5_1 => Some(by_rows!(q5_1_m)),
                     _ => None,
                 }
             }
@@ -801,8 +785,9 @@ pub fn avx2_multi(ty: GgmlType) -> Option<MultiDotFn> {
 /// The AVX-512 VNNI path's multi-row product of `ty`, where it has one.
 pub fn vnni_multi(ty: GgmlType) -> Option<MultiDotFn> {
     match has_vnni() {
-        // SAFETY: VNNI, AVX-512VL and AVX2's features were just detected
-        true => unsafe { vnni::multi(ty) },
+        // SAFETY: VNNI, AVX-512VL and AVX2's features (AVX-512F among them) were just
+        // detected
+        true => unsafe { vnni::multi(ty).or_else(|| super::float_multi::multi(ty)) },
         false => None,
     }
 }
