@@ -330,84 +330,23 @@ fn llama_plan(
     // llama's rotary takes interleaved pairs: its q/k rows are reordered; Qwen's takes
     // halves, as routelm does
     let pairs = arch == "llama";
-    let mut plan = Vec::new();
-    let used = std::cell::RefCell::new(std::collections::HashSet::new());
-    let one = |gguf: String, canonical: String, heads: Option<usize>, plan: &mut Vec<Planned>| {
-        if let Some(t) = params.get(&canonical) {
-            used.borrow_mut().insert(canonical.clone());
-            plan.push(Planned {
-                out: TensorOut {
-                    name: gguf,
-                    shape: t.dims().to_vec(),
-                    ty: GgmlType::F32,
-                },
-                source: Source::One(canonical, heads),
-            });
-        }
+    let mut p = Planner {
+        params,
+        plan: Vec::new(),
+        used: std::collections::HashSet::new(),
     };
-    one(
-        "token_embd.weight".into(),
-        "model.embed_tokens.weight".into(),
-        None,
-        &mut plan,
-    );
+    p.one("token_embd.weight", "model.embed_tokens.weight", None);
     for l in 0..cfg.n_layers {
-        let (p, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
-        let (q_heads, k_heads) = match pairs {
-            true => (Some(cfg.n_heads), Some(cfg.n_kv_heads)),
-            false => (None, None),
-        };
-        let mut parts = vec![
-            ("attn_norm.weight", "input_layernorm.weight", None),
-            ("attn_q.weight", "self_attn.q_proj.weight", q_heads),
-            ("attn_k.weight", "self_attn.k_proj.weight", k_heads),
-            ("attn_v.weight", "self_attn.v_proj.weight", None),
-            ("attn_output.weight", "self_attn.o_proj.weight", None),
-            ("ffn_norm.weight", "post_attention_layernorm.weight", None),
-            ("ffn_gate.weight", "mlp.gate_proj.weight", None),
-            ("ffn_up.weight", "mlp.up_proj.weight", None),
-            ("ffn_down.weight", "mlp.down_proj.weight", None),
-            ("ffn_gate_inp.weight", "mlp.gate.weight", None),
-        ];
+        let (at, b) = (format!("model.layers.{l}"), format!("blk.{l}"));
+        for (g, c, heads) in layer_tensors(cfg, pairs) {
+            p.one(&format!("{b}.{g}"), &format!("{at}.{c}"), heads);
+        }
         if !pairs {
-            parts.extend([
-                ("attn_q.bias", "self_attn.q_proj.bias", None),
-                ("attn_k.bias", "self_attn.k_proj.bias", None),
-                ("attn_v.bias", "self_attn.v_proj.bias", None),
-                ("attn_q_norm.weight", "self_attn.q_norm.weight", None),
-                ("attn_k_norm.weight", "self_attn.k_norm.weight", None),
-                (
-                    "ffn_gate_shexp.weight",
-                    "mlp.shared_expert.gate_proj.weight",
-                    None,
-                ),
-                (
-                    "ffn_up_shexp.weight",
-                    "mlp.shared_expert.up_proj.weight",
-                    None,
-                ),
-                (
-                    "ffn_down_shexp.weight",
-                    "mlp.shared_expert.down_proj.weight",
-                    None,
-                ),
-            ]);
-        }
-        for (g, c, heads) in parts {
-            one(format!("{b}.{g}"), format!("{p}.{c}"), heads, &mut plan);
-        }
-        // the shared expert's gate as a vector, as llama.cpp keeps it
-        let gate = format!("{p}.mlp.shared_expert_gate.weight");
-        if let (false, Some(t)) = (pairs, params.get(&gate)) {
-            used.borrow_mut().insert(gate.clone());
-            plan.push(Planned {
-                out: TensorOut {
-                    name: format!("{b}.ffn_gate_inp_shexp.weight"),
-                    shape: vec![t.elem_count()],
-                    ty: GgmlType::F32,
-                },
-                source: Source::One(gate, None),
-            });
+            // the shared expert's gate as a vector, as llama.cpp keeps it
+            p.vector(
+                &format!("{b}.ffn_gate_inp_shexp.weight"),
+                &format!("{at}.mlp.shared_expert_gate.weight"),
+            );
         }
         if let Some(moe) = cfg.layers.get(l).and_then(|s| s.moe) {
             for (g, c) in [
@@ -416,48 +355,125 @@ fn llama_plan(
                 ("down", "down_proj"),
             ] {
                 let names: Vec<String> = (0..moe.n_experts)
-                    .map(|e| format!("{p}.mlp.experts.{e}.{c}.weight"))
+                    .map(|e| format!("{at}.mlp.experts.{e}.{c}.weight"))
                     .collect();
-                let Some(first) = params.get(&names[0]) else {
-                    return Err(format!("no tensor {}", names[0]));
-                };
-                let shape: Vec<usize> = [moe.n_experts]
-                    .iter()
-                    .chain(first.dims())
-                    .copied()
-                    .collect();
-                used.borrow_mut().extend(names.iter().cloned());
-                plan.push(Planned {
-                    out: TensorOut {
-                        name: format!("{b}.ffn_{g}_exps.weight"),
-                        shape,
-                        ty: GgmlType::F32,
-                    },
-                    source: Source::Stack(names),
-                });
+                p.stack(format!("{b}.ffn_{g}_exps.weight"), names)?;
             }
         }
     }
-    one(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        None,
-        &mut plan,
-    );
+    p.one("output_norm.weight", "model.norm.weight", None);
     if !cfg.tie_embeddings {
-        one(
-            "output.weight".into(),
-            "lm_head.weight".into(),
-            None,
-            &mut plan,
-        );
+        p.one("output.weight", "lm_head.weight", None);
     }
-    let used = used.into_inner();
-    match params.keys().find(|k| !used.contains(*k)) {
+    match params.keys().find(|k| !p.used.contains(*k)) {
         Some(k) => Err(format!(
             "llama.cpp's llama architecture has no tensor for {k}"
         )),
-        None => Ok(plan),
+        None => Ok(p.plan),
+    }
+}
+
+/// A layer's tensors in llama.cpp's layout, `(file name, canonical name, heads whose q/k
+/// rows are interleaved)`, after `blk.{l}.` and `model.layers.{l}.`: those of llama, and
+/// for Qwen's (`!pairs`) also the biases, q/k norms and shared expert.
+fn layer_tensors(
+    cfg: &ModelConfig,
+    pairs: bool,
+) -> Vec<(&'static str, &'static str, Option<usize>)> {
+    let (q_heads, k_heads) = match pairs {
+        true => (Some(cfg.n_heads), Some(cfg.n_kv_heads)),
+        false => (None, None),
+    };
+    let mut parts = vec![
+        ("attn_norm.weight", "input_layernorm.weight", None),
+        ("attn_q.weight", "self_attn.q_proj.weight", q_heads),
+        ("attn_k.weight", "self_attn.k_proj.weight", k_heads),
+        ("attn_v.weight", "self_attn.v_proj.weight", None),
+        ("attn_output.weight", "self_attn.o_proj.weight", None),
+        ("ffn_norm.weight", "post_attention_layernorm.weight", None),
+        ("ffn_gate.weight", "mlp.gate_proj.weight", None),
+        ("ffn_up.weight", "mlp.up_proj.weight", None),
+        ("ffn_down.weight", "mlp.down_proj.weight", None),
+        ("ffn_gate_inp.weight", "mlp.gate.weight", None),
+    ];
+    if !pairs {
+        parts.extend([
+            ("attn_q.bias", "self_attn.q_proj.bias", None),
+            ("attn_k.bias", "self_attn.k_proj.bias", None),
+            ("attn_v.bias", "self_attn.v_proj.bias", None),
+            ("attn_q_norm.weight", "self_attn.q_norm.weight", None),
+            ("attn_k_norm.weight", "self_attn.k_norm.weight", None),
+            (
+                "ffn_gate_shexp.weight",
+                "mlp.shared_expert.gate_proj.weight",
+                None,
+            ),
+            (
+                "ffn_up_shexp.weight",
+                "mlp.shared_expert.up_proj.weight",
+                None,
+            ),
+            (
+                "ffn_down_shexp.weight",
+                "mlp.shared_expert.down_proj.weight",
+                None,
+            ),
+        ]);
+    }
+    parts
+}
+
+/// The file tensors planned so far and the parameters they use.
+struct Planner<'a> {
+    params: &'a Params,
+    plan: Vec<Planned>,
+    used: std::collections::HashSet<String>,
+}
+
+impl Planner<'_> {
+    /// Parameter `canonical` as file tensor `gguf` (its q/k rows interleaved per head when
+    /// `heads`), when the model has it.
+    fn one(&mut self, gguf: &str, canonical: &str, heads: Option<usize>) {
+        if let Some(t) = self.params.get(canonical) {
+            self.add(gguf.to_string(), t.dims().to_vec(), canonical, heads);
+        }
+    }
+
+    /// Parameter `canonical` flattened to a vector, when the model has it.
+    fn vector(&mut self, gguf: &str, canonical: &str) {
+        if let Some(t) = self.params.get(canonical) {
+            self.add(gguf.to_string(), vec![t.elem_count()], canonical, None);
+        }
+    }
+
+    fn add(&mut self, name: String, shape: Vec<usize>, canonical: &str, heads: Option<usize>) {
+        self.used.insert(canonical.to_string());
+        self.plan.push(Planned {
+            out: TensorOut {
+                name,
+                shape,
+                ty: GgmlType::F32,
+            },
+            source: Source::One(canonical.to_string(), heads),
+        });
+    }
+
+    /// Parameters `names` (a layer's experts) stacked along a new first dimension.
+    fn stack(&mut self, gguf: String, names: Vec<String>) -> std::result::Result<(), String> {
+        let Some(first) = names.first().and_then(|n| self.params.get(n)) else {
+            return Err(format!("no tensor {}", names.first().map_or("", |n| n)));
+        };
+        let shape: Vec<usize> = [names.len()].iter().chain(first.dims()).copied().collect();
+        self.used.extend(names.iter().cloned());
+        self.plan.push(Planned {
+            out: TensorOut {
+                name: gguf,
+                shape,
+                ty: GgmlType::F32,
+            },
+            source: Source::Stack(names),
+        });
+        Ok(())
     }
 }
 
