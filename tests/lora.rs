@@ -471,3 +471,76 @@ fn verify_takes_an_adapter() {
     ]);
     assert!(!ok && out.contains("FAIL"), "{out}");
 }
+
+/// Adapter settings routelm does not run are refused by name, naming the file: another
+/// PEFT type, DoRA, per-module ranks, a trained bias, saved modules, a zero rank; and
+/// adapter tensors that do not fit the model (one missing, one extra) are each listed.
+#[test]
+fn adapters_routelm_cannot_run_are_refused_by_name() {
+    let src = adapter("llama3");
+    let text = std::fs::read_to_string(src.join("adapter_config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let load = |dir: &std::path::Path| {
+        routelm::arch::load_dir_with(&base("llama3"), Some(dir), DType::F32, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+    };
+    let cases: [(&str, serde_json::Value, &str); 6] = [
+        ("peft_type", "IA3".into(), "peft_type \"IA3\""),
+        ("use_dora", true.into(), "DoRA"),
+        (
+            "rank_pattern",
+            serde_json::json!({"q_proj": 8}),
+            "per-module ranks",
+        ),
+        ("lora_bias", true.into(), "lora_bias is set"),
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "modules_to_save is set",
+        ),
+        ("r", 0.into(), "r and lora_alpha must be positive"),
+    ];
+    for (i, (key, value, want)) in cases.into_iter().enumerate() {
+        let dir = tmp(&format!("refused-{i}"));
+        std::fs::copy(
+            src.join("adapter_model.safetensors"),
+            dir.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(dir.join("adapter_config.json"), c.to_string()).unwrap();
+        let err = load(&dir).unwrap_or_else(|| panic!("{key}: loaded"));
+        assert!(err.contains(want), "{key}: {err}");
+        assert!(err.contains("adapter_config.json"), "{key}: {err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // one adapter tensor renamed: the projection it belonged to has none, and the new
+    // name adapts nothing
+    let dir = tmp("refused-tensors");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let (name, _) = tensors
+        .iter()
+        .find(|(n, _)| n.contains("layers.0.self_attn.q_proj.lora_A"))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .unwrap();
+    let t = tensors.remove(&name).unwrap();
+    tensors.insert(name.replace("layers.0.", "layers.99."), t);
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let err = load(&dir).expect("loaded with a renamed tensor");
+    assert!(err.contains("adapter_model.safetensors"), "{err}");
+    assert!(err.contains("layers.99"), "{err}");
+    assert!(
+        err.contains("no adapter for model.layers.0.self_attn.q_proj.lora_A"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -244,10 +244,53 @@ pub fn load_peft(
     cfg: &ModelConfig,
     names: &ModuleNames,
 ) -> Result<(ModelConfig, Params)> {
-    let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let pc: PeftConfig = serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
-    let refuse = |what: &str| Error::parse(&cfg_path, what.to_string());
+    let pc = read_peft_config(&dir.join("adapter_config.json"))?;
+    let path = dir.join("adapter_model.safetensors");
+    let tensors = weights::load_safetensors(&path, Some(DType::F32), &Device::Cpu)?;
+    let mut problems = Vec::new();
+    let (params, targets) = canonical_adapters(tensors, names, &mut problems)?;
+    let mut out = cfg.clone();
+    out.lora = Some(LoraConfig {
+        r: pc.r,
+        alpha: pc.lora_alpha,
+        targets,
+    });
+    // the table the config now implies must be exactly what the file holds
+    let expected: BTreeMap<String, Vec<usize>> = crate::weights::names::param_specs(&out)
+        .into_iter()
+        .filter(|s| is_adapter(&s.name))
+        .map(|s| (s.name, s.shape))
+        .collect();
+    for (name, shape) in &expected {
+        match params.get(name) {
+            None => problems.push(format!("no adapter for {name}")),
+            Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
+                "{name}: shape {:?}, the model needs {shape:?}",
+                t.dims()
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in params.keys() {
+        if !expected.contains_key(name) {
+            problems.push(format!("{name}: adapts no projection of the model"));
+        }
+    }
+    if params.is_empty() && problems.is_empty() {
+        problems.push("the file holds no adapters".into());
+    }
+    if !problems.is_empty() {
+        return Err(Error::WeightMismatch { path, problems });
+    }
+    Ok((out, params))
+}
+
+/// A PEFT `adapter_config.json` that routelm can run: LoRA with one rank and alpha, no
+/// option that changes what the adapter computes; anything else refused by name.
+fn read_peft_config(path: &Path) -> Result<PeftConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let pc: PeftConfig = serde_json::from_str(&text).map_err(|e| Error::parse(path, e))?;
+    let refuse = |what: &str| Error::parse(path, what.to_string());
     if pc.peft_type.as_deref().is_some_and(|t| t != "LORA") {
         return Err(refuse(&format!(
             "peft_type {:?}: routelm reads LoRA adapters",
@@ -264,8 +307,7 @@ pub fn load_peft(
     }
     // options that change what the adapter computes, which routelm does not run: each
     // must be absent, null, false or empty
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::parse(&cfg_path, e))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::parse(path, e))?;
     for key in [
         "lora_bias",
         "use_qalora",
@@ -292,8 +334,18 @@ pub fn load_peft(
     if pc.r == 0 || !(pc.lora_alpha.is_finite() && pc.lora_alpha > 0.0) {
         return Err(refuse("r and lora_alpha must be positive"));
     }
-    let path = dir.join("adapter_model.safetensors");
-    let tensors = weights::load_safetensors(&path, Some(DType::F32), &Device::Cpu)?;
+    Ok(pc)
+}
+
+/// The adapter file's tensors under canonical names (`{projection}.lora_A.weight`,
+/// `….lora_B.weight`; a published projection that is rows of a canonical one, its B's
+/// rows picked) and the projections' leaf names adapted, in order of appearance; a tensor
+/// that is no adapter of a projection the model publishes goes to `problems`.
+fn canonical_adapters(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    names: &ModuleNames,
+    problems: &mut Vec<String>,
+) -> Result<(Params, Vec<String>)> {
     // published module → canonical one
     let back: Option<BTreeMap<&str, (&str, &Published)>> = names.as_ref().map(|m| {
         m.iter()
@@ -302,7 +354,6 @@ pub fn load_peft(
     });
     let mut params = Params::new();
     let mut targets: Vec<String> = Vec::new();
-    let mut problems = Vec::new();
     for (name, t) in tensors {
         let Some(rest) = name.strip_prefix(PEFT_PREFIX) else {
             problems.push(format!("{name}: not a PEFT causal-LM adapter tensor"));
@@ -341,38 +392,5 @@ pub fn load_peft(
         }
         params.insert(format!("{canonical}.{kind}.weight"), t);
     }
-    let mut out = cfg.clone();
-    out.lora = Some(LoraConfig {
-        r: pc.r,
-        alpha: pc.lora_alpha,
-        targets,
-    });
-    // the table the config now implies must be exactly what the file holds
-    let expected: BTreeMap<String, Vec<usize>> = crate::weights::names::param_specs(&out)
-        .into_iter()
-        .filter(|s| is_adapter(&s.name))
-        .map(|s| (s.name, s.shape))
-        .collect();
-    for (name, shape) in &expected {
-        match params.get(name) {
-            None => problems.push(format!("no adapter for {name}")),
-            Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
-                "{name}: shape {:?}, the model needs {shape:?}",
-                t.dims()
-            )),
-            Some(_) => {}
-        }
-    }
-    for name in params.keys() {
-        if !expected.contains_key(name) {
-            problems.push(format!("{name}: adapts no projection of the model"));
-        }
-    }
-    if params.is_empty() && problems.is_empty() {
-        problems.push("the file holds no adapters".into());
-    }
-    if !problems.is_empty() {
-        return Err(Error::WeightMismatch { path, problems });
-    }
-    Ok((out, params))
+    Ok((params, targets))
 }
