@@ -1,25 +1,158 @@
-//! Multi-row products ([`MultiDotFn`]) of f32 and bf16 rows on AVX-512: each weight row is
-//! read once for 2 to 8 activation rows (several sequences decoded together), instead of
-//! once per activation row. Each activation row's arithmetic is exactly that of the
-//! one-row kernels (`f32s_512`, `bf16s_512`: the same accumulators, the same order), so a
+//! Multi-row products ([`MultiDotFn`]) of f32, f16 and bf16 rows: each weight row is read
+//! once for 2 to 8 activation rows (several sequences decoded together), instead of once
+//! per activation row. Each activation row's arithmetic is exactly that of the one-row
+//! kernel of its path (the same accumulators, the same order: `f32s_512` and `bf16s_512`
+//! on AVX-512, `f32s_256`, `f16s_256` and `bf16s_256` on AVX2, f16 on both), so a
 //! sequence decodes to the same bits alone or in company.
 
 use std::arch::x86_64::*;
 
-use super::simd::tail_dot;
+use super::simd::{hsum, tail_dot};
 use super::{ActRow, MultiDotFn};
 use crate::weights::quant::GgmlType;
 
-/// The multi-row product of float rows of `ty` (f32, bf16), where it has one.
+/// The AVX-512 path's multi-row product of float rows of `ty`, where it has one (f16 rows
+/// stay on 256-bit registers there, as their one-row kernel does).
 ///
 /// # Safety
-/// The CPU must have AVX-512F, AVX2 and FMA.
-pub unsafe fn multi(ty: GgmlType) -> Option<MultiDotFn> {
+/// The CPU must have AVX-512F, AVX2, FMA and F16C.
+pub unsafe fn multi_512(ty: GgmlType) -> Option<MultiDotFn> {
     match ty {
         GgmlType::F32 => Some(by_rows!(f32s_m)),
         GgmlType::BF16 => Some(by_rows!(bf16s_m)),
+        GgmlType::F16 => Some(by_rows!(f16s_m_256)),
         _ => None,
     }
+}
+
+/// The AVX2 path's multi-row product of float rows of `ty`, where it has one.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+pub unsafe fn multi_256(ty: GgmlType) -> Option<MultiDotFn> {
+    match ty {
+        GgmlType::F32 => Some(by_rows!(f32s_m_256)),
+        GgmlType::F16 => Some(by_rows!(f16s_m_256)),
+        GgmlType::BF16 => Some(by_rows!(bf16s_m_256)),
+        _ => None,
+    }
+}
+
+/// f32 or f16 rows (values of `size` bytes, widened by `load`) with `M` activation rows on
+/// 256-bit registers: one 8-lane accumulator per activation row, as `float_rows_256!`
+/// does for one.
+macro_rules! floats_m_256 {
+    ($w:expr, $rb:expr, $acts:expr, $out:expr, $stride:expr, $M:ident, $ty:expr, $size:expr,
+     |$p:ident| $load:expr) => {{
+        let (w, rb, acts, out, stride): (&[u8], usize, &[ActRow<'_>], *mut f32, usize) =
+            ($w, $rb, $acts, $out, $stride);
+        let n = rb / $size;
+        assert!(acts.len() == $M && acts.iter().all(|a| a.x.len() >= n));
+        let rows = w.len() / rb;
+        let body = n / 8 * 8;
+        let xp: [*const f32; $M] = std::array::from_fn(|j| acts[j].x.as_ptr());
+        let wp = w.as_ptr();
+        for r in 0..rows {
+            let row = wp.add(r * rb);
+            let mut acc = [_mm256_setzero_ps(); $M];
+            let mut i = 0;
+            while i < body {
+                let $p = row.add($size * i);
+                let wv = $load;
+                for j in 0..$M {
+                    acc[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xp[j].add(i)), acc[j]);
+                }
+                i += 8;
+            }
+            for j in 0..$M {
+                let tail = tail_dot($ty, row, body, &acts[j].x[..n]);
+                *out.add(j * stride + r) = hsum(acc[j]) + tail;
+            }
+        }
+    }};
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32s_m_256<const M: usize>(
+    w: &[u8],
+    rb: usize,
+    acts: &[ActRow<'_>],
+    out: *mut f32,
+    stride: usize,
+) {
+    floats_m_256!(w, rb, acts, out, stride, M, GgmlType::F32, 4, |p| {
+        _mm256_loadu_ps(p as *const f32)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16s_m_256<const M: usize>(
+    w: &[u8],
+    rb: usize,
+    acts: &[ActRow<'_>],
+    out: *mut f32,
+    stride: usize,
+) {
+    floats_m_256!(w, rb, acts, out, stride, M, GgmlType::F16, 2, |p| {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    })
+}
+
+/// bf16 rows with `M` activation rows on 256-bit registers: 16 values a step, even ones
+/// shifted up and odd ones masked against each activation row's even and odd values, as
+/// `bf16s_256` does for one.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16s_m_256<const M: usize>(
+    w: &[u8],
+    rb: usize,
+    acts: &[ActRow<'_>],
+    out: *mut f32,
+    stride: usize,
+) {
+    let n = rb / 2;
+    assert!(acts.len() == M && acts.iter().all(|a| a.x.len() >= n));
+    let rows = w.len() / rb;
+    let body = n / 16 * 16;
+    let split = split_even_odd::<M>(acts, body, 16);
+    let sp: [*const f32; M] = std::array::from_fn(|j| split.as_ptr().wrapping_add(j * body));
+    let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+    let wp = w.as_ptr();
+    for r in 0..rows {
+        let row = wp.add(r * rb);
+        let mut acc = [_mm256_setzero_ps(); M];
+        let mut i = 0;
+        while i < body {
+            let v = _mm256_loadu_si256(row.add(2 * i) as *const __m256i);
+            let even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            let odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for j in 0..M {
+                let xe = _mm256_loadu_ps(sp[j].add(i));
+                let xo = _mm256_loadu_ps(sp[j].add(i + 8));
+                acc[j] = _mm256_fmadd_ps(odd, xo, _mm256_fmadd_ps(even, xe, acc[j]));
+            }
+            i += 16;
+        }
+        for j in 0..M {
+            let tail = tail_dot(GgmlType::BF16, row, body, &acts[j].x[..n]);
+            *out.add(j * stride + r) = hsum(acc[j]) + tail;
+        }
+    }
+}
+
+/// The first `body` values of each activation row, per `step` values its even ones then
+/// its odd ones (the order a bf16 row's 32-bit words give), row after row.
+fn split_even_odd<const M: usize>(acts: &[ActRow<'_>], body: usize, step: usize) -> Vec<f32> {
+    let mut split = vec![0f32; M * body];
+    let half = step / 2;
+    for (s, a) in split.chunks_exact_mut(body.max(1)).zip(acts) {
+        for (s, c) in s.chunks_exact_mut(step).zip(a.x[..body].chunks_exact(step)) {
+            for t in 0..half {
+                s[t] = c[2 * t];
+                s[half + t] = c[2 * t + 1];
+            }
+        }
+    }
+    split
 }
 
 /// f32 rows with `M` activation rows: two 16-lane accumulators per activation row over
@@ -74,16 +207,7 @@ unsafe fn bf16s_m<const M: usize>(
     assert!(acts.len() == M && acts.iter().all(|a| a.x.len() >= n));
     let rows = w.len() / rb;
     let body = n / 32 * 32;
-    // each activation row's values split, per 32, into its 16 even then its 16 odd ones
-    let mut split = vec![0f32; M * body];
-    for (s, a) in split.chunks_exact_mut(body.max(1)).zip(acts) {
-        for (s, c) in s.chunks_exact_mut(32).zip(a.x.chunks_exact(32)) {
-            for t in 0..16 {
-                s[t] = c[2 * t];
-                s[16 + t] = c[2 * t + 1];
-            }
-        }
-    }
+    let split = split_even_odd::<M>(acts, body, 32);
     let sp: [*const f32; M] = std::array::from_fn(|j| split.as_ptr().wrapping_add(j * body));
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();

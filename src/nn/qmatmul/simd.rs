@@ -502,7 +502,7 @@ kernels!(
 /// The sum of the 8 lanes of `v`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -777,7 +777,7 @@ pub fn avx2_dot(ty: GgmlType) -> DotFn {
 pub fn avx2_multi(ty: GgmlType) -> Option<MultiDotFn> {
     match has_avx2() {
         // SAFETY: AVX2, FMA and F16C were just detected
-        true => unsafe { avx2::multi(ty) },
+        true => unsafe { avx2::multi(ty).or_else(|| super::float_multi::multi_256(ty)) },
         false => None,
     }
 }
@@ -787,7 +787,7 @@ pub fn vnni_multi(ty: GgmlType) -> Option<MultiDotFn> {
     match has_vnni() {
         // SAFETY: VNNI, AVX-512VL and AVX2's features (AVX-512F among them) were just
         // detected
-        true => unsafe { vnni::multi(ty).or_else(|| super::float_multi::multi(ty)) },
+        true => unsafe { vnni::multi(ty).or_else(|| super::float_multi::multi_512(ty)) },
         false => None,
     }
 }
