@@ -1074,3 +1074,48 @@ fn lying_metadata_numbers_never_panic() {
         panics.join("\n")
     );
 }
+
+/// A `tokenizer.json` with more tokens than the model's embedding rows, or an id far past
+/// them, is refused by name when its GGUF metadata is made, before anything is sized by
+/// the id (an id of 4 billion sized a 96 GB token list).
+#[test]
+fn tokenizers_larger_than_the_embedding_are_refused() {
+    let routelm::Tokenizer::Hf(source) = routelm::Tokenizer::from_gguf_as(
+        &fixtures().join("tokenizer-llama-bpe.gguf"),
+        routelm::TokenizerBuild::Library,
+    )
+    .unwrap() else {
+        panic!("not a tokenizer.json tokenizer");
+    };
+    let dir = std::env::temp_dir().join(format!("routelm-tok-big-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("tokenizer.json");
+    source.save(&json, false).unwrap();
+    let n = source.get_vocab_size(true);
+    let err = routelm::tokenize::gguf_metadata(&json, n - 1, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{n} tokens, more than the model's {}", n - 1)),
+        "{err}"
+    );
+    assert!(err.contains("tokenizer.json"), "{err}");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    spec["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": 4_000_000_000u64, "content": "<far>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    std::fs::write(&json, spec.to_string()).unwrap();
+    let err = routelm::tokenize::gguf_metadata(&json, n + 3, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("4000000001 tokens, more than the model's"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use serde_json::Value as Json;
+
 use super::bytelevel::{self, byte_alphabet};
 use super::{assembled, spm, BpeParts, Split, Tokenizer};
 use crate::error::{Error, Result};
@@ -385,90 +387,23 @@ pub fn gguf_metadata(
     eos: Option<u32>,
 ) -> Result<Vec<(String, crate::weights::gguf::Value)>> {
     use crate::weights::gguf::Value;
-    use serde_json::Value as Json;
     let bad = |msg: &str| Error::Tokenizer(format!("{}: {msg}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let spec: Json = serde_json::from_str(&text).map_err(|e| Error::parse(path, e))?;
-    let model = &spec["model"];
-    let byte_level = |p: &Json| p["type"] == "ByteLevel";
-    let pre = &spec["pre_tokenizer"];
-    let name = if byte_level(pre) && pre["use_regex"] != false {
-        "gpt-2"
-    } else {
-        let parts = pre["pretokenizers"].as_array().cloned().unwrap_or_default();
-        let split = match parts.as_slice() {
-            [s, b] if s["type"] == "Split" && byte_level(b) && b["use_regex"] == false => s
-                ["pattern"]["Regex"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            _ => String::new(),
-        };
-        match ["llama-bpe", "qwen2"]
-            .into_iter()
-            .find(|n| Split::of_gguf(n).ok().and_then(Split::pattern) == Some(split.as_str()))
-        {
-            Some(n) => n,
-            None => {
-                return Err(bad(
-                    "its pre-tokenizer has no GGUF name routelm knows (byte-level BPE with \
-                     GPT-2's, Llama 3's or Qwen2's split is written)",
-                ))
-            }
-        }
-    };
-    if model["type"] != "BPE" || !byte_level(&spec["decoder"]) {
+    let name = gguf_pre_name(&spec).ok_or_else(|| {
+        bad(
+            "its pre-tokenizer has no GGUF name routelm knows (byte-level BPE with \
+             GPT-2's, Llama 3's or Qwen2's split is written)",
+        )
+    })?;
+    if spec["model"]["type"] != "BPE" || !byte_level(&spec["decoder"]) {
         return Err(bad(
             "only byte-level BPE tokenizers are written to GGUF so far (SentencePiece-style ones \
              are not)",
         ));
     }
-    let vocab = model["vocab"]
-        .as_object()
-        .ok_or_else(|| bad("model.vocab is not an object"))?;
-    let added = spec["added_tokens"].as_array().cloned().unwrap_or_default();
-    let n = vocab
-        .values()
-        .filter_map(Json::as_u64)
-        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
-        .max()
-        .map_or(0, |m| m as usize + 1);
-    let mut tokens = vec![String::new(); n];
-    let mut types = vec![1i32; n];
-    let mut seen = vec![false; n];
-    for (t, id) in vocab {
-        let id = id
-            .as_u64()
-            .ok_or_else(|| bad("a vocabulary id is not a number"))? as usize;
-        tokens[id] = t.clone();
-        seen[id] = true;
-    }
-    for a in &added {
-        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
-            return Err(bad("an added token without id or content"));
-        };
-        let id = id as usize;
-        tokens[id] = t.to_string();
-        seen[id] = true;
-        types[id] = if a["special"] == true { 3 } else { 4 };
-    }
-    if n > vocab_rows {
-        return Err(bad(&format!(
-            "{n} tokens, more than the model's {vocab_rows} embedding rows"
-        )));
-    }
-    for (id, t) in tokens.iter_mut().enumerate() {
-        if !seen[id] {
-            *t = format!("[PAD{id}]");
-            types[id] = 5;
-        }
-    }
-    for id in n..vocab_rows {
-        tokens.push(format!("[PAD{id}]"));
-        types.push(5);
-    }
-    let n = vocab_rows;
-    let merges: Vec<Value> = model["merges"]
+    let (tokens, types) = gguf_tokens(&spec, vocab_rows).map_err(|e| bad(&e))?;
+    let merges: Vec<Value> = spec["model"]["merges"]
         .as_array()
         .ok_or_else(|| bad("model.merges is not an array"))?
         .iter()
@@ -503,9 +438,75 @@ pub fn gguf_metadata(
         ),
     ];
     for (key, id) in [("bos", bos), ("eos", eos)] {
-        if let Some(id) = id.filter(|&i| (i as usize) < n) {
+        if let Some(id) = id.filter(|&i| (i as usize) < vocab_rows) {
             out.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(id)));
         }
     }
     Ok(out)
+}
+
+fn byte_level(p: &Json) -> bool {
+    p["type"] == "ByteLevel"
+}
+
+/// The GGUF name of a `tokenizer.json`'s pre-tokenizer: `gpt-2` for plain byte-level, or
+/// the name whose split pattern it uses (`llama-bpe`, `qwen2`); `None` for any other.
+fn gguf_pre_name(spec: &Json) -> Option<&'static str> {
+    let pre = &spec["pre_tokenizer"];
+    if byte_level(pre) && pre["use_regex"] != false {
+        return Some("gpt-2");
+    }
+    let parts = pre["pretokenizers"].as_array().cloned().unwrap_or_default();
+    let split = match parts.as_slice() {
+        [s, b] if s["type"] == "Split" && byte_level(b) && b["use_regex"] == false => s["pattern"]
+            ["Regex"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    };
+    ["llama-bpe", "qwen2"]
+        .into_iter()
+        .find(|n| Split::of_gguf(n).ok().and_then(Split::pattern) == Some(split.as_str()))
+}
+
+/// The tokens by id and their GGUF types (1 normal, 3 control for special added tokens, 4
+/// user-defined for other added ones, 5 unused), padded with `[PADi]` to `vocab_rows`.
+/// An id at or past `vocab_rows` is refused before anything is sized by it.
+fn gguf_tokens(
+    spec: &Json,
+    vocab_rows: usize,
+) -> std::result::Result<(Vec<String>, Vec<i32>), String> {
+    let vocab = spec["model"]["vocab"]
+        .as_object()
+        .ok_or("model.vocab is not an object")?;
+    let added = spec["added_tokens"].as_array().cloned().unwrap_or_default();
+    let mut ids = Vec::with_capacity(vocab.len() + added.len());
+    for (t, id) in vocab {
+        let id = id.as_u64().ok_or("a vocabulary id is not a number")?;
+        ids.push((id, t.as_str(), 1));
+    }
+    for a in &added {
+        let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            return Err("an added token without id or content".into());
+        };
+        ids.push((id, t, if a["special"] == true { 3 } else { 4 }));
+    }
+    let n = ids
+        .iter()
+        .map(|&(id, ..)| id.saturating_add(1))
+        .max()
+        .unwrap_or(0);
+    if n > vocab_rows as u64 {
+        return Err(format!(
+            "{n} tokens, more than the model's {vocab_rows} embedding rows"
+        ));
+    }
+    let mut tokens: Vec<String> = (0..vocab_rows).map(|id| format!("[PAD{id}]")).collect();
+    let mut types = vec![5i32; vocab_rows];
+    for (id, t, ty) in ids {
+        tokens[id as usize] = t.to_string();
+        types[id as usize] = ty;
+    }
+    Ok((tokens, types))
 }
