@@ -1001,9 +1001,10 @@ fn no_attention_heads_is_an_error() {
     }
 }
 
-/// Every number a model fixture's metadata holds, replaced in turn by an extreme (0, 1 and
-/// the type's largest for integers; 0, −1, NaN and ∞ for floats): loading gives a model
-/// or an error, never a panic.
+/// Every number a model or tokenizer fixture's metadata holds, replaced in turn by an
+/// extreme (0, 1 and the type's largest for unsigned integers, 0, −1 and both ends for
+/// signed ones; 0, −1, NaN and ∞ for floats): loading the model and building the tokenizer
+/// (both ways) give a result or an error, never a panic.
 #[test]
 fn lying_metadata_numbers_never_panic() {
     let models = [
@@ -1018,6 +1019,11 @@ fn lying_metadata_numbers_never_panic() {
         "qwen2_moe.f32.gguf",
         "qwen3.f32.gguf",
         "qwen3_moe.f32.gguf",
+        "tokenizer-default.gguf",
+        "tokenizer-gemma.gguf",
+        "tokenizer-llama-bpe.gguf",
+        "tokenizer-llama-spm.gguf",
+        "tokenizer-phi3-spm.gguf",
     ];
     let path = std::env::temp_dir().join(format!("routelm-lying-{}.gguf", std::process::id()));
     let (mut tried, mut panics) = (0, Vec::new());
@@ -1033,6 +1039,12 @@ fn lying_metadata_numbers_never_panic() {
                 Value::U64(_) => (
                     10,
                     [0u64, 1, u64::MAX].map(|v| v.to_le_bytes().to_vec()).into(),
+                ),
+                Value::I32(_) => (
+                    5,
+                    [0i32, -1, i32::MAX, i32::MIN]
+                        .map(|v| v.to_le_bytes().to_vec())
+                        .into(),
                 ),
                 Value::F32(_) => (
                     6,
@@ -1056,8 +1068,12 @@ fn lying_metadata_numbers_never_panic() {
                 b[at..at + v.len()].copy_from_slice(&v);
                 std::fs::write(&path, &b).unwrap();
                 tried += 1;
+                // the model, and the tokenizer both ways (routelm's own and the library's)
                 let load = std::panic::catch_unwind(|| {
                     let _ = routelm::arch::load_dir(&path, candle_core::DType::F32, &Device::Cpu);
+                    let _ = routelm::Tokenizer::from_gguf(&path);
+                    let _ =
+                        routelm::Tokenizer::from_gguf_as(&path, routelm::TokenizerBuild::Library);
                 });
                 if load.is_err() {
                     panics.push(format!("{file}: {key} = {v:?}"));
