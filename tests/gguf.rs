@@ -1001,10 +1001,11 @@ fn no_attention_heads_is_an_error() {
     }
 }
 
-/// Every number a model or tokenizer fixture's metadata holds, replaced in turn by an
-/// extreme (0, 1 and the type's largest for unsigned integers, 0, −1 and both ends for
-/// signed ones; 0, −1, NaN and ∞ for floats): loading the model and building the tokenizer
-/// (both ways) give a result or an error, never a panic.
+/// Every number a model or tokenizer fixture's metadata holds (and the first element of
+/// every i32 array, such as the token types), replaced in turn by an extreme (0, 1 and the
+/// type's largest for unsigned integers, 0, −1 and both ends for signed ones; 0, −1, NaN
+/// and ∞ for floats): loading the model and building the tokenizer (both ways) give a
+/// result or an error, never a panic.
 #[test]
 fn lying_metadata_numbers_never_panic() {
     let models = [
@@ -1031,23 +1032,29 @@ fn lying_metadata_numbers_never_panic() {
         let good = std::fs::read(fixtures().join(file)).unwrap();
         let meta = GgufFile::open(&fixtures().join(file)).unwrap().metadata;
         for (key, value) in &meta {
-            let (code, bytes): (u32, Vec<Vec<u8>>) = match value {
+            // the value's type code, the bytes before the patched number (an integer
+            // array's element type and count: its first element is patched), the numbers
+            let signed = || {
+                [0i32, -1, i32::MAX, i32::MIN]
+                    .map(|v| v.to_le_bytes().to_vec())
+                    .into()
+            };
+            let (code, skip, bytes): (u32, usize, Vec<Vec<u8>>) = match value {
+                Value::Array(v) if matches!(v.first(), Some(Value::I32(_))) => (9, 12, signed()),
                 Value::U32(_) => (
                     4,
+                    0,
                     [0u32, 1, u32::MAX].map(|v| v.to_le_bytes().to_vec()).into(),
                 ),
                 Value::U64(_) => (
                     10,
+                    0,
                     [0u64, 1, u64::MAX].map(|v| v.to_le_bytes().to_vec()).into(),
                 ),
-                Value::I32(_) => (
-                    5,
-                    [0i32, -1, i32::MAX, i32::MIN]
-                        .map(|v| v.to_le_bytes().to_vec())
-                        .into(),
-                ),
+                Value::I32(_) => (5, 0, signed()),
                 Value::F32(_) => (
                     6,
+                    0,
                     [0f32, -1.0, f32::NAN, f32::INFINITY]
                         .map(|v| v.to_le_bytes().to_vec())
                         .into(),
@@ -1062,7 +1069,8 @@ fn lying_metadata_numbers_never_panic() {
                 .windows(stored.len())
                 .position(|w| w == stored.as_slice())
                 .unwrap_or_else(|| panic!("{file}: {key} not found"))
-                + stored.len();
+                + stored.len()
+                + skip;
             for v in bytes {
                 let mut b = good.clone();
                 b[at..at + v.len()].copy_from_slice(&v);
