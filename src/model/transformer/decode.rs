@@ -266,96 +266,16 @@ impl Model {
         let rope = StepRope::new(self, starts)?;
         let all: Vec<usize> = (0..b).collect();
         let mut routes = vec![TokenRoute::default(); b];
-        for (l, block) in self.blocks.iter().enumerate() {
-            let run = |x: &Tensor,
-                       rows: &[usize],
-                       caches: &mut [&mut Cache],
-                       attn_rows: Option<&crate::model::block::FfnRows>,
-                       ffn_rows: Option<&crate::model::block::FfnRows>| {
-                let rope = rope.of_rows(self.is_local(l), rows)?;
-                let mut layer: Vec<&mut KvCache> = caches
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| rows.contains(i))
-                    .map(|(_, c)| &mut c.layers[l])
-                    .collect();
-                block.forward_decode(
-                    x,
-                    rope.as_ref().map(|(c, s)| (c, s)),
-                    &mut layer,
-                    attn_rows,
-                    ffn_rows,
-                )
+        for l in 0..self.blocks.len() {
+            let layer = LayerStep {
+                model: self,
+                l,
+                rope: &rope,
             };
-            let record = |routes: &mut [TokenRoute], moe: Option<MoeStats>, rows: &[usize]| {
-                if let Some(m) = moe {
-                    for (j, &i) in rows.iter().enumerate() {
-                        if let Some(e) = m.token_experts.get(j) {
-                            routes[i].experts.push((l, e.clone()));
-                        }
-                    }
-                }
+            x = match &self.routers[l] {
+                None => layer.run(&x, &all, caches, &mut routes, None)?,
+                Some(router) => layer.routed(&x, router, starts, caches, &mut routes)?,
             };
-            let Some(router) = &self.routers[l] else {
-                let (y, moe) = run(&x, &all, caches, None, None)
-                    .map_err(|e| e.context(format!("layer {l}")))?;
-                record(&mut routes, moe, &all);
-                x = y;
-                continue;
-            };
-            // a routed block: each row decides by itself (as it would alone), the chosen
-            // rows run the block together and add σ(r)·(block(x) − x)
-            let (chosen, gates) = depth_choices(router, &x, starts)?;
-            for (i, route) in routes.iter_mut().enumerate() {
-                route.blocks.push((l, chosen.contains(&i)));
-            }
-            let skip = router.config.skip;
-            if skip != crate::config::DepthSkip::Block {
-                let rows: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
-                let scale = match gates.is_empty() {
-                    true => Tensor::zeros(0, x.dtype(), dev)?,
-                    false => {
-                        crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
-                    }
-                };
-                let sel = crate::model::block::FfnRows {
-                    rows: Tensor::new(rows.as_slice(), dev)?,
-                    scale,
-                };
-                // skip=mlp: every row through the attention (and into its cache), the
-                // chosen rows through the feed-forward too; skip=attention: the chosen
-                // rows through the attention (and into their caches), every row through
-                // the feed-forward
-                let (attn, attn_rows, ffn_rows, ffn) = match skip {
-                    crate::config::DepthSkip::Mlp => (&all, None, Some(&sel), &chosen),
-                    _ => (&chosen, Some(&sel), None, &all),
-                };
-                let (y, moe) = run(&x, attn, caches, attn_rows, ffn_rows)
-                    .map_err(|e| e.context(format!("layer {l}")))?;
-                record(&mut routes, moe, ffn);
-                x = y;
-                continue;
-            }
-            if chosen.is_empty() {
-                continue;
-            }
-            let idx = Tensor::new(
-                chosen
-                    .iter()
-                    .map(|&i| i as u32)
-                    .collect::<Vec<_>>()
-                    .as_slice(),
-                dev,
-            )?;
-            let xs = x.index_select(&idx, 0)?;
-            let (y, moe) = run(&xs, &chosen, caches, None, None)
-                .map_err(|e| e.context(format!("layer {l}")))?;
-            record(&mut routes, moe, &chosen);
-            let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
-                .to_dtype(x.dtype())?
-                .reshape((chosen.len(), 1, 1))?;
-            let delta = (y - &xs)?.broadcast_mul(&gate)?;
-            x = x.index_add(&idx, &delta, 0)?;
         }
         let x = self.norm.forward(&x)?;
         let logits = self.logits(x)?;
@@ -386,6 +306,128 @@ fn depth_choices(
         }
     }
     Ok((chosen, gates))
+}
+
+/// One layer of a batched decoding step ([`Model::decode_batch`]).
+struct LayerStep<'a> {
+    model: &'a Model,
+    l: usize,
+    rope: &'a StepRope,
+}
+
+impl LayerStep<'_> {
+    /// The block on `x`'s rows, which are the sequences `rows` (all of them, or the chosen
+    /// ones). With `sel`, a routed block's sub-block runs on the selected rows alone
+    /// (scaled), and the list beside it names the sequences the feed-forward saw; the
+    /// experts each of them saw go to `routes`.
+    fn run(
+        &self,
+        x: &Tensor,
+        rows: &[usize],
+        caches: &mut [&mut Cache],
+        routes: &mut [TokenRoute],
+        sel: Option<(Selected<'_>, &[usize])>,
+    ) -> CResult<Tensor> {
+        let (l, block) = (self.l, &self.model.blocks[self.l]);
+        let rope = self.rope.of_rows(self.model.is_local(l), rows)?;
+        let mut layer: Vec<&mut KvCache> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| rows.contains(i))
+            .map(|(_, c)| &mut c.layers[l])
+            .collect();
+        let (attn_rows, ffn_rows, ffn) = match sel {
+            None => (None, None, rows),
+            Some((Selected::Attention(s), ffn)) => (Some(s), None, ffn),
+            Some((Selected::FeedForward(s), ffn)) => (None, Some(s), ffn),
+        };
+        let (y, moe) = block
+            .forward_decode(
+                x,
+                rope.as_ref().map(|(c, s)| (c, s)),
+                &mut layer,
+                attn_rows,
+                ffn_rows,
+            )
+            .map_err(|e| e.context(format!("layer {l}")))?;
+        if let Some(m) = moe {
+            for (j, &i) in ffn.iter().enumerate() {
+                if let Some(e) = m.token_experts.get(j) {
+                    routes[i].experts.push((l, e.clone()));
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    /// A routed block: each row decides by itself (as it would alone), the chosen rows run
+    /// the block (or the sub-block the router skips) and add σ(r)·(block(x) − x).
+    fn routed(
+        &self,
+        x: &Tensor,
+        router: &DepthRouter,
+        starts: &[usize],
+        caches: &mut [&mut Cache],
+        routes: &mut [TokenRoute],
+    ) -> CResult<Tensor> {
+        let (l, dev) = (self.l, x.device());
+        let all: Vec<usize> = (0..starts.len()).collect();
+        let (chosen, gates) = depth_choices(router, x, starts)?;
+        for (i, route) in routes.iter_mut().enumerate() {
+            route.blocks.push((l, chosen.contains(&i)));
+        }
+        let skip = router.config.skip;
+        if skip != crate::config::DepthSkip::Block {
+            let rows: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
+            let scale = match gates.is_empty() {
+                true => Tensor::zeros(0, x.dtype(), dev)?,
+                false => {
+                    crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
+                }
+            };
+            let sel = crate::model::block::FfnRows {
+                rows: Tensor::new(rows.as_slice(), dev)?,
+                scale,
+            };
+            // skip=mlp: every row through the attention (and into its cache), the chosen
+            // rows through the feed-forward too; skip=attention: the chosen rows through
+            // the attention (and into their caches), every row through the feed-forward
+            return match skip {
+                crate::config::DepthSkip::Mlp => self.run(
+                    x,
+                    &all,
+                    caches,
+                    routes,
+                    Some((Selected::FeedForward(&sel), &chosen)),
+                ),
+                _ => self.run(
+                    x,
+                    &chosen,
+                    caches,
+                    routes,
+                    Some((Selected::Attention(&sel), &all)),
+                ),
+            };
+        }
+        if chosen.is_empty() {
+            return Ok(x.clone());
+        }
+        let idx: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), dev)?;
+        let xs = x.index_select(&idx, 0)?;
+        let y = self.run(&xs, &chosen, caches, routes, None)?;
+        let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
+            .to_dtype(x.dtype())?
+            .reshape((chosen.len(), 1, 1))?;
+        let delta = (y - &xs)?.broadcast_mul(&gate)?;
+        x.index_add(&idx, &delta, 0)
+    }
+}
+
+/// The rows of a routed block's sub-block: the attention's or the feed-forward's.
+enum Selected<'a> {
+    Attention(&'a crate::model::block::FfnRows),
+    FeedForward(&'a crate::model::block::FfnRows),
 }
 
 /// A decoding step's rotary tables: each row's cos and sin at its own position, made once
