@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::simd::{hsum, tail_dot};
+use super::simd::{hsum, split_even_odd, tail_dot};
 use super::{ActRow, MultiDotFn};
 use crate::weights::quant::GgmlType;
 
@@ -113,7 +113,7 @@ unsafe fn bf16s_m_256<const M: usize>(
     assert!(acts.len() == M && acts.iter().all(|a| a.x.len() >= n));
     let rows = w.len() / rb;
     let body = n / 16 * 16;
-    let split = split_even_odd::<M>(acts, body, 16);
+    let split = split_even_odd(acts.iter().map(|a| a.x), body, 16);
     let sp: [*const f32; M] = std::array::from_fn(|j| split.as_ptr().wrapping_add(j * body));
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();
@@ -137,22 +137,6 @@ unsafe fn bf16s_m_256<const M: usize>(
             *out.add(j * stride + r) = hsum(acc[j]) + tail;
         }
     }
-}
-
-/// The first `body` values of each activation row, per `step` values its even ones then
-/// its odd ones (the order a bf16 row's 32-bit words give), row after row.
-fn split_even_odd<const M: usize>(acts: &[ActRow<'_>], body: usize, step: usize) -> Vec<f32> {
-    let mut split = vec![0f32; M * body];
-    let half = step / 2;
-    for (s, a) in split.chunks_exact_mut(body.max(1)).zip(acts) {
-        for (s, c) in s.chunks_exact_mut(step).zip(a.x[..body].chunks_exact(step)) {
-            for t in 0..half {
-                s[t] = c[2 * t];
-                s[half + t] = c[2 * t + 1];
-            }
-        }
-    }
-    split
 }
 
 /// f32 rows with `M` activation rows: two 16-lane accumulators per activation row over
@@ -207,7 +191,7 @@ unsafe fn bf16s_m<const M: usize>(
     assert!(acts.len() == M && acts.iter().all(|a| a.x.len() >= n));
     let rows = w.len() / rb;
     let body = n / 32 * 32;
-    let split = split_even_odd::<M>(acts, body, 32);
+    let split = split_even_odd(acts.iter().map(|a| a.x), body, 32);
     let sp: [*const f32; M] = std::array::from_fn(|j| split.as_ptr().wrapping_add(j * body));
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let wp = w.as_ptr();

@@ -510,6 +510,25 @@ pub(super) unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The first `body` values of each activation row of `xs`, per `step` values its even ones
+/// then its odd ones (the order a bf16 row's 32-bit words give), row after row: what the
+/// bf16 kernels multiply a row's shifted and masked words with.
+pub(super) fn split_even_odd<'a>(
+    xs: impl IntoIterator<Item = &'a [f32]>,
+    body: usize,
+    step: usize,
+) -> Vec<f32> {
+    let half = step / 2;
+    let mut split = Vec::new();
+    for x in xs {
+        for c in x[..body].chunks_exact(step) {
+            split.extend((0..half).map(|t| c[2 * t]));
+            split.extend((0..half).map(|t| c[2 * t + 1]));
+        }
+    }
+    split
+}
+
 /// bf16 rows: 16 values (32 bytes) a step, no shuffles. In each 32-bit word
 /// of a row the high half is the odd value and the low half the even one, so
 /// `word & 0xFFFF0000` is the odd value as an f32 and `word << 16` the even
@@ -522,13 +541,7 @@ unsafe fn bf16s_256(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     let x = a.x;
     assert!(w.len() >= out.len() * rb && x.len() >= n);
     let body = n / 16 * 16;
-    let mut split = vec![0f32; body];
-    for (s, c) in split.chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-        for t in 0..8 {
-            s[t] = c[2 * t];
-            s[8 + t] = c[2 * t + 1];
-        }
-    }
+    let split = split_even_odd([x], body, 16);
     let (wp, sp) = (w.as_ptr(), split.as_ptr());
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let tail = |row: *const u8| tail_dot(GgmlType::BF16, row, body, &x[..n]);
@@ -710,13 +723,7 @@ unsafe fn bf16s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     let x = a.x;
     assert!(w.len() >= out.len() * rb && x.len() >= n);
     let body = n / 32 * 32;
-    let mut split = vec![0f32; body];
-    for (s, c) in split.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
-        for t in 0..16 {
-            s[t] = c[2 * t];
-            s[16 + t] = c[2 * t + 1];
-        }
-    }
+    let split = split_even_odd([x], body, 32);
     let (wp, sp) = (w.as_ptr(), split.as_ptr());
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let tail = |row: *const u8| tail_dot(GgmlType::BF16, row, body, &x[..n]);
