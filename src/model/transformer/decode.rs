@@ -376,19 +376,16 @@ impl LayerStep<'_> {
         for (i, route) in routes.iter_mut().enumerate() {
             route.blocks.push((l, chosen.contains(&i)));
         }
+        // the chosen rows and their update scales σ(r)
+        let idx: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), dev)?;
+        let scale = match gates.is_empty() {
+            true => Tensor::zeros(0, x.dtype(), dev)?,
+            false => crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?,
+        };
         let skip = router.config.skip;
         if skip != crate::config::DepthSkip::Block {
-            let rows: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
-            let scale = match gates.is_empty() {
-                true => Tensor::zeros(0, x.dtype(), dev)?,
-                false => {
-                    crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
-                }
-            };
-            let sel = crate::model::block::FfnRows {
-                rows: Tensor::new(rows.as_slice(), dev)?,
-                scale,
-            };
+            let sel = crate::model::block::FfnRows { rows: idx, scale };
             // skip=mlp: every row through the attention (and into its cache), the chosen
             // rows through the feed-forward too; skip=attention: the chosen rows through
             // the attention (and into their caches), every row through the feed-forward
@@ -412,13 +409,9 @@ impl LayerStep<'_> {
         if chosen.is_empty() {
             return Ok(x.clone());
         }
-        let idx: Vec<u32> = chosen.iter().map(|&i| i as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), dev)?;
         let xs = x.index_select(&idx, 0)?;
         let y = self.run(&xs, &chosen, caches, routes, None)?;
-        let gate = crate::routing::update_scale(&Tensor::cat(&gates, 0)?, router.config.scale)?
-            .to_dtype(x.dtype())?
-            .reshape((chosen.len(), 1, 1))?;
+        let gate = scale.to_dtype(x.dtype())?.reshape((chosen.len(), 1, 1))?;
         let delta = (y - &xs)?.broadcast_mul(&gate)?;
         x.index_add(&idx, &delta, 0)
     }
