@@ -435,26 +435,34 @@ impl Planner<'_> {
     /// `heads`), when the model has it.
     fn one(&mut self, gguf: &str, canonical: &str, heads: Option<usize>) {
         if let Some(t) = self.params.get(canonical) {
-            self.add(gguf.to_string(), t.dims().to_vec(), canonical, heads);
+            let source = Source::One(canonical.to_string(), heads);
+            self.add(gguf.to_string(), t.dims().to_vec(), source);
         }
     }
 
     /// Parameter `canonical` flattened to a vector, when the model has it.
     fn vector(&mut self, gguf: &str, canonical: &str) {
         if let Some(t) = self.params.get(canonical) {
-            self.add(gguf.to_string(), vec![t.elem_count()], canonical, None);
+            let source = Source::One(canonical.to_string(), None);
+            self.add(gguf.to_string(), vec![t.elem_count()], source);
         }
     }
 
-    fn add(&mut self, name: String, shape: Vec<usize>, canonical: &str, heads: Option<usize>) {
-        self.used.insert(canonical.to_string());
+    /// File tensor `name` of `shape` from `source`, whose parameters are then used.
+    fn add(&mut self, name: String, shape: Vec<usize>, source: Source) {
+        match &source {
+            Source::One(canonical, _) => {
+                self.used.insert(canonical.clone());
+            }
+            Source::Stack(names) => self.used.extend(names.iter().cloned()),
+        }
         self.plan.push(Planned {
             out: TensorOut {
                 name,
                 shape,
                 ty: GgmlType::F32,
             },
-            source: Source::One(canonical.to_string(), heads),
+            source,
         });
     }
 
@@ -464,15 +472,7 @@ impl Planner<'_> {
             return Err(format!("no tensor {}", names.first().map_or("", |n| n)));
         };
         let shape: Vec<usize> = [names.len()].iter().chain(first.dims()).copied().collect();
-        self.used.extend(names.iter().cloned());
-        self.plan.push(Planned {
-            out: TensorOut {
-                name: gguf,
-                shape,
-                ty: GgmlType::F32,
-            },
-            source: Source::Stack(names),
-        });
+        self.add(gguf, shape, Source::Stack(names));
         Ok(())
     }
 }
