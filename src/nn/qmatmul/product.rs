@@ -99,7 +99,7 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])]) -> Vec<Vec<f
         .collect();
     let mut ys: Vec<Vec<f32>> = pairs
         .iter()
-        .map(|(w, _, x)| vec![0f32; x.len() / w.cols * w.rows])
+        .map(|(w, _, x)| vec![0f32; rows_of(w, x) * w.rows])
         .collect();
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
     let run = |&(j, o0, o1): &(usize, usize, usize)| {
