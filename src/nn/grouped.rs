@@ -252,118 +252,24 @@ impl CustomOp3 for GroupedSwiglu {
         );
         let groups = group_count(&self.offsets);
         let tasks = self.tasks();
-        // frozen weights (a model trained through adapters) get no gradient
-        let weight_grads = gate_up.track_op() || down.track_op();
+        let grads = TaskGrads {
+            x,
+            gu_w,
+            down_w,
+            dy,
+            gu,
+            hid,
+            d,
+            h,
+            bf16: self.bf16,
+            // frozen weights (a model trained through adapters) get no gradient
+            weights: gate_up.track_op() || down.track_op(),
+        };
+        let weight_grads = grads.weights;
         let mut dx = output_buffer(n * d);
         let mut dgu_w = output_buffer(groups * 2 * h * d);
         let mut ddown_w = output_buffer(groups * d * h);
-        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
-        // one task's rows: its part of dx, and its rows' share of its group's weight
-        // gradients written to `dgue` and `dde`
-        let run = |(e, r0, rows): (usize, usize, usize),
-                   dxe: &mut [f32],
-                   dgue: &mut [f32],
-                   dde: &mut [f32]| {
-            let (gue, he) = (&gu[r0 * 2 * h..], &hid[r0 * h..]);
-            let mut dh = output_buffer(rows * h);
-            let mut dg = output_buffer(rows * 2 * h);
-            // SAFETY: the task's rows of dy, x, the saved [g | u] and hidden rows, and its
-            // group's weight blocks, read with strides inside them; the outputs are the
-            // task's own slices and the two temporaries, every value written
-            unsafe {
-                let dye = at(dy.as_ptr().add(r0 * d), d, 1);
-                // dh = dy_e · D_e
-                let d_e = at(down_w.as_ptr().add(e * d * h), h, 1);
-                product(self.bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
-                // dD_e = dy_eᵀ · h_e
-                if weight_grads {
-                    let dye_t = at(dy.as_ptr().add(r0 * d), 1, d);
-                    let hx = at(he.as_ptr(), h, 1);
-                    product(self.bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
-                }
-            }
-            for ((o, r), dr) in dg
-                .chunks_mut(2 * h.max(1))
-                .zip(gue.chunks(2 * h.max(1)))
-                .zip(dh.chunks(h.max(1)))
-            {
-                let (g, u) = r.split_at(h);
-                let (og, ou) = o.split_at_mut(h);
-                for j in 0..h {
-                    (og[j], ou[j]) = swiglu_grads(g[j], u[j], dr[j]);
-                }
-            }
-            // SAFETY: as above
-            unsafe {
-                // dx_e = [dg | du] · [G_e; U_e]
-                let dgx = at(dg.as_ptr(), 2 * h, 1);
-                let gu_e = at(gu_w.as_ptr().add(e * 2 * h * d), d, 1);
-                product(
-                    self.bf16,
-                    false,
-                    rows,
-                    d,
-                    2 * h,
-                    dxe.as_mut_ptr(),
-                    dgx,
-                    gu_e,
-                );
-                // d[G_e; U_e] = [dg | du]ᵀ · x_e
-                if !weight_grads {
-                    return;
-                }
-                let dgx_t = at(dg.as_ptr(), 1, 2 * h);
-                let xe = at(x.as_ptr().add(r0 * d), d, 1);
-                product(
-                    self.bf16,
-                    false,
-                    2 * h,
-                    d,
-                    rows,
-                    dgue.as_mut_ptr(),
-                    dgx_t,
-                    xe,
-                );
-            }
-        };
-        let dx_parts = split_groups(&mut dx, tasks.len(), |t| tasks[t].2 * d);
-        if tasks.len() == groups {
-            // one task per group: the weight gradients straight into their blocks
-            dx_parts
-                .into_iter()
-                .zip(split_groups(&mut dgu_w, groups, |_| 2 * h * d))
-                .zip(split_groups(&mut ddown_w, groups, |_| d * h))
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .zip(&tasks)
-                .for_each(|(((dxe, dgue), dde), &task)| run(task, dxe, dgue, dde));
-        } else {
-            // groups split over several tasks: partial weight gradients, summed per group
-            let partials: Vec<(usize, Vec<f32>, Vec<f32>)> = dx_parts
-                .into_par_iter()
-                .zip(&tasks)
-                .map(|(dxe, &task)| {
-                    let mut pgu = output_buffer(2 * h * d);
-                    let mut pd = output_buffer(d * h);
-                    run(task, dxe, &mut pgu, &mut pd);
-                    (task.0, pgu, pd)
-                })
-                .collect();
-            let blocks = split_groups(&mut dgu_w, groups, |_| 2 * h * d)
-                .into_iter()
-                .zip(split_groups(&mut ddown_w, groups, |_| d * h));
-            for (e, (bgu, bd)) in blocks.enumerate() {
-                let mut mine = partials.iter().filter(|p| p.0 == e);
-                if let Some((_, first_gu, first_d)) = mine.next() {
-                    bgu.copy_from_slice(first_gu);
-                    bd.copy_from_slice(first_d);
-                }
-                for (_, pgu, pd) in mine {
-                    add_into(bgu, pgu);
-                    add_into(bd, pd);
-                }
-            }
-        }
+        grads.all(&tasks, groups, &mut dx, &mut dgu_w, &mut ddown_w);
         let dgu_w = Tensor::from_vec(dgu_w, (groups * 2 * h, d), &dev)?;
         let ddown_w = Tensor::from_vec(ddown_w, (groups * d, h), &dev)?;
         let dx = Some(Tensor::from_vec(dx, (n, d), &dev)?);
@@ -377,6 +283,130 @@ impl CustomOp3 for GroupedSwiglu {
                 Ok((dx, None, None))
             }
             None => Ok((dx, Some(dgu_w), Some(ddown_w))),
+        }
+    }
+}
+
+/// The operands of [`GroupedSwiglu`]'s backward pass, shared by its tasks.
+struct TaskGrads<'a> {
+    x: &'a [f32],
+    gu_w: &'a [f32],
+    down_w: &'a [f32],
+    dy: &'a [f32],
+    /// The forward pass's `[g | u]` rows and hidden rows.
+    gu: &'a [f32],
+    hid: &'a [f32],
+    d: usize,
+    h: usize,
+    bf16: bool,
+    /// Whether the weights take gradients (not when frozen under adapters).
+    weights: bool,
+}
+
+impl TaskGrads<'_> {
+    /// Every task's share, in parallel: `dx`, and the weight gradients `dgu_w` and
+    /// `ddown_w` of each group, straight into their blocks with one task per group, or
+    /// summed from the tasks' partial gradients where a group is split.
+    fn all(
+        &self,
+        tasks: &[(usize, usize, usize)],
+        groups: usize,
+        dx: &mut [f32],
+        dgu_w: &mut [f32],
+        ddown_w: &mut [f32],
+    ) {
+        let (d, h) = (self.d, self.h);
+        let dx_parts = split_groups(dx, tasks.len(), |t| tasks[t].2 * d);
+        if tasks.len() == groups {
+            dx_parts
+                .into_iter()
+                .zip(split_groups(dgu_w, groups, |_| 2 * h * d))
+                .zip(split_groups(ddown_w, groups, |_| d * h))
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .zip(tasks)
+                .for_each(|(((dxe, dgue), dde), &task)| self.task(task, dxe, dgue, dde));
+            return;
+        }
+        let partials: Vec<(usize, Vec<f32>, Vec<f32>)> = dx_parts
+            .into_par_iter()
+            .zip(tasks)
+            .map(|(dxe, &task)| {
+                let mut pgu = output_buffer(2 * h * d);
+                let mut pd = output_buffer(d * h);
+                self.task(task, dxe, &mut pgu, &mut pd);
+                (task.0, pgu, pd)
+            })
+            .collect();
+        let blocks = split_groups(dgu_w, groups, |_| 2 * h * d)
+            .into_iter()
+            .zip(split_groups(ddown_w, groups, |_| d * h));
+        for (e, (bgu, bd)) in blocks.enumerate() {
+            let mut mine = partials.iter().filter(|p| p.0 == e);
+            if let Some((_, first_gu, first_d)) = mine.next() {
+                bgu.copy_from_slice(first_gu);
+                bd.copy_from_slice(first_d);
+            }
+            for (_, pgu, pd) in mine {
+                add_into(bgu, pgu);
+                add_into(bd, pd);
+            }
+        }
+    }
+
+    /// One task's rows `(e, r0, rows)` of group `e`: its part of dx into `dxe`, and its
+    /// rows' share of the group's weight gradients into `dgue` and `dde` (when the weights
+    /// take gradients).
+    fn task(
+        &self,
+        (e, r0, rows): (usize, usize, usize),
+        dxe: &mut [f32],
+        dgue: &mut [f32],
+        dde: &mut [f32],
+    ) {
+        let (d, h, bf16) = (self.d, self.h, self.bf16);
+        let at = |ptr, rs, cs| Strided { ptr, rs, cs };
+        let (gue, he) = (&self.gu[r0 * 2 * h..], &self.hid[r0 * h..]);
+        let mut dh = output_buffer(rows * h);
+        let mut dg = output_buffer(rows * 2 * h);
+        // SAFETY: the task's rows of dy, x, the saved [g | u] and hidden rows, and its
+        // group's weight blocks, read with strides inside them; the outputs are the
+        // task's own slices and the two temporaries, every value written
+        unsafe {
+            let dye = at(self.dy.as_ptr().add(r0 * d), d, 1);
+            // dh = dy_e · D_e
+            let d_e = at(self.down_w.as_ptr().add(e * d * h), h, 1);
+            product(bf16, false, rows, h, d, dh.as_mut_ptr(), dye, d_e);
+            // dD_e = dy_eᵀ · h_e
+            if self.weights {
+                let dye_t = at(self.dy.as_ptr().add(r0 * d), 1, d);
+                let hx = at(he.as_ptr(), h, 1);
+                product(bf16, false, d, h, rows, dde.as_mut_ptr(), dye_t, hx);
+            }
+        }
+        for ((o, r), dr) in dg
+            .chunks_mut(2 * h.max(1))
+            .zip(gue.chunks(2 * h.max(1)))
+            .zip(dh.chunks(h.max(1)))
+        {
+            let (g, u) = r.split_at(h);
+            let (og, ou) = o.split_at_mut(h);
+            for j in 0..h {
+                (og[j], ou[j]) = swiglu_grads(g[j], u[j], dr[j]);
+            }
+        }
+        // SAFETY: as above
+        unsafe {
+            // dx_e = [dg | du] · [G_e; U_e]
+            let dgx = at(dg.as_ptr(), 2 * h, 1);
+            let gu_e = at(self.gu_w.as_ptr().add(e * 2 * h * d), d, 1);
+            product(bf16, false, rows, d, 2 * h, dxe.as_mut_ptr(), dgx, gu_e);
+            // d[G_e; U_e] = [dg | du]ᵀ · x_e
+            if self.weights {
+                let dgx_t = at(dg.as_ptr(), 1, 2 * h);
+                let xe = at(self.x.as_ptr().add(r0 * d), d, 1);
+                product(bf16, false, 2 * h, d, rows, dgue.as_mut_ptr(), dgx_t, xe);
+            }
         }
     }
 }
