@@ -453,95 +453,25 @@ impl CustomOp3 for CausalAttentionBwd {
         (0..g.b * g.hkv).into_par_iter().for_each(|task| {
             let (b, kv) = (task / g.hkv, task % g.hkv);
             let rows = BLOCK.min(g.t);
-            let mut p = vec![0f32; rows * g.tk];
-            let mut dp = vec![0f32; rows * g.tk];
-            let mut dk = vec![0f32; g.tk * g.d];
-            let mut dv = vec![0f32; g.tk * g.dv];
+            let mut s = Scratch {
+                p: vec![0f32; rows * g.tk],
+                dp: vec![0f32; rows * g.tk],
+                dk: vec![0f32; g.tk * g.d],
+                dv: vec![0f32; g.tk * g.dv],
+            };
+            let ops = [&q, &k, &v, &dov];
             for h in kv * group..(kv + 1) * group {
                 for i0 in (0..g.t).step_by(BLOCK) {
                     let bl = BLOCK.min(g.t - i0);
                     // SAFETY: pointers stay inside the validated views; this task alone writes
                     // dq rows (b, ·, h ∈ group) and dk/dv rows (b, ·, kv).
                     unsafe {
-                        let n = probs(&g, self.scale, &q, &k, b, h, kv, i0, bl, &mut p);
-                        let d_o = dov.at(b, i0, h);
-                        // dV += Pᵀ dO
-                        mm(
-                            n,
-                            g.dv,
-                            bl,
-                            dv.as_mut_ptr(),
-                            g.dv,
-                            true,
-                            p.as_ptr(),
-                            1,
-                            g.tk,
-                            d_o,
-                            dov.st,
-                            1,
-                            1.0,
-                        );
-                        // dP = dO Vᵀ
-                        mm(
-                            bl,
-                            n,
-                            g.dv,
-                            dp.as_mut_ptr(),
-                            g.tk,
-                            false,
-                            d_o,
-                            dov.st,
-                            1,
-                            v.at(b, 0, kv),
-                            1,
-                            v.st,
-                            1.0,
-                        );
-                        // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
-                        for r in 0..bl {
-                            let pr = &p[r * g.tk..r * g.tk + n];
-                            let gr = &mut dp[r * g.tk..r * g.tk + n];
-                            let dot: f32 = pr.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
-                            for (x, &pv) in gr.iter_mut().zip(pr) {
-                                *x = self.scale * pv * (*x - dot);
-                            }
-                        }
-                        // dQ = dS K
                         let dq = base.at(((b * g.t + i0) * g.h + h) * g.d);
-                        mm(
-                            bl,
-                            g.d,
-                            n,
-                            dq,
-                            g.h * g.d,
-                            false,
-                            dp.as_ptr(),
-                            g.tk,
-                            1,
-                            k.at(b, 0, kv),
-                            k.st,
-                            1,
-                            1.0,
-                        );
-                        // dK += dSᵀ Q
-                        mm(
-                            n,
-                            g.d,
-                            bl,
-                            dk.as_mut_ptr(),
-                            g.d,
-                            true,
-                            dp.as_ptr(),
-                            1,
-                            g.tk,
-                            q.at(b, i0, h),
-                            q.st,
-                            1,
-                            1.0,
-                        );
+                        self.block(&g, ops, (b, h, kv), i0, bl, &mut s, dq);
                     }
                 }
             }
+            let (dk, dv) = (&s.dk, &s.dv);
             for j in 0..g.tk {
                 let at = ((b * g.tk + j) * g.hkv + kv) * g.d;
                 let at_v = ((b * g.tk + j) * g.hkv + kv) * g.dv;
@@ -557,6 +487,120 @@ impl CustomOp3 for CausalAttentionBwd {
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(nq + nk + nv)))
+    }
+}
+
+/// One task's buffers in the backward pass: a block's probabilities and their gradient,
+/// and the gradients of its key-value head's keys and values, summed over its heads.
+struct Scratch {
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl CausalAttentionBwd {
+    /// The gradients of query rows `i0..i0 + bl` of head `h` (sequence `b`, key-value head
+    /// `kv`): their dQ written at `dq` (row stride `h · d`), their share of dK and dV added
+    /// into the scratch sums.
+    ///
+    /// # Safety
+    /// `ops` (q, k, v, dO) are views validated for `g`, and `dq` points at the first of
+    /// `bl` query rows that no one else writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        &self,
+        g: &Geometry,
+        [q, k, v, dov]: [&View; 4],
+        (b, h, kv): (usize, usize, usize),
+        i0: usize,
+        bl: usize,
+        s: &mut Scratch,
+        dq: *mut f32,
+    ) {
+        // SAFETY: the caller's promise; every product stays inside its view or buffer
+        unsafe {
+            let n = probs(g, self.scale, q, k, b, h, kv, i0, bl, &mut s.p);
+            let d_o = dov.at(b, i0, h);
+            // dV += Pᵀ dO
+            let p = s.p.as_ptr();
+            mm(
+                n,
+                g.dv,
+                bl,
+                s.dv.as_mut_ptr(),
+                g.dv,
+                true,
+                p,
+                1,
+                g.tk,
+                d_o,
+                dov.st,
+                1,
+                1.0,
+            );
+            // dP = dO Vᵀ
+            let vb = v.at(b, 0, kv);
+            mm(
+                bl,
+                n,
+                g.dv,
+                s.dp.as_mut_ptr(),
+                g.tk,
+                false,
+                d_o,
+                dov.st,
+                1,
+                vb,
+                1,
+                v.st,
+                1.0,
+            );
+            // dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))
+            for r in 0..bl {
+                let pr = &s.p[r * g.tk..r * g.tk + n];
+                let gr = &mut s.dp[r * g.tk..r * g.tk + n];
+                let dot: f32 = pr.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pv) in gr.iter_mut().zip(pr) {
+                    *x = self.scale * pv * (*x - dot);
+                }
+            }
+            let ds = s.dp.as_ptr();
+            // dQ = dS K
+            let kb = k.at(b, 0, kv);
+            mm(
+                bl,
+                g.d,
+                n,
+                dq,
+                g.h * g.d,
+                false,
+                ds,
+                g.tk,
+                1,
+                kb,
+                k.st,
+                1,
+                1.0,
+            );
+            // dK += dSᵀ Q
+            let qb = q.at(b, i0, h);
+            mm(
+                n,
+                g.d,
+                bl,
+                s.dk.as_mut_ptr(),
+                g.d,
+                true,
+                ds,
+                1,
+                g.tk,
+                qb,
+                q.st,
+                1,
+                1.0,
+            );
+        }
     }
 }
 
