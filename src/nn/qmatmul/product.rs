@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::act::act_kind;
 use super::{
     best_dot, best_multi, interleave, ActKind, ActRow, Interleaved, MultiDotFn, QAct, QMatrix,
     MAX_DOT_ROWS, MAX_MULTI_ROWS,
@@ -69,24 +70,11 @@ fn vnni() -> bool {
 /// quantized once (q, k and v share theirs), then runs of octets of rows in parallel,
 /// taking the activation rows 64 at a time so that a run's weights stay in cache.
 fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])]) -> Vec<Vec<f32>> {
-    let mut acts: Vec<QAct> = Vec::new();
-    let mut of_pair = Vec::with_capacity(pairs.len());
     let kind = |p: &Interleaved| match p.takes_k_activations() {
         true => ActKind::Q8K,
         false => ActKind::Q8,
     };
-    for (j, (w, p, x)) in pairs.iter().enumerate() {
-        let same = pairs[..j]
-            .iter()
-            .position(|(v, q, y)| v.cols == w.cols && std::ptr::eq(*x, *y) && kind(q) == kind(p));
-        of_pair.push(match same {
-            Some(i) => of_pair[i],
-            None => {
-                acts.push(QAct::of_kind(kind(p), x, w.cols));
-                acts.len() - 1
-            }
-        });
-    }
+    let (acts, of_pair) = shared_acts(pairs.iter().map(|(w, p, x)| (kind(p), *x, w.cols)));
     let total: usize = pairs.iter().map(|(_, p, _)| p.octets()).sum();
     let chunk = (total / (4 * rayon::current_num_threads())).max(8);
     let jobs: Vec<(usize, usize, usize)> = pairs
@@ -132,6 +120,29 @@ fn interleaved_products(pairs: &[(&QMatrix, &Interleaved, &[f32])]) -> Vec<Vec<f
     ys
 }
 
+/// Each distinct input `(kind, x, cols)` prepared once: the prepared inputs, and for each
+/// input the index of its own (inputs that are the same slice for the same kind, as q, k
+/// and v's are, share one).
+fn shared_acts<'a>(
+    inputs: impl Iterator<Item = (ActKind, &'a [f32], usize)>,
+) -> (Vec<QAct>, Vec<usize>) {
+    let mut seen: Vec<(ActKind, &[f32], usize)> = Vec::new();
+    let mut acts = Vec::new();
+    let of = inputs
+        .map(|(kind, x, cols)| {
+            let same = seen
+                .iter()
+                .position(|&(k, y, c)| k == kind && c == cols && std::ptr::eq(x, y));
+            same.unwrap_or_else(|| {
+                seen.push((kind, x, cols));
+                acts.push(QAct::of_kind(kind, x, cols));
+                acts.len() - 1
+            })
+        })
+        .collect();
+    (acts, of)
+}
+
 /// [`products`] of weights read in their stored layout.
 fn products_in_place(pairs: &[(&QMatrix, &[f32])]) -> Vec<Vec<f32>> {
     let rows: Vec<usize> = pairs.iter().map(|(w, x)| rows_of(w, x)).collect();
@@ -157,11 +168,10 @@ fn products_in_place(pairs: &[(&QMatrix, &[f32])]) -> Vec<Vec<f32>> {
     if dots.is_empty() {
         return ys;
     }
-    let acts: Vec<Option<QAct>> = pairs
-        .iter()
-        .enumerate()
-        .map(|(j, (w, x))| (!gemm(j)).then(|| QAct::new(w.ty, x, w.cols)))
-        .collect();
+    let (acts, act_of) = shared_acts(dots.iter().map(|&j| {
+        let (w, x) = pairs[j];
+        (act_kind(w.ty), x, w.cols)
+    }));
     // a few jobs per thread, each a run of at least 64 rows (a job costs about a
     // microsecond to hand out, as long as reading 20-60 kB of weights)
     let total: usize = dots.iter().map(|&j| pairs[j].0.rows).sum();
@@ -177,11 +187,10 @@ fn products_in_place(pairs: &[(&QMatrix, &[f32])]) -> Vec<Vec<f32>> {
         ys[j] = vec![0f32; rows[j] * pairs[j].0.rows];
     }
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
-    let act_rows: Vec<Vec<ActRow<'_>>> = acts
-        .iter()
-        .zip(&rows)
-        .map(|(a, &m)| a.iter().flat_map(|a| (0..m).map(|r| a.row(r))).collect())
-        .collect();
+    let mut act_rows: Vec<Vec<ActRow<'_>>> = vec![Vec::new(); pairs.len()];
+    for (&j, &a) in dots.iter().zip(&act_of) {
+        act_rows[j] = (0..rows[j]).map(|r| acts[a].row(r)).collect();
+    }
     jobs.par_iter().for_each(|&(j, o0, o1)| {
         let w = pairs[j].0;
         let m = rows[j];

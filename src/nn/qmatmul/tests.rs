@@ -492,6 +492,30 @@ fn pairs_of_different_row_counts_equal_each_pair_alone() {
             assert_eq!(y, &alone, "{ty:?} pair {j}: differs from its product alone");
         }
     }
+    // pairs reading one input (as q, k and v do), of types prepared alike and not: the
+    // input is prepared once per kind, and each product is still its own
+    let types = [
+        GgmlType::Q6K,
+        GgmlType::F32,
+        GgmlType::Q8_0,
+        GgmlType::Q6K,
+        GgmlType::BF16,
+        GgmlType::Q5_0,
+    ];
+    let ws: Vec<QMatrix> = types
+        .iter()
+        .map(|&ty| random_matrix(ty, rows, cols, &mut rng))
+        .collect();
+    for m in [1, 3, 12] {
+        let x = random_x(m * cols, &mut rng);
+        let pairs: Vec<(&QMatrix, &[f32])> = ws.iter().map(|w| (w, x.as_slice())).collect();
+        let together = products(&pairs);
+        for (j, (y, pair)) in together.iter().zip(&pairs).enumerate() {
+            let own = x.clone();
+            let alone = products(&[(pair.0, own.as_slice())]).pop().unwrap();
+            assert_eq!(y, &alone, "{:?} on a shared input of {m} rows", types[j]);
+        }
+    }
 }
 
 /// Interleaved weights, on each kernel this CPU runs (AVX-512 VNNI, AVX2), give each
