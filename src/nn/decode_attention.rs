@@ -294,80 +294,93 @@ mod avx512 {
         let first = kv * G;
         let q0 = (i * x.h + first) * d;
         let qs = &x.qs[q0..q0 + G * d];
-        let mut p = vec![0f32; G * n];
-        let score = |g: usize, j: usize, dot: f32| {
-            let pos = lo + j;
-            let mut s = dot * x.scale;
-            if let Some(sl) = x.slopes {
-                s += sl[first + g] * (pos as f32 - (len - 1) as f32);
-            }
-            s
+        let rows = |data, width| Rows {
+            data,
+            n,
+            lo,
+            hkv,
+            kv,
+            width,
         };
-        // eight keys at a time for each head: their sums reduced together, a few
-        // instructions a key instead of a whole 16-lane reduction each
-        let row = |j: usize| (((lo + j) * hkv + kv) * d, ((lo + j) * hkv + kv + 1) * d);
-        let mut j = 0;
+        let mut p = vec![0f32; G * n];
+        // SAFETY: the caller checked avx512f; d is a multiple of 16
+        unsafe { dots::<E, G>(&rows(k, d), qs, &mut p) };
+        for (g, row) in p.chunks_exact_mut(n).enumerate() {
+            for (j, s) in row.iter_mut().enumerate() {
+                *s *= x.scale;
+                if let Some(sl) = x.slopes {
+                    *s += sl[first + g] * ((lo + j) as f32 - (len - 1) as f32);
+                }
+            }
+            super::super::ops::softmax_in_place(row, 1.0);
+        }
+        // the group's outputs, up to 64 columns at a time
+        let values = rows(v, dv);
+        let mut c = 0;
+        while c < dv {
+            let nv = ((dv - c) / 16).min(4);
+            // SAFETY (all arms): the caller checked avx512f; c + 16 · nv <= dv
+            unsafe {
+                match nv {
+                    4 => weighted::<E, G, 4>(&values, &p, c, o),
+                    3 => weighted::<E, G, 3>(&values, &p, c, o),
+                    2 => weighted::<E, G, 2>(&values, &p, c, o),
+                    _ => weighted::<E, G, 1>(&values, &p, c, o),
+                }
+            }
+            c += 16 * nv;
+        }
+    }
+
+    /// One task's cached key or value rows: `n` visible from position `lo`, key-value head
+    /// `kv` of `hkv`, `width` wide.
+    struct Rows<'a, E> {
+        data: &'a [E],
+        n: usize,
+        lo: usize,
+        hkv: usize,
+        kv: usize,
+        width: usize,
+    }
+
+    impl<E> Rows<'_, E> {
+        /// Where visible row `j` starts in the cache.
+        fn start(&self, j: usize) -> usize {
+            ((self.lo + j) * self.hkv + self.kv) * self.width
+        }
+    }
+
+    /// The dot products of the `G` query rows `qs` with each visible key row, into `p`
+    /// (`G` rows of `keys.n`): eight keys at a time for each head, their sums reduced
+    /// together, a few instructions a key instead of a whole 16-lane reduction each.
+    ///
+    /// # Safety
+    /// avx512f; the key width is a multiple of 16, `qs` holds `G` rows of it.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn dots<E: Elem, const G: usize>(keys: &Rows<'_, E>, qs: &[f32], p: &mut [f32]) {
+        let (k, n, d) = (keys.data, keys.n, keys.width);
+        let row = |j: usize| &k[keys.start(j)..keys.start(j) + d];
         // rows this far ahead are fetched while the current ones are multiplied
         const AHEAD: usize = 16;
         let line = 64 / std::mem::size_of::<E>();
+        let mut j = 0;
         while j + 8 <= n {
             for t in 0..8 {
-                let at = row(j + t + AHEAD).0.min(k.len() - 1);
+                let at = keys.start(j + t + AHEAD).min(k.len() - 1);
                 for c in (0..d).step_by(line) {
                     _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().wrapping_add(at + c) as *const i8);
                 }
             }
-            if G <= 3 {
-                // each key chunk loaded (and widened) once for all the group's heads: their
-                // 8 · G sums fit in the registers
-                let mut acc = [[_mm512_setzero_ps(); 8]; G];
-                for c in (0..d).step_by(16) {
-                    let mut qc = [_mm512_setzero_ps(); G];
-                    for (g, q) in qc.iter_mut().enumerate() {
-                        // SAFETY: c + 16 <= d, the length of each query row
-                        *q = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
-                    }
-                    for t in 0..8 {
-                        let kr = &k[row(j + t).0..row(j + t).1];
-                        // SAFETY: c + 16 <= d, the length of each key row
-                        let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
-                        for (a, q) in acc.iter_mut().zip(&qc) {
-                            a[t] = _mm512_fmadd_ps(*q, kc, a[t]);
-                        }
-                    }
-                }
-                for (g, acc) in acc.iter().enumerate() {
-                    let mut dots = [0f32; 8];
-                    // SAFETY: the caller checked avx512f (and with it AVX)
-                    unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum8(acc)) };
-                    for (t, dot) in dots.iter().enumerate() {
-                        p[g * n + j + t] = score(g, j + t, *dot);
-                    }
-                }
-            } else {
-                for g in 0..G {
-                    let mut acc = [_mm512_setzero_ps(); 8];
-                    for c in (0..d).step_by(16) {
-                        // SAFETY: c + 16 <= d, the length of each key row and query row
-                        let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let kr = &k[row(j + t).0..row(j + t).1];
-                            let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
-                            *a = _mm512_fmadd_ps(qc, kc, *a);
-                        }
-                    }
-                    let mut dots = [0f32; 8];
-                    // SAFETY: the caller checked avx512f (and with it AVX)
-                    unsafe { _mm256_storeu_ps(dots.as_mut_ptr(), sum8(&acc)) };
-                    for (t, dot) in dots.iter().enumerate() {
-                        p[g * n + j + t] = score(g, j + t, *dot);
-                    }
-                }
+            // SAFETY: the caller's promise; each row is d long
+            let sums = unsafe { eight::<E, G>(std::array::from_fn(|t| row(j + t)), qs, d) };
+            for (g, s) in sums.iter().enumerate() {
+                // SAFETY: j + 8 <= n, so the eight scores lie in head g's row of p
+                unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(g * n + j), *s) };
             }
             j += 8;
         }
         for j in j..n {
-            let kr = &k[row(j).0..row(j).1];
+            let kr = row(j);
             let mut acc = [_mm512_setzero_ps(); G];
             for c in (0..d).step_by(16) {
                 // SAFETY: c + 16 <= d, the length of kr and of each query row
@@ -378,46 +391,55 @@ mod avx512 {
                 }
             }
             for (g, a) in acc.iter().enumerate() {
-                p[g * n + j] = score(g, j, _mm512_reduce_add_ps(*a));
+                p[g * n + j] = _mm512_reduce_add_ps(*a);
             }
-        }
-        for row in p.chunks_exact_mut(n) {
-            super::super::ops::softmax_in_place(row, 1.0);
-        }
-        // the group's outputs, up to 64 columns at a time
-        let rows = Rows {
-            v,
-            n,
-            lo,
-            hkv,
-            kv,
-            dv,
-        };
-        let mut c = 0;
-        while c < dv {
-            let nv = ((dv - c) / 16).min(4);
-            // SAFETY (all arms): the caller checked avx512f; c + 16 · nv <= dv
-            unsafe {
-                match nv {
-                    4 => weighted::<E, G, 4>(&rows, &p, c, o),
-                    3 => weighted::<E, G, 3>(&rows, &p, c, o),
-                    2 => weighted::<E, G, 2>(&rows, &p, c, o),
-                    _ => weighted::<E, G, 1>(&rows, &p, c, o),
-                }
-            }
-            c += 16 * nv;
         }
     }
 
-    /// One task's cached value rows: `n` visible from position `lo`, key-value head `kv` of
-    /// `hkv`, `dv` wide.
-    struct Rows<'a, E> {
-        v: &'a [E],
-        n: usize,
-        lo: usize,
-        hkv: usize,
-        kv: usize,
-        dv: usize,
+    /// The dot products of eight key rows with each of the `G` query rows (all `d` long):
+    /// lane `t` of sum `g` is query `g` · key `t`.
+    ///
+    /// # Safety
+    /// avx512f; `d` is a multiple of 16.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn eight<E: Elem, const G: usize>(keys: [&[E]; 8], qs: &[f32], d: usize) -> [__m256; G] {
+        let mut sums = [_mm256_setzero_ps(); G];
+        if G <= 3 {
+            // each key chunk loaded (and widened) once for all the group's heads: their
+            // 8 · G sums fit in the registers
+            let mut acc = [[_mm512_setzero_ps(); 8]; G];
+            for c in (0..d).step_by(16) {
+                let mut qc = [_mm512_setzero_ps(); G];
+                for (g, q) in qc.iter_mut().enumerate() {
+                    // SAFETY: c + 16 <= d, the length of each query row
+                    *q = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
+                }
+                for (t, kr) in keys.iter().enumerate() {
+                    // SAFETY: c + 16 <= d, the length of each key row
+                    let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
+                    for (a, q) in acc.iter_mut().zip(&qc) {
+                        a[t] = _mm512_fmadd_ps(*q, kc, a[t]);
+                    }
+                }
+            }
+            for (s, acc) in sums.iter_mut().zip(&acc) {
+                *s = sum8(acc);
+            }
+        } else {
+            for (g, s) in sums.iter_mut().enumerate() {
+                let mut acc = [_mm512_setzero_ps(); 8];
+                for c in (0..d).step_by(16) {
+                    // SAFETY: c + 16 <= d, the length of each key row and query row
+                    let qc = unsafe { _mm512_loadu_ps(qs.as_ptr().add(g * d + c)) };
+                    for (a, kr) in acc.iter_mut().zip(&keys) {
+                        let kc = unsafe { E::load16(kr.as_ptr().add(c)) };
+                        *a = _mm512_fmadd_ps(qc, kc, *a);
+                    }
+                }
+                *s = sum8(&acc);
+            }
+        }
+        sums
     }
 
     /// Columns `c..c + 16 · NV` of the `G` heads' outputs: the value rows weighted by the
@@ -437,9 +459,9 @@ mod avx512 {
     ) {
         const AHEAD: usize = 16;
         let line = 64 / std::mem::size_of::<E>();
-        let (v, n, dv) = (x.v, x.n, x.dv);
+        let (v, n, dv) = (x.data, x.n, x.width);
         let sets = if G * NV < 4 { 4 } else { 1 };
-        let at = |j: usize| ((x.lo + j) * x.hkv + x.kv) * dv + c;
+        let at = |j: usize| x.start(j) + c;
         let mut acc = [[[_mm512_setzero_ps(); NV]; G]; 4];
         let add = |acc: &mut [[__m512; NV]; G], j: usize| {
             for l in (0..16 * NV).step_by(line) {
