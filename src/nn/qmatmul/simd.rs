@@ -656,12 +656,14 @@ unsafe fn f16s_256(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     ))
 }
 
-/// f32 rows on 512-bit registers (the AVX-512 path): four rows at a time, each with two
-/// sums over 32 values a step; the last rows alone. Measured on decode-shaped products
-/// (Zen 4, 2 threads, 438 MB of f32 rows per pass): 34-38 GB/s against 27-30 for the
-/// 256-bit kernel with one sum per row (whose software prefetch gains nothing here). f16
-/// rows stay on the 256-bit kernel: widened 16 at a time they decoded slower (110-131
-/// against 141-154 tokens/s, dense-110m f16).
+/// f32 rows on 512-bit registers (the AVX-512 path), one row after another, each with two
+/// sums over 32 values a step. The rows are read as one sequential stream: measured on
+/// dense-110m f32 decode (Zen 4, 2 threads, alternating), 73-78 tokens/s against 59-68
+/// when four rows were read side by side (four short streams, which the hardware
+/// prefetchers follow worse); a single sum per row on 256-bit registers needs four rows at
+/// once to hide the addition's latency, 512-bit ones do not. f16 rows stay on the 256-bit
+/// kernel: widened 16 at a time they decoded slower (110-131 against 141-154 tokens/s,
+/// dense-110m f16).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn f32s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -670,29 +672,7 @@ unsafe fn f32s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     assert!(w.len() >= out.len() * rb && x.len() >= n);
     let (wp, xp) = (w.as_ptr() as *const f32, x.as_ptr());
     let body = n / 32 * 32;
-    let tail = |r: usize| tail_dot(GgmlType::F32, wp.add(r * n) as *const u8, body, &x[..n]);
-    let mut r = 0;
-    while r + 4 <= out.len() {
-        let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * n));
-        let mut acc = [_mm512_setzero_ps(); 8];
-        let mut i = 0;
-        while i < body {
-            let x0 = _mm512_loadu_ps(xp.add(i));
-            let x1 = _mm512_loadu_ps(xp.add(i + 16));
-            for k in 0..4 {
-                acc[2 * k] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[k].add(i)), x0, acc[2 * k]);
-                acc[2 * k + 1] =
-                    _mm512_fmadd_ps(_mm512_loadu_ps(rows[k].add(i + 16)), x1, acc[2 * k + 1]);
-            }
-            i += 32;
-        }
-        for k in 0..4 {
-            let sum = _mm512_add_ps(acc[2 * k], acc[2 * k + 1]);
-            out[r + k] = _mm512_reduce_add_ps(sum) + tail(r + k);
-        }
-        r += 4;
-    }
-    while r < out.len() {
+    for (r, o) in out.iter_mut().enumerate() {
         let row = wp.add(r * n);
         let mut acc = [_mm512_setzero_ps(); 2];
         let mut i = 0;
@@ -709,13 +689,14 @@ unsafe fn f32s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
             );
             i += 32;
         }
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail(r);
-        r += 1;
+        let tail = tail_dot(GgmlType::F32, row as *const u8, body, &x[..n]);
+        *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail;
     }
 }
 
-/// bf16 rows on 512-bit registers (the AVX-512 path): a cache line of a row per load,
-/// otherwise as the 256-bit kernel (even and odd values split by a shift and a mask).
+/// bf16 rows on 512-bit registers (the AVX-512 path), one row after another as for
+/// [`f32s_512`] (155-160 against 132-147 tokens/s four rows at a time, dense-110m bf16): a
+/// cache line of the row per step, even and odd values split by a shift and a mask.
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn bf16s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -726,48 +707,19 @@ unsafe fn bf16s_512(w: &[u8], rb: usize, a: ActRow<'_>, out: &mut [f32]) {
     let split = split_even_odd([x], body, 32);
     let (wp, sp) = (w.as_ptr(), split.as_ptr());
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    let tail = |row: *const u8| tail_dot(GgmlType::BF16, row, body, &x[..n]);
-    let one = |p: *const u8, xe: __m512, xo: __m512, acc: __m512| {
-        let v = _mm512_loadu_si512(p as *const _);
-        let even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-        _mm512_fmadd_ps(odd, xo, _mm512_fmadd_ps(even, xe, acc))
-    };
-    let mut r = 0;
-    while r + 4 <= out.len() {
-        let rows = [0, 1, 2, 3].map(|k| wp.add((r + k) * rb));
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i < body {
-            let xe = _mm512_loadu_ps(sp.add(i));
-            let xo = _mm512_loadu_ps(sp.add(i + 16));
-            for k in 0..4 {
-                let p = rows[k].add(2 * i);
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16 * rb) as *const i8);
-                acc[k] = one(p, xe, xo, acc[k]);
-            }
-            i += 32;
-        }
-        for k in 0..4 {
-            out[r + k] = _mm512_reduce_add_ps(acc[k]) + tail(rows[k]);
-        }
-        r += 4;
-    }
-    while r < out.len() {
+    for (r, o) in out.iter_mut().enumerate() {
         let row = wp.add(r * rb);
         let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         while i < body {
-            acc = one(
-                row.add(2 * i),
-                _mm512_loadu_ps(sp.add(i)),
-                _mm512_loadu_ps(sp.add(i + 16)),
-                acc,
-            );
+            let v = _mm512_loadu_si512(row.add(2 * i) as *const _);
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+            let (xe, xo) = (_mm512_loadu_ps(sp.add(i)), _mm512_loadu_ps(sp.add(i + 16)));
+            acc = _mm512_fmadd_ps(odd, xo, _mm512_fmadd_ps(even, xe, acc));
             i += 32;
         }
-        out[r] = _mm512_reduce_add_ps(acc) + tail(row);
-        r += 1;
+        *o = _mm512_reduce_add_ps(acc) + tail_dot(GgmlType::BF16, row, body, &x[..n]);
     }
 }
 
