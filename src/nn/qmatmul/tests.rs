@@ -633,3 +633,65 @@ fn avx512_quantizer_equals_the_portable_one() {
     }
     println!("avx512 quantizer: SKIPPED, this CPU lacks AVX-512F (or ROUTELM_CPU caps it)");
 }
+
+/// Rows in a memory-mapped file, read in place: row lookups (an untied embedding's) leave
+/// the file alone, the first product copies the rows off the file, and products and
+/// lookups give the file's values bit for bit before and after.
+#[test]
+fn mapped_rows_read_the_same_before_and_after_their_copy() {
+    let mut rng = Rng::new(31);
+    let (rows, cols) = (40, 256);
+    let path = std::env::temp_dir().join(format!("routelm-mapped-{}.bin", std::process::id()));
+    for ty in [GgmlType::F32, GgmlType::BF16, GgmlType::Q6K] {
+        let owned = random_matrix(ty, rows, cols, &mut rng);
+        let _ = owned.interleaved.set(None);
+        // a few bytes ahead of the matrix, as tensors sit in a file
+        let mut file = vec![7u8; 96];
+        file.extend_from_slice(owned.in_order());
+        std::fs::write(&path, &file).unwrap();
+        // SAFETY: the file is this test's own, not changed while mapped
+        let map = std::sync::Arc::new(
+            unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap(),
+        );
+        let data = QBytes::Mapped {
+            map,
+            start: 96,
+            len: file.len() - 96,
+        };
+        let mapped = QMatrix::new(ty, rows, cols, data).unwrap();
+        let _ = mapped.interleaved.set(None);
+        let lookup = |w: &QMatrix| {
+            let mut out = vec![0f32; 3 * cols];
+            w.dequantize_rows(5, 8, &mut out);
+            out
+        };
+        assert_eq!(
+            lookup(&mapped),
+            lookup(&owned),
+            "{ty:?} lookup from the file"
+        );
+        assert!(
+            mapped.copied.get().is_none(),
+            "{ty:?}: a lookup copied the rows"
+        );
+        for m in [1, 3] {
+            let x = random_x(m * cols, &mut rng);
+            let want = products(&[(&owned, &x)]).pop().unwrap();
+            assert_eq!(
+                products(&[(&mapped, &x)]).pop().unwrap(),
+                want,
+                "{ty:?} m {m}"
+            );
+        }
+        assert!(
+            mapped.copied.get().is_some(),
+            "{ty:?}: products read the file in place"
+        );
+        assert_eq!(
+            lookup(&mapped),
+            lookup(&owned),
+            "{ty:?} lookup from the copy"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
