@@ -1,5 +1,6 @@
-//! Memory for weights repacked at load time ([`super::Interleaved`]), asked of the OS in
-//! 2 MiB pages (transparent huge pages) where it gives them.
+//! Memory for weights repacked ([`super::Interleaved`]) or copied off a mapped file
+//! ([`super::QMatrix`]'s rows read in their stored layout) by their first product, asked
+//! of the OS in 2 MiB pages (transparent huge pages) where it gives them.
 //!
 //! Decoding streams every weight once per token; with 4 KiB pages that is one TLB walk
 //! every 4 KiB, and the hardware prefetchers stop at each page's end. Huge pages make
