@@ -140,16 +140,14 @@ impl Model {
         self.stored_read
     }
 
-    /// Make now, in parallel, the layouts the products read (stored rows interleaved,
-    /// where the CPU and type take them), which the first product of each weight would
+    /// Make now, in parallel, the layouts the products read (stored rows interleaved where
+    /// the CPU and type take them, else copied off the file), which the first product of each weight would
     /// otherwise make: a server calls it before it takes requests, so that its first
     /// request does not wait for all of them (0.8 s on a 434 MB Mixture-of-Experts file).
     /// Every weight is then resident, an expert no token has chosen yet too.
     pub fn prepare_products(&self) {
         use rayon::prelude::*;
-        self.products.par_iter().for_each(|q| {
-            q.interleaved();
-        });
+        self.products.par_iter().for_each(|q| q.prepare());
     }
 
     /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a

@@ -262,6 +262,15 @@ impl QMatrix {
             .as_deref()
     }
 
+    /// The layout the products read, made now rather than by the first product: the rows
+    /// interleaved where this CPU and type take that, else copied off the mapped file
+    /// ([`QMatrix::in_order`]).
+    pub fn prepare(&self) {
+        if self.interleaved().is_none() {
+            self.in_order();
+        }
+    }
+
     /// The rows interleaved for `kernel` (`None`: not interleaved), where the type takes it.
     fn interleave(&self, kernel: Option<interleave::Kernel>) -> Option<Arc<Interleaved>> {
         let kernel = kernel?;
