@@ -263,8 +263,8 @@ impl QMatrix {
     }
 
     /// The layout the products read, made now rather than by the first product: the rows
-    /// interleaved where this CPU and type take that, else copied off the mapped file
-    /// ([`QMatrix::in_order`]).
+    /// interleaved where this CPU and type take that, else copied off the mapped file onto
+    /// huge pages.
     pub fn prepare(&self) {
         if self.interleaved().is_none() {
             self.in_order();
