@@ -26,62 +26,22 @@ impl Tokenizer {
 
     /// [`Tokenizer::from_gguf`], built as `build` says where there is a choice.
     pub fn from_gguf_as(path: &Path, build: Build) -> Result<Self> {
-        use crate::weights::gguf::{GgufFile, Value};
-        let mut f = GgufFile::open(path)?;
         let bad = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
-        // the large arrays are moved out of the metadata, not copied: a 262k-token
-        // vocabulary's values weigh tens of MB
-        let strings = |f: &mut GgufFile, key: &str| -> Result<Vec<String>> {
-            match f.metadata.remove(key) {
-                Some(Value::Array(v)) => v
-                    .into_iter()
-                    .map(|x| match x {
-                        Value::String(s) => Some(s),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| bad(format!("{key} holds a non-string"))),
-                _ => Err(bad(format!("no {key} array"))),
-            }
-        };
-        // a file without a vocabulary (`none`, or no tokenizer keys at all: a model
-        // trained on bytes, as `quantize` writes one) reads bytes, as a folder without
-        // tokenizer.json does
-        let text = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_str).map(str::to_string);
-        let model = text(&f, "tokenizer.ggml.model");
-        let no_vocab = matches!(model.as_deref(), Some("none" | "no_vocab"))
-            || (model.is_none() && f.get("tokenizer.ggml.tokens").is_none());
-        if no_vocab {
+        let Some(keys) = GgufTokenizerKeys::read(path)? else {
             return Ok(Tokenizer::Bytes);
-        }
-        let model = model.unwrap_or_else(|| "none".into());
-        let arch = text(&f, "general.architecture").unwrap_or_else(|| "none".into());
-        let pre = text(&f, "tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
-        let add_bos = match f.get("tokenizer.ggml.add_bos_token") {
-            Some(Value::Bool(b)) => *b,
-            _ => model == "llama",
         };
-        let id = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_u64);
-        let bos_id = id(&f, "tokenizer.ggml.bos_token_id");
-        let named_ids: Vec<u64> = ["unknown", "bos", "eos"]
-            .iter()
-            .filter_map(|k| id(&f, &format!("tokenizer.ggml.{k}_token_id")))
-            .collect();
-        let types: Vec<u64> = match f.metadata.remove("tokenizer.ggml.token_type") {
-            Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
-            _ => Vec::new(),
-        };
-        let scores = f.metadata.remove("tokenizer.ggml.scores");
-        let tokens = strings(&mut f, "tokenizer.ggml.tokens")?;
-        let merges = match model.as_str() {
-            "gpt2" => strings(&mut f, "tokenizer.ggml.merges")?,
-            _ => Vec::new(),
-        };
-        drop(f);
-        let types = match types.is_empty() {
-            true => vec![1; tokens.len()],
-            false => types,
-        };
+        let GgufTokenizerKeys {
+            model,
+            arch,
+            pre,
+            add_bos,
+            bos_id,
+            named_ids,
+            types,
+            scores,
+            tokens,
+            merges,
+        } = keys;
         let parts = GgufVocab {
             tokens: &tokens,
             types: &types,
@@ -107,21 +67,7 @@ impl Tokenizer {
             }
             ("llama", "gemma" | "gemma2" | "gemma3") => parts.gemma(),
             ("llama", arch) => {
-                let scores: Vec<f32> = match scores {
-                    Some(Value::Array(v)) => v
-                        .iter()
-                        .map(|x| x.as_f64().map(|v| v as f32))
-                        .collect::<Option<Vec<_>>>()
-                        .ok_or_else(|| bad("tokenizer.ggml.scores holds a non-number".into()))?,
-                    _ => return Err(bad("no tokenizer.ggml.scores array".into())),
-                };
-                if scores.len() != tokens.len() {
-                    return Err(bad(format!(
-                        "{} scores for {} tokens",
-                        scores.len(),
-                        tokens.len()
-                    )));
-                }
+                let scores = sentencepiece_scores(scores, tokens.len()).map_err(bad)?;
                 let named: Vec<&str> = named_ids
                     .iter()
                     .filter_map(|&i| tokens.get(i as usize).map(String::as_str))
@@ -140,6 +86,111 @@ impl Tokenizer {
         let t = assembled(bpe).map_err(|e| bad(format!("building the tokenizer: {e}")))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
+}
+
+/// A GGUF file's tokenizer keys, the large arrays moved out of its metadata.
+struct GgufTokenizerKeys {
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    model: String,
+    arch: String,
+    /// `tokenizer.ggml.pre`: the split before the merges of a byte-level BPE.
+    pre: String,
+    add_bos: bool,
+    bos_id: Option<u64>,
+    /// The unknown, BOS and EOS ids the file names.
+    named_ids: Vec<u64>,
+    /// llama.cpp's token types, one per token (1, normal, where the file gives none).
+    types: Vec<u64>,
+    scores: Option<crate::weights::gguf::Value>,
+    tokens: Vec<String>,
+    merges: Vec<String>,
+}
+
+impl GgufTokenizerKeys {
+    /// The keys of the file at `path`; `None` for a file without a vocabulary (`none`, or
+    /// no tokenizer keys at all: a model trained on bytes, as `quantize` writes one), which
+    /// reads bytes as a folder without tokenizer.json does.
+    fn read(path: &Path) -> Result<Option<Self>> {
+        use crate::weights::gguf::{GgufFile, Value};
+        let mut f = GgufFile::open(path)?;
+        let bad = |msg: String| Error::Tokenizer(format!("{}: {msg}", path.display()));
+        // the large arrays are moved out of the metadata, not copied: a 262k-token
+        // vocabulary's values weigh tens of MB
+        let strings = |f: &mut GgufFile, key: &str| -> Result<Vec<String>> {
+            match f.metadata.remove(key) {
+                Some(Value::Array(v)) => v
+                    .into_iter()
+                    .map(|x| match x {
+                        Value::String(s) => Some(s),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad(format!("{key} holds a non-string"))),
+                _ => Err(bad(format!("no {key} array"))),
+            }
+        };
+        let text = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_str).map(str::to_string);
+        let model = text(&f, "tokenizer.ggml.model");
+        let no_vocab = matches!(model.as_deref(), Some("none" | "no_vocab"))
+            || (model.is_none() && f.get("tokenizer.ggml.tokens").is_none());
+        if no_vocab {
+            return Ok(None);
+        }
+        let model = model.unwrap_or_else(|| "none".into());
+        let add_bos = match f.get("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            _ => model == "llama",
+        };
+        let id = |f: &GgufFile, key: &str| f.get(key).and_then(Value::as_u64);
+        let named_ids: Vec<u64> = ["unknown", "bos", "eos"]
+            .iter()
+            .filter_map(|k| id(&f, &format!("tokenizer.ggml.{k}_token_id")))
+            .collect();
+        let types: Vec<u64> = match f.metadata.remove("tokenizer.ggml.token_type") {
+            Some(Value::Array(v)) => v.iter().map(|x| x.as_u64().unwrap_or(1)).collect(),
+            _ => Vec::new(),
+        };
+        let tokens = strings(&mut f, "tokenizer.ggml.tokens")?;
+        let merges = match model.as_str() {
+            "gpt2" => strings(&mut f, "tokenizer.ggml.merges")?,
+            _ => Vec::new(),
+        };
+        Ok(Some(Self {
+            arch: text(&f, "general.architecture").unwrap_or_else(|| "none".into()),
+            pre: text(&f, "tokenizer.ggml.pre").unwrap_or_else(|| "default".into()),
+            bos_id: id(&f, "tokenizer.ggml.bos_token_id"),
+            scores: f.metadata.remove("tokenizer.ggml.scores"),
+            types: match types.is_empty() {
+                true => vec![1; tokens.len()],
+                false => types,
+            },
+            model,
+            add_bos,
+            named_ids,
+            tokens,
+            merges,
+        }))
+    }
+}
+
+/// A SentencePiece vocabulary's scores, one per token of `n`.
+fn sentencepiece_scores(
+    scores: Option<crate::weights::gguf::Value>,
+    n: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    use crate::weights::gguf::Value;
+    let scores: Vec<f32> = match scores {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| x.as_f64().map(|v| v as f32))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("tokenizer.ggml.scores holds a non-number")?,
+        _ => return Err("no tokenizer.ggml.scores array".into()),
+    };
+    if scores.len() != n {
+        return Err(format!("{} scores for {n} tokens", scores.len()));
+    }
+    Ok(scores)
 }
 
 /// How a GGUF file's tokenizer is built where there is a choice: by routelm (Gemma's by
