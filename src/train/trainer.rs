@@ -295,33 +295,7 @@ impl Trainer {
                         seed: c.seed ^ ((step as u64) << 24) ^ ((micro as u64) << 8) ^ shard as u64,
                         ..Default::default()
                     };
-                    // the fused feed-forward ops hand their weight gradients to this shard's
-                    // sink instead of candle's accumulation
-                    let sink = std::sync::Arc::new(GradSink::default());
-                    let out = with_grad_sink(&sink, || model.loss_with(x, y, opts))?;
-                    let ce = out.ce.to_scalar::<f32>()? as f64;
-                    let stats = out
-                        .moe
-                        .iter()
-                        .map(RouterMetric::from_stats)
-                        .collect::<Result<Vec<_>>>()?;
-                    let loss = if scale > 1.0 {
-                        (out.total / scale)?
-                    } else {
-                        out.total
-                    };
-                    let store = loss.backward()?;
-                    let g = slots
-                        .iter()
-                        .map(|s| {
-                            let w = s.var.as_tensor();
-                            Ok(match (store.get(w).cloned(), sink.take(w)) {
-                                (Some(a), Some(b)) => Some((a + b)?),
-                                (a, b) => a.or(b),
-                            })
-                        })
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Ok((ce, stats, g))
+                    shard_grads(model, slots, x, y, opts, scale)
                 })
                 .collect();
             // summed in shard order (the same result whichever thread finished first), the
@@ -683,6 +657,46 @@ pub fn evaluate(model: &Model, data: &Dataset, train: &TrainConfig) -> Result<f6
 
 /// One shard's mean cross-entropy, router statistics and gradients (per optimizer slot).
 type ShardGrads = (f64, Vec<RouterMetric>, Vec<Option<Tensor>>);
+
+/// One shard's forward and backward pass: its cross-entropy, its routers' statistics and
+/// the gradient of each slot's parameter (`None` where the loss does not reach it), the
+/// loss divided by `scale` (the shards and micro-batches of a step) first.
+fn shard_grads(
+    model: &Model,
+    slots: &[Slot],
+    x: &Tensor,
+    y: &Tensor,
+    opts: crate::model::ForwardOptions,
+    scale: f64,
+) -> Result<ShardGrads> {
+    // the fused feed-forward ops hand their weight gradients to this shard's sink instead
+    // of candle's accumulation
+    let sink = std::sync::Arc::new(GradSink::default());
+    let out = with_grad_sink(&sink, || model.loss_with(x, y, opts))?;
+    let ce = out.ce.to_scalar::<f32>()? as f64;
+    let stats = out
+        .moe
+        .iter()
+        .map(RouterMetric::from_stats)
+        .collect::<Result<Vec<_>>>()?;
+    let loss = if scale > 1.0 {
+        (out.total / scale)?
+    } else {
+        out.total
+    };
+    let store = loss.backward()?;
+    let g = slots
+        .iter()
+        .map(|s| {
+            let w = s.var.as_tensor();
+            Ok(match (store.get(w).cloned(), sink.take(w)) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            })
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((ce, stats, g))
+}
 
 /// Shards per batch: the most, up to one per thread of the pool, that divide the batch
 /// evenly (threads left over still help inside the shards' ops).
