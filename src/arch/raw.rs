@@ -358,7 +358,6 @@ impl RawConfig {
             .or_else(|| s.get("type"))
             .and_then(|v| v.as_str())
             .unwrap_or("default");
-        let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).filter(|v| *v != 0.0);
         let max_pos = self.opt_f64(&["max_position_embeddings"]);
         // Phi-3 keeps the pretraining length at top level, where transformers gives it
         // priority for a single (not per-layer-type) rope block
@@ -366,86 +365,36 @@ impl RawConfig {
             .get("original_max_position_embeddings")
             .and_then(|v| v.as_f64())
             .filter(|_| !nested);
+        let b = ScalingBlock {
+            raw: self,
+            s,
+            kind,
+            max_pos,
+            original: None,
+        };
         let original = top_original
-            .or_else(|| f("original_max_position_embeddings"))
+            .or_else(|| b.f("original_max_position_embeddings"))
             .or(max_pos);
-        let need = |name: &str, v: Option<f64>| {
-            v.unwrap_or_else(|| {
-                self.problem(format!("{kind} rope scaling needs {name}"));
-                1.0
-            })
-        };
-        // factor given, else the ratio of the extended to the original length
-        let factor = || match (f("factor"), max_pos, original) {
-            (Some(x), _, _) => x,
-            (None, Some(m), Some(o)) => m / o,
-            _ => need("factor", None),
-        };
+        let b = ScalingBlock { original, ..b };
         match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear {
-                factor: need("factor", f("factor")),
+                factor: b.need("factor", b.f("factor")),
             },
             "llama3" => RopeScaling::Llama3 {
-                factor: need("factor", f("factor")),
-                low_freq_factor: need("low_freq_factor", f("low_freq_factor")),
-                high_freq_factor: need("high_freq_factor", f("high_freq_factor")),
-                original_max_position_embeddings: need(
-                    "original_max_position_embeddings",
-                    original,
-                ),
+                factor: b.need("factor", b.f("factor")),
+                low_freq_factor: b.need("low_freq_factor", b.f("low_freq_factor")),
+                high_freq_factor: b.need("high_freq_factor", b.f("high_freq_factor")),
+                original_max_position_embeddings: b
+                    .need("original_max_position_embeddings", original),
             },
             "dynamic" => RopeScaling::Dynamic {
-                factor: need("factor", f("factor")),
-                max_position_embeddings: need("max_position_embeddings", max_pos),
+                factor: b.need("factor", b.f("factor")),
+                max_position_embeddings: b.need("max_position_embeddings", max_pos),
             },
-            "yarn" => {
-                let factor = factor();
-                let attention_factor = f("attention_factor").unwrap_or_else(|| {
-                    match (f("mscale"), f("mscale_all_dim")) {
-                        (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
-                        _ => yarn_mscale(factor, 1.0),
-                    }
-                });
-                RopeScaling::Yarn {
-                    factor,
-                    original_max_position_embeddings: need(
-                        "original_max_position_embeddings",
-                        original,
-                    ),
-                    beta_fast: f("beta_fast").unwrap_or(32.0),
-                    beta_slow: f("beta_slow").unwrap_or(1.0),
-                    truncate: s.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true),
-                    attention_factor,
-                }
-            }
+            "yarn" => b.yarn(),
             // "su" is what the first Phi-3 128k configs called LongRoPE
-            "longrope" | "su" => {
-                let list = |k: &str| -> Vec<f64> {
-                    match s.get(k).and_then(|v| v.as_array()) {
-                        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect(),
-                        None => {
-                            self.problem(format!(
-                                "longrope rope scaling needs {k} (a list of numbers)"
-                            ));
-                            Vec::new()
-                        }
-                    }
-                };
-                let original = need("original_max_position_embeddings", original);
-                let factor = factor();
-                let attention_factor = f("attention_factor").unwrap_or(if factor <= 1.0 {
-                    1.0
-                } else {
-                    (1.0 + factor.ln() / original.ln()).sqrt()
-                });
-                RopeScaling::LongRope {
-                    short_factor: list("short_factor"),
-                    long_factor: list("long_factor"),
-                    original_max_position_embeddings: original,
-                    attention_factor,
-                }
-            }
+            "longrope" | "su" => b.longrope(),
             other => {
                 self.problem(format!(
                     "rope scaling type '{other}' is not supported (default, linear, llama3, dynamic, yarn, longrope)"
@@ -487,6 +436,92 @@ impl RawConfig {
                 origin: self.path.display().to_string(),
                 problems: p,
             })
+        }
+    }
+}
+
+/// One rope-scaling object being read: its keys, the lengths it is resolved against, and
+/// the config where problems are noted.
+struct ScalingBlock<'a> {
+    raw: &'a RawConfig,
+    s: &'a Value,
+    kind: &'a str,
+    max_pos: Option<f64>,
+    /// The pretraining length: the block's, Phi-3's top-level one, or the context.
+    original: Option<f64>,
+}
+
+impl ScalingBlock<'_> {
+    /// The block's number `k` (0 reads as absent).
+    fn f(&self, k: &str) -> Option<f64> {
+        self.s.get(k).and_then(|v| v.as_f64()).filter(|v| *v != 0.0)
+    }
+
+    /// `v`, or a problem naming what this kind of scaling needs.
+    fn need(&self, name: &str, v: Option<f64>) -> f64 {
+        v.unwrap_or_else(|| {
+            self.raw
+                .problem(format!("{} rope scaling needs {name}", self.kind));
+            1.0
+        })
+    }
+
+    /// The factor given, else the ratio of the extended to the original length.
+    fn factor(&self) -> f64 {
+        match (self.f("factor"), self.max_pos, self.original) {
+            (Some(x), _, _) => x,
+            (None, Some(m), Some(o)) => m / o,
+            _ => self.need("factor", None),
+        }
+    }
+
+    fn yarn(&self) -> RopeScaling {
+        let factor = self.factor();
+        let attention_factor = self.f("attention_factor").unwrap_or_else(|| {
+            match (self.f("mscale"), self.f("mscale_all_dim")) {
+                (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                _ => yarn_mscale(factor, 1.0),
+            }
+        });
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: self
+                .need("original_max_position_embeddings", self.original),
+            beta_fast: self.f("beta_fast").unwrap_or(32.0),
+            beta_slow: self.f("beta_slow").unwrap_or(1.0),
+            truncate: self
+                .s
+                .get("truncate")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
+            attention_factor,
+        }
+    }
+
+    fn longrope(&self) -> RopeScaling {
+        let list = |k: &str| -> Vec<f64> {
+            match self.s.get(k).and_then(|v| v.as_array()) {
+                Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect(),
+                None => {
+                    self.raw.problem(format!(
+                        "longrope rope scaling needs {k} (a list of numbers)"
+                    ));
+                    Vec::new()
+                }
+            }
+        };
+        let original = self.need("original_max_position_embeddings", self.original);
+        let factor = self.factor();
+        let attention_factor = self.f("attention_factor").unwrap_or(if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / original.ln()).sqrt()
+        });
+        RopeScaling::LongRope {
+            short_factor: list("short_factor"),
+            long_factor: list("long_factor"),
+            original_max_position_embeddings: original,
+            attention_factor,
         }
     }
 }
