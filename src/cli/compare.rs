@@ -244,48 +244,87 @@ pub fn compare(
     heldout: Option<&HeldOut>,
     seed: u64,
 ) -> Result<Vec<Row>> {
+    let sweep = Sweep {
+        data,
+        budget,
+        evals,
+        heldout,
+        seed,
+    };
     let mut rows = Vec::new();
     for v in variants {
+        let dir = out.join(v.name.replace(['/', '.'], "_"));
+        // a variant this comparison already trained (same model, recipe and budget) is
+        // read back, so that a long sweep continues where it stopped
+        let key = serde_json::to_string(&(&v.cfg, &v.train, budget, v.init.is_some()))?;
+        let record = dir.join("row.json");
+        let row = match sweep.reused(&v, &dir, &key)? {
+            Some(row) => row,
+            None => {
+                let row = sweep.train(v, &dir)?;
+                std::fs::write(&record, serde_json::to_string(&(&key, &row))?)
+                    .with_context(|| format!("writing {}", record.display()))?;
+                row
+            }
+        };
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// What every variant of a comparison shares: the data, the budget, how often to evaluate,
+/// the held-out text and the validation windows' seed.
+struct Sweep<'a> {
+    data: &'a Dataset,
+    budget: f64,
+    evals: usize,
+    heldout: Option<&'a HeldOut>,
+    seed: u64,
+}
+
+impl Sweep<'_> {
+    /// The row `dir` holds for this variant (the same `key`: model, recipe and budget),
+    /// scored again when it was scored on other windows.
+    fn reused(&self, v: &Variant, dir: &Path, key: &str) -> Result<Option<Row>> {
+        let record = dir.join("row.json");
+        let Some(mut row) = std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|t| serde_json::from_str::<(String, Row)>(&t).ok())
+            .filter(|(k, _)| k == key)
+            .map(|(_, r)| r)
+        else {
+            return Ok(None);
+        };
+        eprintln!("{}: reusing {}", v.name, dir.display());
+        if row.scored_seed != Some(self.seed) {
+            // scored on other windows: score the saved model again on this comparison's
+            let saved = dir.join("checkpoint");
+            let model = routelm::arch::load_dir(&saved, DType::F32, &super::device())
+                .with_context(|| format!("scoring {} again", saved.display()))?
+                .model;
+            row.set_scores(score(&model, self.data, &v.train, self.seed)?, self.seed);
+            std::fs::write(&record, serde_json::to_string(&(key, &row))?)
+                .with_context(|| format!("writing {}", record.display()))?;
+        }
+        Ok(Some(row))
+    }
+
+    /// Train variant `v` for the budget into `dir` and score it.
+    fn train(&self, v: Variant, dir: &Path) -> Result<Row> {
         let Variant {
             name,
             cfg,
             mut train,
             init,
         } = v;
-        let name = &name;
-        let dir = out.join(name.replace(['/', '.'], "_"));
-        // a variant this comparison already trained (same model, recipe and budget) is
-        // read back, so that a long sweep continues where it stopped
-        let key = serde_json::to_string(&(&cfg, &train, budget, init.is_some()))?;
-        let record = dir.join("row.json");
-        if let Some(mut row) = std::fs::read_to_string(&record)
-            .ok()
-            .and_then(|t| serde_json::from_str::<(String, Row)>(&t).ok())
-            .filter(|(k, _)| *k == key)
-            .map(|(_, r)| r)
-        {
-            eprintln!("{name}: reusing {}", dir.display());
-            if row.scored_seed != Some(seed) {
-                // scored on other windows: score the saved model again on this comparison's
-                let saved = dir.join("checkpoint");
-                let model = routelm::arch::load_dir(&saved, DType::F32, &super::device())
-                    .with_context(|| format!("scoring {} again", saved.display()))?
-                    .model;
-                row.set_scores(score(&model, data, &train, seed)?, seed);
-                std::fs::write(&record, serde_json::to_string(&(&key, &row))?)
-                    .with_context(|| format!("writing {}", record.display()))?;
-            }
-            rows.push(row);
-            continue;
-        }
         let ledger = FlopLedger::new(&cfg, train.seq_len);
         let tokens_per_step = (train.batch_size * train.seq_len * train.grad_accum) as f64;
         let flops_per_step = ledger.train_per_token() * tokens_per_step;
-        let steps = ((budget / flops_per_step).round() as usize).max(1);
+        let steps = ((self.budget / flops_per_step).round() as usize).max(1);
         train.steps = steps;
         train.decay_steps = steps;
         train.warmup_steps = train.warmup_steps.min(steps / 10);
-        train.eval_every = (steps / evals.max(1)).max(1);
+        train.eval_every = (steps / self.evals.max(1)).max(1);
         train.log_every = train.eval_every;
         let mut trainer = match init {
             Some(params) => Trainer::from_params(&cfg, &train, params, "init")?,
@@ -294,9 +333,9 @@ pub fn compare(
         let pb = super::bar(steps as u64, &format!("{name:>12}"));
         let started = Instant::now();
         let summary = trainer.run(
-            data,
+            self.data,
             &RunOptions {
-                out: dir.clone(),
+                out: dir.to_path_buf(),
                 stop_after: None,
             },
             &mut |e| {
@@ -317,11 +356,12 @@ pub fn compare(
             })
             .collect();
         let sample_tps = super::bench::decode_speed(&trainer.model, 64)?;
-        let heldout_ppl = heldout
+        let heldout_ppl = self
+            .heldout
             .map(|h| h.score(&trainer.model, &mut |_| {}).map(|r| r.value()))
             .transpose()?;
         let mut row = Row {
-            name: name.clone(),
+            name,
             total_params: ledger.total_params,
             active_params: ledger.active_params,
             forward_flops: ledger.forward_per_token(),
@@ -336,13 +376,12 @@ pub fn compare(
             heldout_ppl,
             scored_seed: None,
         };
-        row.set_scores(score(&trainer.model, data, &train, seed)?, seed);
-        rows.push(row);
-        let row = rows.last().expect("just pushed");
-        std::fs::write(&record, serde_json::to_string(&(&key, row))?)
-            .with_context(|| format!("writing {}", record.display()))?;
+        row.set_scores(
+            score(&trainer.model, self.data, &train, self.seed)?,
+            self.seed,
+        );
+        Ok(row)
     }
-    Ok(rows)
 }
 
 /// Each variant over its seeds (rows named `NAME@seedS`, grouped by `NAME` in the order
