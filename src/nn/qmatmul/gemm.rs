@@ -63,124 +63,164 @@ struct Parts {
 
 /// One row's codes, scales and offsets (as [`Parts`] holds them).
 fn unpack_row(ty: GgmlType, row: &[u8], parts: &mut Parts) {
+    match ty {
+        GgmlType::Q8_0 => unpack_q8_0(row, parts),
+        GgmlType::Q4_0 | GgmlType::Q4_1 => unpack_q4(ty, row, parts),
+        GgmlType::Q5_0 | GgmlType::Q5_1 => unpack_q5(ty, row, parts),
+        GgmlType::Q4K | GgmlType::Q5K => unpack_k(ty, row, parts),
+        GgmlType::Q6K => unpack_q6_k(row, parts),
+        _ => unreachable!("supports() gates the types"),
+    }
+}
+
+/// Q8_0: the signed codes offset by 128.
+fn unpack_q8_0(row: &[u8], parts: &mut Parts) {
     let Parts {
         codes,
         scale,
         offset,
+        ..
+    } = parts;
+    for (b, blk) in row.chunks_exact(34).enumerate() {
+        let d = half(blk, 0);
+        for (c, &q) in codes[32 * b..32 * b + 32].iter_mut().zip(&blk[2..34]) {
+            *c = (q as i8 as i16 + 128) as u8;
+        }
+        scale[b] = d;
+        offset[b] = 128.0 * d;
+    }
+}
+
+/// Q4_0 and Q4_1: low nibbles, then high ones.
+fn unpack_q4(ty: GgmlType, row: &[u8], parts: &mut Parts) {
+    let Parts {
+        codes,
+        scale,
+        offset,
+        ..
+    } = parts;
+    let (size, at) = if ty == GgmlType::Q4_0 {
+        (18, 2)
+    } else {
+        (20, 4)
+    };
+    for (b, blk) in row.chunks_exact(size).enumerate() {
+        let d = half(blk, 0);
+        for (i, &q) in blk[at..at + 16].iter().enumerate() {
+            codes[32 * b + i] = q & 0x0F;
+            codes[32 * b + 16 + i] = q >> 4;
+        }
+        scale[b] = d;
+        offset[b] = if ty == GgmlType::Q4_0 {
+            8.0 * d
+        } else {
+            -half(blk, 2)
+        };
+    }
+}
+
+/// Q5_0 and Q5_1: the nibbles with their fifth bits.
+fn unpack_q5(ty: GgmlType, row: &[u8], parts: &mut Parts) {
+    let Parts {
+        codes,
+        scale,
+        offset,
+        ..
+    } = parts;
+    let (size, at) = if ty == GgmlType::Q5_0 {
+        (22, 2)
+    } else {
+        (24, 4)
+    };
+    for (b, blk) in row.chunks_exact(size).enumerate() {
+        let d = half(blk, 0);
+        let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+        let qs = &blk[at + 4..at + 20];
+        for i in 0..32 {
+            let low = if i < 16 {
+                qs[i] & 0x0F
+            } else {
+                qs[i - 16] >> 4
+            };
+            codes[32 * b + i] = low | ((((qh >> i) & 1) as u8) << 4);
+        }
+        scale[b] = d;
+        offset[b] = if ty == GgmlType::Q5_0 {
+            16.0 * d
+        } else {
+            -half(blk, 2)
+        };
+    }
+}
+
+/// Q4_K and Q5_K: a scale and an offset per block of 32 of each super-block.
+fn unpack_k(ty: GgmlType, row: &[u8], parts: &mut Parts) {
+    let Parts {
+        codes,
+        scale,
+        offset,
+        ..
+    } = parts;
+    let five = ty == GgmlType::Q5K;
+    let size = if five { 176 } else { 144 };
+    for (sb, blk) in row.chunks_exact(size).enumerate() {
+        let (d, dmin) = (half(blk, 0), half(blk, 2));
+        let (s, m) = scale_min_k4(&blk[4..16]);
+        let (qh, qs) = if five {
+            (&blk[16..48], &blk[48..176])
+        } else {
+            (&blk[0..0], &blk[16..144])
+        };
+        for j in 0..8 {
+            let (c, h) = (j / 2, j % 2);
+            for i in 0..32 {
+                let mut q = (qs[32 * c + i] >> (4 * h)) & 0x0F;
+                if five {
+                    q |= ((qh[i] >> j) & 1) << 4;
+                }
+                codes[256 * sb + 32 * j + i] = q;
+            }
+            scale[8 * sb + j] = d * s[j] as f32;
+            offset[8 * sb + j] = dmin * m[j] as f32;
+        }
+    }
+}
+
+/// Q6_K: signed 6-bit codes, a scale per super-block, an 8-bit scale and a starting sum
+/// per group of 16.
+fn unpack_q6_k(row: &[u8], parts: &mut Parts) {
+    let Parts {
+        codes,
+        scale,
         start,
         iscale,
+        ..
     } = parts;
-    match ty {
-        GgmlType::Q8_0 => {
-            for (b, blk) in row.chunks_exact(34).enumerate() {
-                let d = half(blk, 0);
-                for (c, &q) in codes[32 * b..32 * b + 32].iter_mut().zip(&blk[2..34]) {
-                    *c = (q as i8 as i16 + 128) as u8;
-                }
-                scale[b] = d;
-                offset[b] = 128.0 * d;
-            }
-        }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let (size, at) = if ty == GgmlType::Q4_0 {
-                (18, 2)
-            } else {
-                (20, 4)
-            };
-            for (b, blk) in row.chunks_exact(size).enumerate() {
-                let d = half(blk, 0);
-                for (i, &q) in blk[at..at + 16].iter().enumerate() {
-                    codes[32 * b + i] = q & 0x0F;
-                    codes[32 * b + 16 + i] = q >> 4;
-                }
-                scale[b] = d;
-                offset[b] = if ty == GgmlType::Q4_0 {
-                    8.0 * d
-                } else {
-                    -half(blk, 2)
-                };
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let (size, at) = if ty == GgmlType::Q5_0 {
-                (22, 2)
-            } else {
-                (24, 4)
-            };
-            for (b, blk) in row.chunks_exact(size).enumerate() {
-                let d = half(blk, 0);
-                let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
-                let qs = &blk[at + 4..at + 20];
+    for (sb, blk) in row.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        let d = half(blk, 208);
+        let out = &mut codes[256 * sb..256 * sb + 256];
+        // values 128h + 32s + i: the low nibble (shift 4 · (s / 2)) of byte
+        // 32 · (s % 2) + i of the half's 64, the bit pair (shift 2s) of byte i of
+        // its 32
+        for h in 0..2 {
+            for s in 0..4 {
+                let low = &ql[64 * h + 32 * (s % 2)..][..32];
+                let high = &qh[32 * h..][..32];
+                let o = &mut out[128 * h + 32 * s..][..32];
                 for i in 0..32 {
-                    let low = if i < 16 {
-                        qs[i] & 0x0F
-                    } else {
-                        qs[i - 16] >> 4
-                    };
-                    codes[32 * b + i] = low | ((((qh >> i) & 1) as u8) << 4);
-                }
-                scale[b] = d;
-                offset[b] = if ty == GgmlType::Q5_0 {
-                    16.0 * d
-                } else {
-                    -half(blk, 2)
-                };
-            }
-        }
-        GgmlType::Q4K | GgmlType::Q5K => {
-            let five = ty == GgmlType::Q5K;
-            let size = if five { 176 } else { 144 };
-            for (sb, blk) in row.chunks_exact(size).enumerate() {
-                let (d, dmin) = (half(blk, 0), half(blk, 2));
-                let (s, m) = scale_min_k4(&blk[4..16]);
-                let (qh, qs) = if five {
-                    (&blk[16..48], &blk[48..176])
-                } else {
-                    (&blk[0..0], &blk[16..144])
-                };
-                for j in 0..8 {
-                    let (c, h) = (j / 2, j % 2);
-                    for i in 0..32 {
-                        let mut q = (qs[32 * c + i] >> (4 * h)) & 0x0F;
-                        if five {
-                            q |= ((qh[i] >> j) & 1) << 4;
-                        }
-                        codes[256 * sb + 32 * j + i] = q;
-                    }
-                    scale[8 * sb + j] = d * s[j] as f32;
-                    offset[8 * sb + j] = dmin * m[j] as f32;
+                    let l = (low[i] >> (4 * (s / 2))) & 0x0F;
+                    let u = (high[i] >> (2 * s)) & 0x03;
+                    o[i] = (l | (u << 4)).wrapping_sub(32);
                 }
             }
         }
-        GgmlType::Q6K => {
-            for (sb, blk) in row.chunks_exact(210).enumerate() {
-                let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-                let d = half(blk, 208);
-                let out = &mut codes[256 * sb..256 * sb + 256];
-                // values 128h + 32s + i: the low nibble (shift 4 · (s / 2)) of byte
-                // 32 · (s % 2) + i of the half's 64, the bit pair (shift 2s) of byte i of
-                // its 32
-                for h in 0..2 {
-                    for s in 0..4 {
-                        let low = &ql[64 * h + 32 * (s % 2)..][..32];
-                        let high = &qh[32 * h..][..32];
-                        let o = &mut out[128 * h + 32 * s..][..32];
-                        for i in 0..32 {
-                            let l = (low[i] >> (4 * (s / 2))) & 0x0F;
-                            let u = (high[i] >> (2 * s)) & 0x03;
-                            o[i] = (l | (u << 4)).wrapping_sub(32);
-                        }
-                    }
-                }
-                for (g, group) in out.chunks_exact(16).enumerate() {
-                    let sum: i32 = group.iter().map(|&c| c as i8 as i32).sum();
-                    iscale[16 * sb + g] = sc[g] as i8 as i32;
-                    start[16 * sb + g] = -128 * sum;
-                }
-                scale[sb] = d;
-            }
+        for (g, group) in out.chunks_exact(16).enumerate() {
+            let sum: i32 = group.iter().map(|&c| c as i8 as i32).sum();
+            iscale[16 * sb + g] = sc[g] as i8 as i32;
+            start[16 * sb + g] = -128 * sum;
         }
-        _ => unreachable!("supports() gates the types"),
+        scale[sb] = d;
     }
 }
 
