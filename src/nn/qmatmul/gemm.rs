@@ -65,8 +65,9 @@ struct Parts {
 fn unpack_row(ty: GgmlType, row: &[u8], parts: &mut Parts) {
     match ty {
         GgmlType::Q8_0 => unpack_q8_0(row, parts),
-        GgmlType::Q4_0 | GgmlType::Q4_1 => unpack_q4(ty, row, parts),
-        GgmlType::Q5_0 | GgmlType::Q5_1 => unpack_q5(ty, row, parts),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            unpack_32(ty, row, parts)
+        }
         GgmlType::Q4K | GgmlType::Q5K => unpack_k(ty, row, parts),
         GgmlType::Q6K => unpack_q6_k(row, parts),
         _ => unreachable!("supports() gates the types"),
@@ -91,64 +92,41 @@ fn unpack_q8_0(row: &[u8], parts: &mut Parts) {
     }
 }
 
-/// Q4_0 and Q4_1: low nibbles, then high ones.
-fn unpack_q4(ty: GgmlType, row: &[u8], parts: &mut Parts) {
+/// Q4_0, Q4_1, Q5_0 and Q5_1: each byte's low nibble, then its high one, with the fifth
+/// bits of the Q5 types.
+fn unpack_32(ty: GgmlType, row: &[u8], parts: &mut Parts) {
     let Parts {
         codes,
         scale,
         offset,
         ..
     } = parts;
-    let (size, at) = if ty == GgmlType::Q4_0 {
-        (18, 2)
-    } else {
-        (20, 4)
+    let (size, at) = match ty {
+        GgmlType::Q4_0 => (18, 2),
+        GgmlType::Q4_1 => (20, 4),
+        GgmlType::Q5_0 => (22, 2),
+        _ => (24, 4),
     };
+    let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
     for (b, blk) in row.chunks_exact(size).enumerate() {
         let d = half(blk, 0);
-        for (i, &q) in blk[at..at + 16].iter().enumerate() {
-            codes[32 * b + i] = q & 0x0F;
-            codes[32 * b + 16 + i] = q >> 4;
-        }
-        scale[b] = d;
-        offset[b] = if ty == GgmlType::Q4_0 {
-            8.0 * d
-        } else {
-            -half(blk, 2)
+        let (qh, qs) = match five {
+            true => (
+                u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]),
+                &blk[at + 4..at + 20],
+            ),
+            false => (0, &blk[at..at + 16]),
         };
-    }
-}
-
-/// Q5_0 and Q5_1: the nibbles with their fifth bits.
-fn unpack_q5(ty: GgmlType, row: &[u8], parts: &mut Parts) {
-    let Parts {
-        codes,
-        scale,
-        offset,
-        ..
-    } = parts;
-    let (size, at) = if ty == GgmlType::Q5_0 {
-        (22, 2)
-    } else {
-        (24, 4)
-    };
-    for (b, blk) in row.chunks_exact(size).enumerate() {
-        let d = half(blk, 0);
-        let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
-        let qs = &blk[at + 4..at + 20];
-        for i in 0..32 {
-            let low = if i < 16 {
-                qs[i] & 0x0F
-            } else {
-                qs[i - 16] >> 4
-            };
-            codes[32 * b + i] = low | ((((qh >> i) & 1) as u8) << 4);
+        let bit = |i: usize| (((qh >> i) & 1) as u8) << 4;
+        for (i, &q) in qs.iter().enumerate() {
+            codes[32 * b + i] = (q & 0x0F) | bit(i);
+            codes[32 * b + 16 + i] = (q >> 4) | bit(16 + i);
         }
         scale[b] = d;
-        offset[b] = if ty == GgmlType::Q5_0 {
-            16.0 * d
-        } else {
-            -half(blk, 2)
+        offset[b] = match ty {
+            GgmlType::Q4_0 => 8.0 * d,
+            GgmlType::Q5_0 => 16.0 * d,
+            _ => -half(blk, 2),
         };
     }
 }
