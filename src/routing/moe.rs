@@ -298,13 +298,41 @@ impl MoeLayer {
             ),
         };
 
-        // weights from the unbiased scores, gathered from the tensor so the router learns
+        let w = self.gate_weights(logits, scores, host, &choice, n, device)?;
+        let (rows, slots, dropped) = self.assign(&choice.experts, n);
+        Ok(Routed {
+            routing: Routing {
+                rows,
+                slots,
+                weights: w,
+            },
+            dropped,
+            assignments: n * c.top_k,
+            choice: Some(choice),
+        })
+    }
+
+    /// The chosen experts' gate weights `(n · top_k)`, from the unbiased scores: gathered
+    /// from the score tensor so the router learns, or computed on the host copy `host` when
+    /// decoding (`scores` `None`); equal for every chosen expert under random selection.
+    fn gate_weights(
+        &self,
+        logits: &Tensor,
+        scores: Option<&Tensor>,
+        host: &[f32],
+        choice: &super::router::RouterChoice,
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let e_count = c.slots();
+        let random = c.selection == Selection::Random;
         let flat: Vec<u32> = (0..n * c.top_k)
             .map(|s| ((s / c.top_k) * e_count) as u32 + choice.experts[s])
             .collect();
         // the epsilon keeps renormalised weights finite when every chosen score underflows
         const NORM_EPS: f64 = 1e-20;
-        let w = if random {
+        Ok(if random {
             // the router has no say: every chosen expert weighs the same
             let each = (c.routed_scale / c.top_k as f64) as f32;
             Tensor::from_vec(vec![each; n * c.top_k], n * c.top_k, device)?
@@ -312,7 +340,7 @@ impl MoeLayer {
         } else if let Some(scores) = scores {
             let flat = Tensor::from_vec(flat, n * c.top_k, device)?;
             let mut w = match c.scoring {
-                Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, &choice, eps)?,
+                Scoring::SparseMixer { eps } => sparse_mixer_weights(logits, host, choice, eps)?,
                 _ => scores
                     .flatten_all()?
                     .index_select(&flat, 0)?
@@ -338,16 +366,21 @@ impl MoeLayer {
                 }
             }
             Tensor::from_vec(w, n * c.top_k, device)?
-        };
+        })
+    }
 
-        // group assignments by expert; capacity drops the latest tokens past the limit
+    /// Each expert's rows and weight slots for the choice `experts` (`top_k` a token, `n`
+    /// tokens), and how many assignments the capacity dropped (the latest tokens past it).
+    fn assign(&self, experts: &[u32], n: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, usize) {
+        let c = &self.config;
+        let e_count = c.slots();
         let capacity = c
             .capacity_factor
             .map(|cf| ((cf * (n * c.top_k) as f64) / e_count as f64).ceil() as usize);
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         let mut slots: Vec<Vec<u32>> = vec![Vec::new(); e_count];
         let mut dropped = 0;
-        for (s, &e) in choice.experts.iter().enumerate() {
+        for (s, &e) in experts.iter().enumerate() {
             let e = e as usize;
             if e < c.n_experts && capacity.is_some_and(|cap| rows[e].len() >= cap) {
                 dropped += 1;
@@ -356,16 +389,7 @@ impl MoeLayer {
             rows[e].push((s / c.top_k) as u32);
             slots[e].push(s as u32);
         }
-        Ok(Routed {
-            routing: Routing {
-                rows,
-                slots,
-                weights: w,
-            },
-            dropped,
-            assignments: n * c.top_k,
-            choice: Some(choice),
-        })
+        (rows, slots, dropped)
     }
 
     /// Expert choice (Zhou et al., 2022, arXiv:2202.09368), per sequence: each expert takes
