@@ -248,26 +248,60 @@ pub(crate) fn scale_min_k4(sc: &[u8]) -> ([u8; 8], [u8; 8]) {
     (join(s), join(m))
 }
 
+/// A Q4_K or Q5_K super-block's fields.
+pub(crate) struct K45Block<'a> {
+    pub d: f32,
+    pub dmin: f32,
+    /// The eight sub-blocks' 6-bit scales and minimums.
+    pub scales: [u8; 8],
+    pub mins: [u8; 8],
+    /// Q5_K's fifth bits: bit `j` of byte `i` for value `i` of sub-block `j` (empty for
+    /// Q4_K).
+    pub qh: &'a [u8],
+    /// The low four bits: sub-block `j` is the low (even `j`) or high nibbles of
+    /// `qs[32 (j / 2)..]`.
+    pub qs: &'a [u8],
+}
+
+impl<'a> K45Block<'a> {
+    /// The fields of super-block `b` (176 bytes for Q5_K, `five`; 144 for Q4_K).
+    #[inline(always)]
+    pub(crate) fn new(b: &'a [u8], five: bool) -> Self {
+        let (scales, mins) = scale_min_k4(&b[4..16]);
+        let (qh, qs) = match five {
+            true => (&b[16..48], &b[48..176]),
+            false => (&b[0..0], &b[16..144]),
+        };
+        Self {
+            d: half(b, 0),
+            dmin: half(b, 2),
+            scales,
+            mins,
+            qh,
+            qs,
+        }
+    }
+
+    /// Code `i` (0..32) of sub-block `j` (0..8): its nibble, with its fifth bit for Q5_K.
+    #[inline(always)]
+    pub(crate) fn code(&self, j: usize, i: usize) -> u8 {
+        let q = (self.qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 0x0F;
+        match self.qh.is_empty() {
+            true => q,
+            false => q | (((self.qh[i] >> j) & 1) << 4),
+        }
+    }
+}
+
 /// Q4_K and Q5_K: 8 sub-blocks of 32, `(d · sc) · q − dmin · m`; Q5_K adds a fifth bit
 /// from `qh`.
 fn q45_k(b: &[u8], o: &mut [f32], five: bool) {
-    let (d, dmin) = (half(b, 0), half(b, 2));
-    let (s, m) = scale_min_k4(&b[4..16]);
-    let (qh, qs) = if five {
-        (&b[16..48], &b[48..176])
-    } else {
-        (&b[0..0], &b[16..144])
-    };
+    let k = K45Block::new(b, five);
     for (e, v) in o.iter_mut().enumerate() {
-        let sb = e / 32;
-        let (c, half_, j) = (e / 64, (e / 32) % 2, e % 32);
-        let mut q = (qs[c * 32 + j] >> (4 * half_)) & 0x0F;
-        if five {
-            q |= ((qh[j] >> sb) & 1) << 4;
-        }
-        let dl = d * s[sb] as f32;
-        let ml = dmin * m[sb] as f32;
-        *v = dl * q as f32 - ml;
+        let (sb, j) = (e / 32, e % 32);
+        let dl = k.d * k.scales[sb] as f32;
+        let ml = k.dmin * k.mins[sb] as f32;
+        *v = dl * k.code(sb, j) as f32 - ml;
     }
 }
 

@@ -14,7 +14,7 @@
 //! codes`, so its sum is exact; the sums take their 8-bit scales in integers and the
 //! super-block's scales in f32. Others, and CPUs without VNNI, take the dequantized tiles.
 
-use crate::weights::quant::{half, scale_min_k4, GgmlType};
+use crate::weights::quant::{half, GgmlType, K45Block};
 
 /// Weight rows interleaved together.
 pub const ROWS: usize = 8;
@@ -142,24 +142,13 @@ fn unpack_k(ty: GgmlType, row: &[u8], parts: &mut Parts) {
     let five = ty == GgmlType::Q5K;
     let size = if five { 176 } else { 144 };
     for (sb, blk) in row.chunks_exact(size).enumerate() {
-        let (d, dmin) = (half(blk, 0), half(blk, 2));
-        let (s, m) = scale_min_k4(&blk[4..16]);
-        let (qh, qs) = if five {
-            (&blk[16..48], &blk[48..176])
-        } else {
-            (&blk[0..0], &blk[16..144])
-        };
+        let k = K45Block::new(blk, five);
         for j in 0..8 {
-            let (c, h) = (j / 2, j % 2);
             for i in 0..32 {
-                let mut q = (qs[32 * c + i] >> (4 * h)) & 0x0F;
-                if five {
-                    q |= ((qh[i] >> j) & 1) << 4;
-                }
-                codes[256 * sb + 32 * j + i] = q;
+                codes[256 * sb + 32 * j + i] = k.code(j, i);
             }
-            scale[8 * sb + j] = d * s[j] as f32;
-            offset[8 * sb + j] = dmin * m[j] as f32;
+            scale[8 * sb + j] = k.d * k.scales[j] as f32;
+            offset[8 * sb + j] = k.dmin * k.mins[j] as f32;
         }
     }
 }

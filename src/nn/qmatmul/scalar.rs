@@ -2,7 +2,7 @@
 //! one element at a time. Also the reference the SIMD paths are tested against.
 
 use super::{ActRow, DotFn};
-use crate::weights::quant::{half, scale_min_k4, GgmlType};
+use crate::weights::quant::{half, GgmlType, K45Block};
 
 /// Rows one by one through a one-row dot product.
 macro_rules! rows_of {
@@ -160,27 +160,16 @@ fn q45_k(w: &[u8], a: ActRow<'_>, five: bool) -> f32 {
     let bytes = if five { 176 } else { 144 };
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(bytes).enumerate() {
-        let (d, dmin) = (half(blk, 0), half(blk, 2));
-        let (sc, mn) = scale_min_k4(&blk[4..16]);
-        let (qh, qs) = match five {
-            true => (&blk[16..48], &blk[48..176]),
-            false => (&blk[0..0], &blk[16..144]),
-        };
+        let k = K45Block::new(blk, five);
         let aq = &a.qs[b * 256..(b + 1) * 256];
         let bs = &a.bsums[b * 16..(b + 1) * 16];
         let (mut sum, mut mins) = (0i32, 0i32);
         for j in 0..8 {
-            let q = (0..32).map(|i| {
-                let mut v = ((qs[(j / 2) * 32 + i] >> (4 * (j % 2))) & 0x0F) as i32;
-                if five {
-                    v |= (((qh[i] >> j) & 1) as i32) << 4;
-                }
-                v
-            });
-            sum += sc[j] as i32 * idot(q, &aq[j * 32..]);
-            mins += mn[j] as i32 * (bs[2 * j] + bs[2 * j + 1]);
+            let q = (0..32).map(|i| k.code(j, i) as i32);
+            sum += k.scales[j] as i32 * idot(q, &aq[j * 32..]);
+            mins += k.mins[j] as i32 * (bs[2 * j] + bs[2 * j + 1]);
         }
-        acc += a.d[b] * (d * sum as f32 - dmin * mins as f32);
+        acc += a.d[b] * (k.d * sum as f32 - k.dmin * mins as f32);
     }
     acc
 }
