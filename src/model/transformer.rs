@@ -141,9 +141,10 @@ impl Model {
     }
 
     /// Make now, in parallel, the layouts the products read (stored rows interleaved where
-    /// the CPU and type take them, else copied off the file), which the first product of each weight would
-    /// otherwise make: a server calls it before it takes requests, so that its first
-    /// request does not wait for all of them (0.8 s on a 434 MB Mixture-of-Experts file).
+    /// the CPU and type take them, else copied off the file), which the first product of
+    /// each weight would otherwise make: a server calls it before it takes requests, so
+    /// that its first request does not wait for all of them (0.8 s on a 434 MB
+    /// Mixture-of-Experts file).
     /// Every weight is then resident, an expert no token has chosen yet too.
     pub fn prepare_products(&self) {
         use rayon::prelude::*;
