@@ -201,6 +201,12 @@ impl Model {
         mut cache: Option<&mut Cache>,
         opts: ForwardOptions,
     ) -> Result<ModelOutput> {
+        if rayon::current_thread_index().is_none() {
+            // called from outside the thread pool: the pass runs on one of its workers, or
+            // each of its parallel products would hand itself to a worker and wait (two
+            // thread wake-ups per product; a decoding step makes dozens)
+            return rayon::scope(|_| self.forward_with(ids, cache, opts));
+        }
         let t = ids.dim(1)?;
         if cache.is_some() && self.config.moe_layers().any(|(_, m)| m.expert_choice) {
             return Err(Error::Generate(

@@ -67,6 +67,10 @@ impl Model {
         tokens: &[u32],
         caches: &mut [&mut Cache],
     ) -> Result<(Tensor, Vec<TokenRoute>)> {
+        if rayon::current_thread_index().is_none() {
+            // on a worker of the thread pool, as Model::forward_with runs
+            return rayon::scope(|_| self.decode_batch(tokens, caches));
+        }
         let b = tokens.len();
         if b == 0 || caches.len() != b {
             return Err(Error::Generate(format!(
