@@ -823,3 +823,35 @@ fn random_selection_ignores_the_router() {
     );
     assert!(max_diff(&y1.reshape((1, D)).unwrap(), &want) < 1e-5);
 }
+
+/// A training shard's pass started on a thread outside rayon's pool (a library caller's own
+/// thread) stays on that thread while it runs under a gradient sink: the sink is kept per
+/// thread, and the fused experts' weight gradients must reach it, not the backward pass.
+#[test]
+fn a_gradient_sink_on_a_thread_outside_the_pool_gets_the_experts_gradients() {
+    use routelm::nn::grouped::{with_grad_sink, GradSink};
+    assert!(rayon::current_thread_index().is_none(), "a test thread");
+    let cfg = common::tiny(8);
+    let mut params = routelm::model::init::init_params(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    // each stack one variable, as the trainer holds them (the model's parts are views)
+    let mut stacked = Vec::new();
+    for s in routelm::weights::names::param_stacks(&cfg) {
+        let parts: Vec<Tensor> = s.parts.iter().map(|n| params.remove(n).unwrap()).collect();
+        let var = candle_core::Var::from_tensor(&Tensor::cat(&parts, 0).unwrap()).unwrap();
+        params.insert(s.name.clone(), var.as_tensor().clone());
+        stacked.push((s.name, var));
+    }
+    assert!(!stacked.is_empty(), "a model with stacked experts");
+    let model = routelm::model::Model::new(&cfg, &params, "test").unwrap();
+    let x = common::ids(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], 2);
+    let y = common::ids(&[1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9], 2);
+    let sink = std::sync::Arc::new(GradSink::default());
+    let loss = with_grad_sink(&sink, || model.loss(&x, &y).unwrap().total);
+    let store = loss.backward().unwrap();
+    for (name, var) in &stacked {
+        let w = var.as_tensor();
+        let g = sink.take(w);
+        assert!(g.is_some(), "{name}: the sink has its gradient");
+        assert!(store.get(w).is_none(), "{name}: the backward pass does not");
+    }
+}

@@ -201,10 +201,11 @@ impl Model {
         mut cache: Option<&mut Cache>,
         opts: ForwardOptions,
     ) -> Result<ModelOutput> {
-        if rayon::current_thread_index().is_none() {
+        if rayon::current_thread_index().is_none() && !crate::nn::grouped::has_grad_sink() {
             // called from outside the thread pool: the pass runs on one of its workers, or
             // each of its parallel products would hand itself to a worker and wait (two
-            // thread wake-ups per product; a decoding step makes dozens)
+            // thread wake-ups per product; a decoding step makes dozens). A training shard
+            // with its gradient sink (kept per thread) stays where it is.
             return rayon::scope(|_| self.forward_with(ids, cache, opts));
         }
         let t = ids.dim(1)?;

@@ -90,6 +90,12 @@ thread_local! {
     static SINK: std::cell::RefCell<Option<std::sync::Arc<GradSink>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Whether this thread runs under [`with_grad_sink`] (a pass started here must stay on this
+/// thread for its fused ops to find the sink).
+pub(crate) fn has_grad_sink() -> bool {
+    SINK.with(|s| s.borrow().is_some())
+}
+
 /// Run `f` with `sink` receiving the stacked-weight gradients of the fused SwiGLU ops that
 /// `f` builds on this thread (the trainer wraps each shard's forward pass in it); the
 /// previous sink is restored afterwards, so nested runs (a stolen shard) keep their own.
