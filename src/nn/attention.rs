@@ -237,7 +237,8 @@ impl Attention {
 
     /// Whether queries `q` (one token each) over cached keys `k` and values `v` take
     /// [`decode_attention`](super::decode_attention::decode_attention)'s loops: f32
-    /// queries, an f32 or f16 cache, causal attention without a soft-cap.
+    /// queries, an f32 or f16 cache with contiguous rows, causal attention without a
+    /// soft-cap.
     fn decodes_in_one_pass(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         self.softcap.is_none()
             && self.causal
@@ -245,10 +246,7 @@ impl Attention {
             && k.dtype() == v.dtype()
             && matches!(k.dtype(), DType::F32 | DType::F16)
             && q.device().is_cpu()
-            && (0..k.dim(0).unwrap_or(0)).all(|i| {
-                let one = |t: &Tensor| t.narrow(0, i, 1).is_ok_and(|t| t.is_contiguous());
-                one(k) && one(v)
-            })
+            && [k, v].iter().all(|t| t.rank() == 4 && t.stride()[3] == 1)
     }
 
     /// One token of each sequence, `q: (b, 1, h, d)`, over sequence `i`'s cached `keys[i]`

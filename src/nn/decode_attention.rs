@@ -4,6 +4,8 @@
 //! and the weighted sum of values are plain loops over the cached rows (a single query row
 //! gains nothing from a GEMM, whose set-up cost dominated per-sequence calls). Caches
 //! may hold their keys and values in f32 or f16; f16 values are widened as they are read.
+//! A cache is read through its strides (each row contiguous), so a head-major cache, whose
+//! head's rows follow each other, streams each task's keys and values from one block.
 
 use candle_core::{DType, Result, Storage, Tensor};
 use half::f16;
@@ -12,17 +14,44 @@ use rayon::prelude::*;
 use super::causal_attention::alibi_slopes;
 use super::ops::Width;
 
-/// Where an operand's values are: a contiguous CPU tensor of `dtype` (keys and values one
-/// sequence's, `(1, len, h_kv, d)`).
-fn view(t: &Tensor, what: &str, one: bool, dtype: DType) -> Result<(usize, usize)> {
-    let (n, _, _, _) = t.dims4()?;
-    if (one && n != 1) || t.dtype() != dtype || !t.is_contiguous() || !t.device().is_cpu() {
-        candle_core::bail!(
-            "decode attention: {what} must be a contiguous {dtype:?} CPU tensor of one sequence"
-        )
+/// Where an operand's values are: a contiguous CPU tensor of `dtype` (the queries).
+fn view(t: &Tensor, what: &str, dtype: DType) -> Result<(usize, usize)> {
+    if t.dtype() != dtype || !t.is_contiguous() || !t.device().is_cpu() {
+        candle_core::bail!("decode attention: {what} must be a contiguous {dtype:?} CPU tensor")
     }
     let (_, layout) = t.storage_and_layout();
     Ok((layout.start_offset(), t.elem_count()))
+}
+
+/// One sequence's cached keys or values, `(1, len, h_kv, w)`, as a slice of their storage
+/// from the first element: element `(pos, head, c)` at `pos · row + head · head_stride + c`.
+#[derive(Clone, Copy)]
+struct Geo {
+    len: usize,
+    row: usize,
+    head: usize,
+}
+
+/// The geometry of cached keys or values `t` of `dtype` and where their values lie in the
+/// storage (`start..end`): rows contiguous, any position and head strides.
+fn strided(t: &Tensor, what: &str, dtype: DType) -> Result<(Geo, usize, usize)> {
+    let (n, len, h, w) = t.dims4()?;
+    let st = t.stride();
+    if n != 1 || t.dtype() != dtype || (w > 1 && st[3] != 1) || !t.device().is_cpu() {
+        candle_core::bail!(
+            "decode attention: {what} must be a {dtype:?} CPU tensor of one sequence with \
+             contiguous rows"
+        )
+    }
+    let (_, layout) = t.storage_and_layout();
+    let start = layout.start_offset();
+    let end = start + (len.max(1) - 1) * st[1] + (h.max(1) - 1) * st[2] + w;
+    let geo = Geo {
+        len,
+        row: st[1],
+        head: st[2],
+    };
+    Ok((geo, start, end))
 }
 
 /// A type cached keys and values are held in: f32, or f16 widened as it is read.
@@ -157,29 +186,37 @@ fn attend_all<E: Elem>(
         .map(|t| t.storage_and_layout())
         .collect();
     let mut slices: Vec<&[E]> = Vec::with_capacity(guards.len());
+    let mut geos = Vec::with_capacity(guards.len());
     for (i, (g, _)) in guards.iter().enumerate() {
         let Storage::Cpu(s) = &**g else {
             candle_core::bail!("decode attention: operands must be on the CPU")
         };
-        let (start, n) = match i {
-            _ if i < b => view(&keys[i], "keys", true, E::DTYPE)?,
-            _ => view(&values[i - b], "values", true, E::DTYPE)?,
+        let (geo, start, end) = match i {
+            _ if i < b => strided(&keys[i], "keys", E::DTYPE)?,
+            _ => strided(&values[i - b], "values", E::DTYPE)?,
         };
-        slices.push(&s.as_slice::<E>()?[start..start + n]);
+        let Some(slice) = s.as_slice::<E>()?.get(start..end) else {
+            candle_core::bail!("decode attention: a cache view exceeds its storage")
+        };
+        slices.push(slice);
+        geos.push(geo);
     }
     let (qg, _) = q.storage_and_layout();
     let Storage::Cpu(qs) = &*qg else {
         candle_core::bail!("decode attention: operands must be on the CPU")
     };
-    let (start, n) = view(q, "queries", false, DType::F32)?;
+    let (start, n) = view(q, "queries", DType::F32)?;
     let qs = &qs.as_slice::<f32>()?[start..start + n];
     let (ks, vs) = slices.split_at(b);
+    let (kgeo, vgeo) = geos.split_at(b);
     let slopes = sh.alibi.then(|| alibi_slopes(h));
     let group = h / sh.hkv;
     let mut out = vec![0f32; b * h * dv];
     let heads = Heads {
         ks,
         vs,
+        kgeo,
+        vgeo,
         qs,
         hkv: sh.hkv,
         d: sh.d,
@@ -200,6 +237,9 @@ fn attend_all<E: Elem>(
 struct Heads<'a, E> {
     ks: &'a [&'a [E]],
     vs: &'a [&'a [E]],
+    /// Each sequence's key and value geometry (length and strides).
+    kgeo: &'a [Geo],
+    vgeo: &'a [Geo],
     qs: &'a [f32],
     hkv: usize,
     d: usize,
@@ -228,7 +268,7 @@ fn run<E: Elem>(width: Width, x: &Heads<E>, task: usize, o: &mut [f32]) {
 /// are not a multiple of 16, or groups of more than 8 heads, take the compiled loops.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Elem, Heads};
+    use super::{Elem, Geo, Heads};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -288,23 +328,23 @@ mod avx512 {
         let (hkv, d, dv) = (x.hkv, x.d, x.dv);
         let (i, kv) = (task / hkv, task % hkv);
         let (k, v) = (x.ks[i], x.vs[i]);
-        let len = k.len() / (hkv * d);
+        let len = x.kgeo[i].len;
         let lo = x.window.map_or(0, |w| len.saturating_sub(w));
         let n = len - lo;
         let first = kv * G;
         let q0 = (i * x.h + first) * d;
         let qs = &x.qs[q0..q0 + G * d];
-        let rows = |data, width| Rows {
+        let rows = |data, geo: Geo, width| Rows {
             data,
             n,
             lo,
-            hkv,
-            kv,
+            row: geo.row,
+            at: kv * geo.head,
             width,
         };
         let mut p = vec![0f32; G * n];
         // SAFETY: the caller checked avx512f; d is a multiple of 16
-        unsafe { dots::<E, G>(&rows(k, d), qs, &mut p) };
+        unsafe { dots::<E, G>(&rows(k, x.kgeo[i], d), qs, &mut p) };
         for (g, row) in p.chunks_exact_mut(n).enumerate() {
             for (j, s) in row.iter_mut().enumerate() {
                 *s *= x.scale;
@@ -315,7 +355,7 @@ mod avx512 {
             super::super::ops::softmax_in_place(row, 1.0);
         }
         // the group's outputs, up to 64 columns at a time
-        let values = rows(v, dv);
+        let values = rows(v, x.vgeo[i], dv);
         let mut c = 0;
         while c < dv {
             let nv = ((dv - c) / 16).min(4);
@@ -332,21 +372,21 @@ mod avx512 {
         }
     }
 
-    /// One task's cached key or value rows: `n` visible from position `lo`, key-value head
-    /// `kv` of `hkv`, `width` wide.
+    /// One task's cached key or value rows: `n` visible from position `lo`, `width` wide,
+    /// position `p`'s row at `at + p · row` (`at`: where the task's head starts).
     struct Rows<'a, E> {
         data: &'a [E],
         n: usize,
         lo: usize,
-        hkv: usize,
-        kv: usize,
+        row: usize,
+        at: usize,
         width: usize,
     }
 
     impl<E> Rows<'_, E> {
         /// Where visible row `j` starts in the cache.
         fn start(&self, j: usize) -> usize {
-            ((self.lo + j) * self.hkv + self.kv) * self.width
+            self.at + (self.lo + j) * self.row
         }
     }
 
@@ -508,7 +548,8 @@ fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
     let (hkv, d, dv) = (x.hkv, x.d, x.dv);
     let (i, kv) = (task / hkv, task % hkv);
     let (k, v) = (x.ks[i], x.vs[i]);
-    let len = k.len() / (hkv * d);
+    let (kg, vg) = (x.kgeo[i], x.vgeo[i]);
+    let len = kg.len;
     let lo = x.window.map_or(0, |w| len.saturating_sub(w));
     let n = len - lo;
     let group = x.group;
@@ -520,7 +561,8 @@ fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
     let qs = &x.qs[q0..q0 + group * d];
     for j in 0..n {
         let pos = lo + j;
-        let kr = E::as_f32(&k[(pos * hkv + kv) * d..(pos * hkv + kv + 1) * d], &mut buf);
+        let at = pos * kg.row + kv * kg.head;
+        let kr = E::as_f32(&k[at..at + d], &mut buf);
         for g in 0..group {
             let mut s = dot(&qs[g * d..(g + 1) * d], kr) * x.scale;
             if let Some(sl) = x.slopes {
@@ -534,10 +576,8 @@ fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
     }
     for j in 0..n {
         let pos = lo + j;
-        let vr = E::as_f32(
-            &v[(pos * hkv + kv) * dv..(pos * hkv + kv + 1) * dv],
-            &mut buf,
-        );
+        let at = pos * vg.row + kv * vg.head;
+        let vr = E::as_f32(&v[at..at + dv], &mut buf);
         for g in 0..group {
             let w = p[g * n + j];
             for (a, &b) in o[g * dv..(g + 1) * dv].iter_mut().zip(vr) {
@@ -627,8 +667,9 @@ mod tests {
     /// Every instruction set the machine has, on grouped and plain heads, widths that are
     /// and are not multiples of 16 (the 512-bit loops' steps of 16 to 64 columns, with one
     /// or four sets of sums, and their fallback), groups up to 8 and beyond, windows and ALiBi, caches of several lengths,
-    /// held in f32 and in f16: within 1e-5 of the f64 definition on the values the cache
-    /// holds (f16 keys and values rounded first).
+    /// held in f32 and in f16, position-major and head-major (a strided view): within 1e-5
+    /// of the f64 definition on the values the cache holds (f16 keys and values rounded
+    /// first).
     #[test]
     fn every_path_equals_the_definition() {
         let dev = Device::Cpu;
@@ -679,13 +720,25 @@ mod tests {
                     let qv = rand(b * h * d);
                     let q = Tensor::from_vec(qv.clone(), (b, 1, h, d), &dev).unwrap();
                     let (mut ks, mut vs, mut kv_data) = (Vec::new(), Vec::new(), Vec::new());
-                    for &len in &lens {
+                    for (si, &len) in lens.iter().enumerate() {
                         let k = held(rand(len * hkv * d));
                         let v = held(rand(len * hkv * dv));
                         let cached = |x: &[f32], w: usize| {
-                            Tensor::from_vec(x.to_vec(), (1, len, hkv, w), &dev)
+                            let t = Tensor::from_vec(x.to_vec(), (1, len, hkv, w), &dev)
                                 .and_then(|t| t.to_dtype(dtype))
-                                .unwrap()
+                                .unwrap();
+                            if si % 2 == 0 {
+                                return t;
+                            }
+                            // head-major, as a cache holds them: (1, h_kv, capacity, w) with
+                            // room to spare, read through the transposed view
+                            let hm = t.transpose(1, 2).unwrap().contiguous().unwrap();
+                            let spare = Tensor::zeros((1, hkv, 5, w), dtype, &dev).unwrap();
+                            let view = Tensor::cat(&[hm, spare], 2)
+                                .and_then(|t| t.narrow(2, 0, len)?.transpose(1, 2))
+                                .unwrap();
+                            assert!(hkv == 1 || len == 1 || !view.is_contiguous());
+                            view
                         };
                         ks.push(cached(&k, d));
                         vs.push(cached(&v, dv));
