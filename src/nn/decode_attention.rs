@@ -212,6 +212,12 @@ fn attend_all<E: Elem>(
     let slopes = sh.alibi.then(|| alibi_slopes(h));
     let group = h / sh.hkv;
     let mut out = vec![0f32; b * h * dv];
+    let visible = kgeo
+        .iter()
+        .map(|g| sh.window.map_or(g.len, |w| g.len.min(w)))
+        .min()
+        .unwrap_or(0);
+    let parts = parts(b * sh.hkv, rayon::current_num_threads(), visible);
     let heads = Heads {
         ks,
         vs,
@@ -226,11 +232,52 @@ fn attend_all<E: Elem>(
         scale: sh.scale,
         window: sh.window,
         slopes: slopes.as_deref(),
+        parts,
     };
-    out.par_chunks_mut(group * dv)
+    if parts == 1 {
+        out.par_chunks_mut(group * dv)
+            .enumerate()
+            .for_each(|(task, o)| run(width, &heads, task, o));
+        return Ok(out);
+    }
+    // each part's unnormalised outputs, then its heads' maxima and sums
+    let stride = group * (dv + 2);
+    let mut shares = vec![0f32; b * sh.hkv * parts * stride];
+    shares
+        .par_chunks_mut(stride)
         .enumerate()
         .for_each(|(task, o)| run(width, &heads, task, o));
+    for (pair, o) in out.chunks_exact_mut(group * dv).enumerate() {
+        let share = |c: usize| &shares[(pair * parts + c) * stride..][..stride];
+        for (g, o) in o.chunks_exact_mut(dv).enumerate() {
+            let max = (0..parts)
+                .map(|c| share(c)[group * dv + g])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for c in 0..parts {
+                let sc = share(c);
+                let w = super::ops::exp(sc[group * dv + g] - max);
+                sum += w * sc[group * dv + group + g];
+                for (a, &x) in o.iter_mut().zip(&sc[g * dv..(g + 1) * dv]) {
+                    *a += w * x;
+                }
+            }
+            o.iter_mut().for_each(|a| *a /= sum);
+        }
+    }
     Ok(out)
+}
+
+/// Into how many parts each (sequence, key-value head) task's positions are split: one,
+/// unless there are fewer tasks than two per thread (one sequence over three key-value
+/// heads leaves one of two threads idle half the time) and each part keeps at least
+/// [`MIN_PART`] of the `visible` positions.
+fn parts(tasks: usize, threads: usize, visible: usize) -> usize {
+    const MIN_PART: usize = 64;
+    if tasks == 0 || tasks >= 2 * threads {
+        return 1;
+    }
+    (2 * threads).div_ceil(tasks).min(visible / MIN_PART).max(1)
 }
 
 /// One call's operands and shape, shared by the tasks.
@@ -249,6 +296,36 @@ struct Heads<'a, E> {
     scale: f32,
     window: Option<usize>,
     slopes: Option<&'a [f32]>,
+    /// Parts each task's positions are split into ([`parts`]).
+    parts: usize,
+}
+
+impl<E> Heads<'_, E> {
+    /// Task `task`'s sequence, key-value head, and visible positions `lo..lo + n`.
+    fn task(&self, task: usize) -> (usize, usize, usize, usize) {
+        let (pair, part) = (task / self.parts, task % self.parts);
+        let (i, kv) = (pair / self.hkv, pair % self.hkv);
+        let len = self.kgeo[i].len;
+        let first = self.window.map_or(0, |w| len.saturating_sub(w));
+        let all = len - first;
+        let lo = first + all * part / self.parts;
+        let hi = first + all * (part + 1) / self.parts;
+        (i, kv, lo, hi - lo)
+    }
+
+    /// Head `g`'s scores `row` made weights: softmaxed when the task is whole; else
+    /// exponentiated against their max, with the max and the sum kept in `stats`
+    /// (`[max; group]` then `[sum; group]`) for the merge.
+    #[inline(always)]
+    fn weights(&self, row: &mut [f32], g: usize, stats: &mut [f32]) {
+        if self.parts == 1 {
+            super::ops::softmax_in_place(row, 1.0);
+        } else {
+            let (max, sum) = super::ops::exp_in_place(row);
+            stats[g] = max;
+            stats[self.group + g] = sum;
+        }
+    }
 }
 
 /// Task `task` (a sequence and key-value head) on the loops compiled for `width`: its query
@@ -325,12 +402,10 @@ mod avx512 {
     /// `G` query heads sharing one key-value head; `d` and `dv` multiples of 16.
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn grouped<E: Elem, const G: usize>(x: &Heads<E>, task: usize, o: &mut [f32]) {
-        let (hkv, d, dv) = (x.hkv, x.d, x.dv);
-        let (i, kv) = (task / hkv, task % hkv);
+        let (d, dv) = (x.d, x.dv);
+        let (i, kv, lo, n) = x.task(task);
         let (k, v) = (x.ks[i], x.vs[i]);
         let len = x.kgeo[i].len;
-        let lo = x.window.map_or(0, |w| len.saturating_sub(w));
-        let n = len - lo;
         let first = kv * G;
         let q0 = (i * x.h + first) * d;
         let qs = &x.qs[q0..q0 + G * d];
@@ -345,14 +420,15 @@ mod avx512 {
         let mut p = vec![0f32; G * n];
         // SAFETY: the caller checked avx512f; d is a multiple of 16
         unsafe { dots::<E, G>(&rows(k, x.kgeo[i], d), qs, &mut p) };
-        for (g, row) in p.chunks_exact_mut(n).enumerate() {
+        let (o, stats) = o.split_at_mut(G * dv);
+        for (g, row) in p.chunks_exact_mut(n.max(1)).enumerate() {
             for (j, s) in row.iter_mut().enumerate() {
                 *s *= x.scale;
                 if let Some(sl) = x.slopes {
                     *s += sl[first + g] * ((lo + j) as f32 - (len - 1) as f32);
                 }
             }
-            super::super::ops::softmax_in_place(row, 1.0);
+            x.weights(row, g, stats);
         }
         // the group's outputs, up to 64 columns at a time
         let values = rows(v, x.vgeo[i], dv);
@@ -545,14 +621,13 @@ mod avx512 {
 /// (inlined into each instruction set's wrapper, which vectorises its loops).
 #[inline(always)]
 fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
-    let (hkv, d, dv) = (x.hkv, x.d, x.dv);
-    let (i, kv) = (task / hkv, task % hkv);
+    let (d, dv) = (x.d, x.dv);
+    let (i, kv, lo, n) = x.task(task);
     let (k, v) = (x.ks[i], x.vs[i]);
     let (kg, vg) = (x.kgeo[i], x.vgeo[i]);
     let len = kg.len;
-    let lo = x.window.map_or(0, |w| len.saturating_sub(w));
-    let n = len - lo;
     let group = x.group;
+    let (o, stats) = o.split_at_mut(group * dv);
     // each cached key and value row is read once for all the query heads that share it
     let mut p = vec![0f32; group * n];
     let mut buf = vec![0f32; d.max(dv)];
@@ -571,8 +646,8 @@ fn attend<E: Elem>(x: &Heads<E>, task: usize, o: &mut [f32]) {
             p[g * n + j] = s;
         }
     }
-    for row in p.chunks_exact_mut(n) {
-        super::ops::softmax_in_place(row, 1.0);
+    for (g, row) in p.chunks_exact_mut(n.max(1)).enumerate() {
+        x.weights(row, g, stats);
     }
     for j in 0..n {
         let pos = lo + j;
@@ -778,5 +853,87 @@ mod tests {
             }
         }
         println!("decode attention: paths run: {}", ran.join(", "));
+    }
+
+    /// One sequence over few key-value heads splits its positions into parts (so every
+    /// thread has work) and merges their softmax shares: equal to the definition on every
+    /// path, with windows and ALiBi, f32 and f16 caches.
+    #[test]
+    fn split_positions_merge_to_the_definition() {
+        let dev = Device::Cpu;
+        let threads = rayon::current_num_threads();
+        // (heads, key-value heads, width): one head of keys splits on any thread count
+        let shapes = [(4, 1, 64), (9, 3, 64), (2, 1, 24)];
+        let len = 300;
+        assert!(
+            parts(1, threads, len) > 1,
+            "one key-value head over {len} positions"
+        );
+        let mut seed = 11u64;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        };
+        for (simd, have) in paths() {
+            if !have {
+                println!("split decode attention: {simd:?} skipped (this CPU lacks it)");
+                continue;
+            }
+            for (&(h, hkv, d), dtype) in shapes
+                .iter()
+                .flat_map(|s| [(s, DType::F32), (s, DType::F16)])
+            {
+                let held = |x: Vec<f32>| -> Vec<f32> {
+                    match dtype {
+                        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                        _ => x,
+                    }
+                };
+                for (window, alibi) in [(None, false), (Some(200), false), (None, true)] {
+                    let (qv, k, v) = (
+                        rand(h * d),
+                        held(rand(len * hkv * d)),
+                        held(rand(len * hkv * d)),
+                    );
+                    let q = Tensor::from_vec(qv.clone(), (1, 1, h, d), &dev).unwrap();
+                    let cached = |x: &[f32]| {
+                        Tensor::from_vec(x.to_vec(), (1, len, hkv, d), &dev)
+                            .and_then(|t| t.to_dtype(dtype))
+                            .unwrap()
+                    };
+                    let (ks, vs) = ([cached(&k)], [cached(&v)]);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let got = attention_on(simd, &q, &ks, &vs, scale, window, alibi)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let slopes = alibi.then(|| alibi_slopes(h));
+                    let want = reference(
+                        &qv,
+                        &k,
+                        &v,
+                        (h, hkv, d, d),
+                        len,
+                        scale,
+                        window,
+                        slopes.as_deref(),
+                    );
+                    for (c, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{simd:?}, {dtype:?} cache, heads {h}/{hkv}, width {d}, window {window:?}, alibi {alibi}, output {c}: {g} against {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

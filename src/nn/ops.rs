@@ -254,6 +254,17 @@ pub(crate) fn softmax_in_place(v: &mut [f32], scale: f32) {
     v.iter_mut().for_each(|x| *x *= inv);
 }
 
+/// `v ← exp(v − max v)` in place, unnormalised: returns the max and the sum (a share of a
+/// softmax whose parts are merged later); inlined as [`softmax_in_place`].
+#[inline(always)]
+pub(crate) fn exp_in_place(v: &mut [f32]) -> (f32, f32) {
+    let max = max_of(v);
+    for x in v.iter_mut() {
+        *x = exp(*x - max);
+    }
+    (max, sum_of(v))
+}
+
 #[cfg(test)]
 mod exp_tests {
     /// Against the standard library's `exp` (f64) over the range softmax and sigmoid use.
