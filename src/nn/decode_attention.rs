@@ -725,6 +725,26 @@ mod tests {
         out
     }
 
+    /// `n` values uniform in `-half..half` from a linear congruential stream.
+    fn uniform(seed: &mut u64, n: usize, half: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 * half - half
+            })
+            .collect()
+    }
+
+    /// The values a cache of `dtype` holds for `x` (f16 rounds them).
+    fn held(x: Vec<f32>, dtype: DType) -> Vec<f32> {
+        match dtype {
+            DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+            _ => x,
+        }
+    }
+
     fn paths() -> Vec<(Width, bool)> {
         #[cfg(target_arch = "x86_64")]
         {
@@ -762,16 +782,7 @@ mod tests {
         ];
         let lens = [1usize, 17, 70];
         let mut seed = 7u64;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
-        };
+        let mut rand = |n: usize| uniform(&mut seed, n, 1.0);
         let mut ran = Vec::new();
         for (simd, have) in paths() {
             if !have {
@@ -783,13 +794,7 @@ mod tests {
                 .iter()
                 .flat_map(|s| [(s, DType::F32), (s, DType::F16)])
             {
-                // the values a cache of `dtype` holds
-                let held = |x: Vec<f32>| -> Vec<f32> {
-                    match dtype {
-                        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
-                        _ => x,
-                    }
-                };
+                let held = |x: Vec<f32>| held(x, dtype);
                 for (window, alibi) in [(None, false), (Some(5), false), (None, true)] {
                     let b = lens.len();
                     let qv = rand(b * h * d);
@@ -870,16 +875,7 @@ mod tests {
             "one key-value head over {len} positions"
         );
         let mut seed = 11u64;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-                })
-                .collect()
-        };
+        let mut rand = |n: usize| uniform(&mut seed, n, 2.0);
         for (simd, have) in paths() {
             if !have {
                 println!("split decode attention: {simd:?} skipped (this CPU lacks it)");
@@ -889,12 +885,7 @@ mod tests {
                 .iter()
                 .flat_map(|s| [(s, DType::F32), (s, DType::F16)])
             {
-                let held = |x: Vec<f32>| -> Vec<f32> {
-                    match dtype {
-                        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
-                        _ => x,
-                    }
-                };
+                let held = |x: Vec<f32>| held(x, dtype);
                 for (window, alibi) in [(None, false), (Some(200), false), (None, true)] {
                     let (qv, k, v) = (
                         rand(h * d),
