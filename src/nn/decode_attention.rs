@@ -745,6 +745,33 @@ mod tests {
         }
     }
 
+    /// [`attention_on`]'s outputs, flattened.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_flat(
+        simd: Width,
+        q: &Tensor,
+        ks: &[Tensor],
+        vs: &[Tensor],
+        scale: f32,
+        window: Option<usize>,
+        alibi: bool,
+    ) -> Vec<f32> {
+        attention_on(simd, q, ks, vs, scale, window, alibi)
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .unwrap()
+    }
+
+    /// Each output within 1e-5 (relative, past 1) of the definition's; `what` names the case.
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: output count");
+        for (c, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{what}, output {c}: {g} against {w}"
+            );
+        }
+    }
+
     fn paths() -> Vec<(Width, bool)> {
         #[cfg(target_arch = "x86_64")]
         {
@@ -825,12 +852,7 @@ mod tests {
                         kv_data.push((k, v));
                     }
                     let scale = 1.0 / (d as f32).sqrt();
-                    let got = attention_on(simd, &q, &ks, &vs, scale, window, alibi)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
+                    let got = attend_flat(simd, &q, &ks, &vs, scale, window, alibi);
                     let slopes = alibi.then(|| alibi_slopes(h));
                     for (i, (&len, (k, v))) in lens.iter().zip(&kv_data).enumerate() {
                         let want = reference(
@@ -843,16 +865,11 @@ mod tests {
                             window,
                             slopes.as_deref(),
                         );
-                        for (c, (&g, &w)) in got[i * h * dv..(i + 1) * h * dv]
-                            .iter()
-                            .zip(&want)
-                            .enumerate()
-                        {
-                            assert!(
-                                (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                "{simd:?}, {dtype:?} cache, heads {h}/{hkv}, widths {d}/{dv}, window {window:?}, alibi {alibi}, sequence {i} (length {len}), output {c}: {g} against {w}"
-                            );
-                        }
+                        assert_close(
+                            &got[i * h * dv..(i + 1) * h * dv],
+                            &want,
+                            &format!("{simd:?}, {dtype:?} cache, heads {h}/{hkv}, widths {d}/{dv}, window {window:?}, alibi {alibi}, sequence {i} (length {len})"),
+                        );
                     }
                 }
             }
@@ -900,12 +917,7 @@ mod tests {
                     };
                     let (ks, vs) = ([cached(&k)], [cached(&v)]);
                     let scale = 1.0 / (d as f32).sqrt();
-                    let got = attention_on(simd, &q, &ks, &vs, scale, window, alibi)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap();
+                    let got = attend_flat(simd, &q, &ks, &vs, scale, window, alibi);
                     let slopes = alibi.then(|| alibi_slopes(h));
                     let want = reference(
                         &qv,
@@ -917,12 +929,11 @@ mod tests {
                         window,
                         slopes.as_deref(),
                     );
-                    for (c, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                            "{simd:?}, {dtype:?} cache, heads {h}/{hkv}, width {d}, window {window:?}, alibi {alibi}, output {c}: {g} against {w}"
-                        );
-                    }
+                    assert_close(
+                        &got,
+                        &want,
+                        &format!("{simd:?}, {dtype:?} cache, heads {h}/{hkv}, width {d}, window {window:?}, alibi {alibi}"),
+                    );
                 }
             }
         }
