@@ -214,7 +214,7 @@ fn attend_all<E: Elem>(
     let mut out = vec![0f32; b * h * dv];
     let visible = kgeo
         .iter()
-        .map(|g| sh.window.map_or(g.len, |w| g.len.min(w)))
+        .map(|g| visible(g.len, sh.window))
         .min()
         .unwrap_or(0);
     let parts = parts(b * sh.hkv, rayon::current_num_threads(), visible);
@@ -268,6 +268,11 @@ fn attend_all<E: Elem>(
     Ok(out)
 }
 
+/// How many of a cache's `len` positions a query sees through `window` (the last ones).
+fn visible(len: usize, window: Option<usize>) -> usize {
+    window.map_or(len, |w| len.min(w))
+}
+
 /// Into how many parts each (sequence, key-value head) task's positions are split: one,
 /// unless there are fewer tasks than two per thread (one sequence over three key-value
 /// heads leaves one of two threads idle half the time) and each part keeps at least
@@ -306,8 +311,8 @@ impl<E> Heads<'_, E> {
         let (pair, part) = (task / self.parts, task % self.parts);
         let (i, kv) = (pair / self.hkv, pair % self.hkv);
         let len = self.kgeo[i].len;
-        let first = self.window.map_or(0, |w| len.saturating_sub(w));
-        let all = len - first;
+        let all = visible(len, self.window);
+        let first = len - all;
         let lo = first + all * part / self.parts;
         let hi = first + all * (part + 1) / self.parts;
         (i, kv, lo, hi - lo)
