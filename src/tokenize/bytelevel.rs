@@ -273,7 +273,7 @@ const FREE: u64 = u64::MAX;
 
 impl Merges {
     fn with_capacity(n: usize) -> Self {
-        Merges(vec![(FREE, 0, 0); (2 * n).next_power_of_two().max(2)])
+        Merges(vec![(FREE, 0, 0); super::bpe::table_slots(n)])
     }
 
     fn slot(&self, key: u64) -> usize {
