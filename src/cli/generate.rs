@@ -67,6 +67,9 @@ pub fn run(a: Args) -> Result<()> {
         Ok((model, tok, defaults))
     })?;
     a.kv.apply(&mut model);
+    // the products' layouts made now, in parallel, rather than one by one by the prompt's
+    // first pass; their huge pages' unused tails handed back
+    model.prepare_products();
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(p), _) => tok.encode(p)?,
         (None, Some(ids)) => ids.clone(),

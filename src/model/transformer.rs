@@ -145,10 +145,12 @@ impl Model {
     /// each weight would otherwise make: a server calls it before it takes requests, so
     /// that its first request does not wait for all of them (0.8 s on a 434 MB
     /// Mixture-of-Experts file).
-    /// Every weight is then resident, an expert no token has chosen yet too.
+    /// Every weight is then resident, an expert no token has chosen yet too, and the
+    /// unwritten rest of the huge page each run of them ends in is handed back.
     pub fn prepare_products(&self) {
         use rayon::prelude::*;
         self.products.par_iter().for_each(|q| q.prepare());
+        crate::nn::qmatmul::trim_pages();
     }
 
     /// Whether the projections compute in mixed precision ([`Model::set_bf16_matmul`] on a

@@ -60,6 +60,7 @@ use crate::weights::quant::{dequantize_into, GgmlType};
 use act::ActKind;
 pub use act::{ActRow, QAct};
 pub use interleave::Interleaved;
+pub(crate) use pages::trim as trim_pages;
 pub use product::products;
 
 /// Weights kept in their stored form, by canonical parameter name.

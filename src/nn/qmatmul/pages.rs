@@ -52,8 +52,55 @@ impl Region {
     }
 }
 
+impl Region {
+    /// Hand back the pages past the first `used` bytes in the huge page they end in (the
+    /// rest of the region was never written): that huge page is then held as 4 KiB pages,
+    /// only those written.
+    fn release_tail(&self, used: usize) {
+        let from = used.next_multiple_of(4096).min(self.len);
+        let to = used.next_multiple_of(HUGE).min(self.len);
+        if from < to {
+            // SAFETY: bytes past `used` belong to no buffer (the region hands out no more
+            // once it is here), so nothing reads the zeroes they come back as
+            let _ = unsafe {
+                self._map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    from,
+                    to - from,
+                )
+            };
+        }
+    }
+}
+
 /// The shared region being filled and how many of its bytes are taken.
 static OPEN: Mutex<Option<(Arc<Region>, usize)>> = Mutex::new(None);
+
+/// Regions that hand out no more, with the bytes they hold, for [`trim`].
+static FILLED: Mutex<Vec<(std::sync::Weak<Region>, usize)>> = Mutex::new(Vec::new());
+
+fn filled(region: &Arc<Region>, used: usize) {
+    let mut f = FILLED.lock().unwrap_or_else(|e| e.into_inner());
+    f.retain(|(r, _)| r.strong_count() > 0);
+    f.push((Arc::downgrade(region), used));
+}
+
+/// Close the region being filled and hand back, in every region that hands out no more,
+/// the unwritten rest of the huge page its buffers end in. A model's weights end on a
+/// partly filled huge page in each region (SmolLM2: 1.9 MiB in all); a loader calls this
+/// once every weight is in place. Later buffers take a new region.
+pub fn trim() {
+    let open = OPEN.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some((region, used)) = open {
+        filled(&region, used);
+    }
+    let all = std::mem::take(&mut *FILLED.lock().unwrap_or_else(|e| e.into_inner()));
+    for (region, used) in all {
+        if let Some(region) = region.upgrade() {
+            region.release_tail(used);
+        }
+    }
+}
 
 /// `len` zeroed values, on huge pages where possible (else on the heap).
 pub struct PageVec<T: Zeroed>(Store<T>);
@@ -95,7 +142,9 @@ impl<T: Zeroed> PageVec<T> {
     /// A region and the offset of `bytes` free bytes in it.
     fn carve(bytes: usize) -> Option<(Arc<Region>, usize)> {
         if bytes > REGION / 2 {
-            return Some((Region::new(bytes)?, 0));
+            let region = Region::new(bytes)?;
+            filled(&region, bytes);
+            return Some((region, 0));
         }
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((region, used)) = open.as_mut() {
@@ -106,7 +155,9 @@ impl<T: Zeroed> PageVec<T> {
             }
         }
         let region = Region::new(REGION)?;
-        *open = Some((region.clone(), bytes));
+        if let Some((full, used)) = open.replace((region.clone(), bytes)) {
+            filled(&full, used);
+        }
         Some((region, 0))
     }
 }
@@ -167,5 +218,30 @@ mod tests {
         drop(c);
         assert_eq!(&*b, &[7, 7, 7]);
         assert_eq!(PageVec::<u8>::zeroed(0).len(), 0);
+    }
+
+    #[test]
+    fn trimming_keeps_every_buffer_and_later_ones_take_a_new_range() {
+        // a buffer ending inside a huge page, one of a region of its own, and a small one
+        let mut a = PageVec::<u8>::zeroed(3 * HUGE / 2 + 5);
+        let mut big = PageVec::<u8>::zeroed(REGION / 2 + 4097);
+        a.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 251) as u8 + 1);
+        big.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 241) as u8 + 1);
+        trim();
+        assert!(a.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8 + 1));
+        assert!(big
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == (i % 241) as u8 + 1));
+        let mut c = PageVec::<u8>::zeroed(HUGE);
+        assert!(c.iter().all(|&x| x == 0));
+        c.fill(9);
+        assert!(a.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8 + 1));
+        trim();
+        assert!(c.iter().all(|&x| x == 9));
     }
 }
