@@ -97,8 +97,9 @@ impl QBytes {
     /// the file.
     ///
     /// A fault maps the cached pages around it too (Linux maps up to 64 KiB around), so
-    /// the range's first and last pieces take that much of their neighbours along: tensors
-    /// released before this one was read would otherwise keep those pages resident.
+    /// each range takes that much before it along (the read of its first page mapped the
+    /// end of the range released before it again), and the matrix's last piece that much
+    /// after it: those pages would otherwise stay resident.
     fn release(&self, from: usize, to: usize) {
         #[cfg(unix)]
         if let Self::Mapped { map, start, len } = self {
@@ -107,10 +108,7 @@ impl QBytes {
             if from >= to {
                 return;
             }
-            let first = match from {
-                0 => start.saturating_sub(AROUND),
-                _ => start + from,
-            };
+            let first = (start + from).saturating_sub(AROUND);
             let last = match to == *len {
                 true => (start + to + AROUND).min(map.len()),
                 false => start + to,
