@@ -119,6 +119,15 @@ impl Tokenizer {
         self.encode_with(text, false)
     }
 
+    /// Release what only encoding reads (a byte-level BPE's merges), for a caller that has
+    /// encoded all it will, as `generate` has once the prompt is in ids: decoding and
+    /// token lookups are unchanged, and a later encode is an error.
+    pub fn release_encoder(&mut self) {
+        if let Tokenizer::ByteLevel(t, _) = self {
+            t.release_merges();
+        }
+    }
+
     fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
@@ -128,7 +137,9 @@ impl Tokenizer {
                 .get_ids()
                 .to_vec()),
             Tokenizer::Spm(t, _) => Ok(t.encode(text, special)),
-            Tokenizer::ByteLevel(t, _) => Ok(t.encode(text, special)),
+            Tokenizer::ByteLevel(t, _) => t.encode(text, special).ok_or_else(|| {
+                Error::Tokenizer("this tokenizer's encoder was released (it decodes only)".into())
+            }),
         }
     }
 

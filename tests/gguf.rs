@@ -542,6 +542,32 @@ fn own_tokenizers_equal_the_library_build() {
     }
 }
 
+/// A byte-level tokenizer whose encoder is released (what `generate` does once the prompt
+/// is in ids) decodes every id and looks up tokens as before, and refuses to encode
+/// rather than give unmerged ids.
+#[test]
+fn a_released_encoder_decodes_as_before_and_refuses_to_encode() {
+    let path = fixtures().join("tokenizer-llama-bpe.gguf");
+    let full = routelm::Tokenizer::from_gguf(&path).unwrap();
+    let mut light = routelm::Tokenizer::from_gguf(&path).unwrap();
+    assert!(matches!(light, routelm::Tokenizer::ByteLevel(..)));
+    let text = "Hello, world! naïve café 日本語 <|begin_of_text|> 12345";
+    let ids = light.encode(text).unwrap();
+    light.release_encoder();
+    let all: Vec<u32> = (0..full.vocab_size() as u32).collect();
+    for chunk in all.chunks(97) {
+        assert_eq!(light.decode(chunk).unwrap(), full.decode(chunk).unwrap());
+        assert_eq!(light.tokens(chunk), full.tokens(chunk));
+    }
+    assert_eq!(light.decode(&ids).unwrap(), full.decode(&ids).unwrap());
+    assert_eq!(
+        light.token_id("<|end_of_text|>"),
+        full.token_id("<|end_of_text|>")
+    );
+    let err = light.encode(text).unwrap_err().to_string();
+    assert!(err.contains("released"), "{err}");
+}
+
 fn own_tokenizer_equals_the_library_build(name: &str) {
     use routelm::TokenizerBuild;
     let path = fixtures().join(format!("tokenizer-{name}.gguf"));

@@ -51,30 +51,35 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
-    let (mut model, tok, defaults) = super::loading(|| -> Result<_> {
-        let model =
-            routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
-        // ids in and ids out need no tokenizer (a GGUF file's is not read yet)
-        let tok = match (
+    let (mut model, tok, prompt, defaults) = super::loading(|| -> Result<_> {
+        // the tokenizer first: what its build drops is handed back before the weights
+        // arrive, so it never adds to the peak (a GGUF vocabulary's metadata is ~5 MB).
+        // Ids in and ids out need no tokenizer.
+        let mut tok = match (
             a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,
             routelm::arch::is_gguf(&model_dir),
         ) {
             (true, true) => Tokenizer::Bytes,
             _ => Tokenizer::for_model_dir(&model_dir)?,
         };
+        let prompt = match (&a.prompt, &a.prompt_ids) {
+            (Some(p), _) => tok.encode(p)?,
+            (None, Some(ids)) => ids.clone(),
+            (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+        };
+        // the prompt is all this run encodes: what only encoding reads goes before the
+        // weights arrive
+        tok.release_encoder();
+        let model =
+            routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;
         // the command line, else the folder's generation_config.json, else our defaults
         let defaults = routelm::arch::generation_defaults(&model_dir)?;
-        Ok((model, tok, defaults))
+        Ok((model, tok, prompt, defaults))
     })?;
     a.kv.apply(&mut model);
     // the products' layouts made now, in parallel, rather than one by one by the prompt's
     // first pass; their huge pages' unused tails handed back
     model.prepare_products();
-    let prompt = match (&a.prompt, &a.prompt_ids) {
-        (Some(p), _) => tok.encode(p)?,
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
-    };
     let cfg = GenerateConfig {
         sampler: a.sampling.config(&defaults),
         max_tokens: a.max_tokens,
