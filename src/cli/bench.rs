@@ -344,6 +344,8 @@ pub(crate) fn decode_passes_after(
         // sized once, as the server sizes a request's cache
         cache.reserve(prompt.len() + tokens)?;
         let input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+        // as generate and the server decode
+        let _warm = routelm::generate::warm::KeepWarm::start();
         let mut logits = model.forward(&input, Some(&mut cache), true)?.logits;
         let t = Instant::now();
         for _ in 0..tokens {

@@ -2,6 +2,7 @@
 //! generator that feeds the model through its KV cache.
 
 pub mod sampler;
+pub mod warm;
 
 pub use sampler::{sample, SamplerConfig};
 
@@ -74,6 +75,7 @@ pub fn generate(
     let start = model.config.decoder_start;
     // an encoder's source may be longer than the decoder's window
     check_prompt(model, prompt, start.is_none())?;
+    let _warm = warm::KeepWarm::start();
     let mut cache = model.new_cache();
     if start.is_none() {
         // sized once for the prompt and the most tokens it may be given, as the server
@@ -181,6 +183,7 @@ impl Session {
                 "a chat session needs a decoder-only model".into(),
             ));
         }
+        let _warm = warm::KeepWarm::start();
         let t0 = Instant::now();
         let limit = cfg
             .max_tokens

@@ -18,6 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::metrics::Metrics;
 use crate::chat::ChatModel;
 use crate::error::Result;
+use crate::generate::warm::KeepWarm;
 use crate::generate::{top_n, Finish, GenerateConfig, Sequence};
 use crate::model::{Cache, TokenRoute};
 
@@ -238,6 +239,8 @@ fn run(cm: &ChatModel, rx: Receiver<Job>, limits: Limits, bytes_per_token: usize
     let mut running: Vec<Running> = Vec::new();
     // a job that did not fit in the cache budget yet: it goes first when room frees up
     let mut waiting: Option<Job> = None;
+    // the pool's other workers polling for work while sequences decode, asleep while idle
+    let mut warm: Option<KeepWarm> = None;
     loop {
         // admit: between steps, while slots and cache budget allow
         let mut admitted: Vec<(Job, usize)> = Vec::new();
@@ -294,8 +297,10 @@ fn run(cm: &ChatModel, rx: Receiver<Job>, limits: Limits, bytes_per_token: usize
             Ordering::Relaxed,
         );
         if running.is_empty() {
+            warm = None;
             continue;
         }
+        warm.get_or_insert_with(KeepWarm::start);
         let step = catch_unwind(AssertUnwindSafe(|| step(cm, &mut running, m)));
         let failure = match step {
             Ok(Ok(())) => None,
