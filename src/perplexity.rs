@@ -122,6 +122,7 @@ pub fn perplexity(
         nll: 0.0,
         routed: (0, 0),
     };
+    let _warm = crate::generate::warm::KeepWarm::start();
     for c in 0..n {
         let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
         if let Some(b) = bos {

@@ -519,6 +519,8 @@ fn batched_decode_speed(model: &Model, b: usize, tokens: usize) -> Result<f64> {
 /// Seconds of one prefill pass of `prompt` through a fresh cache (last logits only).
 fn prefill_seconds(model: &Model, prompt: &Tensor) -> Result<f64> {
     let mut cache = model.new_cache();
+    // as generate prefills
+    let _warm = routelm::generate::warm::KeepWarm::start();
     let t = Instant::now();
     let logits = model.forward(prompt, Some(&mut cache), true)?.logits;
     logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
