@@ -177,6 +177,13 @@ impl ModelConfigFile {
         let d_model = need(self.d_model, "d_model", &mut problems);
         let n_layers = need(self.n_layers, "n_layers", &mut problems);
         let n_heads = need(self.n_heads, "n_heads", &mut problems);
+        // before anything is built per layer
+        if n_layers > super::MAX_LAYERS {
+            problems.push(format!(
+                "n_layers ({n_layers}) is larger than {}",
+                super::MAX_LAYERS
+            ));
+        }
         if !problems.is_empty() {
             return Err(Error::Config {
                 origin: origin.into(),
@@ -357,6 +364,22 @@ mod tests {
 
     /// A config.json of the earlier layout (one `moe` section, layers flagged) reads as
     /// the per-layer form, and the per-layer form reads back as itself.
+    /// An absurd layer count is refused before the per-layer settings of `[moe]`,
+    /// `[depth]` or a sliding window are built (30 million layers took 2.5 GB).
+    #[test]
+    fn an_absurd_layer_count_is_refused_before_anything_per_layer() {
+        let text =
+            "[model]\nd_model = 256\nn_layers = 30002028\nn_heads = 8\nsliding_window = 64\n\
+                    [model.moe]\nn_experts = 8\ntop_k = 2\n\
+                    [model.depth]\ncapacity = 0.5\n";
+        let run = crate::RunFile::parse(text, false).unwrap();
+        let err = run.model.resolve("big.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("n_layers (30002028) is larger than 1024"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn earlier_resolved_layout_is_upgraded() {
         let f = ModelConfigFile {
