@@ -177,11 +177,17 @@ impl ModelConfigFile {
         let d_model = need(self.d_model, "d_model", &mut problems);
         let n_layers = need(self.n_layers, "n_layers", &mut problems);
         let n_heads = need(self.n_heads, "n_heads", &mut problems);
-        // before anything is built per layer
+        // before anything is built per layer or computed from the width
         if n_layers > super::MAX_LAYERS {
             problems.push(format!(
                 "n_layers ({n_layers}) is larger than {}",
                 super::MAX_LAYERS
+            ));
+        }
+        if d_model > super::validate::MAX_DIM {
+            problems.push(format!(
+                "d_model ({d_model}) is larger than {}",
+                super::validate::MAX_DIM
             ));
         }
         if !problems.is_empty() {
@@ -199,10 +205,9 @@ impl ModelConfigFile {
                 "n_heads ({n_heads}) must divide d_model ({d_model}), or set head_dim"
             ));
         }
-        let d_ff = self.d_ff.unwrap_or(if ffn.is_gated() {
-            (8 * d_model / 3).div_ceil(32) * 32
-        } else {
-            4 * d_model
+        let d_ff = self.d_ff.unwrap_or_else(|| match ffn.is_gated() {
+            true => (8 * d_model / 3).div_ceil(32) * 32,
+            false => 4 * d_model,
         });
         let position = match self.position.as_deref().unwrap_or("rope") {
             "rope" => Position::Rope {
@@ -365,9 +370,10 @@ mod tests {
     /// A config.json of the earlier layout (one `moe` section, layers flagged) reads as
     /// the per-layer form, and the per-layer form reads back as itself.
     /// An absurd layer count is refused before the per-layer settings of `[moe]`,
-    /// `[depth]` or a sliding window are built (30 million layers took 2.5 GB).
+    /// `[depth]` or a sliding window are built (30 million layers took 2.5 GB), and an
+    /// absurd width before sizes are computed from it (they overflowed).
     #[test]
-    fn an_absurd_layer_count_is_refused_before_anything_per_layer() {
+    fn absurd_layer_counts_and_widths_are_refused_before_use() {
         let text =
             "[model]\nd_model = 256\nn_layers = 30002028\nn_heads = 8\nsliding_window = 64\n\
                     [model.moe]\nn_experts = 8\ntop_k = 2\n\
@@ -376,6 +382,15 @@ mod tests {
         let err = run.model.resolve("big.toml").unwrap_err().to_string();
         assert!(
             err.contains("n_layers (30002028) is larger than 1024"),
+            "{err}"
+        );
+        // a width whose default feed-forward size overflowed, though d_ff is given
+        let text =
+            "[model]\nd_model = 2563333333333333303\nn_layers = 6\nn_heads = 8\nd_ff = 704\n";
+        let run = crate::RunFile::parse(text, false).unwrap();
+        let err = run.model.resolve("wide.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("d_model (2563333333333333303) is larger than"),
             "{err}"
         );
     }

@@ -4,7 +4,7 @@
 use super::{BlockKind, ModelConfig, MoeConfig, Position, QkNorm, RopeScaling, Scoring};
 
 /// Upper bounds that catch absurd files before anything is allocated.
-const MAX_DIM: usize = 1 << 20;
+pub(super) const MAX_DIM: usize = 1 << 20;
 const MAX_VOCAB: usize = 1 << 24;
 /// The most layers a model may have (adapters read layer counts against it before they
 /// build anything per layer).
