@@ -52,9 +52,8 @@ pub fn run(a: Args) -> Result<()> {
     let device = super::device();
     let model_dir = super::model_dir(&a.model);
     let (mut model, tok, prompt, defaults) = super::loading(|| -> Result<_> {
-        // the tokenizer first: what its build drops is handed back before the weights
-        // arrive, so it never adds to the peak (a GGUF vocabulary's metadata is ~5 MB).
-        // Ids in and ids out need no tokenizer.
+        // the tokenizer and the prompt first, so that what only encoding reads is released
+        // before the weights arrive. Ids in and ids out need no tokenizer.
         let mut tok = match (
             a.prompt_ids.is_some() && a.prompt.is_none() && a.ids,
             routelm::arch::is_gguf(&model_dir),
@@ -67,8 +66,7 @@ pub fn run(a: Args) -> Result<()> {
             (None, Some(ids)) => ids.clone(),
             (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
         };
-        // the prompt is all this run encodes: what only encoding reads goes before the
-        // weights arrive
+        // the prompt is all this run encodes
         tok.release_encoder();
         let model =
             routelm::arch::load_dir_with(&model_dir, a.lora.as_deref(), a.dtype, &device)?.model;

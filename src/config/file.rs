@@ -367,8 +367,6 @@ mod tests {
         assert!(err.starts_with("test.toml"), "{err}");
     }
 
-    /// A config.json of the earlier layout (one `moe` section, layers flagged) reads as
-    /// the per-layer form, and the per-layer form reads back as itself.
     /// An absurd layer count is refused before the per-layer settings of `[moe]`,
     /// `[depth]` or a sliding window are built (30 million layers took 2.5 GB), and an
     /// absurd width before sizes are computed from it (they overflowed).
@@ -395,6 +393,8 @@ mod tests {
         );
     }
 
+    /// A config.json of the earlier layout (one `moe` section, layers flagged) reads as
+    /// the per-layer form, and the per-layer form reads back as itself.
     #[test]
     fn earlier_resolved_layout_is_upgraded() {
         let f = ModelConfigFile {

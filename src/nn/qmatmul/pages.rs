@@ -31,7 +31,7 @@ impl Zeroed for u16 {}
 struct Region {
     base: *mut u8,
     len: usize,
-    _map: memmap2::MmapMut,
+    map: memmap2::MmapMut,
 }
 
 // SAFETY: the region only hands out disjoint ranges, each owned by one `PageVec`.
@@ -47,12 +47,10 @@ impl Region {
         Some(Arc::new(Self {
             base: map.as_mut_ptr(),
             len,
-            _map: map,
+            map,
         }))
     }
-}
 
-impl Region {
     /// Hand back the pages past the first `used` bytes in the huge page they end in (the
     /// rest of the region was never written): that huge page is then held as 4 KiB pages,
     /// only those written.
@@ -63,11 +61,8 @@ impl Region {
             // SAFETY: bytes past `used` belong to no buffer (the region hands out no more
             // once it is here), so nothing reads the zeroes they come back as
             let _ = unsafe {
-                self._map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    from,
-                    to - from,
-                )
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
             };
         }
     }
